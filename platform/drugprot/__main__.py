@@ -1,0 +1,5 @@
+import sys
+
+from drugprot.cli import main
+
+sys.exit(main())

@@ -1,0 +1,194 @@
+"""Typed run configuration: the single source of truth for every default, loaded from YAML and ``--set`` overrides.
+
+Every model forbids unknown keys. :func:`load_config` turns a pydantic ``ValidationError`` into one message per
+problem that names the file, the dotted key and the value found, e.g. ``smoke.yaml: train.lr: must be > 0, got -1``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from drugprot.candidates import DEFAULT_INTERVAL
+from drugprot.errors import DrugprotError
+
+PACKAGE_ROOT = Path(__file__).resolve().parent
+SAMPLE_DIR = PACKAGE_ROOT / "sample_data"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    dir: Path = Field(SAMPLE_DIR, description="Corpus folder in the official layout (one sub-folder per split).")
+    train_split: str = Field("training", description="Split to train on.")
+    dev_split: str = Field("development", description="Split to evaluate on.")
+    max_train_docs: int | None = Field(None, gt=0, description="Use only the first N training documents.")
+    max_dev_docs: int | None = Field(None, gt=0, description="Use only the first N development documents.")
+
+
+class EncoderConfig(Section):
+    name: str = Field("minilm", description="Hugging Face id, local folder, 'minilm' (offline all-MiniLM-L6-v2) "
+                                            "or 'tiny-random' (a small random BERT, for tests).")
+    max_length: int = Field(256, ge=32, le=4096, description="Longest input window in word pieces.")
+    tiny: dict[str, int] = Field(default_factory=dict, description="BertConfig overrides for 'tiny-random'.")
+
+
+class ModelConfig(Section):
+    system: Literal["baseline", "relation_attention", "multitask", "fgemr"] = "baseline"
+    markers: Literal["coarse", "fine"] = Field("coarse", description="fine = GENE-Y/GENE-N typed gene markers.")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _fgemr_needs_fine_markers(self) -> ModelConfig:
+        if self.system == "fgemr" and self.markers != "fine":
+            raise ValueError("system 'fgemr' predicts GENE-Y/GENE-N markers: set model.markers to 'fine'")
+        return self
+
+
+class LossConfig(Section):
+    gamma: float = Field(0.0, ge=0.0, le=10.0, description="Focal-loss focusing parameter; 0 is cross-entropy.")
+    lambda_: float = Field(0.5, alias="lambda", ge=0.0, le=1.0,
+                           description="multitask: L = λ·L_relation + (1−λ)·L_entity.")
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+
+class SamplingConfig(Section):
+    interval: tuple[int, int] = Field(DEFAULT_INTERVAL, description="GENE interval [lo, hi] kept for training and prediction.")
+
+    @field_validator("interval")
+    @classmethod
+    def _ordered(cls, value: tuple[int, int]) -> tuple[int, int]:
+        lo, hi = value
+        if not lo <= 0 <= hi:
+            raise ValueError(f"must satisfy lo <= 0 <= hi, got [{lo}, {hi}]")
+        return value
+
+
+class FgemrConfig(Section):
+    epochs: float = Field(2.0, gt=0, le=50, description="Epochs of the GENE-Y/GENE-N classifier.")
+    lr: float = Field(5e-5, gt=0, le=1.0)
+    holdout: float = Field(0.1, gt=0, lt=1, description="Share of training documents held out to report its accuracy.")
+
+
+class TrainConfig(Section):
+    lr: float = Field(2e-5, gt=0, le=1.0)
+    epochs: float = Field(10.0, gt=0, le=1000)
+    eval_every: float = Field(0.5, gt=0, le=1000, description="Evaluate on dev every this many epochs.")
+    token_budget: int = Field(8192, ge=64, description="Padded tokens per batch (length-bucketed batches).")
+    max_batch_pairs: int = Field(64, ge=1, description="Upper bound on pairs per batch.")
+    warmup: float = Field(0.1, ge=0.0, lt=1.0, description="Share of steps with linear warm-up.")
+    weight_decay: float = Field(0.01, ge=0.0, le=1.0)
+    grad_clip: float = Field(1.0, gt=0)
+    seed: int = Field(42, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["bf16", "fp32"] = Field("bf16", description="bf16 autocast on CUDA; CPU always runs fp32.")
+    compile: bool = Field(False, description="torch.compile the model (GPU).")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice).")
+
+
+class RunConfig(Section):
+    data: DataConfig = Field(default_factory=DataConfig)
+    encoder: EncoderConfig = Field(default_factory=EncoderConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    fgemr: FgemrConfig = Field(default_factory=FgemrConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    def dump(self) -> dict[str, Any]:
+        """Plain, YAML-safe dict (paths as strings, ``lambda`` under its YAML name)."""
+        return self.model_dump(mode="json", by_alias=True)
+
+
+class ConfigError(DrugprotError, ValueError):
+    """A configuration problem, already phrased for the user (source, dotted key, value)."""
+
+
+def format_validation_error(source: str, error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif "input" in item and item["type"] != "missing":
+            message = f"{message}, got {item['input']!r}"
+        lines.append(f"{source}: {key}: {message}")
+    return "\n".join(lines)
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """Turn ``["train.lr=1e-4", "sampling.interval=[-5,8]"]`` into a nested dict (values parsed as YAML)."""
+    nested: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {pair!r}: expected key=value, e.g. train.lr=1e-4")
+        node = nested
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {pair!r}: {part} is both a value and a section")
+        node[leaf] = yaml.safe_load(raw)
+    return nested
+
+
+def merge(base: dict[str, Any], updates: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in updates.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def build_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(format_validation_error(source, error)) from None
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | dict | None = None) -> RunConfig:
+    """Load a YAML config (or defaults when ``path`` is None), apply overrides, validate.
+
+    Relative ``data.dir`` / ``encoder.name`` paths in a file resolve against the file's folder when they exist there.
+    """
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as error:
+            raise ConfigError(f"{path}: cannot read config ({error.strerror})") from None
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f":{mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}{where}: not valid YAML ({getattr(error, 'problem', error)})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+        data_dir = (raw.get("data") or {}).get("dir") if isinstance(raw.get("data"), dict) else None
+        if isinstance(data_dir, str) and not Path(data_dir).is_absolute():
+            candidate = (Path(path).parent / data_dir).resolve()
+            if candidate.exists() and not Path(data_dir).exists():
+                raw["data"]["dir"] = str(candidate)
+    if overrides:
+        extra = parse_overrides(overrides) if isinstance(overrides, list) else overrides
+        source = f"{source} (with --set)"
+        raw = merge(raw, extra)
+    return build_config(raw, source)
+
+
+def save_config(config: RunConfig, path: str | os.PathLike) -> None:
+    Path(path).write_text(yaml.safe_dump(config.dump(), sort_keys=False), encoding="utf-8")

@@ -1,0 +1,71 @@
+"""Fetch the official DrugProt v1.1 archive (Zenodo), verify its sha256, and unpack the training/development TSVs.
+
+Everything is staged in a temporary folder beside the destination and moved into place only after the checksum
+and the archive's contents check out, so a failed download never leaves a partial corpus behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import tempfile
+import urllib.request
+import zipfile
+from pathlib import Path
+
+from drugprot.errors import DrugprotError
+
+OFFICIAL_URL = "https://zenodo.org/record/5042151/files/drugprot-gs-training-development.zip?download=1"
+OFFICIAL_SHA256 = "510c659348145e5fbd4980301f35f52ea2e08c8672e47d93ffcc46075fda0ec4"
+SPLITS = ("training", "development")
+
+
+class DownloadError(DrugprotError, RuntimeError):
+    pass
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def download_corpus(dest: str | Path, *, url: str = OFFICIAL_URL, sha256: str = OFFICIAL_SHA256, timeout: float = 60) -> Path:
+    """Download, verify and unpack into ``dest/{training,development}``; returns ``dest``."""
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest, prefix=".download-") as staging:
+        archive = Path(staging) / "archive.zip"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response, open(archive, "wb") as out:
+                shutil.copyfileobj(response, out)
+        except (OSError, ValueError) as error:
+            raise DownloadError(f"cannot download {url}: {error}") from None
+        found = sha256_of(archive)
+        if found != sha256:
+            raise DownloadError(f"checksum mismatch for {url}: expected sha256 {sha256}, got {found}; nothing was written")
+        unpacked = Path(staging) / "corpus"
+        try:
+            with zipfile.ZipFile(archive) as zipped:
+                for info in zipped.infolist():
+                    parts = Path(info.filename).parts
+                    split = next((p for p in parts if p in SPLITS), None)
+                    if info.is_dir() or split is None or not info.filename.endswith(".tsv"):
+                        continue
+                    target = unpacked / split / Path(info.filename).name
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    with zipped.open(info) as source, open(target, "wb") as out:
+                        shutil.copyfileobj(source, out)
+        except zipfile.BadZipFile as error:
+            raise DownloadError(f"{url}: not a zip archive ({error})") from None
+        missing = [s for s in SPLITS if not (unpacked / s).is_dir()]
+        if missing:
+            raise DownloadError(f"{url}: archive has no {', '.join(missing)} folder; nothing was written")
+        for split in SPLITS:
+            target = dest / split
+            if target.exists():
+                shutil.rmtree(target)
+            shutil.move(str(unpacked / split), target)
+    return dest
