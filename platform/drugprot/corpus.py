@@ -8,7 +8,7 @@ goes through a temporary file and a rename, so an interrupted or invalid write l
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -235,35 +235,79 @@ def _parse_relation(path, number, doc, pmid, rtype, arg1, arg2, problems) -> Rel
     return Relation(rtype, chem_id, gene_id)
 
 
-def _atomic_write(path: Path, lines: Iterable[str]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def _format_rows(path: Path, rows: Iterable[tuple], columns: int) -> list[str]:
+    """Render rows as TSV lines, refusing a field that holds a tab or a line break (it would corrupt the file)."""
+    lines: list[str] = []
+    problems: list[Problem] = []
+    for number, row in enumerate(rows, start=1):
+        fields = [str(value) for value in row]
+        assert len(fields) == columns, f"internal: {len(fields)} fields for a {columns}-column file"
+        bad = [value for value in fields if "\t" in value or "\n" in value or "\r" in value]
+        if bad:
+            problems.append(Problem(path, number, f"cannot write a field holding a tab or line break: {bad[0]!r}"))
+            continue
+        lines.append("\t".join(fields))
+    if problems:
+        raise CorpusError(problems)
+    return lines
+
+
+def _atomic_write_all(files: dict[Path, Iterable[tuple]], columns: dict[Path, int]) -> None:
+    """Render every file first, stage each as a temporary file beside its target, then rename them all.
+
+    Nothing is renamed until every file is rendered and written, so an exception (a failing iterable, an invalid
+    field, a full disk, Ctrl-C) leaves the targets as they were and removes the temporary files. Files are
+    created with the usual ``0o666 & ~umask`` mode rather than ``mkstemp``'s private ``0o600``.
+    """
+    rendered = {Path(path): _format_rows(Path(path), rows, columns[path]) for path, rows in files.items()}
+    staged: list[tuple[str, Path]] = []
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
-            for line in lines:
-                handle.write(line + "\n")
-        os.replace(tmp, path)
+        for path, lines in rendered.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            while True:
+                tmp = str(path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+                try:
+                    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+                    break
+                except FileExistsError:
+                    continue
+            staged.append((tmp, path))
+            with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
+                for line in lines:
+                    handle.write(line + "\n")
+        for tmp, path in staged:
+            os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        for tmp, _ in staged:
+            Path(tmp).unlink(missing_ok=True)
         raise
 
 
 def write_relations(path: str | os.PathLike, rows: Iterable[tuple[str, Relation]]) -> None:
     """Write ``(pmid, relation)`` rows in the official format ``PMID\\tTYPE\\tArg1:Tn\\tArg2:Tm``."""
-    _atomic_write(Path(path), (f"{pmid}\t{r.type}\tArg1:{r.chemical}\tArg2:{r.gene}" for pmid, r in rows))
+    path = Path(path)
+    _atomic_write_all({path: ((pmid, r.type, f"Arg1:{r.chemical}", f"Arg2:{r.gene}") for pmid, r in rows)}, {path: 4})
 
 
 def write_split(data_dir: str | os.PathLike, split: str, documents: Iterable[Document]) -> None:
-    """Write documents as an official split folder (abstracts, entities, relations with duplicates as read)."""
+    """Write documents as an official split folder (abstracts, entities, relations with duplicates as read).
+
+    All three files are rendered and staged before any is replaced, so a failure leaves the old split intact.
+    """
     docs = list(documents)
     folder = Path(data_dir) / split
-    _atomic_write(folder / f"drugprot_{split}_abstracs.tsv", (f"{d.pmid}\t{d.title}\t{d.abstract}" for d in docs))
-    _atomic_write(
-        folder / f"drugprot_{split}_entities.tsv",
-        (f"{d.pmid}\t{e.id}\t{e.type}\t{e.start}\t{e.end}\t{e.text}" for d in docs for e in d.entities.values()),
-    )
-    write_relations(
-        folder / f"drugprot_{split}_relations.tsv",
-        ((d.pmid, r) for d in docs for r in [*d.relations, *d.duplicate_relations]),
+    abstracts = folder / f"drugprot_{split}_abstracs.tsv"
+    entities = folder / f"drugprot_{split}_entities.tsv"
+    relations = folder / f"drugprot_{split}_relations.tsv"
+    _atomic_write_all(
+        {
+            abstracts: ((d.pmid, d.title, d.abstract) for d in docs),
+            entities: ((d.pmid, e.id, e.type, e.start, e.end, e.text) for d in docs for e in d.entities.values()),
+            relations: (
+                (d.pmid, r.type, f"Arg1:{r.chemical}", f"Arg2:{r.gene}")
+                for d in docs
+                for r in [*d.relations, *d.duplicate_relations]
+            ),
+        },
+        {abstracts: 3, entities: 6, relations: 4},
     )

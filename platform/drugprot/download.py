@@ -54,7 +54,11 @@ def download_corpus(dest: str | Path, *, url: str = OFFICIAL_URL, sha256: str = 
                     split = next((p for p in parts if p in SPLITS), None)
                     if info.is_dir() or split is None or not info.filename.endswith(".tsv"):
                         continue
+                    if any(p == "__MACOSX" or p.startswith(".") for p in parts):
+                        continue  # macOS resource forks (._name.tsv) would be taken for a second abstracts file
                     target = unpacked / split / Path(info.filename).name
+                    if target.exists():
+                        raise DownloadError(f"{url}: archive holds two {split}/{target.name} files; nothing was written")
                     target.parent.mkdir(parents=True, exist_ok=True)
                     with zipped.open(info) as source, open(target, "wb") as out:
                         shutil.copyfileobj(source, out)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from drugprot.candidates import DEFAULT_INTERVAL
@@ -61,7 +62,7 @@ def _stats(args) -> int:
 
     lo, hi = args.interval
     if not lo <= 0 <= hi:
-        print(f"--interval: must satisfy LO <= 0 <= HI, got {lo} {hi}")
+        print(f"drugprot data stats: error: --interval: must satisfy LO <= 0 <= HI, got {lo} {hi}", file=sys.stderr)
         return 2
     results = [split_statistics(args.data, split, (lo, hi), strict=args.strict) for split in (args.split or available_splits(args.data))]
     if args.json:

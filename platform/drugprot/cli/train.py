@@ -1,0 +1,28 @@
+"""``drugprot train``: one training run from a YAML config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def register(commands) -> None:
+    parser = commands.add_parser("train", help="Train one relation model; the best checkpoint lands in OUT/model.")
+    parser.add_argument("--config", type=Path, help="YAML run config (default: built-in defaults)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set train.lr=3e-5 --set data.dir=PATH (repeatable)")
+    parser.add_argument("--out", type=Path, default=Path("runs/train"), help="run folder (model/, metrics.json, checkpoint/)")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(handler=_train)
+
+
+def _train(args) -> int:
+    from drugprot.config import load_config
+    from drugprot.training import train
+
+    config = load_config(args.config, args.overrides)
+    result = train(config, args.out, resume=args.resume, progress=not args.quiet)
+    best = result.best or {}
+    print(f"best dev F1 {result.best_f1:.4f} (P {best.get('dev_precision', 0):.4f}, R {best.get('dev_recall', 0):.4f}) "
+          f"at epoch {best.get('epoch', 0)}; model in {result.model_dir}; every evaluation in {args.out / 'metrics.json'}")
+    return 0

@@ -1,0 +1,225 @@
+"""Typed entity markers, tokenization once per corpus, windows that keep both entities, token-budget batches.
+
+Each sentence is cut at every entity boundary and each piece is tokenized once (a batched call on the fast
+tokenizer); a pair's input is then assembled from cached pieces with the four marker tokens inserted at its two
+entities, so no text is re-tokenized per pair or per step. When the marked sentence is longer than
+``max_length``, the window slides to keep both entities whole; a pair whose entities alone do not fit is dropped
+and counted (never silently pointed at [CLS]).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from drugprot.candidates import NONE_LABEL, Candidate
+from drugprot.corpus import CHEMICAL, RELATION_TYPES, Document
+
+LABELS = (NONE_LABEL, *RELATION_TYPES)
+LABEL_INDEX = {label: i for i, label in enumerate(LABELS)}
+ENTITY_CLASSES = (CHEMICAL, "GENE-Y", "GENE-N")  # targets of the multitask entity-type head; GENE is unknown
+IGNORE_INDEX = -100
+
+
+def marker_tokens(entity_type: str, role: str) -> tuple[str, str]:
+    return f"[{role}:{entity_type}]", f"[/{role}:{entity_type}]"
+
+
+MARKERS = tuple(t for etype in (CHEMICAL,) for t in marker_tokens(etype, "S")) + tuple(
+    t for etype in ("GENE", "GENE-Y", "GENE-N") for t in marker_tokens(etype, "O")
+)
+
+
+def gene_marker_type(gene_type: str, scheme: str) -> str:
+    """Coarse markers say GENE; fine markers say GENE-Y/GENE-N where the type is known (gold or predicted)."""
+    return gene_type if scheme == "fine" and gene_type in ("GENE-Y", "GENE-N") else "GENE"
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedPair:
+    input_ids: tuple[int, ...]
+    subject: int  # position of [S:CHEMICAL]
+    object: int  # position of [O:GENE…]
+    target: tuple[float, ...]  # distribution over LABELS (multi-label pairs share the mass equally)
+    entity_types: tuple[int, int]  # ENTITY_CLASSES indices or IGNORE_INDEX
+    index: int  # position of the candidate in the list given to encode_candidates
+
+
+@dataclass(slots=True)
+class EncodingStats:
+    pairs: int = 0
+    too_long: int = 0  # pairs whose two entities do not fit in max_length together
+    windowed: int = 0  # pairs whose sentence was cut to a window around them
+    dropped_indices: list[int] = field(default_factory=list)
+
+
+class PairEncoder:
+    """Turns candidates into marked token ids; holds the tokenizer and the marker ids."""
+
+    def __init__(self, tokenizer, *, max_length: int = 256, markers: str = "coarse"):
+        missing = [m for m in MARKERS if m not in tokenizer.get_vocab()]
+        if missing:
+            raise ValueError(f"tokenizer lacks marker tokens {missing}: call add_marker_tokens first")
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.scheme = markers
+        self.marker_ids = {m: tokenizer.convert_tokens_to_ids(m) for m in MARKERS}
+        self.cls_id = tokenizer.cls_token_id
+        self.sep_id = tokenizer.sep_token_id
+
+    def encode(self, documents: Sequence[Document], candidates: Sequence[Candidate]) -> tuple[list[EncodedPair], EncodingStats]:
+        """Encode candidates (any order, any documents among ``documents``); tokenizes each text piece once."""
+        texts = {d.pmid: d.text for d in documents}
+        pieces_by_sentence: dict[tuple[str, int, int], list[int]] = {}
+        for cand in candidates:
+            key = (cand.pmid, *cand.sentence)
+            cuts = pieces_by_sentence.setdefault(key, [])
+            cuts.extend((cand.chemical.start, cand.chemical.end, cand.gene.start, cand.gene.end))
+        plan: list[tuple[tuple[str, int, int], list[int]]] = []
+        piece_texts: list[str] = []
+        for (pmid, start, end), cuts in pieces_by_sentence.items():
+            bounds = sorted({start, end, *(c for c in cuts if start < c < end)})
+            plan.append(((pmid, start, end), bounds))
+            piece_texts.extend(texts[pmid][a:b] for a, b in zip(bounds, bounds[1:]))
+        piece_ids = self.tokenizer(piece_texts, add_special_tokens=False)["input_ids"] if piece_texts else []
+        cache: dict[tuple[str, int, int], tuple[list[int], dict[int, int]]] = {}
+        cursor = 0
+        for key, bounds in plan:
+            ids: list[int] = []
+            at: dict[int, int] = {bounds[0]: 0}  # char offset -> token position
+            for (a, b) in zip(bounds, bounds[1:]):
+                ids.extend(piece_ids[cursor])
+                cursor += 1
+                at[b] = len(ids)
+            cache[key] = (ids, at)
+
+        stats = EncodingStats()
+        encoded: list[EncodedPair] = []
+        for index, cand in enumerate(candidates):
+            stats.pairs += 1
+            ids, at = cache[(cand.pmid, *cand.sentence)]
+            pair = self._assemble(ids, at, cand, index, stats)
+            if pair is None:
+                stats.too_long += 1
+                stats.dropped_indices.append(index)
+            else:
+                encoded.append(pair)
+        return encoded, stats
+
+    def _assemble(self, ids: list[int], at: dict[int, int], cand: Candidate, index: int, stats: EncodingStats) -> EncodedPair | None:
+        chem, gene = cand.chemical, cand.gene
+        gene_kind = gene_marker_type(gene.type, self.scheme)
+        s_open, s_close = (self.marker_ids[m] for m in marker_tokens(CHEMICAL, "S"))
+        o_open, o_close = (self.marker_ids[m] for m in marker_tokens(gene_kind, "O"))
+        inserts = sorted([(at[chem.start], 0, s_open), (at[chem.end], 1, s_close),
+                          (at[gene.start], 0, o_open), (at[gene.end], 1, o_close)], key=lambda x: (x[0], x[1]))
+        marked: list[int] = []
+        subject = obj = -1
+        previous = 0
+        for position, _, token in inserts:
+            marked.extend(ids[previous:position])
+            previous = position
+            if token == s_open:
+                subject = len(marked)
+            elif token == o_open:
+                obj = len(marked)
+            marked.append(token)
+        marked.extend(ids[previous:])
+        budget = self.max_length - 2
+        if len(marked) > budget:
+            first = min(subject, obj)
+            last = max(subject, obj) + (at[chem.end] - at[chem.start] if subject > obj else at[gene.end] - at[gene.start]) + 1
+            span = last - first + 1
+            if span > budget:
+                return None
+            spare = budget - span
+            left = max(0, first - spare // 2)
+            left = min(left, len(marked) - budget)
+            marked = marked[left:left + budget]
+            subject -= left
+            obj -= left
+            stats.windowed += 1
+        target = [0.0] * len(LABELS)
+        if cand.labels:
+            for label in cand.labels:
+                target[LABEL_INDEX[label]] = 1.0 / len(cand.labels)
+        else:
+            target[0] = 1.0
+        gene_class = ENTITY_CLASSES.index(gene.type) if gene.type in ENTITY_CLASSES else IGNORE_INDEX
+        return EncodedPair(tuple([self.cls_id, *marked, self.sep_id]), subject + 1, obj + 1, tuple(target),
+                           (0, gene_class), index)
+
+
+def add_marker_tokens(tokenizer) -> int:
+    """Register the marker tokens as special tokens (kept whole); returns how many were new."""
+    return tokenizer.add_special_tokens({"additional_special_tokens": list(MARKERS)}, replace_extra_special_tokens=False)
+
+
+@dataclass(slots=True)
+class Batch:
+    input_ids: torch.Tensor  # (B, T) long
+    attention_mask: torch.Tensor  # (B, T) long
+    subject: torch.Tensor  # (B,) long
+    object: torch.Tensor  # (B,) long
+    target: torch.Tensor  # (B, len(LABELS)) float
+    entity_types: torch.Tensor  # (B, 2) long
+    index: torch.Tensor  # (B,) long, positions in the candidate list
+
+    def to(self, device, non_blocking: bool = False) -> Batch:
+        return Batch(*(getattr(self, f).to(device, non_blocking=non_blocking) for f in self.__slots__))
+
+    @property
+    def real_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+
+def collate(pairs: Sequence[EncodedPair], pad_id: int) -> Batch:
+    width = max(len(p.input_ids) for p in pairs)
+    ids = torch.full((len(pairs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(pairs), width), dtype=torch.long)
+    for row, pair in enumerate(pairs):
+        ids[row, : len(pair.input_ids)] = torch.tensor(pair.input_ids)
+        mask[row, : len(pair.input_ids)] = 1
+    return Batch(
+        ids, mask,
+        torch.tensor([p.subject for p in pairs]), torch.tensor([p.object for p in pairs]),
+        torch.tensor([p.target for p in pairs], dtype=torch.float32),
+        torch.tensor([p.entity_types for p in pairs]), torch.tensor([p.index for p in pairs]),
+    )
+
+
+def token_budget_batches(pairs: Sequence[EncodedPair], *, token_budget: int, max_pairs: int,
+                         shuffle_seed: int | None = None) -> list[list[int]]:
+    """Group pair indices into length-bucketed batches of at most ``token_budget`` padded tokens.
+
+    Sorting by length keeps padding small; with ``shuffle_seed`` the pairs are shuffled within equal lengths and
+    the batch order is shuffled, both from that seed alone (so a resumed run sees the same order).
+    """
+    order = list(range(len(pairs)))
+    rng = random.Random(shuffle_seed) if shuffle_seed is not None else None
+    if rng is not None:
+        rng.shuffle(order)
+    order.sort(key=lambda i: len(pairs[i].input_ids))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    width = 0
+    for i in order:
+        length = len(pairs[i].input_ids)
+        if current and (max(width, length) * (len(current) + 1) > token_budget or len(current) >= max_pairs):
+            batches.append(current)
+            current, width = [], 0
+        current.append(i)
+        width = max(width, length)
+    if current:
+        batches.append(current)
+    if rng is not None:
+        rng.shuffle(batches)
+    return batches
+
+
+def iterate_batches(pairs: Sequence[EncodedPair], batches: Iterable[list[int]], pad_id: int) -> Iterable[Batch]:
+    for members in batches:
+        yield collate([pairs[i] for i in members], pad_id)

@@ -1,0 +1,182 @@
+"""Documents in, relations out: the one inference path behind evaluation in training, ``drugprot predict``,
+the MLflow pyfunc and the Ray Serve deployment.
+
+documents → candidates (GENE interval) → FGEMR gene typing (if a member has a gene typer) → marker encoding →
+member probabilities → vote → relations. Voting: ``hard`` takes each member's top label and the majority wins
+(ties go to the tied label with the highest mean probability); ``soft`` averages probabilities. A pair gets one
+label (its argmax); multi-label training pairs only spread their target mass (see candidates/encoding).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from drugprot.candidates import DEFAULT_INTERVAL, Candidate, document_candidates
+from drugprot.corpus import Document, Relation
+from drugprot.encoding import LABELS, EncodedPair, PairEncoder, iterate_batches, token_budget_batches
+from drugprot.model.runtime import autocast, resolve_device
+
+NONE_INDEX = 0
+
+
+@dataclass(frozen=True, slots=True)
+class PredictedRelation:
+    pmid: str
+    chemical: str
+    gene: str
+    type: str
+    score: float  # vote share (hard) or mean probability (soft)
+    votes: tuple[str, ...]  # each member's label for the pair
+
+    def as_relation(self) -> Relation:
+        return Relation(self.type, self.chemical, self.gene)
+
+
+@torch.no_grad()
+def pair_probabilities(model, pairs: Sequence[EncodedPair], *, pad_id: int, device: torch.device,
+                       precision: str = "bf16", token_budget: int = 16384, max_pairs: int = 256) -> torch.Tensor:
+    """Softmax over LABELS for each encoded pair, in the order given; (len(pairs), len(LABELS)) float32 on CPU."""
+    model.eval()
+    out = torch.zeros((len(pairs), len(LABELS)))
+    batches = token_budget_batches(pairs, token_budget=token_budget, max_pairs=max_pairs)
+    for members, batch in zip(batches, iterate_batches(pairs, batches, pad_id)):
+        batch = batch.to(device, non_blocking=True)
+        with autocast(device, precision):
+            logits = model(batch.input_ids, batch.attention_mask, batch.subject, batch.object)["logits"]
+        out[torch.tensor(members)] = torch.softmax(logits.float(), dim=-1).cpu()
+    return out
+
+
+def vote(member_probs: torch.Tensor, mode: str = "hard") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Combine (M, N, L) member probabilities; returns (labels (N,), scores (N,), member labels (M, N))."""
+    if mode not in ("hard", "soft"):
+        raise ValueError(f"vote must be 'hard' or 'soft', got {mode!r}")
+    member_labels = member_probs.argmax(-1)
+    mean = member_probs.mean(0)
+    if mode == "soft":
+        labels = mean.argmax(-1)
+        return labels, mean.gather(-1, labels[:, None])[:, 0], member_labels
+    counts = torch.nn.functional.one_hot(member_labels, member_probs.size(-1)).sum(0).float()  # (N, L)
+    top = counts.max(-1, keepdim=True).values
+    tie_break = torch.where(counts == top, mean, torch.full_like(mean, -1.0))
+    labels = tie_break.argmax(-1)
+    return labels, counts.gather(-1, labels[:, None])[:, 0] / member_probs.size(0), member_labels
+
+
+def type_genes(documents: Sequence[Document], member, device: torch.device) -> list[Document]:
+    """FGEMR: replace GENE (type unknown) with the member's gene-typer prediction (GENE-Y/GENE-N)."""
+    from drugprot.fgemr import apply_gene_types, predict_gene_types
+
+    predicted = predict_gene_types(member.gene_typer, member.tokenizer, documents, device=device,
+                                   max_length=member.info["max_length"])
+    return apply_gene_types(documents, predicted)
+
+
+class Predictor:
+    """Loaded members (one model or an ensemble) that map documents to relations."""
+
+    def __init__(self, members: Sequence, *, vote: str = "hard", interval: tuple[int, int] = DEFAULT_INTERVAL,
+                 device: str | torch.device = "auto", precision: str = "bf16", metadata: dict | None = None):
+        if not members:
+            raise ValueError("a Predictor needs at least one member")
+        self.members = list(members)
+        self.vote_mode = vote
+        self.interval = tuple(interval)
+        self.device = device if isinstance(device, torch.device) else resolve_device(device)
+        self.precision = precision
+        self.metadata = metadata or {}
+        for member in self.members:
+            member.model.to(self.device).eval()
+            if member.gene_typer is not None:
+                member.gene_typer.to(self.device).eval()
+
+    @classmethod
+    def from_path(cls, path: str | Path, *, device: str = "auto", **overrides) -> Predictor:
+        """A trained model folder (``drugprot train --out DIR`` → ``DIR/model``) or an ensemble folder."""
+        from drugprot.model.artifacts import load_artifact
+
+        path = Path(path)
+        if (path / "model").is_dir() and not (path / "manifest.json").exists():
+            path = path / "model"
+        if (path / "ensemble.json").is_file():
+            from drugprot.ensemble import load_ensemble
+
+            return load_ensemble(path, device=device, **overrides)
+        loaded = load_artifact(path, device="cpu")
+        interval = overrides.pop("interval", tuple(loaded.info["interval"]))
+        return cls([loaded], interval=interval, device=device, **overrides)
+
+    def candidates(self, documents: Sequence[Document], interval: tuple[int, int] | None = None) -> list[Candidate]:
+        pairs: list[Candidate] = []
+        for doc in documents:
+            pairs.extend(document_candidates(doc, interval or self.interval))
+        return pairs
+
+    def member_probabilities(self, documents: Sequence[Document], candidates: Sequence[Candidate]) -> torch.Tensor:
+        """(M, N, L) probabilities; pairs a member cannot encode (too long) get P(NONE) = 1."""
+        result = torch.zeros((len(self.members), len(candidates), len(LABELS)))
+        result[:, :, NONE_INDEX] = 1.0
+        for m, member in enumerate(self.members):
+            docs, cands = documents, candidates
+            if member.gene_typer is not None:
+                docs = type_genes(documents, member, self.device)
+                by_pmid = {d.pmid: d for d in docs}
+                cands = [dataclasses.replace(c, gene=by_pmid[c.pmid].entities[c.gene.id]) for c in candidates]
+            encoder = PairEncoder(member.tokenizer, max_length=member.info["max_length"], markers=member.info["markers"])
+            pairs, _ = encoder.encode(docs, cands)
+            if not pairs:
+                continue
+            probs = pair_probabilities(member.model, pairs, pad_id=member.tokenizer.pad_token_id, device=self.device,
+                                       precision=self.precision)
+            result[m, torch.tensor([p.index for p in pairs])] = probs
+        return result
+
+    def predict(self, documents: Sequence[Document], *, interval: tuple[int, int] | None = None,
+                threshold: float = 0.0) -> list[list[PredictedRelation]]:
+        """Relations per document (same order); ``threshold`` drops relations whose score is below it."""
+        candidates = self.candidates(documents, interval)
+        relations = decode(candidates, self.member_probabilities(documents, candidates), self.vote_mode, threshold)
+        results: dict[str, list[PredictedRelation]] = {d.pmid: [] for d in documents}
+        for relation in relations:
+            results[relation.pmid].append(relation)
+        return [results[d.pmid] for d in documents]
+
+
+def decode(candidates: Sequence[Candidate], member_probs: torch.Tensor, vote_mode: str = "hard",
+           threshold: float = 0.0) -> list[PredictedRelation]:
+    """Vote (M, N, L) member probabilities into relations for the N candidates (NONE and low scores dropped)."""
+    if not candidates:
+        return []
+    labels, scores, member_labels = vote(member_probs, vote_mode)
+    relations = []
+    for i, cand in enumerate(candidates):
+        label = int(labels[i])
+        if label == NONE_INDEX or float(scores[i]) < threshold:
+            continue
+        relations.append(PredictedRelation(cand.pmid, cand.chemical.id, cand.gene.id, LABELS[label], round(float(scores[i]), 6),
+                                           tuple(LABELS[int(v)] for v in member_labels[:, i])))
+    return relations
+
+
+def relation_rows(documents: Sequence[Document], predictions: Sequence[Sequence[PredictedRelation]]) -> list[tuple[str, Relation]]:
+    return [(doc.pmid, p.as_relation()) for doc, preds in zip(documents, predictions) for p in preds]
+
+
+
+def load_predictor(model: str | Path, *, device: str = "auto", tracking_uri: str | None = None, **overrides) -> Predictor:
+    """A folder, or a registry URI ``models:/NAME@ALIAS`` / ``models:/NAME/VERSION`` resolved through MLflow."""
+    if str(model).startswith("models:/"):
+        from drugprot.tracking import download_registered_model
+
+        model = download_registered_model(str(model), tracking_uri=tracking_uri)
+    path = Path(model)
+    if not path.exists():
+        from drugprot.errors import DrugprotError
+
+        raise DrugprotError(f"--model {model}: no such folder")
+    return Predictor.from_path(path, device=device, **overrides)

@@ -1,0 +1,348 @@
+"""One training run from a config: encode once, train with token-budget batches, evaluate every ``eval_every``
+epochs with the official-equivalent scorer, keep the best model, checkpoint for exact resumption.
+
+Training never imports Ray or MLflow: whoever listens passes ``report(metrics, run_dir)``; tuning passes Ray's,
+the CLI passes nothing. Every source of randomness is derived from ``train.seed``: the model initialisation and
+dropout (torch's generator, saved in checkpoints) and each epoch's batch order (``seed * 1000 + epoch``), so a
+resumed run continues exactly where the interrupted one stood.
+"""
+
+from __future__ import annotations
+
+import json
+
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from drugprot.candidates import corpus_candidates
+from drugprot.config import RunConfig
+from drugprot.corpus import Document, read_split
+from drugprot.encoding import LABELS, PairEncoder, add_marker_tokens, iterate_batches, token_budget_batches
+from drugprot.inference import decode, pair_probabilities
+from drugprot.model.artifacts import save_artifact
+from drugprot.model.encoder import build_encoder, load_tokenizer
+from drugprot.model.heads import GeneTypeClassifier, RelationModel
+from drugprot.model.optim import build_optimizer, linear_schedule
+from drugprot.model.runtime import autocast, resolve_device
+from drugprot.scoring import score
+
+Report = Callable[[dict[str, Any], Path], None]
+DEFINITIONS_FILE = Path(__file__).parent / "resources" / "relation_definitions.yaml"
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    best: dict[str, Any] | None
+    evaluations: list[dict[str, Any]] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def best_f1(self) -> float:
+        return self.best["dev_f1"] if self.best else 0.0
+
+    @property
+    def model_dir(self) -> Path:
+        return self.run_dir / "model"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy
+
+        numpy.random.seed(seed % 2**32)
+    except ImportError:
+        pass
+
+
+def non_embedding_parameters(module: torch.nn.Module) -> int:
+    """Parameters that cost 6 FLOPs per token in training (embedding look-ups cost none)."""
+    return sum(p.numel() for n, p in module.named_parameters() if "embeddings" not in n)
+
+
+def load_documents(config: RunConfig) -> tuple[list[Document], list[Document]]:
+    data = config.data
+    train = read_split(data.dir, data.train_split).documents[: data.max_train_docs]
+    dev = read_split(data.dir, data.dev_split).documents[: data.max_dev_docs]
+    return train, dev
+
+
+def relation_definitions(tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    from drugprot.corpus import RELATION_TYPES
+
+    texts = yaml.safe_load(DEFINITIONS_FILE.read_text())
+    batch = tokenizer([texts[t] for t in RELATION_TYPES], padding=True, truncation=True, max_length=64, return_tensors="pt")
+    return batch["input_ids"], batch["attention_mask"]
+
+
+def _atomic_json(path: Path, payload: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=1))
+    os.replace(tmp, path)
+
+
+class _Checkpoint:
+    """Latest training state in ``run_dir/checkpoint`` (safetensors + JSON), replaced atomically."""
+
+    def __init__(self, run_dir: Path):
+        self.folder = run_dir / "checkpoint"
+
+    def exists(self) -> bool:
+        return (self.folder / "state.json").is_file()
+
+    def save(self, *, model, optimizer, scheduler, gene_typer, step: int, evaluations: list, extra: dict) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        opt_state = optimizer.state_dict()
+        for index, state in opt_state["state"].items():
+            for name, value in state.items():
+                tensors[f"optimizer.{index}.{name}"] = torch.as_tensor(value).detach().contiguous().cpu()
+        tensors["rng.cpu"] = torch.get_rng_state()
+        if torch.cuda.is_available():
+            tensors["rng.cuda"] = torch.cuda.get_rng_state()
+        if gene_typer is not None:
+            tensors.update({f"gene_typer.{k}": v.detach().contiguous().cpu() for k, v in gene_typer.state_dict().items()})
+        staging = Path(tempfile.mkdtemp(dir=self.folder.parent, prefix=".checkpoint."))
+        try:
+            save_file(_dedupe(tensors), str(staging / "state.safetensors"))
+            (staging / "state.json").write_text(json.dumps({
+                "step": step, "scheduler_last_epoch": scheduler.last_epoch, "param_groups": opt_state["param_groups"],
+                "evaluations": evaluations, "extra": extra}, indent=1))
+            if self.folder.exists():
+                shutil.rmtree(self.folder)
+            staging.rename(self.folder)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+    def load_gene_typer(self, gene_typer) -> bool:
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(self.folder / "state.safetensors"))
+        state = {k[len("gene_typer."):]: v for k, v in tensors.items() if k.startswith("gene_typer.")}
+        if not state:
+            return False
+        gene_typer.load_state_dict(state)
+        return True
+
+    def restore(self, *, model, optimizer, scheduler, device) -> dict:
+        from safetensors.torch import load_file
+
+        meta = json.loads((self.folder / "state.json").read_text())
+        tensors = load_file(str(self.folder / "state.safetensors"))
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=False)
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            if key.startswith("optimizer."):
+                _, index, name = key.split(".", 2)
+                state.setdefault(int(index), {})[name] = value if name == "step" else value.to(device)
+        optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        scheduler.last_epoch = meta["scheduler_last_epoch"]
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+        torch.set_rng_state(tensors["rng.cpu"])
+        if "rng.cuda" in tensors and torch.cuda.is_available():
+            torch.cuda.set_rng_state(tensors["rng.cuda"])
+        return meta
+
+
+def _dedupe(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors that share memory (tied embeddings): store each under its own copy."""
+    seen: set[int] = set()
+    out = {}
+    for key, value in tensors.items():
+        pointer = value.untyped_storage().data_ptr() if value.numel() else id(value)
+        out[key] = value.clone() if pointer in seen else value
+        seen.add(pointer)
+    return out
+
+
+def train(config: RunConfig, run_dir: str | os.PathLike, *, report: Report | None = None, resume: bool = False,
+          progress: bool = True, log: Callable[[str], None] | None = None) -> TrainResult:
+    """Train one model; the best checkpoint by dev micro-F1 ends up in ``run_dir/model``.
+
+    ``report(metrics, run_dir)`` is called after every evaluation, once the run folder (best model, metrics.json,
+    checkpoint) is consistent, so a listener may copy it as a checkpoint.
+    """
+    say = log or (lambda message: print(message, file=sys.stderr, flush=True))
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = _Checkpoint(run_dir)
+    if resume and not checkpoint.exists():
+        say(f"no checkpoint in {run_dir}; starting from scratch")
+        resume = False
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config.dump(), sort_keys=False))
+    cfg = config.train
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+
+    train_docs, dev_docs = load_documents(config)
+    tokenizer = load_tokenizer(config.encoder.name)
+    add_marker_tokens(tokenizer)
+
+    extra: dict[str, Any] = {}
+    gene_typer = None
+    if config.model.system == "fgemr":
+        gene_typer, dev_docs, extra = _fgemr(config, tokenizer, train_docs, dev_docs, checkpoint if resume else None, device)
+
+    encoder = build_encoder(config.encoder.name, tiny=config.encoder.tiny, seed=cfg.seed)
+    encoder.resize_token_embeddings(len(tokenizer))
+    definitions = relation_definitions(tokenizer) if config.model.system == "relation_attention" else (None, None)
+    model = RelationModel(encoder, system=config.model.system, dropout=config.model.dropout,
+                          definition_ids=definitions[0], definition_mask=definitions[1]).to(device)
+
+    interval = tuple(config.sampling.interval)
+    pair_encoder = PairEncoder(tokenizer, max_length=config.encoder.max_length, markers=config.model.markers)
+    train_candidates, train_stats = corpus_candidates(train_docs, interval)
+    dev_candidates, dev_stats = corpus_candidates(dev_docs, interval)
+    train_pairs, train_encoding = pair_encoder.encode(train_docs, train_candidates)
+    dev_pairs, dev_encoding = pair_encoder.encode(dev_docs, dev_candidates)
+    if not train_pairs:
+        from drugprot.errors import DrugprotError
+
+        raise DrugprotError(f"data.dir {config.data.dir}: no training pairs after candidate generation and encoding")
+    say(f"training pairs {len(train_pairs)} ({train_encoding.too_long} too long for encoder.max_length, "
+        f"{train_encoding.windowed} windowed), dev pairs {len(dev_pairs)} ({dev_encoding.too_long} too long), "
+        f"gold lost by interval {train_stats.lost_by_interval}/{dev_stats.lost_by_interval} (train/dev), device {device}")
+
+    pad_id = tokenizer.pad_token_id
+    steps_per_epoch = len(token_budget_batches(train_pairs, token_budget=cfg.token_budget, max_pairs=cfg.max_batch_pairs))
+    total_steps = max(1, int(round(cfg.epochs * steps_per_epoch)))
+    eval_interval = max(1, int(round(cfg.eval_every * steps_per_epoch)))
+    eval_steps = sorted({*range(eval_interval, total_steps + 1, eval_interval), total_steps})
+    optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, device=device)
+    scheduler = linear_schedule(optimizer, total_steps=total_steps, warmup_steps=int(cfg.warmup * total_steps))
+
+    step = 0
+    evaluations: list[dict[str, Any]] = []
+    if resume:
+        meta = checkpoint.restore(model=model, optimizer=optimizer, scheduler=scheduler, device=device)
+        step, evaluations = meta["step"], meta["evaluations"]
+        say(f"resumed from {checkpoint.folder} at step {step}/{total_steps} ({len(evaluations)} evaluations done)")
+    best = max(evaluations, key=lambda e: e["dev_f1"], default=None)
+
+    forward = torch.compile(model, dynamic=True) if cfg.compile else model
+    info = {"system": config.model.system, "markers": config.model.markers, "dropout": config.model.dropout,
+            "max_length": config.encoder.max_length, "interval": list(interval), "encoder": config.encoder.name,
+            "labels": list(LABELS), "config": config.dump(),
+            "definitions": {"shape": list(definitions[0].shape)} if definitions[0] is not None else None}
+    bar = _progress(total_steps, step, progress)
+    window = {"loss": 0.0, "batches": 0, "pairs": 0, "tokens": 0, "start": time.perf_counter()}
+    epoch = step // steps_per_epoch
+    while step < total_steps:
+        batches = token_budget_batches(train_pairs, token_budget=cfg.token_budget, max_pairs=cfg.max_batch_pairs,
+                                       shuffle_seed=cfg.seed * 1000 + epoch)
+        skip = step - epoch * steps_per_epoch
+        for batch in iterate_batches(train_pairs, batches[skip:], pad_id):
+            model.train()
+            batch = batch.to(device, non_blocking=True)
+            with autocast(device, cfg.precision):
+                out = forward(batch.input_ids, batch.attention_mask, batch.subject, batch.object)
+            loss = model.loss(out, batch.target, batch.entity_types, gamma=config.loss.gamma, lambda_=config.loss.lambda_)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            window["loss"] += loss.detach()
+            window["batches"] += 1
+            window["pairs"] += batch.input_ids.size(0)
+            window["tokens"] += batch.attention_mask.sum()
+            if bar is not None:
+                bar.update(1)
+                if step % 20 == 0:
+                    bar.set_postfix(pairs_s=f"{window['pairs'] / (time.perf_counter() - window['start']):.1f}", refresh=False)
+            if step in eval_steps:
+                elapsed = time.perf_counter() - window["start"]
+                metrics = _evaluate(model, dev_docs, dev_candidates, dev_pairs, pad_id, device, cfg.precision)
+                metrics.update({
+                    "eval": len(evaluations) + 1, "step": step, "epoch": round(step / steps_per_epoch, 4),
+                    "train_loss": float(window["loss"]) / max(1, window["batches"]),
+                    "pairs_per_s": window["pairs"] / elapsed, "tokens_per_s": float(window["tokens"]) / elapsed,
+                    "lr": scheduler.get_last_lr()[0], **extra})
+                evaluations.append(metrics)
+                if best is None or metrics["dev_f1"] > best["dev_f1"]:
+                    best = metrics
+                    save_artifact(run_dir / "model", model=model, tokenizer=tokenizer,
+                                  info={**info, "dev": {k: metrics[k] for k in ("dev_precision", "dev_recall", "dev_f1", "eval", "epoch")}},
+                                  gene_typer=gene_typer)
+                checkpoint.save(model=model, optimizer=optimizer, scheduler=scheduler, gene_typer=gene_typer, step=step,
+                                evaluations=evaluations, extra=extra)
+                _atomic_json(run_dir / "metrics.json", {"evaluations": evaluations, "best": best})
+                say(f"eval {metrics['eval']} epoch {metrics['epoch']:.2f}: dev P {metrics['dev_precision']:.4f} "
+                    f"R {metrics['dev_recall']:.4f} F1 {metrics['dev_f1']:.4f} (best {best['dev_f1']:.4f}), "
+                    f"loss {metrics['train_loss']:.4f}, {metrics['pairs_per_s']:.1f} pairs/s")
+                if report is not None:
+                    report(metrics, run_dir)
+                window = {"loss": 0.0, "batches": 0, "pairs": 0, "tokens": 0, "start": time.perf_counter()}
+            if step >= total_steps:
+                break
+        epoch += 1
+    if bar is not None:
+        bar.close()
+    return TrainResult(run_dir, best, evaluations, extra)
+
+
+def _evaluate(model, dev_docs, dev_candidates, dev_pairs, pad_id, device, precision) -> dict[str, Any]:
+    probs = torch.zeros((1, len(dev_candidates), len(LABELS)))
+    probs[0, :, 0] = 1.0
+    if dev_pairs:
+        probs[0, torch.tensor([p.index for p in dev_pairs])] = pair_probabilities(model, dev_pairs, pad_id=pad_id,
+                                                                                  device=device, precision=precision)
+    predictions = decode(dev_candidates, probs)
+    result = score(dev_docs, ((r.pmid, r.type, r.chemical, r.gene) for r in predictions))
+    return {"dev_precision": result.precision, "dev_recall": result.recall, "dev_f1": result.f1,
+            "dev_per_type": {t: round(c.f1, 4) for t, c in result.per_type.items()}}
+
+
+def _fgemr(config: RunConfig, tokenizer, train_docs, dev_docs, checkpoint: _Checkpoint | None, device):
+    """Train (or restore) the gene typer and give dev genes their predicted fine types."""
+    from drugprot.fgemr import apply_gene_types, predict_gene_types, train_gene_typer
+
+    cfg = config.train
+    encoder = build_encoder(config.encoder.name, tiny=config.encoder.tiny, seed=cfg.seed + 1)
+    encoder.resize_token_embeddings(len(tokenizer))
+    restored = None
+    if checkpoint is not None:
+        restored = GeneTypeClassifier(encoder, dropout=config.model.dropout).to(device)
+        if not checkpoint.load_gene_typer(restored):
+            restored = None
+    if restored is not None:
+        typer = restored
+        extra = json.loads((checkpoint.folder / "state.json").read_text()).get("extra", {})
+    else:
+        typer, extra = train_gene_typer(encoder, tokenizer, train_docs, epochs=config.fgemr.epochs, lr=config.fgemr.lr,
+                                        holdout=config.fgemr.holdout, seed=cfg.seed, max_length=config.encoder.max_length,
+                                        token_budget=cfg.token_budget, max_pairs=cfg.max_batch_pairs, device=device,
+                                        precision=cfg.precision, dropout=config.model.dropout)
+        print(f"FGEMR gene typer: held-out accuracy {extra['gene_typer_accuracy']:.4f} on "
+              f"{extra['gene_typer_holdout_genes']} genes", file=sys.stderr)
+    predicted = predict_gene_types(typer, tokenizer, dev_docs, device=device, max_length=config.encoder.max_length,
+                                   precision=cfg.precision)
+    return typer, apply_gene_types(dev_docs, predicted), extra
+
+
+def _progress(total: int, done: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=done, unit="step", file=sys.stderr, mininterval=2.0, dynamic_ncols=True)
+
+
