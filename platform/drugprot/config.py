@@ -101,6 +101,13 @@ class RunConfig(Section):
     fgemr: FgemrConfig = Field(default_factory=FgemrConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
 
+    @model_validator(mode="after")
+    def _budget_holds_a_window(self) -> RunConfig:
+        if self.train.token_budget < self.encoder.max_length:
+            raise ValueError(f"train.token_budget ({self.train.token_budget}) must be at least encoder.max_length "
+                             f"({self.encoder.max_length}), or a long pair could not fit in any batch")
+        return self
+
     def dump(self) -> dict[str, Any]:
         """Plain, YAML-safe dict (paths as strings, ``lambda`` under its YAML name)."""
         return self.model_dump(mode="json", by_alias=True)

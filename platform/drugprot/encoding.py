@@ -114,24 +114,17 @@ class PairEncoder:
         gene_kind = gene_marker_type(gene.type, self.scheme)
         s_open, s_close = (self.marker_ids[m] for m in marker_tokens(CHEMICAL, "S"))
         o_open, o_close = (self.marker_ids[m] for m in marker_tokens(gene_kind, "O"))
-        inserts = sorted([(at[chem.start], 0, s_open), (at[chem.end], 1, s_close),
-                          (at[gene.start], 0, o_open), (at[gene.end], 1, o_close)], key=lambda x: (x[0], x[1]))
-        marked: list[int] = []
-        subject = obj = -1
-        previous = 0
-        for position, _, token in inserts:
-            marked.extend(ids[previous:position])
-            previous = position
-            if token == s_open:
-                subject = len(marked)
-            elif token == o_open:
-                obj = len(marked)
-            marked.append(token)
-        marked.extend(ids[previous:])
+        # Candidates never overlap, so one entity ends (in characters, hence in tokens) before the other starts.
+        # Build "… [A] a [/A] … [B] b [/B] …" explicitly: sorting the four inserts by position alone would put
+        # [B] before [/A] when the entities touch ("X-Y" with X ending where Y starts).
+        spans = sorted([(chem.start, at[chem.start], at[chem.end], s_open, s_close),
+                        (gene.start, at[gene.start], at[gene.end], o_open, o_close)])
+        (_, a1, b1, open1, close1), (_, a2, b2, open2, close2) = spans
+        marked = [*ids[:a1], open1, *ids[a1:b1], close1, *ids[b1:a2], open2, *ids[a2:b2], close2, *ids[b2:]]
+        first, last = a1, b2 + 3  # positions of the first open marker and of the last close marker
+        subject, obj = (a1, a2 + 2) if open1 == s_open else (a2 + 2, a1)
         budget = self.max_length - 2
         if len(marked) > budget:
-            first = min(subject, obj)
-            last = max(subject, obj) + (at[chem.end] - at[chem.start] if subject > obj else at[gene.end] - at[gene.start]) + 1
             span = last - first + 1
             if span > budget:
                 return None
@@ -170,6 +163,10 @@ class Batch:
 
     def to(self, device, non_blocking: bool = False) -> Batch:
         return Batch(*(getattr(self, f).to(device, non_blocking=non_blocking) for f in self.__slots__))
+
+    def pin_memory(self) -> Batch:
+        """Page-locked copy (CUDA only), so ``to(cuda, non_blocking=True)`` overlaps with running kernels."""
+        return Batch(*(getattr(self, f).pin_memory() for f in self.__slots__))
 
     @property
     def real_tokens(self) -> int:

@@ -10,7 +10,7 @@ resumed run continues exactly where the interrupted one stood.
 from __future__ import annotations
 
 import json
-
+import math
 import os
 import random
 import shutil
@@ -26,9 +26,10 @@ import torch
 import yaml
 
 from drugprot.candidates import corpus_candidates
-from drugprot.config import RunConfig
+from drugprot.config import ConfigError, RunConfig, build_config
 from drugprot.corpus import Document, read_split
-from drugprot.encoding import LABELS, PairEncoder, add_marker_tokens, iterate_batches, token_budget_batches
+from drugprot.encoding import LABELS, Batch, PairEncoder, add_marker_tokens, iterate_batches, token_budget_batches
+from drugprot.errors import DrugprotError
 from drugprot.inference import decode, pair_probabilities
 from drugprot.model.artifacts import save_artifact
 from drugprot.model.encoder import build_encoder, load_tokenizer
@@ -144,7 +145,12 @@ class _Checkpoint:
 
         meta = json.loads((self.folder / "state.json").read_text())
         tensors = load_file(str(self.folder / "state.safetensors"))
-        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=False)
+        missing, unexpected = model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")},
+                                                    strict=False)
+        if missing or unexpected:  # a checkpoint of another architecture must not load half-way, silently
+            raise DrugprotError(f"{self.folder}: the checkpoint does not fit this config's model (missing "
+                                f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}); resume with the config "
+                                f"it was trained with, or train into a new --out folder")
         state: dict[int, dict[str, torch.Tensor]] = {}
         for key, value in tensors.items():
             if key.startswith("optimizer."):
@@ -170,6 +176,45 @@ def _dedupe(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def train_step(model: RelationModel, batch: Batch, optimizer: torch.optim.Optimizer, scheduler=None, *,
+               device: torch.device, precision: str = "bf16", gamma: float = 0.0, lambda_: float = 0.5,
+               grad_clip: float = 1.0, forward: Callable | None = None) -> torch.Tensor:
+    """One optimisation step on a batch already on ``device``: autocast forward, loss, backward, clip, step.
+
+    ``forward`` is the callable that runs the model (a ``torch.compile``d wrapper, say; default ``model``).
+    Returns the loss, detached and left on the device (no host synchronisation).
+    """
+    model.train()
+    with autocast(device, precision):
+        out = (forward or model)(batch.input_ids, batch.attention_mask, batch.subject, batch.object)
+    loss = model.loss(out, batch.target, batch.entity_types, gamma=gamma, lambda_=lambda_)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def evaluation_steps(steps_per_epoch: int, total_steps: int, eval_every: float) -> list[int]:
+    """Steps after which to evaluate: the k-th lands at k·eval_every epochs (rounded to a step), the last at the end.
+
+    Placing each evaluation from its own epoch fraction (not by repeating a rounded interval) keeps the count and
+    the epochs exact: 10 epochs at eval_every 0.5 give 20 evaluations at 0.5, 1.0, … 10.0 whatever the epoch size.
+    """
+    count = max(1, math.ceil(total_steps / steps_per_epoch / eval_every - 1e-9))
+    steps = {min(total_steps, max(1, round(k * eval_every * steps_per_epoch))) for k in range(1, count + 1)}
+    return sorted(steps | {total_steps})
+
+
+def _revalidate(config: RunConfig) -> RunConfig:
+    """Validate again (a config may have been built with ``model_construct`` or edited): ConfigError, key named."""
+    if not isinstance(config, RunConfig):
+        raise ConfigError(f"train: expected a RunConfig (drugprot.config.load_config), got {type(config).__name__}")
+    return build_config(config.dump(), "config")
+
+
 def train(config: RunConfig, run_dir: str | os.PathLike, *, report: Report | None = None, resume: bool = False,
           progress: bool = True, log: Callable[[str], None] | None = None) -> TrainResult:
     """Train one model; the best checkpoint by dev micro-F1 ends up in ``run_dir/model``.
@@ -178,27 +223,39 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, report: Report | Non
     checkpoint) is consistent, so a listener may copy it as a checkpoint.
     """
     say = log or (lambda message: print(message, file=sys.stderr, flush=True))
+    # Everything that can reject the run (config, device, data, tokenizer) is checked before run_dir is created,
+    # so a bad config or a missing corpus leaves nothing behind.
+    config = _revalidate(config)
+    cfg = config.train
+    device = resolve_device(cfg.device)
+    train_docs, dev_docs = load_documents(config)
+    tokenizer = load_tokenizer(config.encoder.name)
+    add_marker_tokens(tokenizer)
+    interval = tuple(config.sampling.interval)
+    pair_encoder = PairEncoder(tokenizer, max_length=config.encoder.max_length, markers=config.model.markers)
+    train_candidates, train_stats = corpus_candidates(train_docs, interval)
+    train_pairs, train_encoding = pair_encoder.encode(train_docs, train_candidates)
+    if not train_pairs:
+        raise DrugprotError(f"data.dir {config.data.dir}: no training pairs after candidate generation and encoding "
+                            f"({len(train_docs)} documents, {len(train_candidates)} candidates, "
+                            f"{train_encoding.too_long} longer than encoder.max_length {config.encoder.max_length})")
+
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = _Checkpoint(run_dir)
     if resume and not checkpoint.exists():
         say(f"no checkpoint in {run_dir}; starting from scratch")
         resume = False
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config.dump(), sort_keys=False))
-    cfg = config.train
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
-
-    train_docs, dev_docs = load_documents(config)
-    tokenizer = load_tokenizer(config.encoder.name)
-    add_marker_tokens(tokenizer)
 
     extra: dict[str, Any] = {}
     gene_typer = None
     if config.model.system == "fgemr":
-        gene_typer, dev_docs, extra = _fgemr(config, tokenizer, train_docs, dev_docs, checkpoint if resume else None, device)
+        # dev genes get the typer's GENE-Y/GENE-N predictions, so the dev pairs below carry fine markers
+        gene_typer, dev_docs, extra = _fgemr(config, tokenizer, train_docs, dev_docs, checkpoint if resume else None,
+                                             device, say)
 
     encoder = build_encoder(config.encoder.name, tiny=config.encoder.tiny, seed=cfg.seed)
     encoder.resize_token_embeddings(len(tokenizer))
@@ -206,16 +263,8 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, report: Report | Non
     model = RelationModel(encoder, system=config.model.system, dropout=config.model.dropout,
                           definition_ids=definitions[0], definition_mask=definitions[1]).to(device)
 
-    interval = tuple(config.sampling.interval)
-    pair_encoder = PairEncoder(tokenizer, max_length=config.encoder.max_length, markers=config.model.markers)
-    train_candidates, train_stats = corpus_candidates(train_docs, interval)
     dev_candidates, dev_stats = corpus_candidates(dev_docs, interval)
-    train_pairs, train_encoding = pair_encoder.encode(train_docs, train_candidates)
     dev_pairs, dev_encoding = pair_encoder.encode(dev_docs, dev_candidates)
-    if not train_pairs:
-        from drugprot.errors import DrugprotError
-
-        raise DrugprotError(f"data.dir {config.data.dir}: no training pairs after candidate generation and encoding")
     say(f"training pairs {len(train_pairs)} ({train_encoding.too_long} too long for encoder.max_length, "
         f"{train_encoding.windowed} windowed), dev pairs {len(dev_pairs)} ({dev_encoding.too_long} too long), "
         f"gold lost by interval {train_stats.lost_by_interval}/{dev_stats.lost_by_interval} (train/dev), device {device}")
@@ -223,8 +272,7 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, report: Report | Non
     pad_id = tokenizer.pad_token_id
     steps_per_epoch = len(token_budget_batches(train_pairs, token_budget=cfg.token_budget, max_pairs=cfg.max_batch_pairs))
     total_steps = max(1, int(round(cfg.epochs * steps_per_epoch)))
-    eval_interval = max(1, int(round(cfg.eval_every * steps_per_epoch)))
-    eval_steps = sorted({*range(eval_interval, total_steps + 1, eval_interval), total_steps})
+    eval_steps = evaluation_steps(steps_per_epoch, total_steps, cfg.eval_every)
     optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, device=device)
     scheduler = linear_schedule(optimizer, total_steps=total_steps, warmup_steps=int(cfg.warmup * total_steps))
 
@@ -234,6 +282,7 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, report: Report | Non
         meta = checkpoint.restore(model=model, optimizer=optimizer, scheduler=scheduler, device=device)
         step, evaluations = meta["step"], meta["evaluations"]
         say(f"resumed from {checkpoint.folder} at step {step}/{total_steps} ({len(evaluations)} evaluations done)")
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config.dump(), sort_keys=False))  # once the state fits it
     best = max(evaluations, key=lambda e: e["dev_f1"], default=None)
 
     forward = torch.compile(model, dynamic=True) if cfg.compile else model
@@ -249,18 +298,13 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, report: Report | Non
                                        shuffle_seed=cfg.seed * 1000 + epoch)
         skip = step - epoch * steps_per_epoch
         for batch in iterate_batches(train_pairs, batches[skip:], pad_id):
-            model.train()
-            batch = batch.to(device, non_blocking=True)
-            with autocast(device, cfg.precision):
-                out = forward(batch.input_ids, batch.attention_mask, batch.subject, batch.object)
-            loss = model.loss(out, batch.target, batch.entity_types, gamma=config.loss.gamma, lambda_=config.loss.lambda_)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            # pinned host memory: a pageable copy would make the host wait for the GPU queue at every step
+            batch = (batch.pin_memory() if device.type == "cuda" else batch).to(device, non_blocking=True)
+            loss = train_step(model, batch, optimizer, scheduler, device=device, precision=cfg.precision,
+                              gamma=config.loss.gamma, lambda_=config.loss.lambda_, grad_clip=cfg.grad_clip,
+                              forward=forward)
             step += 1
-            window["loss"] += loss.detach()
+            window["loss"] += loss
             window["batches"] += 1
             window["pairs"] += batch.input_ids.size(0)
             window["tokens"] += batch.attention_mask.sum()
@@ -269,6 +313,8 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, report: Report | Non
                 if step % 20 == 0:
                     bar.set_postfix(pairs_s=f"{window['pairs'] / (time.perf_counter() - window['start']):.1f}", refresh=False)
             if step in eval_steps:
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)  # the queued steps belong to this window's timing
                 elapsed = time.perf_counter() - window["start"]
                 metrics = _evaluate(model, dev_docs, dev_candidates, dev_pairs, pad_id, device, cfg.precision)
                 metrics.update({
@@ -311,7 +357,8 @@ def _evaluate(model, dev_docs, dev_candidates, dev_pairs, pad_id, device, precis
             "dev_per_type": {t: round(c.f1, 4) for t, c in result.per_type.items()}}
 
 
-def _fgemr(config: RunConfig, tokenizer, train_docs, dev_docs, checkpoint: _Checkpoint | None, device):
+def _fgemr(config: RunConfig, tokenizer, train_docs, dev_docs, checkpoint: _Checkpoint | None, device,
+           say: Callable[[str], None]):
     """Train (or restore) the gene typer and give dev genes their predicted fine types."""
     from drugprot.fgemr import apply_gene_types, predict_gene_types, train_gene_typer
 
@@ -331,8 +378,8 @@ def _fgemr(config: RunConfig, tokenizer, train_docs, dev_docs, checkpoint: _Chec
                                         holdout=config.fgemr.holdout, seed=cfg.seed, max_length=config.encoder.max_length,
                                         token_budget=cfg.token_budget, max_pairs=cfg.max_batch_pairs, device=device,
                                         precision=cfg.precision, dropout=config.model.dropout)
-        print(f"FGEMR gene typer: held-out accuracy {extra['gene_typer_accuracy']:.4f} on "
-              f"{extra['gene_typer_holdout_genes']} genes", file=sys.stderr)
+        say(f"FGEMR gene typer: held-out accuracy {extra['gene_typer_accuracy']:.4f} on "
+            f"{extra['gene_typer_holdout_genes']} genes")
     predicted = predict_gene_types(typer, tokenizer, dev_docs, device=device, max_length=config.encoder.max_length,
                                    precision=cfg.precision)
     return typer, apply_gene_types(dev_docs, predicted), extra

@@ -1,0 +1,198 @@
+#!/usr/bin/env bash
+# The GPU benchmark, for one H100 without network (torch + transformers present; no ray, mlflow or optuna):
+#   0. checks: imports (drugprot's training path only, never Ray/MLflow/Optuna), the staged MiniLM and corpus;
+#   1. trains MiniLM (.gpu/minilm) with the paper protocol (configs/minilm.yaml: lr 5e-5, eval every 0.5 epoch,
+#      focal gamma 2, interval [-10, 16], bf16) on the full corpus, for as many epochs as fit in TRAIN_SECONDS
+#      (default 240; measured throughput decides, at most the protocol's 10), printing dev P/R/F1 per evaluation;
+#   2. prints the throughput table of bench/train_throughput.py for bert-base-random (ours vs the plain loop);
+#   3. prints a final table. About 6-7 minutes in all.
+#
+#   bench/prepare_gpu.sh          # here, once: stages .gpu/ (MiniLM fp16, corpus, blingfire)
+#   bench/gpu.sh                  # there (carry .gpu); results also in $OUT (or .gpu/out) as JSON
+#   bench/gpu.sh --dry-run        # here, on CPU: the same steps with tiny-random, a handful of documents, seconds
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DRY_RUN=0
+if [[ "${1:-}" == "--dry-run" ]]; then DRY_RUN=1; shift; fi
+if [[ $# -gt 0 ]]; then echo "usage: bench/gpu.sh [--dry-run]" >&2; exit 2; fi
+
+if [[ $DRY_RUN == 1 ]]; then
+  PY=${PYTHON:-.venv/bin/python}
+  [[ -d .gpu/minilm && -d .gpu/corpus ]] || bench/prepare_gpu.sh
+else
+  PY=${PYTHON:-python3}
+fi
+if [[ ! -d .gpu/minilm || ! -d .gpu/corpus ]]; then
+  echo "bench/gpu.sh: .gpu/ is missing: run bench/prepare_gpu.sh first and carry .gpu to this machine" >&2
+  exit 2
+fi
+
+RESULTS=${OUT:-.gpu/out}            # small: JSON summaries only (on the GPU machine $OUT comes back)
+SCRATCH=${SCRATCH:-${TMPDIR:-/tmp}/drugprot-gpu}   # the unpacked corpus and the run folder (weights, checkpoint)
+mkdir -p "$RESULTS" "$SCRATCH"
+export PYTHONPATH="$PWD/platform:$PWD/.gpu/site${PYTHONPATH:+:$PYTHONPATH}"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false TRANSFORMERS_VERBOSITY=error
+export HF_HUB_DISABLE_PROGRESS_BARS=1
+export DRY_RUN RESULTS SCRATCH
+export TRAIN_SECONDS=${TRAIN_SECONDS:-240} BENCH_SECONDS=${BENCH_SECONDS:-30} BENCH_PAIRS=${BENCH_PAIRS:-8192}
+START=$(date +%s)
+
+echo "== 0. environment"
+"$PY" - <<'PYEOF'
+import gzip, os, shutil, sys, time
+from pathlib import Path
+
+import torch
+import transformers
+
+import drugprot.training  # noqa: F401  (the whole training path: candidates, encoding, model, inference, scoring)
+from drugprot.model.encoder import build_encoder, load_tokenizer
+
+leaked = sorted(m for m in ("ray", "mlflow", "optuna") if m in sys.modules)
+if leaked:
+    sys.exit(f"gpu.sh: the training path imported {leaked}; the GPU image does not have them")
+
+# unpack the gzipped corpus once (the official layout: one folder per split)
+for source in sorted(Path(".gpu/corpus").glob("*/*.tsv.gz")):
+    target = Path(os.environ["SCRATCH"]) / "drugprot" / source.parent.name / source.name[:-3]
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with gzip.open(source, "rb") as raw, open(target, "wb") as out:
+            shutil.copyfileobj(raw, out)
+
+started = time.perf_counter()
+tokenizer = load_tokenizer(".gpu/minilm")
+encoder = build_encoder(".gpu/minilm")
+assert next(encoder.parameters()).dtype == torch.float32, "fp16 weights must load as fp32 for training"
+gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+print(f"python {sys.version.split()[0]}, torch {torch.__version__}, transformers {transformers.__version__}, GPU {gpu}; "
+      f"MiniLM from .gpu/minilm ({sum(p.numel() for p in encoder.parameters()) / 1e6:.1f}M parameters, "
+      f"{len(tokenizer)} word pieces) in {time.perf_counter() - started:.1f} s; no Ray/MLflow/Optuna imported")
+if os.environ["DRY_RUN"] == "0" and not torch.cuda.is_available():
+    sys.exit("gpu.sh: no CUDA device (use --dry-run to rehearse on CPU)")
+PYEOF
+
+echo "== 1. MiniLM, paper protocol, full corpus"
+"$PY" - <<'PYEOF'
+import json, math, os, sys, time
+from pathlib import Path
+
+sys.path.insert(0, "bench")
+import torch
+
+from drugprot.candidates import corpus_candidates
+from drugprot.config import load_config
+from drugprot.corpus import read_split
+from drugprot.training import train
+from train_throughput import measure
+
+dry = os.environ["DRY_RUN"] == "1"
+results = Path(os.environ["RESULTS"])
+budget = float(os.environ["TRAIN_SECONDS"])
+data = str(Path(os.environ["SCRATCH"]) / "drugprot")
+overrides = [f"data.dir={data}", "encoder.name=.gpu/minilm", "train.device=auto"]
+if dry:  # tiny-random, a handful of documents, CPU: seconds
+    overrides = [f"data.dir={data}", "encoder.name=tiny-random", "encoder.max_length=128", "data.max_train_docs=6",
+                 "data.max_dev_docs=3", "train.lr=1e-3", "train.device=cpu", "train.token_budget=2048"]
+config = load_config("configs/minilm.yaml", overrides)
+cfg = config.train
+
+# how many epochs fit: measure our loop's training throughput on real pairs, then plan epochs + evaluations
+started = time.perf_counter()
+if dry:
+    pairs_per_s, epochs = float("nan"), 1.0
+else:
+    probe = measure(encoder=config.encoder.name, data=Path(data), pairs=3072, device="cuda", token_budget=cfg.token_budget,
+                    max_batch_pairs=cfg.max_batch_pairs, max_length=config.encoder.max_length, max_seconds=8,
+                    max_docs=400, loops=("ours",), lr=cfg.lr, log=lambda m: print("  calibration:", m))
+    pairs_per_s = probe["rows"][0]["pairs_per_s"]
+    train_pairs = len(corpus_candidates(read_split(data, "training").documents, tuple(config.sampling.interval))[0])
+    dev_pairs = len(corpus_candidates(read_split(data, "development").documents, tuple(config.sampling.interval))[0])
+    eval_seconds = dev_pairs / (3 * pairs_per_s) + 3.0  # inference ≈ 3× a training step; scoring, saving
+    epoch_seconds = train_pairs / pairs_per_s + eval_seconds / cfg.eval_every
+    setup_seconds = 25.0  # reading, encoding once, model build
+    epochs = max(cfg.eval_every, min(cfg.epochs, math.floor((budget - setup_seconds) / epoch_seconds / cfg.eval_every)
+                                     * cfg.eval_every))
+    print(f"  calibration: {pairs_per_s:.0f} training pairs/s; {train_pairs} training / {dev_pairs} dev pairs; "
+          f"≈{epoch_seconds:.0f} s per epoch with evaluations → {epochs:g} epochs in {budget:.0f} s "
+          f"(protocol: {cfg.epochs:g})")
+config = load_config("configs/minilm.yaml", [*overrides, f"train.epochs={epochs}"])
+calibration_seconds = time.perf_counter() - started
+
+
+class OutOfTime(Exception):
+    pass
+
+
+t0 = time.perf_counter()
+hard_limit = budget + 60  # a safety net only: the plan above should end well before
+
+
+def report(metrics, run_dir):
+    if time.perf_counter() - t0 > hard_limit:
+        raise OutOfTime
+
+
+run_dir = Path(os.environ["SCRATCH"]) / "minilm-run"
+if run_dir.exists():
+    import shutil
+
+    shutil.rmtree(run_dir)  # a fresh run every time (never a silent resume of an older one)
+stopped = False
+try:
+    result = train(config, run_dir, report=report, progress=False, log=lambda m: print("  " + m, flush=True))
+    evaluations, best = result.evaluations, result.best
+except OutOfTime:
+    stopped = True
+    saved = json.loads((run_dir / "metrics.json").read_text())
+    evaluations, best = saved["evaluations"], saved["best"]
+seconds = time.perf_counter() - t0
+summary = {"encoder": "all-MiniLM-L6-v2" if not dry else "tiny-random (dry run)", "epochs_planned": epochs,
+           "lr": config.train.lr, "gamma": config.loss.gamma, "interval": list(config.sampling.interval),
+           "precision": config.train.precision if torch.cuda.is_available() else "fp32 (CPU)",
+           "calibration_pairs_per_s": pairs_per_s, "calibration_seconds": calibration_seconds, "train_seconds": seconds,
+           "stopped_early": stopped, "best": best,
+           "evaluations": [{k: e[k] for k in ("eval", "epoch", "dev_precision", "dev_recall", "dev_f1", "train_loss",
+                                               "pairs_per_s")} for e in evaluations]}
+(results / "train.json").write_text(json.dumps(summary, indent=1))
+print(f"  trained {evaluations[-1]['epoch']:g} epochs in {seconds:.0f} s; best dev F1 {best['dev_f1']:.4f} "
+      f"at epoch {best['epoch']:g}")
+PYEOF
+
+echo "== 2. throughput: bert-base-random, ours vs the plain loop"
+if [[ $DRY_RUN == 1 ]]; then
+  "$PY" bench/train_throughput.py --encoder tiny-random --tokenizer .gpu/minilm --data "$SCRATCH/drugprot" \
+    --max-docs 20 --pairs 48 --device cpu --max-seconds 5 --json "$RESULTS/throughput.json"
+else
+  "$PY" bench/train_throughput.py --encoder bert-base-random --tokenizer .gpu/minilm --data "$SCRATCH/drugprot" \
+    --max-docs 900 --pairs "$BENCH_PAIRS" --device cuda --max-seconds "$BENCH_SECONDS" --json "$RESULTS/throughput.json"
+fi
+
+echo "== 3. summary"
+"$PY" - <<'PYEOF'
+import json, os, sys
+from pathlib import Path
+
+sys.path.insert(0, "bench")
+from train_throughput import format_table
+
+results = Path(os.environ["RESULTS"])
+train = json.loads((results / "train.json").read_text())
+print(f"{train['encoder']}, paper protocol (lr {train['lr']:g}, eval every 0.5 epoch, focal gamma {train['gamma']:g}, "
+      f"interval {train['interval']}, {train['precision']}); "
+      f"{train['epochs_planned']:g} epochs planned, {train['train_seconds']:.0f} s"
+      + (" (stopped at the time limit)" if train["stopped_early"] else ""))
+print(f"{'eval':>5}{'epoch':>7}{'dev P':>9}{'dev R':>9}{'dev F1':>9}{'loss':>9}{'pairs/s':>10}")
+for e in train["evaluations"]:
+    print(f"{e['eval']:>5}{e['epoch']:>7.2f}{e['dev_precision']:>9.4f}{e['dev_recall']:>9.4f}{e['dev_f1']:>9.4f}"
+          f"{e['train_loss']:>9.4f}{e['pairs_per_s']:>10.0f}")
+best = train["best"]
+print(f"best: dev F1 {best['dev_f1']:.4f} (P {best['dev_precision']:.4f}, R {best['dev_recall']:.4f}) at epoch {best['epoch']:g}")
+print()
+throughput = json.loads((results / "throughput.json").read_text())
+print(f"throughput, {throughput['encoder']} on {throughput['device']} "
+      f"({throughput['non_embedding_parameters'] / 1e6:.1f}M non-embedding parameters, {throughput['pairs']} pairs):")
+print(format_table(throughput))
+PYEOF
+echo "bench/gpu.sh: done in $(( $(date +%s) - START )) s; JSON in $RESULTS"

@@ -1,0 +1,279 @@
+"""Marker encoding: single-token markers, marker positions, fine gene markers, windows, dropped pairs, batching."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from drugprot.candidates import document_candidates
+from drugprot.corpus import Document, Entity, Relation
+from drugprot.encoding import (
+    LABEL_INDEX,
+    LABELS,
+    MARKERS,
+    EncodedPair,
+    PairEncoder,
+    add_marker_tokens,
+    collate,
+    marker_tokens,
+    token_budget_batches,
+)
+from drugprot.model.encoder import load_tokenizer
+from fixtures_models import smoke_model_dir  # noqa: F401  (session fixture)
+
+FILLER = "alpha"  # one word piece in MiniLM's vocabulary
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    tok = load_tokenizer("tiny-random")
+    add_marker_tokens(tok)
+    return tok
+
+
+def make_document(text: str, mentions: list[tuple[str, str, str]], relations=(), pmid="1") -> Document:
+    """One-sentence title ``text`` (empty abstract); mentions ``(id, type, surface)`` at the first free occurrence."""
+    doc = Document(pmid, text, "")
+    taken: set[int] = set()
+    for eid, etype, surface in mentions:
+        start = text.index(surface)
+        while start in taken:
+            start = text.index(surface, start + 1)
+        taken.add(start)
+        doc.entities[eid] = Entity(eid, etype, start, start + len(surface), surface)
+    doc.relations = [Relation(*r) for r in relations]
+    return doc
+
+
+def ids_of(tokenizer, *names: str) -> list[int]:
+    return [tokenizer.convert_tokens_to_ids(n) for n in names]
+
+
+def entity_between(pair: EncodedPair, open_at: int, close_id: int) -> list[int]:
+    """Token ids between the marker at ``open_at`` and the next ``close_id``."""
+    ids = list(pair.input_ids)
+    return ids[open_at + 1: ids.index(close_id, open_at)]
+
+
+def encode_one(tokenizer, doc: Document, **options):
+    encoder = PairEncoder(tokenizer, **options)
+    candidates = document_candidates(doc, None)
+    return encoder, candidates, *encoder.encode([doc], candidates)
+
+
+# --- markers --------------------------------------------------------------------------------------------------
+
+def test_every_marker_is_one_token(tokenizer):
+    for marker in MARKERS:
+        assert tokenizer.tokenize(f"the {marker} gene") == ["the", marker, "gene"], marker
+        ids = tokenizer(f"x {marker} y", add_special_tokens=False)["input_ids"]
+        assert tokenizer.convert_tokens_to_ids(marker) in ids and len(ids) == 3
+
+
+def test_encoder_refuses_a_tokenizer_without_markers():
+    with pytest.raises(ValueError, match=r"lacks marker tokens .*add_marker_tokens"):
+        PairEncoder(load_tokenizer("tiny-random"))
+
+
+def test_subject_and_object_point_at_their_markers(tokenizer):
+    doc = make_document("Aspirin strongly inhibits cyclooxygenase in platelets.",
+                        [("T1", "CHEMICAL", "Aspirin"), ("T2", "GENE-Y", "cyclooxygenase")],
+                        [("INHIBITOR", "T1", "T2")])
+    _, candidates, pairs, stats = encode_one(tokenizer, doc, max_length=64, markers="coarse")
+    assert stats.pairs == 1 and stats.too_long == 0 and stats.windowed == 0
+    (pair,) = pairs
+    s_open, s_close, o_open, o_close = ids_of(tokenizer, "[S:CHEMICAL]", "[/S:CHEMICAL]", "[O:GENE]", "[/O:GENE]")
+    assert pair.input_ids[0] == tokenizer.cls_token_id and pair.input_ids[-1] == tokenizer.sep_token_id
+    assert pair.input_ids[pair.subject] == s_open
+    assert pair.input_ids[pair.object] == o_open
+    assert tokenizer.decode(entity_between(pair, pair.subject, s_close)) == "aspirin"
+    assert tokenizer.decode(entity_between(pair, pair.object, o_close)) == "cyclooxygenase"
+    assert pair.target[LABEL_INDEX["INHIBITOR"]] == 1.0 and sum(pair.target) == 1.0
+    assert pair.entity_types == (0, 1)  # CHEMICAL, GENE-Y
+    batch = collate(pairs, tokenizer.pad_token_id)
+    assert batch.input_ids[0, batch.subject[0]] == s_open and batch.input_ids[0, batch.object[0]] == o_open
+
+
+def test_gene_before_chemical(tokenizer):
+    doc = make_document("EGFR is blocked by gefitinib.", [("T1", "GENE-N", "EGFR"), ("T2", "CHEMICAL", "gefitinib")])
+    _, _, (pair,), _ = encode_one(tokenizer, doc, max_length=64, markers="fine")
+    s_open, o_open = ids_of(tokenizer, "[S:CHEMICAL]", "[O:GENE-N]")
+    assert pair.object < pair.subject
+    assert pair.input_ids[pair.subject] == s_open and pair.input_ids[pair.object] == o_open
+    assert pair.object == 1  # right after [CLS]
+
+
+def test_touching_entities_keep_their_markers_nested(tokenizer):
+    """A chemical ending exactly where the gene starts: [S] chem [/S] [O] gene [/O], never [S] chem [O] [/S] …"""
+    doc = make_document("The aspirinCOX adduct forms.", [("T1", "CHEMICAL", "aspirin"), ("T2", "GENE", "COX")])
+    assert doc.entities["T1"].end == doc.entities["T2"].start
+    _, _, (pair,), _ = encode_one(tokenizer, doc, max_length=64, markers="coarse")
+    s_open, s_close, o_open, o_close = ids_of(tokenizer, "[S:CHEMICAL]", "[/S:CHEMICAL]", "[O:GENE]", "[/O:GENE]")
+    ids = list(pair.input_ids)
+    assert [t for t in ids if t in (s_open, s_close, o_open, o_close)] == [s_open, s_close, o_open, o_close]
+    assert ids[pair.subject] == s_open and ids[pair.object] == o_open
+
+
+@pytest.mark.parametrize("scheme, expected", [
+    ("fine", {"T2": "[O:GENE-Y]", "T3": "[O:GENE-N]", "T4": "[O:GENE]"}),
+    ("coarse", {"T2": "[O:GENE]", "T3": "[O:GENE]", "T4": "[O:GENE]"}),
+])
+def test_gene_marker_schemes(tokenizer, scheme, expected):
+    doc = make_document("Caffeine binds ADORA2A and CYP1A2 and MAOB here.",
+                        [("T1", "CHEMICAL", "Caffeine"), ("T2", "GENE-Y", "ADORA2A"), ("T3", "GENE-N", "CYP1A2"),
+                         ("T4", "GENE", "MAOB")])
+    _, candidates, pairs, _ = encode_one(tokenizer, doc, max_length=64, markers=scheme)
+    assert len(pairs) == 3
+    for pair in pairs:
+        gene_id = candidates[pair.index].gene.id
+        open_marker = expected[gene_id]
+        assert pair.input_ids[pair.object] == tokenizer.convert_tokens_to_ids(open_marker)
+        close_marker = marker_tokens(open_marker[3:-1], "O")[1]
+        assert tokenizer.convert_tokens_to_ids(close_marker) in pair.input_ids
+        # exactly one gene open marker, exactly one chemical open marker
+        opens = [t for t in pair.input_ids if t in ids_of(tokenizer, "[O:GENE]", "[O:GENE-Y]", "[O:GENE-N]")]
+        assert len(opens) == 1
+
+
+# --- windows --------------------------------------------------------------------------------------------------
+
+def long_document(n_words: int, chem_at: int, gene_at: int, gene_type: str = "GENE-Y") -> Document:
+    words = [FILLER] * n_words
+    words[chem_at] = "ibuprofen"
+    words[gene_at] = "PTGS2"
+    text = " ".join(words) + "."
+    return make_document(text, [("T1", "CHEMICAL", "ibuprofen"), ("T2", gene_type, "PTGS2")])
+
+
+@pytest.mark.parametrize("chem_at, gene_at", [(3, 20), (150, 170), (280, 295), (295, 270), (100, 60)])
+def test_long_sentence_is_windowed_around_both_entities(tokenizer, chem_at, gene_at):
+    doc = long_document(300, chem_at, gene_at)
+    _, _, pairs, stats = encode_one(tokenizer, doc, max_length=64, markers="fine")
+    assert stats.windowed == 1 and stats.too_long == 0
+    (pair,) = pairs
+    assert len(pair.input_ids) == 64
+    assert pair.input_ids[0] == tokenizer.cls_token_id and pair.input_ids[-1] == tokenizer.sep_token_id
+    s_open, s_close, o_open, o_close = ids_of(tokenizer, "[S:CHEMICAL]", "[/S:CHEMICAL]", "[O:GENE-Y]", "[/O:GENE-Y]")
+    ids = list(pair.input_ids)
+    for marker in (s_open, s_close, o_open, o_close):
+        assert ids.count(marker) == 1
+    assert ids[pair.subject] == s_open and ids[pair.object] == o_open
+    assert entity_between(pair, pair.subject, s_close) == tokenizer("ibuprofen", add_special_tokens=False)["input_ids"]
+    assert entity_between(pair, pair.object, o_close) == tokenizer("PTGS2", add_special_tokens=False)["input_ids"]
+
+
+def test_pair_whose_entities_do_not_fit_is_dropped_and_counted(tokenizer):
+    doc = long_document(300, 2, 250)
+    short = make_document("Ibuprofen inhibits PTGS2.", [("T1", "CHEMICAL", "Ibuprofen"), ("T2", "GENE-Y", "PTGS2")],
+                          pmid="2")
+    encoder = PairEncoder(tokenizer, max_length=64, markers="fine")
+    candidates = document_candidates(doc, None) + document_candidates(short, None)
+    pairs, stats = encoder.encode([doc, short], candidates)
+    assert stats.pairs == 2 and stats.too_long == 1 and stats.dropped_indices == [0]
+    assert [p.index for p in pairs] == [1]
+
+
+def test_too_long_pair_predicts_none_without_crashing(smoke_model_dir):  # noqa: F811
+    from drugprot.inference import Predictor
+
+    predictor = Predictor.from_path(smoke_model_dir, device="cpu")
+    max_length = predictor.members[0].info["max_length"]
+    doc = long_document(3 * max_length, 1, 3 * max_length - 2)
+    candidates = predictor.candidates([doc])
+    assert len(candidates) == 1
+    probs = predictor.member_probabilities([doc], candidates)
+    assert probs.shape == (1, 1, len(LABELS))
+    assert probs[0, 0, 0] == 1.0 and probs[0, 0, 1:].sum() == 0.0
+    assert predictor.predict([doc]) == [[]]
+
+
+# --- targets --------------------------------------------------------------------------------------------------
+
+def test_multi_label_pair_splits_target_mass(tokenizer):
+    doc = make_document("Tamoxifen antagonizes and inhibits ESR1 here.",
+                        [("T1", "CHEMICAL", "Tamoxifen"), ("T2", "GENE-Y", "ESR1")],
+                        [("ANTAGONIST", "T1", "T2"), ("INHIBITOR", "T1", "T2")])
+    _, _, (pair,), _ = encode_one(tokenizer, doc, max_length=64)
+    expected = [0.0] * len(LABELS)
+    expected[LABEL_INDEX["ANTAGONIST"]] = expected[LABEL_INDEX["INHIBITOR"]] = 0.5
+    assert list(pair.target) == expected
+
+
+def test_negative_pair_targets_none(tokenizer):
+    doc = make_document("Tamoxifen was given and ESR1 measured.", [("T1", "CHEMICAL", "Tamoxifen"), ("T2", "GENE", "ESR1")])
+    _, _, (pair,), _ = encode_one(tokenizer, doc, max_length=64)
+    assert pair.target[0] == 1.0 and sum(pair.target) == 1.0
+    assert pair.entity_types == (0, -100)  # plain GENE: entity type unknown, ignored by the multitask loss
+
+
+def test_sample_corpus_encodes_every_pair(tokenizer, sample_dir):
+    from drugprot.candidates import corpus_candidates
+    from drugprot.corpus import read_split
+
+    docs = read_split(sample_dir, "training").documents[:10]
+    candidates, _ = corpus_candidates(docs)
+    pairs, stats = PairEncoder(tokenizer, max_length=128, markers="fine").encode(docs, candidates)
+    assert stats.pairs == len(candidates) == len(pairs) + stats.too_long
+    s_open = tokenizer.convert_tokens_to_ids("[S:CHEMICAL]")
+    gene_opens = set(ids_of(tokenizer, "[O:GENE-Y]", "[O:GENE-N]"))
+    for pair in pairs:
+        assert len(pair.input_ids) <= 128
+        assert pair.input_ids[pair.subject] == s_open and pair.input_ids[pair.object] in gene_opens
+
+
+# --- token-budget batches -------------------------------------------------------------------------------------
+
+def synthetic_pairs(n: int, seed: int = 0, longest: int = 128) -> list[EncodedPair]:
+    rng = random.Random(seed)
+    return [EncodedPair(tuple(range(rng.randint(8, longest))), 1, 2, (1.0,), (0, 0), i) for i in range(n)]
+
+
+@pytest.mark.parametrize("budget, max_pairs", [(512, 64), (1024, 8), (128, 100), (4096, 3)])
+@pytest.mark.parametrize("seed", [None, 7])
+def test_token_budget_batches_respect_budget_and_cover_everything(budget, max_pairs, seed):
+    pairs = synthetic_pairs(300)
+    batches = token_budget_batches(pairs, token_budget=budget, max_pairs=max_pairs, shuffle_seed=seed)
+    for members in batches:
+        assert 1 <= len(members) <= max_pairs
+        assert max(len(pairs[i].input_ids) for i in members) * len(members) <= budget
+    flat = [i for members in batches for i in members]
+    assert sorted(flat) == list(range(len(pairs)))  # every index exactly once
+    widths = [len(collate([pairs[i] for i in members], 0).input_ids[0]) for members in batches]
+    assert sum(w * len(m) for w, m in zip(widths, batches)) <= budget * len(batches)
+
+
+def test_token_budget_batches_are_length_bucketed():
+    pairs = synthetic_pairs(500)
+    batches = token_budget_batches(pairs, token_budget=2048, max_pairs=64)
+    padded = sum(max(len(pairs[i].input_ids) for i in m) * len(m) for m in batches)
+    real = sum(len(p.input_ids) for p in pairs)
+    assert padded / real < 1.1  # sorted by length: little padding
+
+
+def test_token_budget_batch_order_comes_from_the_seed_alone():
+    pairs = synthetic_pairs(300)
+    run = lambda seed: token_budget_batches(pairs, token_budget=1024, max_pairs=32, shuffle_seed=seed)  # noqa: E731
+    assert run(3) == run(3)
+    assert run(3) != run(4)
+    unshuffled = run(None)
+    assert unshuffled == run(None)
+    widths = [max(len(pairs[i].input_ids) for i in members) for members in unshuffled]
+    assert widths == sorted(widths)  # without a seed: plain length order (inference)
+    assert len(run(3)) == len(run(4)) == len(run(None))  # same lengths, same batch boundaries: steps per epoch fixed
+
+
+def test_single_pair_longer_than_the_budget_gets_its_own_batch():
+    pairs = synthetic_pairs(20, longest=40) + [EncodedPair(tuple(range(200)), 1, 2, (1.0,), (0, 0), 20)]
+    batches = token_budget_batches(pairs, token_budget=128, max_pairs=8)
+    assert [20] in batches
+    assert sorted(i for m in batches for i in m) == list(range(21))
+
+
+def test_collate_pads_and_masks():
+    pairs = synthetic_pairs(5)
+    batch = collate(pairs, pad_id=0)
+    assert batch.input_ids.shape == batch.attention_mask.shape == (5, max(len(p.input_ids) for p in pairs))
+    assert batch.real_tokens == sum(len(p.input_ids) for p in pairs)
+    assert batch.target.dtype == torch.float32 and batch.index.tolist() == list(range(5))

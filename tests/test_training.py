@@ -1,0 +1,226 @@
+"""One training run: reproducible from the seed, exact resume after a crash, the report contract, config refusal."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from drugprot.config import ConfigError, RunConfig, TrainConfig, load_config
+from drugprot.errors import DrugprotError
+from fixtures_models import REPO, smoke_config, train_smoke
+
+TIMING_KEYS = {"pairs_per_s", "tokens_per_s"}
+SMALL = {"data.max_train_docs": 12, "data.max_dev_docs": 4, "train.epochs": 2, "train.eval_every": 0.5,
+         "train.lr": "3e-3", "train.max_batch_pairs": 16}
+
+
+def without_timing(evaluations: list[dict]) -> list[dict]:
+    return [{k: v for k, v in e.items() if k not in TIMING_KEYS} for e in evaluations]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """An uninterrupted SMALL run (4 evaluations) that the other tests compare against."""
+    run = tmp_path_factory.mktemp("reference")
+    return train_smoke(run, **SMALL)
+
+
+def test_reference_run_layout(reference_run):
+    run = reference_run.run_dir
+    assert len(reference_run.evaluations) == 4
+    assert [e["eval"] for e in reference_run.evaluations] == [1, 2, 3, 4]
+    assert (run / "model" / "manifest.json").is_file() and (run / "checkpoint" / "state.json").is_file()
+    assert load_config(run / "config.yaml").model_dump() == smoke_config(**SMALL).model_dump()
+    saved = json.loads((run / "metrics.json").read_text())
+    assert saved["evaluations"] == reference_run.evaluations and saved["best"] == reference_run.best
+    assert reference_run.best["dev_f1"] == max(e["dev_f1"] for e in reference_run.evaluations)
+    for e in reference_run.evaluations:
+        assert 0.0 <= e["dev_f1"] <= 1.0 and e["train_loss"] > 0 and e["pairs_per_s"] > 0
+
+
+def test_same_seed_same_metrics(tmp_path, reference_run):
+    again = train_smoke(tmp_path / "again", **SMALL)
+    assert without_timing(again.evaluations) == without_timing(reference_run.evaluations)
+    assert (tmp_path / "again" / "model" / "model.safetensors").read_bytes() == \
+        (reference_run.run_dir / "model" / "model.safetensors").read_bytes()
+
+
+def test_different_seed_different_losses(tmp_path, reference_run):
+    other = train_smoke(tmp_path / "other", **SMALL, **{"train.seed": 14})
+    assert [e["train_loss"] for e in other.evaluations] != [e["train_loss"] for e in reference_run.evaluations]
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, reference_run):
+    from drugprot.training import train
+
+    run = tmp_path / "crashed"
+    seen: list[int] = []
+
+    def crash_after_second(metrics, run_dir):
+        seen.append(metrics["eval"])
+        if metrics["eval"] == 2:
+            raise Crash("simulated crash after evaluation 2")
+
+    with pytest.raises(Crash):
+        train(smoke_config(**SMALL), run, report=crash_after_second, progress=False, log=lambda _: None)
+    assert seen == [1, 2]
+    assert len(json.loads((run / "metrics.json").read_text())["evaluations"]) == 2
+
+    resumed_reports: list[int] = []
+    messages: list[str] = []
+    result = train(smoke_config(**SMALL), run, resume=True, progress=False, log=messages.append,
+                   report=lambda metrics, _: resumed_reports.append(metrics["eval"]))
+    assert any("resumed from" in m and "2 evaluations done" in m for m in messages), messages
+    assert resumed_reports == [3, 4]
+    assert without_timing(result.evaluations) == without_timing(reference_run.evaluations)
+    assert without_timing(json.loads((run / "metrics.json").read_text())["evaluations"]) == \
+        without_timing(reference_run.evaluations)
+    # the final training state (weights, optimizer moments, RNG) is the uninterrupted run's, bit for bit
+    from safetensors.torch import load_file
+
+    resumed_state = load_file(str(run / "checkpoint" / "state.safetensors"))
+    reference_state = load_file(str(reference_run.run_dir / "checkpoint" / "state.safetensors"))
+    assert resumed_state.keys() == reference_state.keys()
+    assert all(torch.equal(resumed_state[k], reference_state[k]) for k in reference_state)
+
+
+def test_resume_without_checkpoint_starts_from_scratch(tmp_path, reference_run):
+    messages: list[str] = []
+    from drugprot.training import train
+
+    result = train(smoke_config(**SMALL), tmp_path / "fresh", resume=True, progress=False, log=messages.append)
+    assert any("no checkpoint" in m for m in messages)
+    assert without_timing(result.evaluations) == without_timing(reference_run.evaluations)
+
+
+def test_report_sees_every_evaluation_with_a_consistent_run_dir(tmp_path):
+    from drugprot.training import train
+
+    calls: list[tuple[dict, Path]] = []
+
+    def report(metrics, run_dir):
+        run_dir = Path(run_dir)
+        assert "dev_f1" in metrics and {"dev_precision", "dev_recall", "step", "epoch", "train_loss"} <= set(metrics)
+        assert (run_dir / "model" / "model.safetensors").is_file()
+        on_disk = json.loads((run_dir / "metrics.json").read_text())
+        assert on_disk["evaluations"][-1] == metrics
+        calls.append((metrics, run_dir))
+
+    result = train(smoke_config(**{**SMALL, "train.epochs": 1}), tmp_path / "run", report=report, progress=False,
+                   log=lambda _: None)
+    assert [m for m, _ in calls] == result.evaluations and len(calls) == 2
+    assert all(run_dir == tmp_path / "run" for _, run_dir in calls)
+
+
+# --- configs --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_validates(path):
+    config = load_config(path)
+    assert isinstance(config, RunConfig)
+    if path.name.startswith("paper-") or path.name == "minilm.yaml":
+        assert config.train.eval_every == 0.5 and config.train.epochs == 10
+        assert tuple(config.sampling.interval) == (-10, 16) and config.loss.gamma == 2.0
+        assert config.train.precision == "bf16"
+
+
+def test_paper_configs_follow_the_protocol():
+    biobert = load_config(REPO / "configs" / "paper-biobert.yaml")
+    assert biobert.encoder.name == "dmis-lab/biobert-base-cased-v1.1" and biobert.encoder.max_length == 256
+    assert biobert.train.lr == 2e-5 and str(biobert.data.dir).endswith("data/drugprot")
+    assert load_config(REPO / "configs" / "minilm.yaml").encoder.name == "minilm"
+    assert load_config(REPO / "configs" / "paper-kebiolm.yaml").encoder.name.endswith("kebiolm")
+
+
+BAD_CONFIGS = [
+    ("train:\n  lr: 1.0e-3\n  bogus: 1\n", r"train\.bogus: unknown key"),
+    ("trian:\n  lr: 1.0e-3\n", r"trian: unknown key"),
+    ("train:\n  lr: 0\n", r"train\.lr: Input should be greater than 0, got 0"),
+    ("train:\n  lr: -1.0e-5\n", r"train\.lr: .*got -1e-05"),
+    ("sampling:\n  interval: [2, 16]\n", r"sampling\.interval: must satisfy lo <= 0 <= hi, got \[2, 16\]"),
+    ("model:\n  system: fgemr\n  markers: coarse\n", r"model: system 'fgemr' .* set model\.markers to 'fine'"),
+    ("train:\n  lr: [1.0e-3\n  epochs: 2\n", r"bad\.yaml:3: not valid YAML"),
+    ("- just\n- a list\n", r"bad\.yaml: expected a mapping of sections, got list"),
+]
+
+
+@pytest.mark.parametrize("text, message", BAD_CONFIGS, ids=[m.split(":")[0] for _, m in BAD_CONFIGS])
+def test_bad_config_is_refused_naming_the_key_and_nothing_is_written(tmp_path, capsys, text, message):
+    from drugprot.cli import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(bad)
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(bad), "--out", str(out), "--quiet"]) == 2
+    assert "drugprot train: error:" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_train_revalidates_a_config_that_skipped_validation(tmp_path):
+    from drugprot.training import train
+
+    good = smoke_config()
+    bad = good.model_copy(update={"train": TrainConfig.model_construct(**{**dict(good.train), "lr": -1.0})})
+    with pytest.raises(ConfigError, match=r"train\.lr: .*got -1\.0"):
+        train(bad, tmp_path / "run", progress=False, log=lambda _: None)
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_corpus_is_refused_before_the_run_dir_exists(tmp_path):
+    with pytest.raises((DrugprotError, FileNotFoundError), match="nowhere/training: no such split folder"):
+        train_smoke(tmp_path / "run", **{"data.dir": str(tmp_path / "nowhere")})
+    assert not (tmp_path / "run").exists()
+
+
+def test_non_embedding_parameters_excludes_embeddings():
+    from drugprot.model.encoder import build_encoder
+    from drugprot.training import non_embedding_parameters
+
+    encoder = build_encoder("tiny-random")
+    total = sum(p.numel() for p in encoder.parameters())
+    embeddings = sum(p.numel() for p in encoder.embeddings.parameters())
+    assert non_embedding_parameters(encoder) == total - embeddings > 0
+
+
+def test_train_step_drives_the_throughput_benchmark():
+    """bench/train_throughput.py runs both loops through drugprot.training.train_step on the same pairs."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import train_throughput as bench
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    summary = bench.measure(encoder="tiny-random", pairs=24, device="cpu", max_seconds=30, max_docs=6, log=lambda _: None)
+    plain, ours = summary["rows"]
+    assert plain["pairs"] == ours["pairs"] == summary["pairs"] == 24  # one full pass each, the same pairs
+    assert plain["padding_pct"] > ours["padding_pct"] and ours["useful_tflops"] > 0
+    assert summary["ratio_pairs_per_s"] > 0 and "ratio" in bench.format_table(summary)
+    # the plain pipeline's marker positions point at the markers it tokenized
+    tokenizer = bench.load_bench_tokenizer("tiny-random", None)
+    docs, candidates, _ = bench.select_pairs(REPO / "platform/drugprot/sample_data", "training", tokenizer, 8, 0, 256, 4)
+    s_open, o_open = tokenizer.convert_tokens_to_ids(["[S:CHEMICAL]", "[O:GENE]"])
+    batch = bench.plain_batch(docs, candidates, tokenizer, s_open, o_open)
+    assert batch.input_ids.shape == (8, 256)
+    rows = torch.arange(8)
+    assert (batch.input_ids[rows, batch.subject] == s_open).all() and (batch.input_ids[rows, batch.object] == o_open).all()
+
+
+def test_resume_refuses_a_checkpoint_of_another_architecture(tmp_path, reference_run):
+    from drugprot.training import train
+
+    shutil.copytree(reference_run.run_dir, tmp_path / "run")
+    with pytest.raises(DrugprotError, match=r"checkpoint does not fit this config's model \(missing \['entity_head"):
+        train(smoke_config(**SMALL, **{"model.system": "multitask"}), tmp_path / "run", resume=True, progress=False,
+              log=lambda _: None)
+    assert load_config(tmp_path / "run" / "config.yaml").model.system == "baseline"  # still describes the checkpoint
