@@ -124,7 +124,7 @@ def format_validation_error(source: str, error: ValidationError) -> str:
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             message = "unknown key"
-        elif "input" in item and item["type"] != "missing":
+        elif "input" in item and item["type"] != "missing" and item["loc"]:
             message = f"{message}, got {item['input']!r}"
         lines.append(f"{source}: {key}: {message}")
     return "\n".join(lines)
