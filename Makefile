@@ -10,7 +10,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install test test-fast demo bench clean
+.PHONY: install services test test-fast demo bench clean
 
 install: $(STAMP)
 
@@ -22,7 +22,15 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e ".[test,plots]"
 	touch $(STAMP)
 
-test: $(STAMP)
+# PostgreSQL binaries for the tracking-database tests (the tests start their own server on 127.0.0.1).
+services:
+	@ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing PostgreSQL (Debian package) for the tracking-database tests"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	  else echo "note: PostgreSQL is not installed and this is not root: its tests will be skipped"; fi; }
+
+test: $(STAMP) services
 	$(BIN)/python -m pytest -q --durations=15
 
 test-fast: $(STAMP)

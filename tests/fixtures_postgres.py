@@ -1,0 +1,74 @@
+"""A real PostgreSQL server for tests, from Debian's packages, on 127.0.0.1 in a temporary data folder.
+
+``make test`` installs the ``postgresql`` package when it is missing (CI runs as root); the server itself is
+started here with ``initdb`` + ``pg_ctl`` (as the ``postgres`` user when running as root, since PostgreSQL refuses
+to run as root) and stopped when the session ends. Without the binaries the fixture skips with the install line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+PORTS = os.environ.get("POSTGRES_TEST_PORTS", "5440-5449")
+
+
+def postgres_bin() -> Path | None:
+    candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"), reverse=True)
+    return candidates[0].parent if candidates else None
+
+
+def _free_port() -> int:
+    first, _, last = PORTS.partition("-")
+    for port in range(int(first), int(last) + 1):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {PORTS} for the test PostgreSQL server")
+
+
+@contextlib.contextmanager
+def postgres_server(database: str = "mlflow"):
+    """Yield a SQLAlchemy URI ``postgresql+psycopg://postgres@127.0.0.1:PORT/DATABASE`` of a fresh server."""
+    bin_dir = postgres_bin()
+    if bin_dir is None:
+        pytest.skip("PostgreSQL binaries not found: apt-get install -y postgresql (make test does this as root)")
+    root = Path(tempfile.mkdtemp(prefix="drugprot-pg-"))
+    as_user: list[str] = []
+    if os.geteuid() == 0:
+        user = pwd.getpwnam("postgres")
+        os.chown(root, user.pw_uid, user.pw_gid)
+        as_user = ["runuser", "-u", "postgres", "--"]
+    data, port = root / "data", _free_port()
+    log = root / "server.log"
+
+    def run(*command: str) -> None:
+        subprocess.run([*as_user, *command], check=True, capture_output=True, timeout=120)
+
+    try:
+        run(str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8")
+        run(str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "60", "start",
+            "-o", f"-h 127.0.0.1 -p {port} -k {root} -c fsync=off")
+        run(str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", database)
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/{database}"
+    finally:
+        subprocess.run([*as_user, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"],
+                       capture_output=True, timeout=60)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def postgres_uri():
+    with postgres_server() as uri:
+        yield uri
