@@ -60,7 +60,8 @@ class PairEncoder:
     """Turns candidates into marked token ids; holds the tokenizer and the marker ids."""
 
     def __init__(self, tokenizer, *, max_length: int = 256, markers: str = "coarse"):
-        missing = [m for m in MARKERS if m not in tokenizer.get_vocab()]
+        vocabulary = tokenizer.get_vocab()  # builds a dict of the whole vocabulary: once, not per marker
+        missing = [m for m in MARKERS if m not in vocabulary]
         if missing:
             raise ValueError(f"tokenizer lacks marker tokens {missing}: call add_marker_tokens first")
         self.tokenizer = tokenizer

@@ -1,0 +1,134 @@
+"""``drugprot serve``: run the relation-extraction HTTP application on Ray Serve until SIGTERM or SIGINT.
+
+Without ``--address`` a private single-node Ray is started (and stopped on exit); with ``--address`` the app is
+deployed onto that cluster and deleted again on exit (Serve and the cluster keep running).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+
+def register(commands) -> None:
+    parser = commands.add_parser("serve", help="Serve the model over HTTP (Ray Serve) until SIGTERM/SIGINT.",
+                                 description="Serve POST /v1/relations, GET /v1/model, /healthz and /readyz on Ray "
+                                             "Serve. The bearer token, when wanted, comes from the environment "
+                                             "variable DRUGPROT_API_TOKEN of the replicas.")
+    parser.add_argument("--model", required=True, help="model folder, ensemble folder, or models:/NAME@ALIAS")
+    parser.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    scale = parser.add_mutually_exclusive_group()
+    scale.add_argument("--replicas", type=int, help="fixed number of replicas (default 1)")
+    scale.add_argument("--autoscale", metavar="MIN:MAX", help="Serve autoscaling between MIN and MAX replicas")
+    parser.add_argument("--gpus-per-replica", type=float, default=0.0, help="GPUs per replica (> 0: CUDA, bf16)")
+    parser.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs per replica (torch threads)")
+    parser.add_argument("--max-batch-pairs", type=int, default=64,
+                        help="candidate pairs from concurrent requests per model call (1 = no batching)")
+    parser.add_argument("--batch-wait-ms", type=float, default=5.0, help="longest wait for a batch to fill")
+    parser.add_argument("--max-queued-requests", type=int, default=64, help="requests queued beyond capacity before 503")
+    parser.add_argument("--tracking-uri", help="MLflow tracking/registry URI for models:/ URIs")
+    parser.add_argument("--address", help="existing Ray cluster (e.g. ray://HEAD:10001 or HEAD:6379); "
+                                          "default: start a private local Ray")
+    parser.add_argument("--name", default="drugprot", help="Serve application name")
+    parser.add_argument("--route-prefix", default="/", help="HTTP route prefix of the application")
+    parser.add_argument("--require-token", action="store_true", help="refuse to start without DRUGPROT_API_TOKEN")
+    parser.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for the model to load")
+    parser.set_defaults(handler=_serve)
+
+
+def serve_options(args) -> dict:
+    options = {
+        "model": args.model,
+        "tracking_uri": args.tracking_uri,
+        "replicas": args.replicas,
+        "autoscale": args.autoscale,
+        "num_cpus": args.cpus_per_replica,
+        "gpus_per_replica": args.gpus_per_replica,
+        "max_batch_pairs": args.max_batch_pairs,
+        "batch_wait_ms": args.batch_wait_ms,
+        "max_queued_requests": args.max_queued_requests,
+        "require_token": args.require_token,
+    }
+    return {key: value for key, value in options.items() if value is not None}
+
+
+def _serve(args) -> int:
+    from drugprot.errors import DrugprotError
+    from drugprot.serving.options import parse_options
+
+    options = parse_options(serve_options(args), source="drugprot serve")
+    if args.address is None and not options.model.startswith("models:/") and not Path(options.model).exists():
+        raise DrugprotError(f"--model {options.model}: no such folder (train one with `drugprot train`, or give "
+                            f"models:/NAME@ALIAS)")
+    stop = threading.Event()
+    import ray
+    from ray import serve
+
+    from drugprot.serving import build_app
+    from drugprot.serving.local import start_local_ray
+
+    local, folder, clean, chosen = args.address is None, None, False, None
+    if local:
+        chosen = os.environ.get("RAY_TMPDIR")
+        folder = start_local_ray()
+        print(f"drugprot serve: started a local Ray (temporary folder {folder})", file=sys.stderr, flush=True)
+    else:
+        ray.init(address=args.address, log_to_driver=False)
+    # Ray installs its own SIGTERM handler in ray.init; ours replaces it so both signals stop cleanly.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    deployed = False
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        try:
+            serve.run(build_app(options), name=args.name, route_prefix=args.route_prefix)
+        except RuntimeError as error:
+            raise DrugprotError(f"deploying the application failed: {error}") from None
+        deployed = True
+        base = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}{args.route_prefix.rstrip('/')}"
+        if not _wait_ready(f"{base}/readyz", args.ready_timeout, stop):
+            if stop.is_set():
+                clean = True
+                return 0
+            raise DrugprotError(f"the application did not become ready within {args.ready_timeout:.0f} s "
+                                f"(GET {base}/readyz); see the replica logs under the Ray session folder")
+        print(f"drugprot serve: ready at {base}/v1/relations (model {options.model}); "
+              f"SIGTERM or Ctrl-C stops it", file=sys.stderr, flush=True)
+        while not stop.wait(1.0):
+            pass
+        print("drugprot serve: stopping", file=sys.stderr, flush=True)
+        clean = True
+        return 0
+    finally:
+        try:
+            if local:
+                serve.shutdown()
+            elif deployed:
+                serve.delete(args.name)
+        finally:
+            ray.shutdown()
+        if folder is not None and clean and not chosen:
+            shutil.rmtree(folder, ignore_errors=True)  # Ray's logs stay behind only when something went wrong
+        elif folder is not None:
+            print(f"drugprot serve: Ray logs kept in {folder}", file=sys.stderr, flush=True)
+        print("drugprot serve: stopped", file=sys.stderr, flush=True)
+
+
+def _wait_ready(url: str, timeout: float, stop: threading.Event) -> bool:
+    import requests
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not stop.is_set():
+        try:
+            if requests.get(url, timeout=5).status_code == 200:
+                return True
+        except requests.RequestException:
+            pass
+        stop.wait(0.5)
+    return False

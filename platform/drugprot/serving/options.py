@@ -1,0 +1,139 @@
+"""Serving options: the one typed set of arguments behind ``drugprot serve``, ``serve/*.yaml`` and the builder.
+
+``build_app(args)`` validates a plain dict against :class:`ServeOptions` (unknown keys are refused, each problem is
+reported as ``serve args: KEY: what was wrong, got VALUE``). This module imports neither Ray nor torch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from drugprot.errors import DrugprotError
+
+
+class Limits(BaseModel):
+    """Per-request limits; a request over any of them is refused with 413 before it reaches the model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_documents: int = Field(64, ge=1, le=10_000, description="Documents in one request.")
+    max_characters: int = Field(200_000, ge=1, le=50_000_000, description="Characters of text, summed over documents.")
+    max_entities: int = Field(5_000, ge=1, le=1_000_000, description="Entities, summed over documents.")
+    max_pairs: int = Field(4_096, ge=1, le=1_000_000, description="Candidate CHEMICAL-GENE pairs, summed over documents.")
+    max_body_bytes: int = Field(2_000_000, ge=1_024, le=512_000_000, description="Size of the request body in bytes.")
+
+
+class ServeOptions(BaseModel):
+    """Everything one application needs: the model, replicas, resources, batching, limits, auth and warm-up."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(..., min_length=1, description="Model folder, ensemble folder, or registry URI models:/NAME@ALIAS.")
+    tracking_uri: str | None = Field(None, description="MLflow tracking/registry URI for models:/ URIs "
+                                                       "(default: MLFLOW_TRACKING_URI in the replica's environment).")
+    replicas: int | None = Field(None, ge=1, le=1_000, description="Fixed number of replicas (default 1).")
+    autoscale: str | None = Field(None, description="'MIN:MAX' replicas for Serve autoscaling; excludes 'replicas'.")
+    num_cpus: float = Field(1.0, gt=0, le=256, description="CPUs per replica; torch uses floor(num_cpus) threads (at least 1).")
+    gpus_per_replica: float = Field(0.0, ge=0, le=16, description="GPUs per replica; > 0 runs on CUDA in bf16, else CPU fp32.")
+    max_batch_pairs: int = Field(64, ge=1, le=65_536, description="Candidate pairs combined from concurrent requests into "
+                                                                  "one model call; 1 disables cross-request batching.")
+    batch_wait_ms: float = Field(5.0, ge=0, le=10_000, description="How long the first request of a batch waits for company.")
+    max_ongoing_requests: int | None = Field(None, ge=1, le=100_000, description="Requests a replica works on at once "
+                                             "(default: max_batch_pairs, so even one-pair requests can fill a batch).")
+    max_queued_requests: int = Field(64, ge=-1, le=1_000_000, description="Requests waiting at the proxy beyond the "
+                                     "replicas' capacity; more are refused with 503 at once (-1: unbounded).")
+    target_ongoing_requests: float | None = Field(None, gt=0, le=100_000, description="With autoscale: requests per "
+                                                  "replica Serve aims for (default: max(2, max_batch_pairs / 8)).")
+    limits: Limits = Field(default_factory=Limits)
+    token_env: str | None = Field("DRUGPROT_API_TOKEN", description="Environment variable (read in each replica) holding "
+                                  "the bearer token; unset or empty variable = no authentication; null = never.")
+    require_token: bool = Field(False, description="Refuse to start when token_env is not set in the replica.")
+    warmup_rounds: int = Field(2, ge=0, le=100_000, description="Synthetic batches run before /readyz turns ready.")
+
+    @field_validator("autoscale")
+    @classmethod
+    def _autoscale_form(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        low, high = parse_autoscale(value)
+        return f"{low}:{high}"
+
+    @model_validator(mode="after")
+    def _replicas_or_autoscale(self) -> ServeOptions:
+        if self.replicas is not None and self.autoscale is not None:
+            raise ValueError("give either replicas or autoscale, not both")
+        if self.max_queued_requests == 0:
+            raise ValueError("max_queued_requests: must be -1 (unbounded) or at least 1, got 0")
+        return self
+
+    @property
+    def ongoing_requests(self) -> int:
+        return self.max_ongoing_requests or self.max_batch_pairs
+
+    @property
+    def torch_threads(self) -> int:
+        return max(1, math.floor(self.num_cpus))
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.gpus_per_replica > 0 else "cpu"
+
+    def deployment_options(self) -> dict[str, Any]:
+        """Keyword arguments for ``Deployment.options``: replicas or autoscaling, resources, admission limits."""
+        options: dict[str, Any] = {
+            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.gpus_per_replica},
+            "max_ongoing_requests": self.ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
+            "health_check_period_s": 5.0,
+            "graceful_shutdown_timeout_s": 20.0,
+            "max_constructor_retry_count": 3,
+        }
+        if self.autoscale is not None:
+            low, high = parse_autoscale(self.autoscale)
+            options["num_replicas"] = "auto"
+            options["autoscaling_config"] = {
+                "min_replicas": low,
+                "initial_replicas": max(low, 1),
+                "max_replicas": high,
+                # a dozen-pair document per request: about two batches' worth of requests per replica
+                "target_ongoing_requests": self.target_ongoing_requests or max(2, self.max_batch_pairs // 8),
+            }
+        else:
+            options["num_replicas"] = self.replicas or 1
+        return options
+
+
+def parse_autoscale(value: str) -> tuple[int, int]:
+    """'MIN:MAX' → (MIN, MAX) with 0 <= MIN <= MAX and MAX >= 1."""
+    parts = str(value).split(":")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        low, high = int(parts[0]), int(parts[1])
+    except ValueError:
+        raise ValueError(f"autoscale must look like MIN:MAX (e.g. 1:4), got {value!r}") from None
+    if not 0 <= low <= high or high < 1:
+        raise ValueError(f"autoscale MIN:MAX needs 0 <= MIN <= MAX and MAX >= 1, got {value!r}")
+    return low, high
+
+
+def parse_options(args: dict[str, Any] | ServeOptions | None, *, source: str = "serve args") -> ServeOptions:
+    """Validate builder arguments; one line per problem, naming the key and the value found."""
+    if isinstance(args, ServeOptions):
+        return args
+    try:
+        return ServeOptions.model_validate(dict(args or {}))
+    except ValidationError as error:
+        lines = []
+        for problem in error.errors():
+            key = ".".join(str(part) for part in problem["loc"])
+            message = problem["msg"].removeprefix("Value error, ")
+            if not key:
+                lines.append(f"{source}: {message}")
+                continue
+            found = f", got {problem['input']!r}" if problem.get("type") != "missing" and "input" in problem else ""
+            lines.append(f"{source}: {key}: {message}{found}")
+        raise DrugprotError("\n".join(lines)) from None

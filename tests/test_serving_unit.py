@@ -1,0 +1,679 @@
+"""Serving without a cluster: options, YAML configs, the pair batcher, the service and its FastAPI app, the Serve
+deployment class called directly, and a bounded fuzz of request bodies. Real Serve over HTTP is in test_serving.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from fastapi.testclient import TestClient
+from fixtures_models import smoke_members, smoke_model_dir  # noqa: F401 - fixtures
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from drugprot.candidates import document_candidates
+from drugprot.config import SAMPLE_DIR
+from drugprot.corpus import read_split
+from drugprot.errors import DrugprotError
+from drugprot.inference import Predictor
+from drugprot.model.artifacts import load_artifact, save_artifact
+from drugprot.serving.api import create_api, resolve_token
+from drugprot.serving.batching import Job, PairBatcher, plan_batch, run_jobs
+from drugprot.serving.options import ServeOptions, parse_options
+from drugprot.serving.service import RelationService, warmup_document
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---- tiny models that actually predict relations ------------------------------------------------------------
+def opinionated_member(source: Path, out: Path) -> Path:
+    """A copy of a smoke member whose head is sharpened ×10 and re-centred on the development sample, so it predicts
+    every label with clear margins (the 1-epoch smoke models predict NONE everywhere). A real, verified artifact."""
+    member = load_artifact(source)
+    documents = read_split(SAMPLE_DIR, "development").documents
+    head = member.model.classifier
+    with torch.no_grad():
+        head.weight.mul_(10.0)
+        head.bias.mul_(10.0)
+        predictor = Predictor([member], vote="soft", device="cpu")
+        log_p = predictor.member_probabilities(documents, predictor.candidates(documents))[0].clamp_min(1e-30).log()
+        head.bias.sub_(log_p.mean(0))
+    info = {k: v for k, v in member.info.items() if k != "format_version"}
+    return save_artifact(out, model=member.model, tokenizer=member.tokenizer, info=info)
+
+
+@pytest.fixture(scope="session")
+def relation_members(smoke_members, tmp_path_factory) -> list[Path]:  # noqa: F811
+    root = tmp_path_factory.mktemp("opinionated")
+    return [opinionated_member(path, root / f"member-{i}") for i, path in enumerate(smoke_members)]
+
+
+@pytest.fixture(scope="module")
+def dev_documents():
+    return read_split(SAMPLE_DIR, "development").documents
+
+
+def document_json(doc, *, form: str = "title") -> dict:
+    entities = [{"id": e.id, "type": e.type, "start": e.start, "end": e.end, "text": e.text} for e in doc.entities.values()]
+    if form == "text":
+        return {"id": doc.pmid, "text": doc.text, "entities": entities}
+    return {"id": doc.pmid, "title": doc.title, "abstract": doc.abstract, "entities": entities}
+
+
+def expected(predictor, documents, **kwargs) -> dict[str, list[tuple]]:
+    """``Predictor.predict`` as the HTTP answer would show it: per document id, (chemical, gene, type, score, votes)."""
+    predictions = predictor.predict(documents, **kwargs)
+    return {d.pmid: [(r.chemical, r.gene, r.type, r.score, list(r.votes)) for r in rel] for d, rel in zip(documents, predictions)}
+
+
+def answered(body: dict) -> dict[str, list[tuple]]:
+    return {d["id"]: [(r["chemical"], r["gene"], r["type"], r["score"], r["votes"]) for r in d["relations"]]
+            for d in body["documents"]}
+
+
+def service_for(predictor, **options) -> RelationService:
+    service = RelationService(predictor, parse_options({"model": "(in-process)", "warmup_rounds": 1, **options}))
+    service.start_warmup().result(timeout=120)
+    return service
+
+
+@pytest.fixture(scope="module")
+def ensemble(relation_members) -> Predictor:
+    """Three opinionated members, soft voting: scores are real probabilities, votes differ between members."""
+    return Predictor([load_artifact(p) for p in relation_members], vote="soft", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def client(ensemble):
+    service = service_for(ensemble, limits={"max_documents": 20, "max_characters": 40_000, "max_entities": 400,
+                                            "max_pairs": 300, "max_body_bytes": 200_000})
+    with TestClient(create_api(service)) as test_client:
+        test_client.service = service
+        yield test_client
+
+
+# ---- options and configs --------------------------------------------------------------------------------------
+def test_options_map_onto_deployment_options():
+    fixed = parse_options({"model": "m", "replicas": 3, "gpus_per_replica": 0.5, "max_batch_pairs": 32}).deployment_options()
+    assert fixed["num_replicas"] == 3 and "autoscaling_config" not in fixed
+    assert fixed["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 0.5}
+    assert fixed["max_ongoing_requests"] == 32  # >= the batch size, so one-pair requests can still fill a batch
+    assert fixed["max_queued_requests"] == 64
+    auto = parse_options({"model": "m", "autoscale": "1:4"}).deployment_options()
+    assert auto["num_replicas"] == "auto"
+    assert auto["autoscaling_config"]["min_replicas"] == 1 and auto["autoscaling_config"]["max_replicas"] == 4
+    assert auto["autoscaling_config"]["target_ongoing_requests"] == 8  # 64 pairs / 8
+    unbatched = parse_options({"model": "m", "max_batch_pairs": 1})
+    assert unbatched.deployment_options()["max_ongoing_requests"] == 1
+    assert parse_options({"model": "m", "gpus_per_replica": 1}).device == "cuda"
+    assert parse_options({"model": "m", "num_cpus": 0.5}).torch_threads == 1
+    assert parse_options({"model": "m", "num_cpus": 3.5}).torch_threads == 3
+
+
+@pytest.mark.parametrize("args, message", [
+    ({}, r"serve args: model: Field required"),
+    ({"model": "m", "replica": 2}, r"serve args: replica: Extra inputs are not permitted, got 2"),
+    ({"model": "m", "replicas": 2, "autoscale": "1:3"}, r"serve args: give either replicas or autoscale, not both"),
+    ({"model": "m", "autoscale": "4"}, r"autoscale must look like MIN:MAX \(e.g. 1:4\), got '4'"),
+    ({"model": "m", "autoscale": "3:1"}, r"needs 0 <= MIN <= MAX and MAX >= 1, got '3:1'"),
+    ({"model": "m", "max_batch_pairs": 0}, r"serve args: max_batch_pairs: Input should be greater than or equal to 1, got 0"),
+    ({"model": "m", "limits": {"max_pairs": -1}}, r"serve args: limits.max_pairs: Input should be greater than or equal to 1"),
+    ({"model": "m", "max_queued_requests": 0}, r"max_queued_requests: must be -1 \(unbounded\) or at least 1, got 0"),
+])
+def test_options_errors_name_key_and_value(args, message):
+    with pytest.raises(DrugprotError, match=message):
+        parse_options(args)
+
+
+@pytest.mark.parametrize("name", ["local.yaml", "cluster.yaml"])
+def test_serve_configs_import_the_builder_with_valid_args(name):
+    from ray.serve import Application
+    from ray.serve.schema import ServeDeploySchema
+
+    from drugprot.serving import build_app
+
+    config = ServeDeploySchema.model_validate(yaml.safe_load((REPO / "serve" / name).read_text()))
+    (application,) = config.applications
+    assert application.import_path == "drugprot.serving:build_app"
+    options = parse_options(application.args)
+    assert isinstance(build_app(application.args), Application)
+    if name == "local.yaml":
+        assert config.http_options.host == "127.0.0.1"
+        assert options.replicas == 1
+    else:
+        assert options.autoscale == "1:4" and options.gpus_per_replica == 1 and options.require_token
+
+
+def test_cli_serve_is_registered_and_maps_flags():
+    from drugprot.cli import build_parser
+    from drugprot.cli.serve import serve_options
+
+    args = build_parser().parse_args(["serve", "--model", "m", "--autoscale", "1:3", "--gpus-per-replica", "0.5",
+                                      "--max-batch-pairs", "16", "--batch-wait-ms", "2"])
+    options = parse_options(serve_options(args))
+    assert (options.autoscale, options.gpus_per_replica, options.max_batch_pairs, options.batch_wait_ms) == ("1:3", 0.5, 16, 2.0)
+    assert (args.host, args.port) == ("127.0.0.1", 8000)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--model", "m", "--replicas", "2", "--autoscale", "1:3"])
+
+
+def test_cli_serve_refuses_a_missing_model_folder_before_starting_ray(tmp_path, capsys):
+    from drugprot.cli import main
+
+    assert main(["serve", "--model", str(tmp_path / "nowhere")]) == 2
+    assert f"--model {tmp_path / 'nowhere'}: no such folder" in capsys.readouterr().err
+
+
+# ---- the batcher without a framework --------------------------------------------------------------------------
+@pytest.mark.parametrize("sizes, budget, taken", [
+    ([], 8, 0), ([3], 8, 1), ([3, 5], 8, 2), ([3, 5, 1], 8, 2), ([20, 1], 8, 1), ([1] * 10, 4, 4), ([4, 4, 4], 8, 2),
+])
+def test_plan_batch_takes_the_fifo_prefix_that_fits(sizes, budget, taken):
+    assert plan_batch(sizes, budget) == taken
+
+
+class Item:
+    def __init__(self, name: str, pairs: int):
+        self.name, self.pairs = name, pairs
+
+
+class Gate:
+    """A batch function that records its batches and can hold the first one until released."""
+
+    def __init__(self, hold_first: bool = False, fail_on: str | None = None):
+        self.batches: list[list[str]] = []
+        self.started = threading.Event()
+        self.release = threading.Event()
+        if not hold_first:
+            self.release.set()
+        self.fail_on = fail_on
+
+    def __call__(self, items):
+        self.started.set()
+        self.release.wait(10)
+        names = [i.name for i in items]
+        self.batches.append(names)
+        if self.fail_on in names:
+            raise ValueError(f"cannot score {self.fail_on}")
+        return [f"result:{name}" for name in names]
+
+
+async def until(condition, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached")
+        await asyncio.sleep(0.001)
+
+
+def test_batcher_fills_batches_from_concurrent_callers_while_one_runs():
+    async def scenario():
+        gate = Gate(hold_first=True)
+        batcher = PairBatcher(gate, max_pairs=8, wait_s=0.0)
+        first = asyncio.create_task(batcher.submit(Item("a", 3)))
+        await until(gate.started.is_set)
+        rest = [asyncio.create_task(batcher.submit(Item(name, pairs))) for name, pairs in
+                [("b", 3), ("c", 5), ("d", 20), ("e", 1)]]
+        await until(lambda: batcher.queued == 4)
+        gate.release.set()
+        results = await asyncio.gather(first, *rest)
+        await batcher.close()
+        return gate.batches, results, batcher.stats
+
+    batches, results, stats = asyncio.run(scenario())
+    assert batches == [["a"], ["b", "c"], ["d"], ["e"]]  # budget 8, FIFO, an oversized item runs alone
+    assert results == ["result:a", "result:b", "result:c", "result:d", "result:e"]
+    assert (stats.batches, stats.items, stats.pairs, stats.largest_pairs) == (4, 5, 32, 20)
+
+
+def test_batcher_waits_at_most_wait_s_for_company():
+    async def scenario():
+        gate = Gate()
+        batcher = PairBatcher(gate, max_pairs=100, wait_s=0.05)
+        started = time.monotonic()
+        one = await batcher.submit(Item("alone", 1))
+        elapsed = time.monotonic() - started
+        together = await asyncio.gather(*(batcher.submit(Item(f"x{i}", 1)) for i in range(5)))
+        await batcher.close()
+        return one, elapsed, together, gate.batches
+
+    one, elapsed, together, batches = asyncio.run(scenario())
+    assert one == "result:alone" and 0.04 <= elapsed < 2.0
+    assert batches[1] == [f"x{i}" for i in range(5)] and len(together) == 5
+
+
+def test_batcher_waits_only_while_requests_are_on_their_way():
+    async def scenario(on_the_way: int):
+        gate = Gate()
+        batcher = PairBatcher(gate, max_pairs=100, wait_s=0.5, announced=lambda: on_the_way)
+        started = time.monotonic()
+        await batcher.submit(Item("lone", 1))
+        await batcher.close()
+        return time.monotonic() - started
+
+    assert asyncio.run(scenario(0)) < 0.25  # nobody coming: no wait
+    assert asyncio.run(scenario(1)) >= 0.45  # someone coming (who never arrives): waits wait_s, no longer
+
+
+def test_arrivals_are_counted_until_queued_or_answered(client):
+    service = client.service
+    assert service._preparing == 0
+    assert client.post("/v1/relations", json={"documents": [one_doc()]}).status_code == 200
+    assert client.post("/v1/relations", content=b"{", headers={"content-type": "application/json"}).status_code == 422
+    assert client.post("/v1/relations", json={"documents": many_docs(21)}).status_code == 413
+    assert service._preparing == 0
+
+
+def test_batcher_reports_a_failed_batch_to_its_callers_and_goes_on():
+    async def scenario():
+        gate = Gate(hold_first=True, fail_on="bad")
+        batcher = PairBatcher(gate, max_pairs=10, wait_s=0.0)
+        first = asyncio.create_task(batcher.submit(Item("first", 1)))
+        await until(gate.started.is_set)
+        pair = [asyncio.create_task(batcher.submit(Item(n, 1))) for n in ("ok", "bad")]
+        await until(lambda: batcher.queued == 2)
+        gate.release.set()
+        outcomes = await asyncio.gather(first, *pair, return_exceptions=True)
+        after = await batcher.submit(Item("later", 1))
+        await batcher.close()
+        return outcomes, after, batcher.stats.failed_batches
+
+    outcomes, after, failed = asyncio.run(scenario())
+    assert outcomes[0] == "result:first"
+    assert all(isinstance(o, ValueError) and "cannot score bad" in str(o) for o in outcomes[1:])
+    assert after == "result:later" and failed == 1
+
+
+def test_batcher_drops_callers_that_gave_up_and_checks_result_length():
+    async def scenario():
+        gate = Gate(hold_first=True)
+        batcher = PairBatcher(gate, max_pairs=10, wait_s=0.0)
+        first = asyncio.create_task(batcher.submit(Item("first", 1)))
+        await until(gate.started.is_set)
+        gone = asyncio.create_task(batcher.submit(Item("gone", 1)))
+        kept = asyncio.create_task(batcher.submit(Item("kept", 1)))
+        await until(lambda: batcher.queued == 2)
+        gone.cancel()
+        gate.release.set()
+        await asyncio.gather(first, kept)
+        short = PairBatcher(lambda items: [], max_pairs=10, wait_s=0.0)
+        with pytest.raises(RuntimeError, match="returned 0 results for 1 items"):
+            await short.submit(Item("x", 1))
+        await short.close()
+        await batcher.close()
+        with pytest.raises(RuntimeError, match="shut down"):
+            await batcher.submit(Item("late", 1))
+        return gate.batches, batcher.stats.cancelled
+
+    batches, cancelled = asyncio.run(scenario())
+    assert batches == [["first"], ["kept"]] and cancelled == 1
+
+
+def test_batcher_refuses_bad_settings():
+    with pytest.raises(ValueError, match="max_pairs must be at least 1, got 0"):
+        PairBatcher(lambda items: items, max_pairs=0, wait_s=0)
+    with pytest.raises(ValueError, match="wait_s must be >= 0, got -1"):
+        PairBatcher(lambda items: items, max_pairs=1, wait_s=-1)
+
+
+# ---- the one inference path, batched -------------------------------------------------------------------------
+def test_a_job_alone_is_exactly_predict(ensemble, dev_documents):
+    candidates = ensemble.candidates(dev_documents)
+    (alone,) = run_jobs(ensemble, [Job(dev_documents, candidates)])
+    assert torch.equal(alone, ensemble.member_probabilities(dev_documents, candidates))
+
+
+def test_jobs_batched_together_match_predict_up_to_float_rounding(ensemble, dev_documents):
+    jobs = []
+    for i, doc in enumerate(dev_documents):
+        keyed = [type(doc)(f"job{i}", doc.title, doc.abstract, doc.entities)]
+        jobs.append(Job(keyed, ensemble.candidates(keyed)))
+    batched = run_jobs(ensemble, jobs)
+    for doc, job, probabilities in zip(dev_documents, jobs, batched):
+        alone = ensemble.member_probabilities([doc], ensemble.candidates([doc]))
+        assert probabilities.shape == alone.shape
+        assert torch.allclose(probabilities, alone, atol=1e-5, rtol=0)
+        assert torch.equal(probabilities.mean(0).argmax(-1), alone.mean(0).argmax(-1))
+    with pytest.raises(ValueError, match="document keys must be unique"):
+        run_jobs(ensemble, [jobs[0], jobs[0]])
+
+
+def test_warmup_document_has_offsets_that_match_its_text():
+    document = warmup_document("w")
+    assert len(document.entities) == 12
+    assert all(document.text[e.start:e.end] == e.text for e in document.entities.values())
+    assert len(document_candidates(document)) == 32
+
+
+# ---- the HTTP app (FastAPI TestClient, no Serve) -------------------------------------------------------------
+def test_one_request_with_the_development_sample_equals_predict(client, ensemble, dev_documents):
+    response = client.post("/v1/relations", json={"documents": [document_json(d) for d in dev_documents]})
+    assert response.status_code == 200
+    got = answered(response.json())
+    want = expected(ensemble, dev_documents)
+    assert got == want  # labels, scores (mean probabilities, 6 decimals) and every member's vote, exactly
+    assert sum(len(v) for v in want.values()) > 20 and len({r[2] for v in want.values() for r in v}) > 5
+    assert [d["candidates"] for d in response.json()["documents"]] == [len(ensemble.candidates([d])) for d in dev_documents]
+
+
+def test_text_form_interval_and_threshold(client, ensemble, dev_documents):
+    docs = dev_documents[:3]
+    by_title = client.post("/v1/relations", json={"documents": [document_json(d) for d in docs]}).json()
+    by_text = client.post("/v1/relations", json={"documents": [document_json(d, form="text") for d in docs]}).json()
+    assert answered(by_text) == answered(by_title)
+    narrow = client.post("/v1/relations", json={"documents": [document_json(d) for d in docs], "interval": [0, 0],
+                                                "threshold": 0.4}).json()
+    assert answered(narrow) == expected(ensemble, docs, interval=(0, 0), threshold=0.4)
+    assert all(r[3] >= 0.4 for rels in answered(narrow).values() for r in rels)
+
+
+def test_concurrent_requests_share_batches_and_match_predict(ensemble, dev_documents):
+    service = service_for(ensemble, max_batch_pairs=64, batch_wait_ms=20)
+    from drugprot.serving.schemas import RelationsRequest
+
+    async def scenario():
+        requests = [RelationsRequest.model_validate({"documents": [document_json(d)]}) for d in dev_documents]
+        return await asyncio.gather(*(service.relations(r) for r in requests))
+
+    responses = asyncio.run(scenario())
+    want = expected(ensemble, dev_documents)
+    for doc, response in zip(dev_documents, responses):
+        (got,) = response.documents
+        assert [(r.chemical, r.gene, r.type) for r in got.relations] == [w[:3] for w in want[doc.pmid]]
+        assert all(abs(r.score - w[3]) <= 2e-6 for r, w in zip(got.relations, want[doc.pmid]))
+    stats = service.batcher.stats
+    assert stats.items == len(dev_documents) and stats.batches < len(dev_documents)  # requests shared batches
+    assert stats.largest_pairs <= 64 or stats.batches == stats.items
+
+
+def one_doc(**overrides) -> dict:
+    doc = {"id": "d1", "text": "Aspirin inhibits COX-1 strongly.",
+           "entities": [{"id": "T1", "type": "CHEMICAL", "start": 0, "end": 7, "text": "Aspirin"},
+                        {"id": "T2", "type": "GENE-Y", "start": 17, "end": 22, "text": "COX-1"}]}
+    doc.update(overrides)
+    return doc
+
+
+def entity(**overrides) -> dict:
+    return {"id": "T9", "type": "CHEMICAL", "start": 0, "end": 7, **overrides}
+
+
+INVALID = [
+    ("malformed JSON", b'{"documents": [', r"^request body: malformed JSON"),
+    ("invalid UTF-8", b'{"documents": "\x80"}', r"^request body: malformed JSON \(not valid UTF-8 text\)$"),
+    ("not an object", b"[1, 2]", r'^request body: expected a JSON object \{"documents": \[...\]\}, got JSON list'),
+    ("empty body", b"", r"^request body: expected a JSON object"),
+    ("no documents", {"docs": []}, r"^documents: Field required"),
+    ("empty documents", {"documents": []}, r"^documents: List should have at least 1 item"),
+    ("missing id", {"documents": [{"text": "x"}]}, r"^documents\[0\]: id: Field required"),
+    ("missing entity field", {"documents": [one_doc(entities=[{"id": "T1", "type": "CHEMICAL", "start": 0}])]},
+     r"^documents\[0\] \(id 'd1'\): entities\[0\]\.end: Field required"),
+    ("unknown type", {"documents": [one_doc(entities=[entity(type="DRUG")])]},
+     r"^documents\[0\] \(id 'd1'\): entities\[0\]\.type: Input should be 'CHEMICAL', 'GENE', 'GENE-Y' or 'GENE-N'"),
+    ("offsets outside", {"documents": [one_doc(entities=[entity(start=20, end=99)])]},
+     r"^documents\[0\] \(id 'd1'\): entities\[0\] \(id 'T9'\): offsets 20-99 lie outside the text \(length 32\)"),
+    ("negative start", {"documents": [one_doc(entities=[entity(start=-1)])]},
+     r"^documents\[0\] \(id 'd1'\): entities\[0\]\.start: Input should be greater than or equal to 0"),
+    ("end before start", {"documents": [one_doc(entities=[entity(start=5, end=3)])]},
+     r"entities\[0\] \(id 'T9'\): end 3 must be greater than start 5"),
+    ("text mismatch", {"documents": [one_doc(entities=[entity(text="Aspirim")])]},
+     r"^documents\[0\] \(id 'd1'\): entities\[0\] \(id 'T9'\): text 'Aspirim' does not match the text at 0-7 \('Aspirin'\)"),
+    ("duplicate entity ids", {"documents": [one_doc(entities=[entity(id="T1"), entity(id="T1", start=17, end=22)])]},
+     r"^documents\[0\] \(id 'd1'\): entities\[1\] \(id 'T1'\): duplicate entity id \(also entities\[0\]\)"),
+    ("duplicate document ids", {"documents": [one_doc(), one_doc()]},
+     r"^documents\[1\] \(id 'd1'\): duplicate document id \(also documents\[0\]\)"),
+    ("text and title", {"documents": [one_doc(title="t", abstract="a")]},
+     r"^documents\[0\] \(id 'd1'\): give either text, or title and abstract, not both"),
+    ("no text", {"documents": [{"id": "d1", "title": "t"}]},
+     r"^documents\[0\] \(id 'd1'\): give text, or title and abstract \(abstract missing\)"),
+    ("unknown field", {"documents": [one_doc(pmid="1")]}, r"^documents\[0\] \(id 'd1'\): pmid: Extra inputs are not permitted"),
+    ("interval out of bounds", {"documents": [one_doc()], "interval": [-80, 3]},
+     r"^interval: Value error, needs -50 <= LO <= HI <= 50, got \[-80, 3\]|^interval: needs -50 <= LO <= HI <= 50"),
+    ("threshold above 1", {"documents": [one_doc()], "threshold": 1.5}, r"^threshold: Input should be less than or equal to 1"),
+    ("NaN threshold", b'{"documents": [{"id": "a", "text": "x"}], "threshold": NaN}', r"^threshold: Input should be a finite number"),
+    ("unpaired surrogate", b'{"documents": [{"id": "a", "text": "\\ud800"}]}',
+     r"^documents\[0\] \(id 'a'\): text: text is not valid Unicode \(unpaired surrogate at character 0\)"),
+]
+
+
+@pytest.mark.parametrize("case, body, message", INVALID, ids=[case for case, _, _ in INVALID])
+def test_invalid_requests_get_422_naming_document_and_field(client, case, body, message):
+    if isinstance(body, bytes):
+        response = client.post("/v1/relations", content=body, headers={"content-type": "application/json"})
+    else:
+        response = client.post("/v1/relations", json=body)
+    assert response.status_code == 422, response.text
+    detail = response.json()["detail"]
+    assert response.json()["problems"][0] == detail
+    assert re.search(message, detail), detail
+
+
+def many_docs(n: int, *, chars: int = 40, genes: int = 1) -> list[dict]:
+    docs = []
+    for i in range(n):
+        text = "Aspirin inhibits " + " ".join(["COX1"] * genes)
+        text += " " + "x" * max(0, chars - len(text) - 1)
+        entities = [{"id": "C", "type": "CHEMICAL", "start": 0, "end": 7}]
+        entities += [{"id": f"G{g}", "type": "GENE", "start": 17 + 5 * g, "end": 21 + 5 * g} for g in range(genes)]
+        docs.append({"id": f"doc{i}", "text": text, "entities": entities})
+    return docs
+
+
+@pytest.mark.parametrize("documents, message", [
+    (many_docs(21), r"^documents: 21 documents exceed the limit of 20 per request; split the request$"),
+    (many_docs(2, chars=20_001), r"^documents: 40002 characters of text exceed the limit of 40000 per request"),
+    (many_docs(2, chars=2000, genes=200), r"^documents: 402 entities exceed the limit of 400 per request"),
+    (many_docs(20, genes=17, chars=200), r"^documents: 340 candidate pairs exceed the limit of 300 per request \(most from "
+                                          r"documents\[0\] \(id 'doc0'\): 17\); send fewer documents or a narrower interval$"),
+])
+def test_requests_over_a_limit_get_413(client, documents, message):
+    response = client.post("/v1/relations", json={"documents": documents})
+    assert response.status_code == 413, response.text
+    assert re.search(message, response.json()["detail"]), response.json()["detail"]
+
+
+def test_bodies_over_the_byte_limit_get_413_declared_or_streamed(client):
+    big = json.dumps({"documents": many_docs(1, chars=250_000)}).encode()
+    response = client.post("/v1/relations", content=big, headers={"content-type": "application/json"})
+    assert response.status_code == 413
+    assert response.json()["detail"] == "request body: larger than the limit of 200000 bytes; split the request"
+
+    def chunks():  # no Content-Length: the limit is enforced while reading
+        for start in range(0, len(big), 65_536):
+            yield big[start:start + 65_536]
+
+    streamed = client.post("/v1/relations", content=chunks(), headers={"content-type": "application/json"})
+    assert streamed.status_code == 413
+
+
+def test_bearer_token_guards_everything_but_probes_and_docs(ensemble):
+    service = service_for(ensemble)
+    body = {"documents": [one_doc()]}
+    with TestClient(create_api(service, token="s3cret")) as secured:
+        missing = secured.post("/v1/relations", json=body)
+        assert missing.status_code == 401 and missing.headers["www-authenticate"].startswith("Bearer")
+        assert missing.json()["detail"] == "missing or invalid bearer token: send 'Authorization: Bearer <token>'"
+        assert secured.post("/v1/relations", json=body, headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert secured.get("/v1/model").status_code == 401
+        assert secured.post("/v1/relations", content=b"{", headers={"content-type": "application/json"}).status_code == 401
+        assert secured.post("/v1/relations", json=body, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert secured.get("/healthz").status_code == 200 and secured.get("/readyz").status_code == 200
+        assert secured.get("/v1/nothing-here").status_code == 401  # deny by default, not 404
+    with TestClient(create_api(service, token="s3cret"), root_path="/secure") as prefixed:  # behind a route prefix
+        assert prefixed.post("/secure/v1/relations", json=body).status_code == 401
+        assert prefixed.get("/secure/readyz").status_code == 200
+        assert prefixed.post("/secure/v1/relations", json=body, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    with TestClient(create_api(service, token=None)) as open_client:
+        assert open_client.post("/v1/relations", json=body).status_code == 200
+
+
+def test_token_comes_from_the_named_environment_variable(monkeypatch):
+    monkeypatch.setenv("DRUGPROT_TEST_TOKEN", " abc ")
+    assert resolve_token("DRUGPROT_TEST_TOKEN") == "abc"
+    monkeypatch.delenv("DRUGPROT_TEST_TOKEN")
+    assert resolve_token("DRUGPROT_TEST_TOKEN") is None and resolve_token(None) is None
+    with pytest.raises(DrugprotError, match="require_token is set but the environment variable DRUGPROT_TEST_TOKEN is empty"):
+        resolve_token("DRUGPROT_TEST_TOKEN", required=True)
+
+
+def test_ready_only_after_warm_up(ensemble):
+    service = RelationService(ensemble, parse_options({"model": "x", "warmup_rounds": 1}))
+    with TestClient(create_api(service)) as before:
+        assert before.get("/healthz").json() == {"status": "ok"}
+        readiness = before.get("/readyz")
+        assert readiness.status_code == 503 and readiness.json() == {"status": "warming up"}
+        refused = before.post("/v1/relations", json={"documents": [one_doc()]})
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+        assert "still warming up" in refused.json()["detail"]
+        service.start_warmup().result(timeout=60)
+        assert before.get("/readyz").status_code == 200
+        assert before.post("/v1/relations", json={"documents": [one_doc()]}).status_code == 200
+
+
+class Broken:
+    """A predictor whose model call fails: warm-up fails, or a request does."""
+
+    def __init__(self, real, *, fail_warmup: bool):
+        self.real, self.fail_warmup, self.calls = real, fail_warmup, 0
+        self.members, self.vote_mode, self.interval, self.metadata = real.members, real.vote_mode, real.interval, {}
+
+    def candidates(self, documents, interval=None):
+        return self.real.candidates(documents, interval)
+
+    def member_probabilities(self, documents, candidates):
+        self.calls += 1
+        if self.fail_warmup or any(d.title.startswith("BOOM") for d in documents):
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return self.real.member_probabilities(documents, candidates)
+
+
+def test_failed_warm_up_is_reported_and_fails_health(ensemble):
+    service = RelationService(Broken(ensemble, fail_warmup=True), parse_options({"model": "x", "warmup_rounds": 1}))
+    service.start_warmup().exception(timeout=60)
+    with TestClient(create_api(service)) as test_client:
+        assert test_client.get("/readyz").json() == {
+            "status": "failed", "detail": "warm-up failed: RuntimeError: CUDA out of memory (simulated)"}
+        assert test_client.get("/healthz").status_code == 500
+    with pytest.raises(RuntimeError, match="warm-up failed"):
+        service.check_health()
+
+
+def test_a_failing_request_gets_500_and_the_service_goes_on(ensemble):
+    service = service_for(Broken(ensemble, fail_warmup=False))
+    with TestClient(create_api(service), raise_server_exceptions=False) as test_client:
+        no_pairs = test_client.post("/v1/relations", json={"documents": [one_doc(text="BOOM inhibits COX-1 strongly.",
+                                                                                 entities=[])]})
+        assert no_pairs.status_code == 200  # no entities: no pairs, the model is never called
+        boom = one_doc(text="BOOM aspirin inhibits COX-1.", entities=[
+            {"id": "T1", "type": "CHEMICAL", "start": 5, "end": 12}, {"id": "T2", "type": "GENE", "start": 22, "end": 27}])
+        failed = test_client.post("/v1/relations", json={"documents": [boom]})
+        assert failed.status_code == 500
+        assert failed.json()["detail"] == "internal error (RuntimeError); the request was not processed"
+        assert test_client.post("/v1/relations", json={"documents": [one_doc()]}).status_code == 200
+
+
+def test_model_info_and_openapi(client):
+    info = client.get("/v1/model").json()
+    assert info["vote"] == "soft" and info["interval"] == [-10, 16] and len(info["members"]) == 3
+    assert {m["encoder"] for m in info["members"]} == {"tiny-random"} and info["precision"] == "fp32"
+    assert info["limits"]["max_pairs"] == 300
+    schema = client.get("/openapi.json").json()
+    assert {"/v1/relations", "/v1/model", "/healthz", "/readyz"} <= set(schema["paths"])
+    assert "413" in schema["paths"]["/v1/relations"]["post"]["responses"]
+
+
+# Serve gives ingress replicas an ``async def __del__`` that it awaits itself; garbage-collected here it would only warn.
+NEVER_COLLECTED: list = []
+
+
+def test_the_serve_deployment_class_works_without_serve(relation_members, monkeypatch):
+    """The deployment's own constructor, app builder and health check, called directly (no cluster)."""
+    from drugprot.serving.app import RelationDeployment
+
+    monkeypatch.setenv("DRUGPROT_UNIT_TOKEN", "t0k")
+    cls = RelationDeployment.func_or_class
+    replica = object.__new__(cls)
+    NEVER_COLLECTED.append(replica)
+    asyncio.run(cls.__init__(replica, {"model": str(relation_members[0]), "warmup_rounds": 1,
+                                       "token_env": "DRUGPROT_UNIT_TOKEN"}))
+    replica.service.start_warmup().result(timeout=60)
+    replica.check_health()
+    with TestClient(replica.__serve_build_asgi_app__()) as test_client:
+        assert test_client.post("/v1/relations", json={"documents": [one_doc()]}).status_code == 401
+        ok = test_client.post("/v1/relations", json={"documents": [one_doc()]}, headers={"Authorization": "Bearer t0k"})
+        assert ok.status_code == 200 and ok.json()["documents"][0]["candidates"] == 1
+    monkeypatch.delenv("DRUGPROT_UNIT_TOKEN")
+    refused = object.__new__(cls)
+    NEVER_COLLECTED.append(refused)
+    with pytest.raises(DrugprotError, match="require_token is set"):
+        asyncio.run(cls.__init__(refused, {"model": str(relation_members[0]), "require_token": True,
+                                           "token_env": "DRUGPROT_UNIT_TOKEN"}))
+
+
+def test_a_registry_uri_is_pinned_to_a_version_and_reported(relation_members, tmp_path, monkeypatch):
+    from drugprot.ensemble import build_ensemble
+    from drugprot.ensemble.registry import log_ensemble
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DRUGPROT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    # tracking.download_registered_model reads a SQLite registry only through the environment (reported upstream)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    built = build_ensemble(relation_members, tmp_path / "ensemble", vote="soft", log=lambda _: None)
+    log_ensemble(built.path, tracking_uri=store, register="drugprot-serving-test", log=lambda _: None)
+    service = RelationService.load(parse_options({"model": "models:/drugprot-serving-test@champion",
+                                                  "tracking_uri": store, "warmup_rounds": 0}))
+    info = service.model_info()
+    assert (info.uri, info.name, info.version, info.alias) == (
+        "models:/drugprot-serving-test@champion", "drugprot-serving-test", "1", "champion")
+    assert info.dev_f1 == pytest.approx(built.meta["dev"]["ensemble"]["f1"], abs=1e-6)
+    assert [m.name for m in info.members] == ["m1-seed1", "m2-seed2", "m3-seed3"] and info.vote == "soft"
+
+
+# ---- fuzz: nothing a client sends crashes the app ----------------------------------------------------------------
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-10**20, 10**20) | st.floats(allow_nan=True) | st.text(max_size=30),
+    lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=10), children, max_size=5),
+    max_leaves=25)
+entity_like = st.fixed_dictionaries(
+    {"id": st.one_of(st.text(max_size=5), st.integers()), "type": st.sampled_from(["CHEMICAL", "GENE", "GENE-Y", "GENE-N", "X", ""]),
+     "start": st.integers(-5, 60), "end": st.integers(-5, 60)},
+    optional={"text": st.text(max_size=8), "extra": json_values})
+document_like = st.fixed_dictionaries(
+    {"id": st.one_of(st.text(max_size=6), st.integers(), st.none())},
+    optional={"text": st.text(max_size=60), "title": st.text(max_size=30), "abstract": st.text(max_size=30),
+              "entities": st.lists(entity_like, max_size=6)})
+bodies = st.one_of(
+    json_values,
+    st.fixed_dictionaries({"documents": st.lists(document_like, max_size=4)},
+                          optional={"interval": json_values, "threshold": json_values}),
+)
+
+
+@settings(max_examples=150, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(body=bodies, raw=st.binary(max_size=64), as_raw=st.booleans())
+def test_fuzzed_bodies_never_crash_the_app(client, body, raw, as_raw):
+    if as_raw:
+        response = client.post("/v1/relations", content=raw, headers={"content-type": "application/json"})
+    else:
+        response = client.post("/v1/relations", content=json.dumps(body).encode(), headers={"content-type": "application/json"})
+    assert response.status_code in (200, 413, 422), (response.status_code, response.text)
+    if response.status_code != 200:
+        assert response.json()["detail"]
+    else:
+        assert len(response.json()["documents"]) == len(body["documents"])
+
+
+def test_the_app_still_answers_after_the_fuzz(client):
+    assert client.post("/v1/relations", json={"documents": [one_doc()]}).status_code == 200
+    assert client.service.batcher.stats.failed_batches == 0
