@@ -1,0 +1,666 @@
+"""MLflow conventions for drugprot studies, in one place (the tuner writes them, the ensemble reads them).
+
+Everything goes through an explicit ``MlflowClient(tracking_uri)`` with explicit experiment and run ids: nothing
+here calls ``mlflow.set_experiment`` or relies on ``MLFLOW_EXPERIMENT_ID`` / an active run, so a process that
+inherited another experiment from its parent cannot log into the wrong place. During a study every write happens
+in the Tune driver (see :mod:`drugprot.tuning.callbacks`), one call at a time.
+
+Conventions (a study named ``NAME``):
+
+Experiment
+    one per study, named ``NAME``, tags ``drugprot.study = NAME`` and ``mlflow.experimentKind =
+    custom_model_development`` (the UI's training-runs view). With a ``sqlite:///PATH`` store its artifacts go
+    to ``PATH's folder/mlartifacts/NAME``; with a server (``http://…``) the server decides (``mlflow-artifacts:/…``).
+
+Parent run (exactly one per experiment; run name ``NAME``)
+    tags   ``drugprot.kind = study``, ``drugprot.study``, ``drugprot.state`` (running / finished / interrupted),
+           ``drugprot.space`` (space file), ``drugprot.storage`` (the study folder: Tune state, checkpoints),
+           ``drugprot.best_trial_id``, ``drugprot.best_run_id``, and versions
+           ``drugprot.version``, ``ray.version``, ``optuna.version``, ``mlflow.version``, ``torch.version``,
+           ``transformers.version``, ``python.version``.
+    params ``study.*`` (num_samples, max_concurrent, cpus_per_trial, gpus_per_trial, max_t), ``space.*`` (file,
+           seed, each parameter's distribution, scheduler settings), ``config.<dotted key>`` (the base run config).
+    metric ``best_dev_f1`` (best trial's).
+    artifacts ``space.yaml``, ``config.yaml`` (base config), ``trials.csv`` (one row per trial),
+           ``plots/optimization_history.{html,png}``, ``plots/param_importances.{html,png}``,
+           ``plots/parallel_coordinate.{html,png}``.
+
+Child run (one per Ray trial; run name = the Ray trial id)
+    tags   ``mlflow.parentRunId`` (the parent's run id), ``drugprot.kind = trial``, ``drugprot.study``,
+           ``drugprot.trial_id`` (Ray trial id), ``drugprot.seed`` (train.seed), ``drugprot.state`` (running /
+           finished / early-stopped / errored), ``drugprot.params`` (JSON of the sampled values, typed),
+           ``drugprot.config`` (JSON of the trial's full RunConfig, ``RunConfig.dump()``), ``drugprot.node_id``,
+           ``drugprot.node_ip``, ``drugprot.pid`` (where it last ran), ``drugprot.starts`` (times a process started
+           it), ``drugprot.failures`` (crashes retried), ``drugprot.resumed_from_eval``, ``drugprot.best_eval``.
+    params the search-space parameters by name (``loss.gamma``, ``train.lr``, ``sampling.interval.lo``, …).
+    metrics at every evaluation, step = evaluation index (1, 2, …; one per half epoch by default):
+           ``dev_precision``, ``dev_recall``, ``dev_f1``, ``best_dev_f1`` (running best; its last value is the
+           trial's final best), ``train_loss``, ``lr``, ``epoch``, ``pairs_per_s``.
+    artifacts ``config.yaml`` (the trial's config), ``per_type.csv`` (type, f1 at the best evaluation),
+           ``metrics.json`` (every evaluation and the best), ``model/`` (the best model folder, a verified
+           drugprot artifact: ``model/manifest.json``, ``model/model.safetensors``, ``model/tokenizer/``, …),
+           logged when the trial ends.
+
+Reading: :func:`study_trials` lists a study's trials (best first) and :func:`download_trial_model` fetches one
+trial's ``model/`` folder and verifies its manifest.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from drugprot.errors import DrugprotError
+
+TAG_KIND = "drugprot.kind"
+TAG_STUDY = "drugprot.study"
+TAG_STATE = "drugprot.state"
+TAG_TRIAL_ID = "drugprot.trial_id"
+TAG_SEED = "drugprot.seed"
+TAG_PARAMS = "drugprot.params"
+TAG_CONFIG = "drugprot.config"
+TAG_NODE_ID = "drugprot.node_id"
+TAG_NODE_IP = "drugprot.node_ip"
+TAG_PID = "drugprot.pid"
+TAG_STARTS = "drugprot.starts"
+TAG_FAILURES = "drugprot.failures"
+TAG_RESUMED_FROM = "drugprot.resumed_from_eval"
+TAG_BEST_EVAL = "drugprot.best_eval"
+TAG_SPACE = "drugprot.space"
+TAG_BEST_TRIAL = "drugprot.best_trial_id"
+TAG_BEST_RUN = "drugprot.best_run_id"
+TAG_STORAGE = "drugprot.storage"
+PARENT_TAG = "mlflow.parentRunId"
+
+KIND_STUDY = "study"
+KIND_TRIAL = "trial"
+STATES = ("running", "finished", "early-stopped", "errored")
+
+#: Metrics logged at every evaluation (step = evaluation index).
+EVAL_METRICS = ("dev_precision", "dev_recall", "dev_f1", "best_dev_f1", "train_loss", "lr", "epoch", "pairs_per_s")
+BEST_METRIC = "best_dev_f1"
+MODEL_ARTIFACT = "model"
+CONFIG_ARTIFACT = "config.yaml"
+PER_TYPE_ARTIFACT = "per_type.csv"
+METRICS_ARTIFACT = "metrics.json"
+SPACE_ARTIFACT = "space.yaml"
+TRIALS_ARTIFACT = "trials.csv"
+PLOTS_ARTIFACT = "plots"
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+class TrackingError(DrugprotError):
+    """The tracking store cannot be reached or holds something unexpected; the message says which and what to do."""
+
+
+@dataclass
+class TrialRecord:
+    """One trial of a study as recorded in MLflow (see the module docstring for where each field comes from)."""
+
+    run_id: str
+    trial_id: str
+    best_dev_f1: float | None
+    params: dict[str, Any]
+    seed: int | None
+    config: dict[str, Any]
+    state: str
+    experiment_id: str = ""
+    artifact_uri: str = ""
+    start_time: int = 0  # ms since the epoch, when the child run was created
+    tags: dict[str, str] = field(default_factory=dict, repr=False)
+
+
+# --- connection ---------------------------------------------------------------------------------------------------
+
+def normalize_tracking_uri(uri: str | None) -> str:
+    """``sqlite:///rel.db`` -> ``sqlite:////abs/rel.db`` (workers and ``mlflow ui`` may run elsewhere); others as given."""
+    uri = (uri or DEFAULT_TRACKING_URI).strip()
+    parsed = urlparse(uri)
+    if not parsed.scheme:
+        raise TrackingError(f"--tracking-uri {uri!r}: not a URI; use sqlite:///mlflow.db (a local file) or "
+                            f"http://HOST:PORT (an MLflow server)")
+    if parsed.scheme == "sqlite":
+        path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else None
+        if not path:
+            raise TrackingError(f"--tracking-uri {uri!r}: expected sqlite:///RELATIVE.db or sqlite:////ABSOLUTE.db")
+        if path != ":memory:":
+            return "sqlite:///" + str(Path(path).expanduser().resolve())
+    return uri
+
+
+def sqlite_path(uri: str) -> Path | None:
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
+def client(tracking_uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def check_tracking_uri(uri: str | None, *, timeout: float = 10.0) -> str:
+    """Fail fast and clearly when the tracking store cannot be used; returns the normalized URI.
+
+    HTTP servers must answer ``GET /health`` within ``timeout`` seconds (retried), then a real API call; a SQLite
+    store must live in an existing folder.
+    """
+    uri = normalize_tracking_uri(uri)
+    scheme = urlparse(uri).scheme
+    if scheme in ("http", "https"):
+        import requests
+
+        deadline = time.monotonic() + timeout
+        reason = ""
+        while True:
+            try:
+                response = requests.get(uri.rstrip("/") + "/health", timeout=max(0.5, min(5.0, deadline - time.monotonic())))
+                if response.status_code == 200:
+                    break
+                reason = f"GET /health answered {response.status_code}"
+            except requests.RequestException as error:
+                reason = type(error).__name__ + (f": {error.__context__}" if error.__context__ else "")
+            if time.monotonic() >= deadline:
+                raise TrackingError(
+                    f"--tracking-uri {uri}: no MLflow server answers ({reason[:200]}) after {timeout:.0f} s; start one "
+                    f"(`mlflow server --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///mlflow.db`) or "
+                    f"leave --tracking-uri out to use {DEFAULT_TRACKING_URI} in this folder")
+            time.sleep(0.5)
+    path = sqlite_path(uri)
+    if path is not None and not path.parent.is_dir():
+        raise TrackingError(f"--tracking-uri {uri}: folder {path.parent} does not exist; create it or pick another path")
+    previous = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "1"
+    try:
+        client(uri).search_experiments(max_results=1)
+    except Exception as error:  # noqa: BLE001 - any store failure becomes one clear message
+        raise TrackingError(f"--tracking-uri {uri}: the tracking store refused a request ({type(error).__name__}: "
+                            f"{str(error)[:300]})") from None
+    finally:
+        if previous is None:
+            os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES", None)
+        else:
+            os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = previous
+    return uri
+
+
+def ui_command(tracking_uri: str) -> str:
+    """What to run (or open) to browse the studies of this store."""
+    if urlparse(tracking_uri).scheme in ("http", "https"):
+        return f"open {tracking_uri}"
+    return f"mlflow ui --backend-store-uri {tracking_uri}"
+
+
+def run_link(tracking_uri: str, experiment_id: str, run_id: str | None = None) -> str:
+    base = tracking_uri.rstrip("/") if urlparse(tracking_uri).scheme in ("http", "https") else "http://127.0.0.1:5000"
+    link = f"{base}/#/experiments/{experiment_id}"
+    return f"{link}/runs/{run_id}" if run_id else link
+
+
+def versions() -> dict[str, str]:
+    import platform as _platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python.version": _platform.python_version()}
+    for package in ("drugprot", "ray", "optuna", "mlflow", "torch", "transformers"):
+        try:
+            found[f"{package}.version"] = version(package)
+        except PackageNotFoundError:
+            found[f"{package}.version"] = "absent"
+    return found
+
+
+def flatten(nested: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in nested.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+# --- writing a study ------------------------------------------------------------------------------------------------
+
+class StudyTracker:
+    """Writes one study's experiment, parent run and child runs; every write is idempotent (safe on resume).
+
+    Params are write-once in MLflow: :meth:`log_params` logs only the absent ones and refuses a changed value.
+    Evaluation metrics are keyed by step (the evaluation index): a step already in ``dev_f1``'s history is skipped,
+    so a trial that replays evaluations after a restore logs nothing twice.
+    """
+
+    def __init__(self, tracking_uri: str, study: str):
+        self.tracking_uri = tracking_uri
+        self.study = study
+        self.client = client(tracking_uri)
+        self.experiment_id: str | None = None
+        self.parent_run_id: str | None = None
+        self._runs: dict[str, str] = {}  # trial id -> run id
+        self._steps: dict[str, set[int]] = {}  # run id -> logged evaluation steps
+
+    # experiment and parent -----------------------------------------------------------------------------------------
+
+    def find_study(self) -> tuple[str, str] | None:
+        """``(experiment_id, parent_run_id)`` of an existing study, else None."""
+        experiment = self.client.get_experiment_by_name(self.study)
+        if experiment is None:
+            return None
+        parents = self.client.search_runs([experiment.experiment_id], f"tags.`{TAG_KIND}` = '{KIND_STUDY}'", max_results=2)
+        return (experiment.experiment_id, parents[0].info.run_id) if parents else (experiment.experiment_id, "")
+
+    def open_study(self, *, params: dict[str, Any], tags: dict[str, str], resume: bool) -> tuple[str, str]:
+        """Create (or, with ``resume``, reopen) the experiment and its parent run."""
+        found = self.find_study()
+        if found and found[1] and not resume:
+            raise TrackingError(f"study {self.study!r} already exists in {self.tracking_uri} (experiment {found[0]}); "
+                                f"pass --resume to continue it or choose another --name")
+        if found is None:
+            if resume:
+                raise TrackingError(f"--resume: no experiment named {self.study!r} in {self.tracking_uri}; was the "
+                                    f"study tracked elsewhere (--tracking-uri)?")
+            experiment_id = self._create_experiment()
+        else:
+            experiment_id = found[0]
+        self.experiment_id = experiment_id
+        if found and found[1]:
+            self.parent_run_id = found[1]
+            self.client.update_run(self.parent_run_id, status="RUNNING")
+        else:
+            run = self.client.create_run(experiment_id, run_name=self.study,
+                                         tags={TAG_KIND: KIND_STUDY, TAG_STUDY: self.study})
+            self.parent_run_id = run.info.run_id
+        self.set_tags(self.parent_run_id, {**tags, TAG_STATE: "running"})
+        self.log_params(self.parent_run_id, params)
+        return experiment_id, self.parent_run_id
+
+    def attach(self, experiment_id: str, parent_run_id: str) -> None:
+        self.experiment_id, self.parent_run_id = experiment_id, parent_run_id
+
+    def _create_experiment(self) -> str:
+        from mlflow.exceptions import MlflowException
+
+        location = None
+        path = sqlite_path(self.tracking_uri)
+        if path is not None:
+            location = (path.parent / "mlartifacts" / _safe(self.study)).as_uri()
+        try:
+            # experimentKind opens the MLflow 3 UI on its "training runs" view (nested trials, metric charts).
+            return self.client.create_experiment(self.study, artifact_location=location, tags={
+                TAG_STUDY: self.study, "mlflow.experimentKind": "custom_model_development"})
+        except MlflowException as error:
+            if "RESOURCE_ALREADY_EXISTS" not in str(error.error_code):
+                raise
+            return self.client.get_experiment_by_name(self.study).experiment_id
+
+    def finish_study(self, *, state: str, best: TrialRecord | None, artifacts: dict[str, Path]) -> None:
+        """Close the parent run: best trial tags and metric, artifacts (``{artifact_path: local file}``)."""
+        run_id = self.parent_run_id
+        for artifact_path, local in artifacts.items():
+            folder = str(Path(artifact_path).parent) if Path(artifact_path).parent != Path(".") else None
+            self.client.log_artifact(run_id, str(local), artifact_path=folder)
+        tags = {TAG_STATE: state}
+        if best is not None:
+            tags.update({TAG_BEST_TRIAL: best.trial_id, TAG_BEST_RUN: best.run_id})
+            logged = self.client.get_run(run_id).data.metrics.get(BEST_METRIC)
+            if best.best_dev_f1 is not None and logged != best.best_dev_f1:  # a resumed study logs it once
+                self._log_metrics(run_id, {BEST_METRIC: best.best_dev_f1}, step=0)
+        self.set_tags(run_id, tags)
+        self.client.set_terminated(run_id, "FINISHED" if state == "finished" else "KILLED")
+
+    # trials --------------------------------------------------------------------------------------------------------
+
+    def trial_run(self, trial_id: str) -> str | None:
+        if trial_id not in self._runs:
+            runs = self.client.search_runs(
+                [self.experiment_id], f"tags.`{TAG_TRIAL_ID}` = '{trial_id}' and tags.`{TAG_KIND}` = '{KIND_TRIAL}'",
+                max_results=5)
+            if runs:
+                self._runs[trial_id] = runs[0].info.run_id
+        return self._runs.get(trial_id)
+
+    def start_trial(self, trial_id: str, *, params: dict[str, Any], config: dict[str, Any]) -> str:
+        """Get or create the child run of a trial, mark it running, count the start; returns its run id."""
+        run_id = self.trial_run(trial_id)
+        seed = (config.get("train") or {}).get("seed")
+        if run_id is None:
+            run = self.client.create_run(self.experiment_id, run_name=trial_id, tags={
+                PARENT_TAG: self.parent_run_id, TAG_KIND: KIND_TRIAL, TAG_STUDY: self.study, TAG_TRIAL_ID: trial_id})
+            run_id = run.info.run_id
+            self._runs[trial_id] = run_id
+            starts = 0
+        else:
+            self.client.update_run(run_id, status="RUNNING")
+            starts = int(self.client.get_run(run_id).data.tags.get(TAG_STARTS, "0"))
+        self.set_tags(run_id, {TAG_STATE: "running", TAG_STARTS: str(starts + 1), TAG_SEED: str(seed),
+                               TAG_PARAMS: json.dumps(params, sort_keys=True), TAG_CONFIG: json.dumps(config)})
+        self.log_params(run_id, params)
+        return run_id
+
+    def trial_failed_attempt(self, trial_id: str) -> None:
+        run_id = self.trial_run(trial_id)
+        if run_id is not None:
+            failures = int(self.client.get_run(run_id).data.tags.get(TAG_FAILURES, "0"))
+            self.set_tags(run_id, {TAG_FAILURES: str(failures + 1)})
+
+    def log_evaluation(self, run_id: str, result: dict[str, Any]) -> bool:
+        """Log one evaluation's metrics at step ``result['eval']``; False when that step was already logged."""
+        step = int(result["eval"])
+        steps = self._logged_steps(run_id)
+        if step in steps:
+            return False
+        metrics = {k: float(result[k]) for k in EVAL_METRICS if isinstance(result.get(k), (int, float))}
+        self._log_metrics(run_id, metrics, step)
+        steps.add(step)
+        where = {TAG_NODE_ID: result.get("node_id"), TAG_NODE_IP: result.get("node_ip"), TAG_PID: result.get("pid"),
+                 TAG_RESUMED_FROM: result.get("resumed_from_eval")}
+        self.set_tags(run_id, {k: str(v) for k, v in where.items() if v is not None})
+        return True
+
+    def finish_trial(self, run_id: str, *, state: str, run_folder: Path | None) -> None:
+        """Log the trial's artifacts from its run folder (best model, config, per-type table) and close it."""
+        if state not in STATES:
+            raise ValueError(f"state {state!r} not in {STATES}")
+        tags = {TAG_STATE: state}
+        if run_folder is not None and Path(run_folder).is_dir():
+            folder = Path(run_folder)
+            summary = _read_json(folder / METRICS_ARTIFACT)
+            best = summary.get("best") or {}
+            if best:
+                tags[TAG_BEST_EVAL] = str(best.get("eval"))
+            for name in (CONFIG_ARTIFACT, METRICS_ARTIFACT):
+                if (folder / name).is_file():
+                    self.client.log_artifact(run_id, str(folder / name))
+            with tempfile.TemporaryDirectory(prefix="drugprot-per-type-") as scratch:
+                table = Path(scratch) / PER_TYPE_ARTIFACT
+                table.write_text(per_type_csv(best.get("dev_per_type") or {}))
+                self.client.log_artifact(run_id, str(table))
+            if (folder / MODEL_ARTIFACT / "manifest.json").is_file():
+                self.client.log_artifacts(run_id, str(folder / MODEL_ARTIFACT), artifact_path=MODEL_ARTIFACT)
+        self.set_tags(run_id, tags)
+        self.client.set_terminated(run_id, "FAILED" if state == "errored" else "FINISHED")
+
+    # low level -----------------------------------------------------------------------------------------------------
+
+    def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        if tags:
+            self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()], synchronous=True)
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        """Log params that are absent; identical ones are skipped, a changed one is an error (params are write-once)."""
+        from mlflow.entities import Param
+
+        existing = self.client.get_run(run_id).data.params
+        fresh = []
+        for key, value in params.items():
+            text = _param_text(value)
+            if key in existing:
+                if existing[key] != text:
+                    raise TrackingError(f"run {run_id}: param {key} was logged as {existing[key]!r}, now {text!r}; "
+                                        f"MLflow params cannot change (a resumed study must keep its settings)")
+                continue
+            fresh.append(Param(key, text))
+        for start in range(0, len(fresh), 100):
+            self.client.log_batch(run_id, params=fresh[start:start + 100], synchronous=True)
+
+    def _logged_steps(self, run_id: str) -> set[int]:
+        if run_id not in self._steps:
+            self._steps[run_id] = {m.step for m in self.client.get_metric_history(run_id, "dev_f1")}
+        return self._steps[run_id]
+
+    def _log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()], synchronous=True)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.update(client=None, _runs={}, _steps={})
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.client = client(self.tracking_uri)
+
+
+def per_type_csv(per_type: dict[str, float]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["type", "f1"])
+    for name, f1 in sorted(per_type.items()):
+        writer.writerow([name, f1])
+    return out.getvalue()
+
+
+def trials_csv(records: Iterable[TrialRecord]) -> str:
+    records = list(records)
+    names = sorted({name for r in records for name in r.params})
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["trial_id", "run_id", "state", "best_dev_f1", "seed", *names, "node_ip", "failures"])
+    for r in records:
+        writer.writerow([r.trial_id, r.run_id, r.state, "" if r.best_dev_f1 is None else r.best_dev_f1,
+                         "" if r.seed is None else r.seed, *[json.dumps(r.params.get(n)) if isinstance(r.params.get(n), list)
+                                                             else r.params.get(n, "") for n in names],
+                         r.tags.get(TAG_NODE_IP, ""), r.tags.get(TAG_FAILURES, "0")])
+    return out.getvalue()
+
+
+# --- reading a study ------------------------------------------------------------------------------------------------
+
+def study_experiment(study: str, tracking_uri: str) -> str:
+    """Experiment id of ``study``; a clear error listing what exists otherwise."""
+    tracking_uri = normalize_tracking_uri(tracking_uri)
+    experiment = client(tracking_uri).get_experiment_by_name(study)
+    if experiment is None:
+        names = [e.name for e in client(tracking_uri).search_experiments(max_results=20)]
+        raise TrackingError(f"no study named {study!r} in {tracking_uri} (experiments there: {', '.join(names) or 'none'})")
+    return experiment.experiment_id
+
+
+def study_trials(study: str, tracking_uri: str) -> list[TrialRecord]:
+    """Every trial of ``study``, sorted by ``best_dev_f1`` (descending; trials without one last)."""
+    tracking_uri = normalize_tracking_uri(tracking_uri)
+    experiment_id = study_experiment(study, tracking_uri)
+    mlflow_client = client(tracking_uri)
+    records = []
+    token = None
+    while True:
+        page = mlflow_client.search_runs([experiment_id], f"tags.`{TAG_KIND}` = '{KIND_TRIAL}'", max_results=1000,
+                                         page_token=token)
+        records.extend(_record(run) for run in page)
+        token = page.token
+        if not token:
+            break
+    return sorted(records, key=lambda r: (r.best_dev_f1 is None, -(r.best_dev_f1 or 0.0), r.trial_id))
+
+
+def _record(run) -> TrialRecord:
+    tags = dict(run.data.tags)
+    seed = tags.get(TAG_SEED)
+    best = run.data.metrics.get(BEST_METRIC)
+    return TrialRecord(
+        run_id=run.info.run_id, trial_id=tags.get(TAG_TRIAL_ID, run.info.run_name), best_dev_f1=best,
+        params=json.loads(tags.get(TAG_PARAMS) or "{}"), seed=int(seed) if seed and seed.isdigit() else None,
+        config=json.loads(tags.get(TAG_CONFIG) or "{}"), state=tags.get(TAG_STATE, "running"),
+        experiment_id=run.info.experiment_id, artifact_uri=run.info.artifact_uri, start_time=run.info.start_time or 0,
+        tags=tags)
+
+
+def download_trial_model(record: TrialRecord, dest: str | os.PathLike, tracking_uri: str) -> Path:
+    """Download a trial's best ``model/`` folder into ``dest`` (-> ``dest/model``) and verify its manifest."""
+    import mlflow.artifacts
+
+    from drugprot.model.artifacts import verify_manifest
+
+    tracking_uri = normalize_tracking_uri(tracking_uri)
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    target = dest / MODEL_ARTIFACT
+    if target.exists() and any(target.iterdir()):
+        raise TrackingError(f"{target}: already exists and is not empty; pick another destination")
+    names = [a.path for a in client(tracking_uri).list_artifacts(record.run_id)]
+    if MODEL_ARTIFACT not in names:
+        raise TrackingError(f"trial {record.trial_id} (run {record.run_id}, state {record.state}) has no {MODEL_ARTIFACT}/ "
+                            f"artifact (artifacts: {', '.join(names) or 'none'})")
+    local = mlflow.artifacts.download_artifacts(run_id=record.run_id, artifact_path=MODEL_ARTIFACT, dst_path=str(dest),
+                                                tracking_uri=tracking_uri)
+    verify_manifest(Path(local))
+    return Path(local)
+
+
+def _param_text(value: Any) -> str:
+    if isinstance(value, (list, tuple, dict)):
+        return json.dumps(value)
+    return str(value)
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "study"
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# --- registry (ensemble) ---
+# Registered ensembles: ``models:/NAME@ALIAS`` and ``models:/NAME/VERSION`` resolved to a local, verified ensemble
+# folder, downloaded once per version into a cache. Registering (pyfunc model from code, the champion rule) lives in
+# drugprot.ensemble.registry; these helpers only read the registry.
+
+class RegistryError(TrackingError):
+    """A registry URI, model, alias or version that does not resolve; the message lists what exists."""
+
+
+def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """``models:/NAME@ALIAS`` -> (NAME, ALIAS, None); ``models:/NAME/VERSION`` -> (NAME, None, VERSION)."""
+    import re
+
+    match = re.fullmatch(r"models:/([^/@]+)(?:@([A-Za-z0-9_-]+)|/(\d+))", uri.strip())
+    if not match:
+        raise RegistryError(f"{uri!r}: expected models:/NAME@ALIAS (e.g. models:/drugprot@champion) or models:/NAME/VERSION")
+    return match.group(1), match.group(2), match.group(3)
+
+
+def existing_store(tracking_uri: str | None) -> str:
+    """The normalized URI of a store that exists: a missing SQLite file is refused (MLflow would create an empty one)."""
+    uri = normalize_tracking_uri(tracking_uri)
+    path = sqlite_path(uri)
+    if path is not None and not path.is_file():
+        raise RegistryError(f"--tracking-uri {uri}: no MLflow database at {path}; pass the store the model was "
+                            f"registered in (e.g. sqlite:///runs/mlflow.db or http://HOST:PORT)")
+    return check_tracking_uri(uri)
+
+
+def resolve_model_version(uri: str, *, tracking_uri: str | None = None):
+    """The MLflow ``ModelVersion`` a registry URI names, or a :class:`RegistryError` listing what exists."""
+    from mlflow.exceptions import MlflowException
+
+    name, alias, version = parse_model_uri(uri)
+    store = existing_store(tracking_uri)
+    registry = client(store)
+    try:
+        model = registry.get_registered_model(name)
+    except MlflowException:
+        names = sorted(m.name for m in registry.search_registered_models(max_results=50))
+        raise RegistryError(f"{uri}: no registered model {name!r} in {store} (registered: {', '.join(names) or 'none'})") from None
+    try:
+        if alias is not None:
+            return registry.get_model_version_by_alias(name, alias)
+        return registry.get_model_version(name, version)
+    except MlflowException:
+        if alias is not None:
+            aliases = ", ".join(f"@{a} -> version {v}" for a, v in sorted((model.aliases or {}).items()))
+            raise RegistryError(f"{uri}: model {name!r} has no alias {alias!r} (aliases: {aliases or 'none'})") from None
+        versions = sorted(int(v.version) for v in registry.search_model_versions(f"name = '{name}'"))
+        raise RegistryError(f"{uri}: model {name!r} has no version {version} "
+                            f"(versions: {', '.join(map(str, versions)) or 'none'})") from None
+
+
+def registry_cache_dir() -> Path:
+    return Path(os.environ.get("DRUGPROT_CACHE_DIR") or Path.home() / ".cache" / "drugprot") / "registry"
+
+
+def download_registered_model(uri: str, tracking_uri: str | None = None, *, dest: str | os.PathLike | None = None) -> Path:
+    """Resolve ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` and return the local ensemble folder.
+
+    Each version is downloaded once into ``dest`` (default ``$DRUGPROT_CACHE_DIR/registry/…``, else
+    ``~/.cache/drugprot/registry/…``, keyed by store, name and version); a cached copy that fails its sha256 manifest
+    is downloaded again. Loading the folder verifies the manifest once more and refuses a modified file by name.
+    """
+    import hashlib
+    import shutil
+
+    import mlflow
+
+    from drugprot.ensemble.format import verify_tree_manifest
+    from drugprot.model.artifacts import ArtifactError
+
+    version = resolve_model_version(uri, tracking_uri=tracking_uri)
+    store = normalize_tracking_uri(tracking_uri)
+    key = hashlib.sha256(store.encode()).hexdigest()[:12]
+    target = Path(dest) if dest else registry_cache_dir() / key / _safe(version.name) / str(version.version)
+    if (target / "MLmodel").is_file():
+        try:
+            folder = _ensemble_artifact(target, uri, version.version)
+            verify_tree_manifest(folder)
+            return folder
+        except (ArtifactError, RegistryError) as error:
+            _stderr(f"cached copy of {uri} failed verification ({error}); downloading it again")
+            shutil.rmtree(target, ignore_errors=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        # models:/ URIs would resolve through the process-wide registry URI; ask this store for the location instead
+        location = client(store).get_model_version_download_uri(version.name, str(version.version))
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=str(staging), tracking_uri=store))
+        _ensemble_artifact(local, uri, version.version)
+        try:
+            local.rename(target)
+        except OSError:  # another process finished the same download first
+            pass
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return _ensemble_artifact(target, uri, version.version)
+
+
+def _ensemble_artifact(model_dir: Path, uri: str, version) -> Path:
+    """The ensemble folder inside a downloaded pyfunc model: its ``ensemble`` artifact, where ``MLmodel`` records it."""
+    import yaml
+
+    try:
+        mlmodel = yaml.safe_load((model_dir / "MLmodel").read_text())
+        relative = mlmodel["flavors"]["python_function"]["artifacts"]["ensemble"]["path"]
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        raise RegistryError(f"{uri} (version {version}): not a drugprot ensemble model (its MLmodel has no "
+                            f"python_function artifact named 'ensemble')") from None
+    folder = model_dir / relative
+    if not (folder / "ensemble.json").is_file():
+        raise RegistryError(f"{uri} (version {version}): the model's ensemble artifact {relative} has no ensemble.json")
+    return folder
+
+
+def experiment_artifact_location(tracking_uri: str, name: str) -> str | None:
+    """Where a new experiment's artifacts go: beside a SQLite store (``mlartifacts/NAME``), else the server's choice."""
+    path = sqlite_path(normalize_tracking_uri(tracking_uri))
+    return (path.parent / "mlartifacts" / _safe(name)).as_uri() if path is not None else None

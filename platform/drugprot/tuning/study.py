@@ -1,0 +1,529 @@
+"""A tuning study: Ray Tune + OptunaSearch (TPE, seeded) + ASHA over :func:`drugprot.training.train`, tracked in MLflow.
+
+:func:`tune_study` is the facade behind ``drugprot tune``. It checks everything that can be checked before a trial
+starts (space against config, tracking store reachable, study name free or resumable, Ray cluster answering within
+a bounded wait, enough resources), then runs the study and closes it in MLflow (plots, trials table, best trial).
+
+Layout in the storage (``--storage``, default ``runs/tune``; local folder or ``s3://…``): ``NAME/`` is the Tune
+experiment (``tuner.pkl``, experiment state with the Optuna sampler, one folder per trial with its kept checkpoints)
+plus ``NAME/drugprot-study.json`` (what ``--resume`` needs: config, space, tracking URI, MLflow ids) and, for local
+storage, ``NAME/best_config.yaml``.
+
+Resume: ``--resume`` goes through ``Tuner.restore`` (never a fresh Tuner): finished trials stay finished, running
+ones continue from their latest checkpoint, errored ones restart, and the restored searcher keeps its Optuna state.
+MLflow runs are found again by tag and logging skips what is already there.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import socket
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import yaml
+
+from drugprot.config import RunConfig, build_config
+from drugprot.errors import DrugprotError
+from drugprot.tuning.space import SearchSpace, load_space, parse_space
+
+STUDY_FILE = "drugprot-study.json"
+BEST_CONFIG = "best_config.yaml"
+DEFAULT_STORAGE = "runs/tune"
+
+
+class StudyError(DrugprotError):
+    """A study cannot start or resume; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Resources:
+    """Per-trial resources; fractional GPUs share a card (0.5 -> two trials per GPU)."""
+
+    cpus: float = 1.0
+    gpus: float = 0.0
+
+    def __post_init__(self):
+        if not self.cpus > 0:
+            raise StudyError(f"--cpus-per-trial must be > 0, got {self.cpus}")
+        if self.gpus < 0:
+            raise StudyError(f"--gpus-per-trial must be >= 0, got {self.gpus}")
+        if self.gpus > 1 and self.gpus != int(self.gpus):
+            raise StudyError(f"--gpus-per-trial above 1 must be a whole number, got {self.gpus}")
+
+    def ray(self) -> dict[str, float]:
+        return {"cpu": self.cpus, "gpu": self.gpus}
+
+
+@dataclass
+class StudyResult:
+    name: str
+    path: str
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    complete: bool
+    trials: list = field(default_factory=list)  # TrialRecord, best first
+    best_config: Path | None = None
+    plots: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def best(self):
+        return next((t for t in self.trials if t.best_dev_f1 is not None), None)
+
+    @property
+    def link(self) -> str:
+        from drugprot.tracking import run_link
+
+        best = self.best
+        return run_link(self.tracking_uri, self.experiment_id, best.run_id if best else self.parent_run_id)
+
+    @property
+    def ui_command(self) -> str:
+        from drugprot.tracking import ui_command
+
+        return ui_command(self.tracking_uri)
+
+
+# --- names and storage ------------------------------------------------------------------------------------------------
+
+def default_name(space_path: str | os.PathLike) -> str:
+    return f"{Path(space_path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def check_name(name: str) -> str:
+    if not name or not all(c.isalnum() or c in "-_." for c in name) or name.startswith("."):
+        raise StudyError(f"--name {name!r}: use letters, digits, '-', '_' and '.' (it names a folder and an experiment)")
+    return name
+
+
+def _is_remote(storage: str) -> bool:
+    return "://" in storage and not storage.startswith("file://")
+
+
+def resolve_storage(storage: str | os.PathLike | None) -> str:
+    storage = str(storage or DEFAULT_STORAGE)
+    if _is_remote(storage):
+        return storage.rstrip("/")
+    if storage.startswith("file://"):
+        storage = storage[len("file://"):]
+    return str(Path(storage).expanduser().resolve())
+
+
+def _read_text(path: str) -> str | None:
+    if not _is_remote(path):
+        file = Path(path)
+        return file.read_text(encoding="utf-8") if file.is_file() else None
+    import pyarrow.fs
+
+    filesystem, inner = pyarrow.fs.FileSystem.from_uri(path)
+    if filesystem.get_file_info(inner).type != pyarrow.fs.FileType.File:
+        return None
+    with filesystem.open_input_stream(inner) as stream:
+        return stream.read().decode("utf-8")
+
+
+def _write_text(path: str, text: str) -> None:
+    if not _is_remote(path):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text, encoding="utf-8")
+        return
+    import pyarrow.fs
+
+    filesystem, inner = pyarrow.fs.FileSystem.from_uri(path)
+    filesystem.create_dir(inner.rsplit("/", 1)[0], recursive=True)
+    with filesystem.open_output_stream(inner) as stream:
+        stream.write(text.encode("utf-8"))
+
+
+# --- Ray ------------------------------------------------------------------------------------------------------------
+
+def _probe(host: str, port: int, deadline: float) -> str | None:
+    """None when something accepts TCP connections on host:port before the deadline, else the last error."""
+    reason = "no attempt"
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=max(0.2, min(2.0, deadline - time.monotonic()))):
+                return None
+        except OSError as error:
+            reason = error.strerror or type(error).__name__
+        if time.monotonic() >= deadline:
+            return reason
+        time.sleep(0.5)
+
+
+def _split_address(address: str) -> tuple[str, int] | None:
+    bare = address.split("://", 1)[-1].rstrip("/")
+    host, sep, port = bare.rpartition(":")
+    if not sep or not port.isdigit():
+        return None
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def connect_ray(address: str | None, *, timeout: float = 15.0, num_cpus: int | None = None) -> bool:
+    """Start a local Ray runtime (``address`` None) or join a cluster; True when this call started/joined Ray.
+
+    An initialised Ray (a notebook, a test) is reused as it is. A cluster address is probed with TCP for at most
+    ``timeout`` seconds before ``ray.init`` so that a wrong address is a quick, clear error instead of a long hang.
+    """
+    import ray
+
+    if ray.is_initialized():
+        if address is not None:
+            raise StudyError(f"--address {address}: Ray is already initialised in this process; leave the address out "
+                             f"to use that runtime, or call ray.shutdown() first")
+        return False
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    common = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    if address is None:
+        cpus = num_cpus or int(os.environ.get("DRUGPROT_RAY_NUM_CPUS", "0")) or None
+        ray.init(address="local", num_cpus=cpus, object_store_memory=256 * 1024 * 1024, **common)
+        return True
+    target = address
+    if address == "auto":
+        try:
+            from ray._private.services import canonicalize_bootstrap_address_or_die
+
+            target = canonicalize_bootstrap_address_or_die("auto")
+        except Exception as error:  # noqa: BLE001 - Ray phrases "no cluster" as ConnectionError or ValueError
+            raise StudyError(f"--address auto: no running Ray cluster found on this machine ({error}); start one "
+                             f"with `ray start --head` or pass --address HOST:PORT") from None
+    hostport = _split_address(target)
+    if hostport is None:
+        raise StudyError(f"--address {address!r}: expected auto, HOST:PORT or ray://HOST:PORT")
+    reason = _probe(*hostport, time.monotonic() + timeout)
+    if reason is not None:
+        raise StudyError(f"--address {address}: no Ray cluster answers at {hostport[0]}:{hostport[1]} ({reason}) "
+                         f"after {timeout:.0f} s; check the address, or start the head with "
+                         f"`ray start --head --port={hostport[1]}`")
+    try:
+        ray.init(address=address if address != "auto" else target, **common)
+    except Exception as error:  # noqa: BLE001
+        hint = ""
+        if "auth" in str(error).lower() or "token" in str(error).lower():
+            hint = "; Ray 2.60 needs the same RAY_AUTH_MODE (and token) in the cluster and in this shell"
+        raise StudyError(f"--address {address}: cannot join the Ray cluster ({type(error).__name__}: "
+                         f"{str(error)[:300]}){hint}") from None
+    return True
+
+
+def _check_resources(resources: Resources, *, local: bool, say: Callable[[str], None]) -> None:
+    import ray
+
+    total = ray.cluster_resources()
+    missing = []
+    if resources.cpus > total.get("CPU", 0):
+        missing.append(f"{resources.cpus:g} CPU per trial but the cluster has {total.get('CPU', 0):g}")
+    if resources.gpus > total.get("GPU", 0):
+        missing.append(f"{resources.gpus:g} GPU per trial but the cluster has {total.get('GPU', 0):g}")
+    if missing:
+        message = "; ".join(missing)
+        if local:
+            raise StudyError(f"not enough resources: {message} (lower --cpus-per-trial / --gpus-per-trial)")
+        say(f"warning: {message}; trials wait until the cluster grows (autoscaler) or forever")
+
+
+def trial_name(trial) -> str:
+    return trial.trial_id
+
+
+def trial_dirname(trial) -> str:
+    return f"trial_{trial.trial_id}"
+
+
+# --- the study --------------------------------------------------------------------------------------------------------
+
+def tune_study(config: RunConfig | None, *, space: SearchSpace | str | os.PathLike | None, name: str,
+               num_samples: int = 8, max_concurrent: int | None = None, resources: Resources | None = None,
+               storage: str | os.PathLike | None = None, tracking_uri: str | None = None, address: str | None = None,
+               resume: bool = False, connect_timeout: float | None = None,
+               say: Callable[[str], None] | None = None) -> StudyResult:
+    """Run (or resume) a study of ``num_samples`` trials; returns its MLflow records and outputs.
+
+    ``config`` is the base run config and ``space`` a :class:`SearchSpace` or a space file; with ``resume`` both
+    come from the study's ``drugprot-study.json`` (pass None). Ray is started locally unless ``address`` names a
+    cluster (``auto``, ``HOST:PORT``, ``ray://HOST:PORT``) or Ray is already initialised in this process.
+    ``connect_timeout`` bounds the wait for the tracking server and the cluster (default: ``DRUGPROT_CONNECT_TIMEOUT``
+    or 15 s).
+    """
+    from drugprot import tracking
+
+    say = say or (lambda message: print(message, flush=True))
+    name = check_name(name)
+    if address is not None and address != "auto" and _split_address(address) is None:
+        raise StudyError(f"--address {address!r}: expected auto, HOST:PORT or ray://HOST:PORT")
+    storage = resolve_storage(storage)
+    study_path = f"{storage}/{name}"
+    study_file = f"{study_path}/{STUDY_FILE}"
+
+    from ray import tune
+
+    if resume:
+        text = _read_text(study_file)
+        if text is None or not tune.Tuner.can_restore(study_path):
+            raise StudyError(f"--resume: no study {name!r} to resume in {storage} ({STUDY_FILE} or the Tune state is "
+                             f"missing){_existing(storage)}")
+        meta = json.loads(text)
+        if config is not None or space is not None:
+            say("note: --resume keeps the study's own config and space; --config/--space/--set are ignored")
+        config = build_config(meta["config"], f"{study_file}: config")
+        space = parse_space(meta["space"], meta["space_source"], config)
+        num_samples, max_concurrent = meta["num_samples"], meta["max_concurrent"]
+        resources = Resources(**meta["resources"])
+        if tracking_uri is not None and tracking.normalize_tracking_uri(tracking_uri) != meta["tracking_uri"]:
+            say(f"note: --resume logs to the study's tracking URI {meta['tracking_uri']}, not {tracking_uri}")
+        tracking_uri = meta["tracking_uri"]
+    else:
+        if config is None or space is None:
+            raise StudyError("a new study needs --config and --space")
+        if not isinstance(space, SearchSpace):
+            space = load_space(space, config)
+        if num_samples < 1:
+            raise StudyError(f"--num-samples must be >= 1, got {num_samples}")
+        if max_concurrent is not None and max_concurrent < 1:
+            raise StudyError(f"--max-concurrent must be >= 1, got {max_concurrent}")
+        resources = resources or Resources()
+        if tune.Tuner.can_restore(study_path):
+            raise StudyError(f"study {name!r} already exists in {storage}; pass --resume to continue it or choose "
+                             f"another --name")
+        meta = {}
+    base = space.apply(config, {}, source="config with the space's fixed values")
+    max_t = space.max_t(base)
+
+    if connect_timeout is None:
+        connect_timeout = float(os.environ.get("DRUGPROT_CONNECT_TIMEOUT", "15"))
+    tracking_uri = tracking.check_tracking_uri(tracking_uri, timeout=connect_timeout)
+    tracker = tracking.StudyTracker(tracking_uri, name)
+    found = tracker.find_study()
+    if not resume and found and found[1]:
+        raise StudyError(f"study {name!r} already exists in {tracking_uri} (experiment {found[0]}); pass --resume to "
+                         f"continue it or choose another --name")
+
+    started = connect_ray(address, timeout=connect_timeout)
+    try:
+        _check_resources(resources, local=address is None, say=say)
+        parent_params = _parent_params(base, space, num_samples=num_samples, max_concurrent=max_concurrent,
+                                       resources=resources, max_t=max_t)
+        parent_tags = {**tracking.versions(), tracking.TAG_SPACE: space.source, tracking.TAG_STORAGE: study_path}
+        experiment_id, parent_run_id = tracker.open_study(params=parent_params, tags=parent_tags, resume=resume)
+        if not resume:
+            meta = {"name": name, "config": base.dump(), "space": space.raw, "space_source": space.source,
+                    "num_samples": num_samples, "max_concurrent": max_concurrent, "resources": asdict(resources),
+                    "tracking_uri": tracking_uri, "experiment_id": experiment_id, "parent_run_id": parent_run_id,
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            _write_text(study_file, json.dumps(meta, indent=1))
+            with tempfile.TemporaryDirectory(prefix="drugprot-study-") as scratch:
+                (Path(scratch) / "space.yaml").write_text(space.to_yaml())
+                (Path(scratch) / "config.yaml").write_text(yaml.safe_dump(base.dump(), sort_keys=False))
+                tracker.client.log_artifact(parent_run_id, str(Path(scratch) / "space.yaml"))
+                tracker.client.log_artifact(parent_run_id, str(Path(scratch) / "config.yaml"))
+        say(f"study {name}: {num_samples} trials of {space.source} over {', '.join(p.name for p in space.searched)}; "
+            f"{resources.cpus:g} CPU + {resources.gpus:g} GPU per trial; storage {study_path}; tracking {tracking_uri} "
+            f"(experiment {experiment_id})")
+        grid = _run(tune, base=base, space=space, name=name, storage=storage, study_path=study_path, resume=resume,
+                    num_samples=num_samples, max_concurrent=max_concurrent, resources=resources, tracker=tracker,
+                    max_t=max_t)
+        complete = grid.num_terminated + grid.num_errors >= num_samples
+        return _close(grid, tracker=tracker, space=space, name=name, study_path=study_path, storage=storage,
+                      complete=complete, max_t=max_t, say=say)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+
+
+def _existing(storage: str) -> str:
+    if _is_remote(storage) or not Path(storage).is_dir():
+        return ""
+    names = sorted(p.parent.name for p in Path(storage).glob(f"*/{STUDY_FILE}"))
+    return f"; studies there: {', '.join(names)}" if names else ""
+
+
+def _parent_params(base: RunConfig, space: SearchSpace, **study: Any) -> dict[str, Any]:
+    from drugprot.tracking import flatten
+
+    params: dict[str, Any] = {f"study.{k}": v for k, v in study.items() if k != "resources"}
+    params.update({"study.cpus_per_trial": study["resources"].cpus, "study.gpus_per_trial": study["resources"].gpus})
+    params.update({"space.file": space.source, "space.seed": space.seed, "space.startup_trials": space.startup_trials,
+                   "space.max_failures": space.max_failures, "space.keep_checkpoints": space.keep_checkpoints})
+    params.update({f"space.scheduler.{k}": v for k, v in asdict(space.scheduler).items()})
+    params.update({f"space.{p.name}": p.describe() for p in space.params})
+    params.update({f"config.{k}": v for k, v in flatten(base.dump()).items()})
+    return params
+
+
+def _run(tune, *, base: RunConfig, space: SearchSpace, name: str, storage: str, study_path: str, resume: bool,
+         num_samples: int, max_concurrent: int | None, resources: Resources, tracker, max_t: int):
+    from drugprot.tuning.callbacks import MlflowStudyCallback, ProgressTable
+    from drugprot.tuning.trainable import FAULT_ENV, run_trial
+
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")  # keep the resumable state fresh (a few ms per save here)
+    # With num_to_keep set, Tune snapshots the study after each trial checkpoint (what --resume wants) and warns.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    threads = max(1, int(resources.cpus))
+    trainable = tune.with_resources(tune.with_parameters(run_trial, base=base.dump(), space=space, threads=threads,
+                                                         fault_marker=os.environ.get(FAULT_ENV) or None),
+                                    resources.ray())
+    if resume:
+        tuner = tune.Tuner.restore(study_path, trainable=trainable, resume_unfinished=True, restart_errored=True)
+        return tuner.fit()
+
+    import optuna
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    searcher = OptunaSearch(space=space.optuna_distributions(), metric="best_dev_f1", mode="max",
+                            sampler=optuna.samplers.TPESampler(seed=space.seed, n_startup_trials=space.startup_trials))
+    scheduler = ASHAScheduler(time_attr="eval", metric=space.scheduler.metric, mode=space.scheduler.mode, max_t=max_t,
+                              grace_period=min(space.scheduler.grace_period, max_t),
+                              reduction_factor=space.scheduler.reduction_factor)
+    callbacks = [MlflowStudyCallback(tracker, space=space, base_config=base.dump(), max_t=max_t),
+                 ProgressTable(space=space, study=name, num_samples=num_samples, max_t=max_t)]
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=num_samples,
+                                    max_concurrent_trials=max_concurrent, reuse_actors=False,
+                                    trial_name_creator=trial_name, trial_dirname_creator=trial_dirname),
+        run_config=tune.RunConfig(
+            name=name, storage_path=storage, callbacks=callbacks, verbose=0,
+            failure_config=tune.FailureConfig(max_failures=space.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=space.keep_checkpoints,
+                                                    checkpoint_score_attribute="dev_f1", checkpoint_score_order="max")))
+    return tuner.fit()
+
+
+def _close(grid, *, tracker, space: SearchSpace, name: str, study_path: str, storage: str, complete: bool, max_t: int,
+           say: Callable[[str], None]) -> StudyResult:
+    """Reconcile trial runs with Tune's results, draw the plots, write the trials table and the best config."""
+    from drugprot import tracking
+    from drugprot.tuning.plots import build_study, write_plots
+
+    known: set[str] = set()
+    for result in grid:
+        metrics = result.metrics or {}
+        trial_id = metrics.get("trial_id") or _trial_id_from_path(result.path)
+        if not trial_id:
+            continue
+        known.add(trial_id)
+        if complete:
+            _reconcile(tracker, result, trial_id, study_path=study_path, storage=storage, max_t=max_t)
+
+    notes: list[str] = []
+    records = tracking.study_trials(name, tracker.tracking_uri)
+    if complete:
+        for record in records:
+            if record.trial_id not in known:
+                tracker.set_tags(record.run_id, {tracking.TAG_STATE: "abandoned"})
+                tracker.client.delete_run(record.run_id)
+                notes.append(f"trial {record.trial_id}: started before an interruption but unknown to the restored "
+                             f"Tune state; its run {record.run_id} was deleted (restorable in MLflow)")
+        records = [r for r in records if r.trial_id in known]
+
+    histories = {r.run_id: {m.step: m.value for m in tracker.client.get_metric_history(r.run_id, "dev_f1")}
+                 for r in records}
+    plots: list[Path] = []
+    best_config = None
+    best = next((r for r in records if r.best_dev_f1 is not None), None)
+    with tempfile.TemporaryDirectory(prefix="drugprot-plots-") as scratch:
+        artifacts: dict[str, Path] = {}
+        table = Path(scratch) / tracking.TRIALS_ARTIFACT
+        table.write_text(tracking.trials_csv(records))
+        artifacts[tracking.TRIALS_ARTIFACT] = table
+        try:
+            files, plot_notes = write_plots(build_study(records, space, histories), Path(scratch) / "plots")
+        except Exception as error:  # noqa: BLE001 - plots never fail a finished study
+            files, plot_notes = [], [f"plots not drawn ({type(error).__name__}: {error})"]
+        notes.extend(plot_notes)
+        for file in files:
+            artifacts[f"{tracking.PLOTS_ARTIFACT}/{file.name}"] = file
+        if best is not None and best.config:
+            text = yaml.safe_dump(best.config, sort_keys=False)
+            best_file = Path(scratch) / BEST_CONFIG
+            best_file.write_text(text)
+            artifacts[BEST_CONFIG] = best_file
+            local = Path(study_path) / BEST_CONFIG if not _is_remote(storage) else Path.cwd() / f"{name}-{BEST_CONFIG}"
+            local.parent.mkdir(parents=True, exist_ok=True)
+            local.write_text(text)
+            best_config = local
+        tracker.finish_study(state="finished" if complete else "interrupted", best=best, artifacts=artifacts)
+        if not _is_remote(storage):
+            plot_dir = Path(study_path) / "plots"
+            plot_dir.mkdir(parents=True, exist_ok=True)
+            for file in files:
+                (plot_dir / file.name).write_bytes(file.read_bytes())
+                plots.append(plot_dir / file.name)
+            (Path(study_path) / tracking.TRIALS_ARTIFACT).write_text(table.read_text())
+    for note in notes:
+        say(f"note: {note}")
+    return StudyResult(name=name, path=study_path, tracking_uri=tracker.tracking_uri,
+                       experiment_id=tracker.experiment_id, parent_run_id=tracker.parent_run_id, complete=complete,
+                       trials=records, best_config=best_config, plots=plots, notes=notes)
+
+
+def _reconcile(tracker, result, trial_id: str, *, study_path: str, storage: str, max_t: int) -> None:
+    """Close a trial's run that the callback could not close (the driver was killed while the trial ended):
+    the state from Tune's verdict and the evaluations MLflow holds, the artifacts from its latest checkpoint."""
+    from drugprot import tracking
+    from drugprot.tuning.callbacks import trial_state
+
+    run_id = tracker.trial_run(trial_id)
+    if run_id is None or tracker.client.get_run(run_id).data.tags.get(tracking.TAG_STATE, "running") != "running":
+        return
+    logged = [m.step for m in tracker.client.get_metric_history(run_id, "dev_f1")]
+    last_eval = int((result.metrics or {}).get("eval") or max(logged, default=0))
+    state = trial_state(error=result.error is not None, stopped_by_scheduler=None, last_eval=last_eval, max_t=max_t)
+    if result.checkpoint is not None:
+        with result.checkpoint.as_directory() as folder:
+            tracker.finish_trial(run_id, state=state, run_folder=Path(folder))
+        return
+    folder = None
+    if not _is_remote(storage):
+        found = sorted((Path(study_path) / trial_dirname(SimpleNamespace(trial_id=trial_id))).glob("checkpoint_*"))
+        folder = found[-1] if found else None
+    tracker.finish_trial(run_id, state=state, run_folder=folder)
+
+
+def _trial_id_from_path(path: str | None) -> str | None:
+    leaf = str(path or "").rstrip("/").rsplit("/", 1)[-1]
+    return leaf[len("trial_"):] if leaf.startswith("trial_") else None
+
+
+def summary(result: StudyResult) -> str:
+    """What ``drugprot tune`` prints at the end."""
+    lines = []
+    finished = sum(1 for t in result.trials if t.state == "finished")
+    stopped = sum(1 for t in result.trials if t.state == "early-stopped")
+    errored = sum(1 for t in result.trials if t.state == "errored")
+    lines.append(f"study {result.name}: {len(result.trials)} trials ({finished} finished, {stopped} early-stopped, "
+                 f"{errored} errored)" + ("" if result.complete else " - INTERRUPTED"))
+    best = result.best
+    if best is not None:
+        params = ", ".join(f"{k}={_short(v)}" for k, v in sorted(best.params.items()))
+        lines.append(f"best trial {best.trial_id}: dev F1 {best.best_dev_f1:.4f} ({best.state}, seed {best.seed}); {params}")
+        if result.best_config is not None:
+            lines.append(f"best config: {result.best_config}")
+    else:
+        lines.append("no trial reported a dev F1")
+    lines.append(f"MLflow run: {result.link}")
+    if result.tracking_uri.startswith("sqlite:"):
+        lines.append(f"browse the study: {result.ui_command}  (then open the link above)")
+    if not result.complete:
+        lines.append(f"resume with: drugprot tune --resume --name {result.name} --storage {result.path.rsplit('/', 1)[0]}")
+    return "\n".join(lines)
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float) and not math.isnan(value):
+        return f"{value:.4g}"
+    return str(value)

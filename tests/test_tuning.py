@@ -1,0 +1,448 @@
+"""Real studies: Ray Tune + Optuna + ASHA over the tiny smoke config, tracked in MLflow (SQLite and a real server),
+a crashed trial retried from its checkpoint, an interrupted study resumed, a two-node cluster, and bad inputs.
+
+The slow tests share one local Ray runtime (module fixture) where they can; the resume and cluster tests run
+``drugprot tune`` in subprocesses because they kill a driver or join another cluster. Ray's temporary files go to
+/tmp/drugprot-ray-tune-tests (short: Unix socket paths are limited to 107 characters); Ray ports stay in 6400-6409,
+MLflow servers in 5100-5109.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from drugprot import tracking  # noqa: E402
+from drugprot.cli import main  # noqa: E402
+from fixtures_mlflow import mlflow_server  # noqa: E402,F401  (module fixture)
+from fixtures_models import smoke_config  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE_CONFIG = REPO / "configs" / "smoke.yaml"
+SMOKE_SPACE = REPO / "search_spaces" / "smoke.yaml"
+RAY_TMP = Path("/tmp/drugprot-ray-tune-tests")
+CLUSTER_PORT = 6400
+DEAD_PORT = 6409
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0",
+           "MLFLOW_DISABLE_TELEMETRY": "true", "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("RAY_ADDRESS", None)
+    env.pop("DRUGPROT_FAULT_ONCE", None)
+    env.update(extra)
+    return env
+
+
+def drugprot_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "drugprot", "tune", *args]
+
+
+def dev_f1_steps(client, run_id: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, "dev_f1"))
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is dead for our purpose
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+# --- bad inputs: clear errors before any trial starts (first in the file: they need Ray not initialised here) ---------
+
+def test_unreachable_tracking_server_fails_before_any_trial(tmp_path, capsys, monkeypatch):
+    import ray
+
+    monkeypatch.setenv("DRUGPROT_CONNECT_TIMEOUT", "2")
+    monkeypatch.chdir(tmp_path)
+    if ray.is_initialized():
+        pytest.skip("Ray is initialised in this process")
+    code = main(["tune", "--config", str(SMOKE_CONFIG), "--space", str(SMOKE_SPACE), "--name", "x",
+                 "--storage", str(tmp_path / "storage"), "--tracking-uri", "http://127.0.0.1:5109"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "drugprot tune: error: --tracking-uri http://127.0.0.1:5109: no MLflow server answers" in err
+    assert not ray.is_initialized() and not (tmp_path / "storage").exists()
+
+
+def test_cluster_address_that_does_not_answer(tmp_path, capsys, monkeypatch):
+    import ray
+
+    monkeypatch.setenv("DRUGPROT_CONNECT_TIMEOUT", "2")
+    if ray.is_initialized():
+        pytest.skip("Ray is initialised in this process")
+    start = time.monotonic()
+    code = main(["tune", "--config", str(SMOKE_CONFIG), "--space", str(SMOKE_SPACE), "--name", "x",
+                 "--storage", str(tmp_path / "storage"), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}",
+                 "--address", f"127.0.0.1:{DEAD_PORT}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"--address 127.0.0.1:{DEAD_PORT}: no Ray cluster answers at 127.0.0.1:{DEAD_PORT}" in err
+    assert "after 2 s" in err and time.monotonic() - start < 60
+    assert not ray.is_initialized()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--num-samples", "0"], "--num-samples must be >= 1, got 0"),
+    (["--cpus-per-trial", "0"], "--cpus-per-trial must be > 0"),
+    (["--name", "a/b"], "--name 'a/b': use letters, digits"),
+    (["--address", "nowhere"], "--address 'nowhere': expected auto, HOST:PORT or ray://HOST:PORT"),
+])
+def test_bad_study_options(tmp_path, capsys, args, message):
+    code = main(["tune", "--config", str(SMOKE_CONFIG), "--space", str(SMOKE_SPACE), "--name", "ok",
+                 "--storage", str(tmp_path / "storage"), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}", *args])
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_resume_needs_an_existing_study(tmp_path, capsys):
+    assert main(["tune", "--resume"]) == 2
+    assert "--resume needs --name" in capsys.readouterr().err
+    assert main(["tune", "--resume", "--name", "ghost", "--storage", str(tmp_path)]) == 2
+    assert f"--resume: no study 'ghost' to resume in {tmp_path}" in capsys.readouterr().err
+
+
+def test_new_study_needs_config_and_space(capsys):
+    assert main(["tune", "--space", str(SMOKE_SPACE)]) == 2
+    assert "a new study needs --config FILE and --space FILE" in capsys.readouterr().err
+
+
+# --- one local Ray runtime for the in-process studies ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    temp = RAY_TMP / f"l{os.getpid()}"
+    temp.mkdir(parents=True, exist_ok=True)
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024 * 1024,
+             log_to_driver=False, _temp_dir=str(temp))
+    yield ray
+    ray.shutdown()
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    """One SQLite tracking store for the studies of this module (each study is its own experiment): creating a
+    store runs MLflow's migrations, several seconds each time."""
+    return f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="module")
+def local_study(local_ray, store, tmp_path_factory):
+    """Four trials on the smoke space, one at a time (ASHA's decisions are then deterministic), SQLite tracking, and
+    a fault injected once: the first trial to reach its second evaluation raises before reporting it."""
+    from drugprot.tuning.study import tune_study
+    from drugprot.tuning.trainable import FAULT_ENV
+
+    root = tmp_path_factory.mktemp("local-study")
+    marker = root / "fault-marker"
+    lines: list[str] = []
+    os.environ[FAULT_ENV] = str(marker)
+    try:
+        result = tune_study(smoke_config(), space=SMOKE_SPACE, name="local", num_samples=4, max_concurrent=1,
+                            storage=root / "storage", tracking_uri=store, say=lines.append)
+    finally:
+        os.environ.pop(FAULT_ENV, None)
+    return {"result": result, "root": root, "marker": marker, "lines": lines,
+            "client": tracking.client(result.tracking_uri)}
+
+
+@pytest.mark.slow
+def test_local_study_tracks_every_trial_and_asha_stops_some(local_study):
+    result, client = local_study["result"], local_study["client"]
+    assert result.complete
+    assert len(result.trials) == 4
+    states = sorted(t.state for t in result.trials)
+    assert "early-stopped" in states and "finished" in states, states
+    assert set(states) <= {"finished", "early-stopped"}
+    for trial in result.trials:
+        assert trial.tags[tracking.PARENT_TAG] == result.parent_run_id
+        assert trial.tags[tracking.TAG_KIND] == "trial" and trial.tags[tracking.TAG_TRIAL_ID] == trial.trial_id
+        steps = dev_f1_steps(client, trial.run_id)
+        assert steps == list(range(1, len(steps) + 1)), steps  # every evaluation once, step = evaluation index
+        assert (len(steps) == 4) == (trial.state == "finished")
+        assert trial.best_dev_f1 == pytest.approx(max(m.value for m in client.get_metric_history(trial.run_id, "dev_f1")))
+        assert trial.seed == trial.config["train"]["seed"] == 13
+        assert set(trial.params) == {"loss.gamma", "loss.lambda", "train.lr", "sampling.interval.lo",
+                                     "sampling.interval.hi", "train.seed"}
+        assert trial.config["sampling"]["interval"] == [trial.params["sampling.interval.lo"],
+                                                        trial.params["sampling.interval.hi"]]
+        run = client.get_run(trial.run_id)
+        assert run.info.status == "FINISHED"
+        assert set(run.data.params) >= {"loss.gamma", "train.lr", "sampling.interval.lo"}
+        assert {"model", "config.yaml", "per_type.csv", "metrics.json"} <= {a.path for a in client.list_artifacts(trial.run_id)}
+    parents = client.search_runs([result.experiment_id], "tags.`drugprot.kind` = 'study'")
+    assert [p.info.run_id for p in parents] == [result.parent_run_id]
+    parent = parents[0]
+    assert parent.data.tags[tracking.TAG_STATE] == "finished" and parent.data.tags["ray.version"]
+    assert parent.data.params["study.num_samples"] == "4" and parent.data.params["config.train.epochs"] == "2.0"
+    assert parent.data.metrics["best_dev_f1"] == pytest.approx(result.trials[0].best_dev_f1)
+    assert any(line.startswith("study local: 4 trials") for line in local_study["lines"])
+
+
+@pytest.mark.slow
+def test_local_study_writes_plots_trials_table_and_best_config(local_study):
+    from drugprot.config import load_config
+
+    result, client = local_study["result"], local_study["client"]
+    artifacts = {a.path for a in client.list_artifacts(result.parent_run_id, "plots")}
+    for plot in ("optimization_history", "param_importances", "parallel_coordinate"):
+        assert {f"plots/{plot}.html", f"plots/{plot}.png"} <= artifacts
+        assert (Path(result.path) / "plots" / f"{plot}.png").stat().st_size > 1000
+    top = {a.path for a in client.list_artifacts(result.parent_run_id)}
+    assert {"space.yaml", "config.yaml", "trials.csv", "best_config.yaml"} <= top
+    rows = (Path(result.path) / "trials.csv").read_text().splitlines()
+    assert len(rows) == 5 and rows[0].startswith("trial_id,run_id,state,best_dev_f1")
+    best = load_config(result.best_config)
+    assert best.dump() == result.best.config
+    assert best.train.lr == pytest.approx(result.best.params["train.lr"])
+
+
+@pytest.mark.slow
+def test_crashed_trial_is_retried_from_its_checkpoint(local_study):
+    result, client, marker = local_study["result"], local_study["client"], local_study["marker"]
+    assert marker.is_file(), "no trial reached its second evaluation"
+    faulted = next(t for t in result.trials if t.trial_id == marker.read_text())
+    assert faulted.tags[tracking.TAG_FAILURES] == "1"
+    assert faulted.tags[tracking.TAG_STARTS] == "2"
+    assert faulted.tags[tracking.TAG_RESUMED_FROM] == "1"  # restored from the checkpoint of evaluation 1
+    steps = dev_f1_steps(client, faulted.run_id)
+    assert steps[:2] == [1, 2] and steps == sorted(set(steps))
+    assert faulted.state in ("finished", "early-stopped")
+
+
+@pytest.mark.slow
+def test_trial_processes_exit_when_their_trial_ends(local_study, local_ray):
+    """One process per trial: once a trial ends (finished or stopped by ASHA) its actor process is gone, which is
+    what frees its GPU memory; Ray itself is still running here."""
+    assert local_ray.is_initialized()
+    pids = {int(t.tags[tracking.TAG_PID]) for t in local_study["result"].trials}
+    assert len(pids) == 4 and os.getpid() not in pids
+    deadline = time.monotonic() + 30
+    while any(process_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not [pid for pid in pids if process_alive(pid)]
+
+
+@pytest.mark.slow
+def test_an_address_is_refused_when_ray_already_runs_here(local_ray):
+    from drugprot.tuning.study import StudyError, connect_ray
+
+    assert connect_ray(None) is False  # the runtime of this process is reused, and left running
+    with pytest.raises(StudyError, match=r"--address 127.0.0.1:6409: Ray is already initialised in this process"):
+        connect_ray(f"127.0.0.1:{DEAD_PORT}", timeout=1)
+
+
+@pytest.mark.slow
+def test_trial_models_download_back(local_study, tmp_path):
+    from drugprot.model.artifacts import verify_manifest
+
+    result = local_study["result"]
+    records = tracking.study_trials("local", result.tracking_uri)
+    assert [r.best_dev_f1 for r in records] == sorted((r.best_dev_f1 for r in records), reverse=True)
+    folder = tracking.download_trial_model(records[0], tmp_path, result.tracking_uri)
+    verify_manifest(folder)
+
+
+# --- a real MLflow server ---------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_study_logs_to_an_mlflow_server(local_ray, mlflow_server, tmp_path):
+    from drugprot.model.artifacts import verify_manifest
+    from drugprot.tuning.study import tune_study
+
+    result = tune_study(smoke_config(**{"train.epochs": 1}), space=SMOKE_SPACE, name="over-http", num_samples=2,
+                        max_concurrent=2, storage=tmp_path / "storage", tracking_uri=mlflow_server, say=lambda _: None)
+    assert result.complete and result.tracking_uri == mlflow_server
+    assert result.link.startswith(f"{mlflow_server}/#/experiments/{result.experiment_id}/runs/")
+    records = tracking.study_trials("over-http", mlflow_server)
+    assert len(records) == 2
+    client = tracking.client(mlflow_server)
+    for record in records:
+        assert record.tags[tracking.PARENT_TAG] == result.parent_run_id
+        assert dev_f1_steps(client, record.run_id)[0] == 1
+        assert record.artifact_uri.startswith("mlflow-artifacts:/")
+    folder = tracking.download_trial_model(records[0], tmp_path / "member", mlflow_server)
+    verify_manifest(folder)
+    assert "trials.csv" in {a.path for a in client.list_artifacts(result.parent_run_id)}
+
+
+# --- resume after the driver is killed --------------------------------------------------------------------------------
+
+def session_members(sid: int) -> list[int]:
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(") ", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":  # fields after the name: state ppid pgrp session ...
+            members.append(int(stat.parent.name))
+    return members
+
+
+def kill_session(sid: int) -> None:
+    """SIGKILL every process of the session that a subprocess started with start_new_session=True leads: the driver,
+    the Ray runtime it started and its workers (which take process groups of their own but keep the session)."""
+    for _ in range(20):
+        members = session_members(sid)
+        if not members:
+            return
+        for pid in members:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.25)
+
+
+@contextlib.contextmanager
+def running(cmd: list[str], *, cwd: Path, env: dict[str, str], log: Path):
+    """A subprocess in its own session (so its whole process group can be killed), stdout lines in a list."""
+    out = open(log, "w")
+    process = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=out, text=True,
+                               start_new_session=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: [lines.append(line.rstrip("\n")) for line in process.stdout], daemon=True)
+    reader.start()
+    try:
+        yield process, lines
+    finally:
+        kill_session(process.pid)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=30)
+        reader.join(timeout=10)
+        out.close()
+
+
+@pytest.mark.slow
+def test_interrupted_study_resumes_without_rerunning_or_relogging(store, tmp_path, request):
+    common = ["--name", "resumable", "--storage", str(tmp_path / "storage"), "--tracking-uri", store]
+    ray_tmp = RAY_TMP / f"r{os.getpid()}"
+    ray_tmp.mkdir(parents=True, exist_ok=True)
+    request.addfinalizer(lambda: shutil.rmtree(ray_tmp, ignore_errors=True))
+    env = child_env(RAY_TMPDIR=str(ray_tmp), TUNE_GLOBAL_CHECKPOINT_S="1")
+    cmd = drugprot_cmd("--config", str(SMOKE_CONFIG), "--space", str(SMOKE_SPACE), "--num-samples", "3",
+                       "--max-concurrent", "2", *common)
+    finished_before: list[str] = []
+    with running(cmd, cwd=tmp_path, env=env, log=tmp_path / "first.log") as (process, lines):
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and process.poll() is None:
+            finished_before = [line.split()[2] for line in lines if line.startswith("[resumable] trial ")
+                               and (" finished:" in line or " early-stopped:" in line)]
+            if finished_before:
+                break
+            time.sleep(0.2)
+        assert finished_before, f"no trial ended before the deadline:\n" + "\n".join(lines[-20:])
+        time.sleep(3)  # let Tune snapshot the study (TUNE_GLOBAL_CHECKPOINT_S=1)
+        assert process.poll() is None, "the study finished before it could be interrupted"
+        kill_session(process.pid)  # the driver and the whole Ray runtime it started
+        process.wait(timeout=30)
+
+    records = tracking.study_trials("resumable", store)
+    assert len(records) < 3 or any(r.state == "running" for r in records)
+
+    resumed = subprocess.run(drugprot_cmd("--resume", *common), cwd=tmp_path, env=env, capture_output=True, text=True,
+                             timeout=400)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "study resumable: 3 trials" in resumed.stdout
+
+    records = tracking.study_trials("resumable", store)
+    client = tracking.client(tracking.normalize_tracking_uri(store))
+    experiment = client.get_experiment_by_name("resumable")
+    all_runs = client.search_runs([experiment.experiment_id], "", run_view_type=3)  # active and deleted
+    assert len([r for r in all_runs if r.data.tags.get(tracking.TAG_KIND) == "trial"]) == 3  # no duplicated runs
+    assert len([r for r in all_runs if r.data.tags.get(tracking.TAG_KIND) == "study"]) == 1
+    assert len({r.trial_id for r in records}) == 3
+    assert all(r.state in ("finished", "early-stopped") for r in records), \
+        [(r.trial_id, r.state, r.tags.get(tracking.TAG_STARTS)) for r in records] + [resumed.stdout[-2000:], resumed.stderr[-3000:]]
+    for record in records:
+        steps = dev_f1_steps(client, record.run_id)
+        assert steps == list(range(1, len(steps) + 1)), (record.trial_id, steps)  # nothing logged twice
+    for trial_id in finished_before:
+        record = next(r for r in records if r.trial_id == trial_id)
+        assert record.tags[tracking.TAG_STARTS] == "1", f"finished trial {trial_id} was run again"
+
+
+# --- a two-node cluster -----------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def local_cluster(tmp: Path):
+    script = REPO / "infra" / "local-cluster.sh"
+    if not script.is_file():
+        pytest.skip("infra/local-cluster.sh is not in this tree")
+    env = child_env(DRUGPROT_RAY_PORT=str(CLUSTER_PORT), RAY_TMPDIR=str(tmp))
+    up = subprocess.run(["bash", str(script), "up", "--workers", "1", "--cpus-per-node", "1",
+                         "--memory-per-node", str(2 * 1024 ** 3), "--object-store-memory", str(150 * 1024 ** 2)],
+                        env=env, capture_output=True, text=True, timeout=240)
+    try:
+        assert up.returncode == 0, up.stdout[-2000:] + up.stderr[-2000:]
+        yield f"127.0.0.1:{CLUSTER_PORT}", env
+    finally:
+        # Ends only the processes of this cluster (by the sessions it recorded), not other people's Ray.
+        subprocess.run(["bash", str(script), "down"], env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.slow
+def test_study_on_a_two_node_cluster_uses_both_nodes(store, tmp_path, request):
+    ray_tmp = RAY_TMP / f"c{os.getpid()}"
+    ray_tmp.mkdir(parents=True, exist_ok=True)
+    request.addfinalizer(lambda: shutil.rmtree(ray_tmp, ignore_errors=True))
+    with local_cluster(ray_tmp) as (address, env):
+        run = subprocess.run(
+            drugprot_cmd("--config", str(SMOKE_CONFIG), "--space", str(SMOKE_SPACE), "--set", "train.epochs=1",
+                         "--num-samples", "2", "--max-concurrent", "2", "--cpus-per-trial", "1", "--name", "cluster",
+                         "--address", address, "--storage", str(tmp_path / "storage"), "--tracking-uri", store),
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    records = tracking.study_trials("cluster", store)
+    assert len(records) == 2
+    nodes = {r.tags[tracking.TAG_NODE_ID] for r in records}
+    assert len(nodes) == 2, nodes  # one CPU per node, two trials at once: one trial on each node
+    assert all(r.tags[tracking.TAG_NODE_IP] for r in records)
+
+
+# --- plots without kaleido -------------------------------------------------------------------------------------------
+
+def test_plots_fall_back_to_matplotlib_when_kaleido_fails(tmp_path, monkeypatch):
+    from drugprot.tuning import plots
+    from drugprot.tuning.space import load_space
+
+    space = load_space(SMOKE_SPACE, smoke_config())
+    records = [tracking.TrialRecord(f"r{i}", f"t{i}", 0.1 * i, {"loss.gamma": 0.5 * i, "loss.lambda": 0.2 * i,
+                                                                "train.lr": 0.006 + 0.002 * i, "sampling.interval.lo": -9,
+                                                                "sampling.interval.hi": 12 + i, "train.seed": 13},
+                                    13, {}, "finished" if i % 2 else "early-stopped", start_time=i) for i in range(1, 5)]
+    study = plots.build_study(records, space, {"r1": {1: 0.05, 2: 0.1}})
+    assert [t.user_attrs["trial_id"] for t in study.trials] == ["t1", "t2", "t3", "t4"]
+    monkeypatch.setattr(plots, "_kaleido", lambda figures, pngs: "forced failure")
+    files, notes = plots.write_plots(study, tmp_path)
+    assert sorted(f.name for f in files) == sorted(f"{p}.{ext}" for p in plots.PLOTS for ext in ("html", "png"))
+    assert all(f.stat().st_size > 1000 for f in files)
+    assert notes == ["PNG through kaleido failed (forced failure); drew the PNGs with matplotlib"]

@@ -1,0 +1,159 @@
+"""Search-space files: the bundled spaces, conversion to Optuna, application to a config, every error message."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from drugprot.config import load_config  # noqa: E402
+from drugprot.tuning.space import SpaceError, load_space, parse_space  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SPACES = REPO / "search_spaces"
+SMOKE = load_config(REPO / "configs" / "smoke.yaml")
+
+
+@pytest.mark.parametrize("name", ["paper", "smoke", "wide"])
+def test_bundled_spaces_load_against_the_smoke_config(name):
+    space = load_space(SPACES / f"{name}.yaml", SMOKE)
+    names = [p.name for p in space.searched]
+    for expected in ("loss.gamma", "loss.lambda", "train.lr", "sampling.interval.lo", "sampling.interval.hi", "train.seed"):
+        assert expected in names
+    assert space.max_t(SMOKE) == 4  # 2 epochs, an evaluation every half epoch
+
+
+def test_paper_space_matches_the_paper():
+    space = load_space(SPACES / "paper.yaml", SMOKE)
+    by_name = {p.name: p for p in space.params}
+    assert (by_name["loss.gamma"].kind, by_name["loss.gamma"].low, by_name["loss.gamma"].high) == ("uniform", 0.0, 5.0)
+    assert (by_name["loss.lambda"].low, by_name["loss.lambda"].high) == (0.0, 1.0)
+    assert (by_name["train.lr"].kind, by_name["train.lr"].low, by_name["train.lr"].high) == ("loguniform", 1e-5, 1e-4)
+    assert (by_name["sampling.interval.lo"].kind, by_name["sampling.interval.lo"].low,
+            by_name["sampling.interval.lo"].high) == ("int", -16, 0)
+    assert (by_name["sampling.interval.hi"].low, by_name["sampling.interval.hi"].high) == (0, 24)
+    assert by_name["train.seed"].kind == "choice" and len(by_name["train.seed"].choices) >= 3
+    assert "model.system" not in by_name and "encoder.name" not in by_name  # both come from the config
+    assert (space.scheduler.metric, space.scheduler.mode) == ("dev_f1", "max")
+
+
+def test_wide_space_adds_dropout_warmup_budget_and_system():
+    names = {p.name for p in load_space(SPACES / "wide.yaml", SMOKE).searched}
+    assert {"model.dropout", "train.warmup", "train.token_budget", "model.system"} <= names
+
+
+def test_optuna_distributions():
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    dists = load_space(SPACES / "paper.yaml", SMOKE).optuna_distributions()
+    assert dists["train.lr"] == FloatDistribution(1e-5, 1e-4, log=True)
+    assert dists["loss.gamma"] == FloatDistribution(0.0, 5.0)
+    assert dists["sampling.interval.lo"] == IntDistribution(-16, 0)  # both ends included
+    assert isinstance(dists["train.seed"], CategoricalDistribution)
+
+
+def test_apply_maps_the_interval_pair_and_fixed_values():
+    space = parse_space({"params": {"sampling.interval": {"lo": {"int": [-5, 0]}, "hi": {"int": [0, 9]}},
+                                    "model.dropout": {"fixed": 0.25}, "loss.lambda": {"uniform": [0, 1]}}},
+                        "s.yaml", SMOKE)
+    config = space.apply(SMOKE, {"sampling.interval.lo": -3, "sampling.interval.hi": 7, "loss.lambda": 0.3})
+    assert config.sampling.interval == (-3, 7)
+    assert config.model.dropout == 0.25 and config.loss.lambda_ == 0.3
+    assert config.train.lr == SMOKE.train.lr  # untouched keys come from the config
+    assert space.apply(SMOKE, {"sampling.interval.lo": -2}).sampling.interval == (-2, SMOKE.sampling.interval[1])
+
+
+def test_optuna_samples_valid_configs():
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    space = load_space(SPACES / "wide.yaml", SMOKE)
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=space.seed))
+    for _ in range(10):
+        trial = study.ask(fixed_distributions=space.optuna_distributions())
+        config = space.apply(SMOKE, trial.params)
+        lo, hi = config.sampling.interval
+        assert -16 <= lo <= 0 <= hi <= 24
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("text, message", [
+    ("params:\n  train.lrr: {uniform: [0.1, 0.2]}\n",
+     r"bad.yaml: params.train.lrr: unknown config key 'train.lrr' \(train has: .*lr"),
+    ("params:\n  trian.lr: {uniform: [0.1, 0.2]}\n", r"bad.yaml: params.trian.lr: unknown config key 'trian.lr' \(sections: "),
+    ("params:\n  loss.gamma: {uniform: [1.0, 1.0]}\n",
+     r"bad.yaml: params.loss.gamma: uniform: empty range \[1.0, 1.0\]; use \{fixed: 1.0\}"),
+    ("params:\n  loss.gamma: {uniform: [3.0, 1.0]}\n", r"bad.yaml: params.loss.gamma: uniform: low 3.0 > high 1.0"),
+    ("params:\n  train.seed: {choice: []}\n", r"bad.yaml: params.train.seed: choice: expected a non-empty list"),
+    ("params:\n  train.lr: {loguniform: [0.0, 0.1]}\n", r"bad.yaml: params.train.lr: loguniform: low must be > 0, got 0.0"),
+    ("params:\n  loss.gamma: {normal: [0, 1]}\n", r"bad.yaml: params.loss.gamma: unknown distribution 'normal'"),
+    ("params:\n  loss.gamma: [0, 1]\n", r"bad.yaml: params.loss.gamma: expected one distribution"),
+    ("params:\n  train.lr: {uniform: [1.0e-5, 2.0]}\n",
+     r"bad.yaml: params.train.lr: high 2.0 is not a valid train.lr: Input should be less than or equal to 1"),
+    ("params:\n  model.system: {choice: [baseline, fgemr]}\n",
+     r"bad.yaml: params.model.system: choice 'fgemr' is not a valid model.system: system 'fgemr' predicts"),
+    ("params:\n  sampling.interval:\n    lo: {int: [-4, 2]}\n    hi: {int: [0, 8]}\n",
+     r"bad.yaml: params.sampling.interval.lo: int \[-4, 2\] allows 2, but the interval needs lo <= 0 <= hi"),
+    ("params:\n  sampling.interval:\n    lo: {int: [-4, 0]}\n    hi: {int: [-2, 8]}\n",
+     r"bad.yaml: params.sampling.interval.hi: int \[-2, 8\] allows -2, but .*\(hi >= 0\)"),
+    ("params:\n  sampling.interval:\n    lo: {int: [0, -4]}\n    hi: {int: [0, 8]}\n",
+     r"bad.yaml: params.sampling.interval.lo: int: low 0 > high -4"),
+    ("params:\n  sampling.interval:\n    lo: {uniform: [-4, 0]}\n    hi: {int: [0, 8]}\n",
+     r"params.sampling.interval.lo: the interval takes integers"),
+    ("params:\n  sampling.interval:\n    lo: {int: [-4, 0]}\n", r"params.sampling.interval: missing 'hi'"),
+    ("params:\n  sampling.interval: {fixed: [3, 8]}\n  loss.gamma: {uniform: [0, 1]}\n",
+     r"params.sampling.interval: value \[3, 8\] is not a valid sampling.interval: must satisfy lo <= 0 <= hi"),
+    ("params:\n  loss.gamma: {fixed: 1.0}\n", r"bad.yaml: params: nothing to search"),
+    ("params: {}\n", r"bad.yaml: params: expected a non-empty mapping"),
+    ("parms:\n  loss.gamma: {uniform: [0, 1]}\n", r"bad.yaml: parms: unknown key"),
+    ("scheduler: {metric: accuracy}\nparams:\n  loss.gamma: {uniform: [0, 1]}\n",
+     r"bad.yaml: scheduler.metric: expected one of dev_f1"),
+    ("scheduler: {reduction_factor: 1}\nparams:\n  loss.gamma: {uniform: [0, 1]}\n",
+     r"bad.yaml: scheduler.reduction_factor: must be > 1"),
+    ("scheduler: {grace_period: 4, max_t: 2}\nparams:\n  loss.gamma: {uniform: [0, 1]}\n",
+     r"bad.yaml: scheduler.max_t: 2 is below grace_period 4"),
+    ("trials: {retries: 3}\nparams:\n  loss.gamma: {uniform: [0, 1]}\n", r"bad.yaml: trials.retries: unknown key"),
+    ("params:\n  train.epochs: {uniform: [1, 3]}\n", r"bad.yaml: scheduler.max_t: required when train.epochs is searched"),
+    ("params:\n  loss.gamma: {uniform: [0, 1]\n", r"bad.yaml:\d+: not valid YAML"),
+])
+def test_space_errors_name_the_file_parameter_and_key(tmp_path, text, message):
+    with pytest.raises(SpaceError, match=message):
+        load_space(write(tmp_path, text), SMOKE)
+
+
+def test_missing_space_file(tmp_path):
+    with pytest.raises(SpaceError, match=r"nope.yaml: cannot read search space"):
+        load_space(tmp_path / "nope.yaml", SMOKE)
+
+
+def test_cli_reports_a_bad_space_without_traceback(tmp_path, capsys):
+    from drugprot.cli import main
+
+    bad = write(tmp_path, "params:\n  train.lrr: {uniform: [0.1, 0.2]}\n")
+    code = main(["tune", "--config", str(REPO / "configs" / "smoke.yaml"), "--space", str(bad)])
+    assert code == 2
+    assert "drugprot tune: error: " in capsys.readouterr().err
+
+
+def test_space_module_imports_neither_ray_nor_mlflow():
+    code = ("import sys; import drugprot.tuning.space, drugprot.tuning; "
+            "print(sorted(m for m in ('ray', 'mlflow', 'optuna', 'torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_space_round_trips_through_yaml():
+    space = load_space(SPACES / "paper.yaml", SMOKE)
+    again = parse_space(yaml.safe_load(space.to_yaml()), space.source, SMOKE)
+    assert again.params == space.params and again.scheduler == space.scheduler
