@@ -40,8 +40,9 @@ def _free_port(spec: str = PORTS) -> int:
 
 
 @contextlib.contextmanager
-def mlflow_server_process(root: Path, *, port: int | None = None, ready_timeout: float = 90.0):
-    """Run ``mlflow server`` with ``root/mlflow.db`` and ``root/artifacts``; yields ``(uri, process)``."""
+def mlflow_server_process(root: Path, *, port: int | None = None, ready_timeout: float = 90.0,
+                          backend_store_uri: str | None = None):
+    """Run ``mlflow server`` with ``root/mlflow.db`` (or ``backend_store_uri``) and ``root/artifacts``; yields ``(uri, process)``."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     port = port or _free_port()
@@ -49,7 +50,7 @@ def mlflow_server_process(root: Path, *, port: int | None = None, ready_timeout:
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
     process = subprocess.Popen(
         [str(MLFLOW), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts")],
+         "--backend-store-uri", backend_store_uri or f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts")],
         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
     try:

@@ -194,7 +194,17 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | di
         extra = parse_overrides(overrides) if isinstance(overrides, list) else overrides
         source = f"{source} (with --set)"
         raw = merge(raw, extra)
-    return build_config(raw, source)
+    return _absolute_paths(build_config(raw, source))
+
+
+def _absolute_paths(config: RunConfig) -> RunConfig:
+    """Pin relative paths to the current folder now: Ray trials and Serve replicas run elsewhere."""
+    if not config.data.dir.is_absolute():
+        config.data.dir = config.data.dir.resolve()
+    encoder = Path(config.encoder.name).expanduser()
+    if not encoder.is_absolute() and encoder.exists():
+        config.encoder.name = str(encoder.resolve())
+    return config
 
 
 def save_config(config: RunConfig, path: str | os.PathLike) -> None:
