@@ -1,4 +1,5 @@
-"""Shared fixtures: the bundled sample, the full shared corpus (skipped when absent), tiny corpora from strings."""
+"""Shared fixtures: the bundled sample, the full shared corpus (skipped when absent), tiny corpora from strings,
+and tiny trained models (``fixtures_models``, trained once per test session)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from drugprot.config import SAMPLE_DIR
+from fixtures_models import smoke_members, smoke_model_dir  # noqa: F401  (session fixtures: trained once per run)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_CORPUS = (REPO_ROOT / "../shared/data/drugprot").resolve()

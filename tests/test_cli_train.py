@@ -9,7 +9,7 @@ import pytest
 
 from drugprot.cli import main
 from drugprot.config import SAMPLE_DIR
-from fixtures_models import SMOKE_CONFIG, smoke_model_dir  # noqa: F401  (session fixture)
+from fixtures_models import SMOKE_CONFIG
 
 
 @pytest.fixture(scope="module")

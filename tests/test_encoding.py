@@ -21,7 +21,6 @@ from drugprot.encoding import (
     token_budget_batches,
 )
 from drugprot.model.encoder import load_tokenizer
-from fixtures_models import smoke_model_dir  # noqa: F401  (session fixture)
 
 FILLER = "alpha"  # one word piece in MiniLM's vocabulary
 

@@ -16,7 +16,7 @@ from drugprot.model.artifacts import ArtifactError, load_artifact, save_artifact
 from drugprot.model.encoder import build_encoder, load_tokenizer
 from drugprot.model.heads import RelationModel
 from drugprot.model.loss import focal_loss
-from fixtures_models import smoke_model_dir, train_smoke  # noqa: F401  (session fixture)
+from fixtures_models import train_smoke
 
 N_LABELS = len(LABELS)
 

@@ -26,7 +26,6 @@ from pathlib import Path
 
 import pytest
 import requests
-from fixtures_models import smoke_members  # noqa: F401 - fixture
 from test_serving_unit import answered, document_json, expected, relation_members  # noqa: F401 - fixture
 
 from drugprot.config import SAMPLE_DIR

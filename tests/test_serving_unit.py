@@ -15,7 +15,6 @@ import pytest
 import torch
 import yaml
 from fastapi.testclient import TestClient
-from fixtures_models import smoke_members, smoke_model_dir  # noqa: F401 - fixtures
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -17,7 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from drugprot import tracking  # noqa: E402
 from drugprot.tracking import StudyTracker, TrackingError  # noqa: E402
-from fixtures_models import smoke_config, smoke_model_dir  # noqa: E402,F401  (session fixture)
+from fixtures_models import smoke_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
