@@ -81,9 +81,14 @@ class Predictor:
     """Loaded members (one model or an ensemble) that map documents to relations."""
 
     def __init__(self, members: Sequence, *, vote: str = "hard", interval: tuple[int, int] = DEFAULT_INTERVAL,
-                 device: str | torch.device = "auto", precision: str = "bf16", metadata: dict | None = None):
+                 device: str | torch.device = "auto", precision: str = "bf16", metadata: dict | None = None,
+                 execution: str = "auto"):
+        """``execution``: ``auto`` stacks same-architecture members (``fold``, see drugprot.ensemble.stacked) and
+        loops otherwise; ``loop``, ``fold`` or ``vmap`` force one (a forced stack of incompatible members raises)."""
         if not members:
             raise ValueError("a Predictor needs at least one member")
+        if execution not in ("auto", "loop", "fold", "vmap"):
+            raise ValueError(f"execution must be 'auto', 'loop', 'fold' or 'vmap', got {execution!r}")
         self.members = list(members)
         self.vote_mode = vote
         self.interval = tuple(interval)
@@ -94,6 +99,18 @@ class Predictor:
             member.model.to(self.device).eval()
             if member.gene_typer is not None:
                 member.gene_typer.to(self.device).eval()
+        self._stacked = None
+        self.execution = "loop"
+        if execution != "loop" and len(self.members) > 1:
+            from drugprot.ensemble.stacked import stack_incompatibility, stack_models
+
+            strategy = "fold" if execution == "auto" else execution
+            reason = stack_incompatibility(self.members, strategy)
+            if reason is not None and execution != "auto":
+                raise ValueError(f"execution {execution!r}: these members cannot run stacked ({reason})")
+            if reason is None:
+                self._stacked = stack_models([m.model for m in self.members], strategy)
+                self.execution = strategy
 
     @classmethod
     def from_path(cls, path: str | Path, *, device: str = "auto", **overrides) -> Predictor:
@@ -118,9 +135,21 @@ class Predictor:
         return pairs
 
     def member_probabilities(self, documents: Sequence[Document], candidates: Sequence[Candidate]) -> torch.Tensor:
-        """(M, N, L) probabilities; pairs a member cannot encode (too long) get P(NONE) = 1."""
+        """(M, N, L) probabilities; pairs a member cannot encode (too long) get P(NONE) = 1.
+
+        Stacked members share one encoding and one forward per batch; otherwise each member runs in turn."""
         result = torch.zeros((len(self.members), len(candidates), len(LABELS)))
         result[:, :, NONE_INDEX] = 1.0
+        if self._stacked is not None:
+            from drugprot.ensemble.stacked import stacked_probabilities
+
+            first = self.members[0]
+            encoder = PairEncoder(first.tokenizer, max_length=first.info["max_length"], markers=first.info["markers"])
+            pairs, _ = encoder.encode(documents, candidates)
+            if pairs:
+                result[:, torch.tensor([p.index for p in pairs])] = stacked_probabilities(
+                    self._stacked, pairs, pad_id=first.tokenizer.pad_token_id, device=self.device, precision=self.precision)
+            return result
         for m, member in enumerate(self.members):
             docs, cands = documents, candidates
             if member.gene_typer is not None:

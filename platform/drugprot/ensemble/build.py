@@ -1,0 +1,217 @@
+"""Assemble an ensemble folder from member folders, evaluate it on dev, and load it back.
+
+:func:`build_ensemble` copies each (verified) member folder under ``members/NAME/``, evaluates every member and
+the vote side by side on the development documents (one stacked forward gives all members' probabilities),
+writes ``ensemble.json`` and a sha256 manifest of every file, and moves the staged folder into place.
+:func:`load_ensemble` verifies the manifest, then loads the members into one :class:`~drugprot.inference.Predictor`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from drugprot.ensemble.format import (ENSEMBLE_JSON, FORMAT_VERSION, KIND, MEMBERS_DIR, EnsembleError, check_member_name,
+                                      check_vote, read_ensemble_json, verify_tree_manifest, write_tree_manifest)
+
+
+@dataclass
+class MemberSource:
+    """A member folder to put in an ensemble, with what is known about where it came from."""
+
+    path: Path
+    name: str | None = None
+    dev_f1: float | None = None  # default: the dev F1 recorded in the member's drugprot.json
+    seed: int | None = None  # default: train.seed of the member's config
+    source: dict[str, Any] = field(default_factory=dict)  # e.g. study, trial_id, run_id
+
+
+@dataclass
+class Evaluation:
+    """Dev scores of each member and of the ensemble, computed from one pass of member probabilities."""
+
+    split: str
+    documents: int
+    vote: str
+    scores: dict[str, Any]  # name -> drugprot.scoring.Score; members first, "ensemble" last
+
+    @property
+    def ensemble(self):
+        return self.scores["ensemble"]
+
+    def table(self) -> str:
+        """Per-type F1 rows, then micro P/R/F1, one column per member and one for the ensemble."""
+        names = list(self.scores)
+        width = max(10, *(len(n) for n in names))
+        types: list[str] = []
+        for result in self.scores.values():
+            types.extend(t for t in result.per_type if t not in types)
+        lines = [f"dev: {self.split}, {self.documents} documents, {self.vote} vote; per-type F1, then micro P/R/F1",
+                 f"{'type':<24}" + "".join(f" {n:>{width}}" for n in names)]
+        for rtype in types:
+            lines.append(f"{rtype:<24}" + "".join(
+                f" {r.per_type[rtype].f1 if rtype in r.per_type else 0.0:>{width}.4f}" for r in self.scores.values()))
+        for label, attr in (("micro P", "precision"), ("micro R", "recall"), ("micro F1", "f1")):
+            lines.append(f"{label:<24}" + "".join(f" {getattr(r, attr):>{width}.4f}" for r in self.scores.values()))
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict[str, Any]:
+        def one(result) -> dict[str, Any]:
+            return {"precision": round(result.precision, 6), "recall": round(result.recall, 6), "f1": round(result.f1, 6),
+                    "tp": result.micro.tp, "fp": result.micro.fp, "fn": result.micro.fn,
+                    "per_type": {t: round(c.f1, 6) for t, c in result.per_type.items()}}
+
+        return {"split": self.split, "documents": self.documents, "vote": self.vote,
+                "ensemble": one(self.ensemble),
+                "members": {name: one(r) for name, r in self.scores.items() if name != "ensemble"}}
+
+
+@dataclass
+class BuiltEnsemble:
+    path: Path
+    meta: dict[str, Any]
+    evaluation: Evaluation | None
+
+    @property
+    def dev_f1(self) -> float | None:
+        return self.meta.get("dev", {}).get("ensemble", {}).get("f1") if self.meta.get("dev") else None
+
+
+def evaluate(predictor, documents: Sequence, names: Sequence[str], *, split: str = "development",
+             vote: str | None = None) -> Evaluation:
+    """Score each member alone (its argmax) and the vote on ``documents`` with the official-equivalent scorer."""
+    from drugprot.inference import decode
+    from drugprot.scoring import score
+
+    vote = vote or predictor.vote_mode
+    candidates = predictor.candidates(documents)
+    probabilities = predictor.member_probabilities(documents, candidates)
+    scores: dict[str, Any] = {}
+
+    def keys(relations):
+        return [(r.pmid, r.type, r.chemical, r.gene) for r in relations]
+
+    for m, name in enumerate(names):
+        scores[name] = score(documents, keys(decode(candidates, probabilities[m:m + 1], "hard")))
+    scores["ensemble"] = score(documents, keys(decode(candidates, probabilities, vote)))
+    return Evaluation(split, len(documents), vote, scores)
+
+
+def member_info(path: Path) -> dict[str, Any]:
+    from drugprot.model.artifacts import INFO, verify_manifest
+
+    path = Path(path)
+    if not path.is_dir():
+        raise EnsembleError(f"member {path}: no such folder")
+    verify_manifest(path)
+    return json.loads((path / INFO).read_text())
+
+
+def dev_documents(info: dict[str, Any], *, data_dir: str | Path | None = None, split: str | None = None):
+    """The development documents a member was scored on (its config's data section), or ``data_dir``/``split``."""
+    from drugprot.corpus import read_split
+
+    data = (info.get("config") or {}).get("data") or {}
+    own = data_dir is None and split is None  # exactly what the members were scored on, max_dev_docs included
+    folder = Path(data_dir or data.get("dir") or "")
+    split = split or data.get("dev_split") or "development"
+    if not folder.is_dir():
+        raise EnsembleError(f"dev data {folder}: no such corpus folder (the members were trained on it); "
+                            "pass --data DIR [--split NAME] to evaluate the ensemble on a corpus that exists here")
+    documents = read_split(folder, split).documents
+    limit = data.get("max_dev_docs") if own else None
+    return (documents[:limit] if limit else documents), split
+
+
+def build_ensemble(members: Sequence[MemberSource | Path | str], out: str | Path, *, vote: str = "hard",
+                   interval: tuple[int, int] | None = None, documents: Sequence | None = None,
+                   split: str = "development", evaluate_on_dev: bool = True, source: dict[str, Any] | None = None,
+                   device: str = "cpu", log: Callable[[str], None] | None = None) -> BuiltEnsemble:
+    """Write an ensemble folder at ``out`` (which must not exist or be empty) and return it with its dev scores.
+
+    ``documents`` are the dev documents (default: the first member's dev split, see :func:`dev_documents`).
+    The interval defaults to the first member's (members are given best first).
+    """
+    say = log or (lambda message: print(message, file=sys.stderr, flush=True))
+    check_vote(vote)
+    sources = [m if isinstance(m, MemberSource) else MemberSource(Path(m)) for m in members]
+    if not sources:
+        raise EnsembleError("an ensemble needs at least one member")
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise EnsembleError(f"--out {out}: already exists and is not empty; choose another folder or remove it")
+    infos = [member_info(s.path) for s in sources]
+    entries, names = [], []
+    for i, (src, info) in enumerate(zip(sources, infos)):
+        seed = src.seed if src.seed is not None else ((info.get("config") or {}).get("train") or {}).get("seed")
+        name = check_member_name(src.name or (f"m{i + 1}-seed{seed}" if seed is not None else f"m{i + 1}"))
+        if name in names:
+            raise EnsembleError(f"member name {name!r} is used twice; give the members distinct names")
+        names.append(name)
+        dev_f1 = src.dev_f1 if src.dev_f1 is not None else (info.get("dev") or {}).get("dev_f1")
+        entries.append({"name": name, "path": f"{MEMBERS_DIR}/{name}", "dev_f1": dev_f1, "seed": seed,
+                        "encoder": info.get("encoder"), "system": info.get("system"), "markers": info.get("markers"),
+                        "max_length": info.get("max_length"), "interval": info.get("interval"), "source": src.source})
+    intervals = {tuple(e["interval"]) for e in entries if e["interval"]}
+    chosen = tuple(interval) if interval else tuple(entries[0]["interval"] or ())
+    if len(intervals) > 1 and not interval:
+        say(f"members were trained with different GENE intervals {sorted(intervals)}; the ensemble uses {list(chosen)}")
+    encoders = sorted({str(e["encoder"]) for e in entries})
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        for src, entry in zip(sources, entries):
+            shutil.copytree(src.path, staging / entry["path"])
+        meta: dict[str, Any] = {
+            "format_version": FORMAT_VERSION, "kind": KIND, "vote": vote, "interval": list(chosen),
+            "encoder": encoders[0] if len(encoders) == 1 else encoders, "members": entries, "dev": None,
+            "source": source or {}, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        evaluation = None
+        if evaluate_on_dev:
+            if documents is None:
+                documents, split = dev_documents(infos[0])
+            predictor = _predictor(staging, meta, device=device)
+            evaluation = evaluate(predictor, documents, names, split=split, vote=vote)
+            meta["dev"] = evaluation.as_dict()
+            meta["execution"] = predictor.execution
+        (staging / ENSEMBLE_JSON).write_text(json.dumps(meta, indent=1))
+        write_tree_manifest(staging)
+        if out.exists():
+            out.rmdir()
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return BuiltEnsemble(out, meta, evaluation)
+
+
+def _predictor(folder: Path, meta: dict[str, Any], *, device: str = "auto", **overrides):
+    from drugprot.inference import Predictor
+    from drugprot.model.artifacts import load_artifact
+
+    members = [load_artifact(folder / entry["path"], device="cpu") for entry in meta["members"]]
+    vote = check_vote(overrides.pop("vote", meta["vote"]))
+    interval = tuple(overrides.pop("interval", None) or meta["interval"])
+    return Predictor(members, vote=vote, interval=interval, device=device, metadata=meta, **overrides)
+
+
+def load_ensemble(path: str | Path, *, device: str = "auto", **overrides):
+    """Verify an ensemble folder (every file's sha256) and load it as a :class:`~drugprot.inference.Predictor`.
+
+    ``overrides``: ``vote``, ``interval``, ``precision``, ``execution`` (``auto``/``loop``/``fold``/``vmap``).
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise EnsembleError(f"{folder}: no such ensemble folder")
+    verify_tree_manifest(folder)
+    meta = read_ensemble_json(folder)
+    return _predictor(folder, meta, device=device, **overrides)

@@ -1,0 +1,241 @@
+"""Log an ensemble to MLflow (a run in the study's experiment), register it as a pyfunc model from code, and
+move the champion alias only when the new version's dev F1 beats the current champion's (or when forced).
+
+The registered model version's files are the MLflow model folder: ``MLmodel``, the model code
+(``pyfunc_model.py``, this package's model-from-code file), requirements, and ``artifacts/<folder name>/`` (the
+members' safetensors, tokenizers and JSON configs, ``ensemble.json`` and the sha256 manifest; ``MLmodel`` records
+it as the artifact ``ensemble``). Nothing is pickled. Each version carries tags ``dev_f1``, ``vote``,
+``members``, ``study`` and ``run_id``; the comparison reads ``dev_f1`` from the champion's tag (else its run).
+
+The ensemble run goes to the study's experiment, nested under the study's parent run and tagged
+``drugprot.kind=ensemble`` (``drugprot.tracking.study_trials`` reads only ``kind=trial`` runs, so it is never
+mistaken for a trial). Everything is written through an explicit ``MlflowClient``; only ``log_model`` needs the
+fluent API, pointed at the store for that call and restored afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from drugprot.ensemble.format import EnsembleError, read_ensemble_json, verify_tree_manifest
+
+PYFUNC_MODEL_FILE = Path(__file__).with_name("pyfunc_model.py")
+DEFAULT_EXPERIMENT = "drugprot-ensembles"
+
+
+@dataclass
+class RegistrationResult:
+    name: str
+    version: str
+    alias: str
+    dev_f1: float | None
+    previous_version: str | None  # the version the alias pointed at before, if any
+    previous_f1: float | None
+    alias_moved: bool
+    reason: str
+
+    @property
+    def model_uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+@dataclass
+class EnsembleRun:
+    run_id: str
+    experiment_id: str
+    registration: RegistrationResult | None
+
+
+@contextlib.contextmanager
+def _tracking(uri: str | None) -> Iterator[None]:
+    """Point the fluent MLflow API at ``uri`` for the duration (restored afterwards; no MLFLOW_EXPERIMENT_ID)."""
+    import mlflow
+
+    if uri is None:
+        yield
+        return
+    previous_tracking, previous_registry = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous_tracking)
+        mlflow.set_registry_uri(previous_registry)
+
+
+def _experiment(registry, tracking_uri: str, name: str, study: str | None) -> tuple[str, str | None]:
+    """``(experiment_id, parent run id or None)``: the study's experiment and parent run, or ``name``'s (created)."""
+    from drugprot import tracking
+
+    if study and name == study:
+        experiment_id = tracking.study_experiment(study, tracking_uri)
+        parents = registry.search_runs([experiment_id], f"tags.`{tracking.TAG_KIND}` = '{tracking.KIND_STUDY}'", max_results=1)
+        return experiment_id, (parents[0].info.run_id if parents else None)
+    experiment = registry.get_experiment_by_name(name)
+    if experiment is not None:
+        if experiment.lifecycle_stage == "deleted":
+            raise EnsembleError(f"MLflow experiment {name!r} is deleted; restore it or pick another --experiment")
+        return experiment.experiment_id, None
+    return registry.create_experiment(name, artifact_location=tracking.experiment_artifact_location(tracking_uri, name)), None
+
+
+def pip_requirements() -> list[str]:
+    import mlflow
+    import torch
+    import transformers
+
+    from drugprot import __version__
+
+    return [f"drugprot=={__version__}", f"torch=={torch.__version__.split('+')[0]}",
+            f"transformers=={transformers.__version__}", f"mlflow=={mlflow.__version__}", "safetensors", "pandas"]
+
+
+def model_signature():
+    """Input: documents (pmid, title, abstract, entities as a JSON string or list); output: relations."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    inputs = Schema([ColSpec("string", "pmid"), ColSpec("string", "title"), ColSpec("string", "abstract"),
+                     ColSpec("string", "entities")])
+    outputs = Schema([ColSpec("string", "pmid"), ColSpec("string", "type"), ColSpec("string", "arg1"),
+                      ColSpec("string", "arg2"), ColSpec("double", "score"), ColSpec("string", "votes")])
+    return ModelSignature(inputs=inputs, outputs=outputs, params=ParamSchema([ParamSpec("threshold", "double", 0.0)]))
+
+
+def _version_f1(client, version) -> float | None:
+    raw = (version.tags or {}).get("dev_f1")
+    if raw is not None:
+        try:
+            return float(raw)
+        except ValueError:
+            return None
+    if version.run_id:
+        try:
+            return client.get_run(version.run_id).data.metrics.get("dev_f1")
+        except Exception:
+            return None
+    return None
+
+
+def promote(client, name: str, version: str, *, alias: str = "champion", dev_f1: float | None, force: bool = False,
+            log: Callable[[str], None] | None = None) -> RegistrationResult:
+    """Point ``alias`` at ``version`` if its dev F1 beats the alias's current version (or if ``force``); print why."""
+    from mlflow.exceptions import MlflowException
+
+    say = log or print
+    try:
+        current = client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        current = None
+    previous_version = str(current.version) if current is not None else None
+    previous_f1 = _version_f1(client, current) if current is not None else None
+
+    def fmt(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.4f}"
+
+    if current is None:
+        move, reason = True, f"no @{alias} yet"
+    elif previous_version == str(version):
+        move, reason = False, f"@{alias} already points at version {version}"
+    elif force:
+        move, reason = True, "--force"
+    elif dev_f1 is None:
+        move, reason = False, "the new version has no dev F1 (built without evaluation); use --force to promote it"
+    elif previous_f1 is None or dev_f1 > previous_f1:
+        move, reason = True, "higher dev F1" if previous_f1 is not None else f"@{alias} version {previous_version} has no dev F1"
+    else:
+        move, reason = False, "dev F1 does not beat the champion's; ties keep the champion"
+    delta = f", {dev_f1 - previous_f1:+.4f}" if dev_f1 is not None and previous_f1 is not None else ""
+    against = f"@{alias} version {previous_version} (dev F1 {fmt(previous_f1)})" if current is not None else f"no @{alias}"
+    if move:
+        client.set_registered_model_alias(name, alias, str(version))
+    outcome = f"@{alias} -> version {version}" if move else f"@{alias} stays on version {previous_version}"
+    say(f"registry {name}: version {version} (dev F1 {fmt(dev_f1)}) vs {against}{delta}: {outcome} ({reason})")
+    return RegistrationResult(name, str(version), alias, dev_f1, previous_version, previous_f1, move, reason)
+
+
+def log_ensemble(folder: str | Path, *, tracking_uri: str | None = None, experiment: str | None = None,
+                 run_name: str | None = None, register: str | None = None, alias: str = "champion", force: bool = False,
+                 tags: dict[str, str] | None = None, log: Callable[[str], None] | None = None) -> EnsembleRun:
+    """Log the ensemble's dev evaluation as a run; with ``register``, also log the folder as a pyfunc model from
+    code, register a new version of that name and apply the champion rule to ``alias``.
+
+    The run goes to the study's experiment, nested under the study's parent run, when the ensemble was built from a
+    study (``ensemble.json`` source) and ``experiment`` is that study or None; otherwise to ``experiment`` (default
+    ``drugprot-ensembles``, created beside a SQLite store like the studies' experiments).
+    """
+    import mlflow
+
+    from drugprot import tracking
+
+    say = log or (lambda message: print(message, file=sys.stderr, flush=True))
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    folder = Path(folder).resolve()
+    verify_tree_manifest(folder)
+    meta = read_ensemble_json(folder)
+    dev = meta.get("dev") or {}
+    dev_f1 = (dev.get("ensemble") or {}).get("f1")
+    study = (meta.get("source") or {}).get("study")
+    uri = tracking.check_tracking_uri(tracking_uri)
+    registry = tracking.client(uri)
+    experiment_id, parent = _experiment(registry, uri, experiment or study or DEFAULT_EXPERIMENT, study)
+    run_tags = {tracking.TAG_KIND: "ensemble", **{k: str(v) for k, v in (tags or {}).items()}}
+    if study:
+        run_tags[tracking.TAG_STUDY] = str(study)
+    if parent:
+        run_tags[tracking.PARENT_TAG] = parent
+    names = ",".join(m["name"] for m in meta["members"])
+    run = registry.create_run(experiment_id, run_name=run_name or f"ensemble-{len(meta['members'])}-{meta['vote']}", tags=run_tags)
+    run_id = run.info.run_id
+    status = "FAILED"
+    try:
+        params = {"vote": meta["vote"], "members": len(meta["members"]), "member_names": names,
+                  "interval": json.dumps(meta["interval"]), "encoder": json.dumps(meta["encoder"]),
+                  "selection": (meta.get("source") or {}).get("selection", "folders"), "execution": meta.get("execution", "")}
+        for key, value in params.items():
+            registry.log_param(run_id, key, value)
+        metrics: dict[str, float] = {}
+        if dev:
+            ensemble = dev["ensemble"]
+            metrics.update({"dev_f1": ensemble["f1"], "dev_precision": ensemble["precision"], "dev_recall": ensemble["recall"]})
+            metrics.update({f"dev_f1.{t}": f for t, f in ensemble["per_type"].items()})
+            metrics.update({f"member_dev_f1.{n}": r["f1"] for n, r in dev["members"].items()})
+        for entry in meta["members"]:
+            if entry.get("dev_f1") is not None:
+                metrics[f"member_trial_f1.{entry['name']}"] = float(entry["dev_f1"])
+        for key, value in metrics.items():
+            registry.log_metric(run_id, key, float(value))
+        registry.log_dict(run_id, meta, "ensemble/ensemble.json")
+        registration = None
+        if register:
+            with _tracking(uri), mlflow.start_run(run_id=run_id):
+                with warnings.catch_warnings():  # "no input example": the signature is explicit
+                    warnings.simplefilter("ignore", UserWarning)
+                    info = mlflow.pyfunc.log_model(
+                        name="model", python_model=str(PYFUNC_MODEL_FILE), artifacts={"ensemble": str(folder)},
+                        registered_model_name=register, pip_requirements=pip_requirements(), signature=model_signature(),
+                        metadata={"drugprot_kind": "ensemble", "vote": meta["vote"]})
+            version = str(info.registered_model_version)
+            version_tags = {"dev_f1": "" if dev_f1 is None else f"{dev_f1:.6f}", "vote": meta["vote"], "members": names,
+                            "study": str(study or ""), "run_id": run_id}
+            for key, value in version_tags.items():
+                if value:
+                    registry.set_model_version_tag(register, version, key, value)
+            registration = promote(registry, register, version, alias=alias, dev_f1=dev_f1, force=force, log=say)
+            registry.set_tag(run_id, "drugprot.registered", f"{register}/{version}")
+        status = "FINISHED"
+    finally:
+        registry.set_terminated(run_id, status)
+    return EnsembleRun(run_id, experiment_id, registration)
+
+
+__all__ = ["DEFAULT_EXPERIMENT", "EnsembleRun", "PYFUNC_MODEL_FILE", "RegistrationResult",
+           "log_ensemble", "model_signature", "pip_requirements", "promote"]

@@ -1,0 +1,425 @@
+"""Ensembles: stacked vs looped execution, the folder format and its manifest, member selection, the CLI,
+and Ray Data batch prediction (``drugprot predict --ray``), on tiny trained models."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from drugprot.cli import main
+from drugprot.config import SAMPLE_DIR
+from drugprot.corpus import read_split
+from drugprot.encoding import LABEL_INDEX, LABELS, PairEncoder
+from drugprot.ensemble import EnsembleError, build_ensemble, load_ensemble
+from drugprot.ensemble.build import MemberSource
+from drugprot.ensemble.format import MANIFEST
+from drugprot.ensemble.members import new_seeds, select_top_k
+from drugprot.ensemble.stacked import stack_incompatibility
+from drugprot.inference import Predictor, load_predictor, pair_probabilities
+from drugprot.model.artifacts import ArtifactError, LoadedModel, load_artifact, save_artifact
+
+BOOSTED = ("INHIBITOR", "ACTIVATOR", "ACTIVATOR")
+
+
+@pytest.fixture(scope="session")
+def dev_documents():
+    return read_split(SAMPLE_DIR, "development").documents
+
+
+@pytest.fixture(scope="session")
+def biased_members(smoke_members, dev_documents, tmp_path_factory) -> list[Path]:
+    """The smoke members with their head biases moved so that they predict relations and disagree with each other.
+
+    Tiny models trained for one epoch predict NONE everywhere (dev F1 0). Each member's NONE logit is lowered by its
+    median margin over the best other label (about half the dev pairs become relations), and its boosted label is
+    raised to par with INHIBITOR; the hard vote then mixes NONE, INHIBITOR and ACTIVATOR with three-way ties, which
+    is what the voting and registry tests need. Saved through ``save_artifact`` (valid manifests).
+    """
+    out = tmp_path_factory.mktemp("biased")
+    inhibitor = LABEL_INDEX["INHIBITOR"]
+    folders = []
+    for i, (src, label) in enumerate(zip(smoke_members, BOOSTED)):
+        loaded = load_artifact(src)
+        encoder = PairEncoder(loaded.tokenizer, max_length=loaded.info["max_length"], markers=loaded.info["markers"])
+        cands = Predictor([loaded], device="cpu").candidates(dev_documents)
+        pairs, _ = encoder.encode(dev_documents, cands)
+        logp = pair_probabilities(loaded.model, pairs, pad_id=loaded.tokenizer.pad_token_id, device=torch.device("cpu")).log()
+        # offsets keep the pair at each median off an exact tie (which fp32 rounding could break either way)
+        margin = float((logp[:, 0] - logp[:, 1:].max(-1).values).median()) + 0.011
+        with torch.no_grad():
+            loaded.model.classifier.bias[0] -= margin
+            if label != "INHIBITOR":
+                gap = float((logp[:, inhibitor] - logp[:, LABEL_INDEX[label]]).median())
+                loaded.model.classifier.bias[LABEL_INDEX[label]] += gap + 0.013
+        info = {k: v for k, v in loaded.info.items() if k != "format_version"}
+        folders.append(save_artifact(out / f"member{i + 1}", model=loaded.model, tokenizer=loaded.tokenizer, info=info))
+    return folders
+
+
+@pytest.fixture(scope="session")
+def biased_ensemble(biased_members, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ensembles") / "biased"
+    build_ensemble(biased_members, out, vote="hard", log=lambda _: None)
+    return out
+
+
+def flip_first_byte(path: Path) -> None:
+    with open(path, "r+b") as handle:
+        first = handle.read(1)
+        handle.seek(0)
+        handle.write(bytes([first[0] ^ 0xFF]))
+
+
+def _loaded(paths) -> list[LoadedModel]:
+    return [load_artifact(p) for p in paths]
+
+
+def _relations(predictions) -> list[tuple]:
+    return [(p.pmid, p.chemical, p.gene, p.type, p.score, p.votes) for preds in predictions for p in preds]
+
+
+# -- stacked execution ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # vmap on CPU: no SDPA batching rule
+@pytest.mark.parametrize("strategy", ["fold", "vmap"])
+def test_stacked_probabilities_match_the_loop(biased_members, dev_documents, strategy):
+    looped = Predictor(_loaded(biased_members), device="cpu", execution="loop")
+    stacked = Predictor(_loaded(biased_members), device="cpu", execution=strategy)
+    assert (looped.execution, stacked.execution) == ("loop", strategy)
+    cands = looped.candidates(dev_documents)
+    expected = looped.member_probabilities(dev_documents, cands)
+    found = stacked.member_probabilities(dev_documents, cands)
+    assert expected.shape == (3, len(cands), len(LABELS)) and len(cands) > 50
+    torch.testing.assert_close(found, expected, atol=1e-5, rtol=1e-4)  # fp32 rounding only
+    assert _relations(stacked.predict(dev_documents)) == _relations(looped.predict(dev_documents))
+
+
+def test_same_architecture_members_stack_by_default(biased_members):
+    predictor = Predictor(_loaded(biased_members), device="cpu")
+    assert predictor.execution == "fold"
+    # the members' own parameters now live inside the stacked tensors (no second copy of the weights)
+    first = predictor.members[0].model.classifier.weight
+    assert first.untyped_storage().data_ptr() == predictor._stacked.p["classifier.weight"].untyped_storage().data_ptr()
+
+
+def _other_architecture(like: LoadedModel) -> LoadedModel:
+    from drugprot.model.encoder import build_encoder
+    from drugprot.model.heads import RelationModel
+
+    encoder = build_encoder("tiny-random", tiny={"hidden_size": 16, "intermediate_size": 32}, seed=5)
+    encoder.resize_token_embeddings(len(like.tokenizer))
+    return LoadedModel(like.path, RelationModel(encoder), like.tokenizer, dict(like.info))
+
+
+def test_mixed_members_fall_back_to_the_loop(biased_members, dev_documents):
+    members = _loaded(biased_members[:2])
+    mixed = [*members, _other_architecture(members[0])]
+    assert stack_incompatibility(mixed) == "encoder architectures differ"
+    predictor = Predictor(mixed, device="cpu")
+    assert predictor.execution == "loop"
+    assert len(predictor.predict(dev_documents)) == len(dev_documents)
+    with pytest.raises(ValueError, match="cannot run stacked .encoder architectures differ"):
+        Predictor(mixed, device="cpu", execution="fold")
+
+
+@pytest.mark.parametrize("change, reason", [
+    (lambda m: dataclasses.replace(m, info={**m.info, "max_length": 64}), "max_length differs"),
+    (lambda m: dataclasses.replace(m, info={**m.info, "markers": "fine"}), "markers differs"),
+    (lambda m: dataclasses.replace(m, gene_typer=torch.nn.Linear(1, 1)), "FGEMR"),
+])
+def test_stack_incompatibility_reasons(biased_members, change, reason):
+    members = _loaded(biased_members[:2])
+    assert stack_incompatibility(members) is None
+    assert reason in stack_incompatibility([members[0], change(members[1])])
+    assert stack_incompatibility(members[:1]) == "a single member"
+
+
+# -- folder format ---------------------------------------------------------------------------------------------
+
+
+def test_ensemble_folder_format(biased_ensemble, biased_members):
+    meta = json.loads((biased_ensemble / "ensemble.json").read_text())
+    assert meta["kind"] == "drugprot-ensemble" and meta["vote"] == "hard" and meta["interval"] == [-10, 16]
+    assert meta["encoder"] == "tiny-random" and meta["execution"] == "fold"
+    assert [m["name"] for m in meta["members"]] == ["m1-seed1", "m2-seed2", "m3-seed3"]
+    assert all(m["dev_f1"] == 0.0 and m["path"] == f"members/{m['name']}" for m in meta["members"])
+    dev = meta["dev"]
+    assert set(dev["members"]) == {"m1-seed1", "m2-seed2", "m3-seed3"} and dev["ensemble"]["f1"] > 0
+    assert dev["split"] == "development" and dev["documents"] == 10
+    listed = json.loads((biased_ensemble / MANIFEST).read_text())["files"]
+    on_disk = {p.relative_to(biased_ensemble).as_posix() for p in biased_ensemble.rglob("*") if p.is_file()} - {MANIFEST}
+    assert set(listed) == on_disk
+    assert "members/m1-seed1/model.safetensors" in listed and "members/m1-seed1/manifest.json" in listed
+    assert "members/m2-seed2/tokenizer/tokenizer.json" in listed and "members/m3-seed3/encoder/config.json" in listed
+    assert not [p for p in biased_ensemble.rglob("*") if p.suffix in (".pkl", ".pt", ".bin")]
+
+
+def test_loaded_ensemble_predicts_like_its_members(biased_ensemble, biased_members, dev_documents):
+    loaded = load_ensemble(biased_ensemble, device="cpu")
+    direct = Predictor(_loaded(biased_members), device="cpu", vote="hard")
+    assert loaded.vote_mode == "hard" and loaded.execution == "fold"
+    assert _relations(loaded.predict(dev_documents)) == _relations(direct.predict(dev_documents))
+    via_path = Predictor.from_path(biased_ensemble, device="cpu", vote="soft", execution="loop")
+    assert via_path.vote_mode == "soft" and via_path.execution == "loop"
+
+
+def test_evaluation_table_puts_members_and_ensemble_side_by_side(biased_members, dev_documents, tmp_path):
+    from drugprot.scoring import score
+
+    built = build_ensemble(biased_members, tmp_path / "e", vote="soft", documents=dev_documents, log=lambda _: None)
+    table = built.evaluation.table()
+    header = table.splitlines()[1].split()
+    assert header == ["type", "m1-seed1", "m2-seed2", "m3-seed3", "ensemble"]
+    assert "INHIBITOR" in table and "micro F1" in table and "soft vote" in table
+    predictions = load_ensemble(tmp_path / "e", device="cpu").predict(dev_documents)
+    expected = score(dev_documents, [(r.pmid, r.type, r.chemical, r.gene) for preds in predictions for r in preds])
+    assert built.evaluation.ensemble.f1 == pytest.approx(expected.f1)
+    assert built.meta["dev"]["ensemble"]["f1"] == pytest.approx(expected.f1, abs=1e-6)
+
+
+@pytest.fixture
+def ensemble_copy(biased_ensemble, tmp_path) -> Path:
+    copy = tmp_path / "copy"
+    shutil.copytree(biased_ensemble, copy)
+    return copy
+
+
+@pytest.mark.parametrize("tamper, message", [
+    (lambda d: flip_first_byte(d / "members/m2-seed2/model.safetensors"),
+     r"members/m2-seed2/model\.safetensors: sha256 mismatch"),
+    (lambda d: (d / "ensemble.json").write_text((d / "ensemble.json").read_text().replace('"hard"', '"soft"')),
+     r"ensemble\.json: sha256 mismatch"),
+    (lambda d: (d / "members/m1-seed1/extra.py").write_text("import os"), r"members/m1-seed1/extra\.py: file not listed"),
+    (lambda d: (d / "members/m3-seed3/tokenizer/tokenizer.json").unlink(),
+     r"members/m3-seed3/tokenizer/tokenizer\.json: listed in the ensemble manifest but missing"),
+    (lambda d: (d / MANIFEST).unlink(), r"no manifest\.json"),
+])
+def test_tampered_ensemble_is_refused_naming_the_file(ensemble_copy, tamper, message):
+    tamper(ensemble_copy)
+    with pytest.raises(ArtifactError, match=message):
+        load_ensemble(ensemble_copy, device="cpu")
+
+
+def test_cli_predict_refuses_a_tampered_ensemble(ensemble_copy, tmp_path, capsys):
+    (ensemble_copy / "members/m1-seed1/drugprot.json").write_text("{}")
+    code = main(["predict", "--model", str(ensemble_copy), "--data", str(SAMPLE_DIR), "--out", str(tmp_path / "p.tsv"),
+                 "--device", "cpu"])
+    assert code == 2
+    assert "members/m1-seed1/drugprot.json: sha256 mismatch" in capsys.readouterr().err
+
+
+def test_build_refuses_bad_requests(biased_members, smoke_members, tmp_path):
+    with pytest.raises(EnsembleError, match=r"vote: must be one of hard, soft .*got 'Hard'"):
+        build_ensemble(biased_members, tmp_path / "a", vote="Hard")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "x").write_text("x")
+    with pytest.raises(EnsembleError, match="already exists and is not empty"):
+        build_ensemble(biased_members, tmp_path / "busy")
+    with pytest.raises(EnsembleError, match="used twice"):
+        build_ensemble([MemberSource(biased_members[0], name="a"), MemberSource(biased_members[1], name="a")], tmp_path / "b",
+                       evaluate_on_dev=False)
+    with pytest.raises(EnsembleError, match="no such folder"):
+        build_ensemble([tmp_path / "nope"], tmp_path / "c")
+    tampered = tmp_path / "tampered"
+    shutil.copytree(smoke_members[0], tampered)
+    flip_first_byte(tampered / "model.safetensors")
+    with pytest.raises(ArtifactError, match=r"tampered/model\.safetensors: sha256 mismatch"):
+        build_ensemble([tampered], tmp_path / "d")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "d").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left behind
+
+
+def test_ensemble_json_with_a_bad_vote_is_refused(ensemble_copy, biased_ensemble):
+    from drugprot.ensemble.format import write_tree_manifest
+
+    meta = json.loads((ensemble_copy / "ensemble.json").read_text())
+    (ensemble_copy / "ensemble.json").write_text(json.dumps({**meta, "vote": "hard,soft"}))
+    write_tree_manifest(ensemble_copy)  # a consistent folder, but an invalid mode
+    with pytest.raises(EnsembleError, match=r"ensemble\.json: vote: must be one of hard, soft .*got 'hard,soft'"):
+        load_ensemble(ensemble_copy, device="cpu")
+    with pytest.raises(EnsembleError, match="got 'mixed'"):
+        load_ensemble(biased_ensemble, device="cpu", vote="mixed")
+
+
+# -- member selection ------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Record:  # the tuning contract's TrialRecord fields
+    trial_id: str
+    best_dev_f1: float | None
+    params: dict
+    seed: int | None = None
+    state: str = "finished"
+    run_id: str = ""
+    config: dict = dataclasses.field(default_factory=dict)
+
+
+def _records(rows):
+    return [Record(f"t{i}", f1, params, params.get("train.seed"), state) for i, (f1, params, state) in enumerate(rows)]
+
+
+def test_top_k_takes_distinct_seeds_of_the_best_configuration():
+    records = _records([
+        (0.50, {"train.lr": 1e-4, "train.seed": 1}, "finished"),
+        (0.62, {"train.lr": 3e-5, "train.seed": 1}, "finished"),
+        (0.60, {"train.lr": 3e-5, "train.seed": 2}, "finished"),
+        (0.61, {"train.lr": 3e-5, "train.seed": 1}, "finished"),  # same configuration and seed: a duplicate
+        (0.55, {"train.lr": 3e-5, "train.seed": 3}, "early-stopped"),  # ASHA-stopped: its best model counts
+        (0.70, {"train.lr": 3e-5, "train.seed": 4}, "errored"),  # not finished: ignored
+        (0.58, {"train.lr": 1e-3, "train.seed": 2}, "finished"),
+    ])
+    selection = select_top_k(records, 3)
+    assert selection.seeds_searched and not selection.note
+    assert [r.trial_id for r in selection.records] == ["t1", "t2", "t4"]
+    filled = select_top_k(records, 4)
+    assert [r.trial_id for r in filled.records] == ["t1", "t2", "t4", "t6"]
+    assert "best configuration has 3 distinct seed(s)" in filled.note
+
+
+def test_top_k_without_searched_seeds_takes_the_best_trials():
+    records = _records([(0.5, {"train.lr": 1e-4}, "finished"), (0.7, {"train.lr": 3e-5}, "finished"),
+                        (0.6, {"train.lr": 1e-3}, "finished"), (0.9, {"train.lr": 2e-5}, "running")])
+    selection = select_top_k(records, 2)
+    assert not selection.seeds_searched and [r.trial_id for r in selection.records] == ["t1", "t2"]
+
+
+def test_top_k_larger_than_the_finished_trials_is_a_clear_error():
+    records = _records([(0.5, {"train.lr": 1e-4}, "finished"), (0.7, {"train.lr": 3e-5}, "errored")])
+    with pytest.raises(EnsembleError, match=r"--top-k 3: study 'smoke' has only 1 finished trial\(s\) with a dev F1 "
+                                            r"\(1 errored, 1 finished\); lower --top-k to at most 1 or use --reseed 3"):
+        select_top_k(records, 3, study="smoke")
+    with pytest.raises(EnsembleError, match="no finished trial"):
+        select_top_k(_records([(0.7, {}, "errored")]), 1, study="smoke")
+    with pytest.raises(EnsembleError, match="at least 1"):
+        select_top_k(records, 0)
+
+
+def test_new_seeds_skip_used_ones():
+    assert new_seeds([1, 2, 5], 3) == [6, 7, 8]
+    assert new_seeds([3, 4], 3, start=2) == [2, 5, 6]
+    assert new_seeds([], 2) == [1, 2]
+
+
+# -- CLI -------------------------------------------------------------------------------------------------------
+
+
+def test_cli_ensemble_from_member_folders(biased_members, tmp_path, capsys):
+    out = tmp_path / "ens"
+    code = main(["ensemble", "--members", *map(str, biased_members), "--vote", "soft", "--out", str(out), "--no-log",
+                 "--device", "cpu"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "m1-seed1" in printed and "ensemble" in printed and "micro F1" in printed
+    assert json.loads((out / "ensemble.json").read_text())["vote"] == "soft"
+    assert not (tmp_path / ".ens.work").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--vote", "hard,soft"], "--vote: must be one of hard, soft (one mode for the whole ensemble), got 'hard,soft'"),
+    (["--vote", "Soft"], "got 'Soft'"),
+    (["--reseed", "2"], "--reseed needs --study"),
+    (["--register", "x", "--no-log"], "--register logs the ensemble to MLflow; drop --no-log"),
+])
+def test_cli_ensemble_bad_inputs_exit_2(biased_members, tmp_path, capsys, argv, message):
+    code = main(["ensemble", "--members", str(biased_members[0]), "--out", str(tmp_path / "e"), *argv])
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_top_k_and_reseed_are_exclusive(tmp_path, capsys):
+    code = main(["ensemble", "--study", "s", "--top-k", "3", "--reseed", "2", "--out", str(tmp_path / "e")])
+    assert code == 2
+    assert "--top-k and --reseed are alternatives" in capsys.readouterr().err
+
+
+# -- Ray Data batch prediction ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def isolated_ray(monkeypatch):
+    """A short private RAY_TMPDIR, so the test starts its own local Ray instead of joining anyone else's."""
+    folder = tempfile.mkdtemp(prefix="dpray", dir="/tmp")
+    monkeypatch.setenv("RAY_TMPDIR", folder)
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_predict_with_ray_equals_local_prediction(biased_ensemble, tmp_path, isolated_ray, capsys):
+    local, remote = tmp_path / "local.tsv", tmp_path / "ray.tsv"
+    common = ["predict", "--model", str(biased_ensemble), "--data", str(SAMPLE_DIR), "--split", "development",
+              "--device", "cpu"]
+    assert main([*common, "--out", str(local)]) == 0
+    assert main([*common, "--out", str(remote), "--ray", "--ray-actors", "2", "--ray-batch-size", "3"]) == 0
+    capsys.readouterr()
+    assert local.read_text() and remote.read_text() == local.read_text()
+
+
+def test_ray_actor_class_without_ray(biased_ensemble, dev_documents):
+    """The map_batches callable on its own (no cluster): same relations as the Predictor, in batch order."""
+    import numpy as np
+
+    from drugprot.ensemble.batch import EnsemblePredictor
+    from drugprot.ensemble.frames import document_record
+
+    actor = EnsemblePredictor(str(biased_ensemble), device="cpu")
+    batch = {"index": np.arange(3), "document": np.asarray([json.dumps(document_record(d)) for d in dev_documents[:3]])}
+    out = actor(batch)
+    expected = load_predictor(biased_ensemble, device="cpu").predict(dev_documents[:3])
+    assert list(out["index"]) == [0, 1, 2]
+    assert [json.loads(r) for r in out["relations"]] == [
+        [[p.pmid, p.chemical, p.gene, p.type, p.score, list(p.votes)] for p in preds] for preds in expected]
+    assert sum(map(len, expected)) > 0
+
+
+def test_hand_vote_helper_agrees_with_vote():
+    """Sanity check of the by-hand majority used in test_registry (Counter + mean-probability tie break)."""
+    from drugprot.inference import vote
+
+    table = torch.softmax(torch.randn(3, 200, len(LABELS), generator=torch.Generator().manual_seed(1)) * 3, -1)
+    assert hand_vote(table) == [int(x) for x in vote(table, "hard")[0]]
+
+
+def hand_vote(table: torch.Tensor) -> list[int]:
+    labels = []
+    for i in range(table.size(1)):
+        votes = Counter(int(table[m, i].argmax()) for m in range(table.size(0)))
+        top = max(votes.values())
+        tied = [label for label, count in votes.items() if count == top]
+        labels.append(max(tied, key=lambda label: float(table[:, i, label].mean())))
+    return labels
+
+
+
+@pytest.mark.parametrize("system", ["relation_attention", "multitask"])
+def test_fold_matches_the_loop_for_every_head(biased_members, dev_documents, system):
+    """The paper's heads stack too: relation attention (definitions encoded by each member) and multitask."""
+    from drugprot.model.encoder import build_encoder
+    from drugprot.model.heads import RelationModel
+    from drugprot.training import relation_definitions
+
+    like = load_artifact(biased_members[0])
+    ids, mask = relation_definitions(like.tokenizer)
+    members = []
+    for seed in (1, 2):
+        encoder = build_encoder("tiny-random", seed=seed)
+        encoder.resize_token_embeddings(len(like.tokenizer))
+        torch.manual_seed(seed)
+        model = RelationModel(encoder, system=system, definition_ids=ids, definition_mask=mask)
+        members.append(LoadedModel(like.path, model, like.tokenizer, {**like.info, "system": system}))
+    looped = Predictor(members, device="cpu", execution="loop")
+    cands = looped.candidates(dev_documents[:4])
+    expected = looped.member_probabilities(dev_documents[:4], cands)
+    stacked = Predictor(members, device="cpu", execution="fold")
+    torch.testing.assert_close(stacked.member_probabilities(dev_documents[:4], cands), expected, atol=1e-5, rtol=1e-4)

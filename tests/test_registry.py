@@ -1,0 +1,393 @@
+"""The MLflow registry side of ensembles, against a real SQLite store in a temporary folder: registration as a
+pyfunc model from code, loading back by alias, the champion rule, refused tampering, clear errors for bad URIs,
+``mlflow.pyfunc.load_model(...).predict(DataFrame)``, and (slow) the whole path from a smoke study:
+``drugprot tune`` → ``drugprot ensemble --study`` (top-k and --reseed) → ``predict --model models:/…@champion`` →
+``evaluate``; plus one registration through a real ``mlflow server``."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from drugprot.cli import main
+from drugprot.config import SAMPLE_DIR
+from drugprot.encoding import LABELS, PairEncoder
+from drugprot.ensemble import build_ensemble, load_ensemble
+from drugprot.ensemble.frames import documents_to_frame, relations_to_frame
+from drugprot.ensemble.registry import log_ensemble, promote
+from drugprot.inference import load_predictor, pair_probabilities
+from drugprot.model.artifacts import ArtifactError, load_artifact
+from drugprot.tracking import RegistryError, download_registered_model
+from test_ensemble import biased_ensemble, biased_members, dev_documents, flip_first_byte, hand_vote  # noqa: F401
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A SQLite MLflow store and a registry download cache in one temporary folder.
+
+    The working directory moves to an empty folder beside it, so nothing can silently use MLflow's default store
+    (``sqlite:///mlflow.db`` in the working directory) instead of the one passed explicitly.
+    """
+    root = tmp_path_factory.mktemp("registry")
+    (root / "elsewhere").mkdir()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DRUGPROT_CACHE_DIR", str(root / "cache"))
+        patch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        patch.chdir(root / "elsewhere")
+        yield SimpleNamespace(root=root, uri=f"sqlite:///{root}/mlflow.db")
+
+
+@contextlib.contextmanager
+def fluent(uri: str):
+    import mlflow
+
+    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield mlflow
+    finally:
+        mlflow.set_tracking_uri(previous[0])
+        mlflow.set_registry_uri(previous[1])
+
+
+@pytest.fixture(scope="module")
+def registered(store, biased_ensemble):  # noqa: F811
+    """The biased 3-member ensemble registered once as ``dp`` (version 1, @champion)."""
+    lines: list[str] = []
+    run = log_ensemble(biased_ensemble, tracking_uri=store.uri, register="dp", log=lines.append)
+    return SimpleNamespace(run=run, lines=lines, name="dp")
+
+
+def _relations(predictions):
+    return [(r.pmid, r.chemical, r.gene, r.type) for preds in predictions for r in preds]
+
+
+# -- register, load back, vote by hand -------------------------------------------------------------------------
+
+
+def test_registered_ensemble_loads_by_alias_and_matches_a_hand_vote(registered, store, biased_members, dev_documents):  # noqa: F811
+    assert registered.run.registration.version == "1" and registered.run.registration.alias_moved
+    predictor = load_predictor("models:/dp@champion", device="cpu", tracking_uri=store.uri)
+    candidates = predictor.candidates(dev_documents)
+    table = torch.zeros((3, len(candidates), len(LABELS)))
+    table[:, :, 0] = 1.0
+    for m, folder in enumerate(biased_members):  # each member on its own, straight from its training folder
+        member = load_artifact(folder)
+        pairs, _ = PairEncoder(member.tokenizer, max_length=member.info["max_length"],
+                               markers=member.info["markers"]).encode(dev_documents, candidates)
+        table[m, [p.index for p in pairs]] = pair_probabilities(member.model, pairs, pad_id=member.tokenizer.pad_token_id,
+                                                                device=torch.device("cpu"))
+    labels = hand_vote(table)
+    expected = [(c.pmid, c.chemical.id, c.gene.id, LABELS[label]) for c, label in zip(candidates, labels) if label != 0]
+    assert len(expected) > 10 and len({t for *_, t in expected}) >= 2
+    assert _relations(predictor.predict(dev_documents)) == expected
+    assert _relations(load_predictor("models:/dp/1", device="cpu", tracking_uri=store.uri).predict(dev_documents)) == expected
+
+
+def test_registered_version_holds_weights_tokenizers_configs_and_manifest(registered, store):
+    folder = download_registered_model("models:/dp@champion", tracking_uri=store.uri)
+    model_dir = folder.parent.parent
+    mlmodel = (model_dir / "MLmodel").read_text()
+    assert "mlflow.pyfunc.loaders.code_model" in mlmodel and "pyfunc_model.py" in mlmodel
+    assert (model_dir / "pyfunc_model.py").is_file()
+    assert not [p for p in model_dir.rglob("*") if p.suffix in (".pkl", ".pickle", ".pt", ".bin")]  # nothing pickled
+    listed = json.loads((folder / "manifest.json").read_text())["files"]
+    for member in ("m1-seed1", "m2-seed2", "m3-seed3"):
+        for name in ("model.safetensors", "encoder/config.json", "tokenizer/tokenizer.json", "drugprot.json", "manifest.json"):
+            assert len(listed[f"members/{member}/{name}"]) == 64
+    assert set(listed) == {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} - {"manifest.json"}
+    from drugprot import tracking
+
+    version = tracking.client(tracking.normalize_tracking_uri(store.uri)).get_model_version("dp", "1")
+    assert float(version.tags["dev_f1"]) > 0 and version.tags["vote"] == "hard"
+    assert version.tags["members"] == "m1-seed1,m2-seed2,m3-seed3"
+
+
+def test_ensemble_run_is_logged_with_member_and_ensemble_metrics(registered, store):
+    from drugprot import tracking
+
+    run = tracking.client(tracking.normalize_tracking_uri(store.uri)).get_run(registered.run.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["drugprot.kind"] == "ensemble"
+    metrics = run.data.metrics
+    assert metrics["dev_f1"] > 0 and "dev_f1.INHIBITOR" in metrics
+    assert {"member_dev_f1.m1-seed1", "member_dev_f1.m2-seed2", "member_dev_f1.m3-seed3"} <= set(metrics)
+    assert run.data.params["vote"] == "hard" and run.data.params["members"] == "3"
+
+
+# -- pyfunc ------------------------------------------------------------------------------------------------------
+
+
+def test_pyfunc_load_model_predicts_a_dataframe(registered, store, biased_ensemble, dev_documents):  # noqa: F811
+    expected = relations_to_frame(dev_documents, load_ensemble(biased_ensemble, device="cpu").predict(dev_documents))
+    assert len(expected) > 10
+    with fluent(store.uri) as mlflow:
+        model = mlflow.pyfunc.load_model("models:/dp@champion")
+        found = model.predict(documents_to_frame(dev_documents))
+        frame = documents_to_frame(dev_documents)
+        frame["entities"] = [json.dumps(e) for e in frame["entities"]]  # entities as JSON strings work too
+        as_json = model.predict(frame)
+        strict = model.predict(documents_to_frame(dev_documents), params={"threshold": 0.99})
+        with pytest.raises(mlflow.exceptions.MlflowException, match="missing inputs \\['title'\\]"):
+            model.predict(documents_to_frame(dev_documents).drop(columns=["title"]))
+    assert found.to_dict("records") == expected.to_dict("records")
+    assert as_json.to_dict("records") == expected.to_dict("records")
+    assert list(found.columns) == ["pmid", "type", "arg1", "arg2", "score", "votes"]
+    assert len(strict) == int((expected["score"] >= 0.99).sum()) < len(expected)
+
+
+def test_pyfunc_model_class_without_mlflow_loading(biased_ensemble, dev_documents):  # noqa: F811
+    """The model-from-code class called directly (load_context + predict), as MLflow would."""
+    import importlib
+
+    module = importlib.import_module("drugprot.ensemble.pyfunc_model")
+    model = module.DrugprotEnsembleModel()
+    model.load_context(SimpleNamespace(artifacts={"ensemble": str(biased_ensemble)},
+                                       model_config={"device": "cpu", "vote": "soft"}))
+    assert model.predictor.vote_mode == "soft"
+    frame = model.predict(None, documents_to_frame(dev_documents[:4]), params={"threshold": 0.0})
+    expected = load_ensemble(biased_ensemble, device="cpu", vote="soft").predict(dev_documents[:4])
+    assert frame.to_dict("records") == relations_to_frame(dev_documents[:4], expected).to_dict("records")
+    from drugprot.ensemble.frames import InputError
+
+    with pytest.raises(InputError, match=r"row 0: entity T1: offsets \[5, 999999\) outside the text"):
+        bad = documents_to_frame(dev_documents[:1])
+        bad.at[0, "entities"] = [{"id": "T1", "type": "CHEMICAL", "start": 5, "end": 999999, "text": "x"}]
+        model.predict(None, bad)
+
+
+# -- the champion rule ---------------------------------------------------------------------------------------------
+
+
+def test_champion_alias_moves_only_on_improvement_or_force(store, biased_ensemble, smoke_members, tmp_path):  # noqa: F811
+    from drugprot import tracking
+
+    plain = build_ensemble(smoke_members, tmp_path / "plain", log=lambda _: None)  # untrained-looking: dev F1 0
+    better = json.loads((biased_ensemble / "ensemble.json").read_text())["dev"]["ensemble"]["f1"]
+    assert plain.dev_f1 == 0.0 < better
+    client = tracking.client(tracking.normalize_tracking_uri(store.uri))
+    lines: list[str] = []
+
+    def register(folder, **options):
+        result = log_ensemble(folder, tracking_uri=store.uri, register="dp-champ", log=lines.append, **options).registration
+        return result.version, result.alias_moved, str(client.get_model_version_by_alias("dp-champ", "champion").version)
+
+    assert register(tmp_path / "plain") == ("1", True, "1")  # no champion yet
+    assert register(biased_ensemble) == ("2", True, "2")  # higher dev F1
+    assert register(tmp_path / "plain") == ("3", False, "2")  # lower: the champion stays
+    assert register(biased_ensemble) == ("4", False, "2")  # equal: ties keep the champion
+    assert register(tmp_path / "plain", force=True) == ("5", True, "5")  # forced
+    assert "no @champion yet" in lines[0]
+    assert f"version 2 (dev F1 {better:.4f}) vs @champion version 1 (dev F1 0.0000), +{better:.4f}: @champion -> version 2" in lines[1]
+    assert "@champion stays on version 2 (dev F1 does not beat the champion's" in lines[2]
+    assert "ties keep the champion" in lines[3] and "(--force)" in lines[4]
+
+
+class FakeRegistry:
+    def __init__(self, champion: str | None, champion_f1: str | None):
+        self.versions = {}
+        if champion:
+            self.versions[champion] = SimpleNamespace(version=champion, tags={"dev_f1": champion_f1} if champion_f1 else {},
+                                                      run_id="")
+        self.alias = champion
+
+    def get_model_version_by_alias(self, name, alias):
+        from mlflow.exceptions import MlflowException
+
+        if self.alias is None:
+            raise MlflowException("no alias")
+        return self.versions[self.alias]
+
+    def set_registered_model_alias(self, name, alias, version):
+        self.alias = version
+
+
+@pytest.mark.parametrize("champion, champion_f1, new_f1, force, moved, reason", [
+    (None, None, 0.3, False, True, "no @champion yet"),
+    ("1", "0.5", 0.6, False, True, "higher dev F1"),
+    ("1", "0.5", 0.5, False, False, "ties keep the champion"),
+    ("1", "0.5", 0.4, False, False, "does not beat"),
+    ("1", "0.5", 0.4, True, True, "--force"),
+    ("1", "0.5", None, False, False, "no dev F1"),
+    ("1", None, 0.1, False, True, "has no dev F1"),
+    ("2", "0.5", 0.9, False, False, "already points at version 2"),
+])
+def test_promote_rule(champion, champion_f1, new_f1, force, moved, reason):
+    registry = FakeRegistry(champion, champion_f1)
+    lines: list[str] = []
+    result = promote(registry, "m", "2", dev_f1=new_f1, force=force, log=lines.append)
+    assert result.alias_moved is moved and reason in result.reason
+    assert registry.alias == ("2" if moved else champion)
+    assert lines[0].startswith("registry m: version 2")
+
+
+# -- refused and unknown ---------------------------------------------------------------------------------------------
+
+
+def test_tampered_registered_artifact_is_refused_naming_the_file(store, biased_ensemble, capsys):  # noqa: F811
+    log_ensemble(biased_ensemble, tracking_uri=store.uri, register="dp-tamper", log=lambda _: None)
+    folder = download_registered_model("models:/dp-tamper/1", tracking_uri=store.uri)
+    # a modified cached copy is noticed and downloaded again
+    flip_first_byte(folder / "members/m1-seed1/model.safetensors")
+    assert load_predictor("models:/dp-tamper@champion", device="cpu", tracking_uri=store.uri).members
+    assert "failed verification" in capsys.readouterr().err
+    # a modified file in the registry's artifact store is refused by name
+    from drugprot import tracking
+
+    from urllib.parse import urlparse
+
+    location = tracking.client(tracking.normalize_tracking_uri(store.uri)).get_model_version_download_uri("dp-tamper", "1")
+    stored = Path(urlparse(location).path)
+    [target] = stored.rglob("members/m2-seed2/model.safetensors")
+    flip_first_byte(target)
+    shutil.rmtree(folder.parent.parent)  # the cached copy
+    with pytest.raises(ArtifactError, match=r"members/m2-seed2/model\.safetensors: sha256 mismatch"):
+        load_predictor("models:/dp-tamper@champion", device="cpu", tracking_uri=store.uri)
+
+
+@pytest.mark.parametrize("uri, message", [
+    ("models:/nope@champion", r"no registered model 'nope' in .* \(registered: .*dp"),
+    ("models:/dp@nope", r"model 'dp' has no alias 'nope' \(aliases: @champion -> version 1\)"),
+    ("models:/dp/99", r"model 'dp' has no version 99 \(versions: 1\)"),
+    ("models:/dp", r"expected models:/NAME@ALIAS"),
+])
+def test_unknown_registry_uris_are_clear_errors(registered, store, uri, message):
+    with pytest.raises(RegistryError, match=message):
+        load_predictor(uri, device="cpu", tracking_uri=store.uri)
+
+
+def test_nothing_used_the_default_store(registered, store):
+    assert not list((store.root / "elsewhere").iterdir())
+
+
+def test_missing_store_is_not_created(tmp_path, capsys):
+    missing = tmp_path / "nowhere.db"
+    code = main(["predict", "--model", "models:/dp@champion", "--tracking-uri", f"sqlite:///{missing}",
+                 "--data", str(SAMPLE_DIR), "--out", str(tmp_path / "p.tsv")])
+    assert code == 2
+    assert f"no MLflow database at {missing}" in capsys.readouterr().err
+    assert not missing.exists()
+
+
+# -- CLI: ensemble from folders → register → predict → evaluate -------------------------------------------------------
+
+
+def test_cli_register_predict_evaluate(store, biased_members, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "ens"
+    assert main(["ensemble", "--members", *map(str, biased_members), "--register", "dp-cli", "--tracking-uri", store.uri,
+                 "--out", str(out), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "registry dp-cli: version 1" in printed and "@champion -> version 1" in printed
+    pred = tmp_path / "pred.tsv"
+    assert main(["predict", "--model", "models:/dp-cli@champion", "--tracking-uri", store.uri, "--data", str(SAMPLE_DIR),
+                 "--out", str(pred), "--device", "cpu"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--gold", str(SAMPLE_DIR), "--pred", str(pred), "--json"]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    assert scored["f1"] == pytest.approx(json.loads((out / "ensemble.json").read_text())["dev"]["ensemble"]["f1"], abs=1e-6)
+
+
+# -- a real MLflow server --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_register_and_load_through_an_mlflow_server(biased_ensemble, dev_documents, tmp_path, monkeypatch):  # noqa: F811
+    from fixtures_mlflow import _free_port, mlflow_server_process
+
+    monkeypatch.setenv("DRUGPROT_CACHE_DIR", str(tmp_path / "cache"))
+    with mlflow_server_process(tmp_path / "server", port=_free_port("5110-5119")) as (uri, _process):
+        run = log_ensemble(biased_ensemble, tracking_uri=uri, register="dp-server", log=lambda _: None)
+        assert run.registration.alias_moved
+        predictor = load_predictor("models:/dp-server@champion", device="cpu", tracking_uri=uri)
+        expected = load_ensemble(biased_ensemble, device="cpu").predict(dev_documents)
+        assert _relations(predictor.predict(dev_documents)) == _relations(expected)
+    assert list((tmp_path / "server" / "artifacts").rglob("members/m1-seed1/model.safetensors"))
+
+
+# -- end to end from a study -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smoke_study(tmp_path_factory):
+    """A 3-trial smoke study (tiny random BERT, 1 epoch) run by ``drugprot tune`` on a private local Ray."""
+    root = tmp_path_factory.mktemp("study")
+    ray_tmp = tempfile.mkdtemp(prefix="dpray", dir="/tmp")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RAY_TMPDIR", ray_tmp)
+        patch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+        patch.setenv("DRUGPROT_CACHE_DIR", str(root / "cache"))
+        patch.delenv("RAY_ADDRESS", raising=False)
+        patch.chdir(root)
+        uri = f"sqlite:///{root}/mlflow.db"
+        code = main(["tune", "--config", str(REPO / "configs/smoke.yaml"), "--space", str(REPO / "search_spaces/smoke.yaml"),
+                     "--set", "train.epochs=1", "--name", "smk", "--num-samples", "3", "--storage", str(root / "tune"),
+                     "--tracking-uri", uri])
+        assert code == 0
+        yield SimpleNamespace(root=root, uri=uri, name="smk")
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_study_to_champion_to_predictions(smoke_study, tmp_path, capsys):
+    from drugprot import tracking
+
+    uri = smoke_study.uri
+    out = tmp_path / "ens"
+    assert main(["ensemble", "--study", "smk", "--top-k", "3", "--register", "smk-ens", "--tracking-uri", uri,
+                 "--out", str(out), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "micro F1" in printed and "@champion -> version 1" in printed
+    meta = json.loads((out / "ensemble.json").read_text())
+    trials = tracking.study_trials("smk", uri)
+    assert len(trials) == 3  # the ensemble run is not counted as a trial
+    assert [m["source"]["trial_id"] for m in meta["members"]] == [t.trial_id for t in trials]
+    assert [m["dev_f1"] for m in meta["members"]] == [t.best_dev_f1 for t in trials]
+    ensemble_runs = tracking.client(tracking.normalize_tracking_uri(uri)).search_runs(
+        [tracking.study_experiment("smk", uri)], "tags.`drugprot.kind` = 'ensemble'")
+    assert len(ensemble_runs) == 1 and ensemble_runs[0].data.tags.get("mlflow.parentRunId")
+    pred = tmp_path / "pred.tsv"
+    assert main(["predict", "--model", "models:/smk-ens@champion", "--tracking-uri", uri, "--data", str(SAMPLE_DIR),
+                 "--out", str(pred), "--device", "cpu"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--gold", str(SAMPLE_DIR), "--pred", str(pred), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["f1"] == pytest.approx(meta["dev"]["ensemble"]["f1"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_study_errors_exit_2(smoke_study, tmp_path, capsys):
+    common = ["--tracking-uri", smoke_study.uri, "--no-log"]
+    assert main(["ensemble", "--study", "nope", "--out", str(tmp_path / "a"), *common]) == 2
+    assert "no study named 'nope'" in capsys.readouterr().err
+    assert main(["ensemble", "--study", "smk", "--top-k", "5", "--out", str(tmp_path / "b"), *common]) == 2
+    assert "--top-k 5: study 'smk' has only 3 finished trial(s)" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists() and not (tmp_path / ".b.work").exists()
+
+
+@pytest.mark.slow
+def test_study_reseed(smoke_study, tmp_path, capsys):
+    from drugprot import tracking
+
+    out = tmp_path / "reseeded"
+    assert main(["ensemble", "--study", "smk", "--reseed", "2", "--tracking-uri", smoke_study.uri, "--out", str(out),
+                 "--device", "cpu", "--no-log"]) == 0
+    capsys.readouterr()
+    meta = json.loads((out / "ensemble.json").read_text())
+    best = tracking.study_trials("smk", smoke_study.uri)[0]
+    assert meta["source"]["selection"] == "reseed" and meta["source"]["reseed_of"] == best.trial_id
+    assert [m["seed"] for m in meta["members"]] == [14, 15]  # the study searched seed 13 only
+    for member in meta["members"]:
+        config = json.loads((out / member["path"] / "drugprot.json").read_text())["config"]
+        assert config["train"]["seed"] == member["seed"]
+        assert {k: v for k, v in config["train"].items() if k not in ("seed", "threads")} == \
+            {k: v for k, v in best.config["train"].items() if k not in ("seed", "threads")}
+        assert config["loss"] == best.config["loss"] and config["sampling"] == best.config["sampling"]

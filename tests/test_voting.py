@@ -1,0 +1,101 @@
+"""Voting rules (drugprot.inference.vote / decode) on hand-made probability tables: no models needed.
+
+Hard: each member's argmax is a vote, the majority wins, a tie goes to the tied label with the highest mean
+probability (never to a label outside the tie). Soft: argmax of the mean probabilities. A pair always gets exactly
+one label, even when its gold has several (multi-label pairs).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from drugprot.candidates import Candidate
+from drugprot.corpus import Entity
+from drugprot.encoding import LABEL_INDEX, LABELS
+from drugprot.ensemble.format import EnsembleError, check_vote
+from drugprot.inference import decode, vote
+
+L = len(LABELS)
+NONE, INH, ACT, SUB = (LABEL_INDEX[x] for x in ("NONE", "INHIBITOR", "ACTIVATOR", "SUBSTRATE"))
+
+
+def probs(*rows: dict[int, float]) -> torch.Tensor:
+    """One member per row: {label index: probability}; the rest of the mass is spread over the other labels."""
+    out = torch.zeros((len(rows), 1, L))
+    for m, row in enumerate(rows):
+        rest = (1.0 - sum(row.values())) / (L - len(row))
+        out[m, 0] = rest
+        for label, p in row.items():
+            out[m, 0, label] = p
+    return out
+
+
+CASES = [
+    # name, member rows, hard label, soft label
+    ("unanimous", [{INH: 0.9}, {INH: 0.8}, {INH: 0.7}], INH, INH),
+    ("majority beats a confident minority (hard and soft disagree)", [{INH: 0.40, ACT: 0.35}, {INH: 0.40, ACT: 0.35}, {ACT: 0.95}], INH, ACT),
+    ("two-way tie goes to the higher mean", [{INH: 0.6}, {ACT: 0.9}], ACT, ACT),
+    ("three-way tie goes to the higher mean", [{NONE: 0.5, ACT: 0.3}, {INH: 0.5, ACT: 0.3}, {ACT: 0.45}], ACT, ACT),
+    ("tie never goes outside the tied labels", [{INH: 0.30, SUB: 0.29}, {INH: 0.30, SUB: 0.29}, {ACT: 0.31, SUB: 0.30}, {ACT: 0.31, SUB: 0.30}],
+     ACT, SUB),
+    ("NONE majority", [{NONE: 0.6}, {NONE: 0.55}, {INH: 0.9}], NONE, NONE),
+]
+
+
+@pytest.mark.parametrize("name, rows, hard, soft", CASES, ids=[c[0] for c in CASES])
+def test_vote_table(name, rows, hard, soft):
+    table = probs(*rows)
+    hard_labels, hard_scores, member_labels = vote(table, "hard")
+    soft_labels, soft_scores, _ = vote(table, "soft")
+    assert int(hard_labels[0]) == hard, name
+    assert int(soft_labels[0]) == soft, name
+    assert member_labels.shape == (len(rows), 1)
+    votes = [int(v) for v in member_labels[:, 0]]
+    assert float(hard_scores[0]) == pytest.approx(votes.count(hard) / len(rows))  # hard score = vote share
+    assert float(soft_scores[0]) == pytest.approx(float(table[:, 0, soft].mean()))  # soft score = mean probability
+
+
+def test_one_member_vote_is_its_argmax():
+    table = torch.softmax(torch.randn(1, 50, L, generator=torch.Generator().manual_seed(0)), -1)
+    for mode in ("hard", "soft"):
+        labels, _, _ = vote(table, mode)
+        assert torch.equal(labels, table[0].argmax(-1))
+
+
+def test_vote_rejects_unknown_mode():
+    with pytest.raises(ValueError, match="'hard' or 'soft'"):
+        vote(probs({INH: 0.9}), "majority")
+
+
+@pytest.mark.parametrize("value", ["Hard", "hard,soft", "both", ""])
+def test_check_vote_names_the_value(value):
+    with pytest.raises(EnsembleError, match=f"must be one of hard, soft .*got {value!r}"):
+        check_vote(value, "--vote")
+
+
+def _candidate(labels: frozenset[str]) -> Candidate:
+    chem = Entity("T1", "CHEMICAL", 0, 7, "aspirin")
+    gene = Entity("T2", "GENE", 17, 21, "COX1")
+    return Candidate("1", chem, gene, (0, 22), 0, labels)
+
+
+def test_multi_label_pair_gets_exactly_one_label():
+    """A pair whose gold has two types still gets one predicted relation: the vote's argmax."""
+    cand = _candidate(frozenset({"INHIBITOR", "DIRECT-REGULATOR"}))
+    table = probs({INH: 0.45, LABEL_INDEX["DIRECT-REGULATOR"]: 0.44}, {INH: 0.40, LABEL_INDEX["DIRECT-REGULATOR"]: 0.42},
+                  {INH: 0.5})
+    for mode, expected in (("hard", "INHIBITOR"), ("soft", "INHIBITOR")):
+        relations = decode([cand], table, mode)
+        assert [(r.chemical, r.gene, r.type) for r in relations] == [("T1", "T2", expected)]
+        assert relations[0].votes == ("INHIBITOR", "DIRECT-REGULATOR", "INHIBITOR")
+
+
+def test_decode_drops_none_and_low_scores():
+    cands = [_candidate(frozenset()), _candidate(frozenset({"INHIBITOR"}))]
+    table = torch.cat([probs({NONE: 0.9}, {NONE: 0.8}, {INH: 0.9}), probs({INH: 0.9}, {INH: 0.8}, {ACT: 0.9})], dim=1)
+    relations = decode(cands, table, "hard")
+    assert [r.type for r in relations] == ["INHIBITOR"]
+    assert relations[0].score == pytest.approx(2 / 3, abs=1e-6)
+    assert decode(cands, table, "hard", threshold=0.7) == []
+    assert decode([], table[:, :0], "hard") == []
