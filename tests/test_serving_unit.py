@@ -625,8 +625,7 @@ def test_a_registry_uri_is_pinned_to_a_version_and_reported(relation_members, tm
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("DRUGPROT_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
-    # tracking.download_registered_model reads a SQLite registry only through the environment (reported upstream)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the store must come from tracking_uri alone
     built = build_ensemble(relation_members, tmp_path / "ensemble", vote="soft", log=lambda _: None)
     log_ensemble(built.path, tracking_uri=store, register="drugprot-serving-test", log=lambda _: None)
     service = RelationService.load(parse_options({"model": "models:/drugprot-serving-test@champion",
