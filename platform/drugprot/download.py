@@ -6,7 +6,6 @@ and the archive's contents check out, so a failed download never leaves a partia
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import tempfile
 import urllib.request
@@ -14,6 +13,7 @@ import zipfile
 from pathlib import Path
 
 from drugprot.errors import DrugprotError
+from drugprot.manifest import sha256_file
 
 OFFICIAL_URL = "https://zenodo.org/record/5042151/files/drugprot-gs-training-development.zip?download=1"
 OFFICIAL_SHA256 = "510c659348145e5fbd4980301f35f52ea2e08c8672e47d93ffcc46075fda0ec4"
@@ -22,14 +22,6 @@ SPLITS = ("training", "development")
 
 class DownloadError(DrugprotError, RuntimeError):
     pass
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def download_corpus(dest: str | Path, *, url: str = OFFICIAL_URL, sha256: str = OFFICIAL_SHA256, timeout: float = 60) -> Path:
@@ -43,7 +35,7 @@ def download_corpus(dest: str | Path, *, url: str = OFFICIAL_URL, sha256: str = 
                 shutil.copyfileobj(response, out)
         except (OSError, ValueError) as error:
             raise DownloadError(f"cannot download {url}: {error}") from None
-        found = sha256_of(archive)
+        found = sha256_file(archive)
         if found != sha256:
             raise DownloadError(f"checksum mismatch for {url}: expected sha256 {sha256}, got {found}; nothing was written")
         unpacked = Path(staging) / "corpus"

@@ -16,18 +16,17 @@ nothing in the folder is ever unpickled.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from pathlib import Path
 from typing import Any
 
 from drugprot.errors import DrugprotError
+from drugprot.manifest import MANIFEST, verify_manifest, write_manifest  # noqa: F401  (MANIFEST re-exported)
 
 FORMAT_VERSION = 1
 KIND = "drugprot-ensemble"
 ENSEMBLE_JSON = "ensemble.json"
-MANIFEST = "manifest.json"
 MEMBERS_DIR = "members"
 VOTE_MODES = ("hard", "soft")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -50,52 +49,15 @@ def check_member_name(name: str) -> str:
     return name
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _tree_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.relative_to(folder).as_posix() != MANIFEST)
-
-
 def write_tree_manifest(folder: Path) -> dict[str, str]:
-    """List every file under ``folder`` (except the top-level manifest itself) with its sha256."""
-    folder = Path(folder)
-    files = {p.relative_to(folder).as_posix(): sha256(p) for p in _tree_files(folder)}
-    (folder / MANIFEST).write_text(json.dumps({"format_version": FORMAT_VERSION, "files": files}, indent=1))
-    return files
+    """List every file under ``folder`` (the members' own manifests included) with its sha256."""
+    return write_manifest(folder)
 
 
 def verify_tree_manifest(folder: Path) -> dict[str, str]:
-    """Refuse a tree whose files differ from its manifest: missing, modified or unlisted, named by path."""
-    from drugprot.model.artifacts import ArtifactError  # (drugprot.model imports torch)
-
-    folder = Path(folder)
-    manifest = folder / MANIFEST
-    if not manifest.is_file():
-        raise ArtifactError(f"{folder}: no {MANIFEST}; not a drugprot ensemble folder (build one with `drugprot ensemble`)")
-    try:
-        listed = json.loads(manifest.read_text())["files"]
-        if not isinstance(listed, dict):
-            raise ValueError("'files' is not a mapping")
-    except (ValueError, KeyError, TypeError) as error:
-        raise ArtifactError(f"{manifest}: unreadable manifest ({error}); refusing to load the ensemble") from None
-    for name, expected in listed.items():
-        path = folder / name
-        if ".." in Path(name).parts or not path.is_file():
-            raise ArtifactError(f"{path}: listed in the ensemble manifest but missing; refusing to load the ensemble")
-        found = sha256(path)
-        if found != expected:
-            raise ArtifactError(f"{path}: sha256 mismatch (manifest {expected[:12]}…, file {found[:12]}…): the file was "
-                                "modified after the ensemble was built; refusing to load it")
-    for path in _tree_files(folder):
-        if path.relative_to(folder).as_posix() not in listed:
-            raise ArtifactError(f"{path}: file not listed in the ensemble manifest; refusing to load a modified ensemble")
-    return listed
+    """Refuse an ensemble whose files differ from its manifest: missing, modified or unlisted, named by path."""
+    return verify_manifest(folder, kind="ensemble", label="ensemble manifest",
+                           hint="build one with `drugprot ensemble`")
 
 
 def read_ensemble_json(folder: Path) -> dict[str, Any]:

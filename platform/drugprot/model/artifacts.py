@@ -8,7 +8,6 @@ a missing, changed or unlisted file is refused with its name. Nothing is ever un
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import tempfile
@@ -16,51 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from drugprot.errors import DrugprotError
+from drugprot.manifest import FORMAT_VERSION, MANIFEST, ArtifactError, verify_manifest, write_manifest  # noqa: F401
 
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
 INFO = "drugprot.json"
-
-
-class ArtifactError(DrugprotError):
-    pass
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_manifest(folder: Path) -> dict[str, str]:
-    files = {str(p.relative_to(folder)): _sha256(p) for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
-    (folder / MANIFEST).write_text(json.dumps({"format_version": FORMAT_VERSION, "files": files}, indent=1))
-    return files
-
-
-def verify_manifest(folder: Path) -> None:
-    """Refuse a folder whose files differ from its manifest (missing, modified or unlisted)."""
-    folder = Path(folder)
-    manifest_path = folder / MANIFEST
-    if not manifest_path.is_file():
-        raise ArtifactError(f"{folder}: no {MANIFEST}; not a drugprot model folder (train one with `drugprot train`)")
-    try:
-        listed = json.loads(manifest_path.read_text())["files"]
-    except (ValueError, KeyError) as error:
-        raise ArtifactError(f"{manifest_path}: unreadable manifest ({error})") from None
-    for name, expected in listed.items():
-        path = folder / name
-        if not path.is_file():
-            raise ArtifactError(f"{path}: listed in the manifest but missing")
-        found = _sha256(path)
-        if found != expected:
-            raise ArtifactError(f"{path}: sha256 mismatch (manifest {expected[:12]}…, file {found[:12]}…): the artifact was modified; refusing to load it")
-    for path in folder.rglob("*"):
-        if path.is_file() and path.name != MANIFEST and str(path.relative_to(folder)) not in listed:
-            raise ArtifactError(f"{path}: file not listed in the manifest; refusing to load a modified artifact")
 
 
 def _save_module(module, folder: Path) -> None:
