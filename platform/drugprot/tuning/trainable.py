@@ -7,7 +7,8 @@ folder holds the best model so far (``model/``), ``metrics.json`` and the exact-
 
 Restoring (a retried trial after a crash, or a resumed study): Tune hands back the latest reported checkpoint through
 ``tune.get_checkpoint()``; it is copied into the trial's run folder and training continues with ``resume=True``, so
-the evaluations already reported are not repeated.
+the evaluations already reported are not repeated. The run folder is node-local scratch (``DRUGPROT_SCRATCH``),
+removed when the trial ends; its checkpoints live on in the study storage.
 
 Each trial is its own Ray actor (a separate process; ``reuse_actors=False``), so when ASHA stops a trial its process
 exits and whatever GPU memory it held is released.
@@ -23,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +50,9 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], space, threads: i
         config.train.threads = threads
     context = tune.get_context()
     trial_dir = Path(context.get_trial_dir())
-    run_dir = trial_dir / "run"
+    # The run folder lives outside the trial folder: Ray uploads the trial folder to the storage as it changes, and
+    # would copy a model while training replaces it. What must persist goes through tune.report's checkpoints.
+    run_dir = scratch_dir() / f"{context.get_experiment_name()}-{context.get_trial_id()}"
     resumed_from = 0
     best = float("-inf")
     checkpoint = tune.get_checkpoint()
@@ -73,6 +77,12 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], space, threads: i
               log=lambda message: print(message, file=log_file, flush=True))
     finally:
         log_file.close()
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def scratch_dir() -> Path:
+    """Node-local working space for trial run folders (``DRUGPROT_SCRATCH``, default the temporary folder)."""
+    return Path(os.environ.get("DRUGPROT_SCRATCH") or tempfile.gettempdir()) / "drugprot-trials"
 
 
 class TrialReporter:
