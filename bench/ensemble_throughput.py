@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         label = f"{args.members} members, stacked ({strategy})"
         print(f"{label:<28} {results[strategy]:>10.1f} {results[strategy] / results['one']:>14.3f}"
               f"   max |Δp| vs loop {diff:.2e}")
-    print(f"goal on a GPU: stacked ≥ 0.35× one member with 5 members (loop ≈ 0.2×); stacked ÷ loop = "
+    print("goal on a GPU: stacked ≥ 0.35× one member with 5 members (loop ≈ 0.2×); stacked ÷ loop = "
           + ", ".join(f"{s} {results[s] / results['loop']:.2f}×" for s in differences))
     summary = {"bench": "ensemble_throughput", "encoder": args.encoder, "members": args.members, "pairs": len(candidates),
                "device": name, "precision": args.precision if device.type == "cuda" else "fp32", "pairs_per_s": results,

@@ -164,6 +164,20 @@ def build_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
         raise ConfigError(format_validation_error(source, error)) from None
 
 
+def read_yaml(path: str | os.PathLike, what: str, error: type[ConfigError] = ConfigError) -> Any:
+    """Parse a YAML file; an unreadable file or bad YAML raises ``error`` naming the file (and line)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as problem:
+        raise error(f"{path}: cannot read {what} ({problem.strerror})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as problem:
+        mark = getattr(problem, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise error(f"{path}{where}: not valid YAML ({getattr(problem, 'problem', problem)})") from None
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | dict | None = None) -> RunConfig:
     """Load a YAML config (or defaults when ``path`` is None), apply overrides, validate.
 
@@ -173,16 +187,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | di
     source = "defaults"
     if path is not None:
         source = str(path)
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except OSError as error:
-            raise ConfigError(f"{path}: cannot read config ({error.strerror})") from None
-        try:
-            raw = yaml.safe_load(text) or {}
-        except yaml.YAMLError as error:
-            mark = getattr(error, "problem_mark", None)
-            where = f":{mark.line + 1}" if mark else ""
-            raise ConfigError(f"{path}{where}: not valid YAML ({getattr(error, 'problem', error)})") from None
+        raw = read_yaml(path, "config") or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
         data_dir = (raw.get("data") or {}).get("dir") if isinstance(raw.get("data"), dict) else None

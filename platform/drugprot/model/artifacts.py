@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from drugprot.manifest import FORMAT_VERSION, MANIFEST, ArtifactError, verify_manifest, write_manifest  # noqa: F401
+from drugprot.manifest import FORMAT_VERSION, ArtifactError, verify_manifest, write_manifest  # noqa: F401  (re-exported)
 
 INFO = "drugprot.json"
 

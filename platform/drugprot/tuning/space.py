@@ -38,13 +38,12 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import BaseModel
 
-from drugprot.config import ConfigError, RunConfig, build_config, merge
+from drugprot.config import ConfigError, RunConfig, build_config, merge, read_yaml
 
 KINDS = ("uniform", "loguniform", "int", "choice", "fixed")
 INTERVAL_KEY = "sampling.interval"
@@ -198,18 +197,7 @@ def config_keys(model: type[BaseModel] = RunConfig, prefix: str = "") -> dict[st
 
 def load_space(path: str | os.PathLike, config: RunConfig | None = None) -> SearchSpace:
     """Read and validate a space file; with ``config``, also check every bound and choice against it."""
-    source = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as error:
-        raise SpaceError(f"{source}: cannot read search space ({error.strerror})") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark else ""
-        raise SpaceError(f"{source}{where}: not valid YAML ({getattr(error, 'problem', error)})") from None
-    return parse_space(raw, source, config)
+    return parse_space(read_yaml(path, "search space", SpaceError), str(path), config)
 
 
 def parse_space(raw: Any, source: str = "space", config: RunConfig | None = None) -> SearchSpace:
