@@ -104,7 +104,7 @@ def main() -> int:
 
     _step(2, "a small Ray Tune + Optuna + ASHA study, every trial an MLflow run")
     _run("tune", "--config", "configs/demo.yaml", "--space", "search_spaces/demo.yaml", "--name", STUDY,
-         "--num-samples", "3", "--max-concurrent", "2", "--cpus-per-trial", "1",
+         "--num-samples", "3", "--max-concurrent", "3", "--cpus-per-trial", "0.6",
          "--storage", str(WORK / "tune"), "--tracking-uri", TRACKING)
 
     _step(3, "promote the top seeds into a voting ensemble, registered as champion")
