@@ -26,7 +26,8 @@ MLFLOW = Path(sys.executable).with_name("mlflow")
 PORTS = os.environ.get("MLFLOW_TEST_PORTS", "5100-5109")
 
 
-def _free_port(spec: str = PORTS) -> int:
+def _free_port(spec: str = PORTS, what: str = "the test MLflow server (set MLFLOW_TEST_PORTS)") -> int:
+    """The first port of ``spec`` (``FIRST-LAST``) that binds on 127.0.0.1."""
     first, _, last = spec.partition("-")
     for port in range(int(first), int(last or first) + 1):
         with socket.socket() as probe:
@@ -36,7 +37,7 @@ def _free_port(spec: str = PORTS) -> int:
             except OSError:
                 continue
             return port
-    raise RuntimeError(f"no free port in {spec} for the test MLflow server (set MLFLOW_TEST_PORTS)")
+    raise RuntimeError(f"no free port in {spec} for {what}")
 
 
 @contextlib.contextmanager

@@ -11,12 +11,13 @@ import contextlib
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 from pathlib import Path
 
 import pytest
+
+from fixtures_mlflow import _free_port
 
 PORTS = os.environ.get("POSTGRES_TEST_PORTS", "5440-5449")
 
@@ -24,18 +25,6 @@ PORTS = os.environ.get("POSTGRES_TEST_PORTS", "5440-5449")
 def postgres_bin() -> Path | None:
     candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"), reverse=True)
     return candidates[0].parent if candidates else None
-
-
-def _free_port() -> int:
-    first, _, last = PORTS.partition("-")
-    for port in range(int(first), int(last) + 1):
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free port in {PORTS} for the test PostgreSQL server")
 
 
 @contextlib.contextmanager
@@ -50,7 +39,7 @@ def postgres_server(database: str = "mlflow"):
         user = pwd.getpwnam("postgres")
         os.chown(root, user.pw_uid, user.pw_gid)
         as_user = ["runuser", "-u", "postgres", "--"]
-    data, port = root / "data", _free_port()
+    data, port = root / "data", _free_port(PORTS, "the test PostgreSQL server (set POSTGRES_TEST_PORTS)")
     log = root / "server.log"
 
     def run(*command: str) -> None:
