@@ -99,6 +99,9 @@ class Predictor:
             member.model.to(self.device).eval()
             if member.gene_typer is not None:
                 member.gene_typer.to(self.device).eval()
+        # One encoder per member, built once: a Serve replica calls member_probabilities for every batch.
+        self._encoders = [PairEncoder(m.tokenizer, max_length=m.info["max_length"], markers=m.info["markers"])
+                          for m in self.members]
         self._stacked = None
         self.execution = "loop"
         if execution != "loop" and len(self.members) > 1:
@@ -144,19 +147,17 @@ class Predictor:
             from drugprot.ensemble.stacked import stacked_probabilities
 
             first = self.members[0]
-            encoder = PairEncoder(first.tokenizer, max_length=first.info["max_length"], markers=first.info["markers"])
-            pairs, _ = encoder.encode(documents, candidates)
+            pairs, _ = self._encoders[0].encode(documents, candidates)
             if pairs:
                 result[:, torch.tensor([p.index for p in pairs])] = stacked_probabilities(
                     self._stacked, pairs, pad_id=first.tokenizer.pad_token_id, device=self.device, precision=self.precision)
             return result
-        for m, member in enumerate(self.members):
+        for m, (member, encoder) in enumerate(zip(self.members, self._encoders)):
             docs, cands = documents, candidates
             if member.gene_typer is not None:
                 docs = type_genes(documents, member, self.device)
                 by_pmid = {d.pmid: d for d in docs}
                 cands = [dataclasses.replace(c, gene=by_pmid[c.pmid].entities[c.gene.id]) for c in candidates]
-            encoder = PairEncoder(member.tokenizer, max_length=member.info["max_length"], markers=member.info["markers"])
             pairs, _ = encoder.encode(docs, cands)
             if not pairs:
                 continue
@@ -194,7 +195,6 @@ def decode(candidates: Sequence[Candidate], member_probs: torch.Tensor, vote_mod
 
 def relation_rows(documents: Sequence[Document], predictions: Sequence[Sequence[PredictedRelation]]) -> list[tuple[str, Relation]]:
     return [(doc.pmid, p.as_relation()) for doc, preds in zip(documents, predictions) for p in preds]
-
 
 
 def load_predictor(model: str | Path, *, device: str = "auto", tracking_uri: str | None = None, **overrides) -> Predictor:
