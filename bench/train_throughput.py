@@ -163,7 +163,7 @@ def run_loop(name: str, model: RelationModel, optimizer, batches, *, device: tor
         real += int(host.attention_mask.sum())
         padded += host.input_ids.numel()
         batch = (host.pin_memory() if pin else host).to(device, non_blocking=True)
-        loss = train_step(model, batch, optimizer, device=device, precision=precision)
+        loss, _ = train_step(model, batch, optimizer, device=device, precision=precision)
         steps += 1
         if time.perf_counter() - start > max_seconds:
             break

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -64,15 +65,17 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, reference_r
     run = tmp_path / "crashed"
     seen: list[int] = []
 
-    def crash_after_second(metrics, run_dir):
+    def crash_after_third(metrics, run_dir):
         seen.append(metrics["eval"])
-        if metrics["eval"] == 2:
-            raise Crash("simulated crash after evaluation 2")
+        if metrics["eval"] == 3:
+            raise Crash("simulated crash after evaluation 3")
 
     with pytest.raises(Crash):
-        train(smoke_config(**SMALL), run, report=crash_after_second, progress=False, log=lambda _: None)
-    assert seen == [1, 2]
-    assert len(json.loads((run / "metrics.json").read_text())["evaluations"]) == 2
+        train(smoke_config(**SMALL), run, report=crash_after_third, progress=False, log=lambda _: None)
+    assert seen == [1, 2, 3]
+    assert len(json.loads((run / "metrics.json").read_text())["evaluations"]) == 3
+    # the resumable state is written once per epoch (every 2nd evaluation here): evaluation 3 skipped it
+    assert len(json.loads((run / "checkpoint" / "state.json").read_text())["evaluations"]) == 2
 
     resumed_reports: list[int] = []
     messages: list[str] = []
@@ -90,6 +93,27 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, reference_r
     reference_state = load_file(str(reference_run.run_dir / "checkpoint" / "state.safetensors"))
     assert resumed_state.keys() == reference_state.keys()
     assert all(torch.equal(resumed_state[k], reference_state[k]) for k in reference_state)
+
+
+@pytest.mark.parametrize("every, states", [(None, [2, 4]), (1, [1, 2, 3, 4]), (3, [3, 4])])
+def test_resumable_state_is_written_every_checkpoint_every_evaluations_and_at_the_end(tmp_path, every, states):
+    from drugprot.training import train
+
+    reports: list[dict] = []
+
+    def report(metrics, run_dir):
+        state = Path(run_dir) / "checkpoint" / "state.json"
+        written = json.loads(state.read_text())["evaluations"] if state.is_file() else []
+        reports.append({**metrics, "state_evals": len(written)})
+
+    result = train(smoke_config(**SMALL), tmp_path / "run", report=report, progress=False, log=lambda _: None,
+                   checkpoint_every=every)
+    assert [r["eval"] for r in reports if r["state_saved"]] == states
+    for r in reports:  # the state on disk is always the latest saved one
+        assert r["state_evals"] == max((s for s in states if s <= r["eval"]), default=0)
+    best_so_far = [max(e["dev_f1"] for e in result.evaluations[: i + 1]) for i in range(len(result.evaluations))]
+    improved = [r["eval"] for r in reports if r["model_saved"]]
+    assert improved == [1] + [i + 1 for i in range(1, len(best_so_far)) if best_so_far[i] > best_so_far[i - 1]]
 
 
 def test_resume_without_checkpoint_starts_from_scratch(tmp_path, reference_run):
@@ -146,7 +170,13 @@ BAD_CONFIGS = [
     ("train:\n  lr: 0\n", r"train\.lr: Input should be greater than 0, got 0"),
     ("train:\n  lr: -1.0e-5\n", r"train\.lr: .*got -1e-05"),
     ("sampling:\n  interval: [2, 16]\n", r"sampling\.interval: must satisfy lo <= 0 <= hi, got \[2, 16\]"),
-    ("model:\n  system: fgemr\n  markers: coarse\n", r"model: system 'fgemr' .* set model\.markers to 'fine'"),
+    ("model:\n  system: fgemr\n  markers: coarse\n", r"model: model\.system 'fgemr' .* set model\.markers to 'fine'"),
+    # fine markers without FGEMR: trained on GENE-Y/GENE-N markers, the model would meet [O:GENE] at prediction
+    ("model:\n  markers: fine\n", r"model: model\.markers 'fine' needs model\.system 'fgemr' \(got 'baseline'\)"),
+    ("model:\n  system: multitask\n  markers: fine\n", r"model\.markers 'fine' needs model\.system 'fgemr' \(got 'multitask'\)"),
+    ("model:\n  system: relation_attention\n  markers: fine\n", r"model\.markers 'fine' .*\(got 'relation_attention'\)"),
+    ("encoder:\n  lowercase: sometimes\n", r"encoder\.lowercase: must be auto, true or false, got 'sometimes'"),
+    ("train:\n  max_nonfinite_steps: 0\n", r"train\.max_nonfinite_steps: Input should be greater than or equal to 1"),
     ("train:\n  lr: [1.0e-3\n  epochs: 2\n", r"bad\.yaml:3: not valid YAML"),
     ("- just\n- a list\n", r"bad\.yaml: expected a mapping of sections, got list"),
 ]
@@ -224,3 +254,81 @@ def test_resume_refuses_a_checkpoint_of_another_architecture(tmp_path, reference
         train(smoke_config(**SMALL, **{"model.system": "multitask"}), tmp_path / "run", resume=True, progress=False,
               log=lambda _: None)
     assert load_config(tmp_path / "run" / "config.yaml").model.system == "baseline"  # still describes the checkpoint
+
+
+# --- non-finite steps -----------------------------------------------------------------------------------------
+
+@pytest.fixture
+def poisoned_steps(monkeypatch):
+    """Fault injection: the relation loss of the listed training steps (1-based, counted across calls) is NaN."""
+    import drugprot.model.heads as heads
+
+    steps: set[int] = set()
+    calls = {"n": 0}
+    real = heads.focal_loss
+
+    def poisoned(logits, target, gamma):
+        loss = real(logits, target, gamma)
+        if logits.requires_grad:  # training steps only, not evaluation
+            calls["n"] += 1
+            if calls["n"] in steps:
+                return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(heads, "focal_loss", poisoned)
+    return steps
+
+
+def test_a_nonfinite_step_leaves_weights_and_optimizer_untouched(smoke_model_dir, sample_dir, poisoned_steps):
+    from drugprot.candidates import corpus_candidates
+    from drugprot.corpus import read_split
+    from drugprot.encoding import PairEncoder, iterate_batches, token_budget_batches
+    from drugprot.model.artifacts import load_artifact
+    from drugprot.model.optim import build_optimizer
+    from drugprot.training import train_step
+
+    member = load_artifact(smoke_model_dir)
+    model, cpu = member.model, torch.device("cpu")
+    docs = read_split(sample_dir, "training").documents[:4]
+    candidates, _ = corpus_candidates(docs, (-10, 16))
+    pairs, _ = PairEncoder(member.tokenizer, max_length=128).encode(docs, candidates)
+    batch = next(iter(iterate_batches(pairs, token_budget_batches(pairs, token_budget=2048, max_pairs=8),
+                                      member.tokenizer.pad_token_id)))
+    optimizer = build_optimizer(model, lr=1e-3, weight_decay=0.01, device=cpu)
+
+    def step():
+        return train_step(model, batch, optimizer, device=cpu, precision="fp32")
+
+    loss, nonfinite = step()
+    assert bool(torch.isfinite(loss)) and not bool(nonfinite)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    moments = {n: {k: v.clone() for k, v in optimizer.state[p].items()} for n, p in model.named_parameters()}
+    poisoned_steps.add(2)
+    loss, nonfinite = step()
+    assert bool(nonfinite) and not bool(torch.isfinite(loss))
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+    for name, param in model.named_parameters():  # moments and the step count are untouched too
+        assert all(torch.equal(moments[name][k], v) for k, v in optimizer.state[param].items()), name
+    loss, nonfinite = step()
+    assert not bool(nonfinite)
+    assert not all(torch.equal(weights[k], v) for k, v in model.state_dict().items())  # a finite step does move
+
+
+def test_nonfinite_steps_are_skipped_and_counted(tmp_path, poisoned_steps):
+    poisoned_steps.update({3, 4, 9})
+    result = train_smoke(tmp_path / "run", **SMALL)
+    counts = [e["nonfinite_steps"] for e in result.evaluations]
+    assert counts[-1] == 3 and counts == sorted(counts)
+    assert all(math.isfinite(e["train_loss"]) for e in result.evaluations)
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved["evaluations"][-1]["nonfinite_steps"] == 3
+
+
+def test_too_many_consecutive_nonfinite_steps_fail_the_run_naming_step_loss_and_config(tmp_path, poisoned_steps):
+    from drugprot.training import NonFiniteTraining
+
+    poisoned_steps.update(range(5, 1000))
+    with pytest.raises(NonFiniteTraining, match=r"step 7: 3 consecutive steps had a non-finite loss or gradient norm "
+                                                r"\(last loss nan; 3 skipped in all\), train\.max_nonfinite_steps is 3.*"
+                                                r"loss\.gamma=2\.0.*train\.lr=0\.003"):
+        train_smoke(tmp_path / "run", **SMALL, **{"train.max_nonfinite_steps": 3})

@@ -10,6 +10,7 @@ MLflow servers in 5100-5109.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -158,7 +159,8 @@ def store(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def local_study(local_ray, store, tmp_path_factory):
     """Four trials on the smoke space, one at a time (ASHA's decisions are then deterministic), SQLite tracking, and
-    a fault injected once: the first trial to reach its second evaluation raises before reporting it."""
+    a fault injected once: the first trial to reach its third evaluation raises before reporting it (its resumable
+    state was uploaded at evaluation 2, once per epoch, and not at 3)."""
     from drugprot.tuning.study import tune_study
     from drugprot.tuning.trainable import FAULT_ENV
 
@@ -229,14 +231,29 @@ def test_local_study_writes_plots_trials_table_and_best_config(local_study):
 @pytest.mark.slow
 def test_crashed_trial_is_retried_from_its_checkpoint(local_study):
     result, client, marker = local_study["result"], local_study["client"], local_study["marker"]
-    assert marker.is_file(), "no trial reached its second evaluation"
+    assert marker.is_file(), "no trial reached its third evaluation"
     faulted = next(t for t in result.trials if t.trial_id == marker.read_text())
     assert faulted.tags[tracking.TAG_FAILURES] == "1"
     assert faulted.tags[tracking.TAG_STARTS] == "2"
-    assert faulted.tags[tracking.TAG_RESUMED_FROM] == "1"  # restored from the checkpoint of evaluation 1
+    assert faulted.tags[tracking.TAG_RESUMED_FROM] == "2"  # restored from the last uploaded state, evaluation 2
     steps = dev_f1_steps(client, faulted.run_id)
     assert steps[:2] == [1, 2] and steps == sorted(set(steps))
     assert faulted.state in ("finished", "early-stopped")
+
+
+@pytest.mark.slow
+def test_storage_holds_one_best_model_and_the_latest_resumable_state_per_trial(local_study):
+    """What a study uploads is bounded: the best model (keep_checkpoints: 1) and one resumable state per trial."""
+    trial_dirs = [p for p in (local_study["root"] / "storage" / "local").iterdir() if (p / "resumable").is_dir()]
+    assert len(trial_dirs) == 4
+    for trial_dir in trial_dirs:
+        states = sorted(p.name for p in (trial_dir / "resumable").iterdir())
+        assert len(states) == 2 and states[1] == "latest.json", states
+        assert json.loads((trial_dir / "resumable" / "latest.json").read_text())["state"] == states[0]
+        assert (trial_dir / "resumable" / states[0] / "checkpoint" / "state.safetensors").is_file()
+        models = [p for p in trial_dir.glob("checkpoint_*")]
+        assert len(models) == 1 and (models[0] / "model" / "model.safetensors").is_file()
+        assert not (models[0] / "checkpoint").exists()  # the resumable state never rides along with the model
 
 
 @pytest.mark.slow

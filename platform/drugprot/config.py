@@ -37,6 +37,31 @@ class EncoderConfig(Section):
                                             "or 'tiny-random' (a small random BERT, for tests).")
     max_length: int = Field(256, ge=32, le=4096, description="Longest input window in word pieces.")
     tiny: dict[str, int] = Field(default_factory=dict, description="BertConfig overrides for 'tiny-random'.")
+    lowercase: Literal["auto"] | bool = Field(
+        "auto", description="Lowercase text before word pieces. auto: the tokenizer's own config when it has one, "
+                            "else the vocabulary decides (upper-case word pieces mean a cased model). A choice that "
+                            "contradicts the vocabulary is refused.")
+
+    @field_validator("lowercase", mode="before")
+    @classmethod
+    def _auto_or_bool(cls, value: Any) -> Any:
+        if value == "auto" or isinstance(value, bool):
+            return value
+        raise ValueError("must be auto, true or false")
+
+
+def check_markers(system: str, markers: str) -> None:
+    """Fine GENE-Y/GENE-N markers need FGEMR, the only system that predicts them for dev and test genes.
+
+    Any other system would train on fine markers and then meet ``[O:GENE]`` at prediction, a marker it never saw
+    (and multitask's entity head would read its answer off the marker).
+    """
+    if system == "fgemr" and markers != "fine":
+        raise ValueError("model.system 'fgemr' predicts GENE-Y/GENE-N markers: set model.markers to 'fine'")
+    if system != "fgemr" and markers == "fine":
+        raise ValueError(f"model.markers 'fine' needs model.system 'fgemr' (got {system!r}): only FGEMR predicts "
+                         f"GENE-Y/GENE-N for dev and test genes; any other system would meet a marker it never "
+                         f"trained on. Use model.markers: coarse, or model.system: fgemr")
 
 
 class ModelConfig(Section):
@@ -45,16 +70,18 @@ class ModelConfig(Section):
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
 
     @model_validator(mode="after")
-    def _fgemr_needs_fine_markers(self) -> ModelConfig:
-        if self.system == "fgemr" and self.markers != "fine":
-            raise ValueError("system 'fgemr' predicts GENE-Y/GENE-N markers: set model.markers to 'fine'")
+    def _fine_markers_only_with_fgemr(self) -> ModelConfig:
+        check_markers(self.system, self.markers)
         return self
 
 
 class LossConfig(Section):
-    gamma: float = Field(0.0, ge=0.0, le=10.0, description="Focal-loss focusing parameter; 0 is cross-entropy.")
-    lambda_: float = Field(0.5, alias="lambda", ge=0.0, le=1.0,
-                           description="multitask: L = λ·L_relation + (1−λ)·L_entity.")
+    # The paper's best values (Sec. IV-C, Fig. 3): gamma = 2 for the focal loss, lambda = 0.1 for multitask.
+    gamma: float = Field(2.0, ge=0.0, le=10.0, description="Focal-loss focusing parameter; 0 is cross-entropy. "
+                                                           "Default 2: the paper's best (Sec. IV-C, Fig. 3).")
+    lambda_: float = Field(0.1, alias="lambda", ge=0.0, le=1.0,
+                           description="multitask: L = λ·L_relation + (1−λ)·L_entity. Default 0.1: the paper's best "
+                                       "(Sec. IV-C, Fig. 3).")
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
 
@@ -90,6 +117,8 @@ class TrainConfig(Section):
     precision: Literal["bf16", "fp32"] = Field("bf16", description="bf16 autocast on CUDA; CPU always runs fp32.")
     compile: bool = Field(False, description="torch.compile the model (GPU).")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice).")
+    max_nonfinite_steps: int = Field(10, ge=1, description="Fail the run after this many consecutive steps whose "
+                                                           "loss or gradient norm is not finite (each one is skipped).")
 
 
 class RunConfig(Section):

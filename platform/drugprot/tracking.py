@@ -35,7 +35,8 @@ Child run (one per Ray trial; run name = the Ray trial id)
     params the search-space parameters by name (``loss.gamma``, ``train.lr``, ``sampling.interval.lo``, …).
     metrics at every evaluation, step = evaluation index (1, 2, …; one per half epoch by default):
            ``dev_precision``, ``dev_recall``, ``dev_f1``, ``best_dev_f1`` (running best; its last value is the
-           trial's final best), ``train_loss``, ``lr``, ``epoch``, ``pairs_per_s``.
+           trial's final best), ``train_loss``, ``lr``, ``epoch``, ``pairs_per_s``, ``nonfinite_steps`` (steps skipped so
+           far because their loss or gradient norm was not finite).
     artifacts ``config.yaml`` (the trial's config), ``per_type.csv`` (type, f1 at the best evaluation),
            ``metrics.json`` (every evaluation and the best), ``model/`` (the best model folder, a verified
            drugprot artifact: ``model/manifest.json``, ``model/model.safetensors``, ``model/tokenizer/``, …),
@@ -87,7 +88,8 @@ KIND_TRIAL = "trial"
 STATES = ("running", "finished", "early-stopped", "errored")
 
 #: Metrics logged at every evaluation (step = evaluation index).
-EVAL_METRICS = ("dev_precision", "dev_recall", "dev_f1", "best_dev_f1", "train_loss", "lr", "epoch", "pairs_per_s")
+EVAL_METRICS = ("dev_precision", "dev_recall", "dev_f1", "best_dev_f1", "train_loss", "lr", "epoch", "pairs_per_s",
+                "nonfinite_steps")
 BEST_METRIC = "best_dev_f1"
 MODEL_ARTIFACT = "model"
 CONFIG_ARTIFACT = "config.yaml"

@@ -178,23 +178,66 @@ def _dedupe(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def train_step(model: RelationModel, batch: Batch, optimizer: torch.optim.Optimizer, scheduler=None, *,
                device: torch.device, precision: str = "bf16", gamma: float = 0.0, lambda_: float = 0.5,
-               grad_clip: float = 1.0, forward: Callable | None = None) -> torch.Tensor:
+               grad_clip: float = 1.0, forward: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimisation step on a batch already on ``device``: autocast forward, loss, backward, clip, step.
 
     ``forward`` is the callable that runs the model (a ``torch.compile``d wrapper, say; default ``model``).
-    Returns the loss, detached and left on the device (no host synchronisation).
+    Returns ``(loss, nonfinite)``, both detached and left on the device (no host synchronisation): ``nonfinite`` is
+    true when the loss or the gradient norm was not finite, in which case the weights and the optimizer state were
+    left as they were. With the fused AdamW of :func:`build_optimizer` the skip happens on the device (it honours
+    ``found_inf``, the protocol ``torch.amp.GradScaler`` uses), so no step waits for the host to look at the loss.
     """
     model.train()
     with autocast(device, precision):
         out = (forward or model)(batch.input_ids, batch.attention_mask, batch.subject, batch.object)
     loss = model.loss(out, batch.target, batch.entity_types, gamma=gamma, lambda_=lambda_)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    nonfinite = ~(torch.isfinite(loss) & torch.isfinite(norm))
+    if optimizer.defaults.get("fused"):
+        optimizer.found_inf = nonfinite.float()
+        optimizer.step()
+    elif not nonfinite.item():  # another optimizer (a benchmark's plain AdamW): the host decides
+        optimizer.step()
     if scheduler is not None:
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss.detach()
+    return loss.detach(), nonfinite
+
+
+class NonFiniteTraining(DrugprotError):
+    """Too many consecutive steps with a non-finite loss or gradient norm: the run stops instead of going on."""
+
+
+class _NonFiniteGuard:
+    """Counts skipped steps on the device; the host looks every step on CPU, every ``limit`` steps on a GPU."""
+
+    def __init__(self, limit: int, device: torch.device, skipped: int = 0):
+        self.limit = limit
+        self.every = limit if device.type == "cuda" else 1
+        self.skipped = torch.tensor(skipped, device=device)
+        self.run = torch.tensor(0, device=device)
+        self.longest = torch.tensor(0, device=device)
+        self.last_loss = torch.tensor(0.0, device=device)
+
+    def update(self, loss: torch.Tensor, nonfinite: torch.Tensor) -> None:
+        self.skipped += nonfinite
+        self.run = (self.run + 1) * nonfinite
+        self.longest = torch.maximum(self.longest, self.run)
+        self.last_loss = torch.where(nonfinite, loss.float(), self.last_loss)
+
+    def check(self, step: int, config: RunConfig, *, force: bool = False) -> None:
+        if not force and step % self.every:
+            return
+        if int(self.longest) >= self.limit:
+            raise NonFiniteTraining(
+                f"step {step}: {int(self.longest)} consecutive steps had a non-finite loss or gradient norm (last loss "
+                f"{float(self.last_loss)}; {int(self.skipped)} skipped in all), train.max_nonfinite_steps is "
+                f"{self.limit}: stopping rather than training on. Config: loss.gamma={config.loss.gamma}, "
+                f"loss.lambda={config.loss.lambda_}, train.lr={config.train.lr}, train.precision={config.train.precision}, "
+                f"train.grad_clip={config.train.grad_clip}, model.system={config.model.system}, "
+                f"encoder.name={config.encoder.name}. Lower train.lr or use train.precision fp32")
+        self.longest.zero_()
 
 
 def evaluation_steps(steps_per_epoch: int, total_steps: int, eval_every: float) -> list[int]:
@@ -216,11 +259,17 @@ def _revalidate(config: RunConfig) -> RunConfig:
 
 
 def train(config: RunConfig, run_dir: str | os.PathLike, *, report: Report | None = None, resume: bool = False,
-          progress: bool = True, log: Callable[[str], None] | None = None) -> TrainResult:
+          progress: bool = True, log: Callable[[str], None] | None = None,
+          checkpoint_every: int | None = None) -> TrainResult:
     """Train one model; the best checkpoint by dev micro-F1 ends up in ``run_dir/model``.
 
+    The best model is written when it improves; the resumable state (weights, AdamW moments, RNG: three times the
+    model's size) every ``checkpoint_every`` evaluations (default: once per epoch) and at the end, because writing
+    it stalls the device and, in a study, every byte of it is uploaded to the storage.
+
     ``report(metrics, run_dir)`` is called after every evaluation, once the run folder (best model, metrics.json,
-    checkpoint) is consistent, so a listener may copy it as a checkpoint.
+    checkpoint) is consistent; ``metrics["model_saved"]`` and ``metrics["state_saved"]`` say what changed, so a
+    listener copies only that.
     """
     say = log or (lambda message: print(message, file=sys.stderr, flush=True))
     # Everything that can reject the run (config, device, data, tokenizer) is checked before run_dir is created,
@@ -273,6 +322,7 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, report: Report | Non
     steps_per_epoch = len(token_budget_batches(train_pairs, token_budget=cfg.token_budget, max_pairs=cfg.max_batch_pairs))
     total_steps = max(1, int(round(cfg.epochs * steps_per_epoch)))
     eval_steps = evaluation_steps(steps_per_epoch, total_steps, cfg.eval_every)
+    state_every = checkpoint_every or max(1, round(1 / cfg.eval_every))
     optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, device=device)
     scheduler = linear_schedule(optimizer, total_steps=total_steps, warmup_steps=int(cfg.warmup * total_steps))
 
@@ -284,6 +334,7 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, report: Report | Non
         say(f"resumed from {checkpoint.folder} at step {step}/{total_steps} ({len(evaluations)} evaluations done)")
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config.dump(), sort_keys=False))  # once the state fits it
     best = max(evaluations, key=lambda e: e["dev_f1"], default=None)
+    guard = _NonFiniteGuard(cfg.max_nonfinite_steps, device, skipped=evaluations[-1].get("nonfinite_steps", 0) if evaluations else 0)
 
     forward = torch.compile(model, dynamic=True) if cfg.compile else model
     info = {"system": config.model.system, "markers": config.model.markers, "dropout": config.model.dropout,
@@ -300,12 +351,14 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, report: Report | Non
         for batch in iterate_batches(train_pairs, batches[skip:], pad_id):
             # pinned host memory: a pageable copy would make the host wait for the GPU queue at every step
             batch = (batch.pin_memory() if device.type == "cuda" else batch).to(device, non_blocking=True)
-            loss = train_step(model, batch, optimizer, scheduler, device=device, precision=cfg.precision,
-                              gamma=config.loss.gamma, lambda_=config.loss.lambda_, grad_clip=cfg.grad_clip,
-                              forward=forward)
+            loss, nonfinite = train_step(model, batch, optimizer, scheduler, device=device, precision=cfg.precision,
+                                         gamma=config.loss.gamma, lambda_=config.loss.lambda_, grad_clip=cfg.grad_clip,
+                                         forward=forward)
             step += 1
-            window["loss"] += loss
-            window["batches"] += 1
+            guard.update(loss, nonfinite)
+            guard.check(step, config, force=step in eval_steps)
+            window["loss"] += torch.where(nonfinite, 0.0, loss)
+            window["batches"] += ~nonfinite
             window["pairs"] += batch.input_ids.size(0)
             window["tokens"] += batch.attention_mask.sum()
             if bar is not None:
@@ -319,17 +372,21 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, report: Report | Non
                 metrics = _evaluate(model, dev_docs, dev_candidates, dev_pairs, pad_id, device, cfg.precision)
                 metrics.update({
                     "eval": len(evaluations) + 1, "step": step, "epoch": round(step / steps_per_epoch, 4),
-                    "train_loss": float(window["loss"]) / max(1, window["batches"]),
+                    "train_loss": float(window["loss"]) / max(1, int(window["batches"])),
+                    "nonfinite_steps": int(guard.skipped),
                     "pairs_per_s": window["pairs"] / elapsed, "tokens_per_s": float(window["tokens"]) / elapsed,
                     "lr": scheduler.get_last_lr()[0], **extra})
                 evaluations.append(metrics)
-                if best is None or metrics["dev_f1"] > best["dev_f1"]:
+                metrics["model_saved"] = best is None or metrics["dev_f1"] > best["dev_f1"]
+                if metrics["model_saved"]:
                     best = metrics
                     save_artifact(run_dir / "model", model=model, tokenizer=tokenizer,
                                   info={**info, "dev": {k: metrics[k] for k in ("dev_precision", "dev_recall", "dev_f1", "eval", "epoch")}},
                                   gene_typer=gene_typer)
-                checkpoint.save(model=model, optimizer=optimizer, scheduler=scheduler, gene_typer=gene_typer, step=step,
-                                evaluations=evaluations, extra=extra)
+                metrics["state_saved"] = metrics["eval"] % state_every == 0 or step >= total_steps
+                if metrics["state_saved"]:
+                    checkpoint.save(model=model, optimizer=optimizer, scheduler=scheduler, gene_typer=gene_typer,
+                                    step=step, evaluations=evaluations, extra=extra)
                 _atomic_json(run_dir / "metrics.json", {"evaluations": evaluations, "best": best})
                 say(f"eval {metrics['eval']} epoch {metrics['epoch']:.2f}: dev P {metrics['dev_precision']:.4f} "
                     f"R {metrics['dev_recall']:.4f} F1 {metrics['dev_f1']:.4f} (best {best['dev_f1']:.4f}), "

@@ -1,6 +1,12 @@
 """Focal loss over soft targets: FL = −Σ_c y_c (1 − p_c)^γ log p_c, averaged over the batch.
 
 With γ = 0 this is exactly cross-entropy (soft-target form); multi-label pairs spread y over their gold types.
+
+Why ``(1 − p_c)`` is not computed as ``1 − exp(log p_c)``: when one logit leads the others by about 19 or more,
+``p_c`` rounds to exactly 1 in fp32, ``(1 − p_c)^γ`` becomes ``0^γ``, and for 0 < γ < 1 its gradient is infinite
+(NaN once multiplied by zero), which poisons the whole batch through gradient clipping. Instead
+``log(1 − p_c) = logsumexp_{j≠c} z_j − logsumexp_j z_j`` is computed directly from the logits: finite for any
+logits, so the weight ``exp(γ · log(1 − p_c))`` and its gradient are finite for every γ ≥ 0.
 """
 
 from __future__ import annotations
@@ -10,8 +16,16 @@ import torch.nn.functional as F
 
 
 def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float) -> torch.Tensor:
-    log_p = F.log_softmax(logits.float(), dim=-1)
+    logits = logits.float()
+    log_p = F.log_softmax(logits, dim=-1)
     if gamma == 0:
         return -(target * log_p).sum(-1).mean()
-    weight = (1.0 - log_p.exp()).clamp_min(0.0).pow(gamma)
-    return -(target * weight * log_p).sum(-1).mean()
+    return -(target * (gamma * log_one_minus_softmax(logits)).exp() * log_p).sum(-1).mean()
+
+
+def log_one_minus_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """``log(1 − softmax(logits))`` per class, from the logits of the other classes (shape of ``logits``)."""
+    classes = logits.size(-1)
+    others = logits.unsqueeze(-2).expand(*logits.shape[:-1], classes, classes)
+    own = torch.eye(classes, dtype=torch.bool, device=logits.device)
+    return others.masked_fill(own, float("-inf")).logsumexp(-1) - logits.logsumexp(-1, keepdim=True)

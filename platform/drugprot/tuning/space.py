@@ -13,7 +13,9 @@ A space file looks like this (``search_spaces/paper.yaml``)::
       max_t: null                              # default: evaluations in the config's budget
     trials:
       max_failures: 2                          # retries of a crashed trial, from its last checkpoint
-      keep_checkpoints: 1                      # best checkpoints (by dev_f1) kept per trial in the storage
+      keep_checkpoints: 1                      # best models (by dev_f1) kept per trial in the storage
+      checkpoint_every: 2                      # evaluations between uploads of the resumable state (default: once
+                                               # per epoch; it is 3x the model's size, so uploads are bounded)
     params:
       loss.gamma: {uniform: [0.0, 5.0]}
       train.lr: {loguniform: [1.0e-5, 1.0e-4]}
@@ -122,6 +124,7 @@ class SearchSpace:
     startup_trials: int = 10
     max_failures: int = 2
     keep_checkpoints: int = 1
+    checkpoint_every: int | None = None  # evaluations between uploads of the resumable state; None = once per epoch
     description: str = ""
     raw: dict = field(default_factory=dict, compare=False)
 
@@ -232,17 +235,21 @@ def parse_space(raw: Any, source: str = "space", config: RunConfig | None = None
     scheduler = _scheduler(raw.get("scheduler") or {}, source)
     trials = raw.get("trials") or {}
     if not isinstance(trials, dict):
-        raise SpaceError(f"{source}: trials: expected a mapping (max_failures, keep_checkpoints)")
+        raise SpaceError(f"{source}: trials: expected a mapping (max_failures, keep_checkpoints, checkpoint_every)")
     for key in trials:
-        if key not in ("max_failures", "keep_checkpoints"):
-            raise SpaceError(f"{source}: trials.{key}: unknown key (expected max_failures, keep_checkpoints)")
+        if key not in ("max_failures", "keep_checkpoints", "checkpoint_every"):
+            raise SpaceError(f"{source}: trials.{key}: unknown key (expected max_failures, keep_checkpoints, "
+                             f"checkpoint_every)")
     max_failures = _int(trials.get("max_failures", 2), f"{source}: trials.max_failures", minimum=0)
     keep = _int(trials.get("keep_checkpoints", 1), f"{source}: trials.keep_checkpoints", minimum=1)
+    every = trials.get("checkpoint_every")
+    every = None if every is None else _int(every, f"{source}: trials.checkpoint_every", minimum=1)
     seed = _int(raw.get("seed", 0), f"{source}: seed", minimum=0)
     startup = _int(raw.get("startup_trials", 10), f"{source}: startup_trials", minimum=1)
     description = raw.get("description") or ""
     space = SearchSpace(source=source, params=tuple(params), scheduler=scheduler, seed=seed, startup_trials=startup,
-                        max_failures=max_failures, keep_checkpoints=keep, description=str(description), raw=raw)
+                        max_failures=max_failures, keep_checkpoints=keep, checkpoint_every=every,
+                        description=str(description), raw=raw)
     if config is not None:
         check_against(space, config)
     return space

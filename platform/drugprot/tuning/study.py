@@ -355,7 +355,8 @@ def _parent_params(base: RunConfig, space: SearchSpace, **study: Any) -> dict[st
     params: dict[str, Any] = {f"study.{k}": v for k, v in study.items() if k != "resources"}
     params.update({"study.cpus_per_trial": study["resources"].cpus, "study.gpus_per_trial": study["resources"].gpus})
     params.update({"space.file": space.source, "space.seed": space.seed, "space.startup_trials": space.startup_trials,
-                   "space.max_failures": space.max_failures, "space.keep_checkpoints": space.keep_checkpoints})
+                   "space.max_failures": space.max_failures, "space.keep_checkpoints": space.keep_checkpoints,
+                   "space.checkpoint_every": space.checkpoint_every or "once per epoch"})
     params.update({f"space.scheduler.{k}": v for k, v in asdict(space.scheduler).items()})
     params.update({f"space.{p.name}": p.describe() for p in space.params})
     params.update({f"config.{k}": v for k, v in flatten(base.dump()).items()})
@@ -372,7 +373,8 @@ def _run(tune, *, base: RunConfig, space: SearchSpace, name: str, storage: str, 
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     threads = max(1, int(resources.cpus))
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=base.dump(), space=space, threads=threads,
-                                                         fault_marker=os.environ.get(FAULT_ENV) or None),
+                                                         fault_marker=os.environ.get(FAULT_ENV) or None,
+                                                         checkpoint_every=space.checkpoint_every),
                                     resources.ray())
     if resume:
         tuner = tune.Tuner.restore(study_path, trainable=trainable, resume_unfinished=True, restart_errored=True)

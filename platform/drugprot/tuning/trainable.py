@@ -2,21 +2,29 @@
 
 Every evaluation reports the training metrics (minus the per-type table, which stays nested under ``dev_per_type``)
 plus ``best_dev_f1`` (running maximum, what Optuna optimises), ``resumed_from_eval`` (0 for a fresh start), and where
-the trial runs (``node_id``, ``node_ip``, ``pid``), with ``Checkpoint.from_directory(run_dir)``: at that moment the run
-folder holds the best model so far (``model/``), ``metrics.json`` and the exact-resumption state (``checkpoint/``).
+the trial runs (``node_id``, ``node_ip``, ``pid``). What goes to the study storage is bounded, because for BERT-base
+the resumable state is 1.3 GB and a study has dozens of trials:
 
-Restoring (a retried trial after a crash, or a resumed study): Tune hands back the latest reported checkpoint through
-``tune.get_checkpoint()``; it is copied into the trial's run folder and training continues with ``resume=True``, so
-the evaluations already reported are not repeated. The run folder is node-local scratch (``DRUGPROT_SCRATCH``),
-removed when the trial ends; its checkpoints live on in the study storage.
+* the best model: only when it improves, as a Tune checkpoint holding ``model/``, ``metrics.json`` and
+  ``config.yaml`` (what the driver logs to MLflow and ensembles are built from; ``keep_checkpoints`` of them kept);
+* the resumable state (``checkpoint/`` and the ``metrics.json`` that goes with it): every ``trials.checkpoint_every``
+  evaluations (default once per epoch) and at the end, under ``<trial>/resumable/eval-NNNNNN/`` with a pointer
+  ``resumable/latest.json`` written last (one object, so a reader never sees half a state); older states are deleted.
+
+Restoring (a retried trial after a crash, or a resumed study): Tune hands back the latest best-model checkpoint
+through ``tune.get_checkpoint()``; the latest resumable state is fetched beside it and training continues from it
+with ``resume=True``. Evaluations between that state and the crash run again (bit-identically) and are reported
+again; the MLflow callback logs each evaluation step once. The run folder is node-local scratch
+(``DRUGPROT_SCRATCH``), removed when the trial ends.
 
 Each trial is its own Ray actor (a separate process; ``reuse_actors=False``), so when ASHA stops a trial its process
 exits and whatever GPU memory it held is released.
 
 Test-only fault injection: with ``DRUGPROT_FAULT_ONCE=/some/marker`` in the environment of the process that calls
 :func:`drugprot.tuning.study.tune_study` (the driver hands the path to every trial), the first trial to reach its
-second evaluation creates that file (holding its trial id) and raises *before* reporting it, so Tune retries it from
-the checkpoint of its first evaluation. Never set it outside tests.
+third evaluation creates that file (holding its trial id) and raises *before* reporting it, so Tune retries it from
+the resumable state of its second evaluation (uploaded once per epoch; the third was not). Never set it outside
+tests.
 """
 
 from __future__ import annotations
@@ -38,7 +46,7 @@ class InjectedFault(RuntimeError):
 
 
 def run_trial(params: dict[str, Any], *, base: dict[str, Any], space, threads: int | None = None,
-              fault_marker: str | None = None) -> None:
+              fault_marker: str | None = None, checkpoint_every: int | None = None) -> None:
     """Ray Tune function trainable. ``params`` are Optuna's values by parameter name; ``base`` is the study's config."""
     import ray
     from ray import tune
@@ -53,31 +61,103 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], space, threads: i
     # The run folder lives outside the trial folder: Ray uploads the trial folder to the storage as it changes, and
     # would copy a model while training replaces it. What must persist goes through tune.report's checkpoints.
     run_dir = scratch_dir() / f"{context.get_experiment_name()}-{context.get_trial_id()}"
+    storage = context.get_storage()
+    states = ResumableStates(storage.storage_filesystem, f"{storage.trial_fs_path}/resumable")
+    shutil.rmtree(run_dir, ignore_errors=True)
     resumed_from = 0
     best = float("-inf")
     checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        shutil.rmtree(run_dir, ignore_errors=True)
-        checkpoint.to_directory(str(run_dir))
-        state = _read_json(run_dir / "metrics.json")
-        evaluations = state.get("evaluations", [])
+    resume = checkpoint is not None and states.download(run_dir)
+    if resume:
+        checkpoint.to_directory(str(run_dir / "best"))
+        shutil.move(run_dir / "best" / "model", run_dir / "model")
+        shutil.rmtree(run_dir / "best")
+        evaluations = _read_json(run_dir / "metrics.json").get("evaluations", [])
         resumed_from = evaluations[-1]["eval"] if evaluations else 0
         best = max((e["dev_f1"] for e in evaluations), default=best)
-    elif run_dir.exists():
-        shutil.rmtree(run_dir)
 
     reporter = TrialReporter(
         trial_id=context.get_trial_id(), best=best, resumed_from=resumed_from, fault_marker=fault_marker,
         where={"node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address(),
                "pid": os.getpid()},
-        report=lambda metrics, folder: tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(folder))))
+        report=lambda metrics, folder, model_saved, state_saved: report_to_tune(
+            metrics, folder, model_saved=model_saved, state_saved=state_saved, states=states))
     log_file = open(trial_dir / "train.log", "a", encoding="utf-8")
     try:
-        train(config, run_dir, report=reporter, resume=checkpoint is not None, progress=False,
+        train(config, run_dir, report=reporter, resume=resume, progress=False, checkpoint_every=checkpoint_every,
               log=lambda message: print(message, file=log_file, flush=True))
     finally:
         log_file.close()
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def report_to_tune(metrics: dict[str, Any], run_dir: Path, *, model_saved: bool, state_saved: bool,
+                   states: ResumableStates) -> None:
+    """Upload what changed. A new best model goes first: a state uploaded before it would let a retry resume past
+    the best evaluation with an older ``model/``; resumed from an earlier state, that evaluation simply runs again."""
+    from ray import tune
+
+    if model_saved:
+        with tempfile.TemporaryDirectory(dir=run_dir.parent, prefix=f".{run_dir.name}.best.") as staging:
+            for name in ("model", "metrics.json", "config.yaml"):
+                _link_tree(run_dir / name, Path(staging) / name)
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(staging))
+    if state_saved:
+        states.upload(run_dir, int(metrics["eval"]))
+    if not model_saved:
+        tune.report(metrics)
+
+
+class ResumableStates:
+    """The latest resumable training state of one trial in the study storage (a pyarrow file system: local or S3)."""
+
+    POINTER = "latest.json"
+
+    def __init__(self, filesystem, root: str):
+        self.fs = filesystem
+        self.root = root
+
+    def upload(self, run_dir: Path, evaluation: int) -> None:
+        import pyarrow.fs
+
+        name = f"eval-{evaluation:06d}"
+        previous = self._latest()
+        with tempfile.TemporaryDirectory(dir=run_dir.parent, prefix=f".{run_dir.name}.state.") as staging:
+            _link_tree(run_dir / "checkpoint", Path(staging) / "checkpoint")
+            _link_tree(run_dir / "metrics.json", Path(staging) / "metrics.json")
+            self.fs.create_dir(f"{self.root}/{name}")
+            pyarrow.fs.copy_files(staging, f"{self.root}/{name}", destination_filesystem=self.fs)
+        with self.fs.open_output_stream(f"{self.root}/{self.POINTER}") as out:
+            out.write(json.dumps({"state": name, "eval": evaluation}).encode())
+        if previous and previous != name:
+            self.fs.delete_dir(f"{self.root}/{previous}")
+
+    def download(self, run_dir: Path) -> bool:
+        """Copy the latest state into ``run_dir`` (``checkpoint/``, ``metrics.json``); False when there is none."""
+        import pyarrow.fs
+
+        name = self._latest()
+        if name is None:
+            return False
+        run_dir.mkdir(parents=True, exist_ok=True)
+        pyarrow.fs.copy_files(f"{self.root}/{name}", str(run_dir), source_filesystem=self.fs)
+        return True
+
+    def _latest(self) -> str | None:
+        try:
+            with self.fs.open_input_stream(f"{self.root}/{self.POINTER}") as handle:
+                return json.loads(handle.read())["state"]
+        except FileNotFoundError:
+            return None
+
+
+def _link_tree(source: Path, target: Path) -> None:
+    """Hard-link ``source`` (a file or folder) at ``target``: staging an upload copies no bytes locally."""
+    if source.is_dir():
+        shutil.copytree(source, target, copy_function=os.link)
+    else:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.link(source, target)
 
 
 def scratch_dir() -> Path:
@@ -99,12 +179,13 @@ class TrialReporter:
 
     def __call__(self, metrics: dict[str, Any], run_dir: Path) -> None:
         self.best = max(self.best, float(metrics["dev_f1"]))
+        saved = {"model_saved": bool(metrics.get("model_saved")), "state_saved": bool(metrics.get("state_saved"))}
         result = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         result["dev_per_type"] = dict(metrics.get("dev_per_type") or {})
         result.update(best_dev_f1=self.best, resumed_from_eval=self.resumed_from, **self.where)
-        if metrics["eval"] >= 2 and self.fault_marker:
+        if metrics["eval"] >= 3 and self.fault_marker:
             maybe_inject_fault(self.fault_marker, self.trial_id)
-        self._report(result, run_dir)
+        self._report(result, run_dir, **saved)
 
 
 def maybe_inject_fault(marker: str, trial_id: str) -> None:
