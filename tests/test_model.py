@@ -165,6 +165,33 @@ def test_relation_attention_shapes_and_definition_buffer(tokenizer, sample_batch
     assert torch.equal(logits, restored)
 
 
+def test_relation_attention_encodes_definitions_once_per_prediction_call(tokenizer, sample_dir):
+    """In evaluation and prediction the weights do not change: R is encoded once per call, not once per batch,
+    and the probabilities are those of recomputing it in every forward."""
+    from drugprot.candidates import corpus_candidates
+    from drugprot.corpus import read_split
+    from drugprot.inference import pair_probabilities
+
+    model = tiny_model(tokenizer, "relation_attention").eval()
+    docs = read_split(sample_dir, "training").documents[:6]
+    pairs, _ = PairEncoder(tokenizer, max_length=128).encode(docs, corpus_candidates(docs)[0])
+    definitions = model.definition_ids.size(0)
+    seen: list[int] = []
+    hook = model.encoder.register_forward_hook(lambda module, args, kwargs, out: seen.append(kwargs["input_ids"].size(0)),
+                                               with_kwargs=True)
+    try:
+        probs = pair_probabilities(model, pairs, pad_id=tokenizer.pad_token_id, device=torch.device("cpu"),
+                                   precision="fp32", token_budget=1024, max_pairs=8)
+    finally:
+        hook.remove()
+    assert len(seen) >= 4, seen  # several batches of at most 8 pairs ...
+    assert seen.count(definitions) == 1, seen  # ... and the 13 definitions encoded once
+    with torch.no_grad():  # the per-forward way, batch by batch, gives the same probabilities
+        batch = collate(pairs[:8], tokenizer.pad_token_id)
+        expected = torch.softmax(model(batch.input_ids, batch.attention_mask, batch.subject, batch.object)["logits"], -1)
+    assert_close(probs[:8], expected, atol=1e-6, rtol=1e-5)
+
+
 def test_relation_attention_needs_definitions(tokenizer):
     with pytest.raises(ValueError, match="relation definitions"):
         RelationModel(build_encoder("tiny-random"), system="relation_attention")

@@ -243,17 +243,23 @@ def test_crashed_trial_is_retried_from_its_checkpoint(local_study):
 
 @pytest.mark.slow
 def test_storage_holds_one_best_model_and_the_latest_resumable_state_per_trial(local_study):
-    """What a study uploads is bounded: the best model (keep_checkpoints: 1) and one resumable state per trial."""
-    trial_dirs = [p for p in (local_study["root"] / "storage" / "local").iterdir() if (p / "resumable").is_dir()]
+    """What a study uploads is bounded: the best model (keep_checkpoints: 1) and, for trials that got as far as a
+    resumable state (once per epoch: evaluation 2 here; ASHA stops some at 1), only the latest one."""
+    trial_dirs = [p for p in (local_study["root"] / "storage" / "local").iterdir() if list(p.glob("checkpoint_*"))]
     assert len(trial_dirs) == 4
+    with_state = 0
     for trial_dir in trial_dirs:
+        models = list(trial_dir.glob("checkpoint_*"))
+        assert len(models) == 1 and (models[0] / "model" / "model.safetensors").is_file()
+        assert not (models[0] / "checkpoint").exists()  # the resumable state never rides along with the model
+        if not (trial_dir / "resumable").exists():
+            continue
+        with_state += 1
         states = sorted(p.name for p in (trial_dir / "resumable").iterdir())
         assert len(states) == 2 and states[1] == "latest.json", states
         assert json.loads((trial_dir / "resumable" / "latest.json").read_text())["state"] == states[0]
         assert (trial_dir / "resumable" / states[0] / "checkpoint" / "state.safetensors").is_file()
-        models = [p for p in trial_dir.glob("checkpoint_*")]
-        assert len(models) == 1 and (models[0] / "model" / "model.safetensors").is_file()
-        assert not (models[0] / "checkpoint").exists()  # the resumable state never rides along with the model
+    assert with_state >= 2  # the trial that ran to the end, and the one retried from its state
 
 
 @pytest.mark.slow

@@ -44,10 +44,12 @@ def pair_probabilities(model, pairs: Sequence[EncodedPair], *, pad_id: int, devi
     model.eval()
     out = torch.zeros((len(pairs), len(LABELS)))
     batches = token_budget_batches(pairs, token_budget=token_budget, max_pairs=max_pairs)
+    with autocast(device, precision):
+        relations = model.relation_states()  # the definitions, encoded once for the whole call
     for members, batch in zip(batches, iterate_batches(pairs, batches, pad_id)):
         batch = batch.to(device, non_blocking=True)
         with autocast(device, precision):
-            logits = model(batch.input_ids, batch.attention_mask, batch.subject, batch.object)["logits"]
+            logits = model(batch.input_ids, batch.attention_mask, batch.subject, batch.object, relations)["logits"]
         out[torch.tensor(members)] = torch.softmax(logits.float(), dim=-1).cpu()
     return out
 

@@ -278,7 +278,7 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, report: Report | Non
     cfg = config.train
     device = resolve_device(cfg.device)
     train_docs, dev_docs = load_documents(config)
-    tokenizer = load_tokenizer(config.encoder.name)
+    tokenizer = load_tokenizer(config.encoder.name, config.encoder.lowercase, say=say)
     add_marker_tokens(tokenizer)
     interval = tuple(config.sampling.interval)
     pair_encoder = PairEncoder(tokenizer, max_length=config.encoder.max_length, markers=config.model.markers)
@@ -339,6 +339,7 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, report: Report | Non
     forward = torch.compile(model, dynamic=True) if cfg.compile else model
     info = {"system": config.model.system, "markers": config.model.markers, "dropout": config.model.dropout,
             "max_length": config.encoder.max_length, "interval": list(interval), "encoder": config.encoder.name,
+            "lowercase": getattr(tokenizer, "do_lower_case", None),
             "labels": list(LABELS), "config": config.dump(),
             "definitions": {"shape": list(definitions[0].shape)} if definitions[0] is not None else None}
     bar = _progress(total_steps, step, progress)

@@ -158,13 +158,20 @@ class FoldedRelationModel:
             x = self._norm(self._linear(inner, f"{layer}.output.dense") + x, f"{layer}.output.LayerNorm")
         return x.view(m, b, t, h)
 
-    def __call__(self, input_ids, attention_mask, subject, obj) -> torch.Tensor:
+    def relation_states(self) -> torch.Tensor | None:
+        """Every member's R (M, 13, H), or None without relation attention; computed once per prediction call."""
+        if self.system != "relation_attention":
+            return None
+        ids, mask = self.definitions
+        return self.encode(ids, mask)[:, :, 0]
+
+    def __call__(self, input_ids, attention_mask, subject, obj, relations: torch.Tensor | None = None) -> torch.Tensor:
         states = self.encode(input_ids, attention_mask)
         rows = torch.arange(states.size(1), device=states.device)
         pair = torch.cat([states[:, rows, subject], states[:, rows, obj]], dim=-1)  # (M, B, 2H)
         if self.system == "relation_attention":
-            ids, mask = self.definitions
-            relations = self.encode(ids, mask)[:, :, 0]  # (M, 13, H)
+            if relations is None:
+                relations = self.relation_states()
             query = self._linear(pair, "query")
             attention = torch.softmax(query @ relations.transpose(1, 2) / relations.size(-1) ** 0.5, dim=-1)
             pair = torch.cat([pair, attention @ relations], dim=-1)
@@ -186,7 +193,11 @@ class VmappedRelationModel:
 
         self._forward = torch.vmap(one, in_dims=(0, 0, None, None, None, None))
 
-    def __call__(self, input_ids, attention_mask, subject, obj) -> torch.Tensor:
+    def relation_states(self) -> None:
+        """None: ``functional_call`` reaches only ``forward``, so under vmap the definitions are encoded per batch."""
+        return None
+
+    def __call__(self, input_ids, attention_mask, subject, obj, relations: None = None) -> torch.Tensor:
         return self._forward(self.params, self.buffers, input_ids, attention_mask, subject, obj)
 
 
@@ -216,9 +227,11 @@ def stacked_probabilities(stacked, pairs: Sequence[EncodedPair], *, pad_id: int,
         token_budget = DEFAULT_TOKEN_BUDGET if device.type == "cuda" else max(1024, DEFAULT_TOKEN_BUDGET // stacked.members)
     out = torch.zeros((stacked.members, len(pairs), len(LABELS)))
     batches = token_budget_batches(pairs, token_budget=token_budget, max_pairs=max_pairs)
+    with autocast(device, precision):
+        relations = stacked.relation_states()  # the definitions once per call, not once per batch
     for rows, batch in zip(batches, iterate_batches(pairs, batches, pad_id)):
         batch = batch.to(device, non_blocking=True)
         with autocast(device, precision):
-            logits = stacked(batch.input_ids, batch.attention_mask, batch.subject, batch.object)
+            logits = stacked(batch.input_ids, batch.attention_mask, batch.subject, batch.object, relations)
         out[:, torch.tensor(rows)] = torch.softmax(logits.float(), dim=-1).cpu()
     return out

@@ -74,6 +74,10 @@ def load_artifact(folder: str | Path, *, device: str = "cpu") -> LoadedModel:
     if info.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(f"{folder / INFO}: format_version {info.get('format_version')} is not {FORMAT_VERSION}")
     tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+    trained = info.get("lowercase")
+    if trained is not None and getattr(tokenizer, "do_lower_case", trained) != trained:
+        raise ArtifactError(f"{folder / 'tokenizer'}: tokenizes with do_lower_case={tokenizer.do_lower_case}, but the "
+                            f"model was trained with lowercase={trained} ({folder / INFO})")
     import torch
 
     definitions = info.get("definitions")

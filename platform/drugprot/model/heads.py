@@ -45,11 +45,20 @@ class RelationModel(nn.Module):
         rows = torch.arange(states.size(0), device=states.device)
         return states[rows, subject], states[rows, obj]
 
-    def forward(self, input_ids, attention_mask, subject, obj) -> dict[str, torch.Tensor]:
+    def relation_states(self) -> torch.Tensor | None:
+        """R: the [CLS] states of the 13 definitions (13 × H); None for systems without relation attention."""
+        if self.system != "relation_attention":
+            return None
+        return self.encoder(input_ids=self.definition_ids, attention_mask=self.definition_mask).last_hidden_state[:, 0]
+
+    def forward(self, input_ids, attention_mask, subject, obj, relations: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """``relations``: R computed once by :meth:`relation_states` for a whole evaluation or prediction call (the
+        weights do not change there); in training it is left None and recomputed, so the definitions get gradients."""
         h_s, h_o = self.pair_states(input_ids, attention_mask, subject, obj)
         pair = torch.cat([h_s, h_o], dim=-1)
         if self.system == "relation_attention":
-            relations = self.encoder(input_ids=self.definition_ids, attention_mask=self.definition_mask).last_hidden_state[:, 0]
+            if relations is None:
+                relations = self.relation_states()
             query = self.query(pair)
             attention = torch.softmax(query @ relations.T / math.sqrt(relations.size(-1)), dim=-1)
             pair = torch.cat([pair, attention @ relations], dim=-1)
