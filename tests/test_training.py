@@ -116,6 +116,20 @@ def test_resumable_state_is_written_every_checkpoint_every_evaluations_and_at_th
     assert improved == [1] + [i + 1 for i in range(1, len(best_so_far)) if best_so_far[i] > best_so_far[i - 1]]
 
 
+def test_every_evaluation_reports_the_recall_ceiling_of_its_interval(tmp_path, sample_dir):
+    from drugprot.candidates import corpus_candidates
+    from drugprot.corpus import read_split
+
+    result = train_smoke(tmp_path / "run", **{**SMALL, "sampling.interval": "[0, 0]", "train.epochs": 0.5})
+    docs = read_split(sample_dir, "training").documents[:12]
+    gold = sum(len(d.relations) for d in docs)
+    kept = sum(len(d.relations) for d in docs) - corpus_candidates(docs, (0, 0))[1].lost_by_interval
+    assert result.evaluations[-1]["train_interval_recall"] == pytest.approx(kept / gold)
+    assert result.evaluations[-1]["train_interval_recall"] < 0.6  # [0, 0] drops a large share of the positives
+    wide = train_smoke(tmp_path / "wide", **{**SMALL, "train.epochs": 0.5})
+    assert wide.evaluations[-1]["train_interval_recall"] > 0.99
+
+
 def test_resume_without_checkpoint_starts_from_scratch(tmp_path, reference_run):
     messages: list[str] = []
     from drugprot.training import train

@@ -199,6 +199,9 @@ def test_local_study_tracks_every_trial_and_asha_stops_some(local_study):
                                                         trial.params["sampling.interval.hi"]]
         run = client.get_run(trial.run_id)
         assert run.info.status == "FINISHED"
+        assert run.data.metrics["nonfinite_steps"] == 0
+        assert 0.9 < run.data.metrics["train_interval_recall"] <= 1.0  # the interval's recall ceiling, per trial
+        assert 0.0 < run.data.metrics["dev_interval_recall"] <= 1.0
         assert set(run.data.params) >= {"loss.gamma", "train.lr", "sampling.interval.lo"}
         assert {"model", "config.yaml", "per_type.csv", "metrics.json"} <= {a.path for a in client.list_artifacts(trial.run_id)}
     parents = client.search_runs([result.experiment_id], "tags.`drugprot.kind` = 'study'")

@@ -36,7 +36,8 @@ Child run (one per Ray trial; run name = the Ray trial id)
     metrics at every evaluation, step = evaluation index (1, 2, …; one per half epoch by default):
            ``dev_precision``, ``dev_recall``, ``dev_f1``, ``best_dev_f1`` (running best; its last value is the
            trial's final best), ``train_loss``, ``lr``, ``epoch``, ``pairs_per_s``, ``nonfinite_steps`` (steps skipped so
-           far because their loss or gradient norm was not finite).
+           far because their loss or gradient norm was not finite), ``train_interval_recall`` and
+           ``dev_interval_recall`` (the share of gold relations the trial's GENE interval keeps: its recall ceiling).
     artifacts ``config.yaml`` (the trial's config), ``per_type.csv`` (type, f1 at the best evaluation),
            ``metrics.json`` (every evaluation and the best), ``model/`` (the best model folder, a verified
            drugprot artifact: ``model/manifest.json``, ``model/model.safetensors``, ``model/tokenizer/``, …),
@@ -89,7 +90,7 @@ STATES = ("running", "finished", "early-stopped", "errored")
 
 #: Metrics logged at every evaluation (step = evaluation index).
 EVAL_METRICS = ("dev_precision", "dev_recall", "dev_f1", "best_dev_f1", "train_loss", "lr", "epoch", "pairs_per_s",
-                "nonfinite_steps")
+                "nonfinite_steps", "train_interval_recall", "dev_interval_recall")
 BEST_METRIC = "best_dev_f1"
 MODEL_ARTIFACT = "model"
 CONFIG_ARTIFACT = "config.yaml"
