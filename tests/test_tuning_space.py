@@ -102,7 +102,13 @@ def write(tmp_path: Path, text: str) -> Path:
     ("params:\n  train.lr: {uniform: [1.0e-5, 2.0]}\n",
      r"bad.yaml: params.train.lr: high 2.0 is not a valid train.lr: Input should be less than or equal to 1"),
     ("params:\n  model.system: {choice: [baseline, fgemr]}\n",
-     r"bad.yaml: params.model.system: choice 'fgemr' is not a valid model.system: system 'fgemr' predicts"),
+     r"bad.yaml: params.model.system: choice 'fgemr' is not a valid model.system: model.system 'fgemr' predicts"),
+    # fine markers need FGEMR: a space that could sample them with another system is refused before any trial
+    ("params:\n  model.markers: {choice: [coarse, fine]}\n",
+     r"bad.yaml: params.model.markers: choice 'fine' is not a valid model.markers: model.markers 'fine' needs "
+     r"model.system 'fgemr' \(got 'baseline'\)"),
+    ("trials: {checkpoint_every: 0}\nparams:\n  loss.gamma: {uniform: [0, 1]}\n",
+     r"bad.yaml: trials.checkpoint_every: .*>= 1"),
     ("params:\n  sampling.interval:\n    lo: {int: [-4, 2]}\n    hi: {int: [0, 8]}\n",
      r"bad.yaml: params.sampling.interval.lo: int \[-4, 2\] allows 2, but the interval needs lo <= 0 <= hi"),
     ("params:\n  sampling.interval:\n    lo: {int: [-4, 0]}\n    hi: {int: [-2, 8]}\n",
@@ -130,6 +136,13 @@ def write(tmp_path: Path, text: str) -> Path:
 def test_space_errors_name_the_file_parameter_and_key(tmp_path, text, message):
     with pytest.raises(SpaceError, match=message):
         load_space(write(tmp_path, text), SMOKE)
+
+
+def test_searching_the_system_of_a_fine_marker_config_is_refused(tmp_path):
+    fgemr = load_config(REPO / "configs" / "smoke.yaml", ["model.system=fgemr", "model.markers=fine"])
+    with pytest.raises(SpaceError, match=r"params.model.system: choice 'multitask' is not a valid model.system: "
+                                         r"model.markers 'fine' needs model.system 'fgemr' \(got 'multitask'\)"):
+        load_space(write(tmp_path, "params:\n  model.system: {choice: [fgemr, multitask]}\n"), fgemr)
 
 
 def test_missing_space_file(tmp_path):
