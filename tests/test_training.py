@@ -14,7 +14,7 @@ from drugprot.config import ConfigError, RunConfig, TrainConfig, load_config
 from drugprot.errors import DrugprotError
 from fixtures_models import REPO, smoke_config, train_smoke
 
-TIMING_KEYS = {"pairs_per_s", "tokens_per_s"}
+TIMING_KEYS = {"pairs_per_s", "tokens_per_s", "save_s"}
 SMALL = {"data.max_train_docs": 12, "data.max_dev_docs": 4, "train.epochs": 2, "train.eval_every": 0.5,
          "train.lr": "3e-3", "train.max_batch_pairs": 16}
 

@@ -385,6 +385,7 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, report: Report | Non
                     "pairs_per_s": window["pairs"] / elapsed, "tokens_per_s": float(window["tokens"]) / elapsed,
                     "lr": scheduler.get_last_lr()[0], **ceilings, **extra})
                 evaluations.append(metrics)
+                saving = time.perf_counter()
                 metrics["model_saved"] = best is None or metrics["dev_f1"] > best["dev_f1"]
                 if metrics["model_saved"]:
                     best = metrics
@@ -395,6 +396,7 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, report: Report | Non
                 if metrics["state_saved"]:
                     checkpoint.save(model=model, optimizer=optimizer, scheduler=scheduler, gene_typer=gene_typer,
                                     step=step, evaluations=evaluations, extra=extra)
+                metrics["save_s"] = time.perf_counter() - saving
                 _atomic_json(run_dir / "metrics.json", {"evaluations": evaluations, "best": best})
                 say(f"eval {metrics['eval']} epoch {metrics['epoch']:.2f}: dev P {metrics['dev_precision']:.4f} "
                     f"R {metrics['dev_recall']:.4f} F1 {metrics['dev_f1']:.4f} (best {best['dev_f1']:.4f}), "

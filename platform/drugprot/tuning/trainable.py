@@ -33,6 +33,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -80,8 +81,8 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], space, threads: i
         trial_id=context.get_trial_id(), best=best, resumed_from=resumed_from, fault_marker=fault_marker,
         where={"node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address(),
                "pid": os.getpid()},
-        report=lambda metrics, folder, model_saved, state_saved: report_to_tune(
-            metrics, folder, model_saved=model_saved, state_saved=state_saved, states=states))
+        report=lambda metrics, folder, **saved: upload_evaluation(metrics, folder, **saved, states=states,
+                                                                  report=_tune_report))
     log_file = open(trial_dir / "train.log", "a", encoding="utf-8")
     try:
         train(config, run_dir, report=reporter, resume=resume, progress=False, checkpoint_every=checkpoint_every,
@@ -91,21 +92,27 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], space, threads: i
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def report_to_tune(metrics: dict[str, Any], run_dir: Path, *, model_saved: bool, state_saved: bool,
-                   states: ResumableStates) -> None:
-    """Upload what changed. A new best model goes first: a state uploaded before it would let a retry resume past
-    the best evaluation with an older ``model/``; resumed from an earlier state, that evaluation simply runs again."""
-    from ray import tune
+def upload_evaluation(metrics: dict[str, Any], run_dir: Path, *, model_saved: bool, state_saved: bool,
+                      states: ResumableStates, report: Callable[[dict[str, Any], str | None], None]) -> None:
+    """Upload what changed at one evaluation; ``report(metrics, folder)`` persists ``folder`` as the checkpoint.
 
+    A new best model goes first: a state uploaded before it would let a retry resume past the best evaluation with
+    an older ``model/``; resumed from an earlier state, that evaluation simply runs again."""
     if model_saved:
         with tempfile.TemporaryDirectory(dir=run_dir.parent, prefix=f".{run_dir.name}.best.") as staging:
             for name in ("model", "metrics.json", "config.yaml"):
                 _link_tree(run_dir / name, Path(staging) / name)
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(staging))
+            report(metrics, staging)
     if state_saved:
         states.upload(run_dir, int(metrics["eval"]))
     if not model_saved:
-        tune.report(metrics)
+        report(metrics, None)
+
+
+def _tune_report(metrics: dict[str, Any], folder: str | None) -> None:
+    from ray import tune
+
+    tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder) if folder else None)
 
 
 class ResumableStates:
