@@ -84,7 +84,7 @@ def run(policy: str, config, work: Path) -> dict:
             storage.bytes += state_bytes
         saving["upload_s"] += time.perf_counter() - start
 
-    every = {"bounded": None, "legacy": 1}.get(policy) or int(policy.removeprefix("every-"))
+    every = None if policy == "bounded" else 1 if policy == "legacy" else int(policy.removeprefix("every-"))
     start = time.perf_counter()
     result = train(config, run_dir, report=report, progress=False, log=lambda _: None, checkpoint_every=every)
     wall = time.perf_counter() - start
