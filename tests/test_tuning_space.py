@@ -142,7 +142,7 @@ def test_cli_reports_a_bad_space_without_traceback(tmp_path, capsys):
 
     bad = write(tmp_path, "params:\n  train.lrr: {uniform: [0.1, 0.2]}\n")
     code = main(["tune", "--config", str(REPO / "configs" / "smoke.yaml"), "--space", str(bad)])
-    assert code == 2
+    assert code == 1
     assert "drugprot tune: error: " in capsys.readouterr().err
 
 

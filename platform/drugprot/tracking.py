@@ -123,8 +123,11 @@ class TrialRecord:
 # --- connection ---------------------------------------------------------------------------------------------------
 
 def normalize_tracking_uri(uri: str | None) -> str:
-    """``sqlite:///rel.db`` -> ``sqlite:////abs/rel.db`` (workers and ``mlflow ui`` may run elsewhere); others as given."""
-    uri = (uri or DEFAULT_TRACKING_URI).strip()
+    """The store to use: ``uri``, else ``$MLFLOW_TRACKING_URI``, else :data:`DEFAULT_TRACKING_URI`; a relative
+    ``sqlite:///rel.db`` becomes ``sqlite:////abs/rel.db`` (workers and ``mlflow ui`` may run elsewhere)."""
+    from drugprot.environment import TRACKING_URI_VARIABLE, setting
+
+    uri = setting(uri, TRACKING_URI_VARIABLE, DEFAULT_TRACKING_URI).strip()
     parsed = urlparse(uri)
     if not parsed.scheme:
         raise TrackingError(f"--tracking-uri {uri!r}: not a URI; use sqlite:///mlflow.db (a local file) or "

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from drugprot.candidates import DEFAULT_INTERVAL
@@ -60,10 +59,11 @@ def _stats(args) -> int:
     from drugprot.corpus import available_splits
     from drugprot.stats import format_statistics, split_statistics
 
+    from drugprot.errors import DrugprotError
+
     lo, hi = args.interval
     if not lo <= 0 <= hi:
-        print(f"drugprot data stats: error: --interval: must satisfy LO <= 0 <= HI, got {lo} {hi}", file=sys.stderr)
-        return 2
+        raise DrugprotError(f"--interval: must satisfy LO <= 0 <= HI, got {lo} {hi}")
     results = [split_statistics(args.data, split, (lo, hi), strict=args.strict) for split in (args.split or available_splits(args.data))]
     if args.json:
         print(json.dumps(results[0] if len(results) == 1 else results, indent=2))
