@@ -650,11 +650,12 @@ def download_registered_model(uri: str, tracking_uri: str | None = None, *, dest
 def _ensemble_artifact(model_dir: Path, uri: str, version) -> Path:
     """The ensemble folder inside a downloaded pyfunc model: its ``ensemble`` artifact, where ``MLmodel`` records it."""
     import yaml
+    from mlflow.exceptions import MlflowException
+    from mlflow.models import Model
 
     try:
-        mlmodel = yaml.safe_load((model_dir / "MLmodel").read_text())
-        relative = mlmodel["flavors"]["python_function"]["artifacts"]["ensemble"]["path"]
-    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        relative = Model.load(model_dir).flavors["python_function"]["artifacts"]["ensemble"]["path"]
+    except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError, MlflowException):
         raise RegistryError(f"{uri} (version {version}): not a drugprot ensemble model (its MLmodel has no "
                             f"python_function artifact named 'ensemble')") from None
     folder = model_dir / relative
