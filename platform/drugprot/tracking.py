@@ -162,22 +162,27 @@ def check_tracking_uri(uri: str | None, *, timeout: float = 10.0) -> str:
     if scheme in ("http", "https"):
         import requests
 
+        from drugprot.polling import poll
+
         deadline = time.monotonic() + timeout
         reason = ""
-        while True:
+
+        def healthy() -> bool | None:
+            nonlocal reason
             try:
                 response = requests.get(uri.rstrip("/") + "/health", timeout=max(0.5, min(5.0, deadline - time.monotonic())))
                 if response.status_code == 200:
-                    break
+                    return True
                 reason = f"GET /health answered {response.status_code}"
             except requests.RequestException as error:
                 reason = type(error).__name__ + (f": {error.__context__}" if error.__context__ else "")
-            if time.monotonic() >= deadline:
-                raise TrackingError(
-                    f"--tracking-uri {uri}: no MLflow server answers ({reason[:200]}) after {timeout:.0f} s; start one "
-                    f"(`mlflow server --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///mlflow.db`) or "
-                    f"leave --tracking-uri out to use {DEFAULT_TRACKING_URI} in this folder")
-            time.sleep(0.5)
+            return None
+
+        if not poll(healthy, timeout=timeout):
+            raise TrackingError(
+                f"--tracking-uri {uri}: no MLflow server answers ({reason[:200]}) after {timeout:.0f} s; start one "
+                f"(`mlflow server --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///mlflow.db`) or "
+                f"leave --tracking-uri out to use {DEFAULT_TRACKING_URI} in this folder")
     path = sqlite_path(uri)
     if path is not None and not path.parent.is_dir():
         raise TrackingError(f"--tracking-uri {uri}: folder {path.parent} does not exist; create it or pick another path")
