@@ -29,6 +29,7 @@ def register(commands) -> None:
 
     download = sub.add_parser("download", help="Fetch the official v1.1 archive and verify its sha256.")
     download.add_argument("--dest", type=Path, default=Path("data/drugprot"))
+    download.add_argument("--quiet", action="store_true", help="no progress bar")
     download.add_argument("--url", default=None, help=argparse.SUPPRESS)
     download.add_argument("--sha256", default=None, help=argparse.SUPPRESS)
     download.set_defaults(handler=_download)
@@ -75,6 +76,7 @@ def _stats(args) -> int:
 def _download(args) -> int:
     from drugprot.download import OFFICIAL_SHA256, OFFICIAL_URL, download_corpus
 
-    dest = download_corpus(args.dest, url=args.url or OFFICIAL_URL, sha256=args.sha256 or OFFICIAL_SHA256)
+    dest = download_corpus(args.dest, url=args.url or OFFICIAL_URL, sha256=args.sha256 or OFFICIAL_SHA256,
+                           quiet=args.quiet)
     print(f"DrugProt v1.1 training and development sets in {dest} (sha256 verified). Licence CC BY 4.0: cite Miranda et al. 2021.")
     return 0
