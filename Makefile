@@ -10,17 +10,26 @@ export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install services test test-fast demo bench clean
+.PHONY: install lock services test test-fast demo bench clean
 
 install: $(STAMP)
 
-# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
-$(STAMP): pyproject.toml constraints.txt
+# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build. Then exactly the tested environment
+# (requirements.lock), then drugprot itself without letting pip re-resolve anything.
+$(STAMP): pyproject.toml constraints.txt requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e ".[test,plots]"
+	$(BIN)/pip install -q -c constraints.txt -r requirements.lock
+	$(BIN)/pip install -q --no-deps -e ".[test,plots]"
+	$(BIN)/pip check
 	touch $(STAMP)
+
+# Refresh requirements.lock from the environment the tests just passed in (after changing pyproject.toml:
+# `.venv/bin/pip install -c constraints.txt -e ".[test,plots]"`, `make test`, then `make lock`).
+lock:
+	{ echo "# The exact tested environment (every package, pinned): \`make lock\` writes it, \`make install\` installs it."; \
+	  $(BIN)/pip freeze --exclude-editable | sed -E 's/^(torch==[^+]+)\+cpu$$/\1/'; } > requirements.lock
 
 # PostgreSQL binaries for the tracking-database tests (the tests start their own server on 127.0.0.1).
 services:

@@ -15,7 +15,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -65,16 +64,18 @@ def mlflow_server_process(root: Path, *, port: int | None = None, ready_timeout:
 def _wait_ready(uri: str, process: subprocess.Popen, log: Path, timeout: float) -> None:
     import requests
 
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    from drugprot.polling import poll
+
+    def healthy() -> bool | None:
         if process.poll() is not None:
             raise RuntimeError(f"mlflow server exited with {process.returncode}:\n{log.read_text(errors='replace')[-3000:]}")
         try:
-            if requests.get(f"{uri}/health", timeout=2).status_code == 200:
-                return
+            return requests.get(f"{uri}/health", timeout=2).status_code == 200 or None
         except requests.RequestException:
-            pass
-        time.sleep(0.5)
+            return None
+
+    if poll(healthy, timeout=timeout):
+        return
     raise RuntimeError(f"mlflow server at {uri} not ready after {timeout:.0f} s:\n{log.read_text(errors='replace')[-3000:]}")
 
 

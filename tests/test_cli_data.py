@@ -53,7 +53,7 @@ def test_check_folder_without_splits(tmp_path, capsys):
     code, out, _ = run(capsys, "data", "check", "--data", str(tmp_path / "empty"))
     assert code != 0 and "no split folders" in out
     code, _, err = run(capsys, "data", "check", "--data", str(tmp_path / "missing"))
-    assert code == 2 and "no such corpus folder" in err
+    assert code == 1 and "no such corpus folder" in err
 
 
 def file_counts(folder: Path) -> dict:
@@ -114,7 +114,7 @@ def test_stats_text_table(sample_dir, capsys):
 @pytest.mark.parametrize("lo, hi", [("1", "5"), ("-3", "-1")])
 def test_stats_rejects_an_interval_without_zero(sample_dir, capsys, lo, hi):
     code, out, err = run(capsys, "data", "stats", "--data", str(sample_dir), "--interval", lo, hi)
-    assert code == 2 and "--interval" in err and out == ""
+    assert code == 1 and "--interval" in err and out == ""
 
 
 def test_stats_narrow_interval(sample_dir, capsys):
@@ -127,10 +127,10 @@ def test_stats_narrow_interval(sample_dir, capsys):
     assert narrow["kept"] < wide["kept"] and narrow["gold_lost_by_interval"] >= wide["gold_lost_by_interval"]
 
 
-def test_stats_strict_with_duplicates_exits_2(make_corpus, capsys):
+def test_stats_strict_with_duplicates_exits_1(make_corpus, capsys):
     root = make_corpus(abstracts=ABSTRACTS, entities=ENTITIES, relations=RELATIONS + RELATIONS)
     code, _, err = run(capsys, "data", "stats", "--data", str(root), "--strict")
-    assert code == 2 and "drugprot_training_relations.tsv:3:" in err
+    assert code == 1 and "drugprot_training_relations.tsv:3:" in err
 
 
 def test_drugprot_help_subprocess():

@@ -47,32 +47,32 @@ def test_predict_accepts_the_model_folder_itself(trained_run, tmp_path):
                  "--device", "cpu"]) == 0
 
 
-def test_negative_lr_exits_2_naming_the_key(tmp_path, capsys):
+def test_negative_lr_exits_1_naming_the_key(tmp_path, capsys):
     out = tmp_path / "run"
     code = main(["train", "--config", str(SMOKE_CONFIG), "--out", str(out), "--set", "train.lr=-1", "--quiet"])
-    assert code == 2
+    assert code == 1
     err = capsys.readouterr().err
     assert "drugprot train: error:" in err and "train.lr" in err and "got -1" in err
     assert not out.exists()
 
 
-def test_malformed_set_exits_2(tmp_path, capsys):
-    assert main(["train", "--config", str(SMOKE_CONFIG), "--out", str(tmp_path / "r"), "--set", "train.lr"]) == 2
+def test_malformed_set_exits_1(tmp_path, capsys):
+    assert main(["train", "--config", str(SMOKE_CONFIG), "--out", str(tmp_path / "r"), "--set", "train.lr"]) == 1
     assert "expected key=value" in capsys.readouterr().err
 
 
-def test_predict_with_a_tampered_model_exits_2_naming_the_file(smoke_model_dir, tmp_path, capsys):  # noqa: F811
+def test_predict_with_a_tampered_model_exits_1_naming_the_file(smoke_model_dir, tmp_path, capsys):  # noqa: F811
     model = Path(shutil.copytree(smoke_model_dir, tmp_path / "model"))
     config = model / "encoder" / "config.json"
     config.write_text(config.read_text().replace('"hidden_act"', '"hidden_act" ', 1))
     code = main(["predict", "--model", str(model), "--data", str(SAMPLE_DIR), "--out", str(tmp_path / "p.tsv"),
                  "--device", "cpu"])
-    assert code == 2
+    assert code == 1
     err = capsys.readouterr().err
     assert "drugprot predict: error:" in err and "encoder/config.json" in err and "sha256 mismatch" in err
     assert not (tmp_path / "p.tsv").exists()
 
 
-def test_predict_missing_model_exits_2(tmp_path, capsys):
+def test_predict_missing_model_exits_1(tmp_path, capsys):
     code = main(["predict", "--model", str(tmp_path / "nope"), "--data", str(SAMPLE_DIR), "--out", str(tmp_path / "p")])
-    assert code == 2 and "no such folder" in capsys.readouterr().err
+    assert code == 1 and "no such folder" in capsys.readouterr().err

@@ -120,5 +120,14 @@ def test_download_cli(archive, tmp_path, capsys):
     assert "sha256 verified" in capsys.readouterr().out
     assert main(["data", "check", "--data", str(dest)]) == 0
     capsys.readouterr()
-    assert main(["data", "download", "--dest", str(tmp_path / "other"), "--url", archive.as_uri(), "--sha256", "1" * 64]) == 2
+    assert main(["data", "download", "--dest", str(tmp_path / "other"), "--url", archive.as_uri(), "--sha256", "1" * 64]) == 1
     assert "checksum mismatch" in capsys.readouterr().err
+
+
+def test_download_cli_shows_bytes_unless_quiet(archive, tmp_path, capsys):
+    url, digest = archive.as_uri(), sha256(archive)
+    assert main(["data", "download", "--dest", str(tmp_path / "a"), "--url", url, "--sha256", digest]) == 0
+    err = capsys.readouterr().err
+    assert "download: 100%" in err and f"/{archive.stat().st_size / 1024:.1f}k" in err.replace("kB", "k")
+    assert main(["data", "download", "--dest", str(tmp_path / "b"), "--url", url, "--sha256", digest, "--quiet"]) == 0
+    assert capsys.readouterr().err == ""

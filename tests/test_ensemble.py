@@ -214,7 +214,7 @@ def test_cli_predict_refuses_a_tampered_ensemble(ensemble_copy, tmp_path, capsys
     (ensemble_copy / "members/m1-seed1/drugprot.json").write_text("{}")
     code = main(["predict", "--model", str(ensemble_copy), "--data", str(SAMPLE_DIR), "--out", str(tmp_path / "p.tsv"),
                  "--device", "cpu"])
-    assert code == 2
+    assert code == 1
     assert "members/m1-seed1/drugprot.json: sha256 mismatch" in capsys.readouterr().err
 
 
@@ -331,15 +331,15 @@ def test_cli_ensemble_from_member_folders(biased_members, tmp_path, capsys):
     (["--reseed", "2"], "--reseed needs --study"),
     (["--register", "x", "--no-log"], "--register logs the ensemble to MLflow; drop --no-log"),
 ])
-def test_cli_ensemble_bad_inputs_exit_2(biased_members, tmp_path, capsys, argv, message):
+def test_cli_ensemble_bad_inputs_exit_1(biased_members, tmp_path, capsys, argv, message):
     code = main(["ensemble", "--members", str(biased_members[0]), "--out", str(tmp_path / "e"), *argv])
-    assert code == 2
+    assert code == 1
     assert message in capsys.readouterr().err
 
 
 def test_cli_top_k_and_reseed_are_exclusive(tmp_path, capsys):
     code = main(["ensemble", "--study", "s", "--top-k", "3", "--reseed", "2", "--out", str(tmp_path / "e")])
-    assert code == 2
+    assert code == 1
     assert "--top-k and --reseed are alternatives" in capsys.readouterr().err
 
 

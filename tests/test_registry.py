@@ -274,7 +274,7 @@ def test_missing_store_is_not_created(tmp_path, capsys):
     missing = tmp_path / "nowhere.db"
     code = main(["predict", "--model", "models:/dp@champion", "--tracking-uri", f"sqlite:///{missing}",
                  "--data", str(SAMPLE_DIR), "--out", str(tmp_path / "p.tsv")])
-    assert code == 2
+    assert code == 1
     assert f"no MLflow database at {missing}" in capsys.readouterr().err
     assert not missing.exists()
 
@@ -364,11 +364,11 @@ def test_study_to_champion_to_predictions(smoke_study, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_study_errors_exit_2(smoke_study, tmp_path, capsys):
+def test_study_errors_exit_1(smoke_study, tmp_path, capsys):
     common = ["--tracking-uri", smoke_study.uri, "--no-log"]
-    assert main(["ensemble", "--study", "nope", "--out", str(tmp_path / "a"), *common]) == 2
+    assert main(["ensemble", "--study", "nope", "--out", str(tmp_path / "a"), *common]) == 1
     assert "no study named 'nope'" in capsys.readouterr().err
-    assert main(["ensemble", "--study", "smk", "--top-k", "5", "--out", str(tmp_path / "b"), *common]) == 2
+    assert main(["ensemble", "--study", "smk", "--top-k", "5", "--out", str(tmp_path / "b"), *common]) == 1
     assert "--top-k 5: study 'smk' has only 3 finished trial(s)" in capsys.readouterr().err
     assert not (tmp_path / "b").exists() and not (tmp_path / ".b.work").exists()
 

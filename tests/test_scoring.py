@@ -167,9 +167,9 @@ def test_evaluate_cli_pmids_filter(sample_dir, tmp_path, capsys):
     assert data["precision"] == 1.0 and (data["tp"], data["fn"]) == (kept, total - kept)
 
 
-def test_evaluate_cli_malformed_prediction_exits_2_naming_file_and_line(sample_dir, tmp_path, capsys):
+def test_evaluate_cli_malformed_prediction_exits_1_naming_file_and_line(sample_dir, tmp_path, capsys):
     pred = tmp_path / "pred.tsv"
     pred.write_text("17512723\tINHIBITOR\tArg1:T1\tArg2:T2\n17512723\tINHIBITOR\n", encoding="utf-8")
-    assert main(["evaluate", "--gold", str(sample_dir), "--pred", str(pred)]) == 2
+    assert main(["evaluate", "--gold", str(sample_dir), "--pred", str(pred)]) == 1
     err = capsys.readouterr().err
     assert "pred.tsv:2:" in err and err.startswith("drugprot evaluate: error:")

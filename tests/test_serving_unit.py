@@ -167,7 +167,7 @@ def test_cli_serve_is_registered_and_maps_flags():
 def test_cli_serve_refuses_a_missing_model_folder_before_starting_ray(tmp_path, capsys):
     from drugprot.cli import main
 
-    assert main(["serve", "--model", str(tmp_path / "nowhere")]) == 2
+    assert main(["serve", "--model", str(tmp_path / "nowhere")]) == 1
     assert f"--model {tmp_path / 'nowhere'}: no such folder" in capsys.readouterr().err
 
 

@@ -205,7 +205,7 @@ def test_bad_config_is_refused_naming_the_key_and_nothing_is_written(tmp_path, c
     with pytest.raises(ConfigError, match=message):
         load_config(bad)
     out = tmp_path / "run"
-    assert main(["train", "--config", str(bad), "--out", str(out), "--quiet"]) == 2
+    assert main(["train", "--config", str(bad), "--out", str(out), "--quiet"]) == 1
     assert "drugprot train: error:" in capsys.readouterr().err
     assert not out.exists()
 

@@ -85,7 +85,7 @@ def test_unreachable_tracking_server_fails_before_any_trial(tmp_path, capsys, mo
     code = main(["tune", "--config", str(SMOKE_CONFIG), "--space", str(SMOKE_SPACE), "--name", "x",
                  "--storage", str(tmp_path / "storage"), "--tracking-uri", "http://127.0.0.1:5109"])
     err = capsys.readouterr().err
-    assert code == 2
+    assert code == 1
     assert "drugprot tune: error: --tracking-uri http://127.0.0.1:5109: no MLflow server answers" in err
     assert not ray.is_initialized() and not (tmp_path / "storage").exists()
 
@@ -101,7 +101,7 @@ def test_cluster_address_that_does_not_answer(tmp_path, capsys, monkeypatch):
                  "--storage", str(tmp_path / "storage"), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}",
                  "--address", f"127.0.0.1:{DEAD_PORT}"])
     err = capsys.readouterr().err
-    assert code == 2
+    assert code == 1
     assert f"--address 127.0.0.1:{DEAD_PORT}: no Ray cluster answers at 127.0.0.1:{DEAD_PORT}" in err
     assert "after 2 s" in err and time.monotonic() - start < 60
     assert not ray.is_initialized()
@@ -116,19 +116,19 @@ def test_cluster_address_that_does_not_answer(tmp_path, capsys, monkeypatch):
 def test_bad_study_options(tmp_path, capsys, args, message):
     code = main(["tune", "--config", str(SMOKE_CONFIG), "--space", str(SMOKE_SPACE), "--name", "ok",
                  "--storage", str(tmp_path / "storage"), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}", *args])
-    assert code == 2
+    assert code == 1
     assert message in capsys.readouterr().err
 
 
 def test_resume_needs_an_existing_study(tmp_path, capsys):
-    assert main(["tune", "--resume"]) == 2
+    assert main(["tune", "--resume"]) == 1
     assert "--resume needs --name" in capsys.readouterr().err
-    assert main(["tune", "--resume", "--name", "ghost", "--storage", str(tmp_path)]) == 2
+    assert main(["tune", "--resume", "--name", "ghost", "--storage", str(tmp_path)]) == 1
     assert f"--resume: no study 'ghost' to resume in {tmp_path}" in capsys.readouterr().err
 
 
 def test_new_study_needs_config_and_space(capsys):
-    assert main(["tune", "--space", str(SMOKE_SPACE)]) == 2
+    assert main(["tune", "--space", str(SMOKE_SPACE)]) == 1
     assert "a new study needs --config FILE and --space FILE" in capsys.readouterr().err
 
 

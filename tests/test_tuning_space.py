@@ -132,6 +132,12 @@ def write(tmp_path: Path, text: str) -> Path:
     ("trials: {retries: 3}\nparams:\n  loss.gamma: {uniform: [0, 1]}\n", r"bad.yaml: trials.retries: unknown key"),
     ("params:\n  train.epochs: {uniform: [1, 3]}\n", r"bad.yaml: scheduler.max_t: required when train.epochs is searched"),
     ("params:\n  loss.gamma: {uniform: [0, 1]\n", r"bad.yaml:\d+: not valid YAML"),
+    ("params:\n  loss.gamma: {uniform: [a, 1]}\n", r"bad.yaml: params.loss.gamma: uniform low: expected a number, got 'a'"),
+    ("seed: true\nparams:\n  loss.gamma: {uniform: [0, 1]}\n", r"bad.yaml: seed: expected an integer, got True"),
+    ("params:\n  sampling.interval:\n    lo: {int: [-4, 0]}\n    hi: {int: [0, 8]}\n    mid: 1\n",
+     r"bad.yaml: params.sampling.interval.mid: unknown key"),
+    ("params:\n  loss.gamma:\n    lo: {int: [-4, 0]}\n    hi: {int: [0, 8]}\n",
+     r"bad.yaml: params: loss.gamma: only sampling.interval takes a \{lo, hi\} pair"),
 ])
 def test_space_errors_name_the_file_parameter_and_key(tmp_path, text, message):
     with pytest.raises(SpaceError, match=message):
@@ -155,7 +161,7 @@ def test_cli_reports_a_bad_space_without_traceback(tmp_path, capsys):
 
     bad = write(tmp_path, "params:\n  train.lrr: {uniform: [0.1, 0.2]}\n")
     code = main(["tune", "--config", str(REPO / "configs" / "smoke.yaml"), "--space", str(bad)])
-    assert code == 2
+    assert code == 1
     assert "drugprot tune: error: " in capsys.readouterr().err
 
 

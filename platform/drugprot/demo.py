@@ -46,18 +46,19 @@ def _free_port() -> int:
 
 
 def _wait_ready(url: str, server: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    from drugprot.polling import poll
+
+    def ready() -> bool | None:
         if server.poll() is not None:
             raise RuntimeError(f"drugprot serve exited with code {server.returncode} before it was ready")
         try:
             with urllib.request.urlopen(f"{url}/readyz", timeout=5) as response:
-                if response.status == 200:
-                    return
+                return response.status == 200 or None
         except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(1)
-    raise RuntimeError(f"the service at {url} was not ready within {timeout:.0f} s")
+            return None
+
+    if not poll(ready, timeout=timeout, interval=1.0):
+        raise RuntimeError(f"the service at {url} was not ready within {timeout:.0f} s")
 
 
 def _request(url: str, document) -> dict:

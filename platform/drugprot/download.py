@@ -14,6 +14,7 @@ from pathlib import Path
 
 from drugprot.errors import DrugprotError
 from drugprot.manifest import sha256_file
+from drugprot.progress import progress_bar
 
 OFFICIAL_URL = "https://zenodo.org/record/5042151/files/drugprot-gs-training-development.zip?download=1"
 OFFICIAL_SHA256 = "510c659348145e5fbd4980301f35f52ea2e08c8672e47d93ffcc46075fda0ec4"
@@ -24,15 +25,21 @@ class DownloadError(DrugprotError, RuntimeError):
     pass
 
 
-def download_corpus(dest: str | Path, *, url: str = OFFICIAL_URL, sha256: str = OFFICIAL_SHA256, timeout: float = 60) -> Path:
-    """Download, verify and unpack into ``dest/{training,development}``; returns ``dest``."""
+def download_corpus(dest: str | Path, *, url: str = OFFICIAL_URL, sha256: str = OFFICIAL_SHA256, timeout: float = 60,
+                    quiet: bool = True) -> Path:
+    """Download, verify and unpack into ``dest/{training,development}``; returns ``dest``. Unless ``quiet``, a
+    progress bar counts the bytes on stderr."""
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest, prefix=".download-") as staging:
         archive = Path(staging) / "archive.zip"
         try:
             with urllib.request.urlopen(url, timeout=timeout) as response, open(archive, "wb") as out:
-                shutil.copyfileobj(response, out)
+                size = response.headers.get("Content-Length")
+                with progress_bar(int(size) if size else None, unit="B", quiet=quiet, description="download") as bar:
+                    for block in iter(lambda: response.read(1 << 16), b""):
+                        out.write(block)
+                        bar.update(len(block))
         except (OSError, ValueError) as error:
             raise DownloadError(f"cannot download {url}: {error}") from None
         found = sha256_file(archive)

@@ -126,8 +126,11 @@ class TrialRecord:
 # --- connection ---------------------------------------------------------------------------------------------------
 
 def normalize_tracking_uri(uri: str | None) -> str:
-    """``sqlite:///rel.db`` -> ``sqlite:////abs/rel.db`` (workers and ``mlflow ui`` may run elsewhere); others as given."""
-    uri = (uri or DEFAULT_TRACKING_URI).strip()
+    """The store to use: ``uri``, else ``$MLFLOW_TRACKING_URI``, else :data:`DEFAULT_TRACKING_URI`; a relative
+    ``sqlite:///rel.db`` becomes ``sqlite:////abs/rel.db`` (workers and ``mlflow ui`` may run elsewhere)."""
+    from drugprot.environment import TRACKING_URI_VARIABLE, setting
+
+    uri = setting(uri, TRACKING_URI_VARIABLE, DEFAULT_TRACKING_URI).strip()
     parsed = urlparse(uri)
     if not parsed.scheme:
         raise TrackingError(f"--tracking-uri {uri!r}: not a URI; use sqlite:///mlflow.db (a local file) or "
@@ -162,22 +165,27 @@ def check_tracking_uri(uri: str | None, *, timeout: float = 10.0) -> str:
     if scheme in ("http", "https"):
         import requests
 
+        from drugprot.polling import poll
+
         deadline = time.monotonic() + timeout
         reason = ""
-        while True:
+
+        def healthy() -> bool | None:
+            nonlocal reason
             try:
                 response = requests.get(uri.rstrip("/") + "/health", timeout=max(0.5, min(5.0, deadline - time.monotonic())))
                 if response.status_code == 200:
-                    break
+                    return True
                 reason = f"GET /health answered {response.status_code}"
             except requests.RequestException as error:
                 reason = type(error).__name__ + (f": {error.__context__}" if error.__context__ else "")
-            if time.monotonic() >= deadline:
-                raise TrackingError(
-                    f"--tracking-uri {uri}: no MLflow server answers ({reason[:200]}) after {timeout:.0f} s; start one "
-                    f"(`mlflow server --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///mlflow.db`) or "
-                    f"leave --tracking-uri out to use {DEFAULT_TRACKING_URI} in this folder")
-            time.sleep(0.5)
+            return None
+
+        if not poll(healthy, timeout=timeout):
+            raise TrackingError(
+                f"--tracking-uri {uri}: no MLflow server answers ({reason[:200]}) after {timeout:.0f} s; start one "
+                f"(`mlflow server --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///mlflow.db`) or "
+                f"leave --tracking-uri out to use {DEFAULT_TRACKING_URI} in this folder")
     path = sqlite_path(uri)
     if path is not None and not path.parent.is_dir():
         raise TrackingError(f"--tracking-uri {uri}: folder {path.parent} does not exist; create it or pick another path")
@@ -650,11 +658,12 @@ def download_registered_model(uri: str, tracking_uri: str | None = None, *, dest
 def _ensemble_artifact(model_dir: Path, uri: str, version) -> Path:
     """The ensemble folder inside a downloaded pyfunc model: its ``ensemble`` artifact, where ``MLmodel`` records it."""
     import yaml
+    from mlflow.exceptions import MlflowException
+    from mlflow.models import Model
 
     try:
-        mlmodel = yaml.safe_load((model_dir / "MLmodel").read_text())
-        relative = mlmodel["flavors"]["python_function"]["artifacts"]["ensemble"]["path"]
-    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        relative = Model.load(model_dir).flavors["python_function"]["artifacts"]["ensemble"]["path"]
+    except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError, MlflowException):
         raise RegistryError(f"{uri} (version {version}): not a drugprot ensemble model (its MLmodel has no "
                             f"python_function artifact named 'ensemble')") from None
     folder = model_dir / relative

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import shutil
 import sys
 import tempfile
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 import yaml
 
 from drugprot.candidates import corpus_candidates
@@ -56,17 +56,6 @@ class TrainResult:
     @property
     def model_dir(self) -> Path:
         return self.run_dir / "model"
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-    try:
-        import numpy
-
-        numpy.random.seed(seed % 2**32)
-    except ImportError:
-        pass
 
 
 def non_embedding_parameters(module: torch.nn.Module) -> int:
@@ -302,7 +291,7 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, report: Report | Non
         resume = False
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    seed_everything(cfg.seed)
+    transformers.set_seed(cfg.seed)
 
     extra: dict[str, Any] = {}
     gene_typer = None

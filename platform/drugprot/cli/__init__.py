@@ -1,6 +1,10 @@
 """``drugprot`` command line: thin shells over the stage modules, one file per command group.
 
 Heavy libraries (torch, Ray, MLflow) are imported inside the handlers so ``drugprot --help`` stays instant.
+
+Exit status, the same for every command: 0 done; 1 refused input or a failed run (a ``DrugprotError``, a missing
+file, a failed check); 2 only for usage errors (argparse's own convention: unknown option, missing argument);
+130 interrupted.
 """
 
 from __future__ import annotations
@@ -12,6 +16,9 @@ import sys
 from drugprot.errors import DrugprotError
 
 COMMAND_MODULES = ("data", "evaluate", "train", "predict", "tune", "ensemble", "serve")
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,19 +35,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def resolve_environment(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill ``--tracking-uri`` and the Ray address from ``MLFLOW_TRACKING_URI`` / ``RAY_ADDRESS`` when not given.
+
+    The tracking URI is resolved here, once, to an absolute store (``sqlite:///mlflow.db`` in this folder when
+    nothing is set), so that Ray workers and Serve replicas, which may run elsewhere, use the very same store.
+    """
+    from drugprot.environment import RAY_ADDRESS_VARIABLE, setting
+
+    if hasattr(args, "tracking_uri"):
+        from drugprot.tracking import normalize_tracking_uri
+
+        args.tracking_uri = normalize_tracking_uri(args.tracking_uri)
+    for attribute in ("address", "ray_address"):
+        if hasattr(args, attribute):
+            setattr(args, attribute, setting(getattr(args, attribute), RAY_ADDRESS_VARIABLE))
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args.handler(args) or 0)
-    except DrugprotError as error:
+        return int(resolve_environment(args).handler(args) or 0)
+    except (DrugprotError, FileNotFoundError) as error:
         print(f"drugprot {args.command}: error: {error}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as error:
-        print(f"drugprot {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_FAILED
     except KeyboardInterrupt:
         print(f"drugprot {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from drugprot.candidates import DEFAULT_INTERVAL
@@ -30,6 +29,7 @@ def register(commands) -> None:
 
     download = sub.add_parser("download", help="Fetch the official v1.1 archive and verify its sha256.")
     download.add_argument("--dest", type=Path, default=Path("data/drugprot"))
+    download.add_argument("--quiet", action="store_true", help="no progress bar")
     download.add_argument("--url", default=None, help=argparse.SUPPRESS)
     download.add_argument("--sha256", default=None, help=argparse.SUPPRESS)
     download.set_defaults(handler=_download)
@@ -60,10 +60,11 @@ def _stats(args) -> int:
     from drugprot.corpus import available_splits
     from drugprot.stats import format_statistics, split_statistics
 
+    from drugprot.errors import DrugprotError
+
     lo, hi = args.interval
     if not lo <= 0 <= hi:
-        print(f"drugprot data stats: error: --interval: must satisfy LO <= 0 <= HI, got {lo} {hi}", file=sys.stderr)
-        return 2
+        raise DrugprotError(f"--interval: must satisfy LO <= 0 <= HI, got {lo} {hi}")
     results = [split_statistics(args.data, split, (lo, hi), strict=args.strict) for split in (args.split or available_splits(args.data))]
     if args.json:
         print(json.dumps(results[0] if len(results) == 1 else results, indent=2))
@@ -75,6 +76,7 @@ def _stats(args) -> int:
 def _download(args) -> int:
     from drugprot.download import OFFICIAL_SHA256, OFFICIAL_URL, download_corpus
 
-    dest = download_corpus(args.dest, url=args.url or OFFICIAL_URL, sha256=args.sha256 or OFFICIAL_SHA256)
+    dest = download_corpus(args.dest, url=args.url or OFFICIAL_URL, sha256=args.sha256 or OFFICIAL_SHA256,
+                           quiet=args.quiet)
     print(f"DrugProt v1.1 training and development sets in {dest} (sha256 verified). Licence CC BY 4.0: cite Miranda et al. 2021.")
     return 0

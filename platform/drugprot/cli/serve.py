@@ -11,7 +11,6 @@ import shutil
 import signal
 import sys
 import threading
-import time
 from pathlib import Path
 
 
@@ -123,12 +122,12 @@ def _serve(args) -> int:
 def _wait_ready(url: str, timeout: float, stop: threading.Event) -> bool:
     import requests
 
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and not stop.is_set():
+    from drugprot.polling import poll
+
+    def ready() -> bool | None:
         try:
-            if requests.get(url, timeout=5).status_code == 200:
-                return True
+            return requests.get(url, timeout=5).status_code == 200 or None
         except requests.RequestException:
-            pass
-        stop.wait(0.5)
-    return False
+            return None
+
+    return bool(poll(ready, timeout=timeout, stop=stop))

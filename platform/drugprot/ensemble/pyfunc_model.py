@@ -6,7 +6,9 @@ tokenizers, JSON, sha256 manifest), never a pickled object. On load, MLflow runs
 ``set_model`` the class below; ``load_context`` verifies and loads the folder through the one inference path
 (``drugprot.ensemble.load_ensemble``) and ``predict`` maps a DataFrame of documents (``pmid``, ``title``,
 ``abstract``, ``entities``; see ``drugprot.ensemble.frames``) to a DataFrame of relations (``pmid``, ``type``,
-``arg1``, ``arg2``, ``score``, ``votes``). The ``drugprot`` package must be installed where the model is loaded.
+``arg1``, ``arg2``, ``score``, ``votes``). The ``drugprot`` package travels with the model (``code_paths``), so
+``mlflow models predict``/``serve`` and ``mlflow.pyfunc.load_model`` work in an environment made from the model's
+``requirements.txt`` alone.
 
 Params at predict time: ``threshold`` (drop relations scoring below it). ``model_config`` at load time:
 ``device`` (``auto``/``cpu``/``cuda``), ``vote`` (override the stored mode), ``execution``.

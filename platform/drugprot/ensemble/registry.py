@@ -2,10 +2,12 @@
 move the champion alias only when the new version's dev F1 beats the current champion's (or when forced).
 
 The registered model version's files are the MLflow model folder: ``MLmodel``, the model code
-(``pyfunc_model.py``, this package's model-from-code file), requirements, and ``artifacts/<folder name>/`` (the
-members' safetensors, tokenizers and JSON configs, ``ensemble.json`` and the sha256 manifest; ``MLmodel`` records
-it as the artifact ``ensemble``). Nothing is pickled. Each version carries tags ``dev_f1``, ``vote``,
-``members``, ``study`` and ``run_id``; the comparison reads ``dev_f1`` from the champion's tag (else its run).
+(``pyfunc_model.py``, this package's model-from-code file), ``code/drugprot/`` (the package itself, so the model
+loads where drugprot is not installed), ``requirements.txt`` (pinned, all on PyPI), an input example (one bundled
+abstract), and ``artifacts/<folder name>/`` (the members' safetensors, tokenizers and JSON configs,
+``ensemble.json`` and the sha256 manifest; ``MLmodel`` records it as the artifact ``ensemble``). Nothing is pickled.
+Each version carries tags ``dev_f1``, ``vote``, ``members``, ``study`` and ``run_id``, and a description with its
+dev table; the comparison reads ``dev_f1`` from the champion's tag (else its run).
 
 The ensemble run goes to the study's experiment, nested under the study's parent run and tagged
 ``drugprot.kind=ensemble`` (``drugprot.tracking.study_trials`` reads only ``kind=trial`` runs, so it is never
@@ -19,7 +21,7 @@ import contextlib
 import json
 import os
 import sys
-import warnings
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,15 +89,56 @@ def _experiment(registry, tracking_uri: str, name: str, study: str | None) -> tu
     return registry.create_experiment(name, artifact_location=tracking.experiment_artifact_location(tracking_uri, name)), None
 
 
+#: The distributions that loading and running a registered ensemble imports; the drugprot code itself travels with
+#: the model (``code_paths``), so the model installs from the public registries alone.
+MODEL_REQUIREMENTS = ("mlflow", "torch", "transformers", "tokenizers", "safetensors", "pydantic", "pyyaml", "blingfire",
+                      "numpy", "pandas", "tqdm")
+
+
 def pip_requirements() -> list[str]:
-    import mlflow
-    import torch
-    import transformers
+    """:data:`MODEL_REQUIREMENTS` pinned to this environment's versions (a CPU/CUDA local tag like +cpu dropped)."""
+    from importlib.metadata import version
 
-    from drugprot import __version__
+    return [f"{name}=={version(name).split('+')[0]}" for name in MODEL_REQUIREMENTS]
 
-    return [f"drugprot=={__version__}", f"torch=={torch.__version__.split('+')[0]}",
-            f"transformers=={transformers.__version__}", f"mlflow=={mlflow.__version__}", "safetensors", "pandas"]
+
+def package_code(staging: Path) -> Path:
+    """A copy of the ``drugprot`` package without byte code, for ``code_paths`` (MLflow puts it on ``sys.path``)."""
+    import shutil
+
+    import drugprot
+
+    return Path(shutil.copytree(Path(drugprot.__file__).parent, staging / "drugprot",
+                                ignore=shutil.ignore_patterns("__pycache__", "*.pyc")))
+
+
+def input_example():
+    """One bundled development abstract in the model's input format (logged as the model's example)."""
+    from drugprot.config import SAMPLE_DIR
+    from drugprot.corpus import read_split
+    from drugprot.ensemble.frames import documents_to_frame
+
+    document = min(read_split(SAMPLE_DIR, "development").documents, key=lambda d: len(d.title) + len(d.abstract))
+    frame = documents_to_frame([document])
+    frame["entities"] = frame["entities"].map(json.dumps)  # the signature's string column
+    return frame
+
+
+def model_description(meta: dict) -> str:
+    """Markdown for the registry: members, vote, and the dev table (per-type F1, micro P/R/F1, members beside)."""
+    dev = meta.get("dev")
+    members = ", ".join(m["name"] for m in meta["members"])
+    head = f"drugprot voting ensemble ({meta['vote']} vote) of {len(meta['members'])} members: {members}."
+    if not dev:
+        return head + "\n\nBuilt without a dev evaluation."
+    scores = {**dev["members"], "ensemble": dev["ensemble"]}
+    types = list(dict.fromkeys(t for result in scores.values() for t in result["per_type"]))
+    lines = [head, "", f"Dev ({dev['split']}, {dev['documents']} documents): per-type F1, then micro P/R/F1.", "",
+             "| type | " + " | ".join(scores) + " |", "|---" * (len(scores) + 1) + "|"]
+    lines += [f"| {t} | " + " | ".join(f"{r['per_type'].get(t, 0.0):.4f}" for r in scores.values()) + " |" for t in types]
+    lines += [f"| micro {label} | " + " | ".join(f"{r[key]:.4f}" for r in scores.values()) + " |"
+              for label, key in (("P", "precision"), ("R", "recall"), ("F1", "f1"))]
+    return "\n".join(lines)
 
 
 def model_signature():
@@ -216,14 +259,14 @@ def log_ensemble(folder: str | Path, *, tracking_uri: str | None = None, experim
         registry.log_dict(run_id, meta, "ensemble/ensemble.json")
         registration = None
         if register:
-            with _tracking(uri), mlflow.start_run(run_id=run_id):
-                with warnings.catch_warnings():  # "no input example": the signature is explicit
-                    warnings.simplefilter("ignore", UserWarning)
-                    info = mlflow.pyfunc.log_model(
-                        name="model", python_model=str(PYFUNC_MODEL_FILE), artifacts={"ensemble": str(folder)},
-                        registered_model_name=register, pip_requirements=pip_requirements(), signature=model_signature(),
-                        metadata={"drugprot_kind": "ensemble", "vote": meta["vote"]})
+            with _tracking(uri), mlflow.start_run(run_id=run_id), tempfile.TemporaryDirectory() as staging:
+                info = mlflow.pyfunc.log_model(
+                    name="model", python_model=str(PYFUNC_MODEL_FILE), artifacts={"ensemble": str(folder)},
+                    code_paths=[str(package_code(Path(staging)))], registered_model_name=register,
+                    pip_requirements=pip_requirements(), signature=model_signature(), input_example=input_example(),
+                    metadata={"drugprot_kind": "ensemble", "vote": meta["vote"]})
             version = str(info.registered_model_version)
+            registry.update_model_version(register, version, description=model_description(meta))
             version_tags = {"dev_f1": "" if dev_f1 is None else f"{dev_f1:.6f}", "vote": meta["vote"], "members": names,
                             "study": str(study or ""), "run_id": run_id}
             for key, value in version_tags.items():
@@ -237,5 +280,6 @@ def log_ensemble(folder: str | Path, *, tracking_uri: str | None = None, experim
     return EnsembleRun(run_id, experiment_id, registration)
 
 
-__all__ = ["DEFAULT_EXPERIMENT", "EnsembleRun", "PYFUNC_MODEL_FILE", "RegistrationResult",
-           "log_ensemble", "model_signature", "pip_requirements", "promote"]
+__all__ = ["DEFAULT_EXPERIMENT", "EnsembleRun", "MODEL_REQUIREMENTS", "PYFUNC_MODEL_FILE", "RegistrationResult",
+           "input_example", "log_ensemble", "model_description", "model_signature", "package_code", "pip_requirements",
+           "promote"]

@@ -19,9 +19,7 @@ def build_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float, d
 
 
 def linear_schedule(optimizer: torch.optim.Optimizer, *, total_steps: int, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / max(1, warmup_steps)
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+    """transformers' schedule: the rate rises from 0 at step 0 to the peak at ``warmup_steps``, then falls to 0."""
+    from transformers import get_linear_schedule_with_warmup
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return get_linear_schedule_with_warmup(optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)

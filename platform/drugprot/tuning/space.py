@@ -1,5 +1,8 @@
 """Search spaces: a small YAML schema, checked against the run config when loaded, converted to Optuna distributions.
 
+The schema is pydantic (:class:`SpaceFile`): each distribution is a model, the parameter's one key picks it (a
+discriminated union), and every model forbids unknown keys; :func:`_format` phrases pydantic's errors as below.
+
 A space file looks like this (``search_spaces/paper.yaml``)::
 
     description: the paper's search            # optional
@@ -40,10 +43,11 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, StrictInt, Tag,
+                      ValidationError, ValidationInfo, field_validator, model_validator)
 
 from drugprot.config import ConfigError, RunConfig, build_config, merge, read_yaml
 
@@ -51,7 +55,6 @@ KINDS = ("uniform", "loguniform", "int", "choice", "fixed")
 INTERVAL_KEY = "sampling.interval"
 #: Metrics the trainable reports after every evaluation that a scheduler may rank trials by.
 SCHEDULER_METRICS = ("dev_f1", "best_dev_f1", "dev_precision", "dev_recall", "train_loss")
-TOP_LEVEL = ("description", "seed", "startup_trials", "scheduler", "trials", "params")
 
 
 class SpaceError(ConfigError):
@@ -198,6 +201,245 @@ def config_keys(model: type[BaseModel] = RunConfig, prefix: str = "") -> dict[st
     return keys
 
 
+# --- the file's schema (pydantic) -------------------------------------------------------------------------------
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _number(value: Any) -> float | int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"expected a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"expected a finite number, got {value!r}")
+    return value
+
+
+def _integer(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"expected an integer, got {value!r}")
+    return value
+
+
+def _pair(value: Any) -> Any:
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise ValueError(f"expected [low, high], got {value!r}")
+    return tuple(value)
+
+
+Number = Annotated[Any, AfterValidator(_number)]
+Integer = Annotated[Any, AfterValidator(_integer)]
+NumberPair = Annotated[tuple[Number, Number], BeforeValidator(_pair)]
+IntegerPair = Annotated[tuple[Integer, Integer], BeforeValidator(_pair)]
+
+
+class _Range(_Strict):
+    """``{KIND: [low, high]}`` with low < high; each subclass's only field is KIND."""
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        low, high = getattr(self, next(iter(type(self).model_fields)))
+        if low > high:
+            raise ValueError(f"low {low} > high {high}")
+        if low == high:
+            raise ValueError(f"empty range [{low}, {high}]; use {{fixed: {low}}} for a constant")
+        return self
+
+
+class Uniform(_Range):
+    uniform: NumberPair
+
+
+class LogUniform(_Range):
+    loguniform: NumberPair
+
+    @model_validator(mode="after")
+    def _positive(self):
+        if self.loguniform[0] <= 0:
+            raise ValueError(f"low must be > 0, got {self.loguniform[0]}")
+        return self
+
+
+class IntRange(_Range):
+    int: IntegerPair
+
+
+class Choice(_Strict):
+    choice: list[Any]
+
+    @field_validator("choice", mode="before")
+    @classmethod
+    def _values(cls, value: Any) -> Any:
+        if not isinstance(value, list) or not value:
+            raise ValueError(f"expected a non-empty list of values, got {value!r}")
+        for item in value:
+            if not (item is None or isinstance(item, (bool, int, float, str))):
+                raise ValueError(f"values must be numbers, strings or booleans, got {item!r}")
+        if len(set(map(repr, value))) != len(value):
+            raise ValueError(f"repeated values in {value!r}")
+        return value
+
+
+class Fixed(_Strict):
+    fixed: Any
+
+
+def _kind(value: Any) -> str | None:
+    return next(iter(value)) if isinstance(value, dict) and len(value) == 1 else None
+
+
+_TAGGED = tuple(Annotated[model, Tag(kind)] for kind, model in zip(KINDS, (Uniform, LogUniform, IntRange, Choice, Fixed)))
+#: One distribution, chosen by its only key (``{uniform: [0, 1]}``).
+Distribution = Annotated[Union[_TAGGED], Discriminator(_kind)]
+
+
+def _param(name: str, key: str, spec: BaseModel, part: int | None = None) -> Param:
+    kind = next(iter(type(spec).model_fields))
+    arg = getattr(spec, kind)
+    if kind == "fixed":
+        return Param(name, key, kind, value=arg, part=part)
+    if kind == "choice":
+        return Param(name, key, kind, choices=tuple(arg), part=part)
+    return Param(name, key, kind, low=arg[0], high=arg[1], part=part)
+
+
+class IntervalPair(_Strict):
+    """``sampling.interval: {lo: DIST, hi: DIST}``: two integer parameters, lo <= 0 <= hi."""
+
+    lo: Distribution
+    hi: Distribution
+
+    @model_validator(mode="before")
+    @classmethod
+    def _both(cls, value: Any) -> Any:
+        for sub in ("lo", "hi"):
+            if isinstance(value, dict) and sub not in value:
+                raise ValueError(f"missing '{sub}' (give both lo and hi, or {{fixed: [lo, hi]}})")
+        return value
+
+    @field_validator("lo", "hi")
+    @classmethod
+    def _integer_side(cls, spec: BaseModel, info: ValidationInfo) -> BaseModel:
+        param = _param(info.field_name, INTERVAL_KEY, spec)
+        if param.kind in ("uniform", "loguniform"):
+            raise ValueError(f"the interval takes integers: use int, choice or fixed, not {param.kind}")
+        for value in param.extremes():
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"expected integers, got {value!r}")
+        bad = [v for v in param.extremes() if (v > 0 if info.field_name == "lo" else v < 0)]
+        if bad:
+            need = "lo <= 0" if info.field_name == "lo" else "hi >= 0"
+            raise ValueError(f"{param.describe()} allows {bad[0]}, but the interval needs lo <= 0 <= hi ({need})")
+        return spec
+
+
+def _config_key(key: str) -> str:
+    known = config_keys()
+    if key not in known:
+        section, _, _ = key.partition(".")
+        siblings = sorted(k.split(".", 1)[1] for k in known if k.startswith(section + "."))
+        hint = f" ({section} has: {', '.join(siblings)})" if siblings else \
+            f" (sections: {', '.join(sorted({k.split('.')[0] for k in known}))})"
+        raise ValueError(f"unknown config key '{key}'{hint}")
+    return key
+
+
+class SchedulerFile(_Strict):
+    metric: Literal[SCHEDULER_METRICS] = "dev_f1"
+    mode: Literal["max", "min"] = "max"
+    grace_period: StrictInt = Field(1, ge=1)
+    reduction_factor: Number = Field(2, gt=1)
+    max_t: StrictInt | None = Field(None, ge=1)
+
+    @field_validator("max_t")
+    @classmethod
+    def _after_grace(cls, value: int | None, info: ValidationInfo) -> int | None:
+        grace = info.data.get("grace_period")
+        if value is not None and grace is not None and value < grace:
+            raise ValueError(f"{value} is below grace_period {grace}")
+        return value
+
+
+class TrialsFile(_Strict):
+    max_failures: StrictInt = Field(2, ge=0)
+    keep_checkpoints: StrictInt = Field(1, ge=1)
+    checkpoint_every: StrictInt | None = Field(None, ge=1)
+
+
+def _spec_kind(value: Any) -> str | None:
+    return "interval" if isinstance(value, dict) and set(value) & {"lo", "hi"} else _kind(value)
+
+
+#: A parameter: one distribution, or (``sampling.interval`` only) a ``{lo, hi}`` pair of them.
+ParamSpec = Annotated[Union[(*_TAGGED, Annotated[IntervalPair, Tag("interval")])], Discriminator(_spec_kind)]
+
+
+class SpaceFile(_Strict):
+    description: str | None = None
+    seed: StrictInt = Field(0, ge=0)
+    startup_trials: StrictInt = Field(10, ge=1)
+    scheduler: SchedulerFile | None = None
+    trials: TrialsFile | None = None
+    params: dict[Annotated[str, AfterValidator(_config_key)], ParamSpec] = Field(None, validate_default=True)
+
+    @field_validator("params", mode="before")
+    @classmethod
+    def _mapping(cls, value: Any) -> Any:
+        if not isinstance(value, dict) or not value:
+            raise ValueError("expected a non-empty mapping of config keys to distributions")
+        return value
+
+    @field_validator("params")
+    @classmethod
+    def _pairs_only_for_the_interval(cls, params: dict[str, BaseModel]) -> dict[str, BaseModel]:
+        for key, spec in params.items():
+            if isinstance(spec, IntervalPair) and key != INTERVAL_KEY:
+                raise ValueError(f"{key}: only {INTERVAL_KEY} takes a {{lo, hi}} pair; give one distribution")
+        return params
+
+
+def _location(loc: tuple) -> str:
+    """``('params', 'loss.gamma', 'uniform', 'uniform', 0)`` -> ``params.loss.gamma: uniform low``: the parameter
+    (``params.sampling.interval.lo`` for a side of the interval), then the distribution and bound if any."""
+    if loc[:1] != ("params",) or len(loc) < 2:
+        return ".".join(str(p) for p in loc) or "(top level)"
+    head, rest = f"params.{loc[1]}", list(loc[2:])
+    if rest[:1] == ["interval"]:  # the pair itself, a side of it, or an unknown key beside lo and hi
+        head, rest = (f"{head}.{rest[1]}", rest[2:]) if len(rest) > 1 else (head, [])
+    detail: list[str] = []
+    for part in rest:
+        if part == "[key]" or (detail and part == detail[-1]):
+            continue
+        detail.append({0: "low", 1: "high"}.get(part, str(part)) if isinstance(part, int) else str(part))
+    return head + (": " + " ".join(detail) if detail else "")
+
+
+def _message(item: dict) -> str:
+    kind, ctx, given = item["type"], item.get("ctx") or {}, item.get("input")
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "union_tag_invalid":
+        return f"unknown distribution '{ctx['tag']}' (expected one of: {', '.join(KINDS)})"
+    if kind == "union_tag_not_found":
+        return f"expected one distribution, e.g. {{uniform: [0.0, 1.0]}} (one of: {', '.join(KINDS)}), got {given!r}"
+    if kind == "literal_error":
+        return f"expected one of {ctx['expected'].replace(chr(39), '')}, got {given!r}"
+    if kind in ("greater_than", "greater_than_equal"):
+        sign, bound = (">", ctx["gt"]) if kind == "greater_than" else (">=", ctx["ge"])
+        return f"must be {sign} {bound}, got {given!r}"
+    if kind in ("int_type", "int_from_float", "int_parsing"):
+        return f"expected an integer, got {given!r}"
+    if kind == "model_type":
+        return f"expected a mapping, got {given!r}"
+    return item["msg"].removeprefix("Value error, ")
+
+
+def _format(source: str, error: ValidationError) -> str:
+    return "\n".join(f"{source}: {_location(item['loc'])}: {_message(item)}" for item in error.errors())
+
+
+# --- loading ------------------------------------------------------------------------------------------------------
+
 def load_space(path: str | os.PathLike, config: RunConfig | None = None) -> SearchSpace:
     """Read and validate a space file; with ``config``, also check every bound and choice against it."""
     return parse_space(read_yaml(path, "search space", SpaceError), str(path), config)
@@ -207,149 +449,27 @@ def parse_space(raw: Any, source: str = "space", config: RunConfig | None = None
     """Validate a space given as a dict (what :func:`load_space` read)."""
     if not isinstance(raw, dict):
         raise SpaceError(f"{source}: expected a mapping with a 'params' section, got {type(raw).__name__}")
-    for key in raw:
-        if key not in TOP_LEVEL:
-            raise SpaceError(f"{source}: {key}: unknown key (expected one of: {', '.join(TOP_LEVEL)})")
-    params_raw = raw.get("params")
-    if not isinstance(params_raw, dict) or not params_raw:
-        raise SpaceError(f"{source}: params: expected a non-empty mapping of config keys to distributions")
-
-    known = config_keys()
+    try:
+        parsed = SpaceFile.model_validate(raw)
+    except ValidationError as error:
+        raise SpaceError(_format(source, error)) from None
     params: list[Param] = []
-    for key, spec in params_raw.items():
-        where = f"{source}: params.{key}"
-        if key not in known:
-            section, _, _ = str(key).partition(".")
-            siblings = sorted(k.split(".", 1)[1] for k in known if k.startswith(section + "."))
-            hint = f" ({section} has: {', '.join(siblings)})" if siblings else \
-                f" (sections: {', '.join(sorted({k.split('.')[0] for k in known}))})"
-            raise SpaceError(f"{where}: unknown config key '{key}'{hint}")
-        if key == INTERVAL_KEY and isinstance(spec, dict) and set(spec) & {"lo", "hi"}:
-            params.extend(_interval(spec, where))
+    for key, spec in parsed.params.items():
+        if isinstance(spec, IntervalPair):
+            params += [_param(f"{key}.{sub}", key, getattr(spec, sub), part) for part, sub in enumerate(("lo", "hi"))]
         else:
-            params.append(_param(str(key), str(key), spec, where))
-
+            params.append(_param(key, key, spec))
     if not any(p.searched for p in params):
         raise SpaceError(f"{source}: params: nothing to search (every parameter is fixed)")
-
-    scheduler = _scheduler(raw.get("scheduler") or {}, source)
-    trials = raw.get("trials") or {}
-    if not isinstance(trials, dict):
-        raise SpaceError(f"{source}: trials: expected a mapping (max_failures, keep_checkpoints, checkpoint_every)")
-    for key in trials:
-        if key not in ("max_failures", "keep_checkpoints", "checkpoint_every"):
-            raise SpaceError(f"{source}: trials.{key}: unknown key (expected max_failures, keep_checkpoints, "
-                             f"checkpoint_every)")
-    max_failures = _int(trials.get("max_failures", 2), f"{source}: trials.max_failures", minimum=0)
-    keep = _int(trials.get("keep_checkpoints", 1), f"{source}: trials.keep_checkpoints", minimum=1)
-    every = trials.get("checkpoint_every")
-    every = None if every is None else _int(every, f"{source}: trials.checkpoint_every", minimum=1)
-    seed = _int(raw.get("seed", 0), f"{source}: seed", minimum=0)
-    startup = _int(raw.get("startup_trials", 10), f"{source}: startup_trials", minimum=1)
-    description = raw.get("description") or ""
-    space = SearchSpace(source=source, params=tuple(params), scheduler=scheduler, seed=seed, startup_trials=startup,
-                        max_failures=max_failures, keep_checkpoints=keep, checkpoint_every=every,
-                        description=str(description), raw=raw)
+    scheduler = parsed.scheduler or SchedulerFile()
+    trials = parsed.trials or TrialsFile()
+    space = SearchSpace(source=source, params=tuple(params), scheduler=SchedulerSpec(**scheduler.model_dump()),
+                        seed=parsed.seed, startup_trials=parsed.startup_trials, max_failures=trials.max_failures,
+                        keep_checkpoints=trials.keep_checkpoints,
+                        checkpoint_every=trials.checkpoint_every, description=parsed.description or "", raw=raw)
     if config is not None:
         check_against(space, config)
     return space
-
-
-def _number(value: Any, where: str, *, integer: bool = False) -> float | int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise SpaceError(f"{where}: expected a number, got {value!r}")
-    if integer and not isinstance(value, int):
-        raise SpaceError(f"{where}: expected an integer, got {value!r}")
-    if not math.isfinite(value):
-        raise SpaceError(f"{where}: expected a finite number, got {value!r}")
-    return value
-
-
-def _int(value: Any, where: str, *, minimum: int) -> int:
-    value = _number(value, where, integer=True)
-    if value < minimum:
-        raise SpaceError(f"{where}: must be >= {minimum}, got {value}")
-    return value
-
-
-def _param(name: str, key: str, spec: Any, where: str, part: int | None = None) -> Param:
-    if not isinstance(spec, dict) or len(spec) != 1:
-        raise SpaceError(f"{where}: expected one distribution, e.g. {{uniform: [0.0, 1.0]}} "
-                         f"(one of: {', '.join(KINDS)}), got {spec!r}")
-    (kind, arg), = spec.items()
-    if kind not in KINDS:
-        raise SpaceError(f"{where}: unknown distribution '{kind}' (expected one of: {', '.join(KINDS)})")
-    if kind == "fixed":
-        return Param(name, key, "fixed", value=arg, part=part)
-    if kind == "choice":
-        if not isinstance(arg, list) or not arg:
-            raise SpaceError(f"{where}: choice: expected a non-empty list of values, got {arg!r}")
-        for item in arg:
-            if not (item is None or isinstance(item, (bool, int, float, str))):
-                raise SpaceError(f"{where}: choice: values must be numbers, strings or booleans, got {item!r}")
-        if len(set(map(repr, arg))) != len(arg):
-            raise SpaceError(f"{where}: choice: repeated values in {arg!r}")
-        return Param(name, key, "choice", choices=tuple(arg), part=part)
-    if not isinstance(arg, list) or len(arg) != 2:
-        raise SpaceError(f"{where}: {kind}: expected [low, high], got {arg!r}")
-    low = _number(arg[0], f"{where}: {kind} low", integer=kind == "int")
-    high = _number(arg[1], f"{where}: {kind} high", integer=kind == "int")
-    if low > high:
-        raise SpaceError(f"{where}: {kind}: low {low} > high {high}")
-    if low == high:
-        raise SpaceError(f"{where}: {kind}: empty range [{low}, {high}]; use {{fixed: {low}}} for a constant")
-    if kind == "loguniform" and low <= 0:
-        raise SpaceError(f"{where}: loguniform: low must be > 0, got {low}")
-    return Param(name, key, kind, low=low, high=high, part=part)
-
-
-def _interval(spec: dict, where: str) -> list[Param]:
-    for sub in spec:
-        if sub not in ("lo", "hi"):
-            raise SpaceError(f"{where}.{sub}: unknown key (the interval takes lo and hi)")
-    params = []
-    for part, sub in enumerate(("lo", "hi")):
-        if sub not in spec:
-            raise SpaceError(f"{where}: missing '{sub}' (give both lo and hi, or {{fixed: [lo, hi]}})")
-        param = _param(f"{INTERVAL_KEY}.{sub}", INTERVAL_KEY, spec[sub], f"{where}.{sub}", part)
-        if param.kind in ("uniform", "loguniform"):
-            raise SpaceError(f"{where}.{sub}: the interval takes integers: use int, choice or fixed, not {param.kind}")
-        values = param.extremes()
-        for value in values:
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise SpaceError(f"{where}.{sub}: expected integers, got {value!r}")
-        bad = [v for v in values if (v > 0 if sub == "lo" else v < 0)]
-        if bad:
-            need = "lo <= 0" if sub == "lo" else "hi >= 0"
-            raise SpaceError(f"{where}.{sub}: {param.describe()} allows {bad[0]}, but the interval needs "
-                             f"lo <= 0 <= hi ({need})")
-        params.append(param)
-    return params
-
-
-def _scheduler(spec: Any, source: str) -> SchedulerSpec:
-    if not isinstance(spec, dict):
-        raise SpaceError(f"{source}: scheduler: expected a mapping, got {spec!r}")
-    allowed = ("metric", "mode", "grace_period", "reduction_factor", "max_t")
-    for key in spec:
-        if key not in allowed:
-            raise SpaceError(f"{source}: scheduler.{key}: unknown key (expected one of: {', '.join(allowed)})")
-    metric = spec.get("metric", "dev_f1")
-    if metric not in SCHEDULER_METRICS:
-        raise SpaceError(f"{source}: scheduler.metric: expected one of {', '.join(SCHEDULER_METRICS)}, got {metric!r}")
-    mode = spec.get("mode", "max")
-    if mode not in ("max", "min"):
-        raise SpaceError(f"{source}: scheduler.mode: expected max or min, got {mode!r}")
-    grace = _int(spec.get("grace_period", 1), f"{source}: scheduler.grace_period", minimum=1)
-    factor = _number(spec.get("reduction_factor", 2), f"{source}: scheduler.reduction_factor")
-    if factor <= 1:
-        raise SpaceError(f"{source}: scheduler.reduction_factor: must be > 1, got {factor}")
-    max_t = spec.get("max_t")
-    if max_t is not None:
-        max_t = _int(max_t, f"{source}: scheduler.max_t", minimum=1)
-        if max_t < grace:
-            raise SpaceError(f"{source}: scheduler.max_t: {max_t} is below grace_period {grace}")
-    return SchedulerSpec(metric=metric, mode=mode, grace_period=grace, reduction_factor=factor, max_t=max_t)
 
 
 def check_against(space: SearchSpace, config: RunConfig) -> None:

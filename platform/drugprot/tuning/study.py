@@ -33,6 +33,7 @@ import yaml
 
 from drugprot.config import RunConfig, build_config
 from drugprot.errors import DrugprotError
+from drugprot.polling import poll
 from drugprot.tuning.space import SearchSpace, load_space, parse_space
 
 STUDY_FILE = "drugprot-study.json"
@@ -150,15 +151,17 @@ def _write_text(path: str, text: str) -> None:
 def _probe(host: str, port: int, deadline: float) -> str | None:
     """None when something accepts TCP connections on host:port before the deadline, else the last error."""
     reason = "no attempt"
-    while True:
+
+    def connect() -> bool | None:
+        nonlocal reason
         try:
             with socket.create_connection((host, port), timeout=max(0.2, min(2.0, deadline - time.monotonic()))):
-                return None
+                return True
         except OSError as error:
             reason = error.strerror or type(error).__name__
-        if time.monotonic() >= deadline:
-            return reason
-        time.sleep(0.5)
+            return None
+
+    return None if poll(connect, timeout=deadline - time.monotonic()) else reason
 
 
 def _split_address(address: str) -> tuple[str, int] | None:
