@@ -11,6 +11,10 @@ A space file looks like this (``search_spaces/paper.yaml``)::
       grace_period: 2                          # evaluations (half epochs with train.eval_every 0.5)
       reduction_factor: 3
       max_t: null                              # default: evaluations in the config's budget
+    sampler:                                   # Optuna's TPE; every key optional (see SamplerSpec)
+      constant_liar: auto                      # auto: on whenever more than one trial runs at once
+      multivariate: true                       # model the parameters jointly (lo and hi are coupled)
+      group: true                              # ... per group of parameters sampled together
     trials:
       max_failures: 2                          # retries of a crashed trial, from its last checkpoint
       keep_checkpoints: 1                      # best checkpoints (by dev_f1) kept per trial in the storage
@@ -38,10 +42,10 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, StrictBool, ValidationError, model_validator
 
 from drugprot.config import ConfigError, RunConfig, build_config, merge, read_yaml
 
@@ -49,7 +53,7 @@ KINDS = ("uniform", "loguniform", "int", "choice", "fixed")
 INTERVAL_KEY = "sampling.interval"
 #: Metrics the trainable reports after every evaluation that a scheduler may rank trials by.
 SCHEDULER_METRICS = ("dev_f1", "best_dev_f1", "dev_precision", "dev_recall", "train_loss")
-TOP_LEVEL = ("description", "seed", "startup_trials", "scheduler", "trials", "params")
+TOP_LEVEL = ("description", "seed", "startup_trials", "sampler", "scheduler", "trials", "params")
 
 
 class SpaceError(ConfigError):
@@ -111,6 +115,48 @@ class SchedulerSpec:
     max_t: int | None = None
 
 
+class SamplerSpec(BaseModel):
+    """The space file's ``sampler:`` section: how Optuna's TPE proposes trials when several run at once.
+
+    Defaults, and why:
+    - ``constant_liar: auto`` -- on whenever more than one trial can run at once. Without it TPE proposes the
+      next trial as if the running ones did not exist, so concurrent trials land next to each other
+      (``bench/tpe_concurrency.py`` counts the near-duplicates); the liar scores running trials as bad ones.
+    - ``multivariate: true`` -- one joint density over the parameters instead of one per parameter: the
+      interval's ``lo`` and ``hi`` (and learning rate with gamma) interact.
+    - ``group: true`` -- joint densities per group of parameters that are always sampled together (all of ours
+      are); needs ``multivariate``.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    constant_liar: Literal["auto"] | StrictBool = "auto"
+    multivariate: StrictBool = True
+    group: StrictBool = True
+
+    @model_validator(mode="after")
+    def _group_needs_multivariate(self):
+        if self.group and not self.multivariate:
+            raise ValueError("group: true needs multivariate: true (set group: false for independent sampling)")
+        return self
+
+    def liar(self, concurrent: int) -> bool:
+        """Whether TPE uses the constant liar when ``concurrent`` trials run at once."""
+        return concurrent > 1 if self.constant_liar == "auto" else self.constant_liar
+
+    def tpe(self, *, seed: int, startup_trials: int, concurrent: int):
+        """The Optuna TPE sampler for a study that runs ``concurrent`` trials at once."""
+        import warnings
+
+        import optuna
+
+        with warnings.catch_warnings():  # "group is experimental": we pin Optuna and test what it does
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials,
+                                              constant_liar=self.liar(concurrent), multivariate=self.multivariate,
+                                              group=self.group)
+
+
 @dataclass(frozen=True)
 class SearchSpace:
     """A validated search space (picklable: it travels to every trial)."""
@@ -118,6 +164,7 @@ class SearchSpace:
     source: str
     params: tuple[Param, ...]
     scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
+    sampler: SamplerSpec = field(default_factory=SamplerSpec)
     seed: int = 0
     startup_trials: int = 10
     max_failures: int = 2
@@ -230,6 +277,7 @@ def parse_space(raw: Any, source: str = "space", config: RunConfig | None = None
         raise SpaceError(f"{source}: params: nothing to search (every parameter is fixed)")
 
     scheduler = _scheduler(raw.get("scheduler") or {}, source)
+    sampler = _sampler(raw.get("sampler") or {}, source)
     trials = raw.get("trials") or {}
     if not isinstance(trials, dict):
         raise SpaceError(f"{source}: trials: expected a mapping (max_failures, keep_checkpoints)")
@@ -241,8 +289,8 @@ def parse_space(raw: Any, source: str = "space", config: RunConfig | None = None
     seed = _int(raw.get("seed", 0), f"{source}: seed", minimum=0)
     startup = _int(raw.get("startup_trials", 10), f"{source}: startup_trials", minimum=1)
     description = raw.get("description") or ""
-    space = SearchSpace(source=source, params=tuple(params), scheduler=scheduler, seed=seed, startup_trials=startup,
-                        max_failures=max_failures, keep_checkpoints=keep, description=str(description), raw=raw)
+    space = SearchSpace(source=source, params=tuple(params), scheduler=scheduler, sampler=sampler, seed=seed,
+                        startup_trials=startup, max_failures=max_failures, keep_checkpoints=keep, description=str(description), raw=raw)
     if config is not None:
         check_against(space, config)
     return space
@@ -343,6 +391,24 @@ def _scheduler(spec: Any, source: str) -> SchedulerSpec:
         if max_t < grace:
             raise SpaceError(f"{source}: scheduler.max_t: {max_t} is below grace_period {grace}")
     return SchedulerSpec(metric=metric, mode=mode, grace_period=grace, reduction_factor=factor, max_t=max_t)
+
+
+def _sampler(spec: Any, source: str) -> SamplerSpec:
+    if not isinstance(spec, dict):
+        raise SpaceError(f"{source}: sampler: expected a mapping (constant_liar, multivariate, group), got {spec!r}")
+    try:
+        return SamplerSpec(**spec)
+    except ValidationError as error:
+        first = error.errors()[0]
+        key = ".".join(str(part) for part in first["loc"] if not str(part).startswith(("literal[", "bool")))
+        where = f"sampler.{key}" if key else "sampler"
+        if first["type"] == "extra_forbidden":
+            raise SpaceError(f"{source}: {where}: unknown key (expected one of: "
+                             f"{', '.join(SamplerSpec.model_fields)})") from None
+        if first["type"] == "value_error":
+            raise SpaceError(f"{source}: {where}: {first['msg'].removeprefix('Value error, ')}") from None
+        allowed = "auto, true or false" if key == "constant_liar" else "true or false"
+        raise SpaceError(f"{source}: {where}: expected {allowed}, got {first['input']!r}") from None
 
 
 def check_against(space: SearchSpace, config: RunConfig) -> None:

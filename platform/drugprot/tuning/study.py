@@ -232,6 +232,18 @@ def _check_resources(resources: Resources, *, local: bool, say: Callable[[str], 
         say(f"warning: {message}; trials wait until the cluster grows (autoscaler) or forever")
 
 
+def concurrency(resources: Resources, *, max_concurrent: int | None, num_samples: int) -> int:
+    """How many trials the connected cluster can run at once (at least 1): its CPUs and GPUs divided by each
+    trial's, capped by ``max_concurrent`` and the number of trials."""
+    import ray
+
+    total = ray.cluster_resources()
+    fits = [int(total.get("CPU", 0) / resources.cpus + 1e-9)]
+    if resources.gpus > 0:
+        fits.append(int(total.get("GPU", 0) / resources.gpus + 1e-9))
+    return max(1, min(fits + [max_concurrent or num_samples, num_samples]))
+
+
 def trial_name(trial) -> str:
     return trial.trial_id
 
@@ -357,6 +369,7 @@ def _parent_params(base: RunConfig, space: SearchSpace, **study: Any) -> dict[st
     params.update({"space.file": space.source, "space.seed": space.seed, "space.startup_trials": space.startup_trials,
                    "space.max_failures": space.max_failures, "space.keep_checkpoints": space.keep_checkpoints})
     params.update({f"space.scheduler.{k}": v for k, v in asdict(space.scheduler).items()})
+    params.update({f"space.sampler.{k}": v for k, v in space.sampler.model_dump().items()})
     params.update({f"space.{p.name}": p.describe() for p in space.params})
     params.update({f"config.{k}": v for k, v in flatten(base.dump()).items()})
     return params
@@ -383,8 +396,10 @@ def _run(tune, *, base: RunConfig, space: SearchSpace, name: str, storage: str, 
     from ray.tune.search.optuna import OptunaSearch
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    at_once = concurrency(resources, max_concurrent=max_concurrent, num_samples=num_samples)
     searcher = OptunaSearch(space=space.optuna_distributions(), metric="best_dev_f1", mode="max",
-                            sampler=optuna.samplers.TPESampler(seed=space.seed, n_startup_trials=space.startup_trials))
+                            sampler=space.sampler.tpe(seed=space.seed, startup_trials=space.startup_trials,
+                                                      concurrent=at_once))
     scheduler = ASHAScheduler(time_attr="eval", metric=space.scheduler.metric, mode=space.scheduler.mode, max_t=max_t,
                               grace_period=min(space.scheduler.grace_period, max_t),
                               reduction_factor=space.scheduler.reduction_factor)
