@@ -1,8 +1,9 @@
 """The Ray Tune trial: one :func:`drugprot.training.train` run whose evaluations go to ``tune.report``.
 
 Every evaluation reports the training metrics (minus the per-type table, which stays nested under ``dev_per_type``)
-plus ``best_dev_f1`` (running maximum, what Optuna optimises), ``resumed_from_eval`` (0 for a fresh start), and where
-the trial runs (``node_id``, ``node_ip``, ``pid``), with ``Checkpoint.from_directory(run_dir)``: at that moment the run
+plus ``best_dev_f1`` (running maximum, what Optuna optimises), ``resumed_from_eval`` (0 for a fresh start), its cost
+so far (``wall_s``, ``device_s``; see :mod:`drugprot.tuning.cost`), and where the trial runs (``node_id``, ``node_ip``,
+``pid``, ``gpu_ids``: the GPUs Ray assigned it, comma-separated), with ``Checkpoint.from_directory(run_dir)``: at that moment the run
 folder holds the best model so far (``model/``), ``metrics.json`` and the exact-resumption state (``checkpoint/``).
 
 Restoring (a retried trial after a crash, or a resumed study): Tune hands back the latest reported checkpoint through
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from drugprot.config import build_config
+from drugprot.tuning.cost import TrialClock
 
 FAULT_ENV = "DRUGPROT_FAULT_ONCE"
 
@@ -56,6 +58,8 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], space, threads: i
     resumed_from = 0
     best = float("-inf")
     checkpoint = tune.get_checkpoint()
+    gpus = context.get_trial_resources().required_resources.get("GPU", 0.0)
+    clock = TrialClock(gpus=gpus)
     if checkpoint is not None:
         shutil.rmtree(run_dir, ignore_errors=True)
         checkpoint.to_directory(str(run_dir))
@@ -63,13 +67,14 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], space, threads: i
         evaluations = state.get("evaluations", [])
         resumed_from = evaluations[-1]["eval"] if evaluations else 0
         best = max((e["dev_f1"] for e in evaluations), default=best)
+        clock = TrialClock.resume(run_dir, gpus=gpus)
     elif run_dir.exists():
         shutil.rmtree(run_dir)
 
     reporter = TrialReporter(
-        trial_id=context.get_trial_id(), best=best, resumed_from=resumed_from, fault_marker=fault_marker,
+        trial_id=context.get_trial_id(), best=best, resumed_from=resumed_from, fault_marker=fault_marker, clock=clock,
         where={"node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address(),
-               "pid": os.getpid()},
+               "pid": os.getpid(), "gpu_ids": ",".join(str(i) for i in ray.get_gpu_ids())},
         report=lambda metrics, folder: tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(folder))))
     log_file = open(trial_dir / "train.log", "a", encoding="utf-8")
     try:
@@ -89,12 +94,13 @@ class TrialReporter:
     """The ``report`` callback handed to training: flattens the metrics and forwards them with the run folder."""
 
     def __init__(self, *, trial_id: str, best: float, resumed_from: int, where: dict[str, Any], report,
-                 fault_marker: str | None = None):
+                 fault_marker: str | None = None, clock: TrialClock | None = None):
         self.trial_id = trial_id
         self.fault_marker = fault_marker
         self.best = best
         self.resumed_from = resumed_from
         self.where = where
+        self.clock = clock
         self._report = report
 
     def __call__(self, metrics: dict[str, Any], run_dir: Path) -> None:
@@ -102,6 +108,8 @@ class TrialReporter:
         result = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         result["dev_per_type"] = dict(metrics.get("dev_per_type") or {})
         result.update(best_dev_f1=self.best, resumed_from_eval=self.resumed_from, **self.where)
+        if self.clock is not None:
+            result.update(self.clock.save(run_dir))
         if metrics["eval"] >= 2 and self.fault_marker:
             maybe_inject_fault(self.fault_marker, self.trial_id)
         self._report(result, run_dir)
