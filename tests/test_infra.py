@@ -1,14 +1,16 @@
 """infra/: the manifests parse, use real KubeRay / Ray / MLflow fields, run `drugprot` commands the CLI accepts, point at
 files that exist, agree with each other (image, sizes, serve config, pins), and the rehearsal cluster script works.
 
-No PyPI package ships the KubeRay CRD schemas, so the KubeRay checks validate the fields these manifests use against
-the ray.io/v1 field lists below (KubeRay v1.6 API reference); the cluster-launcher file goes through Ray's own
-``prepare_config`` + ``validate_config`` (ray-schema.json); the MLflow command is checked against ``mlflow server``'s
-click options. `kubectl kustomize` renders the KubeRay folder where kubectl is installed.
+The KubeRay folder is rendered (``kubectl kustomize`` where kubectl is installed, else a small Python renderer of
+the kustomize features it uses) and every Ray resource is validated with jsonschema against the operator's own CRD
+schema (../shared/kuberay-crds), strictly: a field the schema does not list is an error, with its path. The
+cluster-launcher file goes through Ray's own ``prepare_config`` + ``validate_config`` (ray-schema.json); the MLflow
+command is checked against ``mlflow server``'s click options.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shlex
@@ -83,32 +85,165 @@ def test_local_cluster_script_is_valid_bash():
     subprocess.run(["bash", "-n", str(LOCAL_CLUSTER)], check=True)
 
 
-# --- KubeRay: the ray.io/v1 fields these manifests may use --------------------------------------------------------
+# --- KubeRay: rendered manifests against the operator's own CRD schemas, strictly --------------------------------
 
-# Field names of the ray.io/v1 types (KubeRay v1.6 API reference). A key outside these lists is a typo or a field
-# this KubeRay does not have; extend the lists from the reference when a manifest needs a new field.
-RAY_CLUSTER_SPEC = {"authOptions", "autoscalerOptions", "enableInTreeAutoscaling", "gcsFaultToleranceOptions",
-                    "headGroupSpec", "headServiceAnnotations", "managedBy", "rayVersion", "suspend", "upgradeStrategy",
-                    "workerGroupSpecs"}
-HEAD_GROUP_SPEC = {"enableIngress", "headService", "rayStartParams", "serviceType", "template"}
-WORKER_GROUP_SPEC = {"groupName", "idleTimeoutSeconds", "maxReplicas", "minReplicas", "numOfHosts", "rayStartParams",
-                     "replicas", "scaleStrategy", "suspend", "template"}
-AUTOSCALER_OPTIONS = {"env", "envFrom", "idleTimeoutSeconds", "image", "imagePullPolicy", "resources",
-                      "securityContext", "upscalingMode", "version", "volumeMounts"}
-AUTH_OPTIONS = {"mode", "secretName", "enableK8sTokenAuth"}
-RAY_JOB_SPEC = {"activeDeadlineSeconds", "backoffLimit", "clusterSelector", "deletionStrategy", "entrypoint",
-                "entrypointNumCpus", "entrypointNumGpus", "entrypointResources", "jobId", "managedBy", "metadata",
-                "rayClusterSpec", "runtimeEnvYAML", "shutdownAfterJobFinishes", "submissionMode", "submitterConfig",
-                "submitterPodTemplate", "suspend", "ttlSecondsAfterFinished"}
-RAY_SERVICE_SPEC = {"deploymentUnhealthySecondThreshold", "excludeHeadPodFromServeSvc", "rayClusterConfig",
-                    "rayClusterDeletionDelaySeconds", "serveConfigV2", "serveService", "serviceUnhealthySecondThreshold",
-                    "upgradeStrategy"}
-CONTAINER_RESOURCES = {"requests", "limits", "claims"}
+CRDS = REPO.parent / "shared" / "kuberay-crds"
+CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml", "RayService": "ray.io_rayservices.yaml"}
 
 
-def check_keys(mapping: dict, allowed: set[str], where: str) -> None:
-    unknown = set(mapping) - allowed
-    assert not unknown, f"{where}: unknown field(s) {sorted(unknown)} (allowed: {sorted(allowed)})"
+def strict(schema):
+    """The CRD schema as ``kubectl apply --validate=strict`` reads it: an object that lists its ``properties`` admits
+    no other field unless it says ``x-kubernetes-preserve-unknown-fields`` (structural schemas prune the rest)."""
+    if isinstance(schema, list):
+        return [strict(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {key: (dict((name, strict(sub)) for name, sub in value.items()) if key == "properties" else strict(value))
+           for key, value in schema.items()}
+    if "properties" in out and "additionalProperties" not in out and not out.get("x-kubernetes-preserve-unknown-fields"):
+        out["additionalProperties"] = False
+    return out
+
+
+@functools.cache
+def crd_validator(kind: str):
+    import jsonschema
+
+    with (CRDS / CRD_FILES[kind]).open(encoding="utf-8") as handle:
+        crd = yaml.load(handle, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # 3 MB of YAML
+    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
+    schema = strict(version["schema"]["openAPIV3Schema"])
+    jsonschema.Draft7Validator.check_schema(schema)
+    return jsonschema.Draft7Validator(schema)
+
+
+def schema_errors(doc: dict) -> list[str]:
+    """Every violation of the document's CRD schema as ``KIND NAME: PATH: what is wrong``, the unknown field's own
+    path for a field the schema does not know."""
+    errors = []
+    for error in crd_validator(doc["kind"]).iter_errors(doc):
+        where = error.json_path
+        if error.validator == "additionalProperties":
+            unknown = sorted(set(error.instance) - set(error.schema.get("properties", {})))
+            errors.extend(f"{doc['kind']} {doc['metadata']['name']}: {where}.{name}: unknown field" for name in unknown)
+        else:
+            errors.append(f"{doc['kind']} {doc['metadata']['name']}: {where}: {error.message}")
+    return sorted(errors)
+
+
+def field_path(node, path: str):
+    """``node`` at a kustomize field path (``a.b.[name=x].c``), created where missing for the last step."""
+    parts = path.split(".")
+    for index, part in enumerate(parts):
+        last = index == len(parts) - 1
+        if part.startswith("[") and part.endswith("]"):
+            key, value = part[1:-1].split("=", 1)
+            node = next(item for item in node if str(item.get(key)) == value)
+        elif last:
+            return node, part
+        else:
+            node = node[part]
+    raise ValueError(f"{path}: ends on a list selector")
+
+
+def render_python(folder: Path) -> list[dict]:
+    """The subset of kustomize that infra/kuberay uses (namespace, labels, images, an env-file ConfigMap, replacements,
+    local-config resources), for machines without kubectl."""
+    kustomization = load_one(folder / "kustomization.yaml")
+    docs = [doc for resource in kustomization["resources"] for doc in load_all(folder / resource)]
+    for generator in kustomization.get("configMapGenerator", []):
+        data = {}
+        for env in generator.get("envs", []):
+            for line in (folder / env).read_text().splitlines():
+                if line.strip() and not line.strip().startswith("#"):
+                    key, value = line.strip().split("=", 1)
+                    data[key] = value
+        docs.insert(0, {"apiVersion": "v1", "kind": "ConfigMap", "data": data,
+                        "metadata": {"name": generator["name"], "labels": dict(generator.get("options", {}).get("labels", {}))}})
+    for replacement in kustomization.get("replacements", []):
+        source = replacement["source"]
+        origin = next(d for d in docs if d["kind"] == source["kind"] and d["metadata"]["name"] == source["name"])
+        parent, key = field_path(origin, source["fieldPath"])
+        for target in replacement["targets"]:
+            for doc in (d for d in docs if d["kind"] == target["select"]["kind"]):
+                for path in target["fieldPaths"]:
+                    node, leaf = field_path(doc, path)
+                    node[leaf] = yaml.safe_load(yaml.safe_dump(parent[key]))
+    docs = [d for d in docs if d["metadata"].get("annotations", {}).get("config.kubernetes.io/local-config") != "true"]
+    images = {image["name"]: f"{image['newName']}:{image['newTag']}" for image in kustomization.get("images", [])}
+    for doc in docs:
+        doc["metadata"]["namespace"] = kustomization["namespace"]
+        for labels in kustomization.get("labels", []):
+            doc["metadata"].setdefault("labels", {}).update(labels["pairs"])
+        for container in pod_containers(doc):
+            container["image"] = images.get(container["image"], container["image"])
+    return docs
+
+
+def pod_containers(node):
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in ("containers", "initContainers"):
+                yield from value
+            else:
+                yield from pod_containers(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from pod_containers(item)
+
+
+def render_kustomize(folder: Path) -> list[dict]:
+    """``kubectl kustomize FOLDER`` where kubectl is installed, else :func:`render_python`."""
+    if shutil.which("kubectl") is None:
+        return render_python(folder)
+    rendered = subprocess.run(["kubectl", "kustomize", str(folder)], check=True, capture_output=True, text=True).stdout
+    return [doc for doc in yaml.safe_load_all(rendered) if doc]
+
+
+@functools.cache
+def rendered_kuberay() -> str:
+    return yaml.safe_dump_all(render_kustomize(KUBERAY))
+
+
+def rendered(kind: str) -> dict:
+    """A fresh copy of the rendered resource of ``kind`` (tests may change it)."""
+    return next(doc for doc in yaml.safe_load_all(rendered_kuberay()) if doc["kind"] == kind)
+
+
+def test_rendered_ray_resources_validate_strictly_against_the_kuberay_crds():
+    docs = [doc for doc in yaml.safe_load_all(rendered_kuberay()) if doc["kind"] in CRD_FILES]
+    assert sorted(doc["kind"] for doc in docs) == sorted(CRD_FILES)
+    for doc in docs:
+        assert doc["apiVersion"] == "ray.io/v1", doc["apiVersion"]
+        assert schema_errors(doc) == [], doc["kind"]
+
+
+@pytest.mark.parametrize("kind, path, value, message", [
+    ("RayCluster", "spec.headGroupSpec.template.spec.containers.[name=ray-head].resourcs", {},
+     r"RayCluster drugprot: \$.spec.headGroupSpec.template.spec.containers\[0\].resourcs: unknown field"),
+    ("RayJob", "spec.shutdownAfterJobFinish", True, r"RayJob drugprot-tune-paper: \$.spec.shutdownAfterJobFinish: unknown field"),
+    ("RayService", "spec.rayClusterConfig.workerGroupSpecs.[groupName=gpu].maxReplica", 4,
+     r"\$.spec.rayClusterConfig.workerGroupSpecs\[0\].maxReplica: unknown field"),
+    ("RayCluster", "spec.workerGroupSpecs.[groupName=gpu].minReplicas", "two",
+     r"\$.spec.workerGroupSpecs\[0\].minReplicas: 'two' is not of type 'integer'"),
+    ("RayJob", "spec.rayClusterSpec.enableInTreeAutoscaling", "yes",
+     r"\$.spec.rayClusterSpec.enableInTreeAutoscaling: 'yes' is not of type 'boolean'"),
+    ("RayService", "spec.rayClusterConfig.headGroupSpec.template.spec.containers.[name=ray-head].ports.[name=serve].containerPort",
+     "8000", r"\$.spec.rayClusterConfig.headGroupSpec.template.spec.containers\[0\].ports\[\d\].containerPort: '8000' is not of type 'integer'"),
+])
+def test_a_misspelt_or_mistyped_field_fails_with_its_path(kind, path, value, message):
+    doc = rendered(kind)
+    node, leaf = field_path(doc, path)
+    node[leaf] = value
+    errors = schema_errors(doc)
+    assert len(errors) == 1 and re.search(message, errors[0]), errors
+
+
+def test_the_python_renderer_agrees_with_kubectl_kustomize():
+    if shutil.which("kubectl") is None:
+        pytest.skip("kubectl is not installed: the Python renderer is what the other tests use")
+    assert sorted(render_python(KUBERAY), key=lambda d: d["kind"]) == sorted(render_kustomize(KUBERAY),
+                                                                             key=lambda d: d["kind"])
 
 
 def check_pod_template(template: dict, where: str, container_name: str) -> dict:
@@ -117,7 +252,6 @@ def check_pod_template(template: dict, where: str, container_name: str) -> dict:
     assert names[0] == container_name, f"{where}: the Ray container must come first and be named {container_name}"
     container = spec["containers"][0]
     assert container["image"] == IMAGE_PLACEHOLDER, f"{where}: image {container['image']!r} (kustomization sets it)"
-    check_keys(container.get("resources", {}), CONTAINER_RESOURCES, f"{where}.resources")
     config_maps = [src["configMapRef"]["name"] for src in container.get("envFrom", []) if "configMapRef" in src]
     assert "drugprot-config" in config_maps, f"{where}: needs envFrom the ConfigMap drugprot-config"
     assert container.get("workingDir") == "/app", f"{where}: relative config paths resolve against /app in the image"
@@ -131,17 +265,13 @@ def check_pod_template(template: dict, where: str, container_name: str) -> dict:
 def check_ray_cluster_spec(spec: dict, where: str) -> dict:
     import ray
 
-    check_keys(spec, RAY_CLUSTER_SPEC, where)
     assert spec["rayVersion"] == ray.__version__, f"{where}: rayVersion {spec['rayVersion']} != Ray {ray.__version__}"
-    check_keys(spec["authOptions"], AUTH_OPTIONS, f"{where}.authOptions")
     assert spec["authOptions"]["mode"] == "token", f"{where}: Ray 2.60 token auth should stay on in a shared cluster"
     assert spec["authOptions"]["secretName"] == "drugprot-ray-auth"
     assert spec["enableInTreeAutoscaling"] is True
-    check_keys(spec["autoscalerOptions"], AUTOSCALER_OPTIONS, f"{where}.autoscalerOptions")
     assert spec["autoscalerOptions"]["upscalingMode"] in {"Default", "Aggressive", "Conservative"}
 
     head = spec["headGroupSpec"]
-    check_keys(head, HEAD_GROUP_SPEC, f"{where}.headGroupSpec")
     assert all(isinstance(v, str) for v in head["rayStartParams"].values()), "rayStartParams values must be strings"
     head_container = check_pod_template(head["template"], f"{where}.headGroupSpec", "ray-head")
     ports = {p["name"]: p["containerPort"] for p in head_container["ports"]}
@@ -150,7 +280,6 @@ def check_ray_cluster_spec(spec: dict, where: str) -> dict:
     groups = spec["workerGroupSpecs"]
     assert [g["groupName"] for g in groups] == ["gpu"], f"{where}: one worker group named gpu"
     for group in groups:
-        check_keys(group, WORKER_GROUP_SPEC, f"{where}.workerGroupSpecs[{group['groupName']}]")
         assert isinstance(group["minReplicas"], int) and isinstance(group["maxReplicas"], int)
         assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
         assert all(isinstance(v, str) for v in group["rayStartParams"].values())
@@ -172,7 +301,6 @@ def test_rayjob_manifest():
     assert (doc["apiVersion"], doc["kind"]) == ("ray.io/v1", "RayJob")
     assert doc["metadata"]["labels"]["app.kubernetes.io/component"] == "tune"
     spec = doc["spec"]
-    check_keys(spec, RAY_JOB_SPEC, "RayJob.spec")
     assert spec["submissionMode"] in {"K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"}
     assert spec["entrypoint"].startswith("drugprot tune ")
     check_ray_cluster_spec(spec["rayClusterSpec"], "RayJob.spec.rayClusterSpec")
@@ -198,7 +326,6 @@ def test_rayservice_manifest_mirrors_serve_cluster_yaml():
     assert (doc["apiVersion"], doc["kind"]) == ("ray.io/v1", "RayService")
     assert doc["metadata"]["labels"]["app.kubernetes.io/component"] == "serve"
     spec = doc["spec"]
-    check_keys(spec, RAY_SERVICE_SPEC, "RayService.spec")
     assert spec["upgradeStrategy"]["type"] in {"NewCluster", "NewClusterWithIncrementalUpgrade", "None"}
     cluster = check_ray_cluster_spec(spec["rayClusterConfig"], "RayService.spec.rayClusterConfig")
 
@@ -302,10 +429,8 @@ def test_sizes_fit_the_workloads():
         assert size["serve"]["minReplicas"] * per_worker >= min(low, 1)
 
 
-@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with kustomize) is not installed")
 def test_kustomize_renders_every_parameter():
-    rendered = subprocess.run(["kubectl", "kustomize", str(KUBERAY)], check=True, capture_output=True, text=True).stdout
-    docs = [doc for doc in yaml.safe_load_all(rendered) if doc]
+    docs = list(yaml.safe_load_all(rendered_kuberay()))
     kinds = sorted(doc["kind"] for doc in docs)
     assert kinds == ["ConfigMap", "RayCluster", "RayJob", "RayService"], kinds   # sizing.yaml stays local
     config_map = next(doc for doc in docs if doc["kind"] == "ConfigMap")
@@ -315,22 +440,11 @@ def test_kustomize_renders_every_parameter():
     expected_image = f"{image['newName']}:{image['newTag']}"
     size = sizing()
 
-    def containers(node):
-        if isinstance(node, dict):
-            for key, value in node.items():
-                if key in ("containers", "initContainers"):
-                    yield from value
-                else:
-                    yield from containers(value)
-        elif isinstance(node, list):
-            for item in node:
-                yield from containers(item)
-
     for doc in docs:
         if doc["kind"] == "ConfigMap":
             continue
         assert doc["metadata"]["namespace"] == kustomization["namespace"]
-        for container in containers(doc):
+        for container in pod_containers(doc):
             assert container["image"] == expected_image, (doc["kind"], container["name"], container["image"])
         spec = {"RayCluster": lambda s: s, "RayJob": lambda s: s["rayClusterSpec"],
                 "RayService": lambda s: s["rayClusterConfig"]}[doc["kind"]](doc["spec"])

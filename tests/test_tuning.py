@@ -120,6 +120,46 @@ def test_bad_study_options(tmp_path, capsys, args, message):
     assert message in capsys.readouterr().err
 
 
+def dry_run(tmp_path, tracking_uri: str, *args: str, count: str = "3") -> list[str]:
+    return ["tune", "--config", str(SMOKE_CONFIG), "--space", str(SMOKE_SPACE), "--name", "dry",
+            "--storage", str(tmp_path / "storage"), "--tracking-uri", tracking_uri, "--dry-run", count, *args]
+
+
+@pytest.mark.parametrize("args, options, message", [
+    (["--set", "train.lr=-1"], {}, r"train.lr"),
+    ([], {"count": "-1"}, r"--dry-run N: N must be >= 0, got -1"),
+    (["--storage", "FILE/below"], {}, r"--storage .*/a-file/below: cannot write there \((NotADirectoryError|FileExistsError)"),
+    ([], {"tracking_uri": "http://127.0.0.1:5109"}, r"--tracking-uri http://127.0.0.1:5109: no MLflow server answers"),
+    (["--optuna-storage", "postgresql+psycopg://me:secret@127.0.0.1:6409/optuna"], {},
+     r"--optuna-storage postgresql\+psycopg://me:\*\*\*@127.0.0.1:6409/optuna: cannot open the Optuna storage"),
+    (["--optuna-storage", "sqlite:///FILE/optuna.db"], {}, r"--optuna-storage sqlite:///.*/a-file/optuna.db: cannot"),
+])
+def test_dry_run_refusals(tmp_path, capsys, monkeypatch, store, args, options, message):
+    import re
+
+    import ray
+
+    if ray.is_initialized():
+        pytest.skip("Ray is initialised in this process")
+    monkeypatch.setenv("DRUGPROT_CONNECT_TIMEOUT", "2")
+    (tmp_path / "a-file").write_text("not a folder")
+    tracking_uri = options.pop("tracking_uri", store)
+    code = main(dry_run(tmp_path, tracking_uri, *[a.replace("FILE", str(tmp_path / "a-file")) for a in args], **options))
+    err = capsys.readouterr().err
+    assert code != 0 and re.search(message, err), err
+    assert "secret" not in err
+    assert not ray.is_initialized() and not (tmp_path / "storage").exists()
+
+
+def test_dry_run_refuses_a_study_name_the_optuna_storage_holds(tmp_path, capsys, store):
+    import optuna
+
+    storage = f"sqlite:///{tmp_path / 'team-optuna.db'}"
+    optuna.create_study(study_name="dry", storage=storage)
+    assert main(dry_run(tmp_path, store, "--optuna-storage", storage)) != 0
+    assert f"study 'dry' already exists in the Optuna storage {storage}; pass --resume" in capsys.readouterr().err
+
+
 def test_resume_needs_an_existing_study(tmp_path, capsys):
     assert main(["tune", "--resume"]) == 1
     assert "--resume needs --name" in capsys.readouterr().err
@@ -214,6 +254,56 @@ def test_local_study_tracks_every_trial_and_asha_stops_some(local_study):
 
 
 @pytest.mark.slow
+def test_local_study_logs_what_each_trial_and_the_study_cost(local_study):
+    from drugprot.tuning.study import summary
+
+    result, client = local_study["result"], local_study["client"]
+    device_s = []
+    for trial in result.trials:
+        metrics = client.get_run(trial.run_id).data.metrics
+        steps = dev_f1_steps(client, trial.run_id)
+        assert metrics["evaluations"] == len(steps)
+        assert metrics["asha_stopped"] == (1.0 if trial.state == "early-stopped" else 0.0)
+        assert metrics["wall_s"] > 0 and 0 < metrics["device_s"] and metrics["train_pairs_per_s"] > 0
+        history = [m.value for m in client.get_metric_history(trial.run_id, "device_s") if m.step > 0]
+        assert history == sorted(history), "device seconds only grow, across the retried trial too"
+        device_s.append(metrics["device_s"])
+        assert trial.tags[tracking.TAG_GPU_IDS] == ""  # no GPU in this study
+    parent = client.get_run(result.parent_run_id).data.metrics
+    assert parent["device_hours"] == pytest.approx(sum(device_s) / 3600, rel=1e-3)
+    assert parent["asha_stopped"] == sum(t.state == "early-stopped" for t in result.trials) >= 1
+    assert 0 < parent["asha_saved_share"] < 1  # an early-stopped trial skipped evaluations
+    assert result.cost["device"] == "CPU" and result.cost["device_hours"] == parent["device_hours"]
+    text = summary(result)
+    assert f"cost: {parent['device_hours']:.4f} CPU device-hours" in text
+    assert f"saved {100 * parent['asha_saved_share']:.1f}%" in text
+
+
+@pytest.mark.slow
+def test_local_study_keeps_its_optuna_study_in_sqlite(local_study):
+    import optuna
+
+    from drugprot.tuning.study import summary
+
+    result = local_study["result"]
+    storage = f"sqlite:///{Path(result.path) / 'optuna.db'}"
+    assert result.optuna_storage == storage
+    study = optuna.load_study(study_name="local", storage=storage)
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 4
+    by_values = sorted(round(t.value, 6) for t in study.trials)
+    assert by_values == sorted(round(t.best_dev_f1, 6) for t in result.trials)
+    by_params = {tuple(sorted(t.params.items())): t for t in study.trials}
+    assert sorted(by_params) == sorted(tuple(sorted(t.params.items())) for t in result.trials)
+    client = local_study["client"]
+    for record in result.trials:
+        optuna_trial = by_params[tuple(sorted(record.params.items()))]
+        assert optuna_trial.value == pytest.approx(record.best_dev_f1)
+        # dev F1 of every evaluation but the one ASHA stopped on (Tune hands that one to on_trial_complete only)
+        assert len(optuna_trial.intermediate_values) >= len(dev_f1_steps(client, record.run_id)) - 1
+    assert f"Optuna study: optuna-dashboard {storage}" in summary(result)
+
+
+@pytest.mark.slow
 def test_local_study_writes_plots_trials_table_and_best_config(local_study):
     from drugprot.config import load_config
 
@@ -298,27 +388,67 @@ def test_trial_models_download_back(local_study, tmp_path):
     verify_manifest(folder)
 
 
+@pytest.mark.slow
+def test_dry_run_checks_everything_and_trains_nothing(local_ray, store, tmp_path, capsys):
+    import json
+
+    from drugprot.tuning.space import load_space
+    from drugprot.tuning.study import proposals
+
+    assert main(dry_run(tmp_path, store, "--json")) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert (plan["name"], plan["num_samples"], plan["concurrent"], plan["constant_liar"]) == ("dry", 8, 2, True)
+    assert plan["resources"] == {"cpus": 1.0, "gpus": 0.0} and plan["max_t"] == 4
+    assert plan["optuna_storage"] == f"sqlite:///{tmp_path / 'storage' / 'dry' / 'optuna.db'}"
+    space = load_space(SMOKE_SPACE, smoke_config())
+    assert plan["configurations"] == proposals(space, smoke_config(), 3, concurrent=2)
+    assert len({json.dumps(c, sort_keys=True) for c in plan["configurations"]}) == 3
+    # nothing was started or written: no storage folder, no Optuna file, no experiment
+    assert not (tmp_path / "storage").exists()
+    assert tracking.client(tracking.normalize_tracking_uri(store)).get_experiment_by_name("dry") is None
+
+    assert main(dry_run(tmp_path, store, "--max-concurrent", "1", count="1")) == 0
+    text = capsys.readouterr().out
+    assert "the cluster runs 1 at once (constant liar off)" in text and "proposal 0: loss.gamma=" in text
+    assert "proposal 1" not in text
+
+
+@pytest.mark.slow
+def test_dry_run_refuses_more_resources_than_the_local_runtime_has(local_ray, store, tmp_path, capsys):
+    assert main(dry_run(tmp_path, store, "--cpus-per-trial", "3")) != 0
+    assert "not enough resources: 3 CPU per trial but the cluster has 2" in capsys.readouterr().err
+
+
 # --- a real MLflow server ---------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_study_logs_to_an_mlflow_server(local_ray, mlflow_server, tmp_path):
-    from drugprot.model.artifacts import verify_manifest
-    from drugprot.tuning.study import tune_study
+def test_study_logs_to_an_mlflow_server(local_ray, mlflow_server, tmp_path, capsys):
+    import json
 
-    result = tune_study(smoke_config(**{"train.epochs": 1}), space=SMOKE_SPACE, name="over-http", num_samples=2,
-                        max_concurrent=2, storage=tmp_path / "storage", tracking_uri=mlflow_server, say=lambda _: None)
-    assert result.complete and result.tracking_uri == mlflow_server
-    assert result.link.startswith(f"{mlflow_server}/#/experiments/{result.experiment_id}/runs/")
+    from drugprot.model.artifacts import verify_manifest
+
+    code = main(["tune", "--config", str(SMOKE_CONFIG), "--space", str(SMOKE_SPACE), "--set", "train.epochs=1",
+                 "--name", "over-http", "--num-samples", "2", "--max-concurrent", "2", "--storage",
+                 str(tmp_path / "storage"), "--tracking-uri", mlflow_server, "--json"])
+    out = capsys.readouterr().out
+    assert code == 0
+    summary = json.loads(out)  # --json: stdout is one JSON object, the progress went to stderr
+    assert summary["complete"] is True and summary["tracking_uri"] == mlflow_server
+    assert summary["link"].startswith(f"{mlflow_server}/#/experiments/{summary['experiment_id']}/runs/")
     records = tracking.study_trials("over-http", mlflow_server)
     assert len(records) == 2
+    assert sorted((t["trial_id"], t["state"]) for t in summary["trials"]) == sorted((r.trial_id, r.state) for r in records)
+    assert summary["best"]["run_id"] == records[0].run_id and summary["best"]["dev_f1"] == records[0].best_dev_f1
+    assert summary["cost"]["device"] == "CPU" and summary["cost"]["device_hours"] > 0
+    assert summary["cost"]["evaluations"] == sum(len(dev_f1_steps(tracking.client(mlflow_server), r.run_id)) for r in records)
     client = tracking.client(mlflow_server)
     for record in records:
-        assert record.tags[tracking.PARENT_TAG] == result.parent_run_id
+        assert record.tags[tracking.PARENT_TAG] == summary["parent_run_id"]
         assert dev_f1_steps(client, record.run_id)[0] == 1
         assert record.artifact_uri.startswith("mlflow-artifacts:/")
     folder = tracking.download_trial_model(records[0], tmp_path / "member", mlflow_server)
     verify_manifest(folder)
-    assert "trials.csv" in {a.path for a in client.list_artifacts(result.parent_run_id)}
+    assert "trials.csv" in {a.path for a in client.list_artifacts(summary["parent_run_id"])}
 
 
 # --- resume after the driver is killed --------------------------------------------------------------------------------
@@ -415,6 +545,14 @@ def test_interrupted_study_resumes_without_rerunning_or_relogging(store, tmp_pat
         record = next(r for r in records if r.trial_id == trial_id)
         assert record.tags[tracking.TAG_STARTS] == "1", f"finished trial {trial_id} was run again"
 
+    # The Optuna study in its SQLite file survived the kill: the restored searcher went on writing to it.
+    import optuna
+
+    study = optuna.load_study(study_name="resumable", storage=f"sqlite:///{tmp_path / 'storage' / 'resumable' / 'optuna.db'}")
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert len(complete) == 3 and not [t for t in study.trials if t.state.name == "RUNNING"], study.trials
+    assert sorted(round(t.value, 6) for t in complete) == sorted(round(r.best_dev_f1, 6) for r in records)
+
 
 # --- a two-node cluster -----------------------------------------------------------------------------------------------
 
@@ -457,16 +595,24 @@ def test_study_on_a_two_node_cluster_uses_both_nodes(store, tmp_path, request):
 # --- plots without kaleido -------------------------------------------------------------------------------------------
 
 def test_plots_fall_back_to_matplotlib_when_kaleido_fails(tmp_path, monkeypatch):
+    import optuna
+    from optuna.trial import TrialState, create_trial
+
     from drugprot.tuning import plots
     from drugprot.tuning.space import load_space
 
     space = load_space(SMOKE_SPACE, smoke_config())
-    records = [tracking.TrialRecord(f"r{i}", f"t{i}", 0.1 * i, {"loss.gamma": 0.5 * i, "loss.lambda": 0.2 * i,
-                                                                "train.lr": 0.006 + 0.002 * i, "sampling.interval.lo": -9,
-                                                                "sampling.interval.hi": 12 + i, "train.seed": 13},
-                                    13, {}, "finished" if i % 2 else "early-stopped", start_time=i) for i in range(1, 5)]
-    study = plots.build_study(records, space, {"r1": {1: 0.05, 2: 0.1}})
-    assert [t.user_attrs["trial_id"] for t in study.trials] == ["t1", "t2", "t3", "t4"]
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    distributions = space.optuna_distributions()
+    for i in range(1, 5):
+        params = {"loss.gamma": 0.5 * i, "loss.lambda": 0.2 * i, "train.lr": 0.006 + 0.002 * i,
+                  "sampling.interval.lo": -9, "sampling.interval.hi": 12 + i, "train.seed": 13}
+        study.add_trial(create_trial(params=params, distributions=distributions, value=0.1 * i,
+                                     intermediate_values={1: 0.05 * i, 2: 0.1 * i}))
+    study.ask(distributions)  # a trial asked by a driver that was killed: still RUNNING in the storage
+    study = plots.load_optuna_study("s", storage, close_running=True)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 4 + [TrialState.FAIL]
     monkeypatch.setattr(plots, "_kaleido", lambda figures, pngs: "forced failure")
     files, notes = plots.write_plots(study, tmp_path)
     assert sorted(f.name for f in files) == sorted(f"{p}.{ext}" for p in plots.PLOTS for ext in ("html", "png"))

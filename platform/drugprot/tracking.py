@@ -15,12 +15,15 @@ Experiment
 Parent run (exactly one per experiment; run name ``NAME``)
     tags   ``drugprot.kind = study``, ``drugprot.study``, ``drugprot.state`` (running / finished / interrupted),
            ``drugprot.space`` (space file), ``drugprot.storage`` (the study folder: Tune state, checkpoints),
+           ``drugprot.optuna_storage`` (the Optuna study's storage URL, password masked),
            ``drugprot.best_trial_id``, ``drugprot.best_run_id``, and versions
            ``drugprot.version``, ``ray.version``, ``optuna.version``, ``mlflow.version``, ``torch.version``,
            ``transformers.version``, ``python.version``.
     params ``study.*`` (num_samples, max_concurrent, cpus_per_trial, gpus_per_trial, max_t), ``space.*`` (file,
            seed, each parameter's distribution, scheduler settings), ``config.<dotted key>`` (the base run config).
-    metric ``best_dev_f1`` (best trial's).
+    metrics ``best_dev_f1`` (best trial's) and the study's cost (:func:`drugprot.tuning.cost.study_cost`):
+           ``device_hours``, ``asha_saved_share``, ``study_wall_s``, ``trial_wall_s``, ``evaluations``,
+           ``asha_stopped``.
     artifacts ``space.yaml``, ``config.yaml`` (base config), ``trials.csv`` (one row per trial),
            ``plots/optimization_history.{html,png}``, ``plots/param_importances.{html,png}``,
            ``plots/parallel_coordinate.{html,png}``.
@@ -31,13 +34,17 @@ Child run (one per Ray trial; run name = the Ray trial id)
            finished / early-stopped / errored), ``drugprot.params`` (JSON of the sampled values, typed),
            ``drugprot.config`` (JSON of the trial's full RunConfig, ``RunConfig.dump()``), ``drugprot.node_id``,
            ``drugprot.node_ip``, ``drugprot.pid`` (where it last ran), ``drugprot.starts`` (times a process started
-           it), ``drugprot.failures`` (crashes retried), ``drugprot.resumed_from_eval``, ``drugprot.best_eval``.
+           it), ``drugprot.failures`` (crashes retried), ``drugprot.resumed_from_eval``, ``drugprot.best_eval``,
+           ``drugprot.gpu_ids`` (the GPU ids Ray assigned the trial, comma-separated; empty without GPUs).
     params the search-space parameters by name (``loss.gamma``, ``train.lr``, ``sampling.interval.lo``, …).
     metrics at every evaluation, step = evaluation index (1, 2, …; one per half epoch by default):
            ``dev_precision``, ``dev_recall``, ``dev_f1``, ``best_dev_f1`` (running best; its last value is the
            trial's final best), ``train_loss``, ``lr``, ``epoch``, ``pairs_per_s``, ``nonfinite_steps`` (steps skipped so
            far because their loss or gradient norm was not finite), ``train_interval_recall`` and
-           ``dev_interval_recall`` (the share of gold relations the trial's GENE interval keeps: its recall ceiling).
+           ``dev_interval_recall`` (the share of gold relations the trial's GENE interval keeps: its recall ceiling),
+           ``wall_s`` and ``device_s`` (cost so far, :mod:`drugprot.tuning.cost`); when it ends, at step 0:
+           ``evaluations``, ``asha_stopped`` (1 or 0), ``train_pairs_per_s`` (at its last evaluation) and its final
+           ``wall_s``/``device_s``.
     artifacts ``config.yaml`` (the trial's config), ``per_type.csv`` (type, f1 at the best evaluation),
            ``metrics.json`` (every evaluation and the best), ``model/`` (the best model folder, a verified
            drugprot artifact: ``model/manifest.json``, ``model/model.safetensors``, ``model/tokenizer/``, …),
@@ -78,6 +85,7 @@ TAG_STARTS = "drugprot.starts"
 TAG_FAILURES = "drugprot.failures"
 TAG_RESUMED_FROM = "drugprot.resumed_from_eval"
 TAG_BEST_EVAL = "drugprot.best_eval"
+TAG_GPU_IDS = "drugprot.gpu_ids"
 TAG_SPACE = "drugprot.space"
 TAG_BEST_TRIAL = "drugprot.best_trial_id"
 TAG_BEST_RUN = "drugprot.best_run_id"
@@ -90,7 +98,7 @@ STATES = ("running", "finished", "early-stopped", "errored")
 
 #: Metrics logged at every evaluation (step = evaluation index).
 EVAL_METRICS = ("dev_precision", "dev_recall", "dev_f1", "best_dev_f1", "train_loss", "lr", "epoch", "pairs_per_s",
-                "nonfinite_steps", "train_interval_recall", "dev_interval_recall")
+                "nonfinite_steps", "train_interval_recall", "dev_interval_recall", "wall_s", "device_s")
 BEST_METRIC = "best_dev_f1"
 MODEL_ARTIFACT = "model"
 CONFIG_ARTIFACT = "config.yaml"
@@ -373,7 +381,7 @@ class StudyTracker:
         self._log_metrics(run_id, metrics, step)
         steps.add(step)
         where = {TAG_NODE_ID: result.get("node_id"), TAG_NODE_IP: result.get("node_ip"), TAG_PID: result.get("pid"),
-                 TAG_RESUMED_FROM: result.get("resumed_from_eval")}
+                 TAG_RESUMED_FROM: result.get("resumed_from_eval"), TAG_GPU_IDS: result.get("gpu_ids")}
         self.set_tags(run_id, {k: str(v) for k, v in where.items() if v is not None})
         return True
 
@@ -399,6 +407,14 @@ class StudyTracker:
                 self.client.log_artifacts(run_id, str(folder / MODEL_ARTIFACT), artifact_path=MODEL_ARTIFACT)
         self.set_tags(run_id, tags)
         self.client.set_terminated(run_id, "FAILED" if state == "errored" else "FINISHED")
+
+    def log_totals(self, run_id: str, metrics: dict[str, float]) -> None:
+        """Log end-of-run totals at step 0, each once: a resumed study that closes a run again adds nothing."""
+        logged = {name for name, history in ((n, self.client.get_metric_history(run_id, n)) for n in metrics)
+                  if any(m.step == 0 for m in history)}
+        fresh = {k: float(v) for k, v in metrics.items() if k not in logged}
+        if fresh:
+            self._log_metrics(run_id, fresh, step=0)
 
     # low level -----------------------------------------------------------------------------------------------------
 

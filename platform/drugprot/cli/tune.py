@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import sys
 from pathlib import Path
 
 
@@ -28,7 +31,16 @@ def register(commands) -> None:
                                                                "resumable study state (default runs/tune)")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///mlflow.db in this folder; "
                                                "any MLflow server http://HOST:PORT works)")
+    parser.add_argument("--optuna-storage", metavar="URL",
+                        help="database of the Optuna study, e.g. postgresql://USER:PASSWORD@HOST/DB for a team "
+                             "(default: sqlite:///STORAGE/NAME/optuna.db, or ./NAME-optuna.db with s3:// storage); "
+                             "browse it with `optuna-dashboard URL`")
     parser.add_argument("--resume", action="store_true", help="continue the interrupted study --name from --storage")
+    parser.add_argument("--dry-run", nargs="?", type=int, const=5, metavar="N",
+                        help="check config, space, storage (writable), tracking URI and Optuna storage (reachable) and "
+                             "the cluster, print the first N proposed configurations (default 5), the resources per "
+                             "trial and how many trials run at once; train nothing")
+    parser.add_argument("--json", action="store_true", help="print the end summary (or the dry run) as one JSON object")
     parser.set_defaults(handler=_tune)
 
 
@@ -37,7 +49,8 @@ def _tune(args) -> int:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     from drugprot.config import load_config
     from drugprot.tuning.space import load_space
-    from drugprot.tuning.study import Resources, StudyError, default_name, summary, tune_study
+    from drugprot.tuning.study import (Resources, StudyError, StudyPlan, default_name, plan_json, plan_text, summary,
+                                       summary_json, tune_study)
 
     if args.resume:
         if not args.name:
@@ -51,8 +64,15 @@ def _tune(args) -> int:
         config = load_config(args.config, args.overrides)
         space = load_space(args.space, config)
     name = args.name or default_name(args.space)
-    result = tune_study(config, space=space, name=name, num_samples=args.num_samples, max_concurrent=args.max_concurrent,
-                        resources=Resources(cpus=args.cpus_per_trial, gpus=args.gpus_per_trial), storage=args.storage,
-                        tracking_uri=args.tracking_uri, address=args.address, resume=args.resume)
-    print(summary(result), flush=True)
+    # With --json, stdout carries only the JSON object: progress (lines, the trial table) goes to stderr.
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        result = tune_study(config, space=space, name=name, num_samples=args.num_samples,
+                            max_concurrent=args.max_concurrent,
+                            resources=Resources(cpus=args.cpus_per_trial, gpus=args.gpus_per_trial),
+                            storage=args.storage, tracking_uri=args.tracking_uri, address=args.address,
+                            optuna_storage=args.optuna_storage, resume=args.resume, dry_run=args.dry_run)
+    if isinstance(result, StudyPlan):
+        print(json.dumps(plan_json(result)) if args.json else plan_text(result), flush=True)
+        return 0
+    print(json.dumps(summary_json(result)) if args.json else summary(result), flush=True)
     return 0 if result.complete else 130

@@ -16,6 +16,7 @@ from typing import Any
 from ray.tune import Callback
 
 from drugprot.tracking import StudyTracker
+from drugprot.tuning.cost import trial_cost
 
 
 def trial_state(*, error: bool, stopped_by_scheduler: bool | None, last_eval: int, max_t: int) -> str:
@@ -72,16 +73,18 @@ class MlflowStudyCallback(Callback):
         last = int((trial.last_result or {}).get("eval", self._last_eval.get(trial.trial_id, 0)))
         state = trial_state(error=False, stopped_by_scheduler=self._stopped.get(trial.trial_id), last_eval=last,
                             max_t=self.max_t)
-        self.close(trial.trial_id, state, trial.checkpoint)
+        self.close(trial.trial_id, state, trial.checkpoint, trial.last_result)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self.close(trial.trial_id, "errored", trial.checkpoint)
+        self.close(trial.trial_id, "errored", trial.checkpoint, trial.last_result)
 
-    def close(self, trial_id: str, state: str, checkpoint) -> None:
-        """Upload the trial's artifacts from its latest checkpoint (its ``model/`` is the best so far) and end it."""
+    def close(self, trial_id: str, state: str, checkpoint, last_result: dict | None) -> None:
+        """Log the trial's cost, upload its artifacts from its latest checkpoint (its ``model/`` is the best so far)
+        and end it."""
         run_id = self.tracker.trial_run(trial_id)
         if run_id is None or trial_id in self._closed:
             return
+        self.tracker.log_totals(run_id, trial_cost(last_result or {}, state=state).metrics())
         if checkpoint is None:
             self.tracker.finish_trial(run_id, state=state, run_folder=None)
         else:

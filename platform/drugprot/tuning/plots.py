@@ -1,9 +1,10 @@
 """Optuna plots of a study (optimization history, parameter importances, parallel coordinates), as HTML and PNG.
 
-The plots are drawn from an Optuna study rebuilt from the MLflow records, in start order (params, best dev F1, dev F1
-at every evaluation as intermediate values), so they cover every trial of a resumed study too. Early-stopped trials
-count as complete with the best dev F1 they reached (otherwise a study that ASHA pruned hard would show only its
-few survivors); errored ones as FAIL. PNGs come from plotly + kaleido when kaleido finds a Chrome; otherwise from
+The plots are drawn from the study's own Optuna study, in its storage (``optuna.db`` in the study folder, or the
+``--optuna-storage`` database): OptunaSearch writes every trial there as Tune runs it (values asked, best dev F1
+told, dev F1 at every evaluation as intermediate values), so they cover every trial of a resumed study too, and
+``optuna-dashboard STORAGE`` shows the same study live. Early-stopped trials are complete with the best dev F1 they
+reached; errored ones FAIL. PNGs come from plotly + kaleido when kaleido finds a Chrome; otherwise from
 ``optuna.visualization.matplotlib``. A plot that cannot be drawn (e.g. importances with fewer than two finished
 trials) is skipped and named in the returned notes.
 """
@@ -20,32 +21,17 @@ PLOTS = ("optimization_history", "param_importances", "parallel_coordinate")
 KALEIDO_TIMEOUT_S = 90.0
 
 
-def build_study(records, space, histories: dict[str, dict[int, float]] | None = None):
-    """An in-memory Optuna study holding one trial per record (maximising best dev F1)."""
+def load_optuna_study(name: str, storage: str, *, close_running: bool = False):
+    """The study ``name`` from its Optuna storage. With ``close_running`` (the Tune study has ended), trials still
+    RUNNING there -- asked by a driver that was killed before Tune saved them -- are marked FAIL."""
     import optuna
-    from optuna.trial import TrialState, create_trial
+    from optuna.trial import TrialState
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(direction="maximize", study_name="drugprot")
-    distributions = space.optuna_distributions()
-    histories = histories or {}
-    for record in sorted(records, key=lambda r: (r.start_time, r.trial_id)):
-        params = {name: record.params[name] for name in distributions if name in record.params}
-        if len(params) != len(distributions):
-            continue
-        if not all(distributions[name]._contains(distributions[name].to_internal_repr(value))
-                   for name, value in params.items()):
-            continue
-        state = {"finished": TrialState.COMPLETE, "early-stopped": TrialState.COMPLETE,
-                 "errored": TrialState.FAIL}.get(record.state)
-        if state is None:
-            continue
-        value = record.best_dev_f1 if state == TrialState.COMPLETE else None
-        if state == TrialState.COMPLETE and value is None:
-            continue
-        study.add_trial(create_trial(params=params, distributions={n: distributions[n] for n in params}, value=value,
-                                     state=state, intermediate_values=histories.get(record.run_id) or None,
-                                     user_attrs={"trial_id": record.trial_id, "state": record.state}))
+    study = optuna.load_study(study_name=name, storage=storage)
+    if close_running:
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            study.tell(trial.number, state=TrialState.FAIL)
     return study
 
 

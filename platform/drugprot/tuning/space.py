@@ -14,6 +14,10 @@ A space file looks like this (``search_spaces/paper.yaml``)::
       grace_period: 2                          # evaluations (half epochs with train.eval_every 0.5)
       reduction_factor: 3
       max_t: null                              # default: evaluations in the config's budget
+    sampler:                                   # Optuna's TPE; every key optional (see SamplerSpec)
+      constant_liar: auto                      # auto: on whenever more than one trial runs at once
+      multivariate: true                       # model the parameters jointly (lo and hi are coupled)
+      group: true                              # ... per group of parameters sampled together
     trials:
       max_failures: 2                          # retries of a crashed trial, from its last checkpoint
       keep_checkpoints: 1                      # best models (by dev_f1) kept per trial in the storage
@@ -46,7 +50,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, StrictInt, Tag,
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, StrictBool, StrictInt, Tag,
                       ValidationError, ValidationInfo, field_validator, model_validator)
 
 from drugprot.config import ConfigError, RunConfig, build_config, merge, read_yaml
@@ -116,6 +120,48 @@ class SchedulerSpec:
     max_t: int | None = None
 
 
+class SamplerSpec(BaseModel):
+    """The space file's ``sampler:`` section: how Optuna's TPE proposes trials when several run at once.
+
+    Defaults, and why:
+    - ``constant_liar: auto`` -- on whenever more than one trial can run at once. Without it TPE proposes the
+      next trial as if the running ones did not exist, so concurrent trials land next to each other
+      (``bench/tpe_concurrency.py`` counts the near-duplicates); the liar scores running trials as bad ones.
+    - ``multivariate: true`` -- one joint density over the parameters instead of one per parameter: the
+      interval's ``lo`` and ``hi`` (and learning rate with gamma) interact.
+    - ``group: true`` -- joint densities per group of parameters that are always sampled together (all of ours
+      are); needs ``multivariate``.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    constant_liar: Literal["auto"] | StrictBool = "auto"
+    multivariate: StrictBool = True
+    group: StrictBool = True
+
+    @model_validator(mode="after")
+    def _group_needs_multivariate(self):
+        if self.group and not self.multivariate:
+            raise ValueError("group: true needs multivariate: true (set group: false for independent sampling)")
+        return self
+
+    def liar(self, concurrent: int) -> bool:
+        """Whether TPE uses the constant liar when ``concurrent`` trials run at once."""
+        return concurrent > 1 if self.constant_liar == "auto" else self.constant_liar
+
+    def tpe(self, *, seed: int, startup_trials: int, concurrent: int):
+        """The Optuna TPE sampler for a study that runs ``concurrent`` trials at once."""
+        import warnings
+
+        import optuna
+
+        with warnings.catch_warnings():  # "group is experimental": we pin Optuna and test what it does
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials,
+                                              constant_liar=self.liar(concurrent), multivariate=self.multivariate,
+                                              group=self.group)
+
+
 @dataclass(frozen=True)
 class SearchSpace:
     """A validated search space (picklable: it travels to every trial)."""
@@ -123,6 +169,7 @@ class SearchSpace:
     source: str
     params: tuple[Param, ...]
     scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
+    sampler: SamplerSpec = field(default_factory=SamplerSpec)
     seed: int = 0
     startup_trials: int = 10
     max_failures: int = 2
@@ -379,6 +426,7 @@ class SpaceFile(_Strict):
     seed: StrictInt = Field(0, ge=0)
     startup_trials: StrictInt = Field(10, ge=1)
     scheduler: SchedulerFile | None = None
+    sampler: SamplerSpec | None = None
     trials: TrialsFile | None = None
     params: dict[Annotated[str, AfterValidator(_config_key)], ParamSpec] = Field(None, validate_default=True)
 
@@ -466,7 +514,8 @@ def parse_space(raw: Any, source: str = "space", config: RunConfig | None = None
     space = SearchSpace(source=source, params=tuple(params), scheduler=SchedulerSpec(**scheduler.model_dump()),
                         seed=parsed.seed, startup_trials=parsed.startup_trials, max_failures=trials.max_failures,
                         keep_checkpoints=trials.keep_checkpoints,
-                        checkpoint_every=trials.checkpoint_every, description=parsed.description or "", raw=raw)
+                        checkpoint_every=trials.checkpoint_every, sampler=parsed.sampler or SamplerSpec(),
+                        description=parsed.description or "", raw=raw)
     if config is not None:
         check_against(space, config)
     return space

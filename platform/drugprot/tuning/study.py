@@ -6,8 +6,9 @@ a bounded wait, enough resources), then runs the study and closes it in MLflow (
 
 Layout in the storage (``--storage``, default ``runs/tune``; local folder or ``s3://…``): ``NAME/`` is the Tune
 experiment (``tuner.pkl``, experiment state with the Optuna sampler, one folder per trial with its kept checkpoints)
-plus ``NAME/drugprot-study.json`` (what ``--resume`` needs: config, space, tracking URI, MLflow ids) and, for local
-storage, ``NAME/best_config.yaml``.
+plus ``NAME/drugprot-study.json`` (what ``--resume`` needs: config, space, tracking URI, Optuna storage, MLflow ids)
+and, for local storage, ``NAME/best_config.yaml`` and ``NAME/optuna.db``, the Optuna study (SQLite; with remote
+storage it is ``./NAME-optuna.db`` unless ``--optuna-storage`` names a shared database such as PostgreSQL).
 
 Resume: ``--resume`` goes through ``Tuner.restore`` (never a fresh Tuner): finished trials stay finished, running
 ones continue from their latest checkpoint, errored ones restart, and the restored searcher keeps its Optuna state.
@@ -76,6 +77,8 @@ class StudyResult:
     best_config: Path | None = None
     plots: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    cost: dict[str, Any] = field(default_factory=dict)  # drugprot.tuning.cost.study_cost
+    optuna_storage: str = ""
 
     @property
     def best(self):
@@ -235,6 +238,18 @@ def _check_resources(resources: Resources, *, local: bool, say: Callable[[str], 
         say(f"warning: {message}; trials wait until the cluster grows (autoscaler) or forever")
 
 
+def concurrency(resources: Resources, *, max_concurrent: int | None, num_samples: int) -> int:
+    """How many trials the connected cluster can run at once (at least 1): its CPUs and GPUs divided by each
+    trial's, capped by ``max_concurrent`` and the number of trials."""
+    import ray
+
+    total = ray.cluster_resources()
+    fits = [int(total.get("CPU", 0) / resources.cpus + 1e-9)]
+    if resources.gpus > 0:
+        fits.append(int(total.get("GPU", 0) / resources.gpus + 1e-9))
+    return max(1, min(fits + [max_concurrent or num_samples, num_samples]))
+
+
 def trial_name(trial) -> str:
     return trial.trial_id
 
@@ -248,15 +263,18 @@ def trial_dirname(trial) -> str:
 def tune_study(config: RunConfig | None, *, space: SearchSpace | str | os.PathLike | None, name: str,
                num_samples: int = 8, max_concurrent: int | None = None, resources: Resources | None = None,
                storage: str | os.PathLike | None = None, tracking_uri: str | None = None, address: str | None = None,
-               resume: bool = False, connect_timeout: float | None = None,
-               say: Callable[[str], None] | None = None) -> StudyResult:
+               optuna_storage: str | None = None, resume: bool = False, connect_timeout: float | None = None,
+               dry_run: int | None = None, say: Callable[[str], None] | None = None) -> StudyResult | StudyPlan:
     """Run (or resume) a study of ``num_samples`` trials; returns its MLflow records and outputs.
 
     ``config`` is the base run config and ``space`` a :class:`SearchSpace` or a space file; with ``resume`` both
     come from the study's ``drugprot-study.json`` (pass None). Ray is started locally unless ``address`` names a
     cluster (``auto``, ``HOST:PORT``, ``ray://HOST:PORT``) or Ray is already initialised in this process.
+    ``optuna_storage`` is the Optuna study's database URL (default :func:`default_optuna_storage`).
     ``connect_timeout`` bounds the wait for the tracking server and the cluster (default: ``DRUGPROT_CONNECT_TIMEOUT``
-    or 15 s).
+    or 15 s). With ``dry_run`` N, everything is checked (storage written to, tracking server and Optuna storage
+    reached, cluster joined) and a :class:`StudyPlan` with the first N proposed configurations is returned instead
+    of training.
     """
     from drugprot import tracking
 
@@ -264,6 +282,8 @@ def tune_study(config: RunConfig | None, *, space: SearchSpace | str | os.PathLi
     name = check_name(name)
     if address is not None and address != "auto" and _split_address(address) is None:
         raise StudyError(f"--address {address!r}: expected auto, HOST:PORT or ray://HOST:PORT")
+    if dry_run is not None and dry_run < 0:
+        raise StudyError(f"--dry-run N: N must be >= 0, got {dry_run}")
     storage = resolve_storage(storage)
     study_path = f"{storage}/{name}"
     study_file = f"{study_path}/{STUDY_FILE}"
@@ -285,6 +305,9 @@ def tune_study(config: RunConfig | None, *, space: SearchSpace | str | os.PathLi
         if tracking_uri is not None and tracking.normalize_tracking_uri(tracking_uri) != meta["tracking_uri"]:
             say(f"note: --resume logs to the study's tracking URI {meta['tracking_uri']}, not {tracking_uri}")
         tracking_uri = meta["tracking_uri"]
+        if optuna_storage is not None and optuna_storage != meta["optuna_storage"]:
+            say(f"note: --resume keeps the study's Optuna storage {mask_url(meta['optuna_storage'])}")
+        optuna_storage = meta["optuna_storage"]
     else:
         if config is None or space is None:
             raise StudyError("a new study needs --config and --space")
@@ -298,31 +321,42 @@ def tune_study(config: RunConfig | None, *, space: SearchSpace | str | os.PathLi
         if tune.Tuner.can_restore(study_path):
             raise StudyError(f"study {name!r} already exists in {storage}; pass --resume to continue it or choose "
                              f"another --name")
+        optuna_storage = optuna_storage or default_optuna_storage(storage, name)
         meta = {}
     base = space.apply(config, {}, source="config with the space's fixed values")
     max_t = space.max_t(base)
 
     if connect_timeout is None:
         connect_timeout = float(os.environ.get("DRUGPROT_CONNECT_TIMEOUT", "15"))
+    if dry_run is not None and not resume:
+        check_storage_writable(study_path)
     tracking_uri = tracking.check_tracking_uri(tracking_uri, timeout=connect_timeout)
     tracker = tracking.StudyTracker(tracking_uri, name)
     found = tracker.find_study()
     if not resume and found and found[1]:
         raise StudyError(f"study {name!r} already exists in {tracking_uri} (experiment {found[0]}); pass --resume to "
                          f"continue it or choose another --name")
+    check_optuna_storage(optuna_storage, name, resume=resume, create=dry_run is None)
 
     started = connect_ray(address, timeout=connect_timeout)
     try:
         _check_resources(resources, local=address is None, say=say)
+        at_once = concurrency(resources, max_concurrent=max_concurrent, num_samples=num_samples)
+        if dry_run is not None:
+            return StudyPlan(name=name, path=study_path, tracking_uri=tracking_uri, optuna_storage=mask_url(optuna_storage),
+                             num_samples=num_samples, resources=resources, concurrent=at_once, max_t=max_t,
+                             constant_liar=space.sampler.liar(at_once), resume=resume,
+                             configurations=proposals(space, base, dry_run, concurrent=at_once))
         parent_params = _parent_params(base, space, num_samples=num_samples, max_concurrent=max_concurrent,
                                        resources=resources, max_t=max_t)
-        parent_tags = {**tracking.versions(), tracking.TAG_SPACE: space.source, tracking.TAG_STORAGE: study_path}
+        parent_tags = {**tracking.versions(), tracking.TAG_SPACE: space.source, tracking.TAG_STORAGE: study_path,
+                       TAG_OPTUNA_STORAGE: mask_url(optuna_storage)}
         experiment_id, parent_run_id = tracker.open_study(params=parent_params, tags=parent_tags, resume=resume)
         if not resume:
             meta = {"name": name, "config": base.dump(), "space": space.raw, "space_source": space.source,
                     "num_samples": num_samples, "max_concurrent": max_concurrent, "resources": asdict(resources),
-                    "tracking_uri": tracking_uri, "experiment_id": experiment_id, "parent_run_id": parent_run_id,
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                    "tracking_uri": tracking_uri, "optuna_storage": optuna_storage, "experiment_id": experiment_id,
+                    "parent_run_id": parent_run_id, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
             _write_text(study_file, json.dumps(meta, indent=1))
             with tempfile.TemporaryDirectory(prefix="drugprot-study-") as scratch:
                 (Path(scratch) / "space.yaml").write_text(space.to_yaml())
@@ -330,19 +364,135 @@ def tune_study(config: RunConfig | None, *, space: SearchSpace | str | os.PathLi
                 tracker.client.log_artifact(parent_run_id, str(Path(scratch) / "space.yaml"))
                 tracker.client.log_artifact(parent_run_id, str(Path(scratch) / "config.yaml"))
         say(f"study {name}: {num_samples} trials of {space.source} over {', '.join(p.name for p in space.searched)}; "
-            f"{resources.cpus:g} CPU + {resources.gpus:g} GPU per trial; storage {study_path}; tracking {tracking_uri} "
-            f"(experiment {experiment_id})")
+            f"{resources.cpus:g} CPU + {resources.gpus:g} GPU per trial, {at_once} at once; storage {study_path}; "
+            f"tracking {tracking_uri} (experiment {experiment_id}); Optuna {mask_url(optuna_storage)}")
+        clock = time.monotonic()
         grid = _run(tune, base=base, space=space, name=name, storage=storage, study_path=study_path, resume=resume,
                     num_samples=num_samples, max_concurrent=max_concurrent, resources=resources, tracker=tracker,
-                    max_t=max_t)
+                    max_t=max_t, optuna_storage=optuna_storage, concurrent=at_once)
         complete = grid.num_terminated + grid.num_errors >= num_samples
         return _close(grid, tracker=tracker, space=space, name=name, study_path=study_path, storage=storage,
-                      complete=complete, max_t=max_t, say=say)
+                      complete=complete, max_t=max_t, optuna_storage=optuna_storage, resources=resources,
+                      wall_s=time.monotonic() - clock, say=say)
     finally:
         if started:
             import ray
 
             ray.shutdown()
+
+
+# --- checks and the dry run -------------------------------------------------------------------------------------------
+
+TAG_OPTUNA_STORAGE = "drugprot.optuna_storage"
+OPTUNA_DB = "optuna.db"
+
+
+@dataclass
+class StudyPlan:
+    """What ``drugprot tune --dry-run`` found: everything checked, nothing trained."""
+
+    name: str
+    path: str
+    tracking_uri: str
+    optuna_storage: str
+    num_samples: int
+    resources: Resources
+    concurrent: int
+    max_t: int
+    constant_liar: bool
+    resume: bool
+    configurations: list[dict[str, Any]] = field(default_factory=list)
+
+
+def default_optuna_storage(storage: str, name: str) -> str:
+    """The Optuna study's SQLite file: in the study folder for local storage; next to the working folder for remote
+    storage (SQLite cannot live on S3; pass --optuna-storage postgresql://… to share it)."""
+    if _is_remote(storage):
+        return f"sqlite:///{Path.cwd() / f'{name}-{OPTUNA_DB}'}"
+    return f"sqlite:///{Path(storage) / name / OPTUNA_DB}"
+
+
+def mask_url(url: str) -> str:
+    """``url`` without its password (for logs, MLflow tags and summaries)."""
+    head, sep, tail = url.partition("://")
+    if sep and "@" in tail.split("/", 1)[0]:
+        credentials, host = tail.split("@", 1)
+        if ":" in credentials:
+            return f"{head}://{credentials.split(':', 1)[0]}:***@{host}"
+    return url
+
+
+def check_optuna_storage(url: str, name: str, *, resume: bool, create: bool) -> None:
+    """The Optuna storage answers and holds the study exactly when resuming. ``create`` False only reads (dry run)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if url.startswith("sqlite:///"):
+        folder = Path(url[len("sqlite:///"):]).parent
+        existing = next(p for p in (folder, *folder.parents) if p.exists())
+        if not existing.is_dir():
+            raise StudyError(f"--optuna-storage {url}: cannot create the SQLite file there ({existing} is not a folder)")
+        if not folder.is_dir():
+            if not create:
+                return  # a new local study: the folder (and the file) appear when it starts
+            folder.mkdir(parents=True)
+    try:
+        names = optuna.get_all_study_names(storage=url)
+    except Exception as error:  # noqa: BLE001 - SQLAlchemy phrases each database's failure its own way
+        raise StudyError(f"--optuna-storage {mask_url(url)}: cannot open the Optuna storage ({type(error).__name__}: "
+                         f"{' '.join(str(error).split())[:200]})") from None
+    if not resume and name in names:
+        raise StudyError(f"study {name!r} already exists in the Optuna storage {mask_url(url)}; pass --resume to "
+                         f"continue it or choose another --name")
+
+
+def check_storage_writable(study_path: str) -> None:
+    """Write and remove a probe file in the study folder; folders the probe had to create are removed again."""
+    probe = f"{study_path}/.drugprot-write-probe"
+    try:
+        if not _is_remote(study_path):
+            folder = Path(study_path)
+            created = [p for p in (folder, *folder.parents) if not p.exists()]
+            _write_text(probe, "probe")
+            Path(probe).unlink()
+            for path in created:  # innermost first
+                path.rmdir()
+            return
+        import pyarrow.fs
+
+        _write_text(probe, "probe")
+        filesystem, inner = pyarrow.fs.FileSystem.from_uri(probe)
+        filesystem.delete_file(inner)
+    except Exception as error:  # noqa: BLE001 - OSError locally, pyarrow's errors for S3/GCS
+        raise StudyError(f"--storage {study_path.rsplit('/', 1)[0]}: cannot write there ({type(error).__name__}: "
+                         f"{' '.join(str(error).split())[:200]})") from None
+
+
+def proposals(space: SearchSpace, base: RunConfig, count: int, *, concurrent: int) -> list[dict[str, Any]]:
+    """The first ``count`` configurations the study's seeded sampler proposes (asked in batches of ``concurrent``,
+    as the study asks them), as the values that differ per trial."""
+    import optuna
+
+    study = optuna.create_study(direction="maximize", sampler=space.sampler.tpe(
+        seed=space.seed, startup_trials=space.startup_trials, concurrent=concurrent))
+    out = []
+    for trial in (study.ask(space.optuna_distributions()) for _ in range(count)):
+        space.apply(base, trial.params, source=f"proposal {trial.number}")  # refused values fail here, not later
+        out.append({**trial.params})
+    return out
+
+
+def plan_text(plan: StudyPlan) -> str:
+    """What ``drugprot tune --dry-run`` prints."""
+    lines = [f"dry run of study {plan.name}" + (" (resume)" if plan.resume else "") + ": config, space, storage, "
+             f"tracking and Optuna storage checked; nothing trained",
+             f"storage {plan.path} (writable); tracking {plan.tracking_uri}; Optuna {plan.optuna_storage}",
+             f"{plan.num_samples} trials, {plan.resources.cpus:g} CPU + {plan.resources.gpus:g} GPU each; the cluster "
+             f"runs {plan.concurrent} at once (constant liar {'on' if plan.constant_liar else 'off'}); ASHA over "
+             f"{plan.max_t} evaluations"]
+    for number, values in enumerate(plan.configurations):
+        lines.append(f"  proposal {number}: " + ", ".join(f"{k}={_short(v)}" for k, v in sorted(values.items())))
+    return "\n".join(lines)
 
 
 def _existing(storage: str) -> str:
@@ -361,13 +511,15 @@ def _parent_params(base: RunConfig, space: SearchSpace, **study: Any) -> dict[st
                    "space.max_failures": space.max_failures, "space.keep_checkpoints": space.keep_checkpoints,
                    "space.checkpoint_every": space.checkpoint_every or "once per epoch"})
     params.update({f"space.scheduler.{k}": v for k, v in asdict(space.scheduler).items()})
+    params.update({f"space.sampler.{k}": v for k, v in space.sampler.model_dump().items()})
     params.update({f"space.{p.name}": p.describe() for p in space.params})
     params.update({f"config.{k}": v for k, v in flatten(base.dump()).items()})
     return params
 
 
 def _run(tune, *, base: RunConfig, space: SearchSpace, name: str, storage: str, study_path: str, resume: bool,
-         num_samples: int, max_concurrent: int | None, resources: Resources, tracker, max_t: int):
+         num_samples: int, max_concurrent: int | None, resources: Resources, tracker, max_t: int, optuna_storage: str,
+         concurrent: int):
     from drugprot.tuning.callbacks import MlflowStudyCallback, ProgressTable
     from drugprot.tuning.trainable import FAULT_ENV, run_trial
 
@@ -388,8 +540,12 @@ def _run(tune, *, base: RunConfig, space: SearchSpace, name: str, storage: str, 
     from ray.tune.search.optuna import OptunaSearch
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    searcher = OptunaSearch(space=space.optuna_distributions(), metric="best_dev_f1", mode="max",
-                            sampler=optuna.samplers.TPESampler(seed=space.seed, n_startup_trials=space.startup_trials))
+    # The Optuna study lives in a real database (not only in Tune's pickled searcher state), so optuna-dashboard
+    # and the plots read it, and a resumed searcher reconnects to it.
+    searcher = OptunaSearch(space=space.optuna_distributions(), metric="best_dev_f1", mode="max", study_name=name,
+                            storage=optuna.storages.RDBStorage(optuna_storage),
+                            sampler=space.sampler.tpe(seed=space.seed, startup_trials=space.startup_trials,
+                                                      concurrent=concurrent))
     scheduler = ASHAScheduler(time_attr="eval", metric=space.scheduler.metric, mode=space.scheduler.mode, max_t=max_t,
                               grace_period=min(space.scheduler.grace_period, max_t),
                               reduction_factor=space.scheduler.reduction_factor)
@@ -409,18 +565,22 @@ def _run(tune, *, base: RunConfig, space: SearchSpace, name: str, storage: str, 
 
 
 def _close(grid, *, tracker, space: SearchSpace, name: str, study_path: str, storage: str, complete: bool, max_t: int,
-           say: Callable[[str], None]) -> StudyResult:
-    """Reconcile trial runs with Tune's results, draw the plots, write the trials table and the best config."""
+           optuna_storage: str, resources: Resources, wall_s: float, say: Callable[[str], None]) -> StudyResult:
+    """Reconcile trial runs with Tune's results, log the study's cost, draw the plots from the Optuna study, write
+    the trials table and the best config."""
     from drugprot import tracking
-    from drugprot.tuning.plots import build_study, write_plots
+    from drugprot.tuning.cost import study_cost, trial_cost
+    from drugprot.tuning.plots import load_optuna_study, write_plots
 
     known: set[str] = set()
+    last_results: dict[str, dict] = {}
     for result in grid:
         metrics = result.metrics or {}
         trial_id = metrics.get("trial_id") or _trial_id_from_path(result.path)
         if not trial_id:
             continue
         known.add(trial_id)
+        last_results[trial_id] = metrics
         if complete:
             _reconcile(tracker, result, trial_id, study_path=study_path, storage=storage, max_t=max_t)
 
@@ -435,8 +595,9 @@ def _close(grid, *, tracker, space: SearchSpace, name: str, study_path: str, sto
                              f"Tune state; its run {record.run_id} was deleted (restorable in MLflow)")
         records = [r for r in records if r.trial_id in known]
 
-    histories = {r.run_id: {m.step: m.value for m in tracker.client.get_metric_history(r.run_id, "dev_f1")}
-                 for r in records}
+    cost = study_cost([trial_cost(last_results.get(r.trial_id, {}), state=r.state) for r in records], max_t=max_t,
+                      device="GPU" if resources.gpus > 0 else "CPU", wall_s=wall_s)
+    tracker.log_totals(tracker.parent_run_id, {k: v for k, v in cost.items() if isinstance(v, (int, float))})
     plots: list[Path] = []
     best_config = None
     best = next((r for r in records if r.best_dev_f1 is not None), None)
@@ -446,7 +607,8 @@ def _close(grid, *, tracker, space: SearchSpace, name: str, study_path: str, sto
         table.write_text(tracking.trials_csv(records))
         artifacts[tracking.TRIALS_ARTIFACT] = table
         try:
-            files, plot_notes = write_plots(build_study(records, space, histories), Path(scratch) / "plots")
+            files, plot_notes = write_plots(load_optuna_study(name, optuna_storage, close_running=complete),
+                                            Path(scratch) / "plots")
         except Exception as error:  # noqa: BLE001 - plots never fail a finished study
             files, plot_notes = [], [f"plots not drawn ({type(error).__name__}: {error})"]
         notes.extend(plot_notes)
@@ -473,7 +635,8 @@ def _close(grid, *, tracker, space: SearchSpace, name: str, study_path: str, sto
         say(f"note: {note}")
     return StudyResult(name=name, path=study_path, tracking_uri=tracker.tracking_uri,
                        experiment_id=tracker.experiment_id, parent_run_id=tracker.parent_run_id, complete=complete,
-                       trials=records, best_config=best_config, plots=plots, notes=notes)
+                       trials=records, best_config=best_config, plots=plots, notes=notes, cost=cost,
+                       optuna_storage=optuna_storage)
 
 
 def _reconcile(tracker, result, trial_id: str, *, study_path: str, storage: str, max_t: int) -> None:
@@ -485,9 +648,12 @@ def _reconcile(tracker, result, trial_id: str, *, study_path: str, storage: str,
     run_id = tracker.trial_run(trial_id)
     if run_id is None or tracker.client.get_run(run_id).data.tags.get(tracking.TAG_STATE, "running") != "running":
         return
+    from drugprot.tuning.cost import trial_cost
+
     logged = [m.step for m in tracker.client.get_metric_history(run_id, "dev_f1")]
     last_eval = int((result.metrics or {}).get("eval") or max(logged, default=0))
     state = trial_state(error=result.error is not None, stopped_by_scheduler=None, last_eval=last_eval, max_t=max_t)
+    tracker.log_totals(run_id, trial_cost({**(result.metrics or {}), "eval": last_eval}, state=state).metrics())
     if result.checkpoint is not None:
         with result.checkpoint.as_directory() as folder:
             tracker.finish_trial(run_id, state=state, run_folder=Path(folder))
@@ -520,12 +686,40 @@ def summary(result: StudyResult) -> str:
             lines.append(f"best config: {result.best_config}")
     else:
         lines.append("no trial reported a dev F1")
+    cost = result.cost
+    if cost:
+        lines.append(f"cost: {cost['device_hours']:.4f} {cost['device']} device-hours over {cost['evaluations']} "
+                     f"evaluations ({cost['trial_wall_s']:.0f} s of trial wall time, study wall {cost['study_wall_s']:.0f} s); "
+                     f"ASHA stopped {cost['asha_stopped']} trials and saved {100 * cost['asha_saved_share']:.1f}% "
+                     f"against running every trial to its last evaluation")
     lines.append(f"MLflow run: {result.link}")
+    if result.optuna_storage:
+        lines.append(f"Optuna study: optuna-dashboard {mask_url(result.optuna_storage)}")
     if result.tracking_uri.startswith("sqlite:"):
         lines.append(f"browse the study: {result.ui_command}  (then open the link above)")
     if not result.complete:
         lines.append(f"resume with: drugprot tune --resume --name {result.name} --storage {result.path.rsplit('/', 1)[0]}")
     return "\n".join(lines)
+
+
+def summary_json(result: StudyResult) -> dict[str, Any]:
+    """What ``drugprot tune --json`` prints: the summary as one JSON object."""
+    best = result.best
+    return {"study": result.name, "complete": result.complete, "storage": result.path,
+            "tracking_uri": result.tracking_uri, "experiment_id": result.experiment_id,
+            "parent_run_id": result.parent_run_id, "link": result.link,
+            "optuna_storage": mask_url(result.optuna_storage) if result.optuna_storage else None,
+            "best": None if best is None else {"trial_id": best.trial_id, "run_id": best.run_id,
+                                               "dev_f1": best.best_dev_f1, "params": best.params},
+            "best_config": str(result.best_config) if result.best_config else None,
+            "trials": [{"trial_id": t.trial_id, "run_id": t.run_id, "state": t.state, "best_dev_f1": t.best_dev_f1,
+                        "params": t.params} for t in result.trials],
+            "cost": result.cost, "plots": [str(p) for p in result.plots], "notes": result.notes}
+
+
+def plan_json(plan: StudyPlan) -> dict[str, Any]:
+    """What ``drugprot tune --dry-run --json`` prints."""
+    return {**asdict(plan), "resources": asdict(plan.resources)}
 
 
 def _short(value: Any) -> str:

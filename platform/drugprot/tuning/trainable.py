@@ -1,13 +1,14 @@
 """The Ray Tune trial: one :func:`drugprot.training.train` run whose evaluations go to ``tune.report``.
 
 Every evaluation reports the training metrics (minus the per-type table, which stays nested under ``dev_per_type``)
-plus ``best_dev_f1`` (running maximum, what Optuna optimises), ``resumed_from_eval`` (0 for a fresh start), and where
-the trial runs (``node_id``, ``node_ip``, ``pid``). What goes to the study storage is bounded, because for BERT-base
+plus ``best_dev_f1`` (running maximum, what Optuna optimises), ``resumed_from_eval`` (0 for a fresh start), its cost
+so far (``wall_s``, ``device_s``; see :mod:`drugprot.tuning.cost`, carried in ``cost.json``), and where the trial runs
+(``node_id``, ``node_ip``, ``pid``, ``gpu_ids``: the GPUs Ray assigned it, comma-separated). What goes to the study storage is bounded, because for BERT-base
 the resumable state is 1.3 GB and a study has dozens of trials:
 
-* the best model: only when it improves, as a Tune checkpoint holding ``model/``, ``metrics.json`` and
+* the best model: only when it improves, as a Tune checkpoint holding ``model/``, ``metrics.json``, ``cost.json`` and
   ``config.yaml`` (what the driver logs to MLflow and ensembles are built from; ``keep_checkpoints`` of them kept);
-* the resumable state (``checkpoint/`` and the ``metrics.json`` that goes with it): every ``trials.checkpoint_every``
+* the resumable state (``checkpoint/`` and the ``metrics.json`` and ``cost.json`` that go with it): every ``trials.checkpoint_every``
   evaluations (default once per epoch) and at the end, under ``<trial>/resumable/eval-NNNNNN/`` with a pointer
   ``resumable/latest.json`` written last (one object, so a reader never sees half a state); older states are deleted.
 
@@ -38,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from drugprot.config import build_config
+from drugprot.tuning.cost import COST_FILE, TrialClock
 
 FAULT_ENV = "DRUGPROT_FAULT_ONCE"
 
@@ -68,6 +70,8 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], space, threads: i
     resumed_from = 0
     best = float("-inf")
     checkpoint = tune.get_checkpoint()
+    gpus = context.get_trial_resources().required_resources.get("GPU", 0.0)
+    clock = TrialClock(gpus=gpus)
     resume = checkpoint is not None and states.download(run_dir)
     if resume:
         checkpoint.to_directory(str(run_dir / "best"))
@@ -76,11 +80,12 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], space, threads: i
         evaluations = _read_json(run_dir / "metrics.json").get("evaluations", [])
         resumed_from = evaluations[-1]["eval"] if evaluations else 0
         best = max((e["dev_f1"] for e in evaluations), default=best)
+        clock = TrialClock.resume(run_dir, gpus=gpus)
 
     reporter = TrialReporter(
-        trial_id=context.get_trial_id(), best=best, resumed_from=resumed_from, fault_marker=fault_marker,
+        trial_id=context.get_trial_id(), best=best, resumed_from=resumed_from, fault_marker=fault_marker, clock=clock,
         where={"node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address(),
-               "pid": os.getpid()},
+               "pid": os.getpid(), "gpu_ids": ",".join(str(i) for i in ray.get_gpu_ids())},
         report=lambda metrics, folder, **saved: upload_evaluation(metrics, folder, **saved, states=states,
                                                                   report=_tune_report))
     log_file = open(trial_dir / "train.log", "a", encoding="utf-8")
@@ -100,8 +105,9 @@ def upload_evaluation(metrics: dict[str, Any], run_dir: Path, *, model_saved: bo
     an older ``model/``; resumed from an earlier state, that evaluation simply runs again."""
     if model_saved:
         with tempfile.TemporaryDirectory(dir=run_dir.parent, prefix=f".{run_dir.name}.best.") as staging:
-            for name in ("model", "metrics.json", "config.yaml"):
-                _link_tree(run_dir / name, Path(staging) / name)
+            for name in ("model", "metrics.json", COST_FILE, "config.yaml"):
+                if (run_dir / name).exists():  # cost.json: only where a clock runs (trials, not benchmarks)
+                    _link_tree(run_dir / name, Path(staging) / name)
             report(metrics, staging)
     if state_saved:
         states.upload(run_dir, int(metrics["eval"]))
@@ -131,7 +137,9 @@ class ResumableStates:
         previous = self._latest()
         with tempfile.TemporaryDirectory(dir=run_dir.parent, prefix=f".{run_dir.name}.state.") as staging:
             _link_tree(run_dir / "checkpoint", Path(staging) / "checkpoint")
-            _link_tree(run_dir / "metrics.json", Path(staging) / "metrics.json")
+            for name in ("metrics.json", COST_FILE):
+                if (run_dir / name).exists():
+                    _link_tree(run_dir / name, Path(staging) / name)
             self.fs.create_dir(f"{self.root}/{name}")
             pyarrow.fs.copy_files(staging, f"{self.root}/{name}", destination_filesystem=self.fs)
         with self.fs.open_output_stream(f"{self.root}/{self.POINTER}") as out:
@@ -176,12 +184,13 @@ class TrialReporter:
     """The ``report`` callback handed to training: flattens the metrics and forwards them with the run folder."""
 
     def __init__(self, *, trial_id: str, best: float, resumed_from: int, where: dict[str, Any], report,
-                 fault_marker: str | None = None):
+                 fault_marker: str | None = None, clock: TrialClock | None = None):
         self.trial_id = trial_id
         self.fault_marker = fault_marker
         self.best = best
         self.resumed_from = resumed_from
         self.where = where
+        self.clock = clock
         self._report = report
 
     def __call__(self, metrics: dict[str, Any], run_dir: Path) -> None:
@@ -190,6 +199,8 @@ class TrialReporter:
         result = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         result["dev_per_type"] = dict(metrics.get("dev_per_type") or {})
         result.update(best_dev_f1=self.best, resumed_from_eval=self.resumed_from, **self.where)
+        if self.clock is not None:
+            result.update(self.clock.save(run_dir))
         if metrics["eval"] >= 3 and self.fault_marker:
             maybe_inject_fault(self.fault_marker, self.trial_id)
         self._report(result, run_dir, **saved)
