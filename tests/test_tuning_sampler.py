@@ -34,7 +34,7 @@ def test_explicit_settings_win_over_auto():
     ({"constant_liar": "yes"}, r"bad.yaml: sampler.constant_liar: expected auto, true or false, got 'yes'"),
     ({"multivariate": 1}, r"bad.yaml: sampler.multivariate: expected true or false, got 1"),
     ({"group": "true"}, r"bad.yaml: sampler.group: expected true or false, got 'true'"),
-    ({"grop": True}, r"bad.yaml: sampler.grop: unknown key \(expected one of: constant_liar, multivariate, group\)"),
+    ({"grop": True}, r"bad.yaml: sampler.grop: unknown key"),
     ({"multivariate": False}, r"bad.yaml: sampler: group: true needs multivariate: true"),
     ([1], r"bad.yaml: sampler: expected a mapping"),
 ])

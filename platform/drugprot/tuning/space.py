@@ -139,6 +139,13 @@ class SamplerSpec(BaseModel):
     multivariate: StrictBool = True
     group: StrictBool = True
 
+    @field_validator("constant_liar", mode="before")
+    @classmethod
+    def _auto_or_bool(cls, value: Any) -> Any:
+        if value == "auto" or isinstance(value, bool):
+            return value
+        raise ValueError(f"expected auto, true or false, got {value!r}")
+
     @model_validator(mode="after")
     def _group_needs_multivariate(self):
         if self.group and not self.multivariate:
@@ -477,6 +484,8 @@ def _message(item: dict) -> str:
         return f"must be {sign} {bound}, got {given!r}"
     if kind in ("int_type", "int_from_float", "int_parsing"):
         return f"expected an integer, got {given!r}"
+    if kind == "bool_type":
+        return f"expected true or false, got {given!r}"
     if kind == "model_type":
         return f"expected a mapping, got {given!r}"
     return item["msg"].removeprefix("Value error, ")
