@@ -19,11 +19,11 @@ from drugprot.cli import main
 from drugprot.config import SAMPLE_DIR
 from drugprot.corpus import read_split
 from drugprot.encoding import LABEL_INDEX, LABELS, PairEncoder
-from drugprot.ensemble import EnsembleError, build_ensemble, load_ensemble
+from drugprot.ensemble import EnsembleError, build_ensemble
 from drugprot.ensemble.build import MemberSource
-from drugprot.ensemble.format import MANIFEST
+from drugprot.ensemble_folder import MANIFEST
 from drugprot.ensemble.members import new_seeds, select_top_k
-from drugprot.ensemble.stacked import stack_incompatibility
+from drugprot.model.stacked import stack_incompatibility
 from drugprot.inference import Predictor, load_predictor, pair_probabilities
 from drugprot.model.artifacts import ArtifactError, LoadedModel, load_artifact, save_artifact
 
@@ -165,7 +165,7 @@ def test_ensemble_folder_format(biased_ensemble, biased_members):
 
 
 def test_loaded_ensemble_predicts_like_its_members(biased_ensemble, biased_members, dev_documents):
-    loaded = load_ensemble(biased_ensemble, device="cpu")
+    loaded = Predictor.from_ensemble(biased_ensemble, device="cpu")
     direct = Predictor(_loaded(biased_members), device="cpu", vote="hard")
     assert loaded.vote_mode == "hard" and loaded.execution == "fold"
     assert _relations(loaded.predict(dev_documents)) == _relations(direct.predict(dev_documents))
@@ -181,7 +181,7 @@ def test_evaluation_table_puts_members_and_ensemble_side_by_side(biased_members,
     header = table.splitlines()[1].split()
     assert header == ["type", "m1-seed1", "m2-seed2", "m3-seed3", "ensemble"]
     assert "INHIBITOR" in table and "micro F1" in table and "soft vote" in table
-    predictions = load_ensemble(tmp_path / "e", device="cpu").predict(dev_documents)
+    predictions = Predictor.from_ensemble(tmp_path / "e", device="cpu").predict(dev_documents)
     expected = score(dev_documents, [(r.pmid, r.type, r.chemical, r.gene) for preds in predictions for r in preds])
     assert built.evaluation.ensemble.f1 == pytest.approx(expected.f1)
     assert built.meta["dev"]["ensemble"]["f1"] == pytest.approx(expected.f1, abs=1e-6)
@@ -207,7 +207,7 @@ def ensemble_copy(biased_ensemble, tmp_path) -> Path:
 def test_tampered_ensemble_is_refused_naming_the_file(ensemble_copy, tamper, message):
     tamper(ensemble_copy)
     with pytest.raises(ArtifactError, match=message):
-        load_ensemble(ensemble_copy, device="cpu")
+        Predictor.from_ensemble(ensemble_copy, device="cpu")
 
 
 def test_cli_predict_refuses_a_tampered_ensemble(ensemble_copy, tmp_path, capsys):
@@ -240,15 +240,15 @@ def test_build_refuses_bad_requests(biased_members, smoke_members, tmp_path):
 
 
 def test_ensemble_json_with_a_bad_vote_is_refused(ensemble_copy, biased_ensemble):
-    from drugprot.ensemble.format import write_tree_manifest
+    from drugprot.ensemble_folder import write_tree_manifest
 
     meta = json.loads((ensemble_copy / "ensemble.json").read_text())
     (ensemble_copy / "ensemble.json").write_text(json.dumps({**meta, "vote": "hard,soft"}))
     write_tree_manifest(ensemble_copy)  # a consistent folder, but an invalid mode
     with pytest.raises(EnsembleError, match=r"ensemble\.json: vote: must be one of hard, soft .*got 'hard,soft'"):
-        load_ensemble(ensemble_copy, device="cpu")
+        Predictor.from_ensemble(ensemble_copy, device="cpu")
     with pytest.raises(EnsembleError, match="got 'mixed'"):
-        load_ensemble(biased_ensemble, device="cpu", vote="mixed")
+        Predictor.from_ensemble(biased_ensemble, device="cpu", vote="mixed")
 
 
 # -- member selection ------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import torch
 from drugprot.cli import main
 from drugprot.config import SAMPLE_DIR
 from drugprot.encoding import LABELS, PairEncoder
-from drugprot.ensemble import build_ensemble, load_ensemble
+from drugprot.ensemble import build_ensemble
 from drugprot.ensemble.frames import documents_to_frame, relations_to_frame
 from drugprot.ensemble.registry import log_ensemble, promote
 from drugprot.inference import load_predictor, pair_probabilities
@@ -129,7 +129,7 @@ def test_ensemble_run_is_logged_with_member_and_ensemble_metrics(registered, sto
 
 
 def test_pyfunc_load_model_predicts_a_dataframe(registered, store, biased_ensemble, dev_documents):  # noqa: F811
-    expected = relations_to_frame(dev_documents, load_ensemble(biased_ensemble, device="cpu").predict(dev_documents))
+    expected = relations_to_frame(dev_documents, Predictor.from_ensemble(biased_ensemble, device="cpu").predict(dev_documents))
     assert len(expected) > 10
     with fluent(store.uri) as mlflow:
         model = mlflow.pyfunc.load_model("models:/dp@champion")
@@ -156,7 +156,7 @@ def test_pyfunc_model_class_without_mlflow_loading(biased_ensemble, dev_document
                                        model_config={"device": "cpu", "vote": "soft"}))
     assert model.predictor.vote_mode == "soft"
     frame = model.predict(None, documents_to_frame(dev_documents[:4]), params={"threshold": 0.0})
-    expected = load_ensemble(biased_ensemble, device="cpu", vote="soft").predict(dev_documents[:4])
+    expected = Predictor.from_ensemble(biased_ensemble, device="cpu", vote="soft").predict(dev_documents[:4])
     assert frame.to_dict("records") == relations_to_frame(dev_documents[:4], expected).to_dict("records")
     from drugprot.ensemble.frames import InputError
 
@@ -309,7 +309,7 @@ def test_register_and_load_through_an_mlflow_server(biased_ensemble, dev_documen
         run = log_ensemble(biased_ensemble, tracking_uri=uri, register="dp-server", log=lambda _: None)
         assert run.registration.alias_moved
         predictor = load_predictor("models:/dp-server@champion", device="cpu", tracking_uri=uri)
-        expected = load_ensemble(biased_ensemble, device="cpu").predict(dev_documents)
+        expected = Predictor.from_ensemble(biased_ensemble, device="cpu").predict(dev_documents)
         assert _relations(predictor.predict(dev_documents)) == _relations(expected)
     assert list((tmp_path / "server" / "artifacts").rglob("members/m1-seed1/model.safetensors"))
 

@@ -13,7 +13,7 @@ import torch
 from drugprot.candidates import Candidate
 from drugprot.corpus import Entity
 from drugprot.encoding import LABEL_INDEX, LABELS
-from drugprot.ensemble.format import EnsembleError, check_vote
+from drugprot.ensemble_folder import EnsembleError, check_vote
 from drugprot.inference import decode, vote
 
 L = len(LABELS)

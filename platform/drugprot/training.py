@@ -32,6 +32,7 @@ from drugprot.encoding import LABELS, Batch, PairEncoder, add_marker_tokens, ite
 from drugprot.errors import DrugprotError
 from drugprot.inference import decode, pair_probabilities
 from drugprot.model.artifacts import save_artifact
+from drugprot.model.dev_probabilities import save_dev_probabilities
 from drugprot.model.encoder import build_encoder, load_tokenizer
 from drugprot.model.heads import GeneTypeClassifier, RelationModel
 from drugprot.model.optim import build_optimizer, linear_schedule
@@ -316,7 +317,8 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, report: Report | Non
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)  # the queued steps belong to this window's timing
                 elapsed = time.perf_counter() - window["start"]
-                metrics = _evaluate(model, dev_docs, dev_candidates, dev_pairs, pad_id, device, cfg.precision)
+                metrics, dev_probabilities = _evaluate(model, dev_docs, dev_candidates, dev_pairs, pad_id, device,
+                                                       cfg.precision)
                 metrics.update({
                     "eval": len(evaluations) + 1, "step": step, "epoch": round(step / steps_per_epoch, 4),
                     "train_loss": float(window["loss"]) / max(1, window["batches"]),
@@ -328,6 +330,8 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, report: Report | Non
                     save_artifact(run_dir / "model", model=model, tokenizer=tokenizer,
                                   info={**info, "dev": {k: metrics[k] for k in ("dev_precision", "dev_recall", "dev_f1", "eval", "epoch")}},
                                   gene_typer=gene_typer)
+                    save_dev_probabilities(run_dir, dev_candidates, dev_probabilities, labels=LABELS,
+                                           split=config.data.dev_split, eval=metrics["eval"], dev_f1=metrics["dev_f1"])
                 checkpoint.save(model=model, optimizer=optimizer, scheduler=scheduler, gene_typer=gene_typer, step=step,
                                 evaluations=evaluations, extra=extra)
                 _atomic_json(run_dir / "metrics.json", {"evaluations": evaluations, "best": best})
@@ -345,7 +349,8 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, report: Report | Non
     return TrainResult(run_dir, best, evaluations, extra)
 
 
-def _evaluate(model, dev_docs, dev_candidates, dev_pairs, pad_id, device, precision) -> dict[str, Any]:
+def _evaluate(model, dev_docs, dev_candidates, dev_pairs, pad_id, device, precision) -> tuple[dict[str, Any], torch.Tensor]:
+    """Dev metrics and the (candidates, labels) probabilities they were computed from."""
     probs = torch.zeros((1, len(dev_candidates), len(LABELS)))
     probs[0, :, 0] = 1.0
     if dev_pairs:
@@ -354,7 +359,7 @@ def _evaluate(model, dev_docs, dev_candidates, dev_pairs, pad_id, device, precis
     predictions = decode(dev_candidates, probs)
     result = score(dev_docs, ((r.pmid, r.type, r.chemical, r.gene) for r in predictions))
     return {"dev_precision": result.precision, "dev_recall": result.recall, "dev_f1": result.f1,
-            "dev_per_type": {t: round(c.f1, 4) for t, c in result.per_type.items()}}
+            "dev_per_type": {t: round(c.f1, 4) for t, c in result.per_type.items()}}, probs[0]
 
 
 def _fgemr(config: RunConfig, tokenizer, train_docs, dev_docs, checkpoint: _Checkpoint | None, device,

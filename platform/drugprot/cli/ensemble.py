@@ -46,7 +46,7 @@ def _ensemble(args) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    from drugprot.ensemble.format import EnsembleError, check_vote
+    from drugprot.ensemble_folder import EnsembleError, check_vote
 
     check_vote(args.vote, "--vote")
     if args.reseed is not None and args.top_k is not None:

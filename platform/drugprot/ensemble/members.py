@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from drugprot.ensemble.format import EnsembleError
+from drugprot.ensemble_folder import EnsembleError
 
 #: Trial states (``drugprot.state`` tag, see drugprot.tracking) whose best model is final: ASHA-stopped trials count.
 FINISHED_STATES = frozenset({"finished", "early-stopped"})

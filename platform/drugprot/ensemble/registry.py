@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from drugprot.ensemble.format import EnsembleError, read_ensemble_json, verify_tree_manifest
+from drugprot.ensemble_folder import EnsembleError, read_ensemble_json, verify_tree_manifest
 
 PYFUNC_MODEL_FILE = Path(__file__).with_name("pyfunc_model.py")
 DEFAULT_EXPERIMENT = "drugprot-ensembles"
