@@ -429,3 +429,125 @@ def test_fold_matches_the_loop_for_every_head(biased_members, dev_documents, sys
     expected = looped.member_probabilities(dev_documents[:4], cands)
     stacked = Predictor(members, device="cpu", execution="fold")
     torch.testing.assert_close(stacked.member_probabilities(dev_documents[:4], cands), expected, atol=1e-5, rtol=1e-4)
+
+
+# -- selection on stored dev probabilities: A/B halves, greedy with replacement, calibration ---------------------------
+
+
+def _documents(n: int) -> list:
+    from drugprot.corpus import Document, Entity, Relation
+
+    docs = []
+    for i in range(n):
+        entities = {"T1": Entity("T1", "CHEMICAL", 0, 7, "aspirin"), "T2": Entity("T2", "GENE-Y", 17, 21, "COX1")}
+        relations = [Relation("INHIBITOR", "T1", "T2")] if i % 2 == 0 else []
+        docs.append(Document(f"{1000 + i}", "aspirin blocks COX1", "", entities, relations))
+    return docs
+
+
+def _trial(name: str, documents, correct):
+    """Stored probabilities of a trial that gives the gold label (INHIBITOR or NONE) ``correct(i)`` on document i
+    and the other label the rest: below 0.5 it is wrong."""
+    from drugprot.ensemble.selection import TrialProbabilities
+
+    table = torch.zeros((len(documents), len(LABELS)))
+    for i, doc in enumerate(documents):
+        gold, other = (LABEL_INDEX["INHIBITOR"], 0) if doc.relations else (0, LABEL_INDEX["INHIBITOR"])
+        table[i, gold], table[i, other] = correct(i), 1 - correct(i)
+    return TrialProbabilities(name, [(d.pmid, "T1", "T2") for d in documents], table)
+
+
+def _halves_trials(docs):
+    """Trial 0 is right on the first 20 documents, mildly wrong on the gold of the rest; trial 1 the other way round;
+    trial 2 is noise. Together (soft) the first two are right everywhere."""
+    return [_trial("first", docs, lambda i: 0.9 if i < 20 else (0.4 if i % 2 == 0 else 0.8)),
+            _trial("second", docs, lambda i: 0.9 if i >= 20 else (0.4 if i % 2 == 0 else 0.8)),
+            _trial("noise", docs, lambda i: 0.3 if i % 3 == 0 else 0.7)]
+
+
+def test_halves_hold_similar_relation_counts_and_follow_the_seed():
+    from drugprot.ensemble.selection import split_halves
+
+    docs = _documents(41)
+    a, b = split_halves(docs, seed=0)
+    assert sorted(d.pmid for d in a + b) == sorted(d.pmid for d in docs) and not {d.pmid for d in a} & {d.pmid for d in b}
+    assert abs(len(a) - len(b)) <= 1 and abs(sum(len(d.relations) for d in a) - sum(len(d.relations) for d in b)) <= 1
+    assert [d.pmid for d in split_halves(docs, seed=0)[0]] == [d.pmid for d in a]
+    assert [d.pmid for d in split_halves(docs, seed=1)[0]] != [d.pmid for d in a]
+
+
+def _scorer(trials, docs):
+    from drugprot.ensemble.selection import Half, Scorer, align
+
+    keys, table = align(trials)
+    return Scorer(keys, table, Half("all", docs, torch.arange(len(keys))))
+
+
+def test_greedy_combines_complementary_trials_and_breaks_ties_to_fewer_members():
+    from drugprot.ensemble.selection import greedy
+
+    docs = _documents(40)
+    scorer = _scorer(_halves_trials(docs), docs)
+    soft = greedy(scorer, 3, max_size=5, vote="soft")
+    assert soft.members == {0: 1, 1: 1} and scorer.f1(soft) == 1.0  # neither alone is right on more than 30 of 40
+    perfect = [_trial("perfect", docs, lambda i: 0.9), *_halves_trials(docs)]
+    alone = greedy(_scorer(perfect, docs), 4, max_size=5, vote="soft")
+    assert alone.members == {0: 1}  # adding anything (even itself again) cannot beat 1.0: the smallest prefix stays
+
+
+def test_greedy_picks_a_trial_again_when_that_helps():
+    from drugprot.ensemble.selection import Recipe, greedy
+
+    docs = _documents(40)
+    x, y = {0, 1}, {4, 5, 6, 7}  # A is mildly wrong on X, B confidently wrong on Y
+    trials = [_trial("A", docs, lambda i: 0.4 if i in x else 0.8), _trial("B", docs, lambda i: 0.1 if i in y else 0.9)]
+    scorer = _scorer(trials, docs)
+    assert scorer.f1(Recipe("", {0: 1, 1: 1}, "soft")) < scorer.f1(Recipe("", {0: 1}, "soft")) < 1.0
+    recipe = greedy(scorer, 2, max_size=5, vote="soft")
+    assert recipe.members == {0: 2, 1: 1} and scorer.f1(recipe) == 1.0  # A twice outvotes B on Y, B fixes X
+
+
+def test_margin_is_calibrated_on_the_half_it_is_given():
+    from drugprot.ensemble.selection import Recipe, calibrate_margin
+
+    docs = _documents(20)
+    shy = _trial("shy", docs, lambda i: 0.48 if i % 2 == 0 else 0.6)  # every relation just under NONE
+    scorer = _scorer([shy], docs)
+    plain = Recipe("greedy", {0: 1}, "soft")
+    assert scorer.f1(plain) == 0.0
+    tuned = calibrate_margin(scorer, plain)
+    assert tuned.decision.margin == pytest.approx(-0.05) and tuned.label == "greedy + margin"  # the smallest that works
+    assert scorer.f1(tuned) == 1.0
+
+
+def test_compare_chooses_on_a_and_reports_every_candidate_on_b():
+    from drugprot.ensemble.selection import compare
+
+    docs = _documents(40)
+    result = compare(_halves_trials(docs), docs, seed=0, select="greedy", top=2, max_size=4)
+    labels = [c.recipe.label for c in result.candidates]
+    assert labels == ["best single trial", "top-2 by F1", "greedy", "greedy + margin", "greedy + margin + type thresholds",
+                      "greedy + margin + type thresholds + multi-label"]
+    a, b = result.halves
+    assert {d.pmid for d in a.documents}.isdisjoint({d.pmid for d in b.documents})
+    chosen = result.chosen
+    assert chosen.recipe.label.startswith("greedy") and chosen.f1_a == max(c.f1_a for c in result.candidates[2:5])
+    assert chosen.b.f1 < 1.0  # perfect on A by luck (noise + second, hard): half B shows it
+    assert result.refit.label == chosen.recipe.label and result.refit_f1 == 1.0
+    from drugprot.ensemble.selection import Recipe, Scorer, align
+
+    on_b = Scorer(*align(_halves_trials(docs)), result.halves[1])
+    assert result.chosen_best_member_b == max(on_b.f1(Recipe("", {m: 1})) for m in chosen.recipe.members)
+    table = result.as_dict()
+    assert [c["label"] for c in table["candidates"]] == labels and sum(c["chosen"] for c in table["candidates"]) == 1
+    assert table["refit"]["held_out"] is False and "refit on the whole dev set" in result.table()
+
+
+def test_compare_refuses_probabilities_of_other_documents():
+    from drugprot.ensemble.selection import compare
+
+    docs = _documents(10)
+    with pytest.raises(EnsembleError, match=r"cover document\(s\) 1009 that are not in the dev documents given \(9\)"):
+        compare([_trial("t", docs, lambda i: 0.9)], docs[:9])
+    with pytest.raises(EnsembleError, match="no trial with stored dev probabilities"):
+        compare([], docs)

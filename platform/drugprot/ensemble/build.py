@@ -85,15 +85,32 @@ class BuiltEnsemble:
         return self.meta.get("dev", {}).get("ensemble", {}).get("f1") if self.meta.get("dev") else None
 
 
+EVALUATION_CHUNK = 32  # documents per progress step
+
+
 def evaluate(predictor, documents: Sequence, names: Sequence[str], *, split: str = "development",
-             vote: str | None = None) -> Evaluation:
-    """Score each member alone (its argmax) and the vote on ``documents`` with the official-equivalent scorer."""
+             vote: str | None = None, progress: bool = False) -> Evaluation:
+    """Score each member alone (its argmax) and the vote on ``documents`` with the official-equivalent scorer.
+
+    ``progress`` shows a bar over the documents on stderr (the members run on chunks of them)."""
+    import torch
+    from tqdm import tqdm
+
+    from drugprot.encoding import LABELS
     from drugprot.inference import decode
     from drugprot.scoring import score
 
     vote = vote or predictor.vote_mode
-    candidates = predictor.candidates(documents)
-    probabilities = predictor.member_probabilities(documents, candidates)
+    candidates, chunks = [], []
+    with tqdm(total=len(documents), unit="doc", desc="dev evaluation", disable=not progress, file=sys.stderr,
+              mininterval=1.0, dynamic_ncols=True) as bar:
+        for start in range(0, len(documents), EVALUATION_CHUNK):
+            part = documents[start:start + EVALUATION_CHUNK]
+            found = predictor.candidates(part)
+            candidates.extend(found)
+            chunks.append(predictor.member_probabilities(part, found))
+            bar.update(len(part))
+    probabilities = torch.cat(chunks, dim=1) if chunks else torch.zeros((len(predictor.members), 0, len(LABELS)))
     scores: dict[str, Any] = {}
 
     def keys(relations):
@@ -136,7 +153,7 @@ def build_ensemble(members: Sequence[MemberSource | Path | str], out: str | Path
                    interval: tuple[int, int] | None = None, documents: Sequence | None = None,
                    split: str = "development", evaluate_on_dev: bool = True, source: dict[str, Any] | None = None,
                    device: str = "cpu", log: Callable[[str], None] | None = None, decision=None,
-                   selection: dict[str, Any] | None = None) -> BuiltEnsemble:
+                   selection: dict[str, Any] | None = None, progress: bool = False) -> BuiltEnsemble:
     """Write an ensemble folder at ``out`` (which must not exist or be empty) and return it with its dev scores.
 
     ``documents`` are the dev documents (default: the first member's dev split, see :func:`dev_documents`).
@@ -190,7 +207,7 @@ def build_ensemble(members: Sequence[MemberSource | Path | str], out: str | Path
             if documents is None:
                 documents, split = dev_documents(infos[0])
             predictor = _unverified_predictor(staging, meta, device=device)
-            evaluation = evaluate(predictor, documents, names, split=split, vote=vote)
+            evaluation = evaluate(predictor, documents, names, split=split, vote=vote, progress=progress)
             meta["dev"] = evaluation.as_dict()
             meta["execution"] = predictor.execution
         (staging / ENSEMBLE_JSON).write_text(json.dumps(meta, indent=1))
