@@ -551,3 +551,40 @@ def test_compare_refuses_probabilities_of_other_documents():
         compare([_trial("t", docs, lambda i: 0.9)], docs[:9])
     with pytest.raises(EnsembleError, match="no trial with stored dev probabilities"):
         compare([], docs)
+
+
+# -- stored dev probabilities (written by training at its best evaluation) ---------------------------------------------
+
+
+def test_training_stores_the_best_evaluations_dev_probabilities(smoke_members, dev_documents):
+    from drugprot.candidates import corpus_candidates
+    from drugprot.inference import decode
+    from drugprot.model.dev_probabilities import FILE, load_dev_probabilities
+    from drugprot.scoring import score
+
+    run = smoke_members[0].parent
+    stored = load_dev_probabilities(run / FILE)
+    best = json.loads((run / "metrics.json").read_text())["best"]
+    info = json.loads((smoke_members[0] / "drugprot.json").read_text())
+    candidates, _ = corpus_candidates(dev_documents, tuple(info["interval"]))
+    assert stored.keys == [(c.pmid, c.chemical.id, c.gene.id) for c in candidates] and stored.labels == LABELS
+    assert stored.probabilities.shape == (len(candidates), len(LABELS)) and stored.eval == best["eval"]
+    assert torch.allclose(stored.probabilities.sum(-1), torch.ones(len(candidates)), atol=1e-2)  # fp16 rows
+    relations = decode(candidates, stored.probabilities[None])
+    assert score(dev_documents, [(r.pmid, r.type, r.chemical, r.gene) for r in relations]).f1 == pytest.approx(best["dev_f1"], abs=1e-3)
+
+
+def test_foreign_or_broken_probability_files_are_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    from drugprot.errors import DrugprotError
+    from drugprot.model.dev_probabilities import load_dev_probabilities
+
+    save_file({"probabilities": torch.zeros(2, 14)}, str(tmp_path / "other.safetensors"), metadata={"kind": "something"})
+    with pytest.raises(DrugprotError, match=r"other.safetensors: not a drugprot dev-probabilities file \(kind 'something'"):
+        load_dev_probabilities(tmp_path / "other.safetensors")
+    (tmp_path / "broken.safetensors").write_bytes(b"\x00\x01garbage")
+    with pytest.raises(DrugprotError, match=r"broken.safetensors: not a readable safetensors file"):
+        load_dev_probabilities(tmp_path / "broken.safetensors")
+    with pytest.raises(DrugprotError, match=r"missing.safetensors: no such file"):
+        load_dev_probabilities(tmp_path / "missing.safetensors")

@@ -35,6 +35,7 @@ from drugprot.model.artifacts import save_artifact
 from drugprot.model.dev_probabilities import save_dev_probabilities
 from drugprot.model.encoder import build_encoder, load_tokenizer
 from drugprot.model.heads import GeneTypeClassifier, RelationModel
+from drugprot.model.loss import distillation_loss
 from drugprot.model.optim import build_optimizer, linear_schedule
 from drugprot.model.runtime import autocast, resolve_device
 from drugprot.scoring import score
@@ -179,16 +180,20 @@ def _dedupe(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def train_step(model: RelationModel, batch: Batch, optimizer: torch.optim.Optimizer, scheduler=None, *,
                device: torch.device, precision: str = "bf16", gamma: float = 0.0, lambda_: float = 0.5,
-               grad_clip: float = 1.0, forward: Callable | None = None) -> torch.Tensor:
+               grad_clip: float = 1.0, forward: Callable | None = None, teacher: torch.Tensor | None = None,
+               temperature: float = 1.0, teacher_weight: float = 0.0) -> torch.Tensor:
     """One optimisation step on a batch already on ``device``: autocast forward, loss, backward, clip, step.
 
     ``forward`` is the callable that runs the model (a ``torch.compile``d wrapper, say; default ``model``).
+    ``teacher``: (B, L) target probabilities for distillation, weighted ``teacher_weight`` against the gold loss.
     Returns the loss, detached and left on the device (no host synchronisation).
     """
     model.train()
     with autocast(device, precision):
         out = (forward or model)(batch.input_ids, batch.attention_mask, batch.subject, batch.object)
     loss = model.loss(out, batch.target, batch.entity_types, gamma=gamma, lambda_=lambda_)
+    if teacher is not None:
+        loss = (1 - teacher_weight) * loss + teacher_weight * distillation_loss(out["logits"], teacher, temperature)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
@@ -217,8 +222,12 @@ def _revalidate(config: RunConfig) -> RunConfig:
 
 
 def train(config: RunConfig, run_dir: str | os.PathLike, *, report: Report | None = None, resume: bool = False,
-          progress: bool = True, log: Callable[[str], None] | None = None) -> TrainResult:
+          progress: bool = True, log: Callable[[str], None] | None = None,
+          teacher: Callable[[list[Document], list], torch.Tensor] | None = None) -> TrainResult:
     """Train one model; the best checkpoint by dev micro-F1 ends up in ``run_dir/model``.
+
+    ``teacher(documents, candidates)`` gives (candidates, labels) target probabilities over the training pairs:
+    the student then learns from them too (``distill`` section of the config; drugprot.distillation).
 
     ``report(metrics, run_dir)`` is called after every evaluation, once the run folder (best model, metrics.json,
     checkpoint) is consistent, so a listener may copy it as a checkpoint.
@@ -240,6 +249,10 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, report: Report | Non
         raise DrugprotError(f"data.dir {config.data.dir}: no training pairs after candidate generation and encoding "
                             f"({len(train_docs)} documents, {len(train_candidates)} candidates, "
                             f"{train_encoding.too_long} longer than encoder.max_length {config.encoder.max_length})")
+
+    targets = teacher(train_docs, train_candidates) if teacher is not None else None
+    if targets is not None and tuple(targets.shape) != (len(train_candidates), len(LABELS)):
+        raise ValueError(f"teacher gave {tuple(targets.shape)} probabilities for {len(train_candidates)} training pairs")
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -299,11 +312,13 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, report: Report | Non
                                        shuffle_seed=cfg.seed * 1000 + epoch)
         skip = step - epoch * steps_per_epoch
         for batch in iterate_batches(train_pairs, batches[skip:], pad_id):
+            batch_targets = None if targets is None else targets[batch.index].to(device, non_blocking=True)
             # pinned host memory: a pageable copy would make the host wait for the GPU queue at every step
             batch = (batch.pin_memory() if device.type == "cuda" else batch).to(device, non_blocking=True)
             loss = train_step(model, batch, optimizer, scheduler, device=device, precision=cfg.precision,
                               gamma=config.loss.gamma, lambda_=config.loss.lambda_, grad_clip=cfg.grad_clip,
-                              forward=forward)
+                              forward=forward, teacher=batch_targets, temperature=config.distill.temperature,
+                              teacher_weight=config.distill.weight)
             step += 1
             window["loss"] += loss
             window["batches"] += 1

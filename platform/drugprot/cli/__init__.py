@@ -11,7 +11,7 @@ import sys
 
 from drugprot.errors import DrugprotError
 
-COMMAND_MODULES = ("data", "evaluate", "train", "predict", "tune", "ensemble", "serve")
+COMMAND_MODULES = ("data", "evaluate", "train", "predict", "tune", "ensemble", "distill", "serve")
 
 
 def build_parser() -> argparse.ArgumentParser:

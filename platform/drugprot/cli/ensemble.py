@@ -134,11 +134,11 @@ def _gate(args, built, comparison, say):
     if comparison is None:
         members = [r.f1 for name, r in dev.scores.items() if name != "ensemble"]
         return Gate(dev.ensemble.f1, max(members) if len(members) > 1 else None, None, relations, "dev")
-    return Gate(comparison.chosen.b.f1, comparison.chosen_best_member_b, _champion_f1(args, comparison.halves[1].documents, say),
+    return Gate(comparison.chosen.b.f1, comparison.chosen_best_member_b, champion_f1_on(args, comparison.halves[1].documents, say),
                 relations, "dev half B")
 
 
-def _champion_f1(args, documents, say) -> float | None:
+def champion_f1_on(args, documents, say) -> float | None:
     """The current ``--alias`` version run on ``documents`` (the one inference path), or None when there is none."""
     from drugprot.inference import load_predictor, relation_rows
     from drugprot.scoring import score
