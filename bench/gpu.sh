@@ -223,5 +223,11 @@ throughput = json.loads((results / "throughput.json").read_text())
 print(f"throughput, {throughput['encoder']} on {throughput['device']} "
       f"({throughput['non_embedding_parameters'] / 1e6:.1f}M non-embedding parameters, {throughput['pairs']} pairs):")
 print(format_table(throughput))
+print()
+distill = json.loads((results / "distill.json").read_text())
+print(f"distillation ({distill['student_encoder']} student, T {distill['temperature']:g}, weight {distill['weight']:g}, "
+      f"{distill['train_seconds']:.0f} s) on dev half B: "
+      + "; ".join(f"{r['name']} F1 {r['f1']:.4f}, {r['pairs_per_s']:.0f} pairs/s" for r in distill["half_b"])
+      + f"; student/teacher pairs/s {distill['speedup']}x")
 PYEOF
 echo "bench/gpu.sh: done in $(( $(date +%s) - START )) s; JSON in $RESULTS"

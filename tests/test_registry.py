@@ -22,7 +22,7 @@ from drugprot.encoding import LABELS, PairEncoder
 from drugprot.ensemble import build_ensemble
 from drugprot.ensemble.frames import documents_to_frame, relations_to_frame
 from drugprot.ensemble.registry import Gate, log_ensemble, promote
-from drugprot.inference import load_predictor, pair_probabilities
+from drugprot.inference import Predictor, load_predictor, pair_probabilities
 from drugprot.model.artifacts import ArtifactError, load_artifact
 from drugprot.tracking import RegistryError, download_registered_model
 from test_ensemble import biased_ensemble, biased_members, dev_documents, flip_first_byte, hand_vote  # noqa: F401
@@ -425,8 +425,6 @@ def test_study_reseed(smoke_study, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_study_greedy_json_prints_the_half_b_table_and_builds_the_refit(smoke_study, tmp_path, capsys):
-    from drugprot.inference import Predictor
-
     out = tmp_path / "greedy"
     assert main(["ensemble", "--study", "smk", "--select", "greedy", "--json", "--quiet", "--tracking-uri", smoke_study.uri,
                  "--out", str(out), "--device", "cpu", "--no-log", "--max-size", "4"]) == 0
