@@ -7,6 +7,8 @@
 #   2. prints the throughput table of bench/train_throughput.py for bert-base-random (ours vs the plain loop);
 #   3. ensemble inference: one member vs five looped vs five stacked (bench/gpu_ensemble.sh);
 #   4. the serving path (request validation, cross-request batcher, Predictor) in-process, batched vs unbatched;
+#   4b. distillation (bench/distill.py): a MiniLM student trained on the step-1 model's probabilities
+#      (DISTILL_DOCS training documents, one epoch), F1 and pairs/s next to its teacher's on dev half B;
 #   5. prints a final table. Under 8 minutes in all (TRAIN_SECONDS=200 by default).
 #
 #   bench/prepare_gpu.sh          # here, once: stages .gpu/ (MiniLM fp16, corpus, blingfire)
@@ -182,6 +184,20 @@ else
     --seconds "${SERVE_SECONDS:-10}"
 fi
 
+echo "== 4b. distillation: a student on the step-1 model's probabilities, compared on dev half B"
+rm -rf "$SCRATCH/student"
+if [[ $DRY_RUN == 1 ]]; then
+  "$PY" bench/distill.py --teacher "$SCRATCH/minilm-run/model" --config configs/minilm.yaml --device cpu \
+    --set "data.dir=$SCRATCH/drugprot" --set encoder.name=tiny-random --set encoder.max_length=128 \
+    --set data.max_train_docs=6 --set data.max_dev_docs=3 --set train.epochs=1 --set train.device=cpu \
+    --set train.token_budget=2048 --out "$SCRATCH/student" --json "$RESULTS/distill.json"
+else
+  "$PY" bench/distill.py --teacher "$SCRATCH/minilm-run/model" --config configs/minilm.yaml --device cuda \
+    --set "data.dir=$SCRATCH/drugprot" --set encoder.name=.gpu/minilm --set "data.max_train_docs=${DISTILL_DOCS:-1500}" \
+    --set train.epochs=1 --set train.device=auto --set distill.temperature=2 --set distill.weight=0.5 \
+    --out "$SCRATCH/student" --json "$RESULTS/distill.json"
+fi
+
 echo "== 5. summary"
 "$PY" - <<'PYEOF'
 import json, os, sys
@@ -207,5 +223,11 @@ throughput = json.loads((results / "throughput.json").read_text())
 print(f"throughput, {throughput['encoder']} on {throughput['device']} "
       f"({throughput['non_embedding_parameters'] / 1e6:.1f}M non-embedding parameters, {throughput['pairs']} pairs):")
 print(format_table(throughput))
+print()
+distill = json.loads((results / "distill.json").read_text())
+print(f"distillation ({distill['student_encoder']} student, T {distill['temperature']:g}, weight {distill['weight']:g}, "
+      f"{distill['train_seconds']:.0f} s) on dev half B: "
+      + "; ".join(f"{r['name']} F1 {r['f1']:.4f}, {r['pairs_per_s']:.0f} pairs/s" for r in distill["half_b"])
+      + f"; student/teacher pairs/s {distill['speedup']}x")
 PYEOF
 echo "bench/gpu.sh: done in $(( $(date +%s) - START )) s; JSON in $RESULTS"

@@ -19,11 +19,11 @@ from drugprot.cli import main
 from drugprot.config import SAMPLE_DIR
 from drugprot.corpus import read_split
 from drugprot.encoding import LABEL_INDEX, LABELS, PairEncoder
-from drugprot.ensemble import EnsembleError, build_ensemble, load_ensemble
+from drugprot.ensemble import EnsembleError, build_ensemble
 from drugprot.ensemble.build import MemberSource
-from drugprot.ensemble.format import MANIFEST
+from drugprot.ensemble_folder import MANIFEST
 from drugprot.ensemble.members import new_seeds, select_top_k
-from drugprot.ensemble.stacked import stack_incompatibility
+from drugprot.model.stacked import stack_incompatibility
 from drugprot.inference import Predictor, load_predictor, pair_probabilities
 from drugprot.model.artifacts import ArtifactError, LoadedModel, load_artifact, save_artifact
 
@@ -165,7 +165,7 @@ def test_ensemble_folder_format(biased_ensemble, biased_members):
 
 
 def test_loaded_ensemble_predicts_like_its_members(biased_ensemble, biased_members, dev_documents):
-    loaded = load_ensemble(biased_ensemble, device="cpu")
+    loaded = Predictor.from_ensemble(biased_ensemble, device="cpu")
     direct = Predictor(_loaded(biased_members), device="cpu", vote="hard")
     assert loaded.vote_mode == "hard" and loaded.execution == "fold"
     assert _relations(loaded.predict(dev_documents)) == _relations(direct.predict(dev_documents))
@@ -181,7 +181,7 @@ def test_evaluation_table_puts_members_and_ensemble_side_by_side(biased_members,
     header = table.splitlines()[1].split()
     assert header == ["type", "m1-seed1", "m2-seed2", "m3-seed3", "ensemble"]
     assert "INHIBITOR" in table and "micro F1" in table and "soft vote" in table
-    predictions = load_ensemble(tmp_path / "e", device="cpu").predict(dev_documents)
+    predictions = Predictor.from_ensemble(tmp_path / "e", device="cpu").predict(dev_documents)
     expected = score(dev_documents, [(r.pmid, r.type, r.chemical, r.gene) for preds in predictions for r in preds])
     assert built.evaluation.ensemble.f1 == pytest.approx(expected.f1)
     assert built.meta["dev"]["ensemble"]["f1"] == pytest.approx(expected.f1, abs=1e-6)
@@ -207,7 +207,7 @@ def ensemble_copy(biased_ensemble, tmp_path) -> Path:
 def test_tampered_ensemble_is_refused_naming_the_file(ensemble_copy, tamper, message):
     tamper(ensemble_copy)
     with pytest.raises(ArtifactError, match=message):
-        load_ensemble(ensemble_copy, device="cpu")
+        Predictor.from_ensemble(ensemble_copy, device="cpu")
 
 
 def test_cli_predict_refuses_a_tampered_ensemble(ensemble_copy, tmp_path, capsys):
@@ -240,15 +240,15 @@ def test_build_refuses_bad_requests(biased_members, smoke_members, tmp_path):
 
 
 def test_ensemble_json_with_a_bad_vote_is_refused(ensemble_copy, biased_ensemble):
-    from drugprot.ensemble.format import write_tree_manifest
+    from drugprot.ensemble_folder import write_tree_manifest
 
     meta = json.loads((ensemble_copy / "ensemble.json").read_text())
     (ensemble_copy / "ensemble.json").write_text(json.dumps({**meta, "vote": "hard,soft"}))
     write_tree_manifest(ensemble_copy)  # a consistent folder, but an invalid mode
     with pytest.raises(EnsembleError, match=r"ensemble\.json: vote: must be one of hard, soft .*got 'hard,soft'"):
-        load_ensemble(ensemble_copy, device="cpu")
+        Predictor.from_ensemble(ensemble_copy, device="cpu")
     with pytest.raises(EnsembleError, match="got 'mixed'"):
-        load_ensemble(biased_ensemble, device="cpu", vote="mixed")
+        Predictor.from_ensemble(biased_ensemble, device="cpu", vote="mixed")
 
 
 # -- member selection ------------------------------------------------------------------------------------------
@@ -429,3 +429,162 @@ def test_fold_matches_the_loop_for_every_head(biased_members, dev_documents, sys
     expected = looped.member_probabilities(dev_documents[:4], cands)
     stacked = Predictor(members, device="cpu", execution="fold")
     torch.testing.assert_close(stacked.member_probabilities(dev_documents[:4], cands), expected, atol=1e-5, rtol=1e-4)
+
+
+# -- selection on stored dev probabilities: A/B halves, greedy with replacement, calibration ---------------------------
+
+
+def _documents(n: int) -> list:
+    from drugprot.corpus import Document, Entity, Relation
+
+    docs = []
+    for i in range(n):
+        entities = {"T1": Entity("T1", "CHEMICAL", 0, 7, "aspirin"), "T2": Entity("T2", "GENE-Y", 17, 21, "COX1")}
+        relations = [Relation("INHIBITOR", "T1", "T2")] if i % 2 == 0 else []
+        docs.append(Document(f"{1000 + i}", "aspirin blocks COX1", "", entities, relations))
+    return docs
+
+
+def _trial(name: str, documents, correct):
+    """Stored probabilities of a trial that gives the gold label (INHIBITOR or NONE) ``correct(i)`` on document i
+    and the other label the rest: below 0.5 it is wrong."""
+    from drugprot.ensemble.selection import TrialProbabilities
+
+    table = torch.zeros((len(documents), len(LABELS)))
+    for i, doc in enumerate(documents):
+        gold, other = (LABEL_INDEX["INHIBITOR"], 0) if doc.relations else (0, LABEL_INDEX["INHIBITOR"])
+        table[i, gold], table[i, other] = correct(i), 1 - correct(i)
+    return TrialProbabilities(name, [(d.pmid, "T1", "T2") for d in documents], table)
+
+
+def _halves_trials(docs):
+    """Trial 0 is right on the first 20 documents, mildly wrong on the gold of the rest; trial 1 the other way round;
+    trial 2 is noise. Together (soft) the first two are right everywhere."""
+    return [_trial("first", docs, lambda i: 0.9 if i < 20 else (0.4 if i % 2 == 0 else 0.8)),
+            _trial("second", docs, lambda i: 0.9 if i >= 20 else (0.4 if i % 2 == 0 else 0.8)),
+            _trial("noise", docs, lambda i: 0.3 if i % 3 == 0 else 0.7)]
+
+
+def test_halves_hold_similar_relation_counts_and_follow_the_seed():
+    from drugprot.ensemble.selection import split_halves
+
+    docs = _documents(41)
+    a, b = split_halves(docs, seed=0)
+    assert sorted(d.pmid for d in a + b) == sorted(d.pmid for d in docs) and not {d.pmid for d in a} & {d.pmid for d in b}
+    assert abs(len(a) - len(b)) <= 1 and abs(sum(len(d.relations) for d in a) - sum(len(d.relations) for d in b)) <= 1
+    assert [d.pmid for d in split_halves(docs, seed=0)[0]] == [d.pmid for d in a]
+    assert [d.pmid for d in split_halves(docs, seed=1)[0]] != [d.pmid for d in a]
+
+
+def _scorer(trials, docs):
+    from drugprot.ensemble.selection import Half, Scorer, align
+
+    keys, table = align(trials)
+    return Scorer(keys, table, Half("all", docs, torch.arange(len(keys))))
+
+
+def test_greedy_combines_complementary_trials_and_breaks_ties_to_fewer_members():
+    from drugprot.ensemble.selection import greedy
+
+    docs = _documents(40)
+    scorer = _scorer(_halves_trials(docs), docs)
+    soft = greedy(scorer, 3, max_size=5, vote="soft")
+    assert soft.members == {0: 1, 1: 1} and scorer.f1(soft) == 1.0  # neither alone is right on more than 30 of 40
+    perfect = [_trial("perfect", docs, lambda i: 0.9), *_halves_trials(docs)]
+    alone = greedy(_scorer(perfect, docs), 4, max_size=5, vote="soft")
+    assert alone.members == {0: 1}  # adding anything (even itself again) cannot beat 1.0: the smallest prefix stays
+
+
+def test_greedy_picks_a_trial_again_when_that_helps():
+    from drugprot.ensemble.selection import Recipe, greedy
+
+    docs = _documents(40)
+    x, y = {0, 1}, {4, 5, 6, 7}  # A is mildly wrong on X, B confidently wrong on Y
+    trials = [_trial("A", docs, lambda i: 0.4 if i in x else 0.8), _trial("B", docs, lambda i: 0.1 if i in y else 0.9)]
+    scorer = _scorer(trials, docs)
+    assert scorer.f1(Recipe("", {0: 1, 1: 1}, "soft")) < scorer.f1(Recipe("", {0: 1}, "soft")) < 1.0
+    recipe = greedy(scorer, 2, max_size=5, vote="soft")
+    assert recipe.members == {0: 2, 1: 1} and scorer.f1(recipe) == 1.0  # A twice outvotes B on Y, B fixes X
+
+
+def test_margin_is_calibrated_on_the_half_it_is_given():
+    from drugprot.ensemble.selection import Recipe, calibrate_margin
+
+    docs = _documents(20)
+    shy = _trial("shy", docs, lambda i: 0.48 if i % 2 == 0 else 0.6)  # every relation just under NONE
+    scorer = _scorer([shy], docs)
+    plain = Recipe("greedy", {0: 1}, "soft")
+    assert scorer.f1(plain) == 0.0
+    tuned = calibrate_margin(scorer, plain)
+    assert tuned.decision.margin == pytest.approx(-0.05) and tuned.label == "greedy + margin"  # the smallest that works
+    assert scorer.f1(tuned) == 1.0
+
+
+def test_compare_chooses_on_a_and_reports_every_candidate_on_b():
+    from drugprot.ensemble.selection import compare
+
+    docs = _documents(40)
+    result = compare(_halves_trials(docs), docs, seed=0, select="greedy", top=2, max_size=4)
+    labels = [c.recipe.label for c in result.candidates]
+    assert labels == ["best single trial", "top-2 by F1", "greedy", "greedy + margin", "greedy + margin + type thresholds",
+                      "greedy + margin + type thresholds + multi-label"]
+    a, b = result.halves
+    assert {d.pmid for d in a.documents}.isdisjoint({d.pmid for d in b.documents})
+    chosen = result.chosen
+    assert chosen.recipe.label.startswith("greedy") and chosen.f1_a == max(c.f1_a for c in result.candidates[2:5])
+    assert chosen.b.f1 < 1.0  # perfect on A by luck (noise + second, hard): half B shows it
+    assert result.refit.label == chosen.recipe.label and result.refit_f1 == 1.0
+    from drugprot.ensemble.selection import Recipe, Scorer, align
+
+    on_b = Scorer(*align(_halves_trials(docs)), result.halves[1])
+    assert result.chosen_best_member_b == max(on_b.f1(Recipe("", {m: 1})) for m in chosen.recipe.members)
+    table = result.as_dict()
+    assert [c["label"] for c in table["candidates"]] == labels and sum(c["chosen"] for c in table["candidates"]) == 1
+    assert table["refit"]["held_out"] is False and "refit on the whole dev set" in result.table()
+
+
+def test_compare_refuses_probabilities_of_other_documents():
+    from drugprot.ensemble.selection import compare
+
+    docs = _documents(10)
+    with pytest.raises(EnsembleError, match=r"cover document\(s\) 1009 that are not in the dev documents given \(9\)"):
+        compare([_trial("t", docs, lambda i: 0.9)], docs[:9])
+    with pytest.raises(EnsembleError, match="no trial with stored dev probabilities"):
+        compare([], docs)
+
+
+# -- stored dev probabilities (written by training at its best evaluation) ---------------------------------------------
+
+
+def test_training_stores_the_best_evaluations_dev_probabilities(smoke_members, dev_documents):
+    from drugprot.candidates import corpus_candidates
+    from drugprot.inference import decode
+    from drugprot.model.dev_probabilities import FILE, load_dev_probabilities
+    from drugprot.scoring import score
+
+    run = smoke_members[0].parent
+    stored = load_dev_probabilities(run / FILE)
+    best = json.loads((run / "metrics.json").read_text())["best"]
+    info = json.loads((smoke_members[0] / "drugprot.json").read_text())
+    candidates, _ = corpus_candidates(dev_documents, tuple(info["interval"]))
+    assert stored.keys == [(c.pmid, c.chemical.id, c.gene.id) for c in candidates] and stored.labels == LABELS
+    assert stored.probabilities.shape == (len(candidates), len(LABELS)) and stored.eval == best["eval"]
+    assert torch.allclose(stored.probabilities.sum(-1), torch.ones(len(candidates)), atol=1e-2)  # fp16 rows
+    relations = decode(candidates, stored.probabilities[None])
+    assert score(dev_documents, [(r.pmid, r.type, r.chemical, r.gene) for r in relations]).f1 == pytest.approx(best["dev_f1"], abs=1e-3)
+
+
+def test_foreign_or_broken_probability_files_are_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    from drugprot.errors import DrugprotError
+    from drugprot.model.dev_probabilities import load_dev_probabilities
+
+    save_file({"probabilities": torch.zeros(2, 14)}, str(tmp_path / "other.safetensors"), metadata={"kind": "something"})
+    with pytest.raises(DrugprotError, match=r"other.safetensors: not a drugprot dev-probabilities file \(kind 'something'"):
+        load_dev_probabilities(tmp_path / "other.safetensors")
+    (tmp_path / "broken.safetensors").write_bytes(b"\x00\x01garbage")
+    with pytest.raises(DrugprotError, match=r"broken.safetensors: not a readable safetensors file"):
+        load_dev_probabilities(tmp_path / "broken.safetensors")
+    with pytest.raises(DrugprotError, match=r"missing.safetensors: no such file"):
+        load_dev_probabilities(tmp_path / "missing.safetensors")

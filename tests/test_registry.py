@@ -19,10 +19,10 @@ import torch
 from drugprot.cli import main
 from drugprot.config import SAMPLE_DIR
 from drugprot.encoding import LABELS, PairEncoder
-from drugprot.ensemble import build_ensemble, load_ensemble
+from drugprot.ensemble import build_ensemble
 from drugprot.ensemble.frames import documents_to_frame, relations_to_frame
-from drugprot.ensemble.registry import log_ensemble, promote
-from drugprot.inference import load_predictor, pair_probabilities
+from drugprot.ensemble.registry import Gate, log_ensemble, promote
+from drugprot.inference import Predictor, load_predictor, pair_probabilities
 from drugprot.model.artifacts import ArtifactError, load_artifact
 from drugprot.tracking import RegistryError, download_registered_model
 from test_ensemble import biased_ensemble, biased_members, dev_documents, flip_first_byte, hand_vote  # noqa: F401
@@ -129,7 +129,7 @@ def test_ensemble_run_is_logged_with_member_and_ensemble_metrics(registered, sto
 
 
 def test_pyfunc_load_model_predicts_a_dataframe(registered, store, biased_ensemble, dev_documents):  # noqa: F811
-    expected = relations_to_frame(dev_documents, load_ensemble(biased_ensemble, device="cpu").predict(dev_documents))
+    expected = relations_to_frame(dev_documents, Predictor.from_ensemble(biased_ensemble, device="cpu").predict(dev_documents))
     assert len(expected) > 10
     with fluent(store.uri) as mlflow:
         model = mlflow.pyfunc.load_model("models:/dp@champion")
@@ -156,7 +156,7 @@ def test_pyfunc_model_class_without_mlflow_loading(biased_ensemble, dev_document
                                        model_config={"device": "cpu", "vote": "soft"}))
     assert model.predictor.vote_mode == "soft"
     frame = model.predict(None, documents_to_frame(dev_documents[:4]), params={"threshold": 0.0})
-    expected = load_ensemble(biased_ensemble, device="cpu", vote="soft").predict(dev_documents[:4])
+    expected = Predictor.from_ensemble(biased_ensemble, device="cpu", vote="soft").predict(dev_documents[:4])
     assert frame.to_dict("records") == relations_to_frame(dev_documents[:4], expected).to_dict("records")
     from drugprot.ensemble.frames import InputError
 
@@ -169,28 +169,35 @@ def test_pyfunc_model_class_without_mlflow_loading(biased_ensemble, dev_document
 # -- the champion rule ---------------------------------------------------------------------------------------------
 
 
-def test_champion_alias_moves_only_on_improvement_or_force(store, biased_ensemble, smoke_members, tmp_path):  # noqa: F811
+def test_champion_alias_moves_only_through_the_gates_or_force(store, biased_ensemble, smoke_members, tmp_path):  # noqa: F811
     from drugprot import tracking
 
-    plain = build_ensemble(smoke_members, tmp_path / "plain", log=lambda _: None)  # untrained-looking: dev F1 0
+    plain = build_ensemble(smoke_members, tmp_path / "plain", log=lambda _: None)  # untrained-looking: no relation
+    assert plain.dev_f1 == 0.0 and plain.meta["dev"]["ensemble"]["tp"] + plain.meta["dev"]["ensemble"]["fp"] == 0
     better = json.loads((biased_ensemble / "ensemble.json").read_text())["dev"]["ensemble"]["f1"]
-    assert plain.dev_f1 == 0.0 < better
     client = tracking.client(tracking.normalize_tracking_uri(store.uri))
     lines: list[str] = []
 
     def register(folder, **options):
         result = log_ensemble(folder, tracking_uri=store.uri, register="dp-champ", log=lines.append, **options).registration
-        return result.version, result.alias_moved, str(client.get_model_version_by_alias("dp-champ", "champion").version)
+        try:
+            champion = str(client.get_model_version_by_alias("dp-champ", "champion").version)
+        except Exception:
+            champion = None
+        return result.version, result.alias_moved, champion
 
-    assert register(tmp_path / "plain") == ("1", True, "1")  # no champion yet
-    assert register(biased_ensemble) == ("2", True, "2")  # higher dev F1
-    assert register(tmp_path / "plain") == ("3", False, "2")  # lower: the champion stays
-    assert register(biased_ensemble) == ("4", False, "2")  # equal: ties keep the champion
-    assert register(tmp_path / "plain", force=True) == ("5", True, "5")  # forced
-    assert "no @champion yet" in lines[0]
-    assert f"version 2 (dev F1 {better:.4f}) vs @champion version 1 (dev F1 0.0000), +{better:.4f}: @champion -> version 2" in lines[1]
-    assert "@champion stays on version 2 (dev F1 does not beat the champion's" in lines[2]
-    assert "ties keep the champion" in lines[3] and "(--force)" in lines[4]
+    assert register(tmp_path / "plain") == ("1", False, None)  # predicts nothing: never, not even the first
+    assert register(tmp_path / "plain", force=True) == ("2", False, None)  # … not even with --force
+    assert register(biased_ensemble) == ("3", True, "3")  # no champion yet
+    assert register(biased_ensemble) == ("4", False, "3")  # equal: ties keep the champion
+    assert register(biased_ensemble, min_gain=-0.01) == ("5", True, "5")  # the gate is "more than champion + min_gain"
+    assert register(biased_ensemble, force=True) == ("6", True, "6")  # forced over the tie, and the tags say so
+    assert "predicts no relation on dev; such a model is never promoted, not even with --force" in lines[1]
+    assert "no @champion yet" in lines[2] and "ties keep the champion" in lines[3]
+    forced = client.get_model_version("dp-champ", "6").tags
+    assert forced["promotion"] == "forced" and "does not beat the champion's" in forced["forced_over"]
+    assert client.get_model_version("dp-champ", "4").tags["promotion"] == "refused"
+    assert client.get_model_version("dp-champ", "3").tags["gate_f1"] == f"{better:.6f}"
 
 
 class FakeRegistry:
@@ -200,6 +207,7 @@ class FakeRegistry:
             self.versions[champion] = SimpleNamespace(version=champion, tags={"dev_f1": champion_f1} if champion_f1 else {},
                                                       run_id="")
         self.alias = champion
+        self.tags: dict[str, str] = {}
 
     def get_model_version_by_alias(self, name, alias):
         from mlflow.exceptions import MlflowException
@@ -211,10 +219,13 @@ class FakeRegistry:
     def set_registered_model_alias(self, name, alias, version):
         self.alias = version
 
+    def set_model_version_tag(self, name, version, key, value):
+        self.tags[key] = value
+
 
 @pytest.mark.parametrize("champion, champion_f1, new_f1, force, moved, reason", [
     (None, None, 0.3, False, True, "no @champion yet"),
-    ("1", "0.5", 0.6, False, True, "higher dev F1"),
+    ("1", "0.5", 0.6, False, True, "higher F1 on dev"),
     ("1", "0.5", 0.5, False, False, "ties keep the champion"),
     ("1", "0.5", 0.4, False, False, "does not beat"),
     ("1", "0.5", 0.4, True, True, "--force"),
@@ -229,6 +240,24 @@ def test_promote_rule(champion, champion_f1, new_f1, force, moved, reason):
     assert result.alias_moved is moved and reason in result.reason
     assert registry.alias == ("2" if moved else champion)
     assert lines[0].startswith("registry m: version 2")
+
+
+@pytest.mark.parametrize("gate, min_gain, force, moved, reason, tag", [
+    (Gate(0.60, best_member_f1=0.62, relations=9, on="dev half B"), 0.0, False, False,
+     "F1 on dev half B 0.6000 does not beat its best single member's 0.6200 by more than --min-gain 0", "refused"),
+    (Gate(0.60, best_member_f1=0.62, relations=9), 0.0, True, True, "--force over: F1 on dev 0.6000 does not beat its best", "forced"),
+    (Gate(0.60, best_member_f1=0.55, champion_f1=0.58, relations=9), 0.0, False, True, "higher F1 on dev", "promoted"),
+    (Gate(0.60, best_member_f1=0.55, champion_f1=0.58, relations=9), 0.03, False, False,
+     "does not beat the champion's 0.5800 by more than --min-gain 0.03", "refused"),
+    (Gate(0.60, best_member_f1=0.59, champion_f1=0.50, relations=9), 0.02, False, False, "its best single member's 0.5900", "refused"),
+    (Gate(0.0, relations=0), 0.0, True, False, "never promoted, not even with --force", "refused"),
+])
+def test_promotion_gates(gate, min_gain, force, moved, reason, tag):
+    registry = FakeRegistry("1", "0.9")  # the champion's recorded dev F1; a gate's champion_f1 (same documents) wins
+    result = promote(registry, "m", "2", dev_f1=gate.f1, force=force, gate=gate, min_gain=min_gain, log=lambda _: None)
+    assert result.alias_moved is moved and reason in result.reason
+    assert registry.tags["promotion"] == tag and registry.tags["min_gain"] == f"{min_gain:g}"
+    assert ("forced_over" in registry.tags) is (tag == "forced")
 
 
 # -- refused and unknown ---------------------------------------------------------------------------------------------
@@ -309,7 +338,7 @@ def test_register_and_load_through_an_mlflow_server(biased_ensemble, dev_documen
         run = log_ensemble(biased_ensemble, tracking_uri=uri, register="dp-server", log=lambda _: None)
         assert run.registration.alias_moved
         predictor = load_predictor("models:/dp-server@champion", device="cpu", tracking_uri=uri)
-        expected = load_ensemble(biased_ensemble, device="cpu").predict(dev_documents)
+        expected = Predictor.from_ensemble(biased_ensemble, device="cpu").predict(dev_documents)
         assert _relations(predictor.predict(dev_documents)) == _relations(expected)
     assert list((tmp_path / "server" / "artifacts").rglob("members/m1-seed1/model.safetensors"))
 
@@ -344,9 +373,10 @@ def test_study_to_champion_to_predictions(smoke_study, tmp_path, capsys):
     uri = smoke_study.uri
     out = tmp_path / "ens"
     assert main(["ensemble", "--study", "smk", "--top-k", "3", "--register", "smk-ens", "--tracking-uri", uri,
-                 "--out", str(out), "--device", "cpu"]) == 0
+                 "--out", str(out), "--device", "cpu", "--force", "--quiet"]) == 0
     printed = capsys.readouterr().out
-    assert "micro F1" in printed and "@champion -> version 1" in printed
+    assert "micro F1" in printed and "@champion -> version 1 (--force over: F1 on dev half B" in printed
+    assert "Chosen on A, scored on B" in printed and "top-3 by F1" in printed
     meta = json.loads((out / "ensemble.json").read_text())
     trials = tracking.study_trials("smk", uri)
     assert len(trials) == 3  # the ensemble run is not counted as a trial
@@ -391,3 +421,47 @@ def test_study_reseed(smoke_study, tmp_path, capsys):
         assert {k: v for k, v in config["train"].items() if k not in ("seed", "threads")} == \
             {k: v for k, v in best.config["train"].items() if k not in ("seed", "threads")}
         assert config["loss"] == best.config["loss"] and config["sampling"] == best.config["sampling"]
+
+
+@pytest.mark.slow
+def test_study_greedy_json_prints_the_half_b_table_and_builds_the_refit(smoke_study, tmp_path, capsys):
+    out = tmp_path / "greedy"
+    assert main(["ensemble", "--study", "smk", "--select", "greedy", "--json", "--quiet", "--tracking-uri", smoke_study.uri,
+                 "--out", str(out), "--device", "cpu", "--no-log", "--max-size", "4"]) == 0
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)  # stdout is the JSON object alone; the tables went to stderr
+    selection = summary["selection"]
+    assert [c["label"] for c in selection["candidates"]] == [
+        "best single trial", "top-3 by F1", "greedy", "greedy + margin", "greedy + margin + type thresholds",
+        "greedy + margin + type thresholds + multi-label"]
+    for candidate in selection["candidates"]:
+        assert set(candidate["b"]) == {"precision", "recall", "f1", "tp", "fp", "fn"} and 0 <= candidate["f1_a"] <= 1
+        assert 1 <= candidate["votes"] <= 4 and candidate["members"]
+    halves = selection["halves"]
+    assert halves["A"]["documents"] + halves["B"]["documents"] == 10 and selection["refit"]["held_out"] is False
+    assert "Chosen on A, scored on B" in captured.err and "refit on the whole dev set" in captured.err
+    meta = json.loads((out / "ensemble.json").read_text())
+    assert meta["selection"] == selection and meta["source"]["selection"] == "greedy"
+    assert [(m["name"], m["weight"]) for m in meta["members"]] == [
+        (m["trial"], m["weight"]) for m in selection["refit"]["members"]]
+    # the stored probabilities and the one inference path agree on the refit recipe's dev F1
+    assert summary["dev"]["ensemble"]["f1"] == pytest.approx(selection["refit"]["dev_f1"], abs=0.02)
+    predictor = Predictor.from_ensemble(out, device="cpu")
+    assert predictor.decision.as_dict() == selection["refit"]["decision"] and predictor.vote_mode == selection["refit"]["vote"]
+
+
+@pytest.mark.slow
+def test_study_gates_refuse_what_does_not_beat_its_members_on_b(smoke_study, tmp_path, capsys):
+    common = ["--study", "smk", "--tracking-uri", smoke_study.uri, "--device", "cpu", "--quiet", "--json", "--register", "smk-gate"]
+    assert main(["ensemble", *common, "--top-k", "3", "--out", str(tmp_path / "a"), "--min-gain", "1"]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["registration"]["alias_moved"] is False
+    assert "does not beat its best single member's" in first["registration"]["reason"]
+    assert "by more than --min-gain 1" in first["registration"]["reason"]
+    assert main(["ensemble", *common, "--top-k", "3", "--out", str(tmp_path / "b"), "--min-gain", "1", "--force"]) == 0
+    forced = json.loads(capsys.readouterr().out)["registration"]
+    assert forced["alias_moved"] is True and forced["reason"].startswith("--force over:")
+    from drugprot import tracking
+
+    tags = tracking.client(tracking.normalize_tracking_uri(smoke_study.uri)).get_model_version("smk-gate", forced["version"]).tags
+    assert tags["promotion"] == "forced" and tags["gate_on"] == "dev half B" and tags["min_gain"] == "1"

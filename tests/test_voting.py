@@ -13,7 +13,8 @@ import torch
 from drugprot.candidates import Candidate
 from drugprot.corpus import Entity
 from drugprot.encoding import LABEL_INDEX, LABELS
-from drugprot.ensemble.format import EnsembleError, check_vote
+from drugprot.ensemble_folder import EnsembleError, check_vote
+from drugprot.decision import Decision
 from drugprot.inference import decode, vote
 
 L = len(LABELS)
@@ -99,3 +100,63 @@ def test_decode_drops_none_and_low_scores():
     assert relations[0].score == pytest.approx(2 / 3, abs=1e-6)
     assert decode(cands, table, "hard", threshold=0.7) == []
     assert decode([], table[:, :0], "hard") == []
+
+
+# -- weights (a greedy selection picks a member more than once) and calibrated decisions ---------------------------
+
+
+def test_weights_count_a_member_as_several_votes():
+    table = probs({INH: 0.9}, {ACT: 0.6}, {ACT: 0.6})
+    assert int(vote(table, "hard")[0][0]) == ACT
+    labels, scores, _ = vote(table, "hard", torch.tensor([3.0, 1.0, 1.0]))
+    assert int(labels[0]) == INH and float(scores[0]) == pytest.approx(3 / 5)
+    repeated = torch.cat([table[:1]] * 3 + [table[1:]])  # weight 3 is the same as three copies
+    for mode in ("hard", "soft"):
+        assert torch.equal(vote(table, mode, torch.tensor([3.0, 1.0, 1.0]))[0], vote(repeated, mode)[0])
+
+
+@pytest.mark.parametrize("name, rows, hard, soft", CASES, ids=[c[0] for c in CASES])
+def test_default_decision_is_the_argmax_of_the_vote(name, rows, hard, soft):
+    from drugprot.inference import combine
+
+    table = probs(*rows)
+    for mode, expected in (("hard", hard), ("soft", soft)):
+        chosen = Decision().choose(combine(table, mode)[0])
+        assert chosen == ([] if expected == NONE else [(0, expected)]), (name, mode)
+
+
+def test_margin_over_none_and_type_thresholds():
+    ranking = torch.zeros((3, L))
+    ranking[0, NONE], ranking[0, INH] = 0.50, 0.45  # NONE wins by 0.05
+    ranking[1, NONE], ranking[1, ACT] = 0.20, 0.70
+    ranking[2, NONE], ranking[2, SUB], ranking[2, INH] = 0.10, 0.50, 0.40
+    assert Decision().choose(ranking) == [(1, ACT), (2, SUB)]
+    assert Decision(margin=-0.1).choose(ranking) == [(0, INH), (1, ACT), (2, SUB)]
+    assert Decision(margin=0.45).choose(ranking) == [(1, ACT)]
+    assert Decision(thresholds={"ACTIVATOR": 0.8}).choose(ranking) == [(2, SUB)]
+
+
+def test_multi_label_adds_the_runner_up_type_when_it_passes():
+    ranking = torch.zeros((2, L))
+    ranking[0, NONE], ranking[0, INH], ranking[0, ACT] = 0.1, 0.5, 0.4
+    ranking[1, NONE], ranking[1, INH], ranking[1, ACT] = 0.1, 0.8, 0.1
+    assert Decision(second_type=0.3).choose(ranking) == [(0, INH), (0, ACT), (1, INH)]
+    assert Decision(second_type=0.3, thresholds={"ACTIVATOR": 0.45}).choose(ranking) == [(0, INH), (1, INH)]
+    cand = _candidate(frozenset({"INHIBITOR", "ACTIVATOR"}))
+    table = probs({NONE: 0.1, INH: 0.5, ACT: 0.39})
+    assert [r.type for r in decode([cand], table, "soft", decision=Decision(second_type=0.3))] == ["INHIBITOR", "ACTIVATOR"]
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"margin": "wide"}, r"ensemble.json: decision: could not convert string to float"),
+    ({"thresholds": {"INHIBITS": 0.5}}, r"unknown relation type\(s\) INHIBITS"),
+    ({"cutoff": 0.5}, r"unknown key\(s\) cutoff"),
+])
+def test_bad_decision_entries_name_the_key(raw, message):
+    with pytest.raises(ValueError, match=message):
+        Decision.from_dict(raw, "ensemble.json: decision")
+
+
+def test_decision_round_trips():
+    decision = Decision(margin=-0.05, thresholds={"INHIBITOR": 0.4}, second_type=0.2)
+    assert Decision.from_dict(decision.as_dict()) == decision and not decision.is_argmax and Decision().is_argmax

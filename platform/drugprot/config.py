@@ -103,6 +103,14 @@ class FgemrConfig(Section):
     holdout: float = Field(0.1, gt=0, lt=1, description="Share of training documents held out to report its accuracy.")
 
 
+class DistillConfig(Section):
+    """Used only by ``drugprot distill``: L = w·T²·KL(teacher_T ‖ student_T) + (1−w)·L_gold."""
+
+    temperature: float = Field(2.0, gt=0, le=100, description="Softens teacher and student distributions alike.")
+    weight: float = Field(0.5, ge=0.0, le=1.0, description="Share of the loss given to the teacher's probabilities.")
+    teacher: str | None = Field(None, description="The teacher (registry URI or folder); set by drugprot distill.")
+
+
 class TrainConfig(Section):
     lr: float = Field(2e-5, gt=0, le=1.0)
     epochs: float = Field(10.0, gt=0, le=1000)
@@ -128,6 +136,7 @@ class RunConfig(Section):
     loss: LossConfig = Field(default_factory=LossConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     fgemr: FgemrConfig = Field(default_factory=FgemrConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
 
     @model_validator(mode="after")

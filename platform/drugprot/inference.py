@@ -18,11 +18,9 @@ import torch
 
 from drugprot.candidates import DEFAULT_INTERVAL, Candidate, document_candidates
 from drugprot.corpus import Document, Relation
+from drugprot.decision import NONE_INDEX, Decision
 from drugprot.encoding import LABELS, EncodedPair, PairEncoder, iterate_batches, token_budget_batches
 from drugprot.model.runtime import autocast, resolve_device
-
-NONE_INDEX = 0
-
 
 @dataclass(frozen=True, slots=True)
 class PredictedRelation:
@@ -54,20 +52,30 @@ def pair_probabilities(model, pairs: Sequence[EncodedPair], *, pad_id: int, devi
     return out
 
 
-def vote(member_probs: torch.Tensor, mode: str = "hard") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Combine (M, N, L) member probabilities; returns (labels (N,), scores (N,), member labels (M, N))."""
+def combine(member_probs: torch.Tensor, mode: str = "hard", weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine (M, N, L) member probabilities (each member counted ``weights[m]`` times, default once).
+
+    Returns (ranking (N, L), score (N, L)): ``soft`` ranks and scores by the weighted mean probability; ``hard``
+    scores by the weighted vote share of each member's top label and ranks by that share with ties broken by the
+    weighted mean probability (a nudge smaller than one vote)."""
     if mode not in ("hard", "soft"):
         raise ValueError(f"vote must be 'hard' or 'soft', got {mode!r}")
-    member_labels = member_probs.argmax(-1)
-    mean = member_probs.mean(0)
+    weights = torch.ones(member_probs.size(0)) if weights is None else torch.as_tensor(weights, dtype=torch.float32)
+    total = float(weights.sum())
+    mean = torch.einsum("m,mnl->nl", weights, member_probs) / total
     if mode == "soft":
-        labels = mean.argmax(-1)
-        return labels, mean.gather(-1, labels[:, None])[:, 0], member_labels
-    counts = torch.nn.functional.one_hot(member_labels, member_probs.size(-1)).sum(0).float()  # (N, L)
-    top = counts.max(-1, keepdim=True).values
-    tie_break = torch.where(counts == top, mean, torch.full_like(mean, -1.0))
-    labels = tie_break.argmax(-1)
-    return labels, counts.gather(-1, labels[:, None])[:, 0] / member_probs.size(0), member_labels
+        return mean, mean
+    one_hot = torch.nn.functional.one_hot(member_probs.argmax(-1), member_probs.size(-1)).float()
+    share = torch.einsum("m,mnl->nl", weights, one_hot) / total
+    return share + mean * (0.5 / total), share  # weights are counts: shares differ by at least 1 / total
+
+
+def vote(member_probs: torch.Tensor, mode: str = "hard",
+         weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Combine (M, N, L) member probabilities; returns (labels (N,), scores (N,), member labels (M, N))."""
+    ranking, score = combine(member_probs, mode, weights)
+    labels = ranking.argmax(-1)
+    return labels, score.gather(-1, labels[:, None])[:, 0], member_probs.argmax(-1)
 
 
 def type_genes(documents: Sequence[Document], member, device: torch.device) -> list[Document]:
@@ -84,8 +92,9 @@ class Predictor:
 
     def __init__(self, members: Sequence, *, vote: str = "hard", interval: tuple[int, int] = DEFAULT_INTERVAL,
                  device: str | torch.device = "auto", precision: str = "bf16", metadata: dict | None = None,
-                 execution: str = "auto"):
-        """``execution``: ``auto`` stacks same-architecture members (``fold``, see drugprot.ensemble.stacked) and
+                 execution: str = "auto", weights: Sequence[int] | None = None, decision: Decision | None = None):
+        """``weights``: how many times each member counts in the vote (a greedy selection may pick one twice);
+        ``decision``: how the vote becomes relations (default: argmax). ``execution``: ``auto`` stacks same-architecture members (``fold``, see drugprot.model.stacked) and
         loops otherwise; ``loop``, ``fold`` or ``vmap`` force one (a forced stack of incompatible members raises)."""
         if not members:
             raise ValueError("a Predictor needs at least one member")
@@ -93,6 +102,10 @@ class Predictor:
             raise ValueError(f"execution must be 'auto', 'loop', 'fold' or 'vmap', got {execution!r}")
         self.members = list(members)
         self.vote_mode = vote
+        if weights is not None and (len(weights) != len(self.members) or any(int(w) != w or w < 1 for w in weights)):
+            raise ValueError(f"weights must be one positive integer per member ({len(self.members)}), got {list(weights)}")
+        self.weights = None if weights is None else torch.tensor([float(w) for w in weights])
+        self.decision = decision or Decision()
         self.interval = tuple(interval)
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
         self.precision = precision
@@ -107,7 +120,7 @@ class Predictor:
         self._stacked = None
         self.execution = "loop"
         if execution != "loop" and len(self.members) > 1:
-            from drugprot.ensemble.stacked import stack_incompatibility, stack_models
+            from drugprot.model.stacked import stack_incompatibility, stack_models
 
             strategy = "fold" if execution == "auto" else execution
             reason = stack_incompatibility(self.members, strategy)
@@ -120,18 +133,38 @@ class Predictor:
     @classmethod
     def from_path(cls, path: str | Path, *, device: str = "auto", **overrides) -> Predictor:
         """A trained model folder (``drugprot train --out DIR`` → ``DIR/model``) or an ensemble folder."""
+        from drugprot.ensemble_folder import ENSEMBLE_JSON
         from drugprot.model.artifacts import load_artifact
 
         path = Path(path)
         if (path / "model").is_dir() and not (path / "manifest.json").exists():
             path = path / "model"
-        if (path / "ensemble.json").is_file():
-            from drugprot.ensemble import load_ensemble
-
-            return load_ensemble(path, device=device, **overrides)
+        if (path / ENSEMBLE_JSON).is_file():
+            return cls.from_ensemble(path, device=device, **overrides)
         loaded = load_artifact(path, device="cpu")
         interval = overrides.pop("interval", tuple(loaded.info["interval"]))
         return cls([loaded], interval=interval, device=device, **overrides)
+
+    @classmethod
+    def from_ensemble(cls, folder: str | Path, *, device: str = "auto", **overrides) -> Predictor:
+        """Verify an ensemble folder (every file's sha256, see drugprot.ensemble_folder) and load its members.
+
+        ``overrides``: ``vote``, ``interval``, ``precision``, ``execution`` (``auto``/``loop``/``fold``/``vmap``)."""
+        from drugprot.ensemble_folder import EnsembleError, check_vote, read_ensemble_folder
+        from drugprot.model.artifacts import load_artifact
+
+        folder = Path(folder)
+        meta = read_ensemble_folder(folder)
+        try:
+            decision = Decision.from_dict(meta.get("decision"), f"{folder / 'ensemble.json'}: decision")
+        except ValueError as error:
+            raise EnsembleError(str(error)) from None
+        members = [load_artifact(folder / entry["path"], device="cpu") for entry in meta["members"]]
+        weights = [entry.get("weight", 1) for entry in meta["members"]]
+        vote = check_vote(overrides.pop("vote", meta["vote"]))
+        interval = tuple(overrides.pop("interval", None) or meta["interval"])
+        return cls(members, vote=vote, interval=interval, device=device, metadata=meta,
+                   weights=weights if any(w != 1 for w in weights) else None, decision=decision, **overrides)
 
     def candidates(self, documents: Sequence[Document], interval: tuple[int, int] | None = None) -> list[Candidate]:
         pairs: list[Candidate] = []
@@ -146,7 +179,7 @@ class Predictor:
         result = torch.zeros((len(self.members), len(candidates), len(LABELS)))
         result[:, :, NONE_INDEX] = 1.0
         if self._stacked is not None:
-            from drugprot.ensemble.stacked import stacked_probabilities
+            from drugprot.model.stacked import stacked_probabilities
 
             first = self.members[0]
             pairs, _ = self._encoders[0].encode(documents, candidates)
@@ -172,7 +205,8 @@ class Predictor:
                 threshold: float = 0.0) -> list[list[PredictedRelation]]:
         """Relations per document (same order); ``threshold`` drops relations whose score is below it."""
         candidates = self.candidates(documents, interval)
-        relations = decode(candidates, self.member_probabilities(documents, candidates), self.vote_mode, threshold)
+        relations = decode(candidates, self.member_probabilities(documents, candidates), self.vote_mode, threshold,
+                           weights=self.weights, decision=self.decision)
         results: dict[str, list[PredictedRelation]] = {d.pmid: [] for d in documents}
         for relation in relations:
             results[relation.pmid].append(relation)
@@ -180,17 +214,21 @@ class Predictor:
 
 
 def decode(candidates: Sequence[Candidate], member_probs: torch.Tensor, vote_mode: str = "hard",
-           threshold: float = 0.0) -> list[PredictedRelation]:
-    """Vote (M, N, L) member probabilities into relations for the N candidates (NONE and low scores dropped)."""
+           threshold: float = 0.0, *, weights: torch.Tensor | None = None,
+           decision: Decision | None = None) -> list[PredictedRelation]:
+    """Vote (M, N, L) member probabilities into relations for the N candidates (NONE and low scores dropped).
+
+    ``decision`` (default: the argmax rule) turns the vote's ranking into relations, see drugprot.decision."""
     if not candidates:
         return []
-    labels, scores, member_labels = vote(member_probs, vote_mode)
+    ranking, scores = combine(member_probs, vote_mode, weights)
+    member_labels = member_probs.argmax(-1)
     relations = []
-    for i, cand in enumerate(candidates):
-        label = int(labels[i])
-        if label == NONE_INDEX or float(scores[i]) < threshold:
+    for i, label in (decision or Decision()).choose(ranking):
+        cand, value = candidates[i], float(scores[i, label])
+        if value < threshold:
             continue
-        relations.append(PredictedRelation(cand.pmid, cand.chemical.id, cand.gene.id, LABELS[label], round(float(scores[i]), 6),
+        relations.append(PredictedRelation(cand.pmid, cand.chemical.id, cand.gene.id, LABELS[label], round(value, 6),
                                            tuple(LABELS[int(v)] for v in member_labels[:, i])))
     return relations
 

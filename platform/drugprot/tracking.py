@@ -48,7 +48,8 @@ Child run (one per Ray trial; run name = the Ray trial id)
     artifacts ``config.yaml`` (the trial's config), ``per_type.csv`` (type, f1 at the best evaluation),
            ``metrics.json`` (every evaluation and the best), ``model/`` (the best model folder, a verified
            drugprot artifact: ``model/manifest.json``, ``model/model.safetensors``, ``model/tokenizer/``, …),
-           logged when the trial ends.
+           ``dev_probabilities.safetensors`` (the best model's dev probabilities, see
+           ``drugprot.model.dev_probabilities``), logged when the trial ends.
 
 Reading: :func:`study_trials` lists a study's trials (best first) and :func:`download_trial_model` fetches one
 trial's ``model/`` folder and verifies its manifest.
@@ -104,6 +105,7 @@ MODEL_ARTIFACT = "model"
 CONFIG_ARTIFACT = "config.yaml"
 PER_TYPE_ARTIFACT = "per_type.csv"
 METRICS_ARTIFACT = "metrics.json"
+DEV_PROBABILITIES_ARTIFACT = "dev_probabilities.safetensors"  # drugprot.model.dev_probabilities.FILE
 SPACE_ARTIFACT = "space.yaml"
 TRIALS_ARTIFACT = "trials.csv"
 PLOTS_ARTIFACT = "plots"
@@ -396,7 +398,7 @@ class StudyTracker:
             best = summary.get("best") or {}
             if best:
                 tags[TAG_BEST_EVAL] = str(best.get("eval"))
-            for name in (CONFIG_ARTIFACT, METRICS_ARTIFACT):
+            for name in (CONFIG_ARTIFACT, METRICS_ARTIFACT, DEV_PROBABILITIES_ARTIFACT):
                 if (folder / name).is_file():
                     self.client.log_artifact(run_id, str(folder / name))
             with tempfile.TemporaryDirectory(prefix="drugprot-per-type-") as scratch:
@@ -548,6 +550,19 @@ def download_trial_model(record: TrialRecord, dest: str | os.PathLike, tracking_
     return Path(local)
 
 
+def download_trial_dev_probabilities(record: TrialRecord, dest: str | os.PathLike, tracking_uri: str) -> Path | None:
+    """Download a trial's ``dev_probabilities.safetensors`` into ``dest``; None when the trial has none."""
+    import mlflow.artifacts
+
+    tracking_uri = normalize_tracking_uri(tracking_uri)
+    names = [a.path for a in client(tracking_uri).list_artifacts(record.run_id)]
+    if DEV_PROBABILITIES_ARTIFACT not in names:
+        return None
+    Path(dest).mkdir(parents=True, exist_ok=True)
+    return Path(mlflow.artifacts.download_artifacts(run_id=record.run_id, artifact_path=DEV_PROBABILITIES_ARTIFACT,
+                                                    dst_path=str(dest), tracking_uri=tracking_uri))
+
+
 def _param_text(value: Any) -> str:
     if isinstance(value, (list, tuple, dict)):
         return json.dumps(value)
@@ -639,7 +654,7 @@ def download_registered_model(uri: str, tracking_uri: str | None = None, *, dest
 
     import mlflow
 
-    from drugprot.ensemble.format import verify_tree_manifest
+    from drugprot.ensemble_folder import verify_tree_manifest
     from drugprot.model.artifacts import ArtifactError
 
     version = resolve_model_version(uri, tracking_uri=tracking_uri)

@@ -32,8 +32,10 @@ from drugprot.encoding import LABELS, Batch, PairEncoder, add_marker_tokens, ite
 from drugprot.errors import DrugprotError
 from drugprot.inference import decode, pair_probabilities
 from drugprot.model.artifacts import save_artifact
+from drugprot.model.dev_probabilities import save_dev_probabilities
 from drugprot.model.encoder import build_encoder, load_tokenizer
 from drugprot.model.heads import GeneTypeClassifier, RelationModel
+from drugprot.model.loss import distillation_loss
 from drugprot.model.optim import build_optimizer, linear_schedule
 from drugprot.model.runtime import autocast, resolve_device
 from drugprot.scoring import score
@@ -172,10 +174,12 @@ def _dedupe(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def train_step(model: RelationModel, batch: Batch, optimizer: torch.optim.Optimizer, scheduler=None, *,
                device: torch.device, precision: str = "bf16", gamma: float = 0.0, lambda_: float = 0.5,
-               grad_clip: float = 1.0, forward: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               grad_clip: float = 1.0, forward: Callable | None = None, teacher: torch.Tensor | None = None,
+               temperature: float = 1.0, teacher_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimisation step on a batch already on ``device``: autocast forward, loss, backward, clip, step.
 
     ``forward`` is the callable that runs the model (a ``torch.compile``d wrapper, say; default ``model``).
+    ``teacher``: (B, L) target probabilities for distillation, weighted ``teacher_weight`` against the gold loss.
     Returns ``(loss, nonfinite)``, both detached and left on the device (no host synchronisation): ``nonfinite`` is
     true when the loss or the gradient norm was not finite, in which case the weights and the optimizer state were
     left as they were. With the fused AdamW of :func:`build_optimizer` the skip happens on the device (it honours
@@ -185,6 +189,8 @@ def train_step(model: RelationModel, batch: Batch, optimizer: torch.optim.Optimi
     with autocast(device, precision):
         out = (forward or model)(batch.input_ids, batch.attention_mask, batch.subject, batch.object)
     loss = model.loss(out, batch.target, batch.entity_types, gamma=gamma, lambda_=lambda_)
+    if teacher is not None:
+        loss = (1 - teacher_weight) * loss + teacher_weight * distillation_loss(out["logits"], teacher, temperature)
     loss.backward()
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     nonfinite = ~(torch.isfinite(loss) & torch.isfinite(norm))
@@ -254,12 +260,16 @@ def _revalidate(config: RunConfig) -> RunConfig:
 
 def train(config: RunConfig, run_dir: str | os.PathLike, *, report: Report | None = None, resume: bool = False,
           progress: bool = True, log: Callable[[str], None] | None = None,
-          checkpoint_every: int | None = None) -> TrainResult:
+          checkpoint_every: int | None = None,
+          teacher: Callable[[list[Document], list], torch.Tensor] | None = None) -> TrainResult:
     """Train one model; the best checkpoint by dev micro-F1 ends up in ``run_dir/model``.
 
     The best model is written when it improves; the resumable state (weights, AdamW moments, RNG: three times the
     model's size) every ``checkpoint_every`` evaluations (default: once per epoch) and at the end, because writing
     it stalls the device and, in a study, every byte of it is uploaded to the storage.
+
+    ``teacher(documents, candidates)`` gives (candidates, labels) target probabilities over the training pairs:
+    the student then learns from them too (``distill`` section of the config; drugprot.distillation).
 
     ``report(metrics, run_dir)`` is called after every evaluation, once the run folder (best model, metrics.json,
     checkpoint) is consistent; ``metrics["model_saved"]`` and ``metrics["state_saved"]`` say what changed, so a
@@ -282,6 +292,10 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, report: Report | Non
         raise DrugprotError(f"data.dir {config.data.dir}: no training pairs after candidate generation and encoding "
                             f"({len(train_docs)} documents, {len(train_candidates)} candidates, "
                             f"{train_encoding.too_long} longer than encoder.max_length {config.encoder.max_length})")
+
+    targets = teacher(train_docs, train_candidates) if teacher is not None else None
+    if targets is not None and tuple(targets.shape) != (len(train_candidates), len(LABELS)):
+        raise ValueError(f"teacher gave {tuple(targets.shape)} probabilities for {len(train_candidates)} training pairs")
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -346,11 +360,13 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, report: Report | Non
                                        shuffle_seed=cfg.seed * 1000 + epoch)
         skip = step - epoch * steps_per_epoch
         for batch in iterate_batches(train_pairs, batches[skip:], pad_id):
+            batch_targets = None if targets is None else targets[batch.index].to(device, non_blocking=True)
             # pinned host memory: a pageable copy would make the host wait for the GPU queue at every step
             batch = (batch.pin_memory() if device.type == "cuda" else batch).to(device, non_blocking=True)
             loss, nonfinite = train_step(model, batch, optimizer, scheduler, device=device, precision=cfg.precision,
                                          gamma=config.loss.gamma, lambda_=config.loss.lambda_, grad_clip=cfg.grad_clip,
-                                         forward=forward)
+                                         forward=forward, teacher=batch_targets, temperature=config.distill.temperature,
+                                         teacher_weight=config.distill.weight)
             step += 1
             guard.update(loss, nonfinite)
             guard.check(step, config, force=step in eval_steps)
@@ -366,7 +382,8 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, report: Report | Non
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)  # the queued steps belong to this window's timing
                 elapsed = time.perf_counter() - window["start"]
-                metrics = _evaluate(model, dev_docs, dev_candidates, dev_pairs, pad_id, device, cfg.precision)
+                metrics, dev_probabilities = _evaluate(model, dev_docs, dev_candidates, dev_pairs, pad_id, device,
+                                                       cfg.precision)
                 metrics.update({
                     "eval": len(evaluations) + 1, "step": step, "epoch": round(step / steps_per_epoch, 4),
                     "train_loss": float(window["loss"]) / max(1, int(window["batches"])),
@@ -381,6 +398,8 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, report: Report | Non
                     save_artifact(run_dir / "model", model=model, tokenizer=tokenizer,
                                   info={**info, "dev": {k: metrics[k] for k in ("dev_precision", "dev_recall", "dev_f1", "eval", "epoch")}},
                                   gene_typer=gene_typer)
+                    save_dev_probabilities(run_dir, dev_candidates, dev_probabilities, labels=LABELS,
+                                           split=config.data.dev_split, eval=metrics["eval"], dev_f1=metrics["dev_f1"])
                 metrics["state_saved"] = metrics["eval"] % state_every == 0 or step >= total_steps
                 if metrics["state_saved"]:
                     checkpoint.save(model=model, optimizer=optimizer, scheduler=scheduler, gene_typer=gene_typer,
@@ -401,7 +420,8 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, report: Report | Non
     return TrainResult(run_dir, best, evaluations, extra)
 
 
-def _evaluate(model, dev_docs, dev_candidates, dev_pairs, pad_id, device, precision) -> dict[str, Any]:
+def _evaluate(model, dev_docs, dev_candidates, dev_pairs, pad_id, device, precision) -> tuple[dict[str, Any], torch.Tensor]:
+    """Dev metrics and the (candidates, labels) probabilities they were computed from."""
     probs = torch.zeros((1, len(dev_candidates), len(LABELS)))
     probs[0, :, 0] = 1.0
     if dev_pairs:
@@ -410,7 +430,7 @@ def _evaluate(model, dev_docs, dev_candidates, dev_pairs, pad_id, device, precis
     predictions = decode(dev_candidates, probs)
     result = score(dev_docs, ((r.pmid, r.type, r.chemical, r.gene) for r in predictions))
     return {"dev_precision": result.precision, "dev_recall": result.recall, "dev_f1": result.f1,
-            "dev_per_type": {t: round(c.f1, 4) for t, c in result.per_type.items()}}
+            "dev_per_type": {t: round(c.f1, 4) for t, c in result.per_type.items()}}, probs[0]
 
 
 def _fgemr(config: RunConfig, tokenizer, train_docs, dev_docs, checkpoint: _Checkpoint | None, device,

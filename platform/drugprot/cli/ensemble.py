@@ -1,8 +1,12 @@
-"""``drugprot ensemble``: build a voting ensemble from a study (top-k trials or K new seeds) or from folders,
-evaluate it on dev next to its members, log it to MLflow and optionally register it (champion alias rule)."""
+"""``drugprot ensemble``: build a voting ensemble from a study (top-k trials, greedy selection or K new seeds) or
+from folders, evaluate it on dev next to its members, log it to MLflow and optionally register it (promotion gates).
+
+With ``--study``, the trials' stored dev probabilities give the A/B table first (drugprot.ensemble.selection):
+every candidate chosen on dev half A and scored on half B."""
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -21,12 +25,24 @@ def register(commands) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--study", help="study name (its MLflow experiment holds one child run per trial)")
     source.add_argument("--members", nargs="+", type=Path, metavar="DIR", help="member model folders, best first")
+    parser.add_argument("--select", choices=("top-k", "greedy"), default="top-k",
+                        help="top-k: the study's best trials by dev F1; greedy: forward selection with replacement over "
+                             "all finished trials, with calibrated decisions, chosen on dev half A (default top-k)")
     parser.add_argument("--top-k", type=int, default=None, help=f"members from the study's best trials (default {DEFAULT_TOP_K})")
+    parser.add_argument("--max-size", type=int, default=None, help="greedy: at most this many votes (default 10)")
+    parser.add_argument("--split-seed", type=int, default=0, help="seed of the dev A/B split (default 0)")
+    parser.add_argument("--multi-label", action="store_true",
+                        help="greedy: allow a second relation type per pair when it passes its calibrated threshold")
+    parser.add_argument("--min-gain", type=float, default=0.0,
+                        help="promotion gate: the new version must beat the champion and its own best member by more "
+                             "than this F1 (default 0)")
     parser.add_argument("--reseed", type=int, metavar="K", help="instead: retrain the best configuration with K new seeds")
     parser.add_argument("--vote", default="hard", help="hard (majority, ties to the highest mean probability) or soft (mean probability)")
     parser.add_argument("--register", metavar="NAME", help="register the ensemble as a new version of this MLflow model")
     parser.add_argument("--alias", default="champion", help="alias to move when the new version wins (default champion)")
-    parser.add_argument("--force", action="store_true", help="move the alias even if the dev F1 does not improve")
+    parser.add_argument("--force", action="store_true",
+                        help="move the alias even when a gate fails (recorded in the version's tags); a model that "
+                             "predicts no relation is never promoted")
     parser.add_argument("--tracking-uri", help="MLflow tracking/registry URI (default sqlite:///mlflow.db, as drugprot tune)")
     parser.add_argument("--experiment", help="MLflow experiment for the ensemble run (default: the study's; with "
                                              "--members, drugprot-ensembles)")
@@ -37,6 +53,9 @@ def register(commands) -> None:
                         help="GENE interval of the ensemble (default: the best member's)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--no-log", action="store_true", help="do not log a run to MLflow (not allowed with --register)")
+    parser.add_argument("--json", action="store_true", help="print the summary (A/B table, dev scores, registration) "
+                                                            "as one JSON object on stdout; messages go to stderr")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(handler=_ensemble)
 
 
@@ -46,7 +65,7 @@ def _ensemble(args) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    from drugprot.ensemble.format import EnsembleError, check_vote
+    from drugprot.ensemble_folder import EnsembleError, check_vote
 
     check_vote(args.vote, "--vote")
     if args.reseed is not None and args.top_k is not None:
@@ -54,6 +73,8 @@ def _ensemble(args) -> int:
                             "trains K new seeds of the best one")
     if args.members and args.reseed is not None:
         raise EnsembleError("--reseed needs --study (it retrains the study's best configuration)")
+    if args.select == "greedy" and (args.members or args.reseed is not None):
+        raise EnsembleError("--select greedy needs --study (it chooses among the study's trials) and excludes --reseed")
     if args.register and args.no_log:
         raise EnsembleError("--register logs the ensemble to MLflow; drop --no-log")
     top_k = args.top_k if args.top_k is not None else DEFAULT_TOP_K
@@ -62,45 +83,101 @@ def _ensemble(args) -> int:
     if out.exists() and any(out.iterdir()):
         raise EnsembleError(f"--out {out}: already exists and is not empty; choose another folder or remove it")
     work = out.parent / f".{out.name}.work"
+    say = _stderr if args.json else print
 
     try:
-        built = _build(args, top_k, out, work)
+        built, comparison = _build(args, top_k, out, work, say)
     finally:
         import shutil
 
         shutil.rmtree(work, ignore_errors=True)
-    print(built.evaluation.table())
-    print(f"ensemble of {len(built.meta['members'])} members ({built.meta.get('execution')} execution) written to {out}")
+    summary = {"out": str(out), "select": "reseed" if args.reseed is not None else args.select if args.study else "folders",
+               "vote": built.meta["vote"], "decision": built.meta.get("decision"), "execution": built.meta.get("execution"),
+               "members": [{"name": m["name"], "weight": m["weight"], "dev_f1": m["dev_f1"]} for m in built.meta["members"]],
+               "selection": comparison.as_dict() if comparison else None, "dev": built.evaluation.as_dict(),
+               "run_id": None, "registration": None}
+    if comparison is not None:
+        say(comparison.table())
+    say(built.evaluation.table())
+    say(f"ensemble of {len(built.meta['members'])} members ({built.meta.get('execution')} execution) written to {out}")
     if not args.no_log:
         from drugprot.ensemble.registry import log_ensemble
 
+        gate = _gate(args, built, comparison, say) if args.register else None
         run = log_ensemble(out, tracking_uri=args.tracking_uri, experiment=args.experiment, register=args.register,
-                           alias=args.alias, force=args.force, log=print,
+                           alias=args.alias, force=args.force, gate=gate, min_gain=args.min_gain, log=say,
                            run_name=f"ensemble-{args.study or 'folders'}-{stamp}")
-        print(f"logged as MLflow run {run.run_id} (experiment {run.experiment_id})")
+        summary["run_id"] = run.run_id
+        say(f"logged as MLflow run {run.run_id} (experiment {run.experiment_id})")
         if run.registration is not None:
-            print(f"registered {run.registration.model_uri}; predict with "
-                  f"`drugprot predict --model models:/{args.register}@{args.alias} ...`")
+            r = run.registration
+            summary["registration"] = {"name": r.name, "version": r.version, "alias": r.alias, "alias_moved": r.alias_moved,
+                                       "reason": r.reason, "previous_version": r.previous_version}
+            target = f"models:/{args.register}@{args.alias}" if r.alias_moved else r.model_uri
+            say(f"registered {r.model_uri}; predict with `drugprot predict --model {target} ...`")
+    if args.json:
+        print(json.dumps(summary, indent=1))
     return 0
 
 
-def _build(args, top_k: int, out: Path, work: Path):
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _gate(args, built, comparison, say):
+    """What promotion compares: on dev half B (the chosen recipe, its best member, the current champion run on B)
+    when the ensemble came from an A/B selection; otherwise the recorded dev F1s."""
+    from drugprot.ensemble.registry import Gate
+
+    dev = built.evaluation
+    relations = dev.ensemble.micro.tp + dev.ensemble.micro.fp
+    if comparison is None:
+        members = [r.f1 for name, r in dev.scores.items() if name != "ensemble"]
+        return Gate(dev.ensemble.f1, max(members) if len(members) > 1 else None, None, relations, "dev")
+    return Gate(comparison.chosen.b.f1, comparison.chosen_best_member_b, champion_f1_on(args, comparison.halves[1].documents, say),
+                relations, "dev half B")
+
+
+def champion_f1_on(args, documents, say) -> float | None:
+    """The current ``--alias`` version run on ``documents`` (the one inference path), or None when there is none."""
+    from drugprot.inference import load_predictor, relation_rows
+    from drugprot.scoring import score
+    from drugprot.tracking import RegistryError
+
+    uri = f"models:/{args.register}@{args.alias}"
+    try:
+        predictor = load_predictor(uri, device=args.device, tracking_uri=args.tracking_uri)
+    except RegistryError:
+        return None
+    rows = relation_rows(documents, predictor.predict(documents))
+    result = score(documents, [(pmid, r.type, r.chemical, r.gene) for pmid, r in rows])
+    say(f"current {uri} on dev half B: F1 {result.f1:.4f}")
+    return result.f1
+
+
+def _build(args, top_k: int, out: Path, work: Path, say):
     from drugprot.ensemble.build import MemberSource, build_ensemble, dev_documents, member_info
 
+    comparison, decision, vote = None, None, args.vote
     if args.study:
-        sources, source = _from_study(args, top_k, work)
+        sources, source, comparison = _from_study(args, top_k, work, say)
+        if comparison is not None and args.select == "greedy":
+            decision, vote = comparison.refit.decision, comparison.refit.vote
     else:
         sources = [MemberSource(Path(p)) for p in args.members]
         source = {"selection": "folders", "members": [str(p) for p in args.members]}
     documents, split = dev_documents(member_info(sources[0].path), data_dir=args.data, split=args.split)
-    return build_ensemble(sources, out, vote=args.vote, documents=documents, split=split, source=source,
-                          device=args.device, interval=tuple(args.interval) if args.interval else None)
+    built = build_ensemble(sources, out, vote=vote, documents=documents, split=split, source=source, device=args.device,
+                           interval=tuple(args.interval) if args.interval else None, log=say, decision=decision,
+                           selection=comparison.as_dict() if comparison else None, progress=not args.quiet)
+    return built, comparison
 
 
-def _from_study(args, top_k: int, work: Path):
+def _from_study(args, top_k: int, work: Path, say):
     from drugprot import tracking
-    from drugprot.ensemble.build import MemberSource
+    from drugprot.ensemble.build import MemberSource, dev_documents
     from drugprot.ensemble.members import best_trial, member_name, reseed, select_top_k
+    from drugprot.ensemble.selection import DEFAULT_MAX_SIZE, compare, study_trial_probabilities
 
     store = tracking.existing_store(args.tracking_uri)
     records = tracking.study_trials(args.study, store)  # unknown study: TrackingError listing the experiments
@@ -110,16 +187,39 @@ def _from_study(args, top_k: int, work: Path):
                         used_seeds=[r.seed for r in records if r.seed is not None], tracking_uri=store)
         source = {"study": args.study, "selection": "reseed", "reseed": args.reseed, "reseed_of": str(best.trial_id),
                   "reseed_of_run": best.run_id, "seeds": result.seeds}
-        return result.members, source
-    selection = select_top_k(records, top_k, study=args.study)
-    if selection.note:
-        print(f"note: {selection.note}", file=sys.stderr)
+        return result.members, source, None
+    if args.select == "top-k":
+        selection = select_top_k(records, top_k, study=args.study)  # a too-large --top-k fails before any download
+    trials = study_trial_probabilities(records, store, work / "probabilities", log=say)
+    comparison = None
+    if trials:
+        documents, _ = dev_documents({"config": trials[0].record.config}, data_dir=args.data, split=args.split)
+        from tqdm import tqdm
+
+        max_size = args.max_size if args.max_size is not None else DEFAULT_MAX_SIZE
+        with tqdm(total=4 * max_size, unit="step", desc="greedy selection", disable=args.quiet, file=sys.stderr,
+                  dynamic_ncols=True) as bar:
+            comparison = compare(trials, documents, seed=args.split_seed, select=args.select, top=top_k,
+                                 max_size=max_size, multi_label=args.multi_label, progress=bar.update)
+    elif args.select == "greedy":
+        from drugprot.ensemble_folder import EnsembleError
+
+        raise EnsembleError(f"--select greedy: no finished trial of study {args.study!r} has stored dev probabilities "
+                            "(dev_probabilities.safetensors); run the study with this version of drugprot")
+    if args.select == "greedy":
+        by_index = [(trials[i].record, n) for i, n in comparison.refit.members.items()]
+        source = {"study": args.study, "selection": "greedy", "vote": comparison.refit.vote,
+                  "trials": {str(r.trial_id): n for r, n in by_index}}
+    else:
+        if selection.note:
+            _stderr(f"note: {selection.note}")
+        by_index = [(r, 1) for r in selection.records]
+        source = {"study": args.study, "selection": "top-k", "top_k": top_k, "seeds_searched": selection.seeds_searched,
+                  "trials": [str(r.trial_id) for r in selection.records]}
     sources = []
-    for record in selection.records:
+    for record, weight in by_index:
         folder = tracking.download_trial_model(record, work / "trials" / member_name(record), store)
         sources.append(MemberSource(Path(folder), name=member_name(record), dev_f1=float(record.best_dev_f1),
-                                    seed=record.seed,
+                                    seed=record.seed, weight=weight,
                                     source={"study": args.study, "trial_id": str(record.trial_id), "run_id": record.run_id}))
-    source = {"study": args.study, "selection": "top-k", "top_k": top_k, "seeds_searched": selection.seeds_searched,
-              "trials": [str(r.trial_id) for r in selection.records]}
-    return sources, source
+    return sources, source, comparison

@@ -1,10 +1,11 @@
-"""Voting ensembles: choosing members, building and verifying ensemble folders, stacked execution, registry.
+"""Voting ensembles: choosing members, building and verifying ensemble folders, greedy selection on held-out dev halves, registry.
 
-Light to import (no torch, Ray or MLflow until a function needs them). The public face:
+Light to import (no torch, Ray or MLflow until a function needs them). The package sits above
+``drugprot.inference``: the folder format it writes is ``drugprot.ensemble_folder`` and loading one is
+``drugprot.inference.Predictor.from_ensemble``, both below it. The public face:
 
-* :func:`load_ensemble` (``path, *, device, **overrides -> Predictor``), used by ``Predictor.from_path``;
 * :func:`build_ensemble` and :class:`MemberSource` (``drugprot.ensemble.build``);
-* :class:`EnsembleError` and ``VOTE_MODES`` (``drugprot.ensemble.format``);
+* :class:`EnsembleError` and ``VOTE_MODES`` (``drugprot.ensemble_folder``);
 * member selection in ``drugprot.ensemble.members``, the MLflow registry in ``drugprot.ensemble.registry``,
   the pyfunc model-from-code file ``drugprot/ensemble/pyfunc_model.py``, Ray Data batch prediction in
   ``drugprot.ensemble.batch``.
@@ -12,14 +13,7 @@ Light to import (no torch, Ray or MLflow until a function needs them). The publi
 
 from __future__ import annotations
 
-from drugprot.ensemble.format import VOTE_MODES, EnsembleError
-
-
-def load_ensemble(path, *, device: str = "auto", **overrides):
-    """Verify an ensemble folder (sha256 of every file) and load it as one ``Predictor``."""
-    from drugprot.ensemble.build import load_ensemble as _load
-
-    return _load(path, device=device, **overrides)
+from drugprot.ensemble_folder import VOTE_MODES, EnsembleError
 
 
 def build_ensemble(members, out, **options):
@@ -37,4 +31,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'drugprot.ensemble' has no attribute {name!r}")
 
 
-__all__ = ["VOTE_MODES", "EnsembleError", "MemberSource", "build_ensemble", "load_ensemble"]
+__all__ = ["VOTE_MODES", "EnsembleError", "MemberSource", "build_ensemble"]

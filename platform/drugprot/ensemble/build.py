@@ -3,7 +3,7 @@
 :func:`build_ensemble` copies each (verified) member folder under ``members/NAME/``, evaluates every member and
 the vote side by side on the development documents (one stacked forward gives all members' probabilities),
 writes ``ensemble.json`` and a sha256 manifest of every file, and moves the staged folder into place.
-:func:`load_ensemble` verifies the manifest, then loads the members into one :class:`~drugprot.inference.Predictor`.
+``drugprot.inference.Predictor.from_ensemble`` verifies the manifest and loads the members as one Predictor.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from drugprot.ensemble.format import (ENSEMBLE_JSON, FORMAT_VERSION, KIND, MEMBERS_DIR, EnsembleError, check_member_name,
+from drugprot.ensemble_folder import (ENSEMBLE_JSON, FORMAT_VERSION, KIND, MEMBERS_DIR, EnsembleError, check_member_name,
                                       check_vote, read_ensemble_json, verify_tree_manifest, write_tree_manifest)
 
 
@@ -31,6 +31,7 @@ class MemberSource:
     dev_f1: float | None = None  # default: the dev F1 recorded in the member's drugprot.json
     seed: int | None = None  # default: train.seed of the member's config
     source: dict[str, Any] = field(default_factory=dict)  # e.g. study, trial_id, run_id
+    weight: int = 1  # votes it casts (a greedy selection with replacement may pick a trial more than once)
 
 
 @dataclass
@@ -84,15 +85,32 @@ class BuiltEnsemble:
         return self.meta.get("dev", {}).get("ensemble", {}).get("f1") if self.meta.get("dev") else None
 
 
+EVALUATION_CHUNK = 32  # documents per progress step
+
+
 def evaluate(predictor, documents: Sequence, names: Sequence[str], *, split: str = "development",
-             vote: str | None = None) -> Evaluation:
-    """Score each member alone (its argmax) and the vote on ``documents`` with the official-equivalent scorer."""
+             vote: str | None = None, progress: bool = False) -> Evaluation:
+    """Score each member alone (its argmax) and the vote on ``documents`` with the official-equivalent scorer.
+
+    ``progress`` shows a bar over the documents on stderr (the members run on chunks of them)."""
+    import torch
+    from tqdm import tqdm
+
+    from drugprot.encoding import LABELS
     from drugprot.inference import decode
     from drugprot.scoring import score
 
     vote = vote or predictor.vote_mode
-    candidates = predictor.candidates(documents)
-    probabilities = predictor.member_probabilities(documents, candidates)
+    candidates, chunks = [], []
+    with tqdm(total=len(documents), unit="doc", desc="dev evaluation", disable=not progress, file=sys.stderr,
+              mininterval=1.0, dynamic_ncols=True) as bar:
+        for start in range(0, len(documents), EVALUATION_CHUNK):
+            part = documents[start:start + EVALUATION_CHUNK]
+            found = predictor.candidates(part)
+            candidates.extend(found)
+            chunks.append(predictor.member_probabilities(part, found))
+            bar.update(len(part))
+    probabilities = torch.cat(chunks, dim=1) if chunks else torch.zeros((len(predictor.members), 0, len(LABELS)))
     scores: dict[str, Any] = {}
 
     def keys(relations):
@@ -100,7 +118,8 @@ def evaluate(predictor, documents: Sequence, names: Sequence[str], *, split: str
 
     for m, name in enumerate(names):
         scores[name] = score(documents, keys(decode(candidates, probabilities[m:m + 1], "hard")))
-    scores["ensemble"] = score(documents, keys(decode(candidates, probabilities, vote)))
+    scores["ensemble"] = score(documents, keys(decode(candidates, probabilities, vote, weights=predictor.weights,
+                                                      decision=predictor.decision)))
     return Evaluation(split, len(documents), vote, scores)
 
 
@@ -133,11 +152,14 @@ def dev_documents(info: dict[str, Any], *, data_dir: str | Path | None = None, s
 def build_ensemble(members: Sequence[MemberSource | Path | str], out: str | Path, *, vote: str = "hard",
                    interval: tuple[int, int] | None = None, documents: Sequence | None = None,
                    split: str = "development", evaluate_on_dev: bool = True, source: dict[str, Any] | None = None,
-                   device: str = "cpu", log: Callable[[str], None] | None = None) -> BuiltEnsemble:
+                   device: str = "cpu", log: Callable[[str], None] | None = None, decision=None,
+                   selection: dict[str, Any] | None = None, progress: bool = False) -> BuiltEnsemble:
     """Write an ensemble folder at ``out`` (which must not exist or be empty) and return it with its dev scores.
 
     ``documents`` are the dev documents (default: the first member's dev split, see :func:`dev_documents`).
-    The interval defaults to the first member's (members are given best first).
+    The interval defaults to the first member's (members are given best first). ``decision``
+    (a :class:`drugprot.decision.Decision`) and ``selection`` (the A/B table it came from) are recorded in
+    ``ensemble.json``.
     """
     say = log or (lambda message: print(message, file=sys.stderr, flush=True))
     check_vote(vote)
@@ -158,7 +180,8 @@ def build_ensemble(members: Sequence[MemberSource | Path | str], out: str | Path
         dev_f1 = src.dev_f1 if src.dev_f1 is not None else (info.get("dev") or {}).get("dev_f1")
         entries.append({"name": name, "path": f"{MEMBERS_DIR}/{name}", "dev_f1": dev_f1, "seed": seed,
                         "encoder": info.get("encoder"), "system": info.get("system"), "markers": info.get("markers"),
-                        "max_length": info.get("max_length"), "interval": info.get("interval"), "source": src.source})
+                        "max_length": info.get("max_length"), "interval": info.get("interval"), "source": src.source,
+                        "weight": int(src.weight)})
     intervals = {tuple(e["interval"]) for e in entries if e["interval"]}
     chosen = tuple(interval) if interval else tuple(entries[0]["interval"] or ())
     if len(intervals) > 1 and not interval:
@@ -175,12 +198,16 @@ def build_ensemble(members: Sequence[MemberSource | Path | str], out: str | Path
             "encoder": encoders[0] if len(encoders) == 1 else encoders, "members": entries, "dev": None,
             "source": source or {}, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
+        if decision is not None and not decision.is_argmax:
+            meta["decision"] = decision.as_dict()
+        if selection is not None:
+            meta["selection"] = selection
         evaluation = None
         if evaluate_on_dev:
             if documents is None:
                 documents, split = dev_documents(infos[0])
-            predictor = _predictor(staging, meta, device=device)
-            evaluation = evaluate(predictor, documents, names, split=split, vote=vote)
+            predictor = _unverified_predictor(staging, meta, device=device)
+            evaluation = evaluate(predictor, documents, names, split=split, vote=vote, progress=progress)
             meta["dev"] = evaluation.as_dict()
             meta["execution"] = predictor.execution
         (staging / ENSEMBLE_JSON).write_text(json.dumps(meta, indent=1))
@@ -194,24 +221,14 @@ def build_ensemble(members: Sequence[MemberSource | Path | str], out: str | Path
     return BuiltEnsemble(out, meta, evaluation)
 
 
-def _predictor(folder: Path, meta: dict[str, Any], *, device: str = "auto", **overrides):
+def _unverified_predictor(staging: Path, meta: dict[str, Any], *, device: str):
+    """The staged ensemble as a Predictor, before its manifest exists (only build_ensemble may skip the check)."""
+    from drugprot.decision import Decision
     from drugprot.inference import Predictor
     from drugprot.model.artifacts import load_artifact
 
-    members = [load_artifact(folder / entry["path"], device="cpu") for entry in meta["members"]]
-    vote = check_vote(overrides.pop("vote", meta["vote"]))
-    interval = tuple(overrides.pop("interval", None) or meta["interval"])
-    return Predictor(members, vote=vote, interval=interval, device=device, metadata=meta, **overrides)
-
-
-def load_ensemble(path: str | Path, *, device: str = "auto", **overrides):
-    """Verify an ensemble folder (every file's sha256) and load it as a :class:`~drugprot.inference.Predictor`.
-
-    ``overrides``: ``vote``, ``interval``, ``precision``, ``execution`` (``auto``/``loop``/``fold``/``vmap``).
-    """
-    folder = Path(path)
-    if not folder.is_dir():
-        raise EnsembleError(f"{folder}: no such ensemble folder")
-    verify_tree_manifest(folder)
-    meta = read_ensemble_json(folder)
-    return _predictor(folder, meta, device=device, **overrides)
+    members = [load_artifact(staging / entry["path"], device="cpu") for entry in meta["members"]]
+    weights = [entry["weight"] for entry in meta["members"]]
+    return Predictor(members, vote=meta["vote"], interval=tuple(meta["interval"]), device=device, metadata=meta,
+                     weights=weights if any(w != 1 for w in weights) else None,
+                     decision=Decision.from_dict(meta.get("decision")))

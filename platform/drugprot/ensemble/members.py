@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from drugprot.ensemble.format import EnsembleError
+from drugprot.ensemble_folder import EnsembleError
 
 #: Trial states (``drugprot.state`` tag, see drugprot.tracking) whose best model is final: ASHA-stopped trials count.
 FINISHED_STATES = frozenset({"finished", "early-stopped"})
@@ -55,7 +55,7 @@ def is_finished(record) -> bool:
     return state in FINISHED_STATES and getattr(record, "best_dev_f1", None) is not None
 
 
-def _configuration(record) -> str:
+def configuration(record) -> str:
     params = getattr(record, "params", None) or {}
     return json.dumps({k: v for k, v in params.items() if not is_seed_key(k)}, sort_keys=True, default=str)
 
@@ -88,16 +88,16 @@ def select_top_k(records: Sequence, top_k: int, *, study: str = "") -> Selection
     seen: set[tuple[str, Any]] = set()
 
     def take(record) -> None:
-        key = (_configuration(record), _seed(record))
+        key = (configuration(record), _seed(record))
         if key not in seen and len(chosen) < top_k:
             seen.add(key)
             chosen.append(record)
 
     note = ""
     if seeds_searched:
-        best = _configuration(finished[0])
+        best = configuration(finished[0])
         for record in finished:
-            if _configuration(record) == best:
+            if configuration(record) == best:
                 take(record)
         if len(chosen) < top_k:
             note = (f"the best configuration has {len(chosen)} distinct seed(s) among the finished trials; "

@@ -4,7 +4,7 @@
 artifacts={"ensemble": <ensemble folder>})``: MLflow stores the file's source and the folder (safetensors,
 tokenizers, JSON, sha256 manifest), never a pickled object. On load, MLflow runs this file, which hands
 ``set_model`` the class below; ``load_context`` verifies and loads the folder through the one inference path
-(``drugprot.ensemble.load_ensemble``) and ``predict`` maps a DataFrame of documents (``pmid``, ``title``,
+(``drugprot.inference.Predictor.from_ensemble``) and ``predict`` maps a DataFrame of documents (``pmid``, ``title``,
 ``abstract``, ``entities``; see ``drugprot.ensemble.frames``) to a DataFrame of relations (``pmid``, ``type``,
 ``arg1``, ``arg2``, ``score``, ``votes``). The ``drugprot`` package travels with the model (``code_paths``), so
 ``mlflow models predict``/``serve`` and ``mlflow.pyfunc.load_model`` work in an environment made from the model's
@@ -23,11 +23,11 @@ from mlflow.pyfunc import PythonModel
 
 class DrugprotEnsembleModel(PythonModel):
     def load_context(self, context):
-        from drugprot.ensemble import load_ensemble
+        from drugprot.inference import Predictor
 
         config = dict(getattr(context, "model_config", None) or {})
         overrides = {k: config[k] for k in ("vote", "execution") if k in config}
-        self.predictor = load_ensemble(context.artifacts["ensemble"], device=config.get("device", "auto"), **overrides)
+        self.predictor = Predictor.from_ensemble(context.artifacts["ensemble"], device=config.get("device", "auto"), **overrides)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         from drugprot.ensemble.frames import frame_to_documents, relations_to_frame

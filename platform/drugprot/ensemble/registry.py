@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from drugprot.ensemble.format import EnsembleError, read_ensemble_json, verify_tree_manifest
+from drugprot.ensemble_folder import EnsembleError, read_ensemble_json, verify_tree_manifest
 
 PYFUNC_MODEL_FILE = Path(__file__).with_name("pyfunc_model.py")
 DEFAULT_EXPERIMENT = "drugprot-ensembles"
@@ -168,38 +168,82 @@ def _version_f1(client, version) -> float | None:
     return None
 
 
+@dataclass
+class Gate:
+    """What promotion compares, on the same held-out documents (dev half B when the ensemble came from an A/B
+    selection; otherwise the whole dev set): the candidate, its own best single member and the current champion."""
+
+    f1: float | None
+    best_member_f1: float | None = None
+    champion_f1: float | None = None  # None: the champion's recorded dev F1 is used
+    relations: int | None = None  # relations the candidate predicts on dev; 0 is never promoted
+    on: str = "dev"
+
+    def as_tags(self) -> dict[str, str]:
+        def fmt(value):
+            return "" if value is None else f"{value:.6f}"
+
+        return {"gate_on": self.on, "gate_f1": fmt(self.f1), "gate_best_member_f1": fmt(self.best_member_f1),
+                "gate_champion_f1": fmt(self.champion_f1), "gate_relations": "" if self.relations is None else str(self.relations)}
+
+
 def promote(client, name: str, version: str, *, alias: str = "champion", dev_f1: float | None, force: bool = False,
-            log: Callable[[str], None] | None = None) -> RegistrationResult:
-    """Point ``alias`` at ``version`` if its dev F1 beats the alias's current version (or if ``force``); print why."""
+            gate: Gate | None = None, min_gain: float = 0.0, log: Callable[[str], None] | None = None) -> RegistrationResult:
+    """Point ``alias`` at ``version`` when it passes every gate, or with ``force``; print why, tag the version.
+
+    Gates: the candidate predicts at least one relation on dev (never overridden: such a model is never promoted);
+    it beats its own best single member by more than ``min_gain``; it beats the current alias by more than
+    ``min_gain``. Scores come from ``gate`` (default: the recorded dev F1s). ``force`` overrides the last two and
+    the version's tags say so (``promotion`` = ``forced``, ``forced_over`` = the gates it failed).
+    """
     from mlflow.exceptions import MlflowException
 
     say = log or print
+    gate = gate or Gate(dev_f1)
     try:
         current = client.get_model_version_by_alias(name, alias)
     except MlflowException:
         current = None
     previous_version = str(current.version) if current is not None else None
     previous_f1 = _version_f1(client, current) if current is not None else None
+    champion_f1 = gate.champion_f1 if gate.champion_f1 is not None else previous_f1
 
     def fmt(value: float | None) -> str:
         return "n/a" if value is None else f"{value:.4f}"
 
-    if current is None:
-        move, reason = True, f"no @{alias} yet"
-    elif previous_version == str(version):
-        move, reason = False, f"@{alias} already points at version {version}"
-    elif force:
-        move, reason = True, "--force"
-    elif dev_f1 is None:
-        move, reason = False, "the new version has no dev F1 (built without evaluation); use --force to promote it"
-    elif previous_f1 is None or dev_f1 > previous_f1:
-        move, reason = True, "higher dev F1" if previous_f1 is not None else f"@{alias} version {previous_version} has no dev F1"
+    failed: list[str] = []
+    if gate.f1 is None:
+        failed.append("the new version has no dev F1 (built without evaluation)")
     else:
-        move, reason = False, "dev F1 does not beat the champion's; ties keep the champion"
+        if gate.best_member_f1 is not None and not gate.f1 > gate.best_member_f1 + min_gain:
+            failed.append(f"F1 on {gate.on} {fmt(gate.f1)} does not beat its best single member's {fmt(gate.best_member_f1)} "
+                          f"by more than --min-gain {min_gain:g}")
+        if current is not None and champion_f1 is not None and not gate.f1 > champion_f1 + min_gain:
+            failed.append(f"F1 on {gate.on} {fmt(gate.f1)} does not beat the champion's {fmt(champion_f1)} by more than "
+                          f"--min-gain {min_gain:g}; ties keep the champion")
+    tags: dict[str, str] = {**gate.as_tags(), "min_gain": f"{min_gain:g}"}
+    if gate.relations == 0:
+        move, reason = False, "it predicts no relation on dev; such a model is never promoted, not even with --force"
+    elif current is not None and previous_version == str(version):
+        move, reason = False, f"@{alias} already points at version {version}"
+    elif failed and force:
+        move, reason = True, "--force over: " + "; ".join(failed)
+        tags.update(promotion="forced", forced_over="; ".join(failed))
+    elif failed:
+        move, reason = False, "; ".join(failed) + ("; use --force to promote it anyway" if gate.f1 is None else "")
+    elif current is None:
+        move, reason = True, f"no @{alias} yet"
+    else:
+        move, reason = True, (f"higher F1 on {gate.on}" if champion_f1 is not None
+                              else f"@{alias} version {previous_version} has no dev F1")
+    tags.setdefault("promotion", "promoted" if move else "refused")
     delta = f", {dev_f1 - previous_f1:+.4f}" if dev_f1 is not None and previous_f1 is not None else ""
     against = f"@{alias} version {previous_version} (dev F1 {fmt(previous_f1)})" if current is not None else f"no @{alias}"
     if move:
         client.set_registered_model_alias(name, alias, str(version))
+    for key, value in tags.items():
+        if value:
+            client.set_model_version_tag(name, str(version), key, value)
     outcome = f"@{alias} -> version {version}" if move else f"@{alias} stays on version {previous_version}"
     say(f"registry {name}: version {version} (dev F1 {fmt(dev_f1)}) vs {against}{delta}: {outcome} ({reason})")
     return RegistrationResult(name, str(version), alias, dev_f1, previous_version, previous_f1, move, reason)
@@ -207,7 +251,8 @@ def promote(client, name: str, version: str, *, alias: str = "champion", dev_f1:
 
 def log_ensemble(folder: str | Path, *, tracking_uri: str | None = None, experiment: str | None = None,
                  run_name: str | None = None, register: str | None = None, alias: str = "champion", force: bool = False,
-                 tags: dict[str, str] | None = None, log: Callable[[str], None] | None = None) -> EnsembleRun:
+                 gate: Gate | None = None, min_gain: float = 0.0, tags: dict[str, str] | None = None,
+                 log: Callable[[str], None] | None = None) -> EnsembleRun:
     """Log the ensemble's dev evaluation as a run; with ``register``, also log the folder as a pyfunc model from
     code, register a new version of that name and apply the champion rule to ``alias``.
 
@@ -272,7 +317,11 @@ def log_ensemble(folder: str | Path, *, tracking_uri: str | None = None, experim
             for key, value in version_tags.items():
                 if value:
                     registry.set_model_version_tag(register, version, key, value)
-            registration = promote(registry, register, version, alias=alias, dev_f1=dev_f1, force=force, log=say)
+            if gate is None:
+                relations = (dev.get("ensemble") or {}) if dev else {}
+                gate = Gate(dev_f1, relations=relations["tp"] + relations["fp"] if "tp" in relations else None)
+            registration = promote(registry, register, version, alias=alias, dev_f1=dev_f1, force=force, gate=gate,
+                                   min_gain=min_gain, log=say)
             registry.set_tag(run_id, "drugprot.registered", f"{register}/{version}")
         status = "FINISHED"
     finally:
@@ -280,6 +329,6 @@ def log_ensemble(folder: str | Path, *, tracking_uri: str | None = None, experim
     return EnsembleRun(run_id, experiment_id, registration)
 
 
-__all__ = ["DEFAULT_EXPERIMENT", "EnsembleRun", "MODEL_REQUIREMENTS", "PYFUNC_MODEL_FILE", "RegistrationResult",
+__all__ = ["DEFAULT_EXPERIMENT", "EnsembleRun", "Gate", "MODEL_REQUIREMENTS", "PYFUNC_MODEL_FILE", "RegistrationResult",
            "input_example", "log_ensemble", "model_description", "model_signature", "package_code", "pip_requirements",
            "promote"]

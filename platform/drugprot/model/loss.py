@@ -7,6 +7,8 @@ Why ``(1 − p_c)`` is not computed as ``1 − exp(log p_c)``: when one logit le
 (NaN once multiplied by zero), which poisons the whole batch through gradient clipping. Instead
 ``log(1 − p_c) = logsumexp_{j≠c} z_j − logsumexp_j z_j`` is computed directly from the logits: finite for any
 logits, so the weight ``exp(γ · log(1 − p_c))`` and its gradient are finite for every γ ≥ 0.
+
+Distillation (Hinton et al., 2015) adds T²·KL(teacher_T ‖ student_T), both distributions softened by T.
 """
 
 from __future__ import annotations
@@ -29,3 +31,11 @@ def log_one_minus_softmax(logits: torch.Tensor) -> torch.Tensor:
     others = logits.unsqueeze(-2).expand(*logits.shape[:-1], classes, classes)
     own = torch.eye(classes, dtype=torch.bool, device=logits.device)
     return others.masked_fill(own, float("-inf")).logsumexp(-1) - logits.logsumexp(-1, keepdim=True)
+
+
+def distillation_loss(logits: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T² · KL(softmax(log teacher / T) ‖ softmax(logits / T)), averaged over the batch (T² keeps gradients on the
+    gold loss's scale). ``teacher`` holds probabilities (rows sum to 1)."""
+    soft_teacher = F.softmax(teacher.float().clamp_min(1e-8).log() / temperature, dim=-1)
+    log_student = F.log_softmax(logits.float() / temperature, dim=-1)
+    return F.kl_div(log_student, soft_teacher, reduction="batchmean") * temperature ** 2

@@ -6,7 +6,8 @@ so far (``wall_s``, ``device_s``; see :mod:`drugprot.tuning.cost`, carried in ``
 (``node_id``, ``node_ip``, ``pid``, ``gpu_ids``: the GPUs Ray assigned it, comma-separated). What goes to the study storage is bounded, because for BERT-base
 the resumable state is 1.3 GB and a study has dozens of trials:
 
-* the best model: only when it improves, as a Tune checkpoint holding ``model/``, ``metrics.json``, ``cost.json`` and
+* the best model: only when it improves, as a Tune checkpoint holding ``model/``, its dev probabilities
+  (``dev_probabilities.safetensors``, what ensembles are chosen from), ``metrics.json``, ``cost.json`` and
   ``config.yaml`` (what the driver logs to MLflow and ensembles are built from; ``keep_checkpoints`` of them kept);
 * the resumable state (``checkpoint/`` and the ``metrics.json`` and ``cost.json`` that go with it): every ``trials.checkpoint_every``
   evaluations (default once per epoch) and at the end, under ``<trial>/resumable/eval-NNNNNN/`` with a pointer
@@ -39,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from drugprot.config import build_config
+from drugprot.model.dev_probabilities import FILE as DEV_PROBABILITIES
 from drugprot.tuning.cost import COST_FILE, TrialClock
 
 FAULT_ENV = "DRUGPROT_FAULT_ONCE"
@@ -105,7 +107,7 @@ def upload_evaluation(metrics: dict[str, Any], run_dir: Path, *, model_saved: bo
     an older ``model/``; resumed from an earlier state, that evaluation simply runs again."""
     if model_saved:
         with tempfile.TemporaryDirectory(dir=run_dir.parent, prefix=f".{run_dir.name}.best.") as staging:
-            for name in ("model", "metrics.json", COST_FILE, "config.yaml"):
+            for name in ("model", DEV_PROBABILITIES, "metrics.json", COST_FILE, "config.yaml"):
                 if (run_dir / name).exists():  # cost.json: only where a clock runs (trials, not benchmarks)
                     _link_tree(run_dir / name, Path(staging) / name)
             report(metrics, staging)

@@ -1,10 +1,15 @@
 """The ensemble folder format, its sha256 manifest and its checks (no torch, no MLflow).
 
+It sits below ``drugprot.inference`` (which loads such a folder as one Predictor) and the ``drugprot.ensemble``
+package (which builds, selects and registers ensembles) sits above inference, so nothing imports in a circle.
+
 ::
 
     ENSEMBLE/
       ensemble.json        format_version, kind, vote, interval, encoder, members (name, path, dev_f1, seed,
-                           source trial/run), dev metrics (ensemble and each member), source (study, selection)
+                           source trial/run, weight: votes it casts, default 1), decision (optional: margin,
+                           thresholds, second_type; see drugprot.decision), dev metrics (ensemble and each member),
+                           source (study, selection), selection (optional: the A/B table it was chosen from)
       manifest.json        {"format_version": 1, "files": {relative path: sha256}} for every other file in the
                            tree, the members' own manifest.json files included
       members/NAME/        a member folder exactly as ``drugprot train`` wrote it (model.safetensors,
@@ -79,7 +84,19 @@ def read_ensemble_json(folder: Path) -> dict[str, Any]:
     if not isinstance(members, list) or not members:
         raise EnsembleError(f"{path}: 'members' must be a non-empty list")
     for entry in members:
+        weight = entry.get("weight", 1)
+        if not isinstance(weight, int) or isinstance(weight, bool) or weight < 1:
+            raise EnsembleError(f"{path}: member {entry.get('name')!r}: weight must be a positive integer (votes), got {weight!r}")
         member_dir = Path(folder) / str(entry.get("path", ""))
         if not entry.get("path") or not (member_dir / "drugprot.json").is_file():
             raise EnsembleError(f"{path}: member {entry.get('name')!r} has no member folder at {member_dir}")
     return meta
+
+
+def read_ensemble_folder(folder: Path) -> dict[str, Any]:
+    """Verify every file's sha256, then read and check ``ensemble.json``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise EnsembleError(f"{folder}: no such ensemble folder")
+    verify_tree_manifest(folder)
+    return read_ensemble_json(folder)
