@@ -26,16 +26,19 @@ SHARED_DEV = REPO.parent / "shared" / "data" / "drugprot"
 def run_predict(model: str, corpus: Path, out: Path, args) -> dict:
     command = [sys.executable, "-m", "drugprot", "predict", "--model", model, "--input", str(corpus), "--format", "pubtator",
                "--out", str(out), "--shard-size", str(args.shard_size), "--device", "cpu", "--precision", args.precision,
-               "--quiet", "--json"]
+               "--quiet", "--json", *(["--interval", *map(str, args.interval)] if args.interval else [])]
     env = {**os.environ, "PYTHONPATH": str(REPO / "platform")}
+    log = out.with_suffix(".log")
     started = time.perf_counter()
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    stdout, stderr = process.communicate()  # communicate reaps nothing: wait4 below collects the child's rusage
-    _, status, usage = os.wait4(process.pid, 0)
+    with open(log, "w") as handle:  # a file, not a pipe: os.wait4 must reap the child (and get its rusage) itself
+        process = subprocess.Popen(command, env=env, stdout=handle, stderr=subprocess.STDOUT, text=True)
+        _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
     seconds = time.perf_counter() - started
-    if os.waitstatus_to_exitcode(status) != 0:
-        sys.exit(f"drugprot predict failed:\n{stderr[-3000:]}")
-    summary = json.loads(stdout.splitlines()[-1])
+    output = log.read_text()
+    if process.returncode != 0:
+        sys.exit(f"drugprot predict failed:\n{output[-3000:]}")
+    summary = json.loads(output.splitlines()[-1])
     return {"documents": summary["documents"], "pairs": summary["pairs"], "seconds": round(seconds, 2),
             "documents_per_s": round(summary["documents"] / seconds, 2), "pairs_per_s": round(summary["pairs"] / seconds, 1),
             "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
@@ -50,6 +53,8 @@ def main() -> None:
     parser.add_argument("--multipliers", type=int, nargs="+", default=[1, 20])
     parser.add_argument("--shard-size", type=int, default=250)
     parser.add_argument("--precision", default="fp32", choices=("fp32", "int8"))
+    parser.add_argument("--interval", type=int, nargs=2, metavar=("LO", "HI"),
+                        help="GENE interval passed to predict (an empty one, e.g. 99 99, times reading and writing alone)")
     parser.add_argument("--work", type=Path, help="folder for the corpora and outputs (default: a temporary one)")
     args = parser.parse_args()
 
@@ -59,6 +64,7 @@ def main() -> None:
 
     documents = read_split(args.data or SAMPLE_DIR, "development").documents[: args.limit]
     work = args.work or Path(tempfile.mkdtemp(prefix="bulk-memory-"))
+    work.mkdir(parents=True, exist_ok=True)
     runs = []
     for times in args.multipliers:
         corpus = work / f"dev-x{times}.pubtator"

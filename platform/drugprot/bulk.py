@@ -275,7 +275,9 @@ def predict_corpus_with_ray(job: BulkJob, out: Path, *, device: str = "auto", ac
         context.enable_progress_bars = False
         shards = ray.data.from_items([{"file_number": i, "path": str(p)} for i, p in enumerate(files)],
                                      override_num_blocks=len(files))
-        shards = shards.map_batches(_read_file_shards, fn_kwargs={"job": job, "intact": intact}, batch_size=1)
+        # num_cpus=0 (the actors take 1) keeps Ray Data from fusing reading into the actors, so the shards of one
+        # large file spread over every actor instead of queueing behind the actor that reads the file.
+        shards = shards.map_batches(_read_file_shards, fn_kwargs={"job": job, "intact": intact}, batch_size=1, num_cpus=0)
         outputs = shards.map(_ShardPredictor, compute=ActorPoolStrategy(size=max(1, actors)), num_gpus=gpus,
                              num_cpus=0 if gpus else 1,
                              fn_constructor_kwargs={"job": job, "device": "cuda" if gpus else "cpu",
