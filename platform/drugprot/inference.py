@@ -20,7 +20,10 @@ from drugprot.candidates import DEFAULT_INTERVAL, Candidate, document_candidates
 from drugprot.corpus import Document, Relation
 from drugprot.decision import NONE_INDEX, Decision
 from drugprot.encoding import LABELS, EncodedPair, PairEncoder, iterate_batches, token_budget_batches
-from drugprot.model.runtime import autocast, resolve_device
+from drugprot.model.runtime import autocast, quantize_int8, resolve_device
+
+PRECISIONS = ("bf16", "fp32", "int8")  # bf16 applies on CUDA only (CPU runs fp32); int8 is CPU only
+
 
 @dataclass(frozen=True, slots=True)
 class PredictedRelation:
@@ -94,12 +97,16 @@ class Predictor:
                  device: str | torch.device = "auto", precision: str = "bf16", metadata: dict | None = None,
                  execution: str = "auto", weights: Sequence[int] | None = None, decision: Decision | None = None):
         """``weights``: how many times each member counts in the vote (a greedy selection may pick one twice);
-        ``decision``: how the vote becomes relations (default: argmax). ``execution``: ``auto`` stacks same-architecture members (``fold``, see drugprot.model.stacked) and
-        loops otherwise; ``loop``, ``fold`` or ``vmap`` force one (a forced stack of incompatible members raises)."""
+        ``decision``: how the vote becomes relations (default: argmax). ``execution``: ``auto`` stacks
+        same-architecture members (``fold``, see drugprot.model.stacked) and loops otherwise; ``loop``, ``fold`` or
+        ``vmap`` force one (a forced stack of incompatible members raises). ``precision``: ``int8`` quantizes each
+        member's Linear layers for CPU (members then run in turn)."""
         if not members:
             raise ValueError("a Predictor needs at least one member")
         if execution not in ("auto", "loop", "fold", "vmap"):
             raise ValueError(f"execution must be 'auto', 'loop', 'fold' or 'vmap', got {execution!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.members = list(members)
         self.vote_mode = vote
         if weights is not None and (len(weights) != len(self.members) or any(int(w) != w or w < 1 for w in weights)):
@@ -114,12 +121,19 @@ class Predictor:
             member.model.to(self.device).eval()
             if member.gene_typer is not None:
                 member.gene_typer.to(self.device).eval()
+        if precision == "int8":
+            if self.device.type != "cpu":
+                raise ValueError(f"precision 'int8' (dynamic int8 quantization) runs on CPU only, not {self.device}")
+            if execution in ("fold", "vmap"):
+                raise ValueError(f"execution {execution!r} cannot stack int8-quantized members; use 'auto' or 'loop'")
+            for member in self.members:
+                member.model = quantize_int8(member.model)
         # One encoder per member, built once: a Serve replica calls member_probabilities for every batch.
         self._encoders = [PairEncoder(m.tokenizer, max_length=m.info["max_length"], markers=m.info["markers"])
                           for m in self.members]
         self._stacked = None
         self.execution = "loop"
-        if execution != "loop" and len(self.members) > 1:
+        if execution != "loop" and precision != "int8" and len(self.members) > 1:
             from drugprot.model.stacked import stack_incompatibility, stack_models
 
             strategy = "fold" if execution == "auto" else execution

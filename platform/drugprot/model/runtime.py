@@ -19,3 +19,17 @@ def autocast(device: torch.device, precision: str):
     """bf16 autocast on CUDA when asked; CPU always runs fp32 (bf16 matmuls there are slow and change results)."""
     enabled = device.type == "cuda" and precision == "bf16"
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def quantize_int8(module: torch.nn.Module) -> torch.nn.Module:
+    """Dynamic int8 quantization of every Linear layer (weights int8, activations quantized per batch): the CPU
+    fast path. torch marks the eager quantization API deprecated in favour of torchao; it still works here and
+    needs no extra dependency, so its deprecation warnings are silenced."""
+    import warnings
+
+    from torch.ao.quantization import quantize_dynamic
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return quantize_dynamic(module, {torch.nn.Linear}, dtype=torch.qint8)

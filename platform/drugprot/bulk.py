@@ -1,0 +1,299 @@
+"""Prediction over corpora of any size: streaming, sharded, resumable; in one process or on Ray Data.
+
+Input files are read lazily, one after another; each file's documents are cut into shards of ``shard_size``
+documents, named ``part-FFFFF-SSSSS`` (file number, shard number within the file). Each shard's output file is
+written atomically (temporary file, fsync, rename) and then recorded in ``OUT/manifest.json`` (also replaced
+atomically) with its counts, first and last PMID and sha256. A rerun of the same command reads the manifest and
+skips every finished shard, so a killed job resumes where it stopped and its output is byte-identical to an
+uninterrupted run: a shard's bytes depend on its documents and the model alone, and documents are predicted in
+fixed chunks of :data:`CHUNK_DOCUMENTS`, whatever runs them. Memory holds one shard at a time (per Ray actor
+with ``--ray``), so it does not grow with the corpus.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from drugprot.corpus import Document
+from drugprot.errors import DrugprotError
+from drugprot.formats import OUTPUT_SUFFIX, ReadStats, input_files, read_documents, render
+
+MANIFEST = "manifest.json"
+CHUNK_DOCUMENTS = 64  # documents per Predictor.predict call: fixed, so every run batches pairs the same way
+
+
+@dataclass(frozen=True)
+class BulkJob:
+    """What a run predicts and how; a rerun into the same folder must agree on all of it."""
+
+    inputs: tuple[str, ...]
+    input_format: str
+    output_format: str = "tsv"
+    shard_size: int = 1000
+    model: str = ""
+    interval: tuple[int, int] | None = None
+    threshold: float = 0.0
+    precision: str = "fp32"
+
+    def settings(self) -> dict:
+        return {**asdict(self), "inputs": list(self.inputs), "interval": list(self.interval) if self.interval else None}
+
+
+@dataclass
+class Shard:
+    name: str
+    documents: list[Document]
+    read: ReadStats  # what reading this shard's documents counted (skipped mention types)
+
+
+@dataclass
+class BulkSummary:
+    out: str
+    documents: int = 0
+    pairs: int = 0
+    relations: int = 0
+    shards_written: int = 0
+    shards_skipped: int = 0
+    skipped_types: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def iter_shards(job: BulkJob, files: Sequence[Path]) -> Iterator[Shard]:
+    """The job's documents in shards, file by file; each file is read lazily."""
+    for file_number, path in enumerate(files):
+        yield from _file_shards(file_number, path, job)
+
+
+def _file_shards(file_number: int, path: Path, job: BulkJob) -> Iterator[Shard]:
+    stats = ReadStats()
+    documents: list[Document] = []
+    shard_number = 0
+    for document in read_documents(path, job.input_format, stats):
+        documents.append(document)
+        if len(documents) == job.shard_size:
+            yield Shard(f"part-{file_number:05d}-{shard_number:05d}", documents, stats)
+            stats, documents, shard_number = ReadStats(), [], shard_number + 1
+    if documents:
+        yield Shard(f"part-{file_number:05d}-{shard_number:05d}", documents, stats)
+
+
+def predict_documents(predictor, documents: Sequence[Document], *, interval: tuple[int, int] | None = None,
+                      threshold: float = 0.0, on_pairs: Callable[[int], None] | None = None) -> tuple[list[list], int]:
+    """Relations per document and the number of candidate pairs, predicted in chunks of CHUNK_DOCUMENTS
+    (``on_pairs`` hears each chunk's pair count: the progress bar)."""
+    predictions: list[list] = []
+    pairs = 0
+    for start in range(0, len(documents), CHUNK_DOCUMENTS):
+        chunk = documents[start:start + CHUNK_DOCUMENTS]
+        count = len(predictor.candidates(chunk, interval))
+        predictions.extend(predictor.predict(chunk, interval=interval, threshold=threshold))
+        pairs += count
+        if on_pairs is not None:
+            on_pairs(count)
+    return predictions, pairs
+
+
+def shard_output(predictor, shard: Shard, job: BulkJob, on_pairs=None) -> dict:
+    """One shard's output bytes and manifest entry."""
+    predictions, pairs = predict_documents(predictor, shard.documents, interval=job.interval,
+                                           threshold=job.threshold, on_pairs=on_pairs)
+    data = render(shard.documents, predictions, job.output_format)
+    return {"name": shard.name, "data": data, "documents": len(shard.documents), "pairs": pairs,
+            "relations": sum(len(p) for p in predictions), "first": shard.documents[0].pmid,
+            "last": shard.documents[-1].pmid}
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, fsync it, and rename it into place."""
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    try:
+        with open(tmp, "xb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+class ShardManifest:
+    """``OUT/manifest.json``: the job's settings and every finished shard; refuses a folder of another job."""
+
+    def __init__(self, out: Path, job: BulkJob):
+        self.out = Path(out)
+        self.path = self.out / MANIFEST
+        self.settings = job.settings()
+        self.suffix = OUTPUT_SUFFIX[job.output_format]
+        self.shards: dict[str, dict] = {}
+        if self.path.exists():
+            try:
+                recorded = json.loads(self.path.read_text())
+            except ValueError as error:
+                raise DrugprotError(f"{self.path}: not a readable manifest ({error}); remove it or use another --out") from None
+            changed = {k: (recorded.get("settings", {}).get(k), v) for k, v in self.settings.items()
+                       if recorded.get("settings", {}).get(k) != v}
+            if changed:
+                key, (old, new) = next(iter(changed.items()))
+                raise DrugprotError(f"{self.out} holds the output of another job ({key}: {old!r} there, {new!r} now); "
+                                    f"rerun with the same options or use another --out")
+            self.shards = recorded.get("shards", {})
+        elif self.out.exists() and any(self.out.iterdir()):
+            raise DrugprotError(f"--out {self.out}: folder is not empty and has no {MANIFEST}; use an empty or new folder")
+        else:  # written first, so a run killed at any later moment leaves a folder its rerun accepts
+            self.out.mkdir(parents=True, exist_ok=True)
+            self._save()
+        for stale in self.out.glob(".*.tmp"):  # left by a killed run mid-write (write_atomic's temporary files)
+            stale.unlink()
+
+    def finished(self, shard_name: str, first: str, last: str) -> bool:
+        """True when the shard is recorded, its file is intact and it covers the same documents."""
+        entry = self.shards.get(shard_name)
+        if entry is None:
+            return False
+        file = self.out / entry["file"]
+        if not file.is_file() or hashlib.sha256(file.read_bytes()).hexdigest() != entry["sha256"]:
+            return False
+        if (entry["first"], entry["last"]) != (first, last):
+            raise DrugprotError(f"{file}: the input changed since it was written (it covers PMIDs {entry['first']}…"
+                                f"{entry['last']}, the input now gives {first}…{last}); use another --out")
+        return True
+
+    def record(self, output: dict) -> None:
+        """Write the shard's file, then the manifest naming it (so a crash between them only redoes the shard)."""
+        file = f"{output['name']}{self.suffix}"
+        write_atomic(self.out / file, output["data"])
+        self.shards[output["name"]] = {"file": file, "sha256": hashlib.sha256(output["data"]).hexdigest(),
+                                       **{k: output[k] for k in ("documents", "pairs", "relations", "first", "last")}}
+        self._save()
+
+    def _save(self) -> None:
+        body = {"settings": self.settings, "shards": dict(sorted(self.shards.items()))}
+        write_atomic(self.path, (json.dumps(body, indent=1, sort_keys=True) + "\n").encode("utf-8"))
+
+
+def _tally(summary: BulkSummary, entry: dict, stats: ReadStats, written: bool) -> None:
+    summary.documents += entry["documents"]
+    summary.pairs += entry["pairs"]
+    summary.relations += entry["relations"]
+    summary.shards_written += written
+    summary.shards_skipped += not written
+    summary.skipped_types = dict(sorted((Counter(summary.skipped_types) + stats.skipped_types).items()))
+
+
+def predict_corpus(predictor, job: BulkJob, out: Path, *, on_pairs: Callable[[int], None] | None = None) -> BulkSummary:
+    """Stream ``job``'s documents through ``predictor`` in this process; finished shards are skipped."""
+    files = input_files(job.inputs, job.input_format)
+    manifest = ShardManifest(out, job)
+    summary = BulkSummary(str(out))
+    for shard in iter_shards(job, files):
+        if manifest.finished(shard.name, shard.documents[0].pmid, shard.documents[-1].pmid):
+            entry = manifest.shards[shard.name]
+            if on_pairs is not None:
+                on_pairs(entry["pairs"])
+            _tally(summary, entry, shard.read, written=False)
+            continue
+        output = shard_output(predictor, shard, job, on_pairs)
+        manifest.record(output)
+        _tally(summary, output, shard.read, written=True)
+    return summary
+
+
+def _read_file_shards(batch, *, job: BulkJob, intact: dict[str, tuple[str, str]]):
+    """Ray Data stage: input files in, their shards out (a generator, so a file's shards stream one by one);
+    a finished shard travels without its documents."""
+    from drugprot.ensemble.frames import document_record
+
+    for file_number, path in zip(batch["file_number"], batch["path"]):
+        for shard in _file_shards(int(file_number), Path(path), job):
+            span = (shard.documents[0].pmid, shard.documents[-1].pmid)
+            recorded = intact.get(shard.name)
+            if recorded is not None and tuple(recorded) != span:
+                raise DrugprotError(f"{shard.name}: the input changed since it was written (it covers PMIDs "
+                                    f"{recorded[0]}…{recorded[1]}, the input now gives {span[0]}…{span[1]})")
+            records = [] if recorded else [document_record(d) for d in shard.documents]
+            yield {"name": [shard.name], "finished": [recorded is not None], "records": [json.dumps(records)],
+                   "skipped_types": [json.dumps(dict(shard.read.skipped_types))]}
+
+
+class _ShardPredictor:
+    """Ray Data actor: loads the model once; predicts each unfinished shard into its output bytes."""
+
+    def __init__(self, job: BulkJob, device: str, threads: int | None):
+        import torch
+
+        from drugprot.inference import load_predictor
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.job = job
+        self.predictor = load_predictor(job.model, device=device, precision=job.precision)
+
+    def __call__(self, row: dict) -> dict:
+        from drugprot.ensemble.frames import document_from_record
+
+        base = {"name": row["name"], "finished": row["finished"], "skipped_types": row["skipped_types"]}
+        if row["finished"]:
+            return {**base, "data": b"", "documents": 0, "pairs": 0, "relations": 0, "first": "", "last": ""}
+        documents = [document_from_record(r, f"{row['name']}: document {i}") for i, r in enumerate(json.loads(row["records"]))]
+        return {**shard_output(self.predictor, Shard(row["name"], documents, ReadStats()), self.job), **base}
+
+
+def predict_corpus_with_ray(job: BulkJob, out: Path, *, device: str = "auto", actors: int = 1, address: str | None = None,
+                            num_cpus: int | None = None, on_pairs: Callable[[int], None] | None = None) -> BulkSummary:
+    """The same shards as :func:`predict_corpus`, with reading and prediction spread over Ray Data: files are read
+    in tasks, shards predicted by ``actors`` actors (one model each, a GPU each when the cluster has them), and
+    this process only writes the finished shards as they stream back. ``job.model`` must be a local folder."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    files = input_files(job.inputs, job.input_format)
+    manifest = ShardManifest(out, job)
+    intact = {name: (entry["first"], entry["last"]) for name, entry in manifest.shards.items()
+              if manifest.finished(name, entry["first"], entry["last"])}
+    summary = BulkSummary(str(out))
+    if not files:
+        return summary
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=address, num_cpus=None if address else num_cpus, include_dashboard=False,
+                 log_to_driver=False, configure_logging=False)
+    try:
+        gpus = 1 if device != "cpu" and ray.cluster_resources().get("GPU", 0) >= 1 else 0
+        if device == "cuda" and not gpus:
+            raise DrugprotError("--device cuda --ray: the Ray cluster has no GPU (use --device auto or cpu)")
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False
+        shards = ray.data.from_items([{"file_number": i, "path": str(p)} for i, p in enumerate(files)],
+                                     override_num_blocks=len(files))
+        # num_cpus=0 (the actors take 1) keeps Ray Data from fusing reading into the actors, so the shards of one
+        # large file spread over every actor instead of queueing behind the actor that reads the file.
+        shards = shards.map_batches(_read_file_shards, fn_kwargs={"job": job, "intact": intact}, batch_size=1, num_cpus=0)
+        outputs = shards.map(_ShardPredictor, compute=ActorPoolStrategy(size=max(1, actors)), num_gpus=gpus,
+                             num_cpus=0 if gpus else 1,
+                             fn_constructor_kwargs={"job": job, "device": "cuda" if gpus else "cpu",
+                                                    "threads": None if gpus else 1})
+        for row in outputs.iter_rows():
+            stats = ReadStats(skipped_types=Counter(json.loads(row["skipped_types"])))
+            if row["finished"]:
+                entry = manifest.shards[row["name"]]
+                _tally(summary, entry, stats, written=False)
+            else:
+                entry = {k: row[k] for k in ("name", "data", "documents", "pairs", "relations", "first", "last")}
+                manifest.record(entry)
+                _tally(summary, entry, stats, written=True)
+            if on_pairs is not None:
+                on_pairs(entry["pairs"])
+        return summary
+    finally:
+        if started:
+            ray.shutdown()
