@@ -4,7 +4,7 @@
     python bench/serve_load.py --model runs/minilm/model --seconds 20 --levels 1,8,32
     python bench/serve_load.py --in-process --device cuda --model DIR    # GPU machine: no Ray, no HTTP
 
-Serve mode starts a private Ray (``drugprot.serving.local``) with Serve on 127.0.0.1, deploys the same model twice
+Serve mode starts a private Ray (``drugprot.local_ray``) with Serve on 127.0.0.1, deploys the same model twice
 (``/batched``: cross-request batching up to ``--batched-pairs`` pairs; ``/unbatched``: ``max_batch_pairs`` 1, i.e.
 one request per model call), and sends each a concurrency sweep (1, 8, 32, 64 clients) of real development
 documents, one document per request, from a separate process for a bounded time per level. Every request sent is
@@ -147,7 +147,7 @@ def http_sweep(url: str, config: str, bodies: list[dict], levels, seconds: float
 def in_process_benchmark(model: str, *, levels=LEVELS, seconds: float = 10.0, device: str = "auto",
                          batched_pairs: int = 64, wait_ms: float = 5.0, configs=("batched", "unbatched"),
                          threads: int = 1) -> list[Row]:
-    """Rows for ``RelationService`` + ``PairBatcher`` + ``Predictor`` driven by asyncio clients in this process.
+    """Rows for ``RelationService`` → ``ModelService`` (``PairBatcher`` + ``Predictor``) driven by asyncio clients in this process.
 
     No Ray and no HTTP: the JSON bodies are validated by the same pydantic request model, then go through the same
     limits, candidates, batcher and decode as a Serve replica. ``device`` 'cuda' runs bf16 autocast (the Predictor's
@@ -158,7 +158,7 @@ def in_process_benchmark(model: str, *, levels=LEVELS, seconds: float = 10.0, de
     from drugprot.inference import load_predictor
     from drugprot.serving.options import parse_options
     from drugprot.serving.schemas import RelationsRequest
-    from drugprot.serving.service import RelationService, configure_torch_threads
+    from drugprot.serving.service import ModelService, RelationService, configure_torch_threads
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -170,12 +170,13 @@ def in_process_benchmark(model: str, *, levels=LEVELS, seconds: float = 10.0, de
         pairs = batched_pairs if config == "batched" else 1
         options = parse_options({"model": model, "max_batch_pairs": pairs, "batch_wait_ms": wait_ms, "warmup_rounds": 3,
                                  "gpus_per_replica": 1 if device == "cuda" else 0})
-        service = RelationService(predictor, options)
-        service.start_warmup().result()
+        model_service = ModelService(predictor, options)
+        model_service.start_warmup().result()
+        service = RelationService(model_service, options)
         for clients in levels:
             async def send(body, service=service):
                 try:
-                    response = await service.relations(RelationsRequest.model_validate(body))
+                    response, _ = await service.relations(RelationsRequest.model_validate(body))
                 except Exception as error:  # counted, like a 5xx
                     return type(error).__name__, 0
                 return 200, sum(d.candidates for d in response.documents)
@@ -183,7 +184,7 @@ def in_process_benchmark(model: str, *, levels=LEVELS, seconds: float = 10.0, de
             elapsed, outcomes = asyncio.run(_drive(send, bodies, clients, seconds))
             rows.append(summarize(config, clients, elapsed, outcomes))
             print_row(rows[-1])
-        asyncio.run(service.close())
+        asyncio.run(model_service.close())
     return rows
 
 
@@ -191,17 +192,13 @@ def in_process_benchmark(model: str, *, levels=LEVELS, seconds: float = 10.0, de
 def serve_benchmark(model: str, *, levels=LEVELS, seconds: float = 8.0, port: int = 8115, gcs_port: int = 6427,
                     batched_pairs: int = 64, wait_ms: float = 5.0) -> list[Row]:
     import requests
-    import ray
     from ray import serve
 
+    from drugprot.local_ray import local_serve
     from drugprot.serving import build_app
-    from drugprot.serving.local import start_local_ray
 
-    root = Path(tempfile.mkdtemp(prefix="drugprot-serve-bench-"))
-    start_local_ray(num_cpus=2, root=root, gcs_port=gcs_port, object_store_mb=256)
     rows: list[Row] = []
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+    with local_serve(port, root=tempfile.mkdtemp(prefix="drugprot-serve-bench-"), gcs_port=gcs_port):
         common = {"model": model, "num_cpus": 1, "token_env": None, "batch_wait_ms": wait_ms,
                   "max_queued_requests": 4 * max(levels), "warmup_rounds": 3}
         serve.run_many([
@@ -221,12 +218,6 @@ def serve_benchmark(model: str, *, levels=LEVELS, seconds: float = 8.0, port: in
             stats = requests.get(f"http://127.0.0.1:{port}/{app}/readyz", timeout=10).json()["batching"]
             print(f"# /{app}: {stats['batches']} model calls for {stats['requests']} requests, "
                   f"mean {stats['mean_batch_pairs']} pairs per call, largest {stats['largest_batch_pairs']}")
-    finally:
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
-            shutil.rmtree(root, ignore_errors=True)
     return rows
 
 

@@ -420,10 +420,12 @@ def test_sizes_fit_the_workloads():
         "--max-concurrent should be what the largest cluster runs at once")
     assert 0 <= size["tune"]["minReplicas"] <= size["tune"]["maxReplicas"]
 
-    serve_args = yaml.safe_load(load_one(KUBERAY / "rayservice.yaml")["spec"]["serveConfigV2"])["applications"][0]["args"]
+    application = yaml.safe_load(load_one(KUBERAY / "rayservice.yaml")["spec"]["serveConfigV2"])["applications"][0]
+    serve_args = application["args"]
     assert serve_args["num_cpus"] <= worker_cpus and serve_args.get("gpus_per_replica", 0) <= worker_gpus
-    if serve_args.get("autoscale"):
-        low, high = (int(x) for x in serve_args["autoscale"].split(":"))
+    model = {d["name"]: d for d in application.get("deployments", [])}.get("DrugprotModel", {})
+    if model.get("autoscaling_config"):  # the model deployment's replicas hold the GPUs
+        low, high = model["autoscaling_config"]["min_replicas"], model["autoscaling_config"]["max_replicas"]
         per_worker = int(worker_gpus // serve_args["gpus_per_replica"]) if serve_args.get("gpus_per_replica") else 1
         assert high <= size["serve"]["maxReplicas"] * per_worker, "Serve may ask for more replicas than GPU pods"
         assert size["serve"]["minReplicas"] * per_worker >= min(low, 1)

@@ -26,14 +26,17 @@ from pathlib import Path
 
 import pytest
 import requests
+import yaml
 from test_serving_unit import answered, document_json, expected, relation_members  # noqa: F401 - fixture
 
 from drugprot.config import SAMPLE_DIR
+
+REPO = Path(__file__).resolve().parents[1]
 from drugprot.corpus import read_split
 
 pytestmark = pytest.mark.slow
 
-HTTP_PORT, GCS_PORT = 8111, 6424
+HTTP_PORT, GCS_PORT, METRICS_PORT = 8111, 6424, 6426
 CLI_HTTP_PORT, CLI_GCS_PORT = 8112, 6425
 BASE = f"http://127.0.0.1:{HTTP_PORT}"
 TOKEN_ENV = "DRUGPROT_SERVE_TEST_TOKEN"
@@ -72,12 +75,12 @@ def cluster(token):
     import ray
     from ray import serve
 
-    from drugprot.serving.local import start_local_ray
+    from drugprot.local_ray import start_local_ray
 
     saved = {key: os.environ.get(key) for key in RAY_ENV}
     root = Path(tempfile.mkdtemp(prefix="drugprot-serve-test-"))
     os.environ[TOKEN_ENV] = token  # the replicas inherit it from the raylet
-    start_local_ray(num_cpus=2, root=root, gcs_port=GCS_PORT, object_store_mb=256)
+    start_local_ray(num_cpus=2, root=root, gcs_port=GCS_PORT, object_store_mb=256, _metrics_export_port=METRICS_PORT)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": HTTP_PORT})
         yield root
@@ -122,21 +125,23 @@ def tight(cluster, ensemble_dir):
 
     from drugprot.serving import build_app
 
-    serve.run(build_app({"model": str(ensemble_dir), "num_cpus": 0.25, "token_env": None, "max_batch_pairs": 2,
-                         "max_ongoing_requests": 1, "max_queued_requests": 2, "warmup_rounds": 150}),
-              name="tight", route_prefix="/tight")
+    app = build_app({"model": str(ensemble_dir), "num_cpus": 0.25, "ingress_cpus": 0.1, "token_env": None,
+                     "max_batch_pairs": 2, "max_ongoing_requests": 1, "max_queued_requests": 2, "warmup_rounds": 150})
+    threading.Thread(target=serve.run, args=(app,), kwargs={"name": "tight", "route_prefix": "/tight"},
+                     daemon=True).start()  # serve.run returns once ready; watch what clients see meanwhile
     url = f"{BASE}/tight"
-    seen, early = [], None
+    seen = []
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        response = requests.get(f"{url}/readyz", timeout=10)
-        seen.append((response.status_code, response.json().get("status")))
-        if early is None:
-            early = requests.post(f"{url}/v1/relations", json={"documents": [small_doc()]}, timeout=10)
+        try:
+            response = requests.get(f"{url}/readyz", timeout=120)
+        except requests.ConnectionError:
+            continue
+        seen.append((response.status_code, response.text))
         if response.status_code == 200:
             break
         time.sleep(0.1)
-    return url, seen, early
+    return url, seen
 
 
 def wait_ready(url: str, timeout: float = 120) -> None:
@@ -157,15 +162,15 @@ def small_doc(doc_id: str = "d1") -> dict:
                          {"id": "T2", "type": "GENE-Y", "start": 17, "end": 22, "text": "COX-1"}]}
 
 
-def replicas(app: str) -> set[str]:
+def replicas(app: str, deployment: str = "DrugprotModel") -> set[str]:
     import ray
 
     return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-            if a["name"].startswith(f"SERVE_REPLICA::{app}#")}
+            if a["name"].startswith(f"SERVE_REPLICA::{app}#{deployment}#")}
 
 
 # ---- the command line: its own Ray, stopped by SIGTERM (runs first, before the module's cluster exists) -----------
-def test_drugprot_serve_runs_in_the_foreground_until_sigterm(ensemble_dir, tmp_path):
+def test_drugprot_serve_runs_until_sigterm_and_drains_accepted_requests(ensemble_dir, dev_documents, tmp_path):
     env = {**os.environ, "RAY_GCS_SERVER_PORT": str(CLI_GCS_PORT), "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"}
     for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_TMPDIR", "DRUGPROT_API_TOKEN"):
         env.pop(key, None)
@@ -179,16 +184,44 @@ def test_drugprot_serve_runs_in_the_foreground_until_sigterm(ensemble_dir, tmp_p
             assert process.poll() is None, (tmp_path / "serve.log").read_text(errors="replace")[-3000:]
             assert time.monotonic() < deadline, "drugprot serve did not become ready"
             time.sleep(0.5)
-        response = requests.post(f"http://127.0.0.1:{CLI_HTTP_PORT}/v1/relations",
-                                 json={"documents": [small_doc()]}, timeout=30)
+        url = f"http://127.0.0.1:{CLI_HTTP_PORT}/v1/relations"
+        response = requests.post(url, json={"documents": [small_doc()]}, timeout=30)
         assert response.status_code == 200 and response.json()["documents"][0]["candidates"] == 1
+        outcomes, stopped = [], threading.Event()
+        body = {"documents": [document_json(d) for d in dev_documents[:3]]}
+
+        def client():
+            while not stopped.is_set():
+                sent = time.monotonic()
+                try:
+                    answer = requests.post(url, json=body, timeout=60)
+                    outcome = answer.status_code if answer.status_code != 503 else f"503 {answer.json()['detail']}"
+                except requests.ConnectionError as error:
+                    outcome = "refused" if "refused" in str(error).lower() else f"dropped: {error}"
+                outcomes.append((sent, time.monotonic(), outcome))
+
+        clients = [threading.Thread(target=client, daemon=True) for _ in range(6)]
+        for thread in clients:
+            thread.start()
+        time.sleep(3)
         started = time.monotonic()
         process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=60) == 0
+        assert process.wait(timeout=90) == 0
+        stopped.set()
+        for thread in clients:
+            thread.join(timeout=60)
         took = time.monotonic() - started
         output = (tmp_path / "serve.log").read_text(errors="replace")
         assert "drugprot serve: stopping" in output and "drugprot serve: stopped" in output
-        assert took < 60
+        assert took < 90
+        kinds = Counter(outcome if not isinstance(outcome, str) else outcome.split(":")[0] for _, _, outcome in outcomes)
+        before = Counter(outcome for sent, _, outcome in outcomes if sent < started)
+        assert set(before) == {200}, before  # every request sent before SIGTERM was answered
+        assert any(sent < started < answered and outcome == 200 for sent, answered, outcome in outcomes), kinds
+        assert set(kinds) <= {200, "503 shutting down", "refused", "dropped"}, kinds
+        # requests sent after SIGTERM: 503 while the replicas drain, refused once the proxy is gone, and dropped only
+        # when they reached the proxy in the moment Serve stopped it
+        print(f"\nSIGTERM under load: {dict(before)} before, {dict(kinds - before)} after")
         with pytest.raises(requests.ConnectionError):
             requests.get(f"http://127.0.0.1:{CLI_HTTP_PORT}/healthz", timeout=5)
     finally:
@@ -196,6 +229,28 @@ def test_drugprot_serve_runs_in_the_foreground_until_sigterm(ensemble_dir, tmp_p
             os.killpg(process.pid, signal.SIGKILL)
             process.wait(timeout=30)
         log.close()
+
+
+def tampered_copy(ensemble_dir: Path, out: Path) -> Path:
+    """The ensemble with one byte of a member's weights changed (its manifest still lists the old hash)."""
+    shutil.copytree(ensemble_dir, out)
+    weights = sorted(out.rglob("*.safetensors"))[0]
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    return out
+
+
+def test_drugprot_serve_prints_the_replicas_own_error_and_fails(ensemble_dir, tmp_path):
+    env = {**os.environ, "RAY_GCS_SERVER_PORT": str(CLI_GCS_PORT), "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"}
+    for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_TMPDIR", "DRUGPROT_API_TOKEN"):
+        env.pop(key, None)
+    model = tampered_copy(ensemble_dir, tmp_path / "tampered")
+    done = subprocess.run([sys.executable, "-m", "drugprot", "serve", "--model", str(model), "--port", str(CLI_HTTP_PORT)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode != 0, done.stderr[-3000:]  # 2 today for every DrugprotError (issue 11.5 makes it 1)
+    assert "drugprot serve: error: the model could not be served: " in done.stderr
+    assert "sha256 mismatch" in done.stderr and "Failed to update the deployments" not in done.stderr
 
 
 # ---- parity with predict ---------------------------------------------------------------------------------------
@@ -223,11 +278,77 @@ def test_concurrent_requests_are_batched_and_agree_with_predict(apps, reference,
 
     with ThreadPoolExecutor(16) as pool:
         responses = list(pool.map(one, dev_documents * 3))
-    assert all(r.status_code == 200 for r in responses)
+    assert all(r.status_code == 200 for r in responses), Counter((r.status_code, r.text[:300]) for r in responses)
     for doc, response in zip(dev_documents * 3, responses):
         (relations,) = answered(response.json()).values()
         assert [r[:3] for r in relations] == [w[:3] for w in want[doc.pmid]]
         assert all(abs(r[3] - w[3]) <= 2e-6 for r, w in zip(relations, want[doc.pmid]))
+
+
+def test_a_replica_that_cannot_load_its_model_reports_why(cluster, ensemble_dir, tmp_path):
+    """A wrong registry URI, a missing store and a tampered model: Serve's status carries the DrugprotError text that
+    ``drugprot serve`` prints (serving.app.deployment_failure)."""
+    import mlflow
+    from ray import serve
+
+    from drugprot.serving import build_app
+    from drugprot.serving.app import deployment_failure
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.MlflowClient(tracking_uri=store).search_registered_models()  # an empty registry
+    cases = {
+        "wrong-uri": ({"model": "models:/no-such-model@champion", "tracking_uri": store},
+                      "models:/no-such-model@champion: no registered model 'no-such-model'"),
+        "no-store": ({"model": "models:/drugprot@champion", "tracking_uri": f"sqlite:///{tmp_path / 'nowhere' / 'mlflow.db'}"},
+                     "no MLflow database at"),
+        "tampered": ({"model": str(tampered_copy(ensemble_dir, tmp_path / "tampered"))}, "sha256 mismatch"),
+    }
+    raised = {}
+
+    def deploy(name: str, args: dict) -> None:
+        try:  # serve.run raises once the deployment failed (three tries)
+            serve.run(build_app({**args, "num_cpus": 0.1, "ingress_cpus": 0.05, "token_env": None, "warmup_rounds": 0}),
+                      name=name, route_prefix=f"/{name}")
+        except RuntimeError as error:
+            raised[name] = error
+
+    deploying = [threading.Thread(target=deploy, args=(name, args), daemon=True) for name, (args, _) in cases.items()]
+    for thread in deploying:
+        thread.start()
+    try:
+        for thread in deploying:
+            thread.join(timeout=300)
+        assert set(raised) == set(cases), raised
+        for name, (_, message) in cases.items():
+            failure = deployment_failure(name)
+            assert message in failure, (name, failure)
+            assert "Traceback" not in failure and "controller logs" not in failure, failure
+    finally:
+        for name in cases:
+            serve.delete(name)
+
+
+def test_the_local_ray_listens_on_loopback_only(apps):
+    """Every TCP listener of this test's Ray (GCS, raylet, workers, agents, metrics, the Serve proxy) is on 127.0.0.1."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    ours = {os.getpid()}
+    while True:  # every descendant of this process
+        more = {pid for pid, parent in parents.items() if parent in ours} - ours
+        if not more:
+            break
+        ours |= more
+    listing = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout.splitlines()
+    listeners = [line.split() for line in listing if any(f"pid={pid}," in line for pid in ours)]
+    addresses = {fields[3].rsplit(":", 1)[0] for fields in listeners}
+    assert len(listeners) >= 8, listing  # gcs, raylet, agents, workers, proxy: all of them were found
+    assert addresses <= {"127.0.0.1", "[::ffff:127.0.0.1]"}, [f for f in listeners if "127.0.0.1" not in f[3]]
+    assert any(fields[3].endswith(f":{HTTP_PORT}") for fields in listeners)
 
 
 # ---- errors through the proxy ------------------------------------------------------------------------------------
@@ -257,6 +378,121 @@ def test_errors_over_http(apps, token, body, status, message):
     assert response.json()["detail"].startswith(message), response.json()["detail"]
 
 
+def test_200_stalled_bodies_do_not_stop_valid_requests(apps, token):
+    """200 connections send valid headers, a token, Content-Length 1000 and '{"documents": [' and then nothing; while
+    they are held open, valid requests keep getting 200 (they are not queued behind the stalled ones)."""
+    import socket
+
+    host, port = "127.0.0.1", HTTP_PORT
+    head = (f"POST /secure/v1/relations HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{\"documents\": [").encode()
+    stalled = []
+    try:
+        for _ in range(200):
+            connection = socket.create_connection((host, port), timeout=10)
+            connection.sendall(head)
+            stalled.append(connection)
+        took = []
+        for _ in range(20):
+            started = time.monotonic()
+            response = requests.post(f"{apps['secure']}/v1/relations", json={"documents": [small_doc()]},
+                                     headers={"Authorization": f"Bearer {token}"}, timeout=10)
+            took.append(time.monotonic() - started)
+            assert response.status_code == 200, response.text
+        time.sleep(3)  # past the idle timeout (2 s)
+        answers = Counter()
+        for connection in stalled:  # what the stalled ones got: refused at once (429/503) or timed out (408)
+            connection.setblocking(False)
+            try:
+                answers[connection.recv(64).split(b" ")[1].decode()] += 1
+            except (OSError, IndexError):
+                answers["no answer"] += 1
+        assert set(answers) <= {"408", "429", "503"}, answers  # none is left hanging
+        print(f"\n200 stalled bodies: valid requests took {max(took) * 1000:.0f} ms at most "
+              f"(median {statistics.median(took) * 1000:.0f} ms); the stalled ones got {dict(answers)}")
+    finally:
+        for connection in stalled:
+            connection.close()
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed")
+def test_the_page_in_headless_chromium_shows_what_the_api_answers(apps, token, tmp_path):
+    """GET / (no token needed for the page itself) in real headless Chromium: it sends the bundled example to
+    v1/relations with the token typed in (here from the URL fragment) and renders one row per relation."""
+    import html
+    import re
+
+    from drugprot.config import SAMPLE_DIR
+    from drugprot.corpus import read_split
+
+    page = requests.get(f"{apps['secure']}/", timeout=30)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", page.text)  # self-contained: no external assets
+    dom = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path}",
+                          "--virtual-time-budget=30000", "--dump-dom", f"{apps['secure']}/#token={token}&send"],
+                         capture_output=True, text=True, timeout=180).stdout
+    assert 'data-state="done"' in dom, dom[-2000:]
+    rendered = [(m["chemical"], m["gene"], m["type"], float(m["score"])) for m in re.finditer(
+        r'<tr class="relation" data-chemical="(?P<chemical>[^"]*)" data-gene="(?P<gene>[^"]*)" '
+        r'data-type="(?P<type>[^"]*)" data-score="(?P<score>[^"]*)"', html.unescape(dom))]
+    document = read_split(SAMPLE_DIR, "development").documents[0]
+    body = {"documents": [{"id": "page", "title": document.title, "abstract": document.abstract,
+                           "entities": [{"id": e.id, "type": e.type, "start": e.start, "end": e.end}
+                                        for e in document.entities.values()]}]}
+    answer = requests.post(f"{apps['secure']}/v1/relations", json=body, headers={"Authorization": f"Bearer {token}"},
+                           timeout=60).json()["documents"][0]["relations"]
+    assert rendered == [(r["chemical"], r["gene"], r["type"], r["score"]) for r in answer] and rendered
+
+
+@pytest.mark.skipif(shutil.which("prometheus") is None, reason="Debian's prometheus is not installed")
+def test_prometheus_scrapes_the_serving_metrics_from_the_local_ray(apps, token, tmp_path):
+    """Debian's prometheus on 127.0.0.1 scrapes this Ray node's metrics port (infra/prometheus/scrape.yaml's job,
+    pointed at it); after some traffic its HTTP query API returns the drugprot series."""
+    from fixtures_mlflow import _free_port
+
+    port = _free_port("9190-9199", "the test Prometheus")
+    scrape = yaml.safe_load((REPO / "infra" / "prometheus" / "scrape.yaml").read_text())
+    job = scrape["scrape_configs"][0]
+    job["static_configs"] = [{"targets": [f"127.0.0.1:{METRICS_PORT}"]}]
+    config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"}, "scrape_configs": [job]}
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    log = open(tmp_path / "prometheus.log", "wb")
+    server = subprocess.Popen(["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}",
+                               f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    headers = {"Authorization": f"Bearer {token}"}
+    try:
+        for _ in range(20):
+            assert requests.post(f"{apps['secure']}/v1/relations", json={"documents": [small_doc()]}, headers=headers,
+                                 timeout=30).status_code == 200
+        assert requests.post(f"{apps['secure']}/v1/relations", json={"documents": []}, headers=headers,
+                             timeout=30).status_code == 422
+        wanted = {"ray_drugprot_requests_total": 'route="/v1/relations"', "ray_drugprot_request_seconds_bucket": "",
+                  "ray_drugprot_model_call_seconds_bucket": "", "ray_drugprot_pairs_per_model_call_bucket": "",
+                  "ray_drugprot_queue_wait_seconds_bucket": "", "ray_drugprot_queue_depth": "",
+                  "ray_drugprot_model_version": ""}
+        found: dict[str, list] = {}
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and set(found) != set(wanted):
+            for name in set(wanted) - set(found):
+                try:
+                    answer = requests.get(f"http://127.0.0.1:{port}/api/v1/query", params={"query": name}, timeout=5)
+                except requests.ConnectionError:
+                    break
+                result = answer.json()["data"]["result"] if answer.status_code == 200 else []
+                if result:
+                    found[name] = result
+            time.sleep(1)
+        assert set(found) == set(wanted), (sorted(found), (tmp_path / "prometheus.log").read_text()[-2000:])
+        statuses = {(r["metric"]["route"], r["metric"]["status"]): float(r["value"][1])
+                    for r in found["ray_drugprot_requests_total"] if r["metric"].get("application") == "secure"}
+        assert statuses.get(("/v1/relations", "200"), 0) >= 20 and statuses.get(("/v1/relations", "422"), 0) >= 1, statuses
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+        log.close()
+
+
 def test_bearer_token_on_and_off(apps, token):
     body = {"documents": [small_doc()]}
     secure = f"{apps['secure']}/v1/relations"
@@ -274,10 +510,11 @@ def test_bearer_token_on_and_off(apps, token):
 
 # ---- readiness and overload -------------------------------------------------------------------------------------
 def test_ready_only_after_warm_up(tight):
-    url, seen, early = tight
-    assert seen[0] == (503, "warming up"), seen[:3]
-    assert seen[-1] == (200, "ready")
-    assert early.status_code == 503 and "warming up" in early.json()["detail"]
+    """While the model replica warms up (150 rounds) no request reaches it: the proxy knows no route yet, or the
+    ingress waits for a model replica; nothing ever answers 'warming up'."""
+    url, seen = tight
+    assert seen and seen[-1][0] == 200 and '"status":"ready"' in seen[-1][1].replace(" ", ""), seen[-3:]
+    assert not any("warming up" in text for _, text in seen), seen
     assert requests.post(f"{url}/v1/relations", json={"documents": [small_doc()]}, timeout=30).status_code == 200
 
 
@@ -308,7 +545,7 @@ def test_overload_gets_503_quickly_and_loses_no_accepted_request(tight, referenc
 
 
 # ---- a replica killed under load ---------------------------------------------------------------------------------
-def test_a_killed_replica_is_replaced_and_clients_see_bounded_failures(apps, dev_documents):
+def test_a_killed_model_replica_is_replaced_and_no_request_fails(apps, dev_documents):
     import ray
 
     url = f"{apps['open']}/v1/relations"
@@ -355,5 +592,6 @@ def test_a_killed_replica_is_replaced_and_clients_see_bounded_failures(apps, dev
     print(f"\nreplica kill: {len(outcomes)} requests during the run, {len(failures)} failed "
           f"({dict(Counter(s for _, s in failures))}), after the kill at {[round(t, 2) for t, _ in failures]} s")
     assert len(outcomes) > 30
-    assert len(failures) <= 2 * clients  # at most the requests in flight on, or routed to, the dead replica
-    assert all(t >= -0.5 for t, _ in failures)  # nothing failed before the kill
+    assert failures == []  # calls on the dead replica were retried on the other one
+    status = requests.get(f"{apps['open']}/readyz", timeout=10).json()
+    assert status["retries"] >= 1  # the kill caught calls in flight (6 clients keep both replicas busy)

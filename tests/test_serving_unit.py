@@ -27,7 +27,7 @@ from drugprot.model.artifacts import load_artifact, save_artifact
 from drugprot.serving.api import create_api, resolve_token
 from drugprot.serving.batching import Job, PairBatcher, plan_batch, run_jobs
 from drugprot.serving.options import ServeOptions, parse_options
-from drugprot.serving.service import RelationService, warmup_document
+from drugprot.serving.service import ModelService, RelationService, warmup_document
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -79,9 +79,11 @@ def answered(body: dict) -> dict[str, list[tuple]]:
 
 
 def service_for(predictor, **options) -> RelationService:
-    service = RelationService(predictor, parse_options({"model": "(in-process)", "warmup_rounds": 1, **options}))
-    service.start_warmup().result(timeout=120)
-    return service
+    """Ingress and model halves in this process: the model warmed up, the ingress calling it directly."""
+    parsed = parse_options({"model": "(in-process)", "warmup_rounds": 1, **options})
+    model = ModelService(predictor, parsed)
+    model.start_warmup().result(timeout=120)
+    return RelationService(model, parsed)
 
 
 @pytest.fixture(scope="module")
@@ -144,11 +146,15 @@ def test_serve_configs_import_the_builder_with_valid_args(name):
     assert application.import_path == "drugprot.serving:build_app"
     options = parse_options(application.args)
     assert isinstance(build_app(application.args), Application)
+    deployments = {d.name: d for d in application.deployments}
+    assert set(deployments) == {"DrugprotIngress", "DrugprotModel"}  # names the builder gives its deployments
+    model = deployments["DrugprotModel"]
+    assert model.max_ongoing_requests >= options.max_batch_pairs  # one-pair requests can still fill a batch
     if name == "local.yaml":
         assert config.http_options.host == "127.0.0.1"
-        assert options.replicas == 1
+        assert model.num_replicas == 1 and deployments["DrugprotIngress"].num_replicas == 1
     else:
-        assert options.autoscale == "1:4" and options.gpus_per_replica == 1 and options.require_token
+        assert model.autoscaling_config["max_replicas"] == 4 and options.gpus_per_replica == 1 and options.require_token
 
 
 def test_cli_serve_is_registered_and_maps_flags():
@@ -380,7 +386,7 @@ def test_concurrent_requests_share_batches_and_match_predict(ensemble, dev_docum
 
     async def scenario():
         requests = [RelationsRequest.model_validate({"documents": [document_json(d)]}) for d in dev_documents]
-        return await asyncio.gather(*(service.relations(r) for r in requests))
+        return [answer for answer, _ in await asyncio.gather(*(service.relations(r) for r in requests))]
 
     responses = asyncio.run(scenario())
     want = expected(ensemble, dev_documents)
@@ -388,7 +394,7 @@ def test_concurrent_requests_share_batches_and_match_predict(ensemble, dev_docum
         (got,) = response.documents
         assert [(r.chemical, r.gene, r.type) for r in got.relations] == [w[:3] for w in want[doc.pmid]]
         assert all(abs(r.score - w[3]) <= 2e-6 for r, w in zip(got.relations, want[doc.pmid]))
-    stats = service.batcher.stats
+    stats = service.model.batcher.stats
     assert stats.items == len(dev_documents) and stats.batches < len(dev_documents)  # requests shared batches
     assert stats.largest_pairs <= 64 or stats.batches == stats.items
 
@@ -407,9 +413,17 @@ def entity(**overrides) -> dict:
 
 INVALID = [
     ("malformed JSON", b'{"documents": [', r"^request body: malformed JSON"),
-    ("invalid UTF-8", b'{"documents": "\x80"}', r"^request body: malformed JSON \(not valid UTF-8 text\)$"),
+    ("invalid UTF-8", b'{"documents": "\x80"}', r"^request body: malformed JSON \(not valid UTF-8 text at byte 15\)$"),
+    ("deep nesting", b'{"documents": ' + b"[" * 20_000 + b"]" * 20_000 + b"}",
+     r"^request body: malformed JSON \(nested too deeply\)$"),
+    ("JSON null", b"null", r'^request body: expected a JSON object \{"documents": \[...\]\}, got JSON null$'),
+    ("boolean offset", {"documents": [one_doc(entities=[entity(start=True)])]},
+     r"^documents\[0\] \(id 'd1'\): entities\[0\]\.start: Input should be a valid integer"),
+    ("string threshold", {"documents": [one_doc()], "threshold": "0.5"}, r"^threshold: Input should be a valid number"),
+    ("string interval bound", {"documents": [one_doc()], "interval": ["-3", 3]},
+     r"^interval\[0\]: Input should be a valid integer"),
     ("not an object", b"[1, 2]", r'^request body: expected a JSON object \{"documents": \[...\]\}, got JSON list'),
-    ("empty body", b"", r"^request body: expected a JSON object"),
+    ("empty body", b"", r'^request body: expected a JSON object \{"documents": \[...\]\}, got an empty body$'),
     ("no documents", {"docs": []}, r"^documents: Field required"),
     ("empty documents", {"documents": []}, r"^documents: List should have at least 1 item"),
     ("missing id", {"documents": [{"text": "x"}]}, r"^documents\[0\]: id: Field required"),
@@ -524,7 +538,9 @@ def test_token_comes_from_the_named_environment_variable(monkeypatch):
 
 
 def test_ready_only_after_warm_up(ensemble):
-    service = RelationService(ensemble, parse_options({"model": "x", "warmup_rounds": 1}))
+    options = parse_options({"model": "x", "warmup_rounds": 1})
+    model = ModelService(ensemble, options)
+    service = RelationService(model, options)
     with TestClient(create_api(service)) as before:
         assert before.get("/healthz").json() == {"status": "ok"}
         readiness = before.get("/readyz")
@@ -532,7 +548,7 @@ def test_ready_only_after_warm_up(ensemble):
         refused = before.post("/v1/relations", json={"documents": [one_doc()]})
         assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
         assert "still warming up" in refused.json()["detail"]
-        service.start_warmup().result(timeout=60)
+        model.start_warmup().result(timeout=60)
         assert before.get("/readyz").status_code == 200
         assert before.post("/v1/relations", json={"documents": [one_doc()]}).status_code == 200
 
@@ -555,14 +571,15 @@ class Broken:
 
 
 def test_failed_warm_up_is_reported_and_fails_health(ensemble):
-    service = RelationService(Broken(ensemble, fail_warmup=True), parse_options({"model": "x", "warmup_rounds": 1}))
-    service.start_warmup().exception(timeout=60)
-    with TestClient(create_api(service)) as test_client:
+    options = parse_options({"model": "x", "warmup_rounds": 1})
+    model = ModelService(Broken(ensemble, fail_warmup=True), options)
+    model.start_warmup().exception(timeout=60)
+    with TestClient(create_api(RelationService(model, options))) as test_client:
         assert test_client.get("/readyz").json() == {
             "status": "failed", "detail": "warm-up failed: RuntimeError: CUDA out of memory (simulated)"}
         assert test_client.get("/healthz").status_code == 500
     with pytest.raises(RuntimeError, match="warm-up failed"):
-        service.check_health()
+        model.check_health()
 
 
 def test_a_failing_request_gets_500_and_the_service_goes_on(ensemble):
@@ -593,28 +610,29 @@ def test_model_info_and_openapi(client):
 NEVER_COLLECTED: list = []
 
 
-def test_the_serve_deployment_class_works_without_serve(relation_members, monkeypatch):
-    """The deployment's own constructor, app builder and health check, called directly (no cluster)."""
-    from drugprot.serving.app import RelationDeployment
+def test_the_serve_deployment_classes_work_without_serve(relation_members, dev_documents, monkeypatch):
+    """The deployments' own constructors, called directly (no cluster): the model replica is warm when its constructor
+    returns (so Serve routes nothing to it before), and the ingress refuses to start without a required token."""
+    from drugprot.serving.app import IngressDeployment, ModelDeployment
 
-    monkeypatch.setenv("DRUGPROT_UNIT_TOKEN", "t0k")
-    cls = RelationDeployment.func_or_class
+    cls = ModelDeployment.func_or_class
     replica = object.__new__(cls)
     NEVER_COLLECTED.append(replica)
-    asyncio.run(cls.__init__(replica, {"model": str(relation_members[0]), "warmup_rounds": 1,
-                                       "token_env": "DRUGPROT_UNIT_TOKEN"}))
-    replica.service.start_warmup().result(timeout=60)
+    cls.__init__(replica, {"model": str(relation_members[0]), "warmup_rounds": 1})
+    assert replica.service.state == "ready"
     replica.check_health()
-    with TestClient(replica.__serve_build_asgi_app__()) as test_client:
-        assert test_client.post("/v1/relations", json={"documents": [one_doc()]}).status_code == 401
-        ok = test_client.post("/v1/relations", json={"documents": [one_doc()]}, headers={"Authorization": "Bearer t0k"})
-        assert ok.status_code == 200 and ok.json()["documents"][0]["candidates"] == 1
-    monkeypatch.delenv("DRUGPROT_UNIT_TOKEN")
-    refused = object.__new__(cls)
+    documents = dev_documents[:2]
+    job = Job(documents, replica.service.predictor.candidates(documents))
+    scored = asyncio.run(replica.score(job))
+    assert scored.vote == "hard" and scored.version is None
+    assert torch.equal(scored.probabilities, run_jobs(replica.service.predictor, [job])[0])
+    ingress = IngressDeployment.func_or_class
+    monkeypatch.delenv("DRUGPROT_UNIT_TOKEN", raising=False)
+    refused = object.__new__(ingress)
     NEVER_COLLECTED.append(refused)
     with pytest.raises(DrugprotError, match="require_token is set"):
-        asyncio.run(cls.__init__(refused, {"model": str(relation_members[0]), "require_token": True,
-                                           "token_env": "DRUGPROT_UNIT_TOKEN"}))
+        asyncio.run(ingress.__init__(refused, {"model": str(relation_members[0]), "require_token": True,
+                                               "token_env": "DRUGPROT_UNIT_TOKEN"}, None))
 
 
 def test_a_registry_uri_is_pinned_to_a_version_and_reported(relation_members, tmp_path, monkeypatch):
@@ -628,7 +646,7 @@ def test_a_registry_uri_is_pinned_to_a_version_and_reported(relation_members, tm
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the store must come from tracking_uri alone
     built = build_ensemble(relation_members, tmp_path / "ensemble", vote="soft", log=lambda _: None)
     log_ensemble(built.path, tracking_uri=store, register="drugprot-serving-test", log=lambda _: None)
-    service = RelationService.load(parse_options({"model": "models:/drugprot-serving-test@champion",
+    service = ModelService.load(parse_options({"model": "models:/drugprot-serving-test@champion",
                                                   "tracking_uri": store, "warmup_rounds": 0}))
     info = service.model_info()
     assert (info.uri, info.name, info.version, info.alias) == (
@@ -674,4 +692,84 @@ def test_fuzzed_bodies_never_crash_the_app(client, body, raw, as_raw):
 
 def test_the_app_still_answers_after_the_fuzz(client):
     assert client.post("/v1/relations", json={"documents": [one_doc()]}).status_code == 200
-    assert client.service.batcher.stats.failed_batches == 0
+    assert client.service.model.batcher.stats.failed_batches == 0
+
+
+# ---- stalled bodies: timeouts and caps on unfinished uploads ------------------------------------------------------
+async def asgi_post(app, parts: list[bytes], *, stall: bool, client: str = "10.0.0.1") -> tuple[int, dict]:
+    """POST /v1/relations straight into the ASGI app; ``stall`` leaves the body unfinished after ``parts``."""
+    messages = [{"type": "http.request", "body": part, "more_body": stall or i < len(parts) - 1}
+                for i, part in enumerate(parts)]
+
+    async def receive():
+        if messages:
+            return messages.pop(0)
+        await asyncio.sleep(3600)  # the client sends nothing more
+
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/relations", "raw_path": b"/v1/relations", "root_path": "", "query_string": b"",
+             "headers": [(b"content-type", b"application/json")], "client": (client, 5000), "server": ("x", 80)}
+    await app(scope, receive, send)
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return start["status"], json.loads(body)
+
+
+def test_stalled_bodies_time_out_and_cannot_crowd_out_whole_requests(ensemble):
+    service = service_for(ensemble, limits={"body_timeout_s": 5, "body_idle_timeout_s": 0.5, "max_unfinished_bodies": 3,
+                                            "max_unfinished_bodies_per_client": 2})
+    app = create_api(service)
+    whole = json.dumps({"documents": [one_doc()]}).encode()
+
+    async def scenario():
+        stalled = [asyncio.create_task(asgi_post(app, [b'{"documents": ['], stall=True)) for _ in range(2)]
+        await asyncio.sleep(0.1)
+        third = await asgi_post(app, [b'{"documents": ['], stall=True)  # same address, over its share
+        other = await asgi_post(app, [b'{"documents": ['], stall=True, client="10.0.0.2")  # a new address: admitted
+        ordinary = await asgi_post(app, [whole], stall=False)  # whole in its first part: never counted
+        return third, ordinary, await asyncio.gather(*stalled), other
+
+    third, ordinary, stalled, other = asyncio.run(scenario())
+    assert third[0] == 429 and "too many unfinished requests from 10.0.0.1" in third[1]["detail"]
+    assert ordinary[0] == 200 and ordinary[1]["documents"][0]["candidates"] == 1
+    assert [status for status, _ in stalled] == [408, 408] and other[0] == 408
+    assert stalled[0][1]["detail"] == ("request body: not received in time (a body must arrive within 5 s, "
+                                       "pausing at most 0.5 s)")
+
+    async def crowd():
+        held = [asyncio.create_task(asgi_post(app, [b"{"], stall=True, client=f"10.1.0.{i}")) for i in range(3)]
+        await asyncio.sleep(0.1)
+        refused = await asgi_post(app, [b"{"], stall=True, client="10.1.0.9")
+        await asyncio.gather(*held)
+        return refused
+
+    status, body = asyncio.run(crowd())
+    assert status == 503 and body["detail"] == "server busy receiving other requests; retry shortly"
+
+
+def test_the_page_is_served_without_a_token_and_carries_the_bundled_example(ensemble, dev_documents):
+    with TestClient(create_api(service_for(ensemble), token="s3cret")) as secured:
+        page = secured.get("/")
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert secured.get("/v1/model").status_code == 401  # the API behind it still needs the token
+    example = json.loads(re.search(r'<script id="example" type="application/json">(.*?)</script>', page.text, re.S)[1])
+    first = dev_documents[0]
+    assert (example["title"], example["abstract"]) == (first.title, first.abstract)
+    assert len(example["entities"]) == len(first.entities)
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", page.text) and "fetch(\"v1/relations\"" in page.text
+
+
+def test_the_grafana_dashboard_queries_only_series_the_app_exports():
+    """Every drugprot series a panel queries is one serving.metrics defines (Ray adds the ray_ prefix)."""
+    dashboard = json.loads((REPO / "infra" / "grafana" / "drugprot-serving.json").read_text())
+    source = (REPO / "platform" / "drugprot" / "serving" / "metrics.py").read_text()
+    defined = set(re.findall(r'(?:Counter|Gauge|Histogram)\("(drugprot_\w+)"', source))
+    queried = {m for panel in dashboard["panels"] for target in panel["targets"]
+               for m in re.findall(r"ray_(drugprot_\w+?)(?:_total|_bucket|_sum|_count)?\b", target["expr"])}
+    assert queried and queried <= defined, queried - defined
+    assert queried == defined  # and every series has a panel

@@ -90,6 +90,14 @@ def type_genes(documents: Sequence[Document], member, device: torch.device) -> l
     return apply_gene_types(documents, predicted)
 
 
+def candidate_pairs(documents: Sequence[Document], interval: tuple[int, int]) -> list[Candidate]:
+    """Every document's candidates in order; the Serve ingress calls this without loading a model."""
+    pairs: list[Candidate] = []
+    for doc in documents:
+        pairs.extend(document_candidates(doc, interval))
+    return pairs
+
+
 class Predictor:
     """Loaded members (one model or an ensemble) that map documents to relations."""
 
@@ -181,10 +189,7 @@ class Predictor:
                    weights=weights if any(w != 1 for w in weights) else None, decision=decision, **overrides)
 
     def candidates(self, documents: Sequence[Document], interval: tuple[int, int] | None = None) -> list[Candidate]:
-        pairs: list[Candidate] = []
-        for doc in documents:
-            pairs.extend(document_candidates(doc, interval or self.interval))
-        return pairs
+        return candidate_pairs(documents, interval or self.interval)
 
     def member_probabilities(self, documents: Sequence[Document], candidates: Sequence[Candidate]) -> torch.Tensor:
         """(M, N, L) probabilities; pairs a member cannot encode (too long) get P(NONE) = 1.

@@ -23,10 +23,11 @@ def register(commands) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     scale = parser.add_mutually_exclusive_group()
-    scale.add_argument("--replicas", type=int, help="fixed number of replicas (default 1)")
-    scale.add_argument("--autoscale", metavar="MIN:MAX", help="Serve autoscaling between MIN and MAX replicas")
-    parser.add_argument("--gpus-per-replica", type=float, default=0.0, help="GPUs per replica (> 0: CUDA, bf16)")
-    parser.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs per replica (torch threads)")
+    scale.add_argument("--replicas", type=int, help="fixed number of model replicas (default 1)")
+    scale.add_argument("--autoscale", metavar="MIN:MAX", help="Serve autoscaling between MIN and MAX model replicas")
+    parser.add_argument("--ingress-replicas", type=int, help="HTTP ingress replicas (default 1), apart from the model's")
+    parser.add_argument("--gpus-per-replica", type=float, default=0.0, help="GPUs per model replica (> 0: CUDA, bf16)")
+    parser.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs per model replica (torch threads)")
     parser.add_argument("--max-batch-pairs", type=int, default=64,
                         help="candidate pairs from concurrent requests per model call (1 = no batching)")
     parser.add_argument("--batch-wait-ms", type=float, default=5.0, help="longest wait for a batch to fill")
@@ -38,6 +39,8 @@ def register(commands) -> None:
     parser.add_argument("--route-prefix", default="/", help="HTTP route prefix of the application")
     parser.add_argument("--require-token", action="store_true", help="refuse to start without DRUGPROT_API_TOKEN")
     parser.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for the model to load")
+    parser.add_argument("--drain-timeout", type=float, default=30.0,
+                        help="on SIGTERM, seconds to let accepted requests finish (new ones get 503)")
     parser.set_defaults(handler=_serve)
 
 
@@ -47,6 +50,7 @@ def serve_options(args) -> dict:
         "tracking_uri": args.tracking_uri,
         "replicas": args.replicas,
         "autoscale": args.autoscale,
+        "ingress_replicas": args.ingress_replicas,
         "num_cpus": args.cpus_per_replica,
         "gpus_per_replica": args.gpus_per_replica,
         "max_batch_pairs": args.max_batch_pairs,
@@ -69,8 +73,9 @@ def _serve(args) -> int:
     import ray
     from ray import serve
 
+    from drugprot.local_ray import start_local_ray
     from drugprot.serving import build_app
-    from drugprot.serving.local import start_local_ray
+    from drugprot.serving.app import deployment_failure, drain_application
 
     local, folder, clean, chosen = args.address is None, None, False, None
     if local:
@@ -88,7 +93,7 @@ def _serve(args) -> int:
         try:
             serve.run(build_app(options), name=args.name, route_prefix=args.route_prefix)
         except RuntimeError as error:
-            raise DrugprotError(f"deploying the application failed: {error}") from None
+            raise DrugprotError(f"the model could not be served: {deployment_failure(args.name) or error}") from None
         deployed = True
         base = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}{args.route_prefix.rstrip('/')}"
         if not _wait_ready(f"{base}/readyz", args.ready_timeout, stop):
@@ -101,7 +106,11 @@ def _serve(args) -> int:
               f"SIGTERM or Ctrl-C stops it", file=sys.stderr, flush=True)
         while not stop.wait(1.0):
             pass
-        print("drugprot serve: stopping", file=sys.stderr, flush=True)
+        print("drugprot serve: stopping: new requests get 503, accepted ones finish", file=sys.stderr, flush=True)
+        left = drain_application(args.name, timeout_s=args.drain_timeout)
+        if left:
+            print(f"drugprot serve: {left} request(s) still running after {args.drain_timeout:.0f} s; stopping anyway",
+                  file=sys.stderr, flush=True)
         clean = True
         return 0
     finally:

@@ -66,8 +66,12 @@ def predict_with_ray(model: str, documents: Sequence[Document], *, device: str =
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     started = False
     if not ray.is_initialized():
-        ray.init(address=address, num_cpus=None if address else num_cpus, include_dashboard=False,
-                 log_to_driver=False, configure_logging=False)
+        if address:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        else:
+            from drugprot.local_ray import start_local_ray
+
+            start_local_ray(num_cpus=num_cpus)
         started = True
     try:
         gpus = ray.cluster_resources().get("GPU", 0) if device != "cpu" else 0

@@ -10,25 +10,30 @@ request over a limit, 422 malformed JSON or invalid document (the message names 
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
+import time
+from collections import Counter
 import logging
 import os
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from drugprot import __version__
 from drugprot.errors import DrugprotError
+from drugprot.serving.options import Limits
 from drugprot.serving.schemas import ErrorResponse, ModelInfo, RelationsRequest, RelationsResponse, describe_errors
 from drugprot.serving.service import RelationService, ServingError
 
 log = logging.getLogger("drugprot.serving")
 
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
+RAW_BODY = "drugprot.raw_body"
+OPEN_PATHS = frozenset({"/", "/healthz", "/readyz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
 
 DESCRIPTION = """DrugProt chemical–gene relation extraction.
 
@@ -48,6 +53,36 @@ def resolve_token(token_env: str | None, *, required: bool = False) -> str | Non
     return token or None
 
 
+def try_page() -> str:
+    """``GET /``: the self-contained page to try the API, with the first development document of the bundled sample
+    as its example (the page sends it to ``v1/relations`` itself, with the token the user types)."""
+    from importlib.resources import files
+
+    from drugprot.config import SAMPLE_DIR
+    from drugprot.corpus import read_split
+
+    document = read_split(SAMPLE_DIR, "development").documents[0]
+    example = {"title": document.title, "abstract": document.abstract,
+               "entities": [{"id": e.id, "type": e.type, "start": e.start, "end": e.end} for e in document.entities.values()]}
+    page = (files("drugprot") / "resources" / "try.html").read_text(encoding="utf-8")
+    return page.replace("__EXAMPLE__", json.dumps(example).replace("</", "<\\/"))
+
+
+def undecodable(body: bytes) -> str:
+    """Why FastAPI could not decode a JSON body."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as error:
+        return f"not valid UTF-8 text at byte {error.start}"
+    try:
+        json.loads(text)
+    except RecursionError:
+        return "nested too deeply"
+    except ValueError as error:
+        return str(error)
+    return "cannot be decoded"
+
+
 def _error(status: int, detail: str, problems: list[str] | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
     body = ErrorResponse(detail=detail, problems=problems or [detail]).model_dump()
     return JSONResponse(body, status_code=status, headers=headers)
@@ -55,17 +90,23 @@ def _error(status: int, detail: str, problems: list[str] | None = None, headers:
 
 class _Guard:
     """Pure ASGI middleware: bearer token for every path but the probes and docs (checked before anything is read),
-    then the body-size limit.
+    then the body: its size, how long it takes, and how many arrive at once.
 
     The body is read here up to ``max_body_bytes`` and replayed to the app, so an oversized body is refused with 413
-    without being buffered whole.
+    without being buffered whole. A body must arrive within ``body_timeout_s`` without pausing longer than
+    ``body_idle_timeout_s`` (else 408), and only ``max_unfinished_bodies`` (per client address:
+    ``max_unfinished_bodies_per_client``) are received at once; the rest are refused at once (503, 429). A client
+    that sends headers and then stalls therefore holds a replica's slot for seconds, not forever.
     """
 
-    def __init__(self, app, *, token: str | None, max_body_bytes: int, service: RelationService):
+    def __init__(self, app, *, token: str | None, limits: Limits, service: RelationService, observe=None):
         self.app = app
+        self.observe = observe  # (route, status, seconds) per answered request, e.g. the Serve metrics
         self.service = service
         self.token = token.encode() if token else None
-        self.max_body_bytes = max_body_bytes
+        self.limits = limits
+        self.max_body_bytes = limits.max_body_bytes
+        self._unfinished: Counter[str] = Counter()  # bodies being received, per client address (one event loop)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -73,6 +114,26 @@ class _Guard:
         path, root = scope.get("path", ""), scope.get("root_path", "")
         if root and path.startswith(root):  # behind a route prefix (Serve's route_prefix) the path still carries it
             path = path[len(root):] or "/"
+        if self.service.draining and path != "/healthz":
+            response = _error(503, "shutting down: this replica takes no new requests; retry on another one",
+                              headers={"Retry-After": "1", "Connection": "close"})
+            return await response(scope, receive, send)
+        self.service.in_flight += 1
+        started, status = time.monotonic(), [500]
+
+        async def send_and_note(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            return await self._guarded(scope, receive, send_and_note, path)
+        finally:
+            self.service.in_flight -= 1
+            if self.observe is not None:
+                self.observe(path, status[0], time.monotonic() - started)
+
+    async def _guarded(self, scope, receive, send, path: str):
         if self.token is not None and path not in OPEN_PATHS and not self._authorized(scope):
             response = _error(401, "missing or invalid bearer token: send 'Authorization: Bearer <token>'",
                               headers={"WWW-Authenticate": 'Bearer realm="drugprot"'})
@@ -80,41 +141,73 @@ class _Guard:
         if scope.get("method") not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
         with self.service.arriving():  # the batcher may wait for this request while its body is read
-            return await self._read_body(scope, receive, send)
+            try:
+                body = await self._receive_body(scope, receive)
+            except TimeoutError:
+                body = _error(408, f"request body: not received in time (a body must arrive within "
+                                   f"{self.limits.body_timeout_s:g} s, pausing at most "
+                                   f"{self.limits.body_idle_timeout_s:g} s)", headers={"Connection": "close"})
+            if body is None:  # the client went away
+                return None
+            if isinstance(body, JSONResponse):
+                return await body(scope, receive, send)
+            scope[RAW_BODY] = body  # for the error handlers' messages
+            replayed = False
 
-    async def _read_body(self, scope, receive, send):
+            async def replay():
+                nonlocal replayed
+                if not replayed:
+                    replayed = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                return await receive()
+
+            return await self.app(scope, replay, send)
+
+    async def _receive_body(self, scope, receive) -> bytes | JSONResponse | None:
+        """The whole body, or the refusal to send, or None when the client disconnected.
+
+        A body that came whole in its first part never counts as unfinished, so clients that stall cannot crowd out
+        ordinary requests from the same address."""
         declared = dict(scope.get("headers") or []).get(b"content-length")
         too_large = _error(413, f"request body: larger than the limit of {self.max_body_bytes} bytes; "
                                 f"split the request")
         if declared is not None:
             try:
                 if int(declared) > self.max_body_bytes:
-                    return await too_large(scope, receive, send)
+                    return too_large
             except ValueError:
-                return await _error(400, "request: invalid Content-Length header")(scope, receive, send)
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                return await too_large(scope, receive, send)
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
-        replayed = False
-
-        async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        return await self.app(scope, replay, send)
+                return _error(400, "request: invalid Content-Length header")
+        client = (scope.get("client") or ("?", 0))[0]
+        chunks, size, counted = [], 0, False
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.limits.body_timeout_s
+        try:
+            while True:
+                remaining = deadline - loop.time()
+                message = await asyncio.wait_for(receive(), max(0.0, min(remaining, self.limits.body_idle_timeout_s)))
+                if message["type"] == "http.disconnect":
+                    return None
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > self.max_body_bytes:
+                    return too_large
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    return b"".join(chunks)
+                if not counted:
+                    if sum(self._unfinished.values()) >= self.limits.max_unfinished_bodies:
+                        return _error(503, "server busy receiving other requests; retry shortly",
+                                      headers={"Retry-After": "1", "Connection": "close"})
+                    if self._unfinished[client] >= self.limits.max_unfinished_bodies_per_client:
+                        return _error(429, f"too many unfinished requests from {client}; finish sending them first",
+                                      headers={"Retry-After": "1", "Connection": "close"})
+                    self._unfinished[client] += 1
+                    counted = True
+        finally:
+            if counted:
+                self._unfinished[client] -= 1
+                if not self._unfinished[client]:
+                    del self._unfinished[client]
 
     def _authorized(self, scope) -> bool:
         header = dict(scope.get("headers") or []).get(b"authorization", b"")
@@ -122,16 +215,17 @@ class _Guard:
         return scheme.lower() == b"bearer" and hmac.compare_digest(value.strip(), self.token)
 
 
-def create_api(service: RelationService, *, token: str | None = None) -> FastAPI:
+def create_api(service: RelationService, *, token: str | None = None, observe=None) -> FastAPI:
+    """``observe(route, status, seconds)``, when given, is called for every answered request."""
     app = FastAPI(title="drugprot relation extraction", version=__version__, description=DESCRIPTION)
-    app.add_middleware(_Guard, token=token, max_body_bytes=service.limits.max_body_bytes, service=service)
+    app.add_middleware(_Guard, token=token, limits=service.limits, service=service, observe=observe)
     bearer = HTTPBearer(auto_error=False, description="Only when the server has a token configured.")
     errors = {401: {"model": ErrorResponse}, 413: {"model": ErrorResponse}, 422: {"model": ErrorResponse},
               503: {"model": ErrorResponse}}
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, error: RequestValidationError):
-        problems = describe_errors(error.errors(), getattr(error, "body", None))
+        problems = describe_errors(error.errors(), getattr(error, "body", None), raw=request.scope.get(RAW_BODY))
         return _error(422, problems[0] if problems else "request body: invalid", problems)
 
     @app.exception_handler(ServingError)
@@ -141,8 +235,8 @@ def create_api(service: RelationService, *, token: str | None = None) -> FastAPI
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, error: StarletteHTTPException):
         if error.status_code == 400 and request.url.path.endswith("/v1/relations"):
-            # FastAPI's answer to a body it cannot decode (e.g. invalid UTF-8): malformed JSON, like any other
-            return _error(422, "request body: malformed JSON (not valid UTF-8 text)")
+            # FastAPI's answer to a body it cannot decode: say why, from the body the guard kept
+            return _error(422, f"request body: malformed JSON ({undecodable(request.scope.get(RAW_BODY) or b'')})")
         return _error(error.status_code, str(error.detail), headers=getattr(error, "headers", None))
 
     @app.exception_handler(json.JSONDecodeError)
@@ -156,29 +250,36 @@ def create_api(service: RelationService, *, token: str | None = None) -> FastAPI
 
     @app.post("/v1/relations", response_model=RelationsResponse, responses=errors, dependencies=[Depends(bearer)],
               summary="Relations for each document")
-    async def relations(body: RelationsRequest) -> RelationsResponse:
-        return await service.relations(body)
+    async def relations(body: RelationsRequest, response: Response) -> RelationsResponse:
+        answer, version = await service.relations(body)
+        if version is not None:
+            response.headers["X-Model-Version"] = version
+        return answer
 
     @app.get("/v1/model", response_model=ModelInfo, responses={401: {"model": ErrorResponse}},
              dependencies=[Depends(bearer)], summary="The loaded model: registry name, version, alias, members")
     async def model() -> ModelInfo:
-        return service.model_info()
+        return await service.model.info()
+
+    page = try_page()
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def home() -> HTMLResponse:
+        return HTMLResponse(page)
 
     @app.get("/healthz", summary="Liveness: the replica answers (500 when its warm-up failed)")
     async def healthz():
-        failure = service.failure()
-        if failure:
-            return JSONResponse({"status": "failed", "detail": failure}, status_code=500)
+        status = await service.model.status()
+        if status["status"] == "failed":
+            return JSONResponse({"status": "failed", "detail": status.get("detail")}, status_code=500)
         return {"status": "ok"}
 
     @app.get("/readyz", summary="Readiness: 200 once the model is loaded and warmed up, else 503")
     async def readyz():
-        state = service.state
-        if state != "ready":
-            body = {"status": state}
-            if service.failure():
-                body["detail"] = service.failure()
+        status = await service.model.status()
+        if status["status"] != "ready":
+            body = {key: status[key] for key in ("status", "detail") if key in status}
             return JSONResponse(body, status_code=503, headers={"Retry-After": "1"})
-        return {"status": "ready", **service.stats()}
+        return {**status, "state": "ready"}
 
     return app

@@ -1,44 +1,132 @@
-"""The Ray Serve deployment: one replica = one RelationService (model, batcher, limits, auth) behind FastAPI.
+"""The Serve application: two deployments, composed as Ray Serve's model composition does.
+
+* ``DrugprotIngress`` (CPU): FastAPI, auth, limits, validation, candidate generation, decoding. It holds a handle
+  to the model deployment and calls it through :class:`RemoteModel`, which retries a call whose model replica died
+  (scoring is pure) on another replica, bounded by a count and a deadline.
+* ``DrugprotModel`` (GPU when given one): the loaded Predictor and the pair batcher, shared by every ingress replica.
+  It loads and warms up in its constructor, so Serve routes nothing to a replica before it is warm; a bad model
+  fails the constructor with its ``DrugprotError`` message (``drugprot serve`` prints it).
 
 ``build_application(args)`` is the application builder behind ``drugprot.serving:build_app`` (``serve run``,
-``serve deploy``, KubeRay ``serveConfigV2``, ``drugprot serve``). The replica loads the model in its constructor
-(a bad model fails the deployment with its message), then warms up in its model thread; ``/readyz`` turns 200 when
-that is done. Serve's proxy answers 503 once ``max_queued_requests`` requests wait; ``check_health`` reports a failed
-warm-up so Serve replaces the replica.
+``serve deploy``, KubeRay ``serveConfigV2``, ``drugprot serve``). The per-deployment options set here are defaults
+that a config's ``deployments:`` section overrides without restarting unaffected replicas.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import re
+import time
 from typing import Any
 
+import ray
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve import Application
+from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
 
+from drugprot.errors import DrugprotError
 from drugprot.serving.api import create_api, resolve_token
+from drugprot.serving.metrics import IngressMetrics, ModelMetrics
 from drugprot.serving.options import ServeOptions, parse_options
-from drugprot.serving.service import RelationService
+from drugprot.serving.service import ModelService, RelationService, ServingError
 
 log = logging.getLogger("drugprot.serving")
 
-DEPLOYMENT_NAME = "DrugprotRelations"
+INGRESS_DEPLOYMENT = "DrugprotIngress"
+MODEL_DEPLOYMENT = "DrugprotModel"
 
 
-@serve.deployment(name=DEPLOYMENT_NAME)
-@serve.ingress()
-class RelationDeployment:
-    """A Serve replica: the FastAPI app is built per replica around this replica's service."""
+class ModelUnavailable(ServingError):
+    status = 503
+    headers = {"Retry-After": "1"}
+
+
+class RemoteModel:
+    """The model deployment seen from an ingress replica: the same async protocol as ``ModelService``.
+
+    A call whose replica died (``RayActorError``) is sent again, to whichever replica the router picks, at most
+    ``attempts`` times in all and until ``deadline_s`` after the first try; ``retries`` counts the repeats.
+    A full model queue (Serve's ``BackPressureError``) is a 503 with ``Retry-After``, never retried.
+    """
+
+    def __init__(self, handle, *, attempts: int, deadline_s: float, metrics: IngressMetrics | None = None):
+        self.handle = handle
+        self.metrics = metrics
+        self.attempts = attempts
+        self.deadline_s = deadline_s
+        self.retries = 0
+
+    async def _call(self, method: str, *args):
+        deadline = time.monotonic() + self.deadline_s
+        for attempt in range(1, self.attempts + 1):
+            response = getattr(self.handle, method).remote(*args)
+            started = time.monotonic()
+            try:
+                result = await asyncio.wait_for(_awaited(response), max(0.0, deadline - time.monotonic()))
+                if self.metrics is not None and method == "score":
+                    self.metrics.model_call(time.monotonic() - started)
+                return result
+            except BackPressureError:
+                raise ModelUnavailable("the model's queue is full; retry after a second") from None
+            except TimeoutError:
+                raise ModelUnavailable(f"the model did not answer within {self.deadline_s:g} s; retry later") from None
+            except (RayActorError, ReplicaUnavailableError) as error:
+                if attempt == self.attempts or time.monotonic() >= deadline:
+                    raise ModelUnavailable(f"the model replica failed {attempt} time(s) for this request "
+                                           f"({type(error).__name__}); retry later") from None
+                self.retries += 1
+                if self.metrics is not None:
+                    self.metrics.retry()
+                log.warning("drugprot serving: model call %s failed (%s), retrying on another replica (%d/%d)",
+                            method, type(error).__name__, attempt, self.attempts)
+        raise AssertionError("unreachable")
+
+    async def score(self, job):
+        return await self._call("score", job)
+
+    async def summary(self) -> dict[str, Any]:
+        return await self._call("summary")
+
+    async def status(self) -> dict[str, Any]:
+        return {**await self._call("status"), "retries": self.retries}
+
+    async def info(self):
+        return await self._call("info")
+
+
+async def _awaited(response):
+    return await response
+
+
+@serve.deployment(name=MODEL_DEPLOYMENT)
+class ModelDeployment:
+    """A model replica: loads, warms up, then scores jobs from every ingress replica in shared batches."""
 
     def __init__(self, options: dict[str, Any]):
         self.options = parse_options(options)
-        self.token = resolve_token(self.options.token_env, required=self.options.require_token)
-        self.service = RelationService.load(self.options)
-        self.service.start_warmup()
-        log.info("drugprot serving: model %s loaded (auth %s)", self.options.model, "on" if self.token else "off")
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU") if ray.is_initialized() else None
+        self.service = ModelService.load(self.options, threads=max(1, math.floor(cpus)) if cpus else None)
+        self.service.start_warmup().result()  # ready (and routed to) only once warm
+        metrics = ModelMetrics(self.service.registry.get("version"), self.options.model)
+        self.service.batcher.on_batch = metrics.batch
+        if self.service.failure():
+            raise DrugprotError(f"model {self.options.model}: {self.service.failure()}")
+        log.info("drugprot serving: model %s loaded and warm", self.options.model)
 
-    def __serve_build_asgi_app__(self):
-        return create_api(self.service, token=self.token)
+    async def score(self, job):
+        return await self.service.score(job)
+
+    async def summary(self):
+        return await self.service.summary()
+
+    async def status(self):
+        return await self.service.status()
+
+    async def info(self):
+        return await self.service.info()
 
     def check_health(self) -> None:
         self.service.check_health()
@@ -50,6 +138,68 @@ class RelationDeployment:
             pass
 
 
+@serve.deployment(name=INGRESS_DEPLOYMENT)
+@serve.ingress()
+class IngressDeployment:
+    """An ingress replica: the FastAPI app around a RelationService whose model is the model deployment."""
+
+    def __init__(self, options: dict[str, Any], model):
+        self.options = parse_options(options)
+        self.token = resolve_token(self.options.token_env, required=self.options.require_token)
+        self.metrics = IngressMetrics()
+        remote = RemoteModel(model, attempts=self.options.retry_attempts, deadline_s=self.options.retry_deadline_s,
+                             metrics=self.metrics)
+        self.service = RelationService(remote, self.options)
+        log.info("drugprot serving: ingress up (auth %s)", "on" if self.token else "off")
+
+    def __serve_build_asgi_app__(self):
+        return create_api(self.service, token=self.token, observe=self.metrics.request)
+
+    def drain(self) -> int:
+        """Refuse new requests (503 with Retry-After) from now on; returns the requests still inside."""
+        self.service.draining = True
+        return self.service.in_flight
+
+    def in_flight(self) -> int:
+        return self.service.in_flight
+
+    def model_retries(self) -> int:
+        """Model calls this replica sent again after their replica died."""
+        return self.service.model.retries
+
+
+def drain_application(app_name: str, *, timeout_s: float, poll_s: float = 0.2) -> int:
+    """Stop every ingress replica of ``app_name`` from admitting requests, then wait until the accepted ones are
+    answered (at most ``timeout_s``); returns how many were still inside at the end (0: drained)."""
+    handle = serve.get_deployment_handle(INGRESS_DEPLOYMENT, app_name)
+    remaining = sum(handle.broadcast("drain").results())
+    deadline = time.monotonic() + timeout_s
+    while remaining and time.monotonic() < deadline:
+        time.sleep(poll_s)
+        remaining = sum(handle.broadcast("in_flight").results())
+    return remaining
+
+
 def build_application(args: dict[str, Any] | ServeOptions | None) -> Application:
     options = parse_options(args)
-    return RelationDeployment.options(**options.deployment_options()).bind(options.model_dump(mode="json"))
+    arguments = options.model_dump(mode="json")
+    model = ModelDeployment.options(**options.deployment_options()).bind(arguments)
+    return IngressDeployment.options(**options.ingress_deployment_options()).bind(arguments, model)
+
+
+def deployment_failure(app_name: str) -> str | None:
+    """Why an application failed to deploy, as its replicas said it: the ``DrugprotError`` text when a constructor
+    raised one (Serve's own message only wraps it in 'failed to start … see controller logs'), else Serve's message."""
+    try:
+        application = serve.status().applications.get(app_name)
+    except Exception:  # noqa: BLE001 - the controller itself is gone: nothing better to report
+        return None
+    if application is None:
+        return None
+    messages = [d.message for d in application.deployments.values() if d.message]
+    for message in messages:
+        # the traceback ends with the exception: "drugprot.manifest.ArtifactError: <text, maybe several lines>"
+        found = list(re.finditer(r"^drugprot\.[\w.]*Error: ", message, re.MULTILINE))
+        if found:
+            return message[found[-1].end():].strip()
+    return "\n".join(messages) or application.message or None

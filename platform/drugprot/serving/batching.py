@@ -110,7 +110,8 @@ class PairBatcher(Generic[T, R]):
 
     def __init__(self, run: Callable[[list[T]], list[R]], *, max_pairs: int, wait_s: float,
                  size: Callable[[T], int] = lambda item: item.pairs, executor: Executor | None = None,
-                 announced: Callable[[], int] | None = None, clock: Callable[[], float] = time.monotonic):
+                 announced: Callable[[], int] | None = None, clock: Callable[[], float] = time.monotonic,
+                 on_batch: Callable[[int, list[float], int], None] | None = None):
         if max_pairs < 1:
             raise ValueError(f"max_pairs must be at least 1, got {max_pairs}")
         if wait_s < 0:
@@ -120,6 +121,7 @@ class PairBatcher(Generic[T, R]):
         self.wait_s = wait_s
         self.size = size
         self.announced = announced
+        self.on_batch = on_batch  # (pairs, each item's wait in the queue, items still queued) per batch taken
         self.stats = BatchStats()
         self._clock = clock
         self._own_executor = executor is None
@@ -162,6 +164,9 @@ class PairBatcher(Generic[T, R]):
                 continue
             items = [p.item for p in batch]
             pairs = sum(p.size for p in batch)
+            if self.on_batch is not None:
+                now = self._clock()
+                self.on_batch(pairs, [now - p.arrived for p in batch], len(self._queue))
             try:
                 results = await asyncio.get_running_loop().run_in_executor(self._executor, self.run, items)
                 if len(results) != len(items):

@@ -24,6 +24,13 @@ class Limits(BaseModel):
     max_entities: int = Field(5_000, ge=1, le=1_000_000, description="Entities, summed over documents.")
     max_pairs: int = Field(4_096, ge=1, le=1_000_000, description="Candidate CHEMICAL-GENE pairs, summed over documents.")
     max_body_bytes: int = Field(2_000_000, ge=1_024, le=512_000_000, description="Size of the request body in bytes.")
+    body_timeout_s: float = Field(10.0, gt=0, le=600, description="Time to receive a whole request body (408 after).")
+    body_idle_timeout_s: float = Field(2.0, gt=0, le=600, description="Longest pause between two parts of a body "
+                                       "(408 after).")
+    max_unfinished_bodies: int = Field(32, ge=1, le=100_000, description="Bodies an ingress replica receives at once; "
+                                       "more get 503 at once, so stalled uploads cannot occupy the replica.")
+    max_unfinished_bodies_per_client: int = Field(8, ge=1, le=100_000, description="The same, per client address "
+                                                  "(429 beyond it).")
 
 
 class ServeOptions(BaseModel):
@@ -47,6 +54,13 @@ class ServeOptions(BaseModel):
                                      "replicas' capacity; more are refused with 503 at once (-1: unbounded).")
     target_ongoing_requests: float | None = Field(None, gt=0, le=100_000, description="With autoscale: requests per "
                                                   "replica Serve aims for (default: max(2, max_batch_pairs / 8)).")
+    ingress_replicas: int = Field(1, ge=1, le=1_000, description="Replicas of the ingress deployment (HTTP, validation, "
+                                  "candidates); they scale apart from the model's.")
+    ingress_cpus: float = Field(0.25, gt=0, le=256, description="CPUs per ingress replica.")
+    retry_attempts: int = Field(3, ge=1, le=100, description="Model calls per job when a model replica dies mid-call "
+                                "(scoring is pure, so a retry on another replica is safe).")
+    retry_deadline_s: float = Field(60.0, gt=0, le=3_600, description="A job's model calls, retries included, end by "
+                                    "then; afterwards the request gets 503.")
     limits: Limits = Field(default_factory=Limits)
     token_env: str | None = Field("DRUGPROT_API_TOKEN", description="Environment variable (read in each replica) holding "
                                   "the bearer token; unset or empty variable = no authentication; null = never.")
@@ -81,8 +95,22 @@ class ServeOptions(BaseModel):
     def device(self) -> str:
         return "cuda" if self.gpus_per_replica > 0 else "cpu"
 
+    def ingress_deployment_options(self) -> dict[str, Any]:
+        """``Deployment.options`` of the ingress: it only waits on the model, so it admits every queued request the
+        model may take; refusals beyond that come back from the model's queue as JSON 503s."""
+        model_capacity = self.ongoing_requests + max(self.max_queued_requests, 0)
+        return {
+            "num_replicas": self.ingress_replicas,
+            "ray_actor_options": {"num_cpus": self.ingress_cpus},
+            "max_ongoing_requests": max(64, model_capacity),
+            "max_queued_requests": self.max_queued_requests,
+            "health_check_period_s": 5.0,
+            "graceful_shutdown_timeout_s": 20.0,
+            "max_constructor_retry_count": 3,
+        }
+
     def deployment_options(self) -> dict[str, Any]:
-        """Keyword arguments for ``Deployment.options``: replicas or autoscaling, resources, admission limits."""
+        """``Deployment.options`` of the model: replicas or autoscaling, resources, admission limits."""
         options: dict[str, Any] = {
             "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.gpus_per_replica},
             "max_ongoing_requests": self.ongoing_requests,

@@ -19,7 +19,9 @@ INTERVAL_BOUND = 50  # |GENE interval| a request may ask for; the model's own de
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """No unknown keys, and no coercion: ``"start": true`` or ``"threshold": "0.5"`` are errors, not 1 and 0.5."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 def _utf8(value: str | None, what: str) -> str | None:
@@ -100,14 +102,14 @@ class DocumentIn(_Strict):
 
 class RelationsRequest(_Strict):
     documents: list[DocumentIn] = Field(..., min_length=1, description="Documents to annotate.")
-    interval: tuple[int, int] | None = Field(None, description=f"GENE interval [LO, HI] override, within "
+    interval: list[int] | None = Field(None, min_length=2, max_length=2, description=f"GENE interval [LO, HI] override, within "
                                                                f"[-{INTERVAL_BOUND}, {INTERVAL_BOUND}] (default: the model's).")
     threshold: float = Field(0.0, ge=0.0, le=1.0, allow_inf_nan=False,
                              description="Drop relations scoring below this (0..1).")
 
     @field_validator("interval")
     @classmethod
-    def _bounded_interval(cls, value: tuple[int, int] | None) -> tuple[int, int] | None:
+    def _bounded_interval(cls, value: list[int] | None) -> list[int] | None:
         if value is not None:
             low, high = value
             if not -INTERVAL_BOUND <= low <= high <= INTERVAL_BOUND:
@@ -185,8 +187,10 @@ def _doc_label(body: Any, index: int) -> str:
     return label
 
 
-def describe_errors(errors: Sequence[dict[str, Any]], body: Any = None, *, limit: int = 20) -> list[str]:
-    """Pydantic/FastAPI errors → one message each, naming the document (index and id) and the field."""
+def describe_errors(errors: Sequence[dict[str, Any]], body: Any = None, *, raw: bytes | None = None,
+                    limit: int = 20) -> list[str]:
+    """Pydantic/FastAPI errors → one message each, naming the document (index and id) and the field; ``raw`` (the
+    body as received) tells an empty body from a JSON ``null``."""
     messages = []
     for error in list(errors)[:limit]:
         loc = [part for part in error.get("loc", ()) if part != "body"]
@@ -197,7 +201,8 @@ def describe_errors(errors: Sequence[dict[str, Any]], body: Any = None, *, limit
             messages.append(f"request body: malformed JSON{f' ({position})' if position else ''}")
             continue
         if not loc and kind in ("model_attributes_type", "model_type", "dict_type", "missing"):
-            found = "an empty body" if error.get("input") in (None, b"") else (
+            empty = error.get("input") in (None, b"") and (raw is None or not raw.strip())
+            found = "an empty body" if empty else "JSON null" if error.get("input") is None else (
                 "a non-JSON body (send Content-Type: application/json)" if isinstance(error.get("input"), bytes)
                 else f"JSON {type(error.get('input')).__name__}")
             messages.append(f'request body: expected a JSON object {{"documents": [...]}}, got {found}')

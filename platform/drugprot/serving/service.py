@@ -1,10 +1,12 @@
-"""The relation service without a framework: limits, readiness, warm-up and batching around one Predictor.
+"""The relation service without a framework, in two halves that Serve runs as two deployments.
 
-``RelationService`` is what a Serve replica holds and what the FastAPI app (``serving.api``) calls; it is also
-driven directly by the unit tests and by the in-process GPU benchmark. Request → limits (413) → documents under
-replica-unique keys → ``Predictor.candidates`` → pair limit (413) → :class:`PairBatcher` (one
-``member_probabilities`` call per batch, in the model thread) → ``inference.decode`` with the request's threshold.
-No Ray here.
+``ModelService`` (the model deployment): one loaded Predictor, its warm-up, and the :class:`PairBatcher` that
+combines jobs from every ingress into one ``member_probabilities`` call per batch, in the model thread.
+``RelationService`` (the ingress, what the FastAPI app in ``serving.api`` calls): limits (413) → documents under
+keys unique across ingress replicas → ``inference.candidate_pairs`` → pair limit (413) → ``await model.score(job)``
+→ ``inference.decode`` with the request's threshold. ``model`` is a ``ModelService`` in this process (unit tests,
+the in-process benchmark) or ``serving.app.RemoteModel`` (a Serve handle with failover); both offer the same async
+``score``/``summary``/``status``/``info``. No Ray here.
 """
 
 from __future__ import annotations
@@ -12,10 +14,12 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import uuid
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -44,6 +48,15 @@ class PayloadTooLarge(ServingError):
 class NotReady(ServingError):
     status = 503
     headers = {"Retry-After": "1"}
+
+
+@dataclass(frozen=True)
+class Scored:
+    """A job's ``(M, n, L)`` member probabilities and the model that computed them (vote mode, registry version)."""
+
+    probabilities: Any
+    vote: str
+    version: str | None
 
 
 def configure_torch_threads(threads: int) -> None:
@@ -94,29 +107,26 @@ def warmup_document(key: str) -> Document:
     return Document(key, title, "", entities)
 
 
-class RelationService:
-    """One loaded Predictor behind limits, readiness and cross-request batching."""
+class ModelService:
+    """One loaded Predictor behind readiness and cross-request batching: the model deployment's work."""
 
     def __init__(self, predictor, options: ServeOptions, *, executor: ThreadPoolExecutor | None = None,
                  registry: dict[str, Any] | None = None):
+        """``batcher.on_batch`` may be set afterwards to observe each model call (the Serve deployment's metrics)."""
         self.predictor = predictor
         self.options = options
         self.registry = registry or {}  # name, version, alias, dev_f1 of a models:/ URI, pinned at load time
-        self.limits = options.limits
         self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="drugprot-model")
-        self._preparing = 0  # requests between arrival and the batcher (all on the event loop: no lock needed)
         self.batcher: PairBatcher[Job, Any] = PairBatcher(partial(run_jobs, predictor), max_pairs=options.max_batch_pairs,
-                                                          wait_s=options.batch_wait_ms / 1000.0, executor=self._executor,
-                                                          announced=lambda: self._preparing)
-        self._keys = itertools.count()
+                                                          wait_s=options.batch_wait_ms / 1000.0, executor=self._executor)
         self._warmup: Future | None = None
 
     @classmethod
-    def load(cls, options: ServeOptions) -> RelationService:
+    def load(cls, options: ServeOptions, *, threads: int | None = None) -> ModelService:
         """Set torch threads, load the model (folder, ensemble or models:/ URI) on the replica's device."""
         from drugprot.inference import load_predictor
 
-        configure_torch_threads(options.torch_threads)
+        configure_torch_threads(threads or options.torch_threads)
         model, registry = options.model, None
         if model.startswith("models:/"):
             # Pin the alias to one version first, so what /v1/model reports is exactly what was loaded.
@@ -132,7 +142,7 @@ class RelationService:
 
     # ---- readiness -------------------------------------------------------------------------------------------
     def start_warmup(self) -> Future:
-        """Run the warm-up in the model thread; /readyz turns ready when it finishes."""
+        """Run the warm-up in the model thread; the service is ready when it finishes."""
         if self._warmup is None:
             self._warmup = self._executor.submit(self.warm_up)
         return self._warmup
@@ -169,6 +179,78 @@ class RelationService:
         if failure:
             raise RuntimeError(failure)
 
+    # ---- the protocol the ingress calls (in this process, or through a Serve handle) ---------------------------
+    async def score(self, job: Job) -> Scored:
+        if not self.ready:
+            raise NotReady(self.failure() or "the model is still warming up (see GET /readyz); retry shortly")
+        probabilities = await self.batcher.submit(job)
+        return Scored(probabilities, self.predictor.vote_mode, self.registry.get("version"))
+
+    async def summary(self) -> dict[str, Any]:
+        """What the ingress needs before it can prepare a job: the GENE interval (and the version it belongs to)."""
+        return {"interval": tuple(getattr(self.predictor, "interval", DEFAULT_INTERVAL)),
+                "version": self.registry.get("version")}
+
+    async def status(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"status": self.state, "batching": self.batcher.describe()}
+        if self.failure():
+            body["detail"] = self.failure()
+        return body
+
+    async def info(self) -> ModelInfo:
+        return self.model_info()
+
+    # ---- description -----------------------------------------------------------------------------------------
+    def model_info(self) -> ModelInfo:
+        """Registry name/version/alias (models:/ URIs), members and the dev F1 recorded for the loaded model."""
+        metadata = dict(getattr(self.predictor, "metadata", None) or {})
+        entries = metadata.get("members") if isinstance(metadata.get("members"), list) else []
+        members = []
+        for i, member in enumerate(self.predictor.members):
+            info = getattr(member, "info", {}) or {}
+            entry = entries[i] if i < len(entries) and isinstance(entries[i], dict) else {}
+            members.append(MemberInfo(
+                name=_text(entry.get("name")), encoder=_text(info.get("encoder") or entry.get("encoder")),
+                system=_text(info.get("system")), markers=_text(info.get("markers")),
+                seed=entry.get("seed") if isinstance(entry.get("seed"), int) else None,
+                dev_f1=_number(entry.get("dev_f1")) if entry.get("dev_f1") is not None
+                else _number((info.get("dev") or {}).get("dev_f1"))))
+        dev_f1 = self.registry.get("dev_f1")
+        if dev_f1 is None:  # an ensemble folder's own evaluation, else a single member's
+            dev_f1 = _first_number(metadata, ("dev", "ensemble", "f1"))
+        if dev_f1 is None and len(members) == 1:
+            dev_f1 = members[0].dev_f1
+        device = str(getattr(self.predictor, "device", self.options.device))
+        bf16 = device.startswith("cuda") and getattr(self.predictor, "precision", "bf16") == "bf16"
+        return ModelInfo(
+            uri=self.options.model, name=self.registry.get("name"), version=self.registry.get("version"),
+            alias=self.registry.get("alias"), dev_f1=dev_f1, vote=self.predictor.vote_mode,
+            interval=tuple(getattr(self.predictor, "interval", DEFAULT_INTERVAL)), members=members, device=device,
+            precision="bf16" if bf16 else "fp32", execution=_text(getattr(self.predictor, "execution", None)),
+            max_batch_pairs=self.options.max_batch_pairs, batch_wait_ms=self.options.batch_wait_ms,
+            limits=self.options.limits.model_dump(), metadata=_json_safe(metadata))
+
+    async def close(self) -> None:
+        await self.batcher.close()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+class RelationService:
+    """Limits, candidates and decoding around a model that scores jobs: the ingress deployment's work."""
+
+    def __init__(self, model, options: ServeOptions):
+        self.model = model
+        self.options = options
+        self.limits = options.limits
+        self._preparing = 0  # requests between arrival and the batcher (all on the event loop: no lock needed)
+        if isinstance(model, ModelService):  # one process: the batcher can see requests on their way
+            model.batcher.announced = lambda: self._preparing
+        self.in_flight = 0  # HTTP requests inside the app now (the HTTP layer counts them)
+        self.draining = False  # set on shutdown: new requests get 503, those inside finish
+        self._prefix = uuid.uuid4().hex[:8]  # document keys stay unique across ingress replicas sharing a model
+        self._keys = itertools.count()
+        self._summary: dict[str, Any] | None = None
+
     # ---- requests --------------------------------------------------------------------------------------------
     def _check_limits(self, request: RelationsRequest) -> None:
         limits, documents = self.limits, request.documents
@@ -204,12 +286,14 @@ class RelationService:
             flag[0] = False
             self._preparing -= 1
 
-    def _prepare(self, request: RelationsRequest):
+    def _prepare(self, request: RelationsRequest, interval: tuple[int, int]):
+        from drugprot.inference import candidate_pairs
+
         self._check_limits(request)
-        request_key = next(self._keys)
+        request_key = f"{self._prefix}:{next(self._keys)}"
         keys = [f"{request_key}:{i}" for i in range(len(request.documents))]
         documents = [d.to_document(key) for d, key in zip(request.documents, keys)]
-        candidates = self.predictor.candidates(documents, tuple(request.interval) if request.interval else None)
+        candidates = candidate_pairs(documents, tuple(request.interval) if request.interval else interval)
         if len(candidates) > self.limits.max_pairs:
             per_doc = Counter(c.pmid for c in candidates)
             worst = max(range(len(keys)), key=lambda i: per_doc[keys[i]])
@@ -218,62 +302,29 @@ class RelationService:
                                   f"{per_doc[keys[worst]]}); send fewer documents or a narrower interval")
         return keys, documents, candidates
 
-    async def relations(self, request: RelationsRequest) -> RelationsResponse:
-        """Relations for each document of a validated request, in request order."""
-        if not self.ready:
-            raise NotReady(self.failure() or "the model is still warming up (see GET /readyz); retry shortly")
-        keys, documents, candidates = self._prepare(request)
-        relations = []
+    async def relations(self, request: RelationsRequest) -> tuple[RelationsResponse, str | None]:
+        """Relations for each document of a validated request, in request order, and the model version that
+        answered (None for a model folder)."""
+        if self._summary is None:
+            self._summary = await self.model.summary()
+        keys, documents, candidates = self._prepare(request, self._summary["interval"])
+        relations, version = [], self._summary["version"]
         if candidates:
             from drugprot.inference import decode
 
             self._arrived()  # no await between here and the queue: the batcher sees this request in one place
-            probabilities = await self.batcher.submit(Job(documents, candidates))
-            relations = decode(candidates, probabilities, self.predictor.vote_mode, request.threshold)
+            scored = await self.model.score(Job(documents, candidates))
+            if scored.version != version:  # another model answered (a champion swap): its interval from now on
+                self._summary = None
+            relations, version = decode(candidates, scored.probabilities, scored.vote, request.threshold), scored.version
         by_key: dict[str, list[RelationOut]] = {key: [] for key in keys}
         for relation in relations:
             by_key[relation.pmid].append(RelationOut(chemical=relation.chemical, gene=relation.gene, type=relation.type,
                                                      score=relation.score, votes=list(relation.votes)))
         counts = Counter(c.pmid for c in candidates)
-        return RelationsResponse(documents=[DocumentRelations(id=d.id, candidates=counts[key], relations=by_key[key])
-                                            for d, key in zip(request.documents, keys)])
-
-    # ---- description -----------------------------------------------------------------------------------------
-    def model_info(self) -> ModelInfo:
-        """Registry name/version/alias (models:/ URIs), members and the dev F1 recorded for the loaded model."""
-        metadata = dict(getattr(self.predictor, "metadata", None) or {})
-        entries = metadata.get("members") if isinstance(metadata.get("members"), list) else []
-        members = []
-        for i, member in enumerate(self.predictor.members):
-            info = getattr(member, "info", {}) or {}
-            entry = entries[i] if i < len(entries) and isinstance(entries[i], dict) else {}
-            members.append(MemberInfo(
-                name=_text(entry.get("name")), encoder=_text(info.get("encoder") or entry.get("encoder")),
-                system=_text(info.get("system")), markers=_text(info.get("markers")),
-                seed=entry.get("seed") if isinstance(entry.get("seed"), int) else None,
-                dev_f1=_number(entry.get("dev_f1")) if entry.get("dev_f1") is not None
-                else _number((info.get("dev") or {}).get("dev_f1"))))
-        dev_f1 = self.registry.get("dev_f1")
-        if dev_f1 is None:  # an ensemble folder's own evaluation, else a single member's
-            dev_f1 = _first_number(metadata, ("dev", "ensemble", "f1"))
-        if dev_f1 is None and len(members) == 1:
-            dev_f1 = members[0].dev_f1
-        device = str(getattr(self.predictor, "device", self.options.device))
-        bf16 = device.startswith("cuda") and getattr(self.predictor, "precision", "bf16") == "bf16"
-        return ModelInfo(
-            uri=self.options.model, name=self.registry.get("name"), version=self.registry.get("version"),
-            alias=self.registry.get("alias"), dev_f1=dev_f1, vote=self.predictor.vote_mode,
-            interval=tuple(getattr(self.predictor, "interval", DEFAULT_INTERVAL)), members=members, device=device,
-            precision="bf16" if bf16 else "fp32", execution=_text(getattr(self.predictor, "execution", None)),
-            max_batch_pairs=self.options.max_batch_pairs, batch_wait_ms=self.options.batch_wait_ms,
-            limits=self.limits.model_dump(), metadata=_json_safe(metadata))
-
-    def stats(self) -> dict[str, Any]:
-        return {"state": self.state, "batching": self.batcher.describe()}
-
-    async def close(self) -> None:
-        await self.batcher.close()
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        response = RelationsResponse(documents=[DocumentRelations(id=d.id, candidates=counts[key], relations=by_key[key])
+                                                for d, key in zip(request.documents, keys)])
+        return response, version
 
 
 def _first(mapping: dict, *paths: tuple[str, ...]) -> Any:

@@ -191,8 +191,10 @@ def connect_ray(address: str | None, *, timeout: float = 15.0, num_cpus: int | N
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     common = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     if address is None:
+        from drugprot.local_ray import start_local_ray
+
         cpus = num_cpus or int(os.environ.get("DRUGPROT_RAY_NUM_CPUS", "0")) or None
-        ray.init(address="local", num_cpus=cpus, object_store_memory=256 * 1024 * 1024, **common)
+        start_local_ray(num_cpus=cpus, object_store_mb=256, logging_level=logging.WARNING)
         return True
     target = address
     if address == "auto":
