@@ -6,7 +6,8 @@ A BERT-base-sized random encoder (110M parameters; ``tiny-random`` with BERT-bas
 trains on CPU for a few tiny steps per evaluation, for 20 evaluations (10 epochs, one every half epoch, as in
 ``configs/paper-biobert.yaml``). Each evaluation goes through the trial's own upload code
 (:func:`drugprot.tuning.trainable.upload_evaluation`) into a local folder that stands in for the storage, with the
-Tune part (persisting a checkpoint folder, keeping the newest) done by copying, as Tune does for a local storage.
+Tune part (persisting the reported checkpoint folder, keeping the newest) done by copying, as Tune does for a local
+storage.
 
     python bench/checkpoint_io.py                 # BERT-base, 20 evaluations: needs ~10 GB of free disk, minutes
     python bench/checkpoint_io.py --layers 2      # a quicker look
@@ -32,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
 from drugprot.config import load_config  # noqa: E402
 from drugprot.training import train  # noqa: E402
-from drugprot.tuning.trainable import ResumableStates, upload_evaluation  # noqa: E402
+from drugprot.tuning.trainable import LatestFolder, upload_evaluation  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,11 +50,12 @@ class Storage:
 
         self.root = root
         self.bytes = 0
-        self.checkpoints = 0
-        self.states = ResumableStates(pyarrow.fs.LocalFileSystem(), str(root / "resumable"))
+        self.checkpoints = 0  # Tune checkpoints: resumable states (the whole run folder in the legacy policy)
+        self.best_uploads = 0
+        self.best_models = LatestFolder(pyarrow.fs.LocalFileSystem(), str(root / "best"))
 
     def report(self, metrics, folder) -> None:
-        """Tune's part: persist the reported folder as a new checkpoint, keep only the newest (num_to_keep=1)."""
+        """Tune's part: persist the reported folder (the resumable state) as a new checkpoint, keep the newest."""
         if folder is None:
             return
         self.checkpoints += 1
@@ -77,11 +79,11 @@ def run(policy: str, config, work: Path) -> dict:
         if policy == "legacy":  # the old trial: the whole run folder, model and resumable state, every evaluation
             storage.report(metrics, folder)
         else:
-            state_bytes = folder_bytes(folder / "checkpoint") + (folder / "metrics.json").stat().st_size \
-                if metrics["state_saved"] else 0
             upload_evaluation(metrics, folder, model_saved=metrics["model_saved"], state_saved=metrics["state_saved"],
-                              states=storage.states, report=storage.report)
-            storage.bytes += state_bytes
+                              best_models=storage.best_models, report=storage.report)
+            if metrics["model_saved"]:
+                storage.bytes += folder_bytes(storage.root / "best" / storage.best_models.latest())
+                storage.best_uploads += 1
         saving["upload_s"] += time.perf_counter() - start
 
     every = None if policy == "bounded" else 1 if policy == "legacy" else int(policy.removeprefix("every-"))
@@ -90,8 +92,9 @@ def run(policy: str, config, work: Path) -> dict:
     wall = time.perf_counter() - start
     shutil.rmtree(run_dir)
     shutil.rmtree(storage.root)
+    legacy = policy == "legacy"
     return {"policy": policy, "evaluations": len(result.evaluations), "bytes": storage.bytes,
-            "model_uploads": storage.checkpoints, "state_uploads": sum(e["state_saved"] for e in result.evaluations),
+            "model_uploads": storage.checkpoints if legacy else storage.best_uploads, "state_uploads": storage.checkpoints,
             "save_s": saving["train_s"], "upload_s": saving["upload_s"], "wall_s": wall}
 
 

@@ -336,22 +336,25 @@ def test_crashed_trial_is_retried_from_its_checkpoint(local_study):
 
 @pytest.mark.slow
 def test_storage_holds_one_best_model_and_the_latest_resumable_state_per_trial(local_study):
-    """What a study uploads is bounded: the best model (keep_checkpoints: 1) and, for trials that got as far as a
-    resumable state (once per epoch: evaluation 2 here; ASHA stops some at 1), only the latest one."""
-    trial_dirs = [p for p in (local_study["root"] / "storage" / "local").iterdir() if list(p.glob("checkpoint_*"))]
+    """What a study uploads is bounded: per trial, its best model (only the latest) and, for trials that got as far
+    as a resumable state (once per epoch: evaluation 2 here; ASHA stops some at 1), the newest state as the Tune
+    checkpoint (keep_checkpoints: 1). The best model never rides along with a state, nor a state with the model."""
+    trial_dirs = [p for p in (local_study["root"] / "storage" / "local").iterdir() if (p / "best").is_dir()]
     assert len(trial_dirs) == 4
     with_state = 0
     for trial_dir in trial_dirs:
-        models = list(trial_dir.glob("checkpoint_*"))
-        assert len(models) == 1 and (models[0] / "model" / "model.safetensors").is_file()
-        assert not (models[0] / "checkpoint").exists()  # the resumable state never rides along with the model
-        if not (trial_dir / "resumable").exists():
-            continue
-        with_state += 1
-        states = sorted(p.name for p in (trial_dir / "resumable").iterdir())
-        assert len(states) == 2 and states[1] == "latest.json", states
-        assert json.loads((trial_dir / "resumable" / "latest.json").read_text())["state"] == states[0]
-        assert (trial_dir / "resumable" / states[0] / "checkpoint" / "state.safetensors").is_file()
+        best = sorted(p.name for p in (trial_dir / "best").iterdir())
+        assert len(best) == 2 and best[1] == "latest.json", best
+        assert json.loads((trial_dir / "best" / "latest.json").read_text())["folder"] == best[0]
+        assert (trial_dir / "best" / best[0] / "model" / "model.safetensors").is_file()
+        assert (trial_dir / "best" / best[0] / "dev_probabilities.safetensors").is_file()
+        assert not (trial_dir / "best" / best[0] / "checkpoint").exists()
+        states = list(trial_dir.glob("checkpoint_*"))
+        assert len(states) <= 1
+        if states:
+            with_state += 1
+            assert (states[0] / "checkpoint" / "state.safetensors").is_file()
+            assert not (states[0] / "model").exists()
     assert with_state >= 2  # the trial that ran to the end, and the one retried from its state
 
 

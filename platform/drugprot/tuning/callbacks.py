@@ -73,23 +73,25 @@ class MlflowStudyCallback(Callback):
         last = int((trial.last_result or {}).get("eval", self._last_eval.get(trial.trial_id, 0)))
         state = trial_state(error=False, stopped_by_scheduler=self._stopped.get(trial.trial_id), last_eval=last,
                             max_t=self.max_t)
-        self.close(trial.trial_id, state, trial.checkpoint, trial.last_result)
+        self.close(trial.trial_id, state, trial.storage, trial.last_result)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self.close(trial.trial_id, "errored", trial.checkpoint, trial.last_result)
+        self.close(trial.trial_id, "errored", trial.storage, trial.last_result)
 
-    def close(self, trial_id: str, state: str, checkpoint, last_result: dict | None) -> None:
-        """Log the trial's cost, upload its artifacts from its latest checkpoint (its ``model/`` is the best so far)
-        and end it."""
+    def close(self, trial_id: str, state: str, storage, last_result: dict | None) -> None:
+        """Log the trial's cost, upload its best model (from ``<trial>/best`` in the study storage) and end it."""
+        import tempfile
+        from pathlib import Path
+
+        from drugprot.tuning.trainable import best_model_store
+
         run_id = self.tracker.trial_run(trial_id)
         if run_id is None or trial_id in self._closed:
             return
         self.tracker.log_totals(run_id, trial_cost(last_result or {}, state=state).metrics())
-        if checkpoint is None:
-            self.tracker.finish_trial(run_id, state=state, run_folder=None)
-        else:
-            with checkpoint.as_directory() as folder:
-                self.tracker.finish_trial(run_id, state=state, run_folder=folder)
+        with tempfile.TemporaryDirectory(prefix="drugprot-best-") as folder:
+            found = best_model_store(storage).download(Path(folder))
+            self.tracker.finish_trial(run_id, state=state, run_folder=folder if found else None)
         self._closed.add(trial_id)
 
     def __getstate__(self) -> dict:

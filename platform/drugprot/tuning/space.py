@@ -20,7 +20,7 @@ A space file looks like this (``search_spaces/paper.yaml``)::
       group: true                              # ... per group of parameters sampled together
     trials:
       max_failures: 2                          # retries of a crashed trial, from its last checkpoint
-      keep_checkpoints: 1                      # best models (by dev_f1) kept per trial in the storage
+      keep_checkpoints: 1                      # resumable states kept per trial in the storage (the newest)
       checkpoint_every: 2                      # evaluations between uploads of the resumable state (default: once
                                                # per epoch; it is 3x the model's size, so uploads are bounded)
     params:

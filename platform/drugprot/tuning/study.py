@@ -561,8 +561,8 @@ def _run(tune, *, base: RunConfig, space: SearchSpace, name: str, storage: str, 
         run_config=tune.RunConfig(
             name=name, storage_path=storage, callbacks=callbacks, verbose=0,
             failure_config=tune.FailureConfig(max_failures=space.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=space.keep_checkpoints,
-                                                    checkpoint_score_attribute="dev_f1", checkpoint_score_order="max")))
+            # the newest resumable states (the best model is kept apart: drugprot.tuning.trainable)
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=space.keep_checkpoints)))
     return tuner.fit()
 
 

@@ -6,18 +6,20 @@ so far (``wall_s``, ``device_s``; see :mod:`drugprot.tuning.cost`, carried in ``
 (``node_id``, ``node_ip``, ``pid``, ``gpu_ids``: the GPUs Ray assigned it, comma-separated). What goes to the study storage is bounded, because for BERT-base
 the resumable state is 1.3 GB and a study has dozens of trials:
 
-* the best model: only when it improves, as a Tune checkpoint holding ``model/``, its dev probabilities
-  (``dev_probabilities.safetensors``, what ensembles are chosen from), ``metrics.json``, ``cost.json`` and
-  ``config.yaml`` (what the driver logs to MLflow and ensembles are built from; ``keep_checkpoints`` of them kept);
-* the resumable state (``checkpoint/`` and the ``metrics.json`` and ``cost.json`` that go with it): every ``trials.checkpoint_every``
-  evaluations (default once per epoch) and at the end, under ``<trial>/resumable/eval-NNNNNN/`` with a pointer
-  ``resumable/latest.json`` written last (one object, so a reader never sees half a state); older states are deleted.
+* the resumable state: every ``trials.checkpoint_every`` evaluations (default once per epoch) and at the end, as
+  the Tune checkpoint (``checkpoint/``, ``metrics.json``, ``cost.json``; ``keep_checkpoints`` of them kept, the
+  newest). Tune's checkpoints are what it restores a trial from, and with its iteration count, so ASHA's rungs and
+  Optuna's steps stay aligned with the evaluations after a retry;
+* the best model: only when it improves, under ``<trial>/best/eval-NNNNNN/`` (``model/``, its dev probabilities
+  ``dev_probabilities.safetensors``, ``metrics.json``, ``config.yaml``) with a pointer ``best/latest.json`` written
+  last (one object, so a reader never sees half a model); the previous one is deleted. The driver logs it to MLflow
+  when the trial ends, and ensembles are built from there.
 
-Restoring (a retried trial after a crash, or a resumed study): Tune hands back the latest best-model checkpoint
-through ``tune.get_checkpoint()``; the latest resumable state is fetched beside it and training continues from it
-with ``resume=True``. Evaluations between that state and the crash run again (bit-identically) and are reported
-again; the MLflow callback logs each evaluation step once. The run folder is node-local scratch
-(``DRUGPROT_SCRATCH``), removed when the trial ends.
+Restoring (a retried trial after a crash, or a resumed study): Tune hands back the latest state through
+``tune.get_checkpoint()``; the best model is fetched beside it and training continues with ``resume=True``.
+Evaluations between that state and the crash run again (bit-identically) and are reported again; the MLflow
+callback logs each evaluation step once. The run folder is node-local scratch (``DRUGPROT_SCRATCH``), removed when
+the trial ends.
 
 Each trial is its own Ray actor (a separate process; ``reuse_actors=False``), so when ASHA stops a trial its process
 exits and whatever GPU memory it held is released.
@@ -66,19 +68,20 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], space, threads: i
     # The run folder lives outside the trial folder: Ray uploads the trial folder to the storage as it changes, and
     # would copy a model while training replaces it. What must persist goes through tune.report's checkpoints.
     run_dir = scratch_dir() / f"{context.get_experiment_name()}-{context.get_trial_id()}"
-    storage = context.get_storage()
-    states = ResumableStates(storage.storage_filesystem, f"{storage.trial_fs_path}/resumable")
+    best_models = best_model_store(context.get_storage())
     shutil.rmtree(run_dir, ignore_errors=True)
     resumed_from = 0
     best = float("-inf")
     checkpoint = tune.get_checkpoint()
     gpus = context.get_trial_resources().required_resources.get("GPU", 0.0)
     clock = TrialClock(gpus=gpus)
-    resume = checkpoint is not None and states.download(run_dir)
-    if resume:
-        checkpoint.to_directory(str(run_dir / "best"))
-        shutil.move(run_dir / "best" / "model", run_dir / "model")
-        shutil.rmtree(run_dir / "best")
+    if checkpoint is not None:
+        checkpoint.to_directory(str(run_dir))
+        with tempfile.TemporaryDirectory(dir=run_dir.parent, prefix=f".{run_dir.name}.best.") as staging:
+            if best_models.download(Path(staging)):  # the state's metrics.json stays: it is the state's history
+                for name in (MODEL, DEV_PROBABILITIES):
+                    if (Path(staging) / name).exists():
+                        shutil.move(Path(staging) / name, run_dir / name)
         evaluations = _read_json(run_dir / "metrics.json").get("evaluations", [])
         resumed_from = evaluations[-1]["eval"] if evaluations else 0
         best = max((e["dev_f1"] for e in evaluations), default=best)
@@ -88,33 +91,36 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], space, threads: i
         trial_id=context.get_trial_id(), best=best, resumed_from=resumed_from, fault_marker=fault_marker, clock=clock,
         where={"node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address(),
                "pid": os.getpid(), "gpu_ids": ",".join(str(i) for i in ray.get_gpu_ids())},
-        report=lambda metrics, folder, **saved: upload_evaluation(metrics, folder, **saved, states=states,
+        report=lambda metrics, folder, **saved: upload_evaluation(metrics, folder, **saved, best_models=best_models,
                                                                   report=_tune_report))
     log_file = open(trial_dir / "train.log", "a", encoding="utf-8")
     try:
-        train(config, run_dir, report=reporter, resume=resume, progress=False, checkpoint_every=checkpoint_every,
+        train(config, run_dir, report=reporter, resume=checkpoint is not None, progress=False, checkpoint_every=checkpoint_every,
               log=lambda message: print(message, file=log_file, flush=True))
     finally:
         log_file.close()
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def upload_evaluation(metrics: dict[str, Any], run_dir: Path, *, model_saved: bool, state_saved: bool,
-                      states: ResumableStates, report: Callable[[dict[str, Any], str | None], None]) -> None:
-    """Upload what changed at one evaluation; ``report(metrics, folder)`` persists ``folder`` as the checkpoint.
+MODEL = "model"
+BEST_FOLDER = "best"
 
-    A new best model goes first: a state uploaded before it would let a retry resume past the best evaluation with
-    an older ``model/``; resumed from an earlier state, that evaluation simply runs again."""
+
+def upload_evaluation(metrics: dict[str, Any], run_dir: Path, *, model_saved: bool, state_saved: bool,
+                      best_models: LatestFolder, report: Callable[[dict[str, Any], str | None], None]) -> None:
+    """Upload what changed at one evaluation; ``report(metrics, folder)`` persists ``folder`` as the Tune checkpoint.
+
+    The best model goes first, so that when the report lets ASHA stop the trial, its best model is already there."""
     if model_saved:
-        with tempfile.TemporaryDirectory(dir=run_dir.parent, prefix=f".{run_dir.name}.best.") as staging:
-            for name in ("model", DEV_PROBABILITIES, "metrics.json", COST_FILE, "config.yaml"):
-                if (run_dir / name).exists():  # cost.json: only where a clock runs (trials, not benchmarks)
-                    _link_tree(run_dir / name, Path(staging) / name)
-            report(metrics, staging)
-    if state_saved:
-        states.upload(run_dir, int(metrics["eval"]))
-    if not model_saved:
+        best_models.upload(run_dir, (MODEL, DEV_PROBABILITIES, "metrics.json", "config.yaml"), int(metrics["eval"]))
+    if not state_saved:
         report(metrics, None)
+        return
+    with tempfile.TemporaryDirectory(dir=run_dir.parent, prefix=f".{run_dir.name}.state.") as staging:
+        for name in ("checkpoint", "metrics.json", COST_FILE):
+            if (run_dir / name).exists():  # cost.json: only where a clock runs (trials, not benchmarks)
+                _link_tree(run_dir / name, Path(staging) / name)
+        report(metrics, staging)
 
 
 def _tune_report(metrics: dict[str, Any], folder: str | None) -> None:
@@ -123,8 +129,14 @@ def _tune_report(metrics: dict[str, Any], folder: str | None) -> None:
     tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder) if folder else None)
 
 
-class ResumableStates:
-    """The latest resumable training state of one trial in the study storage (a pyarrow file system: local or S3)."""
+def best_model_store(storage) -> LatestFolder:
+    """Where a trial keeps its best model: ``<trial>/best`` in the study storage (Ray's StorageContext)."""
+    return LatestFolder(storage.storage_filesystem, f"{storage.trial_fs_path}/{BEST_FOLDER}")
+
+
+class LatestFolder:
+    """The latest of a series of folders in a pyarrow file system (local or S3): ``eval-NNNNNN/`` plus a pointer
+    ``latest.json`` written after the folder, so readers never see half a folder; the previous one is deleted."""
 
     POINTER = "latest.json"
 
@@ -132,38 +144,37 @@ class ResumableStates:
         self.fs = filesystem
         self.root = root
 
-    def upload(self, run_dir: Path, evaluation: int) -> None:
+    def upload(self, source: Path, names: tuple[str, ...], evaluation: int) -> None:
         import pyarrow.fs
 
         name = f"eval-{evaluation:06d}"
-        previous = self._latest()
-        with tempfile.TemporaryDirectory(dir=run_dir.parent, prefix=f".{run_dir.name}.state.") as staging:
-            _link_tree(run_dir / "checkpoint", Path(staging) / "checkpoint")
-            for name in ("metrics.json", COST_FILE):
-                if (run_dir / name).exists():
-                    _link_tree(run_dir / name, Path(staging) / name)
+        previous = self.latest()
+        with tempfile.TemporaryDirectory(dir=source.parent, prefix=f".{source.name}.upload.") as staging:
+            for entry in names:
+                if (source / entry).exists():
+                    _link_tree(source / entry, Path(staging) / entry)
             self.fs.create_dir(f"{self.root}/{name}")
             pyarrow.fs.copy_files(staging, f"{self.root}/{name}", destination_filesystem=self.fs)
         with self.fs.open_output_stream(f"{self.root}/{self.POINTER}") as out:
-            out.write(json.dumps({"state": name, "eval": evaluation}).encode())
+            out.write(json.dumps({"folder": name, "eval": evaluation}).encode())
         if previous and previous != name:
             self.fs.delete_dir(f"{self.root}/{previous}")
 
-    def download(self, run_dir: Path) -> bool:
-        """Copy the latest state into ``run_dir`` (``checkpoint/``, ``metrics.json``); False when there is none."""
+    def download(self, dest: Path) -> bool:
+        """Copy the latest folder's contents into ``dest``; False when there is none yet."""
         import pyarrow.fs
 
-        name = self._latest()
+        name = self.latest()
         if name is None:
             return False
-        run_dir.mkdir(parents=True, exist_ok=True)
-        pyarrow.fs.copy_files(f"{self.root}/{name}", str(run_dir), source_filesystem=self.fs)
+        dest.mkdir(parents=True, exist_ok=True)
+        pyarrow.fs.copy_files(f"{self.root}/{name}", str(dest), source_filesystem=self.fs)
         return True
 
-    def _latest(self) -> str | None:
+    def latest(self) -> str | None:
         try:
             with self.fs.open_input_stream(f"{self.root}/{self.POINTER}") as handle:
-                return json.loads(handle.read())["state"]
+                return json.loads(handle.read())["folder"]
         except FileNotFoundError:
             return None
 
