@@ -182,6 +182,8 @@ def reseed(record, k: int, *, work_dir: str | Path, study: str = "", seeds: Sequ
                         f"reseed of {record.trial_id}", base)
     say(f"reseeding trial {record.trial_id} (dev F1 {float(record.best_dev_f1):.4f}) with seeds {seeds}: "
         f"{k} Ray Tune trial(s) of drugprot.tuning.run_trial")
+    from drugprot.tuning.trainable import best_model_store
+
     started = connect_ray(address)
     try:
         trainable = tune.with_resources(tune.with_parameters(run_trial, base=base.dump(), space=space,
@@ -196,12 +198,13 @@ def reseed(record, k: int, *, work_dir: str | Path, study: str = "", seeds: Sequ
         members, results = [], []
         for seed in seeds:
             result = by_seed.get(seed)
-            if result is None or result.error is not None or result.checkpoint is None:
+            folder = work_dir / "members" / f"seed-{seed}"
+            best = work_dir / "best" / f"seed-{seed}"
+            if result is None or result.error is not None or \
+                    not best_model_store(result.filesystem, result.path).download(best):
                 why = f": {str(result.error)[:300]}" if result is not None and result.error is not None else ""
                 raise EnsembleError(f"reseed seed {seed}: training produced no model{why}")
-            folder = work_dir / "members" / f"seed-{seed}"
-            with result.checkpoint.as_directory() as checkpoint:
-                shutil.copytree(Path(checkpoint) / "model", folder, dirs_exist_ok=False)
+            shutil.move(best / "model", folder)
             info = json.loads((folder / "drugprot.json").read_text())
             dev_f1 = (info.get("dev") or {}).get("dev_f1")
             results.append({"seed": seed, "dev_f1": dev_f1})

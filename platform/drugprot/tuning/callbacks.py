@@ -90,7 +90,7 @@ class MlflowStudyCallback(Callback):
             return
         self.tracker.log_totals(run_id, trial_cost(last_result or {}, state=state).metrics())
         with tempfile.TemporaryDirectory(prefix="drugprot-best-") as folder:
-            found = best_model_store(storage).download(Path(folder))
+            found = best_model_store(storage.storage_filesystem, storage.trial_fs_path).download(Path(folder))
             self.tracker.finish_trial(run_id, state=state, run_folder=folder if found else None)
         self._closed.add(trial_id)
 

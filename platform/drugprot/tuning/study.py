@@ -27,7 +27,6 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import yaml
@@ -584,7 +583,7 @@ def _close(grid, *, tracker, space: SearchSpace, name: str, study_path: str, sto
         known.add(trial_id)
         last_results[trial_id] = metrics
         if complete:
-            _reconcile(tracker, result, trial_id, study_path=study_path, storage=storage, max_t=max_t)
+            _reconcile(tracker, result, trial_id, max_t=max_t)
 
     notes: list[str] = []
     records = tracking.study_trials(name, tracker.tracking_uri)
@@ -641,11 +640,12 @@ def _close(grid, *, tracker, space: SearchSpace, name: str, study_path: str, sto
                        optuna_storage=optuna_storage)
 
 
-def _reconcile(tracker, result, trial_id: str, *, study_path: str, storage: str, max_t: int) -> None:
+def _reconcile(tracker, result, trial_id: str, *, max_t: int) -> None:
     """Close a trial's run that the callback could not close (the driver was killed while the trial ended):
-    the state from Tune's verdict and the evaluations MLflow holds, the artifacts from its latest checkpoint."""
+    the state from Tune's verdict and the evaluations MLflow holds, the artifacts from its best model."""
     from drugprot import tracking
     from drugprot.tuning.callbacks import trial_state
+    from drugprot.tuning.trainable import best_model_store
 
     run_id = tracker.trial_run(trial_id)
     if run_id is None or tracker.client.get_run(run_id).data.tags.get(tracking.TAG_STATE, "running") != "running":
@@ -656,15 +656,9 @@ def _reconcile(tracker, result, trial_id: str, *, study_path: str, storage: str,
     last_eval = int((result.metrics or {}).get("eval") or max(logged, default=0))
     state = trial_state(error=result.error is not None, stopped_by_scheduler=None, last_eval=last_eval, max_t=max_t)
     tracker.log_totals(run_id, trial_cost({**(result.metrics or {}), "eval": last_eval}, state=state).metrics())
-    if result.checkpoint is not None:
-        with result.checkpoint.as_directory() as folder:
-            tracker.finish_trial(run_id, state=state, run_folder=Path(folder))
-        return
-    folder = None
-    if not _is_remote(storage):
-        found = sorted((Path(study_path) / trial_dirname(SimpleNamespace(trial_id=trial_id))).glob("checkpoint_*"))
-        folder = found[-1] if found else None
-    tracker.finish_trial(run_id, state=state, run_folder=folder)
+    with tempfile.TemporaryDirectory(prefix="drugprot-best-") as folder:
+        found = best_model_store(result.filesystem, result.path).download(Path(folder))
+        tracker.finish_trial(run_id, state=state, run_folder=Path(folder) if found else None)
 
 
 def _trial_id_from_path(path: str | None) -> str | None:

@@ -68,7 +68,8 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], space, threads: i
     # The run folder lives outside the trial folder: Ray uploads the trial folder to the storage as it changes, and
     # would copy a model while training replaces it. What must persist goes through tune.report's checkpoints.
     run_dir = scratch_dir() / f"{context.get_experiment_name()}-{context.get_trial_id()}"
-    best_models = best_model_store(context.get_storage())
+    storage = context.get_storage()
+    best_models = best_model_store(storage.storage_filesystem, storage.trial_fs_path)
     shutil.rmtree(run_dir, ignore_errors=True)
     resumed_from = 0
     best = float("-inf")
@@ -129,9 +130,10 @@ def _tune_report(metrics: dict[str, Any], folder: str | None) -> None:
     tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder) if folder else None)
 
 
-def best_model_store(storage) -> LatestFolder:
-    """Where a trial keeps its best model: ``<trial>/best`` in the study storage (Ray's StorageContext)."""
-    return LatestFolder(storage.storage_filesystem, f"{storage.trial_fs_path}/{BEST_FOLDER}")
+def best_model_store(filesystem, trial_path: str) -> LatestFolder:
+    """Where a trial keeps its best model: ``<trial>/best`` in the study storage (a trial's ``storage`` gives
+    ``storage_filesystem`` and ``trial_fs_path``, a Tune ``Result`` its ``filesystem`` and ``path``)."""
+    return LatestFolder(filesystem, f"{trial_path}/{BEST_FOLDER}")
 
 
 class LatestFolder:
