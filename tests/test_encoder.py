@@ -121,6 +121,26 @@ def test_cased_model_trains_and_predicts_with_case_kept(tmp_path, cased_bert, sa
     assert {t for t in tokens if t.isalpha() and t != t.lower()}, "no upper-case word piece reached the model"
     assert len(predictor.predict(docs)) == 2
 
+    # served: the replica loads the folder the same way, and the HTTP answer is the prediction's
+    from fastapi.testclient import TestClient
+
+    from drugprot.serving.api import create_api
+    from drugprot.serving.options import parse_options
+    from drugprot.serving.service import ModelService, RelationService
+
+    options = parse_options({"model": str(result.model_dir), "warmup_rounds": 1})
+    model = ModelService.load(options)
+    model.start_warmup().result(timeout=120)
+    assert kept_case(model.predictor.members[0].tokenizer.tokenize(PHRASE))
+    doc = docs[0]
+    entities = [{"id": e.id, "type": e.type, "start": e.start, "end": e.end, "text": e.text} for e in doc.entities.values()]
+    with TestClient(create_api(RelationService(model, options))) as client:
+        answer = client.post("/v1/relations", json={"documents": [{"id": doc.pmid, "title": doc.title,
+                                                                   "abstract": doc.abstract, "entities": entities}]})
+    assert answer.status_code == 200, answer.text
+    served = [(r["chemical"], r["gene"], r["type"]) for r in answer.json()["documents"][0]["relations"]]
+    assert served == [(r.chemical, r.gene, r.type) for r in predictor.predict([doc])[0]]
+
     # an artifact whose tokenizer disagrees with the recorded casing is refused, even with a valid manifest
     from drugprot.manifest import write_manifest
 
