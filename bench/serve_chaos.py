@@ -9,8 +9,9 @@ and send real development documents of the bundled sample, one per request, for 
 
 * ``kill``: 2 model replicas and 2 ingress replicas. A quarter into the run one model replica process is SIGKILLed;
   halfway, one ingress replica process. Reports requests by status, ``failed`` (any non-2xx other than a 503
-  refusal, and any transport error), p50/p99 latency of the answered requests, the model calls retried on
-  another replica, and the seconds until each deployment had its two replicas running again.
+  refusal, and any transport error) and which kill each failure followed, p50/p99 latency of the answered
+  requests, the model calls retried on another replica, and the seconds until each deployment had its two
+  replicas running again.
 * ``overload``: one model replica admitting ``--capacity`` requests (half running, half queued) and twice
   ``--capacity`` clients. Reports refusals (503), whether each carried ``Retry-After`` and a JSON body, their p99
   latency, and ``failed`` among the accepted ones.
@@ -158,14 +159,17 @@ def kill_phase(base: str, model: str, *, clients: int, seconds: float) -> dict:
     process.join(timeout=30)
     killer.join(timeout=600)
     ingress = serve.get_deployment_handle("DrugprotIngress", app)
-    retries = sum(ingress.broadcast("model_retries").results())  # the surviving and the new ingress replicas
+    retries = sum(ingress.broadcast("model_retries").results())  # counted by the ingress replicas alive at the end
     serve.delete(app)
-    # a failed request is put down to a kill that happened while it was in flight
-    in_flight = {cause: sum(1 for sent, latency, status, _ in outcomes if status not in (200, 503)
-                            and sent <= at <= sent + latency) for cause, at in kills.items()}
+    # a failed request is put down to the last kill before it was answered (none: it failed before any kill)
+    cause = Counter()
+    for sent, latency, status, _ in outcomes:
+        if status not in (200, 503):
+            before = [name for name, at in kills.items() if at <= sent + latency]
+            cause[max(before, key=kills.get) if before else "none"] += 1
     return summarize("kill", outcomes, clients=clients, seconds=seconds, model_retries=retries,
-                     failed_in_flight_at_model_kill=in_flight.get("model"),
-                     failed_in_flight_at_ingress_kill=in_flight.get("ingress"), **replaced)
+                     failed_before_kills=cause["none"], failed_after_model_kill=cause["model"],
+                     failed_after_ingress_kill=cause["ingress"], **replaced)
 
 
 def overload_phase(base: str, model: str, *, clients: int, seconds: float, capacity: int) -> dict:

@@ -18,6 +18,7 @@ import asyncio
 import logging
 import math
 import re
+import threading
 import time
 from typing import Any
 
@@ -37,6 +38,7 @@ log = logging.getLogger("drugprot.serving")
 
 INGRESS_DEPLOYMENT = "DrugprotIngress"
 MODEL_DEPLOYMENT = "DrugprotModel"
+METRICS_REFRESH_S = 2.0
 
 
 class ModelUnavailable(ServingError):
@@ -101,20 +103,47 @@ async def _awaited(response):
     return await response
 
 
+def _replica_grpc_on_loopback() -> None:
+    """Ray 2.60 opens each Serve replica's inter-deployment gRPC server on ``[::]:0`` whatever the node's IP
+    (``ray.serve._private.replica``, not configurable). On a loopback-only node (``drugprot.local_ray``) bind it to
+    127.0.0.1 instead, the address Serve advertises for it anyway; on a cluster node nothing changes. Called in each
+    replica's constructor, which runs before Serve starts that server."""
+    if not ray.is_initialized() or ray.util.get_node_ip_address() != "127.0.0.1":
+        return
+    from ray.serve._private import replica
+
+    bind = replica.add_port_to_grpc_server
+    if getattr(bind, "loopback_only", False):
+        return
+
+    def bind_loopback(server, address: str):
+        return bind(server, address.replace("[::]", "127.0.0.1", 1))
+
+    bind_loopback.loopback_only = True
+    replica.add_port_to_grpc_server = bind_loopback
+
+
 @serve.deployment(name=MODEL_DEPLOYMENT)
 class ModelDeployment:
     """A model replica: loads, warms up, then scores jobs from every ingress replica in shared batches."""
 
     def __init__(self, options: dict[str, Any]):
+        _replica_grpc_on_loopback()
         self.options = parse_options(options)
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU") if ray.is_initialized() else None
         self.service = ModelService.load(self.options, threads=max(1, math.floor(cpus)) if cpus else None)
         self.service.start_warmup().result()  # ready (and routed to) only once warm
         metrics = ModelMetrics(self.service.registry.get("version"), self.options.model)
         self.service.batcher.on_batch = metrics.batch
+        self._closing = threading.Event()
+        threading.Thread(target=self._report, args=(metrics,), daemon=True, name="drugprot-metrics").start()
         if self.service.failure():
             raise DrugprotError(f"model {self.options.model}: {self.service.failure()}")
         log.info("drugprot serving: model %s loaded and warm", self.options.model)
+
+    def _report(self, metrics: ModelMetrics) -> None:
+        while not self._closing.wait(METRICS_REFRESH_S):
+            metrics.refresh(self.service.batcher.queued)
 
     async def score(self, job):
         return await self.service.score(job)
@@ -132,6 +161,7 @@ class ModelDeployment:
         self.service.check_health()
 
     async def __del__(self):
+        self._closing.set()
         try:
             await asyncio.wait_for(self.service.close(), timeout=5)
         except Exception:  # shutting down anyway
@@ -144,6 +174,7 @@ class IngressDeployment:
     """An ingress replica: the FastAPI app around a RelationService whose model is the model deployment."""
 
     def __init__(self, options: dict[str, Any], model):
+        _replica_grpc_on_loopback()
         self.options = parse_options(options)
         self.token = resolve_token(self.options.token_env, required=self.options.require_token)
         self.metrics = IngressMetrics()

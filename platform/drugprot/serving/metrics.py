@@ -3,7 +3,8 @@
 Each node's Ray metrics agent exports them (with Serve's own ``ray_serve_*`` series) at its metrics port; Ray prefixes
 the names with ``ray_``. Ingress: requests by route and status, end-to-end latency, model-call latency (queue and
 compute in the model replica, retries included), model calls retried on another replica. Model: time jobs waited
-in the batcher's queue, pairs per model call, queue depth, and the served version (a gauge set to 1, labelled).
+in the batcher's queue, pairs per model call, queue depth, and the served version (a gauge set to 1, labelled),
+both gauges set again every few seconds by the replica.
 Routes are the API's own paths; anything else is counted as ``other`` so that clients cannot create series.
 """
 
@@ -47,7 +48,13 @@ class ModelMetrics:
         self.depth = Gauge("drugprot_queue_depth", "Jobs waiting in this model replica's batcher")
         self.version = Gauge("drugprot_model_version", "The model this replica serves (1 = serving)",
                              tag_keys=("version", "uri"))
-        self.version.set(1, tags={"version": version or "folder", "uri": uri})
+        self.served = {"version": version or "folder", "uri": uri}
+
+    def refresh(self, queued: int) -> None:
+        """Gauges are exported only while they are set (OpenTelemetry drops a gauge not recorded since the last
+        export), so the replica sets them again every few seconds."""
+        self.version.set(1, tags=dict(self.served))
+        self.depth.set(queued)
 
     def batch(self, pairs: int, waits: list[float], queued: int) -> None:
         self.pairs.observe(pairs)

@@ -96,14 +96,15 @@ class ServeOptions(BaseModel):
         return "cuda" if self.gpus_per_replica > 0 else "cpu"
 
     def ingress_deployment_options(self) -> dict[str, Any]:
-        """``Deployment.options`` of the ingress: it only waits on the model, so it admits every queued request the
-        model may take; refusals beyond that come back from the model's queue as JSON 503s."""
-        model_capacity = self.ongoing_requests + max(self.max_queued_requests, 0)
+        """``Deployment.options`` of the ingress: it only waits on the model, so it admits every request the model
+        may take and queues four times that at the proxy; refusals come from the model's queue, as JSON 503s with
+        ``Retry-After`` (the proxy's own 503 is plain text without it)."""
+        ongoing = max(64, self.ongoing_requests + max(self.max_queued_requests, 0))
         return {
             "num_replicas": self.ingress_replicas,
             "ray_actor_options": {"num_cpus": self.ingress_cpus},
-            "max_ongoing_requests": max(64, model_capacity),
-            "max_queued_requests": self.max_queued_requests,
+            "max_ongoing_requests": ongoing,
+            "max_queued_requests": -1 if self.max_queued_requests == -1 else 4 * ongoing,
             "health_check_period_s": 5.0,
             "graceful_shutdown_timeout_s": 20.0,
             "max_constructor_retry_count": 3,

@@ -1,0 +1,38 @@
+"""``bench/serve_chaos.py`` in its short form, as a slow test: real Ray Serve, real SIGKILLs, real HTTP clients.
+
+Kill phase: the model replica killed under load costs no request (its calls are retried on the other replica);
+an ingress replica killed under load loses the requests it held (Serve's proxy does not resend them): reported,
+not asserted. Overload phase: every refusal is a JSON 503 with Retry-After and no accepted request fails.
+Ports: Serve HTTP 8117, Ray GCS 6429.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_serving_unit import relation_members  # noqa: F401 - fixture
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_chaos_benchmark_short_run(relation_members, tmp_path):  # noqa: F811
+    from drugprot.ensemble import build_ensemble
+
+    model = build_ensemble(relation_members, tmp_path / "ensemble", vote="soft", log=lambda _: None).path
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "serve_chaos.py"), "--model", str(model),
+                           "--seconds", "15", "--clients", "8", "--capacity", "8", "--port", "8117",
+                           "--gcs-port", "6429"], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = {line["phase"]: line for line in map(json.loads, (l for l in done.stdout.splitlines() if l.startswith("{")))}
+    kill, overload = results["kill"], results["overload"]
+    print(f"\n{json.dumps(kill)}\n{json.dumps(overload)}")
+    assert kill["sent"] > 50 and kill["model_replaced_s"] is not None and kill["ingress_replaced_s"] is not None
+    assert kill["failed_before_kills"] == kill["failed_after_model_kill"] == 0  # the model kill cost nothing
+    assert overload["refused"] > 0 and overload["failed"] == 0
+    assert overload["refusals_with_retry_after"] == overload["refusals_json"] == overload["refused"]
