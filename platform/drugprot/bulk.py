@@ -264,9 +264,12 @@ def predict_corpus_with_ray(job: BulkJob, out: Path, *, device: str = "auto", ac
     if not files:
         return summary
     started = not ray.is_initialized()
-    if started:
-        ray.init(address=address, num_cpus=None if address else num_cpus, include_dashboard=False,
-                 log_to_driver=False, configure_logging=False)
+    if started and address:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    elif started:  # a private local Ray, on 127.0.0.1 only
+        from drugprot.local_ray import start_local_ray
+
+        start_local_ray(num_cpus=num_cpus)
     try:
         gpus = 1 if device != "cpu" and ray.cluster_resources().get("GPU", 0) >= 1 else 0
         if device == "cuda" and not gpus:
