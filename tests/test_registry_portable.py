@@ -29,6 +29,7 @@ def _clean_environment(tracking_uri: str) -> dict[str, str]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # a fresh environment: torch, transformers and MLflow are installed from the wheels
 def test_mlflow_models_predict_in_a_fresh_environment_equals_drugprot_predict(registered, store, tmp_path):  # noqa: F811
     with fluent(store.uri) as mlflow:
         requirements = Path(mlflow.pyfunc.get_model_dependencies("models:/dp@champion"))
