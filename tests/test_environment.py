@@ -155,3 +155,16 @@ def test_a_failed_check_exits_1(make_corpus, capsys):
     root = make_corpus(abstracts="1\tAspirin.\tText.\n", entities="1\tT1\tCHEMICAL\t0\t3\tAsp\n1\tT2\tGENE\t0\t9\tx\n")
     assert main(["data", "check", "--data", str(root)]) == 1
     assert "training: INVALID" in capsys.readouterr().out
+
+
+def test_logging_a_model_leaves_the_environment_variables_as_they_were(tmp_path, monkeypatch):
+    """MLflow's set_tracking_uri exports MLFLOW_TRACKING_URI; afterwards it must not look like the user's choice."""
+    import os
+
+    from drugprot.ensemble.registry import _tracking
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", "sqlite:///kept.db")
+    with _tracking(f"sqlite:///{tmp_path / 'm.db'}"):
+        assert os.environ["MLFLOW_TRACKING_URI"].endswith("m.db")
+    assert "MLFLOW_TRACKING_URI" not in os.environ and os.environ["MLFLOW_REGISTRY_URI"] == "sqlite:///kept.db"

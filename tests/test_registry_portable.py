@@ -17,21 +17,27 @@ from drugprot.config import SAMPLE_DIR
 from drugprot.corpus import read_split
 from drugprot.ensemble.frames import document_record
 from test_ensemble import biased_ensemble, biased_members, dev_documents  # noqa: F401
-from test_registry import fluent, registered, store  # noqa: F401
+from test_registry import registered, store  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _clean_environment(tracking_uri: str) -> dict[str, str]:
     """This process's environment without anything that would make drugprot importable, plus the store."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME", "MLFLOW_REGISTRY_URI")}
     return {**env, "MLFLOW_TRACKING_URI": tracking_uri, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # a fresh environment: torch, transformers and MLflow are installed from the wheels
 def test_mlflow_models_predict_in_a_fresh_environment_equals_drugprot_predict(registered, store, tmp_path):  # noqa: F811
-    with fluent(store.uri) as mlflow:
-        requirements = Path(mlflow.pyfunc.get_model_dependencies("models:/dp@champion"))
+    import mlflow
+
+    from drugprot import tracking
+
+    location = tracking.client(tracking.normalize_tracking_uri(store.uri)).get_model_version_download_uri("dp", "1")
+    requirements = Path(mlflow.pyfunc.get_model_dependencies(location))
     pins = requirements.read_text().split()
     assert not any(p.startswith("drugprot") for p in pins) and all("==" in p for p in pins), pins
 

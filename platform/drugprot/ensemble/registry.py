@@ -64,6 +64,9 @@ def _tracking(uri: str | None) -> Iterator[None]:
         yield
         return
     previous_tracking, previous_registry = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    # set_tracking_uri/set_registry_uri also export MLFLOW_TRACKING_URI/MLFLOW_REGISTRY_URI: restore those exactly,
+    # or every later command and child process of this one would take the previous default as the user's choice
+    variables = {name: os.environ.get(name) for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:
@@ -71,6 +74,11 @@ def _tracking(uri: str | None) -> Iterator[None]:
     finally:
         mlflow.set_tracking_uri(previous_tracking)
         mlflow.set_registry_uri(previous_registry)
+        for name, value in variables.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _experiment(registry, tracking_uri: str, name: str, study: str | None) -> tuple[str, str | None]:
