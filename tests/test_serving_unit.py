@@ -553,6 +553,9 @@ class Broken:
             raise RuntimeError("CUDA out of memory (simulated)")
         return self.real.member_probabilities(documents, candidates)
 
+    def decode(self, candidates, member_probs, threshold=0.0):
+        return self.real.decode(candidates, member_probs, threshold)
+
 
 def test_failed_warm_up_is_reported_and_fails_health(ensemble):
     service = RelationService(Broken(ensemble, fail_warmup=True), parse_options({"model": "x", "warmup_rounds": 1}))

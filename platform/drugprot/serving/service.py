@@ -225,11 +225,9 @@ class RelationService:
         keys, documents, candidates = self._prepare(request)
         relations = []
         if candidates:
-            from drugprot.inference import decode
-
             self._arrived()  # no await between here and the queue: the batcher sees this request in one place
             probabilities = await self.batcher.submit(Job(documents, candidates))
-            relations = decode(candidates, probabilities, self.predictor.vote_mode, request.threshold)
+            relations = self.predictor.decode(candidates, probabilities, request.threshold)
         by_key: dict[str, list[RelationOut]] = {key: [] for key in keys}
         for relation in relations:
             by_key[relation.pmid].append(RelationOut(chemical=relation.chemical, gene=relation.gene, type=relation.type,
