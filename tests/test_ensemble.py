@@ -330,11 +330,58 @@ def test_cli_ensemble_from_member_folders(biased_members, tmp_path, capsys):
     (["--vote", "Soft"], "got 'Soft'"),
     (["--reseed", "2"], "--reseed needs --study"),
     (["--register", "x", "--no-log"], "--register logs the ensemble to MLflow; drop --no-log"),
+    (["--select", "greedy"], "--select greedy needs --study (it chooses among the study's trials) and excludes --reseed"),
 ])
 def test_cli_ensemble_bad_inputs_exit_1(biased_members, tmp_path, capsys, argv, message):
     code = main(["ensemble", "--members", str(biased_members[0]), "--out", str(tmp_path / "e"), *argv])
     assert code == 1
     assert message in capsys.readouterr().err
+
+
+def test_ensemble_json_with_a_bad_weight_or_decision_is_refused(ensemble_copy):
+    from drugprot.ensemble_folder import write_tree_manifest
+
+    meta_path = ensemble_copy / "ensemble.json"
+    meta = json.loads(meta_path.read_text())
+    for change, message in (({"weight": 0}, r"member 'm1-seed1': weight must be a positive integer \(votes\), got 0"),
+                            ({"weight": 1.5}, r"weight must be a positive integer \(votes\), got 1.5")):
+        broken = {**meta, "members": [{**meta["members"][0], **change}, *meta["members"][1:]]}
+        meta_path.write_text(json.dumps(broken))
+        (ensemble_copy / MANIFEST).unlink()
+        write_tree_manifest(ensemble_copy)
+        with pytest.raises(EnsembleError, match=message):
+            Predictor.from_ensemble(ensemble_copy, device="cpu")
+    meta_path.write_text(json.dumps({**meta, "decision": {"margin": 0.1, "cutoff": 2}}))
+    (ensemble_copy / MANIFEST).unlink()
+    write_tree_manifest(ensemble_copy)
+    with pytest.raises(EnsembleError, match=r"ensemble.json: decision: unknown key\(s\) cutoff"):
+        Predictor.from_ensemble(ensemble_copy, device="cpu")
+
+
+def test_weights_and_decision_in_ensemble_json_drive_prediction(ensemble_copy, dev_documents):
+    from drugprot.decision import Decision
+    from drugprot.ensemble_folder import write_tree_manifest
+
+    meta_path = ensemble_copy / "ensemble.json"
+    meta = json.loads(meta_path.read_text())
+    weighted = {**meta, "members": [{**meta["members"][0], "weight": 3}, *meta["members"][1:]],
+                "decision": {"margin": -0.2, "thresholds": {}, "second_type": None}}
+    meta_path.write_text(json.dumps(weighted))
+    (ensemble_copy / MANIFEST).unlink()
+    write_tree_manifest(ensemble_copy)
+    predictor = Predictor.from_ensemble(ensemble_copy, device="cpu")
+    assert predictor.weights.tolist() == [3.0, 1.0, 1.0] and predictor.decision == Decision(margin=-0.2)
+    plain = Predictor.from_ensemble(ensemble_copy, device="cpu")
+    plain.weights, plain.decision = None, Decision()
+    assert _relations(predictor.predict(dev_documents)) != _relations(plain.predict(dev_documents))
+    paths = [ensemble_copy / meta["members"][0]["path"]] * 3 + [ensemble_copy / m["path"] for m in meta["members"][1:]]
+    repeated = Predictor(_loaded(paths), vote=meta["vote"], interval=tuple(meta["interval"]), device="cpu",
+                         decision=Decision(margin=-0.2))  # weight 3 is the first member three times over
+
+    def without_votes(predictions):
+        return [r[:5] for r in _relations(predictions)]
+
+    assert without_votes(predictor.predict(dev_documents)) == without_votes(repeated.predict(dev_documents))
 
 
 def test_cli_top_k_and_reseed_are_exclusive(tmp_path, capsys):

@@ -559,6 +559,7 @@ class Broken:
     def __init__(self, real, *, fail_warmup: bool):
         self.real, self.fail_warmup, self.calls = real, fail_warmup, 0
         self.members, self.vote_mode, self.interval, self.metadata = real.members, real.vote_mode, real.interval, {}
+        self.weights, self.decision = real.weights, real.decision
 
     def candidates(self, documents, interval=None):
         return self.real.candidates(documents, interval)
@@ -568,6 +569,7 @@ class Broken:
         if self.fail_warmup or any(d.title.startswith("BOOM") for d in documents):
             raise RuntimeError("CUDA out of memory (simulated)")
         return self.real.member_probabilities(documents, candidates)
+
 
 
 def test_failed_warm_up_is_reported_and_fails_health(ensemble):

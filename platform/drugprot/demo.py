@@ -1,8 +1,9 @@
 """``make demo``: the whole pipeline on the bundled sample with the real offline MiniLM encoder, on CPU.
 
 Each step runs the same ``drugprot`` command a user would type (printed before it runs): a small Ray Tune study
-tracked in SQLite MLflow, a seed ensemble promoted to ``champion`` in the MLflow registry, the Ray Serve app on
-127.0.0.1, one real development abstract sent over HTTP, the relations found printed next to the gold ones.
+tracked in SQLite MLflow, an ensemble chosen on dev half A and registered in MLflow (``champion`` if it passes the
+promotion gates), the Ray Serve app on 127.0.0.1, one real development abstract sent over HTTP, the relations found
+printed next to the gold ones.
 Everything lands in ``runs/demo/`` (recreated on each run).
 """
 

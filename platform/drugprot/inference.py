@@ -220,12 +220,17 @@ class Predictor:
             result[m, torch.tensor([p.index for p in pairs])] = probs
         return result
 
+    def decode(self, candidates: Sequence[Candidate], member_probs: torch.Tensor,
+               threshold: float = 0.0) -> list[PredictedRelation]:
+        """This model's vote (mode, member weights) and decision over (M, N, L) member probabilities; what
+        ``predict`` and the Serve deployment (which batches probabilities across requests) both call."""
+        return decode(candidates, member_probs, self.vote_mode, threshold, weights=self.weights, decision=self.decision)
+
     def predict(self, documents: Sequence[Document], *, interval: tuple[int, int] | None = None,
                 threshold: float = 0.0) -> list[list[PredictedRelation]]:
         """Relations per document (same order); ``threshold`` drops relations whose score is below it."""
         candidates = self.candidates(documents, interval)
-        relations = decode(candidates, self.member_probabilities(documents, candidates), self.vote_mode, threshold,
-                           weights=self.weights, decision=self.decision)
+        relations = self.decode(candidates, self.member_probabilities(documents, candidates), threshold)
         results: dict[str, list[PredictedRelation]] = {d.pmid: [] for d in documents}
         for relation in relations:
             results[relation.pmid].append(relation)

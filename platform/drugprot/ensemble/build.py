@@ -119,7 +119,7 @@ def evaluate(predictor, documents: Sequence, names: Sequence[str], *, split: str
     for m, name in enumerate(names):
         scores[name] = score(documents, keys(decode(candidates, probabilities[m:m + 1], "hard")))
     scores["ensemble"] = score(documents, keys(decode(candidates, probabilities, vote, weights=predictor.weights,
-                                                      decision=predictor.decision)))
+                                                      decision=predictor.decision)))  # ``vote`` may override the model's
     return Evaluation(split, len(documents), vote, scores)
 
 

@@ -61,7 +61,7 @@ def save_dev_probabilities(folder: str | os.PathLike, candidates: Sequence, prob
 
 def load_dev_probabilities(path: str | os.PathLike) -> DevProbabilities:
     """Read a file written by :func:`save_dev_probabilities`; a foreign or inconsistent file is refused by name."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     try:
@@ -74,7 +74,7 @@ def load_dev_probabilities(path: str | os.PathLike) -> DevProbabilities:
             probabilities = handle.get_tensor("probabilities").float()
     except FileNotFoundError:
         raise DrugprotError(f"{path}: no such file") from None
-    except (OSError, ValueError) as error:  # safetensors raises SafetensorError (an OSError subclass) on a bad header
+    except (SafetensorError, OSError, ValueError) as error:
         raise DrugprotError(f"{path}: not a readable safetensors file ({error})") from None
     keys = [tuple(k) for k in json.loads(metadata["keys"])]
     labels = tuple(json.loads(metadata["labels"]))

@@ -52,11 +52,21 @@ class NotReady(ServingError):
 
 @dataclass(frozen=True)
 class Scored:
-    """A job's ``(M, n, L)`` member probabilities and the model that computed them (vote mode, registry version)."""
+    """A job's ``(M, n, L)`` member probabilities and what the ingress needs to decode them as the model would
+    (its vote mode, member weights and calibrated decision) and which registry version computed them."""
 
     probabilities: Any
     vote: str
     version: str | None
+    weights: Any = None
+    decision: Any = None
+
+    def relations(self, candidates, threshold: float = 0.0) -> list:
+        """The relations, decoded exactly as ``Predictor.decode`` does in the model's own process."""
+        from drugprot.inference import decode
+
+        return decode(candidates, self.probabilities, self.vote, threshold, weights=self.weights,
+                      decision=self.decision)
 
 
 def configure_torch_threads(threads: int) -> None:
@@ -184,7 +194,8 @@ class ModelService:
         if not self.ready:
             raise NotReady(self.failure() or "the model is still warming up (see GET /readyz); retry shortly")
         probabilities = await self.batcher.submit(job)
-        return Scored(probabilities, self.predictor.vote_mode, self.registry.get("version"))
+        return Scored(probabilities, self.predictor.vote_mode, self.registry.get("version"),
+                      weights=self.predictor.weights, decision=self.predictor.decision)
 
     async def summary(self) -> dict[str, Any]:
         """What the ingress needs before it can prepare a job: the GENE interval (and the version it belongs to)."""
@@ -310,13 +321,11 @@ class RelationService:
         keys, documents, candidates = self._prepare(request, self._summary["interval"])
         relations, version = [], self._summary["version"]
         if candidates:
-            from drugprot.inference import decode
-
             self._arrived()  # no await between here and the queue: the batcher sees this request in one place
             scored = await self.model.score(Job(documents, candidates))
             if scored.version != version:  # another model answered (a champion swap): its interval from now on
                 self._summary = None
-            relations, version = decode(candidates, scored.probabilities, scored.vote, request.threshold), scored.version
+            relations, version = scored.relations(candidates, request.threshold), scored.version
         by_key: dict[str, list[RelationOut]] = {key: [] for key in keys}
         for relation in relations:
             by_key[relation.pmid].append(RelationOut(chemical=relation.chemical, gene=relation.gene, type=relation.type,
