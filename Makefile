@@ -31,13 +31,18 @@ lock:
 	{ echo "# The exact tested environment (every package, pinned): \`make lock\` writes it, \`make install\` installs it."; \
 	  $(BIN)/pip freeze --exclude-editable | sed -E 's/^(torch==[^+]+)\+cpu$$/\1/'; } > requirements.lock
 
-# PostgreSQL binaries for the tracking-database tests (the tests start their own server on 127.0.0.1).
+# Debian packages the tests start as real servers on 127.0.0.1: PostgreSQL (tracking database), Prometheus (serving
+# metrics) and headless Chromium (the service's page). Installed when missing and root; otherwise those tests skip.
 services:
-	@ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    echo "installing PostgreSQL (Debian package) for the tracking-database tests"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
-	  else echo "note: PostgreSQL is not installed and this is not root: its tests will be skipped"; fi; }
+	@missing=""; \
+	  ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	  command -v prometheus >/dev/null || missing="$$missing prometheus"; \
+	  command -v chromium >/dev/null || missing="$$missing chromium"; \
+	  if [ -n "$$missing" ]; then \
+	    if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	      echo "installing Debian packages for the tests:$$missing"; \
+	      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	    else echo "note: not installed and not root ($$missing): their tests will be skipped"; fi; fi
 
 test: $(STAMP) services
 	$(BIN)/python -m pytest -q --durations=15
