@@ -4,7 +4,9 @@
 # meet a real multi-node cluster (scheduling across nodes, object transfer, node failure) before a real one.
 #
 #   infra/local-cluster.sh up [--workers N] [--cpus-per-node C] [--memory-per-node BYTES]
-#                             [--object-store-memory BYTES] [--dashboard]
+#                             [--object-store-memory BYTES] [--gpus-per-worker G] [--dashboard]
+#     --gpus-per-worker G: each worker declares G GPUs (default 0). Ray schedules by what a node declares, so a
+#     CPU-only machine can rehearse fractional-GPU studies (--gpus-per-trial 0.5 with train.device: cpu).
 #   infra/local-cluster.sh status
 #   infra/local-cluster.sh down [--all]
 #
@@ -151,18 +153,19 @@ start_node() {
 }
 
 cmd_up() {
-    local workers=1 cpus=1 memory=$((2 * 1024 * 1024 * 1024)) object_store=$((500 * 1024 * 1024)) dashboard=false
+    local workers=1 cpus=1 memory=$((2 * 1024 * 1024 * 1024)) object_store=$((500 * 1024 * 1024)) gpus=0 dashboard=false
     while [[ $# -gt 0 ]]; do
         case "$1" in
             --workers) workers="${2:?--workers needs a value}"; shift 2 ;;
             --cpus-per-node) cpus="${2:?--cpus-per-node needs a value}"; shift 2 ;;
             --memory-per-node) memory="${2:?--memory-per-node needs a value}"; shift 2 ;;
             --object-store-memory) object_store="${2:?--object-store-memory needs a value}"; shift 2 ;;
+            --gpus-per-worker) gpus="${2:?--gpus-per-worker needs a value}"; shift 2 ;;
             --dashboard) dashboard=true; shift ;;
             *) die "up: unknown option $1" ;;
         esac
     done
-    for value in "$workers" "$cpus" "$memory" "$object_store" "$PORT"; do
+    for value in "$workers" "$cpus" "$memory" "$object_store" "$gpus" "$PORT"; do
         is_uint "$value" || die "up: '$value' is not a non-negative integer"
     done
 
@@ -190,7 +193,7 @@ cmd_up() {
     for ((i = 1; i <= workers; i++)); do
         echo "starting worker $i of $workers"
         start_node "worker-$i" --address="$ADDRESS" \
-            --num-cpus="$cpus" --num-gpus=0 --memory="$memory" --object-store-memory="$object_store" \
+            --num-cpus="$cpus" --num-gpus="$gpus" --memory="$memory" --object-store-memory="$object_store" \
             --dashboard-agent-listen-port=$((PORT + 3 + i)) --disable-usage-stats
     done
 

@@ -109,6 +109,8 @@ def strict(schema):
 def crd_validator(kind: str):
     import jsonschema
 
+    if not (CRDS / CRD_FILES[kind]).is_file():
+        pytest.skip(f"KubeRay CRDs not found at {CRDS} (the shared folder next to the checkout)")
     with (CRDS / CRD_FILES[kind]).open(encoding="utf-8") as handle:
         crd = yaml.load(handle, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # 3 MB of YAML
     version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")

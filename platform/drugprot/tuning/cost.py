@@ -84,7 +84,7 @@ def study_cost(costs: list[TrialCost], *, max_t: int, device: str, wall_s: float
     spent = sum(c.device_s for c in costs)
     skipped = sum(c.device_s / c.evaluations * (max_t - c.evaluations)
                   for c in costs if c.asha_stopped and 0 < c.evaluations < max_t)
-    return {"device": device, "device_hours": round(spent / 3600, 5), "trial_wall_s": round(sum(c.wall_s for c in costs), 1),
-            "study_wall_s": round(wall_s, 1), "evaluations": sum(c.evaluations for c in costs),
+    return {"device": device, "device_hours": round(spent / 3600, 5),
+            "trial_wall_s": round(sum(c.wall_s for c in costs), 1), "study_wall_s": round(wall_s, 1), "evaluations": sum(c.evaluations for c in costs),
             "asha_stopped": sum(c.asha_stopped for c in costs),
             "asha_saved_share": round(skipped / (spent + skipped), 4) if spent + skipped > 0 else 0.0}

@@ -344,9 +344,9 @@ def tune_study(config: RunConfig | None, *, space: SearchSpace | str | os.PathLi
         _check_resources(resources, local=address is None, say=say)
         at_once = concurrency(resources, max_concurrent=max_concurrent, num_samples=num_samples)
         if dry_run is not None:
-            return StudyPlan(name=name, path=study_path, tracking_uri=tracking_uri, optuna_storage=mask_url(optuna_storage),
-                             num_samples=num_samples, resources=resources, concurrent=at_once, max_t=max_t,
-                             constant_liar=space.sampler.liar(at_once), resume=resume,
+            return StudyPlan(name=name, path=study_path, tracking_uri=tracking_uri,
+                             optuna_storage=mask_url(optuna_storage), num_samples=num_samples, resources=resources,
+                             concurrent=at_once, max_t=max_t, constant_liar=space.sampler.liar(at_once), resume=resume,
                              configurations=proposals(space, base, dry_run, concurrent=at_once))
         parent_params = _parent_params(base, space, num_samples=num_samples, max_concurrent=max_concurrent,
                                        resources=resources, max_t=max_t)
@@ -432,7 +432,8 @@ def check_optuna_storage(url: str, name: str, *, resume: bool, create: bool) -> 
         folder = Path(url[len("sqlite:///"):]).parent
         existing = next(p for p in (folder, *folder.parents) if p.exists())
         if not existing.is_dir():
-            raise StudyError(f"--optuna-storage {url}: cannot create the SQLite file there ({existing} is not a folder)")
+            raise StudyError(f"--optuna-storage {url}: cannot create the SQLite file there "
+                             f"({existing} is not a folder)")
         if not folder.is_dir():
             if not create:
                 return  # a new local study: the folder (and the file) appear when it starts
@@ -550,6 +551,10 @@ def _run(tune, *, base: RunConfig, space: SearchSpace, name: str, storage: str, 
     scheduler = ASHAScheduler(time_attr="eval", metric=space.scheduler.metric, mode=space.scheduler.mode, max_t=max_t,
                               grace_period=min(space.scheduler.grace_period, max_t),
                               reduction_factor=space.scheduler.reduction_factor)
+    # Checkpoints are the trials' resumable states (the best model is kept apart: drugprot.tuning.trainable), kept
+    # by recency. One more than the space asks for: the experiment snapshot a killed driver leaves behind may still name the
+    # previous checkpoint (Tune deletes it before the next snapshot), and --resume restores from that one.
+    checkpoints = tune.CheckpointConfig(num_to_keep=space.keep_checkpoints + 1)
     callbacks = [MlflowStudyCallback(tracker, space=space, base_config=base.dump(), max_t=max_t),
                  ProgressTable(space=space, study=name, num_samples=num_samples, max_t=max_t)]
     tuner = tune.Tuner(
@@ -560,8 +565,7 @@ def _run(tune, *, base: RunConfig, space: SearchSpace, name: str, storage: str, 
         run_config=tune.RunConfig(
             name=name, storage_path=storage, callbacks=callbacks, verbose=0,
             failure_config=tune.FailureConfig(max_failures=space.max_failures),
-            # the newest resumable states (the best model is kept apart: drugprot.tuning.trainable)
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=space.keep_checkpoints)))
+            checkpoint_config=checkpoints))
     return tuner.fit()
 
 
