@@ -116,15 +116,18 @@ def main() -> None:
     config = load_config(REPO / "configs" / "smoke.yaml", overrides)
     policies = ["bounded", "every-1"] + [f"every-{n}" for n in args.also_every] + (["legacy"] if args.legacy else [])
     work = args.work or Path(tempfile.mkdtemp(prefix="drugprot-ckpt-io-"))
+    print(f"{'policy':<10}{'evals':>6}{'model up':>9}{'state up':>9}{'GB uploaded':>13}{'save s':>8}{'upload s':>9}",
+          flush=True)
+    rows = []
     try:
-        rows = [run(policy, config, work) for policy in policies]
+        for policy in policies:  # each row as soon as it is measured: a BERT-base run takes minutes per policy
+            r = run(policy, config, work)
+            rows.append(r)
+            print(f"{r['policy']:<10}{r['evaluations']:>6}{r['model_uploads']:>9}{r['state_uploads']:>9}"
+                  f"{r['bytes'] / 1e9:>13.2f}{r['save_s']:>8.1f}{r['upload_s']:>9.1f}", flush=True)
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
-    print(f"{'policy':<10}{'evals':>6}{'model up':>9}{'state up':>9}{'GB uploaded':>13}{'save s':>8}{'upload s':>9}")
-    for r in rows:
-        print(f"{r['policy']:<10}{r['evaluations']:>6}{r['model_uploads']:>9}{r['state_uploads']:>9}"
-              f"{r['bytes'] / 1e9:>13.2f}{r['save_s']:>8.1f}{r['upload_s']:>9.1f}")
     by = {r["policy"]: r for r in rows}
     summary = {"bench": "checkpoint_io", "layers": args.layers, "evaluations": args.evaluations,
                **{f"{p}_bytes": by[p]["bytes"] for p in by}, **{f"{p}_save_s": round(by[p]["save_s"], 2) for p in by},
