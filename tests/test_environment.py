@@ -25,6 +25,7 @@ STORE_COMMANDS = {
     "tune": ["tune"],
     "ensemble": ["ensemble", "--study", "s"],
     "serve": ["serve", "--model", "m"],
+    "distill": ["distill", "--teacher", "models:/m@champion", "--config", "c.yaml", "--out", "o"],
 }
 RAY_COMMANDS = {"tune": (["tune"], "address"), "serve": (["serve", "--model", "m"], "address"),
                 "predict": (STORE_COMMANDS["predict"] + ["--ray"], "ray_address")}
@@ -86,7 +87,7 @@ def test_serve_hands_its_replicas_the_resolved_store(registered, store, tmp_path
     """The replica gets the absolute store resolved by the CLI, so it needs neither the variable nor the folder."""
     from drugprot.cli.serve import serve_options
     from drugprot.serving.options import parse_options
-    from drugprot.serving.service import RelationService
+    from drugprot.serving.service import ModelService
 
     relative = Path(store.uri[len("sqlite:///"):]).relative_to(Path.cwd().parent)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///../{relative}")
@@ -95,7 +96,7 @@ def test_serve_hands_its_replicas_the_resolved_store(registered, store, tmp_path
     assert options.tracking_uri == normalize_tracking_uri(store.uri)
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     monkeypatch.chdir(tmp_path)  # a replica on another node, in another folder, without the variable
-    info = RelationService.load(options).model_info()
+    info = ModelService.load(options).model_info()  # what the model deployment's replica runs
     assert (info.name, info.version, info.alias) == ("dp", "1", "champion")
 
 
