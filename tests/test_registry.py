@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -377,7 +378,10 @@ def test_study_to_champion_to_predictions(smoke_study, tmp_path, capsys):
     assert main(["ensemble", "--study", "smk", "--top-k", "3", "--register", "smk-ens", "--tracking-uri", uri,
                  "--out", str(out), "--device", "cpu", "--force", "--quiet"]) == 0
     printed = capsys.readouterr().out
-    assert "micro F1" in printed and "@champion -> version 1 (--force over: F1 on dev half B" in printed
+    # whether the gates alone or --force moved the alias depends on what these tiny trials learned; the gates
+    # themselves are pinned in test_champion_alias_moves_only_through_the_gates_or_force
+    assert "micro F1" in printed and re.search(r"@champion -> version 1 \((no @champion yet|--force over: F1 on dev "
+                                               r"half B)", printed), printed
     assert "Chosen on A, scored on B" in printed and "top-3 by F1" in printed
     meta = json.loads((out / "ensemble.json").read_text())
     trials = tracking.study_trials("smk", uri)
