@@ -174,13 +174,25 @@ def test_trials_csv_has_one_row_per_trial():
 
 # --- the driver callback, driven with stand-in trials (no Ray runtime) -------------------------------------------------
 
-def fake_trial(trial_id: str, params: dict, checkpoint=None, status: str = "RUNNING"):
-    return SimpleNamespace(trial_id=trial_id, config=params, last_result={}, checkpoint=checkpoint, status=status)
+def fake_trial(trial_id: str, params: dict, trial_path: Path | None = None, status: str = "RUNNING"):
+    """A Tune trial as the callback sees it; its storage is a local folder (``<trial_path>/best`` its best model)."""
+    import pyarrow.fs
+
+    storage = SimpleNamespace(storage_filesystem=pyarrow.fs.LocalFileSystem(), trial_fs_path=str(trial_path))
+    return SimpleNamespace(trial_id=trial_id, config=params, last_result={}, storage=storage, status=status)
 
 
-def test_callback_logs_a_trial_from_start_to_early_stop(store, name, run_folder):
-    from ray.tune import Checkpoint
+def store_best_model(run_folder: Path, trial_path: Path) -> None:
+    """What a trial uploads when its model improves (drugprot.tuning.trainable)."""
+    import pyarrow.fs
 
+    from drugprot.tuning.trainable import best_model_store
+
+    best_model_store(pyarrow.fs.LocalFileSystem(), str(trial_path)).upload(
+        run_folder, ("model", "metrics.json", "config.yaml"), evaluation=2)
+
+
+def test_callback_logs_a_trial_from_start_to_early_stop(store, name, run_folder, tmp_path):
     from drugprot.tuning.callbacks import MlflowStudyCallback
     from drugprot.tuning.space import load_space
 
@@ -190,7 +202,8 @@ def test_callback_logs_a_trial_from_start_to_early_stop(store, name, run_folder)
     callback = MlflowStudyCallback(tracker, space=space, base_config=config.dump(), max_t=4)
     params = {"loss.gamma": 0.5, "loss.lambda": 0.5, "train.lr": 0.01, "sampling.interval.lo": -9,
               "sampling.interval.hi": 13, "train.seed": 13}
-    trial = fake_trial("abc", params, checkpoint=Checkpoint.from_directory(str(run_folder)))
+    store_best_model(run_folder, tmp_path / "trial_abc")
+    trial = fake_trial("abc", params, tmp_path / "trial_abc")
     callback.on_trial_start(0, [trial], trial)
     callback.on_trial_result(0, [trial], trial, {**evaluation(1, 0.3)})
     trial.last_result = {**evaluation(2, 0.1), "done": True}  # ASHA's STOP marks the result done
@@ -245,17 +258,19 @@ def test_progress_table_of_a_long_study_shows_running_and_best_trials():
 
 def test_a_trial_left_running_by_a_killed_driver_is_closed_at_the_end(store, name, run_folder, tmp_path):
     """Tune says the trial ended, but the driver died before the callback closed its run: the study's closing pass
-    takes the state from the evaluations MLflow holds and the artifacts from the trial's latest checkpoint folder."""
+    takes the state from the evaluations MLflow holds and the artifacts from the trial's best model in the storage."""
     from drugprot.tuning.study import _reconcile
 
     tracker = open_tracker(store, name)
     run_id = tracker.start_trial("t9", params={"loss.gamma": 1.0}, config={"train": {"seed": 1}})
     for step in (1, 2):
         tracker.log_evaluation(run_id, evaluation(step, 0.1 * step))
-    study_path = tmp_path / "study"
-    shutil.copytree(run_folder, study_path / "trial_t9" / "checkpoint_000001")
-    result = SimpleNamespace(metrics={}, error=None, checkpoint=None, path=str(study_path / "trial_t9"))
-    _reconcile(tracker, result, "t9", study_path=str(study_path), storage=str(tmp_path), max_t=4)
+    import pyarrow.fs
+
+    trial_path = tmp_path / "study" / "trial_t9"
+    store_best_model(run_folder, trial_path)
+    result = SimpleNamespace(metrics={}, error=None, filesystem=pyarrow.fs.LocalFileSystem(), path=str(trial_path))
+    _reconcile(tracker, result, "t9", max_t=4)
     (record,) = tracking.study_trials(name, store)
     assert record.state == "early-stopped"  # 2 of 4 evaluations, no error
     assert "model" in {a.path for a in tracker.client.list_artifacts(run_id)}
