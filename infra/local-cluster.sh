@@ -38,6 +38,9 @@ REPO="$(cd "$HERE/.." && pwd)"
 PORT="${DRUGPROT_RAY_PORT:-6379}"
 export RAY_TMPDIR="${RAY_TMPDIR:-/tmp/drugprot-ray}"
 export RAY_USAGE_STATS_ENABLED=0
+# Several nodes by design: a caller's private single-node Ray (drugprot.local_ray) sets this to 0 to keep its node
+# on loopback, and Ray then refuses to start worker nodes.
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"
 # Like the KubeRay pods (/app) and the launcher nodes (~/drugprot): Ray starts in the repository and Tune trials stay
 # there, so relative paths of run configs (data.dir: data/drugprot) resolve the same way in drivers and trials.

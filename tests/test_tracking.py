@@ -58,6 +58,7 @@ def open_tracker(store: str, name: str, resume: bool = False) -> StudyTracker:
 
 def test_normalize_makes_sqlite_paths_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # no choice made: the default store (order: test_environment)
     assert tracking.normalize_tracking_uri(None) == f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert tracking.normalize_tracking_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
     with pytest.raises(TrackingError, match=r"--tracking-uri 'mlflow.db': not a URI"):
