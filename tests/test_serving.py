@@ -522,7 +522,9 @@ def test_ready_only_after_warm_up(tight):
     assert requests.post(f"{url}/v1/relations", json={"documents": [small_doc()]}, timeout=30).status_code == 200
 
 
-def test_overload_gets_503_quickly_and_loses_no_accepted_request(tight, reference, dev_documents):
+def test_overload_gets_503_and_loses_no_accepted_request(tight, reference, dev_documents):
+    """Refusals are JSON 503s with Retry-After; how fast they come is measured by bench/serve_chaos.py (timing is
+    no test assertion: CI machines are shared)."""
     url = tight[0]
     body = {"documents": [document_json(d) for d in dev_documents]}
     want = expected(reference, dev_documents)
@@ -540,7 +542,9 @@ def test_overload_gets_503_quickly_and_loses_no_accepted_request(tight, referenc
     assert set(statuses) <= {200, 503} and sum(statuses.values()) == 30, statuses
     assert statuses[503] >= 15 and statuses[200] >= 1, statuses  # about 1 running + 2 queued, the rest refused
     refused = [took for r, took in results if r.status_code == 503]
-    assert statistics.median(refused) < 1.0 and max(refused) < 5.0, refused
+    for response, _ in results:
+        if response.status_code == 503:
+            assert response.headers.get("Retry-After") and "detail" in response.json(), response.text
     for response, _ in results:
         if response.status_code == 200:
             assert answered(response.json()) == want  # each accepted request ran alone: exact
