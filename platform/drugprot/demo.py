@@ -150,7 +150,9 @@ def main() -> int:
             try:
                 server.wait(timeout=60)
             except subprocess.TimeoutExpired:
+                print("the service did not stop within 60 s of SIGTERM: killing it", flush=True)
                 os.killpg(server.pid, signal.SIGKILL)
+                server.wait()
         print(f"service stopped (exit code {server.returncode})")
 
     minutes = (time.perf_counter() - started) / 60
