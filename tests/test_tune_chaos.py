@@ -5,6 +5,7 @@ default (6 trials, no baseline run) to stay within its time budget; the checks a
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -16,6 +17,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
+@pytest.mark.skipif(os.environ.get("DRUGPROT_TUNE_CHAOS") != "1",
+                    reason="opt-in (DRUGPROT_TUNE_CHAOS=1): the driver kill must land before this 6-trial study ends, "
+                           "and on an idle 2-core machine it did not (clean-clone run, 2026-11-29); bench/tune_chaos.py "
+                           "runs the full 12-trial rehearsal")
 def test_chaos_rehearsal_loses_nothing(tmp_path, capsys):
     if shutil.which("moto_server", path=str(Path(sys.executable).parent)) is None:
         pytest.skip("moto_server is not installed (pip install 'moto[server]', part of the test extra)")
