@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from drugprot.ensemble_folder import (ENSEMBLE_JSON, FORMAT_VERSION, KIND, MEMBERS_DIR, EnsembleError, check_member_name,
-                                      check_vote, read_ensemble_json, verify_tree_manifest, write_tree_manifest)
+                                      check_vote, write_tree_manifest)
 
 
 @dataclass

@@ -487,7 +487,7 @@ def proposals(space: SearchSpace, base: RunConfig, count: int, *, concurrent: in
 def plan_text(plan: StudyPlan) -> str:
     """What ``drugprot tune --dry-run`` prints."""
     lines = [f"dry run of study {plan.name}" + (" (resume)" if plan.resume else "") + ": config, space, storage, "
-             f"tracking and Optuna storage checked; nothing trained",
+             "tracking and Optuna storage checked; nothing trained",
              f"storage {plan.path} (writable); tracking {plan.tracking_uri}; Optuna {plan.optuna_storage}",
              f"{plan.num_samples} trials, {plan.resources.cpus:g} CPU + {plan.resources.gpus:g} GPU each; the cluster "
              f"runs {plan.concurrent} at once (constant liar {'on' if plan.constant_liar else 'off'}); ASHA over "
