@@ -3,14 +3,15 @@
 Set-up, all real and on 127.0.0.1: ``infra/local-cluster.sh`` (a head and two workers, each with its own CPU, memory
 and object-store budget), an S3 API (``moto_server``; endpoint and credentials reach Ray, pyarrow and boto3 through
 the standard ``AWS_*`` variables), ``mlflow server`` on PostgreSQL (the test fixtures' servers). The study: the
-smoke config and space, ``--trials`` trials (default 12), ASHA, ``--max-concurrent`` (default 3).
+smoke config and space at ``--epochs`` epochs (default 2: 4 evaluations), ``--trials`` trials (default 12), ASHA,
+``--max-concurrent`` (default 3).
 
 Faults while trials run:
 1. SIGKILL the raylet of the worker node that runs a trial past its evaluation ``--victim-eval`` (default 3, beyond
    the smoke space's last ASHA rung, so ASHA will not stop it): its trials must be retried from their last checkpoint
    on the other nodes.
-2. Once that trial has been restarted, ``--kill-driver-after`` trials have ended and another one is running,
-   SIGKILL the driver, then ``drugprot tune --resume --name STUDY`` and let it finish.
+2. Once that trial has been restarted, ``--kill-driver-after`` trials have ended (or every trial has started) and
+   one is running, SIGKILL the driver, then ``drugprot tune --resume --name STUDY`` and let it finish.
 
 Checks at the end: every trial finished or early-stopped (none errored); every evaluation that Ray recorded for a
 trial (its ``result.json`` in the S3 storage) is in MLflow, with no duplicate runs and no duplicate steps;
@@ -163,13 +164,13 @@ def session_members(sid: int) -> list[int]:
 
 
 def tune_command(name: str, *, storage: str, address: str, tracking_uri: str, trials: int, max_concurrent: int,
-                 resume: bool = False) -> list[str]:
+                 epochs: float, resume: bool = False) -> list[str]:
     common = ["--name", name, "--storage", storage, "--address", address, "--json"]
     if resume:
         return [PYTHON, "-m", "drugprot", "tune", "--resume", *common]
     return [PYTHON, "-m", "drugprot", "tune", "--config", str(REPO / "configs" / "smoke.yaml"), "--space",
-            str(REPO / "search_spaces" / "smoke.yaml"), "--num-samples", str(trials), "--max-concurrent",
-            str(max_concurrent), "--tracking-uri", tracking_uri, *common]
+            str(REPO / "search_spaces" / "smoke.yaml"), "--set", f"train.epochs={epochs:g}", "--num-samples",
+            str(trials), "--max-concurrent", str(max_concurrent), "--tracking-uri", tracking_uri, *common]
 
 
 def run_to_end(command: list[str], *, env: dict[str, str], cwd: Path, log_file: Path, timeout: float) -> dict:
@@ -192,11 +193,11 @@ def trial_runs(client, name: str, *, deleted: bool = False) -> list:
 
 
 def chaos_study(name: str, *, cluster: Cluster, env: dict, cwd: Path, storage: str, tracking_uri: str, trials: int,
-                max_concurrent: int, kill_driver_after: int, victim_eval: int, timeout: float) -> dict:
+                max_concurrent: int, epochs: float, kill_driver_after: int, victim_eval: int, timeout: float) -> dict:
     """Run the study with both faults; returns the resumed run's JSON summary and what was done."""
     client = tracking.client(tracking_uri)
     command = tune_command(name, storage=storage, address=cluster.address, tracking_uri=tracking_uri, trials=trials,
-                           max_concurrent=max_concurrent)
+                           max_concurrent=max_concurrent, epochs=epochs)
     err = open(cwd / f"{name}.log", "ab")
     start = time.monotonic()
     driver = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
@@ -226,7 +227,8 @@ def chaos_study(name: str, *, cluster: Cluster, env: dict, cwd: Path, storage: s
                            and client.get_metric_history(r.info.run_id, "dev_f1")]
                 victim = next(r for r in runs if r.data.tags[tracking.TAG_TRIAL_ID] == killed_raylet["trial"])
                 retried = int(victim.data.tags.get(tracking.TAG_STARTS, "1")) >= 2  # fault 1 handled first
-                if retried and len(ended) >= kill_driver_after and running:
+                # once every trial has started, waiting for more to end could outlast the study
+                if retried and running and (len(ended) >= kill_driver_after or len(runs) == trials):
                     time.sleep(2)  # let Tune snapshot the study state once more
                     os.kill(driver.pid, signal.SIGKILL)
                     killed_driver = {"ended_trials": len(ended), "running_trials": len(running),
@@ -245,7 +247,7 @@ def chaos_study(name: str, *, cluster: Cluster, env: dict, cwd: Path, storage: s
                            f"see {cwd / f'{name}.log'}")
     log("resuming: drugprot tune --resume")
     summary = run_to_end(tune_command(name, storage=storage, address=cluster.address, tracking_uri=tracking_uri,
-                                      trials=trials, max_concurrent=max_concurrent, resume=True),
+                                      trials=trials, max_concurrent=max_concurrent, epochs=epochs, resume=True),
                          env=env, cwd=cwd, log_file=cwd / f"{name}.log", timeout=timeout)
     return {"summary": summary, "wall_s": time.monotonic() - start, "raylet": killed_raylet, "driver": killed_driver}
 
@@ -347,9 +349,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-concurrent", type=int, default=3)
     parser.add_argument("--kill-driver-after", type=int, default=None, metavar="N",
                         help="trials that must have ended before the driver is killed (default: a third)")
+    parser.add_argument("--epochs", type=float, default=2, metavar="E",
+                        help="train.epochs of every trial (default 2, the smoke config's: 4 evaluations; the CI test "
+                             "uses 4, so that at 6 trials the retried trial still runs when the driver is killed)")
     parser.add_argument("--victim-eval", type=int, default=3, metavar="E",
                         help="kill the raylet of a worker whose trial has reported evaluation E (default 3: past the "
-                             "smoke space's last ASHA rung, so the trial is retried rather than stopped)")
+                             "smoke space's last ASHA rung at 2 epochs, so the trial is retried rather than stopped; "
+                             "at 4 epochs the last rung is 4)")
     parser.add_argument("--cpus-per-node", type=int, default=1)
     parser.add_argument("--memory-per-node", type=int, default=3 * 1024 ** 3, metavar="BYTES")
     parser.add_argument("--skip-baseline", action="store_true", help="leave out the study without faults")
@@ -387,13 +393,14 @@ def main(argv: list[str] | None = None) -> int:
             log(f"baseline: {args.trials} trials without faults")
             start = time.monotonic()
             run_to_end(tune_command(f"calm-{stamp}", storage=storage, address=cluster.address, tracking_uri=tracking_uri,
-                                    trials=args.trials, max_concurrent=args.max_concurrent),
+                                    trials=args.trials, max_concurrent=args.max_concurrent, epochs=args.epochs),
                        env=env, cwd=work, log_file=work / f"calm-{stamp}.log", timeout=args.timeout)
             baseline_wall = time.monotonic() - start
         name = f"chaos-{stamp}"
         log(f"study {name}: {args.trials} trials, {args.max_concurrent} at once, faults on")
         chaos = chaos_study(name, cluster=cluster, env=env, cwd=work, storage=storage, tracking_uri=tracking_uri,
-                            trials=args.trials, max_concurrent=args.max_concurrent, kill_driver_after=kill_after,
+                            trials=args.trials, max_concurrent=args.max_concurrent, epochs=args.epochs,
+                            kill_driver_after=kill_after,
                             victim_eval=args.victim_eval, timeout=args.timeout)
         summary = chaos["summary"]
         result = check(name, storage=storage, tracking_uri=tracking_uri, summary=summary, work=work,
