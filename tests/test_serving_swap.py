@@ -5,12 +5,14 @@ process (its own Ray), a SQLite MLflow registry shared with this test, clients s
    --force``): no request fails, ``X-Model-Version`` goes from the old version to the new one, ``/v1/model`` agrees.
 2. The alias moves to a version whose artifact was tampered with: the old version goes on serving, no request fails,
    and ``/v1/model`` names the version and the loader's error in ``swap_error``.
-The two tests share the server and run in this order.
+The server has a bearer token, so it also shows that Ray's own ``/-/routes`` (answered by Serve's proxy, not by the
+API) asks for that token (3). The tests share the server and run in this order: 3, 1, 2.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -32,6 +34,8 @@ pytestmark = pytest.mark.slow
 
 NAME = "drugprot-swap-test"
 CLIENTS = 4
+TOKEN = secrets.token_urlsafe(16)
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +56,9 @@ def server(registry):
     root = registry["root"]
     port, gcs = _free_port("8140-8159", "the swap test's HTTP port"), _free_port("6440-6459", "the swap test's Ray")
     env = {**os.environ, "RAY_GCS_SERVER_PORT": str(gcs), "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1",
-           "DRUGPROT_CACHE_DIR": str(root / "cache"), "MLFLOW_DISABLE_TELEMETRY": "true"}
-    for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_TMPDIR", "DRUGPROT_API_TOKEN", "MLFLOW_TRACKING_URI"):
+           "DRUGPROT_CACHE_DIR": str(root / "cache"), "MLFLOW_DISABLE_TELEMETRY": "true", "DRUGPROT_API_TOKEN": TOKEN}
+    for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_TMPDIR", "MLFLOW_TRACKING_URI",
+                "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"):
         env.pop(key, None)
     log_path = root / "serve.log"
     log = open(log_path, "wb")
@@ -94,7 +99,7 @@ class Load:
     def _client(self, body) -> None:
         while not self.stop.is_set():
             try:
-                answer = requests.post(self.url, json=body, timeout=120)
+                answer = requests.post(self.url, json=body, headers=AUTH, timeout=120)
                 self.answers.append((answer.status_code, answer.headers.get("X-Model-Version")))
             except requests.RequestException as error:
                 self.answers.append((type(error).__name__, None))
@@ -124,9 +129,21 @@ def wait_for(condition, timeout: float, what: str, log: Path):
 
 
 def model_info(url: str) -> dict:
-    answer = requests.get(f"{url}/v1/model", timeout=30)
+    answer = requests.get(f"{url}/v1/model", headers=AUTH, timeout=30)
     assert answer.status_code == 200, answer.text
     return answer.json()
+
+
+def test_rays_own_routes_endpoint_needs_the_api_token(server):
+    url = server["url"]
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        refused = requests.get(f"{url}/-/routes", headers=headers, timeout=30)
+        assert refused.status_code == 401 and refused.headers["WWW-Authenticate"] == 'Bearer realm="drugprot"'
+        assert refused.json()["detail"].startswith("missing or invalid bearer token")
+    routes = requests.get(f"{url}/-/routes", headers=AUTH, timeout=30)
+    assert routes.status_code == 200 and routes.json() == {"/": "drugprot"}
+    assert requests.get(f"{url}/-/healthz", timeout=30).status_code == 200  # probes stay open
+    assert requests.get(f"{url}/v1/model", timeout=30).status_code == 401  # the API's own check, as before
 
 
 def test_moving_the_alias_swaps_the_version_under_load_without_a_failed_request(server, registry):

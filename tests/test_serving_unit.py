@@ -551,6 +551,31 @@ def test_bearer_token_guards_everything_but_probes_and_docs(ensemble):
         assert open_client.post("/v1/relations", json=body).status_code == 200
 
 
+def test_rays_routes_endpoint_needs_the_token_at_the_proxy(monkeypatch):
+    """The middleware Serve's proxy runs (``proxy_middlewares``) around a stand-in for the proxy's own answers."""
+    from starlette.applications import Starlette
+    from starlette.middleware import Middleware
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from drugprot.serving.api import PROXY_CALLBACK, RoutesGuard, proxy_middlewares
+
+    assert PROXY_CALLBACK[1] == f"{proxy_middlewares.__module__}:{proxy_middlewares.__name__}"
+    (middleware,) = proxy_middlewares()
+    assert middleware.cls is RoutesGuard
+    proxy = [Route("/-/routes", lambda _: JSONResponse({"/": "drugprot"})), Route("/-/healthz", lambda _: JSONResponse("ok"))]
+    monkeypatch.setenv("DRUGPROT_API_TOKEN", "s3cret")
+    with TestClient(Starlette(routes=proxy, middleware=[middleware])) as guarded:
+        assert guarded.get("/-/routes").status_code == 401
+        assert guarded.get("/-/routes", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        answer = guarded.get("/-/routes", headers={"Authorization": "Bearer s3cret"})
+        assert answer.status_code == 200 and answer.json() == {"/": "drugprot"}
+        assert guarded.get("/-/healthz").status_code == 200
+    monkeypatch.delenv("DRUGPROT_API_TOKEN")
+    with TestClient(Starlette(routes=proxy, middleware=[Middleware(RoutesGuard)])) as open_proxy:
+        assert open_proxy.get("/-/routes").status_code == 200  # no token configured: as open as the API
+
+
 def test_token_comes_from_the_named_environment_variable(monkeypatch):
     monkeypatch.setenv("DRUGPROT_TEST_TOKEN", " abc ")
     assert resolve_token("DRUGPROT_TEST_TOKEN") == "abc"

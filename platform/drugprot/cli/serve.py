@@ -90,7 +90,10 @@ def _serve(args) -> int:
 
     local, folder, clean, chosen = args.address is None, None, False, None
     if local:
+        from drugprot.serving.api import PROXY_CALLBACK
+
         chosen = os.environ.get("RAY_TMPDIR")
+        os.environ.setdefault(*PROXY_CALLBACK)  # the proxy inherits it: /-/routes behind the API's token
         folder = start_local_ray()
         print(f"drugprot serve: started a local Ray (temporary folder {folder})", file=sys.stderr, flush=True)
     else:

@@ -162,6 +162,10 @@ class ModelDeployment:
     def check_health(self) -> None:
         self.service.check_health()
 
+    def note_swap_error(self, swap_error: str) -> None:
+        """The alias watcher's word that the version it moved to could not be served (``/v1/model`` shows it)."""
+        self.service.swap_error = swap_error
+
     async def __del__(self):
         self._closing.set()
         try:
@@ -214,11 +218,15 @@ def drain_application(app_name: str, *, timeout_s: float, poll_s: float = 0.2) -
 
 
 def build_application(args: dict[str, Any] | ServeOptions | None, *, version: str | None = None,
-                      swap_error: str | None = None) -> Application:
-    """The two deployments; ``version`` and ``swap_error`` go to the model replicas (see ``ModelService.load``)."""
+                      swap_error: str | None = None, constructor_tries: int | None = None) -> Application:
+    """The two deployments; ``version`` and ``swap_error`` go to the model replicas (see ``ModelService.load``),
+    ``constructor_tries`` replaces the model deployment's usual three."""
     options = parse_options(args)
     arguments = options.model_dump(mode="json")
-    model = ModelDeployment.options(**options.deployment_options()).bind(arguments, version, swap_error)
+    deployment = options.deployment_options()
+    if constructor_tries is not None:
+        deployment["max_constructor_retry_count"] = constructor_tries
+    model = ModelDeployment.options(**deployment).bind(arguments, version, swap_error)
     return IngressDeployment.options(**options.ingress_deployment_options()).bind(arguments, model)
 
 

@@ -7,8 +7,9 @@ Every ``poll_s`` the driver reads the alias; when it names another version, :cla
 application pinned to that version. Serve rolls the replicas start-before-stop (``max_surge_percent``): a new model
 replica loads and warms up in its constructor beside the old one, Serve routes to it once it is running, and then
 stops the old one gracefully (it finishes what it holds). A new version that fails to load or warm up fails its
-constructor; Serve keeps the old replicas serving, and the follower redeploys the old version with the error, which
-``/v1/model`` then shows as ``swap_error``. A version that failed is not tried again until the alias names another.
+constructor (tried once); Serve keeps the old replicas serving, the follower tells them the error, which ``/v1/model`` then shows
+as ``swap_error``, and redeploys the old version carrying it. A version that failed is not tried again until the
+alias names another.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from ray.serve.schema import ApplicationStatus
 
 from drugprot.errors import DrugprotError
 from drugprot.polling import poll
-from drugprot.serving.app import build_application, deployment_failure
+from drugprot.serving.app import MODEL_DEPLOYMENT, build_application, deployment_failure
 from drugprot.serving.options import ServeOptions
 
 log = logging.getLogger("drugprot.serving")
@@ -87,7 +88,8 @@ class AliasFollower:
         old = self.version
         self.say(f"drugprot serve: {self.options.model} moved from version {old} to {version}: loading it beside "
                  f"version {old}")
-        error = self._roll(version, None)
+        # one try: while the new version fails, the old one serves; a second look at the same files changes nothing
+        error = self._roll(version, None, constructor_tries=1)
         if error is None:
             self.version, self.swap_error = version, None
             self.say(f"drugprot serve: version {version} serves {self.options.model} now; version {old} drains")
@@ -98,15 +100,20 @@ class AliasFollower:
         self.swap_error = f"version {version}: {error}"
         self.say(f"drugprot serve: version {version} of {self.options.model} could not be served ({error}); "
                  f"version {old} goes on serving")
-        # Serve kept the old replicas; deploy the old version again so that replacements load it, with the error
+        # Serve kept the old replicas: they show the error at once; then deploy the old version again (replicas that
+        # Serve starts later load it, not the failed one), carrying the error
+        serve.get_deployment_handle(MODEL_DEPLOYMENT, self.app_name).broadcast("note_swap_error", self.swap_error).results()
         again = self._roll(old, self.swap_error)
-        if again is not None and not self._stop.is_set():
+        if again is None:
+            self.say(f"drugprot serve: version {old} redeployed after the failed swap")
+        elif not self._stop.is_set():
             self.say(f"drugprot serve: redeploying version {old} after the failed swap failed too: {again}")
         return False
 
-    def _roll(self, version: str, swap_error: str | None) -> str | None:
+    def _roll(self, version: str, swap_error: str | None, constructor_tries: int | None = None) -> str | None:
         """Redeploy pinned to ``version`` and wait until Serve runs it: None, or why it does not."""
-        application = build_application(self.options, version=version, swap_error=swap_error)
+        application = build_application(self.options, version=version, swap_error=swap_error,
+                                        constructor_tries=constructor_tries)
         serve.run_many([serve.RunTarget(application, name=self.app_name, route_prefix=self.route_prefix)],
                        wait_for_applications_running=False)
         status = poll(self._settled, timeout=self.timeout_s, interval=1.0, stop=self._stop)
