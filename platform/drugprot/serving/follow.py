@@ -7,9 +7,9 @@ Every ``poll_s`` the driver reads the alias; when it names another version, :cla
 application pinned to that version. Serve rolls the replicas start-before-stop (``max_surge_percent``): a new model
 replica loads and warms up in its constructor beside the old one, Serve routes to it once it is running, and then
 stops the old one gracefully (it finishes what it holds). A new version that fails to load or warm up fails its
-constructor (tried once); Serve keeps the old replicas serving, the follower tells them the error, which ``/v1/model`` then shows
-as ``swap_error``, and redeploys the old version carrying it. A version that failed is not tried again until the
-alias names another.
+constructor (tried once); Serve keeps the old replicas serving, the follower tells them the error, which
+``/v1/model`` then shows as ``swap_error``, and redeploys the old version carrying it. A version that failed is not
+tried again until the alias names another.
 """
 
 from __future__ import annotations
@@ -102,7 +102,11 @@ class AliasFollower:
                  f"version {old} goes on serving")
         # Serve kept the old replicas: they show the error at once; then deploy the old version again (replicas that
         # Serve starts later load it, not the failed one), carrying the error
-        serve.get_deployment_handle(MODEL_DEPLOYMENT, self.app_name).broadcast("note_swap_error", self.swap_error).results()
+        try:
+            serve.get_deployment_handle(MODEL_DEPLOYMENT, self.app_name).broadcast("note_swap_error",
+                                                                                   self.swap_error).results()
+        except Exception as failure:  # noqa: BLE001 - the redeploy below carries the error anyway
+            self.say(f"drugprot serve: could not tell the serving replicas ({type(failure).__name__}: {failure})")
         again = self._roll(old, self.swap_error)
         if again is None:
             self.say(f"drugprot serve: version {old} redeployed after the failed swap")
