@@ -187,6 +187,7 @@ class IngressDeployment:
         remote = RemoteModel(model, attempts=self.options.retry_attempts, deadline_s=self.options.retry_deadline_s,
                              metrics=self.metrics)
         self.service = RelationService(remote, self.options)
+        self.service.warm_up()  # routed to only once warm, like the model replicas
         log.info("drugprot serving: ingress up (auth %s)", "on" if self.token else "off")
 
     def __serve_build_asgi_app__(self):

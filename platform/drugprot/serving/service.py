@@ -269,6 +269,13 @@ class RelationService:
         self._keys = itertools.count()
         self._summary: dict[str, Any] | None = None
 
+    def warm_up(self) -> None:
+        """Candidates for the warm-up document, before the first request: the first call imports the inference stack
+        (torch), seconds in which the event loop would answer nothing and bodies on their way would time out (408)."""
+        from drugprot.inference import candidate_pairs, decode  # noqa: F401 - imported now, not on a request
+
+        candidate_pairs([warmup_document("ingress-warmup")], DEFAULT_INTERVAL)
+
     # ---- requests --------------------------------------------------------------------------------------------
     def _check_limits(self, request: RelationsRequest) -> None:
         limits, documents = self.limits, request.documents
