@@ -354,6 +354,13 @@ def test_rayservice_manifest_mirrors_serve_cluster_yaml():
         env = {e["name"]: e for e in worker.get("env", [])}
         assert options.token_env in env, f"worker pods need {options.token_env} (require_token={options.require_token})"
         assert "secretKeyRef" in env[options.token_env]["valueFrom"]
+    # Serve's proxy (on every node) answers /-/routes itself: the proxy middleware asks for the same token there
+    from drugprot.serving.api import PROXY_CALLBACK
+
+    for pod in (head, worker):
+        env = {e["name"]: e for e in pod.get("env", [])}
+        assert env[PROXY_CALLBACK[0]]["value"] == PROXY_CALLBACK[1]
+        assert "secretKeyRef" in env["DRUGPROT_API_TOKEN"]["valueFrom"]
 
 
 # --- KubeRay: the parameters and how they reach the manifests -----------------------------------------------------

@@ -128,6 +128,11 @@ def test_options_map_onto_deployment_options():
     ({"model": "m", "max_batch_pairs": 0}, r"serve args: max_batch_pairs: Input should be greater than or equal to 1, got 0"),
     ({"model": "m", "limits": {"max_pairs": -1}}, r"serve args: limits.max_pairs: Input should be greater than or equal to 1"),
     ({"model": "m", "max_queued_requests": 0}, r"max_queued_requests: must be -1 \(unbounded\) or at least 1, got 0"),
+    ({"model": "runs/ensemble", "follow_alias": True},
+     r"serve args: follow_alias needs a registry alias to watch: model must be models:/NAME@ALIAS .*got 'runs/ensemble'"),
+    ({"model": "models:/dp/3", "follow_alias": True}, r"follow_alias needs a registry alias .*got 'models:/dp/3'"),
+    ({"model": "models:/dp@champion", "follow_alias": True, "poll_s": 0},
+     r"serve args: poll_s: Input should be greater than 0, got 0"),
 ])
 def test_options_errors_name_key_and_value(args, message):
     with pytest.raises(DrugprotError, match=message):
@@ -168,6 +173,24 @@ def test_cli_serve_is_registered_and_maps_flags():
     assert (args.host, args.port) == ("127.0.0.1", 8000)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--model", "m", "--replicas", "2", "--autoscale", "1:3"])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--model", "runs/ensemble", "--follow-alias"], "option: follow_alias needs a registry alias to watch: model must "
+                                                     "be models:/NAME@ALIAS (e.g. models:/drugprot@champion), got "
+                                                     "'runs/ensemble'"),
+    (["--model", "models:/dp@champion", "--follow-alias", "--poll-s", "-1"],
+     "option: poll_s: Input should be greater than 0, got -1.0"),
+])
+def test_cli_serve_follow_alias_flags_are_checked_as_usage(flags, message, capsys):
+    from drugprot.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", *flags])
+    assert exit_.value.code == 2
+    assert f"drugprot serve: error: {message}" in capsys.readouterr().err
+    options = parse_options({"model": "models:/dp@champion", "follow_alias": True})
+    assert options.poll_s == 30 and options.deployment_options()["max_surge_percent"] == 100
 
 
 def test_cli_serve_refuses_a_missing_model_folder_before_starting_ray(tmp_path, capsys):
@@ -528,6 +551,31 @@ def test_bearer_token_guards_everything_but_probes_and_docs(ensemble):
         assert open_client.post("/v1/relations", json=body).status_code == 200
 
 
+def test_rays_routes_endpoint_needs_the_token_at_the_proxy(monkeypatch):
+    """The middleware Serve's proxy runs (``proxy_middlewares``) around a stand-in for the proxy's own answers."""
+    from starlette.applications import Starlette
+    from starlette.middleware import Middleware
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from drugprot.serving.api import PROXY_CALLBACK, RoutesGuard, proxy_middlewares
+
+    assert PROXY_CALLBACK[1] == f"{proxy_middlewares.__module__}:{proxy_middlewares.__name__}"
+    (middleware,) = proxy_middlewares()
+    assert middleware.cls is RoutesGuard
+    proxy = [Route("/-/routes", lambda _: JSONResponse({"/": "drugprot"})), Route("/-/healthz", lambda _: JSONResponse("ok"))]
+    monkeypatch.setenv("DRUGPROT_API_TOKEN", "s3cret")
+    with TestClient(Starlette(routes=proxy, middleware=[middleware])) as guarded:
+        assert guarded.get("/-/routes").status_code == 401
+        assert guarded.get("/-/routes", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        answer = guarded.get("/-/routes", headers={"Authorization": "Bearer s3cret"})
+        assert answer.status_code == 200 and answer.json() == {"/": "drugprot"}
+        assert guarded.get("/-/healthz").status_code == 200
+    monkeypatch.delenv("DRUGPROT_API_TOKEN")
+    with TestClient(Starlette(routes=proxy, middleware=[Middleware(RoutesGuard)])) as open_proxy:
+        assert open_proxy.get("/-/routes").status_code == 200  # no token configured: as open as the API
+
+
 def test_token_comes_from_the_named_environment_variable(monkeypatch):
     monkeypatch.setenv("DRUGPROT_TEST_TOKEN", " abc ")
     assert resolve_token("DRUGPROT_TEST_TOKEN") == "abc"
@@ -655,6 +703,16 @@ def test_a_registry_uri_is_pinned_to_a_version_and_reported(relation_members, tm
         "models:/drugprot-serving-test@champion", "drugprot-serving-test", "1", "champion")
     assert info.dev_f1 == pytest.approx(built.meta["dev"]["ensemble"]["f1"], abs=1e-6)
     assert [m.name for m in info.members] == ["m1-seed1", "m2-seed2", "m3-seed3"] and info.vote == "soft"
+    assert info.swap_error is None
+    # a second version takes the alias; a replica pinned to version 1 (the alias watcher's) still loads version 1
+    log_ensemble(built.path, tracking_uri=store, register="drugprot-serving-test", force=True, log=lambda _: None)
+    options = parse_options({"model": "models:/drugprot-serving-test@champion", "tracking_uri": store,
+                             "warmup_rounds": 0})
+    assert ModelService.load(options).model_info().version == "2"
+    pinned = ModelService.load(options, version="1", swap_error="version 2: broken").model_info()
+    assert (pinned.version, pinned.alias, pinned.swap_error) == ("1", "champion", "version 2: broken")
+    with pytest.raises(DrugprotError, match="model 'drugprot-serving-test' has no version 7"):
+        ModelService.load(options, version="7")
 
 
 # ---- fuzz: nothing a client sends crashes the app ----------------------------------------------------------------

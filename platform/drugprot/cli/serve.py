@@ -41,7 +41,12 @@ def register(commands) -> None:
     parser.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for the model to load")
     parser.add_argument("--drain-timeout", type=float, default=30.0,
                         help="on SIGTERM, seconds to let accepted requests finish (new ones get 503)")
-    parser.set_defaults(handler=_serve)
+    parser.add_argument("--follow-alias", action="store_true",
+                        help="with --model models:/NAME@ALIAS: serve each version the alias moves to, loaded and warmed "
+                             "up beside the old one before traffic moves (a version that fails leaves the old one "
+                             "serving, and GET /v1/model says why)")
+    parser.add_argument("--poll-s", type=float, help="with --follow-alias: seconds between reads of the alias (default 30)")
+    parser.set_defaults(handler=_serve, usage_error=parser.error)
 
 
 def serve_options(args) -> dict:
@@ -57,6 +62,8 @@ def serve_options(args) -> dict:
         "batch_wait_ms": args.batch_wait_ms,
         "max_queued_requests": args.max_queued_requests,
         "require_token": args.require_token,
+        "follow_alias": args.follow_alias,
+        "poll_s": args.poll_s,
     }
     return {key: value for key, value in options.items() if value is not None}
 
@@ -65,7 +72,10 @@ def _serve(args) -> int:
     from drugprot.errors import DrugprotError
     from drugprot.serving.options import parse_options
 
-    options = parse_options(serve_options(args), source="drugprot serve")
+    try:
+        options = parse_options(serve_options(args), source="option")
+    except DrugprotError as error:  # a flag's value or a combination of flags: a usage error, as argparse's own
+        args.usage_error(str(error).replace("\n", "; "))
     if args.address is None and not options.model.startswith("models:/") and not Path(options.model).exists():
         raise DrugprotError(f"--model {options.model}: no such folder (train one with `drugprot train`, or give "
                             f"models:/NAME@ALIAS)")
@@ -76,10 +86,14 @@ def _serve(args) -> int:
     from drugprot.local_ray import start_local_ray
     from drugprot.serving import build_app
     from drugprot.serving.app import deployment_failure, drain_application
+    from drugprot.serving.follow import AliasFollower
 
     local, folder, clean, chosen = args.address is None, None, False, None
     if local:
+        from drugprot.serving.api import PROXY_CALLBACK
+
         chosen = os.environ.get("RAY_TMPDIR")
+        os.environ.setdefault(*PROXY_CALLBACK)  # the proxy inherits it: /-/routes behind the API's token
         folder = start_local_ray()
         print(f"drugprot serve: started a local Ray (temporary folder {folder})", file=sys.stderr, flush=True)
     else:
@@ -90,8 +104,13 @@ def _serve(args) -> int:
     deployed = False
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
+        follower = AliasFollower(options, app_name=args.name, route_prefix=args.route_prefix,
+                                 timeout_s=args.ready_timeout, say=_say) if options.follow_alias else None
         try:
-            serve.run(build_app(options), name=args.name, route_prefix=args.route_prefix)
+            if follower is not None:
+                follower.deploy()
+            else:
+                serve.run(build_app(options), name=args.name, route_prefix=args.route_prefix)
         except RuntimeError as error:
             raise DrugprotError(f"the model could not be served: {deployment_failure(args.name) or error}") from None
         deployed = True
@@ -104,6 +123,10 @@ def _serve(args) -> int:
                                 f"(GET {base}/readyz); see the replica logs under the Ray session folder")
         print(f"drugprot serve: ready at {base}/v1/relations (model {options.model}); "
               f"SIGTERM or Ctrl-C stops it", file=sys.stderr, flush=True)
+        if follower is not None:
+            _say(f"drugprot serve: serving version {follower.version}; following {options.model} every "
+                 f"{options.poll_s:g} s")
+            threading.Thread(target=follower.follow, args=(stop,), daemon=True, name="drugprot-follow").start()
         while not stop.wait(1.0):
             pass
         print("drugprot serve: stopping: new requests get 503, accepted ones finish", file=sys.stderr, flush=True)
@@ -126,6 +149,10 @@ def _serve(args) -> int:
         elif folder is not None:
             print(f"drugprot serve: Ray logs kept in {folder}", file=sys.stderr, flush=True)
         print("drugprot serve: stopped", file=sys.stderr, flush=True)
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def _wait_ready(url: str, timeout: float, stop: threading.Event) -> bool:

@@ -2,7 +2,8 @@
 
 Modules: ``options`` (typed builder arguments), ``schemas`` (HTTP models), ``batching`` (framework-free cross-request
 pair batching), ``service`` (limits, readiness, warm-up around one Predictor), ``api`` (FastAPI app), ``app`` (the
-Serve deployment). Only ``app`` imports Ray, and only when :func:`build_app` is called.
+Serve deployments), ``follow`` (the live champion swap of ``drugprot serve --follow-alias``). Only ``app`` and
+``follow`` import Ray, and only when used.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from drugprot import __version__
 from drugprot.errors import DrugprotError
-from drugprot.serving.options import Limits
+from drugprot.serving.options import Limits, ServeOptions
 from drugprot.serving.schemas import ErrorResponse, ModelInfo, RelationsRequest, RelationsResponse, describe_errors
 from drugprot.serving.service import RelationService, ServingError
 
@@ -210,9 +210,46 @@ class _Guard:
                     del self._unfinished[client]
 
     def _authorized(self, scope) -> bool:
-        header = dict(scope.get("headers") or []).get(b"authorization", b"")
-        scheme, _, value = header.partition(b" ")
-        return scheme.lower() == b"bearer" and hmac.compare_digest(value.strip(), self.token)
+        return bearer_matches(scope, self.token)
+
+
+def bearer_matches(scope, token: bytes) -> bool:
+    """Whether the request carries ``Authorization: Bearer <token>`` (compared in constant time)."""
+    header = dict(scope.get("headers") or []).get(b"authorization", b"")
+    scheme, _, value = header.partition(b" ")
+    return scheme.lower() == b"bearer" and hmac.compare_digest(value.strip(), token)
+
+
+class RoutesGuard:
+    """Pure ASGI middleware for Serve's HTTP proxy: the proxy answers ``GET /-/routes`` (every application's route
+    prefix and name) itself, before any application sees the request, so the API's token check never runs there.
+    With the token variable set in the proxy's environment (``DRUGPROT_API_TOKEN``, the default ``token_env``),
+    ``/-/routes`` needs the same bearer token as the API; ``/-/healthz`` stays open for probes."""
+
+    def __init__(self, app, *, token_env: str | None = None):
+        self.app = app
+        token = resolve_token(token_env or ServeOptions.model_fields["token_env"].default)
+        self.token = token.encode() if token else None
+
+    async def __call__(self, scope, receive, send):
+        if (self.token is not None and scope["type"] == "http"
+                and scope.get("path", "")[len(scope.get("root_path", "")):] == "/-/routes"
+                and not bearer_matches(scope, self.token)):
+            response = _error(401, "missing or invalid bearer token: send 'Authorization: Bearer <token>'",
+                              headers={"WWW-Authenticate": 'Bearer realm="drugprot"'})
+            return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+PROXY_CALLBACK = ("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "drugprot.serving.api:proxy_middlewares")
+
+
+def proxy_middlewares() -> list:
+    """Serve's HTTP proxy callback: ``PROXY_CALLBACK`` in the environment of the Ray nodes (``drugprot serve`` sets
+    it for the Ray it starts; on a cluster, set it on every node)."""
+    from starlette.middleware import Middleware
+
+    return [Middleware(RoutesGuard)]
 
 
 def create_api(service: RelationService, *, token: str | None = None, observe=None) -> FastAPI:

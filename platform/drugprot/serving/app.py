@@ -127,11 +127,13 @@ def _replica_grpc_on_loopback() -> None:
 class ModelDeployment:
     """A model replica: loads, warms up, then scores jobs from every ingress replica in shared batches."""
 
-    def __init__(self, options: dict[str, Any]):
+    def __init__(self, options: dict[str, Any], version: str | None = None, swap_error: str | None = None):
+        """``version`` pins a ``models:/NAME@ALIAS`` model to one version (the alias watcher's redeploys)."""
         _replica_grpc_on_loopback()
         self.options = parse_options(options)
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU") if ray.is_initialized() else None
-        self.service = ModelService.load(self.options, threads=max(1, math.floor(cpus)) if cpus else None)
+        self.service = ModelService.load(self.options, threads=max(1, math.floor(cpus)) if cpus else None,
+                                         version=version, swap_error=swap_error)
         self.service.start_warmup().result()  # ready (and routed to) only once warm
         metrics = ModelMetrics(self.service.registry.get("version"), self.options.model)
         self.service.batcher.on_batch = metrics.batch
@@ -160,6 +162,10 @@ class ModelDeployment:
     def check_health(self) -> None:
         self.service.check_health()
 
+    def note_swap_error(self, swap_error: str) -> None:
+        """The alias watcher's word that the version it moved to could not be served (``/v1/model`` shows it)."""
+        self.service.swap_error = swap_error
+
     async def __del__(self):
         self._closing.set()
         try:
@@ -181,6 +187,7 @@ class IngressDeployment:
         remote = RemoteModel(model, attempts=self.options.retry_attempts, deadline_s=self.options.retry_deadline_s,
                              metrics=self.metrics)
         self.service = RelationService(remote, self.options)
+        self.service.warm_up()  # routed to only once warm, like the model replicas
         log.info("drugprot serving: ingress up (auth %s)", "on" if self.token else "off")
 
     def __serve_build_asgi_app__(self):
@@ -211,10 +218,16 @@ def drain_application(app_name: str, *, timeout_s: float, poll_s: float = 0.2) -
     return remaining
 
 
-def build_application(args: dict[str, Any] | ServeOptions | None) -> Application:
+def build_application(args: dict[str, Any] | ServeOptions | None, *, version: str | None = None,
+                      swap_error: str | None = None, constructor_tries: int | None = None) -> Application:
+    """The two deployments; ``version`` and ``swap_error`` go to the model replicas (see ``ModelService.load``),
+    ``constructor_tries`` replaces the model deployment's usual three."""
     options = parse_options(args)
     arguments = options.model_dump(mode="json")
-    model = ModelDeployment.options(**options.deployment_options()).bind(arguments)
+    deployment = options.deployment_options()
+    if constructor_tries is not None:
+        deployment["max_constructor_retry_count"] = constructor_tries
+    model = ModelDeployment.options(**deployment).bind(arguments, version, swap_error)
     return IngressDeployment.options(**options.ingress_deployment_options()).bind(arguments, model)
 
 

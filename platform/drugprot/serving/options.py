@@ -66,6 +66,9 @@ class ServeOptions(BaseModel):
                                   "the bearer token; unset or empty variable = no authentication; null = never.")
     require_token: bool = Field(False, description="Refuse to start when token_env is not set in the replica.")
     warmup_rounds: int = Field(2, ge=0, le=100_000, description="Synthetic batches run before /readyz turns ready.")
+    follow_alias: bool = Field(False, description="Watch the registry alias of model (models:/NAME@ALIAS) and roll the "
+                               "model deployment onto each version it moves to (drugprot serve).")
+    poll_s: float = Field(30.0, gt=0, le=86_400, description="With follow_alias: seconds between two reads of the alias.")
 
     @field_validator("autoscale")
     @classmethod
@@ -81,6 +84,9 @@ class ServeOptions(BaseModel):
             raise ValueError("give either replicas or autoscale, not both")
         if self.max_queued_requests == 0:
             raise ValueError("max_queued_requests: must be -1 (unbounded) or at least 1, got 0")
+        if self.follow_alias and registry_alias(self.model) is None:
+            raise ValueError(f"follow_alias needs a registry alias to watch: model must be models:/NAME@ALIAS "
+                             f"(e.g. models:/drugprot@champion), got {self.model!r}")
         return self
 
     @property
@@ -108,6 +114,7 @@ class ServeOptions(BaseModel):
             "health_check_period_s": 5.0,
             "graceful_shutdown_timeout_s": 20.0,
             "max_constructor_retry_count": 3,
+            "max_surge_percent": 100,  # a redeploy (champion swap) starts new replicas before stopping old ones
         }
 
     def deployment_options(self) -> dict[str, Any]:
@@ -119,6 +126,7 @@ class ServeOptions(BaseModel):
             "health_check_period_s": 5.0,
             "graceful_shutdown_timeout_s": 20.0,
             "max_constructor_retry_count": 3,
+            "max_surge_percent": 100,  # a redeploy (champion swap) starts new replicas before stopping old ones
         }
         if self.autoscale is not None:
             low, high = parse_autoscale(self.autoscale)
@@ -133,6 +141,16 @@ class ServeOptions(BaseModel):
         else:
             options["num_replicas"] = self.replicas or 1
         return options
+
+
+def registry_alias(model: str) -> str | None:
+    """The alias of a ``models:/NAME@ALIAS`` URI; None for a folder or ``models:/NAME/VERSION``."""
+    from drugprot.tracking import RegistryError, parse_model_uri
+
+    try:
+        return parse_model_uri(model)[1] if model.startswith("models:/") else None
+    except RegistryError:
+        return None
 
 
 def parse_autoscale(value: str) -> tuple[int, int]:

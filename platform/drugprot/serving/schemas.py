@@ -169,6 +169,8 @@ class ModelInfo(BaseModel):
     batch_wait_ms: float
     limits: dict[str, int]
     metadata: dict[str, Any] = Field(default_factory=dict, description="The model's own metadata, as recorded.")
+    swap_error: str | None = Field(None, description="With --follow-alias: the version the alias last moved to that "
+                                   "could not be served, and why (this version goes on serving).")
 
 
 class ErrorResponse(BaseModel):

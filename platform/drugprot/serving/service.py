@@ -121,19 +121,25 @@ class ModelService:
     """One loaded Predictor behind readiness and cross-request batching: the model deployment's work."""
 
     def __init__(self, predictor, options: ServeOptions, *, executor: ThreadPoolExecutor | None = None,
-                 registry: dict[str, Any] | None = None):
-        """``batcher.on_batch`` may be set afterwards to observe each model call (the Serve deployment's metrics)."""
+                 registry: dict[str, Any] | None = None, swap_error: str | None = None):
+        """``batcher.on_batch`` may be set afterwards to observe each model call (the Serve deployment's metrics).
+        ``swap_error``: why the last alias move was not served (this replica serves the version before it)."""
         self.predictor = predictor
         self.options = options
         self.registry = registry or {}  # name, version, alias, dev_f1 of a models:/ URI, pinned at load time
+        self.swap_error = swap_error
         self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="drugprot-model")
         self.batcher: PairBatcher[Job, Any] = PairBatcher(partial(run_jobs, predictor), max_pairs=options.max_batch_pairs,
                                                           wait_s=options.batch_wait_ms / 1000.0, executor=self._executor)
         self._warmup: Future | None = None
 
     @classmethod
-    def load(cls, options: ServeOptions, *, threads: int | None = None) -> ModelService:
-        """Set torch threads, load the model (folder, ensemble or models:/ URI) on the replica's device."""
+    def load(cls, options: ServeOptions, *, threads: int | None = None, version: str | None = None,
+             swap_error: str | None = None) -> ModelService:
+        """Set torch threads, load the model (folder, ensemble or models:/ URI) on the replica's device.
+
+        ``version``: load this version of a ``models:/NAME@ALIAS`` model instead of the one the alias names now (the
+        alias watcher pins every replica of a deployment to one version)."""
         from drugprot.inference import load_predictor
 
         configure_torch_threads(threads or options.torch_threads)
@@ -142,13 +148,14 @@ class ModelService:
             # Pin the alias to one version first, so what /v1/model reports is exactly what was loaded.
             from drugprot.tracking import parse_model_uri, resolve_model_version
 
-            _, alias, _ = parse_model_uri(model)
-            version = resolve_model_version(model, tracking_uri=options.tracking_uri)
-            model = f"models:/{version.name}/{version.version}"
-            registry = {"name": version.name, "version": str(version.version), "alias": alias,
-                        "dev_f1": _number((version.tags or {}).get("dev_f1"))}
+            name, alias, _ = parse_model_uri(model)
+            pinned = f"models:/{name}/{version}" if version is not None else model
+            resolved = resolve_model_version(pinned, tracking_uri=options.tracking_uri)
+            model = f"models:/{resolved.name}/{resolved.version}"
+            registry = {"name": resolved.name, "version": str(resolved.version), "alias": alias,
+                        "dev_f1": _number((resolved.tags or {}).get("dev_f1"))}
         predictor = load_predictor(model, device=options.device, tracking_uri=options.tracking_uri)
-        return cls(predictor, options, registry=registry)
+        return cls(predictor, options, registry=registry, swap_error=swap_error)
 
     # ---- readiness -------------------------------------------------------------------------------------------
     def start_warmup(self) -> Future:
@@ -239,7 +246,7 @@ class ModelService:
             interval=tuple(getattr(self.predictor, "interval", DEFAULT_INTERVAL)), members=members, device=device,
             precision="bf16" if bf16 else "fp32", execution=_text(getattr(self.predictor, "execution", None)),
             max_batch_pairs=self.options.max_batch_pairs, batch_wait_ms=self.options.batch_wait_ms,
-            limits=self.options.limits.model_dump(), metadata=_json_safe(metadata))
+            limits=self.options.limits.model_dump(), metadata=_json_safe(metadata), swap_error=self.swap_error)
 
     async def close(self) -> None:
         await self.batcher.close()
@@ -261,6 +268,13 @@ class RelationService:
         self._prefix = uuid.uuid4().hex[:8]  # document keys stay unique across ingress replicas sharing a model
         self._keys = itertools.count()
         self._summary: dict[str, Any] | None = None
+
+    def warm_up(self) -> None:
+        """Candidates for the warm-up document, before the first request: the first call imports the inference stack
+        (torch), seconds in which the event loop would answer nothing and bodies on their way would time out (408)."""
+        from drugprot.inference import candidate_pairs, decode  # noqa: F401 - imported now, not on a request
+
+        candidate_pairs([warmup_document("ingress-warmup")], DEFAULT_INTERVAL)
 
     # ---- requests --------------------------------------------------------------------------------------------
     def _check_limits(self, request: RelationsRequest) -> None:
