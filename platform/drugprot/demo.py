@@ -169,7 +169,9 @@ def main() -> int:
     finally:
         _step(6, "stop the service")
         if server.poll() is None:
-            os.killpg(server.pid, signal.SIGTERM)
+            # the server alone, as `kill PID` or Kubernetes would: a SIGTERM to its whole process group would also
+            # stop its local Ray's GCS and raylet before it could drain (docs/serving.md)
+            server.send_signal(signal.SIGTERM)
             try:
                 server.wait(timeout=60)
             except subprocess.TimeoutExpired:
