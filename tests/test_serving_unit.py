@@ -133,6 +133,9 @@ def test_options_map_onto_deployment_options():
     ({"model": "models:/dp/3", "follow_alias": True}, r"follow_alias needs a registry alias .*got 'models:/dp/3'"),
     ({"model": "models:/dp@champion", "follow_alias": True, "poll_s": 0},
      r"serve args: poll_s: Input should be greater than 0, got 0"),
+    ({"model": "m", "precision": "bf16"}, r"serve args: precision: Input should be 'auto', 'fp32' or 'int8', got 'bf16'"),
+    ({"model": "m", "precision": "int8", "gpus_per_replica": 1},
+     r"serve args: precision: int8 runs on CPU replicas only; set gpus_per_replica to 0 or precision to auto"),
 ])
 def test_options_errors_name_key_and_value(args, message):
     with pytest.raises(DrugprotError, match=message):
@@ -713,6 +716,24 @@ def test_a_registry_uri_is_pinned_to_a_version_and_reported(relation_members, tm
     assert (pinned.version, pinned.alias, pinned.swap_error) == ("1", "champion", "version 2: broken")
     with pytest.raises(DrugprotError, match="model 'drugprot-serving-test' has no version 7"):
         ModelService.load(options, version="7")
+
+
+def test_a_cpu_replica_can_serve_the_int8_path_of_drugprot_predict(relation_members, dev_documents):
+    """--precision int8 on drugprot serve: the replica's predictor quantizes its Linear layers as predict's does, and
+    /v1/model says so; the default stays fp32 on CPU."""
+    from drugprot.cli import build_parser
+    from drugprot.cli.serve import serve_options
+
+    args = build_parser().parse_args(["serve", "--model", str(relation_members[0]), "--precision", "int8"])
+    quantized = ModelService.load(parse_options({**serve_options(args), "warmup_rounds": 0}))
+    plain = ModelService.load(parse_options({"model": str(relation_members[0]), "warmup_rounds": 0}))
+    assert (quantized.model_info().precision, plain.model_info().precision) == ("int8", "fp32")
+    linear = [type(m).__module__ for m in quantized.predictor.members[0].model.modules() if "Linear" in type(m).__name__]
+    assert linear and all("quantized" in module for module in linear)
+    documents = dev_documents[:3]
+    reference = Predictor([load_artifact(relation_members[0])], device="cpu", precision="int8")
+    assert quantized.predictor.member_probabilities(documents, quantized.predictor.candidates(documents)).equal(
+        reference.member_probabilities(documents, reference.candidates(documents)))
 
 
 # ---- fuzz: nothing a client sends crashes the app ----------------------------------------------------------------

@@ -154,7 +154,8 @@ class ModelService:
             model = f"models:/{resolved.name}/{resolved.version}"
             registry = {"name": resolved.name, "version": str(resolved.version), "alias": alias,
                         "dev_f1": _number((resolved.tags or {}).get("dev_f1"))}
-        predictor = load_predictor(model, device=options.device, tracking_uri=options.tracking_uri)
+        predictor = load_predictor(model, device=options.device, tracking_uri=options.tracking_uri,
+                                   precision=options.predictor_precision)
         return cls(predictor, options, registry=registry, swap_error=swap_error)
 
     # ---- readiness -------------------------------------------------------------------------------------------
@@ -239,12 +240,14 @@ class ModelService:
         if dev_f1 is None and len(members) == 1:
             dev_f1 = members[0].dev_f1
         device = str(getattr(self.predictor, "device", self.options.device))
-        bf16 = device.startswith("cuda") and getattr(self.predictor, "precision", "bf16") == "bf16"
+        precision = getattr(self.predictor, "precision", "bf16")
+        if precision != "int8":  # bf16 is autocast on CUDA only; a CPU replica computes in fp32
+            precision = "bf16" if device.startswith("cuda") and precision == "bf16" else "fp32"
         return ModelInfo(
             uri=self.options.model, name=self.registry.get("name"), version=self.registry.get("version"),
             alias=self.registry.get("alias"), dev_f1=dev_f1, vote=self.predictor.vote_mode,
             interval=tuple(getattr(self.predictor, "interval", DEFAULT_INTERVAL)), members=members, device=device,
-            precision="bf16" if bf16 else "fp32", execution=_text(getattr(self.predictor, "execution", None)),
+            precision=precision, execution=_text(getattr(self.predictor, "execution", None)),
             max_batch_pairs=self.options.max_batch_pairs, batch_wait_ms=self.options.batch_wait_ms,
             limits=self.options.limits.model_dump(), metadata=_json_safe(metadata), swap_error=self.swap_error)
 
