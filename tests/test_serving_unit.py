@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import re
 import threading
 import time
@@ -25,7 +26,7 @@ from drugprot.errors import DrugprotError
 from drugprot.inference import Predictor
 from drugprot.model.artifacts import load_artifact, save_artifact
 from drugprot.serving.api import create_api, resolve_token
-from drugprot.serving.batching import Job, PairBatcher, plan_batch, run_jobs
+from drugprot.serving.batching import Job, PairBatcher, QueueWaitExceeded, plan_batch, run_jobs
 from drugprot.serving.options import ServeOptions, parse_options
 from drugprot.serving.service import ModelService, RelationService, warmup_document
 
@@ -133,6 +134,7 @@ def test_options_map_onto_deployment_options():
     ({"model": "models:/dp/3", "follow_alias": True}, r"follow_alias needs a registry alias .*got 'models:/dp/3'"),
     ({"model": "models:/dp@champion", "follow_alias": True, "poll_s": 0},
      r"serve args: poll_s: Input should be greater than 0, got 0"),
+    ({"model": "m", "max_queue_wait_s": 0}, r"serve args: max_queue_wait_s: Input should be greater than 0, got 0"),
     ({"model": "m", "precision": "bf16"}, r"serve args: precision: Input should be 'auto', 'fp32' or 'int8', got 'bf16'"),
     ({"model": "m", "precision": "int8", "gpus_per_replica": 1},
      r"serve args: precision: int8 runs on CPU replicas only; set gpus_per_replica to 0 or precision to auto"),
@@ -348,11 +350,75 @@ def test_batcher_drops_callers_that_gave_up_and_checks_result_length():
     assert batches == [["first"], ["kept"]] and cancelled == 1
 
 
+def test_batcher_refuses_what_would_wait_past_the_latency_objective():
+    """max_wait_s: refused at submit when the pairs ahead (queued and running) at the measured pairs/s would take
+    longer; refused instead of run when an admitted item has waited longer all the same."""
+    async def scenario():
+        now = [0.0]
+        gate = Gate(hold_first=True)
+        batcher = PairBatcher(gate, max_pairs=10, wait_s=0.0, clock=lambda: now[0], max_wait_s=1.5)
+        first = asyncio.create_task(batcher.submit(Item("a", 10)))
+        await until(gate.started.is_set)
+        assert batcher.expected_wait_s() == 0.0  # no call timed yet: no estimate, everything admitted
+        gate.started.clear()
+        now[0] = 1.0  # the first call takes one second: 10 pairs/s
+        gate.release.set()
+        await first
+        rate = batcher.pairs_per_s
+        gate.release.clear()
+        second = asyncio.create_task(batcher.submit(Item("b", 10)))
+        await until(gate.started.is_set)  # b runs (10 pairs ahead of anything new)
+        third = asyncio.create_task(batcher.submit(Item("c", 10)))  # expects 1 s: admitted
+        await until(lambda: batcher.queued == 1)
+        with pytest.raises(QueueWaitExceeded, match=r"would wait about 2\.0 s in its queue, beyond the 1\.5 s objective"):
+            await batcher.submit(Item("d", 1))  # (10 queued + 10 running) / 10 pairs/s = 2 s
+        now[0] = 3.0  # b ends two seconds later: c has waited 2 s
+        gate.release.set()
+        answer = await second
+        with pytest.raises(QueueWaitExceeded, match=r"this request waited 2\.0 s in its queue"):
+            await third
+        described = batcher.describe()
+        await batcher.close()
+        return rate, answer, gate.batches, batcher.stats, described
+
+    rate, answer, batches, stats, described = asyncio.run(scenario())
+    assert rate == 10.0 and answer == "result:b" and batches == [["a"], ["b"]]  # c never ran
+    assert (stats.refused, stats.cancelled) == (2, 0)
+    assert described["refused_by_wait_objective"] == 2 and described["max_wait_s"] == 1.5
+
+
+def test_a_request_refused_by_the_latency_objective_is_a_json_503_with_retry_after(ensemble):
+    service = service_for(ensemble, max_queue_wait_s=0.5)
+    model = service.model
+    busy = threading.Event()
+    model._executor.submit(busy.wait, 30)  # the model thread is busy: the next batch waits behind it
+    model.batcher.pairs_per_s = 0.5  # as if the recent model calls had been this slow
+    with TestClient(create_api(service)) as http:
+        admitted: dict = {}
+        waiting = threading.Thread(target=lambda: admitted.update(
+            response=http.post("/v1/relations", json={"documents": [one_doc()]})))
+        waiting.start()
+        deadline = time.monotonic() + 30
+        while model.batcher.expected_wait_s() == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        refused = http.post("/v1/relations", json={"documents": [one_doc()]})
+        busy.set()
+        waiting.join(60)
+    found = re.search(r"would wait about (\d+\.\d) s in its queue, beyond the 0\.5 s objective \(--max-queue-wait-s\)",
+                      refused.json()["detail"])
+    assert refused.status_code == 503 and found, refused.json()
+    expected = float(found.group(1))  # rounded to 0.1 s; Retry-After is the wait rounded up to whole seconds
+    assert max(1, math.ceil(expected - 0.05)) <= int(refused.headers["retry-after"]) <= max(1, math.ceil(expected + 0.05))
+    assert admitted["response"].status_code == 200  # admitted before the queue built up: answered, however late
+
+
 def test_batcher_refuses_bad_settings():
     with pytest.raises(ValueError, match="max_pairs must be at least 1, got 0"):
         PairBatcher(lambda items: items, max_pairs=0, wait_s=0)
     with pytest.raises(ValueError, match="wait_s must be >= 0, got -1"):
         PairBatcher(lambda items: items, max_pairs=1, wait_s=-1)
+    with pytest.raises(ValueError, match="max_wait_s must be > 0, got 0"):
+        PairBatcher(lambda items: items, max_pairs=1, wait_s=0, max_wait_s=0)
 
 
 # ---- the one inference path, batched -------------------------------------------------------------------------

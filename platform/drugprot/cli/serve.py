@@ -35,6 +35,9 @@ def register(commands) -> None:
                         help="candidate pairs from concurrent requests per model call (1 = no batching)")
     parser.add_argument("--batch-wait-ms", type=float, default=5.0, help="longest wait for a batch to fill")
     parser.add_argument("--max-queued-requests", type=int, default=64, help="requests queued beyond capacity before 503")
+    parser.add_argument("--max-queue-wait-s", type=float,
+                        help="latency objective: refuse (503, Retry-After) a request expected to wait longer than "
+                             "this in the model's queue, and one that has (default: no objective)")
     parser.add_argument("--tracking-uri", help="MLflow tracking/registry URI for models:/ URIs")
     parser.add_argument("--address", help="existing Ray cluster (e.g. ray://HEAD:10001 or HEAD:6379); "
                                           "default: start a private local Ray")
@@ -65,6 +68,7 @@ def serve_options(args) -> dict:
         "max_batch_pairs": args.max_batch_pairs,
         "batch_wait_ms": args.batch_wait_ms,
         "max_queued_requests": args.max_queued_requests,
+        "max_queue_wait_s": args.max_queue_wait_s,
         "require_token": args.require_token,
         "follow_alias": args.follow_alias,
         "poll_s": args.poll_s,

@@ -78,6 +78,7 @@ class BatchStats:
     pairs: int = 0
     largest_pairs: int = 0
     cancelled: int = 0
+    refused: int = 0  # by the latency objective (max_wait_s)
     failed_batches: int = 0
     sizes: list[int] = field(default_factory=list)  # pairs per batch, most recent 1000
 
@@ -88,6 +89,18 @@ class BatchStats:
         self.largest_pairs = max(self.largest_pairs, pairs)
         self.sizes.append(pairs)
         del self.sizes[:-1000]
+
+
+class QueueWaitExceeded(RuntimeError):
+    """An item refused by the latency objective: the queue ahead of it would take (or has taken) longer than
+    ``max_wait_s``. ``expected_s`` is the estimate (or the wait so far) that decided it."""
+
+    def __init__(self, expected_s: float, max_wait_s: float, *, waited: bool = False):
+        self.expected_s = expected_s
+        self.max_wait_s = max_wait_s
+        what = "waited" if waited else "would wait about"
+        super().__init__(f"the model is overloaded: this request {what} {expected_s:.1f} s in its queue, beyond the "
+                         f"{max_wait_s:g} s objective (--max-queue-wait-s); retry later")
 
 
 @dataclass
@@ -106,16 +119,25 @@ class PairBatcher(Generic[T, R]):
     raises the batch's exception; a caller that is cancelled before its batch starts is dropped from it.
     ``announced()``, when given, counts callers that are preparing an item but have not submitted it yet: with none
     on the way the batcher does not wait for company, so a lone request pays no ``wait_s``.
+    ``max_wait_s``, when given, is a latency objective: an item whose expected wait (the pairs queued ahead of it and
+    in the running batch, at the pairs/s the recent model calls achieved) exceeds it is refused at submit with
+    :class:`QueueWaitExceeded`, and an item still queued after ``max_wait_s`` is refused instead of run late. Until
+    a model call has been timed there is no estimate, and items are admitted.
     """
 
     def __init__(self, run: Callable[[list[T]], list[R]], *, max_pairs: int, wait_s: float,
                  size: Callable[[T], int] = lambda item: item.pairs, executor: Executor | None = None,
                  announced: Callable[[], int] | None = None, clock: Callable[[], float] = time.monotonic,
-                 on_batch: Callable[[int, list[float], int], None] | None = None):
+                 on_batch: Callable[[int, list[float], int], None] | None = None, max_wait_s: float | None = None):
         if max_pairs < 1:
             raise ValueError(f"max_pairs must be at least 1, got {max_pairs}")
         if wait_s < 0:
             raise ValueError(f"wait_s must be >= 0, got {wait_s}")
+        if max_wait_s is not None and max_wait_s <= 0:
+            raise ValueError(f"max_wait_s must be > 0, got {max_wait_s}")
+        self.max_wait_s = max_wait_s
+        self.pairs_per_s: float | None = None  # moving average over the timed model calls
+        self._running_pairs = 0
         self.run = run
         self.max_pairs = max_pairs
         self.wait_s = wait_s
@@ -136,6 +158,12 @@ class PairBatcher(Generic[T, R]):
     def queued(self) -> int:
         return len(self._queue)
 
+    def expected_wait_s(self) -> float:
+        """Seconds a new item would wait: the pairs queued and running, at the recent pairs/s (0 before any call)."""
+        if not self.pairs_per_s:
+            return 0.0
+        return (sum(p.size for p in self._queue) + self._running_pairs) / self.pairs_per_s
+
     async def submit(self, item: T) -> R:
         if self._closed:
             raise RuntimeError("the batcher is shut down")
@@ -148,8 +176,13 @@ class PairBatcher(Generic[T, R]):
             self._loop = loop
             self._arrival = asyncio.Event()
             self._worker = loop.create_task(self._work(), name="drugprot-pair-batcher")
+        size = int(self.size(item))
+        expected = self.expected_wait_s()
+        if self.max_wait_s is not None and expected > self.max_wait_s:
+            self.stats.refused += 1
+            raise QueueWaitExceeded(expected, self.max_wait_s)
         future = loop.create_future()
-        self._queue.append(_Pending(item, int(self.size(item)), future, self._clock()))
+        self._queue.append(_Pending(item, size, future, self._clock()))
         self._arrival.set()
         return await future
 
@@ -167,21 +200,26 @@ class PairBatcher(Generic[T, R]):
             if self.on_batch is not None:
                 now = self._clock()
                 self.on_batch(pairs, [now - p.arrived for p in batch], len(self._queue))
+            started = self._clock()
+            self._running_pairs = pairs
             try:
                 results = await asyncio.get_running_loop().run_in_executor(self._executor, self.run, items)
                 if len(results) != len(items):
                     raise RuntimeError(f"batch function returned {len(results)} results for {len(items)} items")
+                self._timed(pairs, self._clock() - started)
             except asyncio.CancelledError:
                 for pending in batch:
                     if not pending.future.done():
                         pending.future.set_exception(RuntimeError("the batcher was shut down"))
                 raise
             except Exception as error:  # the error belongs to this batch's callers; the worker goes on
+                self._running_pairs = 0
                 self.stats.failed_batches += 1
                 for pending in batch:
                     if not pending.future.done():
                         pending.future.set_exception(error)
                 continue
+            self._running_pairs = 0
             self.stats.record(len(batch), pairs)
             for pending, result in zip(batch, results):
                 if not pending.future.done():
@@ -206,9 +244,22 @@ class PairBatcher(Generic[T, R]):
             except TimeoutError:
                 return
 
+    def _timed(self, pairs: int, seconds: float) -> None:
+        if seconds > 0:
+            rate = pairs / seconds
+            self.pairs_per_s = rate if self.pairs_per_s is None else 0.7 * self.pairs_per_s + 0.3 * rate
+
     def _drop_cancelled(self) -> None:
+        """Forget callers that gave up, and refuse those that waited past the latency objective."""
         kept = [p for p in self._queue if not p.future.done()]
         self.stats.cancelled += len(self._queue) - len(kept)
+        if self.max_wait_s is not None:
+            now = self._clock()
+            overdue = [p for p in kept if now - p.arrived > self.max_wait_s]
+            for pending in overdue:
+                pending.future.set_exception(QueueWaitExceeded(now - pending.arrived, self.max_wait_s, waited=True))
+            self.stats.refused += len(overdue)
+            kept = [p for p in kept if not p.future.done()]
         if len(kept) != len(self._queue):
             self._queue = deque(kept)
 
@@ -238,4 +289,6 @@ class PairBatcher(Generic[T, R]):
         return {"max_pairs": self.max_pairs, "wait_ms": self.wait_s * 1000, "batches": self.stats.batches,
                 "requests": self.stats.items, "pairs": self.stats.pairs, "largest_batch_pairs": self.stats.largest_pairs,
                 "mean_batch_pairs": round(sum(sizes) / len(sizes), 2) if sizes else 0.0, "queued": self.queued,
-                "cancelled": self.stats.cancelled, "failed_batches": self.stats.failed_batches}
+                "cancelled": self.stats.cancelled, "refused_by_wait_objective": self.stats.refused,
+                "max_wait_s": self.max_wait_s, "expected_wait_s": round(self.expected_wait_s(), 3),
+                "failed_batches": self.stats.failed_batches}

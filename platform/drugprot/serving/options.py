@@ -55,6 +55,11 @@ class ServeOptions(BaseModel):
                                              "(default: max_batch_pairs, so even one-pair requests can fill a batch).")
     max_queued_requests: int = Field(64, ge=-1, le=1_000_000, description="Requests waiting at the proxy beyond the "
                                      "replicas' capacity; more are refused with 503 at once (-1: unbounded).")
+    max_queue_wait_s: float | None = Field(None, gt=0, le=3_600, description="Latency objective for admission: a "
+                                           "request whose expected wait in the model replica's queue (pairs ahead "
+                                           "at the recent pairs/s) exceeds it is refused at once with 503 and "
+                                           "Retry-After, and one that has waited that long is refused rather than "
+                                           "run late (default: none, only max_queued_requests bounds the queue).")
     target_ongoing_requests: float | None = Field(None, gt=0, le=100_000, description="With autoscale: requests per "
                                                   "replica Serve aims for (default: max(2, max_batch_pairs / 8)).")
     ingress_replicas: int = Field(1, ge=1, le=1_000, description="Replicas of the ingress deployment (HTTP, validation, "

@@ -25,7 +25,7 @@ from typing import Any
 
 from drugprot.candidates import DEFAULT_INTERVAL
 from drugprot.corpus import Document, Entity
-from drugprot.serving.batching import Job, PairBatcher, run_jobs
+from drugprot.serving.batching import Job, PairBatcher, QueueWaitExceeded, run_jobs
 from drugprot.serving.options import ServeOptions
 from drugprot.serving.schemas import (DocumentRelations, MemberInfo, ModelInfo, RelationOut, RelationsRequest,
                                       RelationsResponse)
@@ -48,6 +48,16 @@ class PayloadTooLarge(ServingError):
 class NotReady(ServingError):
     status = 503
     headers = {"Retry-After": "1"}
+
+
+class Overloaded(ServingError):
+    """The latency objective (``max_queue_wait_s``) refused the request: 503, retry after about the expected wait."""
+
+    status = 503
+
+    def __init__(self, message: str, retry_after_s: float):
+        super().__init__(message)
+        self.headers = {"Retry-After": str(max(1, math.ceil(min(retry_after_s, 60))))}
 
 
 @dataclass(frozen=True)
@@ -130,7 +140,8 @@ class ModelService:
         self.swap_error = swap_error
         self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="drugprot-model")
         self.batcher: PairBatcher[Job, Any] = PairBatcher(partial(run_jobs, predictor), max_pairs=options.max_batch_pairs,
-                                                          wait_s=options.batch_wait_ms / 1000.0, executor=self._executor)
+                                                          wait_s=options.batch_wait_ms / 1000.0, executor=self._executor,
+                                                          max_wait_s=options.max_queue_wait_s)
         self._warmup: Future | None = None
 
     @classmethod
@@ -201,7 +212,10 @@ class ModelService:
     async def score(self, job: Job) -> Scored:
         if not self.ready:
             raise NotReady(self.failure() or "the model is still warming up (see GET /readyz); retry shortly")
-        probabilities = await self.batcher.submit(job)
+        try:
+            probabilities = await self.batcher.submit(job)
+        except QueueWaitExceeded as refused:
+            raise Overloaded(str(refused), refused.expected_s) from None
         return Scored(probabilities, self.predictor.vote_mode, self.registry.get("version"),
                       weights=self.predictor.weights, decision=self.predictor.decision)
 
