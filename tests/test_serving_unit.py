@@ -558,11 +558,11 @@ def test_rays_routes_endpoint_needs_the_token_at_the_proxy(monkeypatch):
     from starlette.responses import JSONResponse
     from starlette.routing import Route
 
-    from drugprot.serving.api import PROXY_CALLBACK, RoutesGuard, proxy_middlewares
+    from drugprot.serving.api import PROXY_CALLBACK, ResendOnLostReplica, RoutesGuard, proxy_middlewares
 
     assert PROXY_CALLBACK[1] == f"{proxy_middlewares.__module__}:{proxy_middlewares.__name__}"
-    (middleware,) = proxy_middlewares()
-    assert middleware.cls is RoutesGuard
+    middleware, resend = proxy_middlewares()
+    assert middleware.cls is RoutesGuard and resend.cls is ResendOnLostReplica
     proxy = [Route("/-/routes", lambda _: JSONResponse({"/": "drugprot"})), Route("/-/healthz", lambda _: JSONResponse("ok"))]
     monkeypatch.setenv("DRUGPROT_API_TOKEN", "s3cret")
     with TestClient(Starlette(routes=proxy, middleware=[middleware])) as guarded:
@@ -574,6 +574,83 @@ def test_rays_routes_endpoint_needs_the_token_at_the_proxy(monkeypatch):
     monkeypatch.delenv("DRUGPROT_API_TOKEN")
     with TestClient(Starlette(routes=proxy, middleware=[Middleware(RoutesGuard)])) as open_proxy:
         assert open_proxy.get("/-/routes").status_code == 200  # no token configured: as open as the API
+
+
+class LosingProxy:
+    """Stands in for Serve's proxy around a replica that dies: it reads the body as the proxy does (in parts, then
+    listening for a disconnect), for the first ``lose`` calls sends nothing (the replica died), afterwards answers
+    ``answer_status`` with the body it read."""
+
+    def __init__(self, lose: int, *, answer_status: int = 200):
+        self.lose, self.answer_status, self.calls, self.bodies = lose, answer_status, 0, []
+
+    async def __call__(self, scope, receive, send):
+        self.calls += 1
+        body, more = b"", True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        self.bodies.append(body)
+        if self.calls <= self.lose:
+            try:  # the proxy keeps listening for a disconnect until it gives up on the request
+                await asyncio.wait_for(receive(), 0.05)
+            except TimeoutError:
+                pass
+            return
+        await send({"type": "http.response.start", "status": self.answer_status, "headers": []})
+        await send({"type": "http.response.body", "body": body})
+
+
+def through_resend(app, *, method: str = "POST", path: str = "/v1/relations", parts=(b'{"documents": ', b"[]}"),
+                   disconnect_after_body: bool = False, attempts: int = 3):
+    """One request through ``ResendOnLostReplica(app)``; returns what was sent back and how often the client's
+    ``receive`` was called."""
+    from drugprot.serving.api import ResendOnLostReplica
+
+    messages = [{"type": "http.request", "body": part, "more_body": i < len(parts) - 1} for i, part in enumerate(parts)]
+    if disconnect_after_body:
+        messages.append({"type": "http.disconnect"})
+    sent, reads = [], [0]
+
+    async def receive():
+        reads[0] += 1
+        if messages:
+            return messages.pop(0)
+        await asyncio.Event().wait()  # the client stays connected: a further read waits
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": method, "path": path, "headers": []}
+    asyncio.run(asyncio.wait_for(ResendOnLostReplica(app, attempts=attempts)(scope, receive, send), 5))
+    return sent, reads[0]
+
+
+def test_a_request_lost_with_its_replica_is_sent_again_with_its_body():
+    app = LosingProxy(lose=2)
+    sent, reads = through_resend(app, path="/chaos/v1/relations")
+    assert app.calls == 3 and app.bodies == [b'{"documents": []}'] * 3  # the body replayed to each attempt
+    assert reads == 2 + 2  # the body's two parts read from the client once; each lost attempt also waited for a disconnect
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"] and sent[0]["status"] == 200
+    assert sent[1]["body"] == b'{"documents": []}'
+
+
+def test_resending_is_bounded_and_only_for_lost_requests_that_may_be_sent_twice():
+    app = LosingProxy(lose=5)
+    assert through_resend(app, attempts=3)[0] == [] and app.calls == 3  # all lost: nothing sent, the server's 500
+    answered = LosingProxy(lose=0, answer_status=500)
+    sent, _ = through_resend(answered)
+    assert answered.calls == 1 and sent[0]["status"] == 500  # an answer (even a 500) is never resent
+    other = LosingProxy(lose=1)
+    assert through_resend(other, path="/v1/other")[0] == [] and other.calls == 1  # a POST elsewhere: not resent
+    probe = LosingProxy(lose=1)
+    sent, _ = through_resend(probe, method="GET", path="/v1/model", parts=(b"",))
+    assert probe.calls == 2 and sent[0]["status"] == 200
+    gone = LosingProxy(lose=1)
+    assert through_resend(gone, disconnect_after_body=True)[0] == [] and gone.calls == 1  # the client left
 
 
 def test_token_comes_from_the_named_environment_variable(monkeypatch):

@@ -241,6 +241,62 @@ class RoutesGuard:
         return await self.app(scope, receive, send)
 
 
+class ResendOnLostReplica:
+    """Pure ASGI middleware for Serve's HTTP proxy: a request whose ingress replica died while holding it is sent
+    again, to another replica.
+
+    When the replica that holds a request dies (``RayActorError``), Serve's proxy sends the client nothing and returns,
+    and the server then answers a bare 500: the request is lost although nothing of it was answered. Scoring is pure,
+    so such a request is resent, at most ``attempts`` times in all: the body the proxy read is replayed first. Only
+    requests that may be sent twice are resent (GET and HEAD, and POST to ``…/v1/relations``), only when nothing of a
+    response was sent, and never after the client disconnected. Serve's router has already marked the dead replica
+    when the proxy returns, so the next attempt goes to a live one (or waits in the queue for a replacement).
+    """
+
+    RESENDABLE_POST = "/v1/relations"
+    LOG_MARK = "got no answer from its replica"
+
+    def __init__(self, app, *, attempts: int = 3):
+        self.app = app
+        self.attempts = attempts
+
+    def _resendable(self, scope) -> bool:
+        method = scope.get("method")
+        return method in ("GET", "HEAD") or (method == "POST" and scope.get("path", "").endswith(self.RESENDABLE_POST))
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not self._resendable(scope):
+            return await self.app(scope, receive, send)
+        received: list[dict] = []  # what the client sent so far, replayed to each later attempt
+        started = False
+
+        async def send_and_note(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        for attempt in range(1, self.attempts + 1):
+            position = 0
+
+            async def replayed_then_live():
+                nonlocal position
+                if position < len(received):
+                    position += 1
+                    return received[position - 1]
+                message = await receive()
+                received.append(message)
+                position += 1
+                return message
+
+            await self.app(scope, replayed_then_live, send_and_note)
+            if started or any(message["type"] == "http.disconnect" for message in received):
+                return None
+            if attempt < self.attempts:
+                log.warning("drugprot serving: %s %s %s (it died); sending it again (%d/%d)", scope.get("method"),
+                            scope.get("path"), self.LOG_MARK, attempt + 1, self.attempts)
+        return None  # every attempt lost: the server answers 500, as without this middleware
+
+
 PROXY_CALLBACK = ("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "drugprot.serving.api:proxy_middlewares")
 
 
@@ -249,7 +305,7 @@ def proxy_middlewares() -> list:
     it for the Ray it starts; on a cluster, set it on every node)."""
     from starlette.middleware import Middleware
 
-    return [Middleware(RoutesGuard)]
+    return [Middleware(RoutesGuard), Middleware(ResendOnLostReplica)]
 
 
 def create_api(service: RelationService, *, token: str | None = None, observe=None) -> FastAPI:
