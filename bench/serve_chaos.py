@@ -12,7 +12,7 @@ counts any answer that is not 200 or a 503 refusal, and any transport error (the
 requests it counts); p50/p99 are over the answered (200) requests.
 
 * ``kill``: 2 model replicas and 2 ingress replicas. A quarter into the run one model replica process is SIGKILLed;
-  halfway, one ingress replica process. Reports requests by status, ``failed`` and which kill each failure followed,
+  halfway, one ingress replica process (whether or not the model replica has been replaced by then). Reports requests by status, ``failed`` and which kill each failure followed,
   the model calls retried on another replica, the requests the proxy sent again after their ingress replica died,
   and the seconds until each deployment had its two replicas running again.
 * ``swap``: a SQLite MLflow registry in the scratch folder holds two versions of the model (an ensemble folder is
@@ -22,12 +22,15 @@ requests it counts); p50/p99 are over the answered (200) requests.
   (``X-Model-Version``), and ``switched_s``: seconds from the alias move until the last answer from version 1 (from
   then on version 2 answered everything; null if version 2 never answered everything before the end).
 * ``sigterm``: ``drugprot serve`` in its own process (its own Ray; 2 model and 2 ingress replicas), clients sending;
-  halfway, SIGTERM to that process alone (a SIGTERM to its process group would stop its Ray's GCS first). A request
-  sent before the SIGTERM counts as accepted: ``failed`` is the number of those that did not get 200. Requests sent
-  after it may get 200 (admitted before the drain began), a 503 refusal (``refused_after``, with Retry-After and a
-  JSON body), or, once the server is gone, a refused connection (``gone_after``); anything else sent after the
-  SIGTERM is reported as ``dropped_after``. Also reports ``exit_s``, seconds from SIGTERM to the process's exit,
-  and its exit code.
+  halfway, SIGTERM to that process alone (a SIGTERM to its process group would stop its Ray's GCS first).
+  Classification: a request sent before the SIGTERM was accepted unless the server refused it at admission (a 503
+  with a JSON body and Retry-After: it reached an ingress replica after the drain had begun, ``refused_before``);
+  ``failed`` counts the requests sent before the SIGTERM that got neither 200 nor such a refusal (a transport error,
+  any other status), by kind in ``failed_kinds``. Requests sent after the SIGTERM may get 200 (admitted before the
+  drain began), a refusal (``refused_after``), or, once the server is gone, a refused connection (``gone_after``);
+  anything else sent after the SIGTERM (a connection closed as the proxy stopped) is ``dropped_after``, reported
+  and not counted as failed. Also reports ``exit_s``, seconds from SIGTERM to the process's exit, and its exit
+  code.
 * ``stalled``: 2 model replicas behind a bearer token and ``--stalled-clients`` clients sending valid requests with
   it. A quarter into the run 200 connections each send valid headers with the token, ``Content-Length: 1000`` and
   ``{"documents": [``, then nothing; each is opened again one second after the server answers or closes it, so 200
@@ -226,18 +229,22 @@ def kill_phase(base: str, model: str, ray_root: Path, *, clients: int, seconds: 
     replaced: dict[str, float | None] = {}
     kills: dict[str, float] = {}
 
-    def chaos():
-        began = time.monotonic()
-        time.sleep(seconds / 4)
-        kills["model"], replaced["model_replaced_s"] = kill_and_time_replacement(app, "DrugprotModel", 2)
-        time.sleep(max(0.0, began + seconds / 2 - time.monotonic()))
-        kills["ingress"], replaced["ingress_replaced_s"] = kill_and_time_replacement(app, "DrugprotIngress", 2)
+    began = time.monotonic()
 
-    killer = threading.Thread(target=chaos, daemon=True)
-    killer.start()
+    def kill(name: str, deployment: str, at: float):
+        """Each kill at its own time, whether or not the other deployment is whole again by then."""
+        time.sleep(max(0.0, began + at - time.monotonic()))
+        kills[name], replaced[f"{name}_replaced_s"] = kill_and_time_replacement(app, deployment, 2)
+
+    killers = [threading.Thread(target=kill, args=("model", "DrugprotModel", seconds / 4), daemon=True),
+               threading.Thread(target=kill, args=("ingress", "DrugprotIngress", seconds / 2), daemon=True)]
+    for killer in killers:
+        killer.start()
     outcomes = queue.get(timeout=seconds + 600)
     process.join(timeout=30)
-    killer.join(timeout=600)
+    for killer in killers:
+        killer.join(timeout=600)
+    killed_at = {f"{name}_killed_at_s": round(at - began, 2) for name, at in kills.items()}
     ingress = serve.get_deployment_handle("DrugprotIngress", app)
     retries = sum(ingress.broadcast("model_retries").results())  # counted by the ingress replicas alive at the end
     serve.delete(app)
@@ -250,7 +257,7 @@ def kill_phase(base: str, model: str, ray_root: Path, *, clients: int, seconds: 
     return summarize("kill", outcomes, clients=clients, seconds=seconds, model_retries=retries,
                      proxy_resends=proxy_resends(ray_root) - resent,
                      failed_before_kills=cause["none"], failed_after_model_kill=cause["model"],
-                     failed_after_ingress_kill=cause["ingress"], **replaced)
+                     failed_after_ingress_kill=cause["ingress"], **killed_at, **replaced)
 
 
 def overload_phase(base: str, model: str, *, clients: int, seconds: float, capacity: int) -> dict:
@@ -338,6 +345,12 @@ def swap_phase(base: str, model: str, scratch: Path, *, clients: int, seconds: f
                      switched_s=switched, serving_version=follower.version)
 
 
+def is_refusal(outcome) -> bool:
+    """A 503 with the JSON body and Retry-After: the server refused the request at admission (not accepted)."""
+    shape = outcome[3]
+    return outcome[2] == 503 and bool(shape) and shape["retry_after"] and shape["json"]
+
+
 def sigterm_phase(model: str, scratch: Path, *, clients: int, seconds: float, port: int, gcs_port: int) -> dict:
     env = {**os.environ, "RAY_GCS_SERVER_PORT": str(gcs_port)}
     for key in ("RAY_TMPDIR", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "DRUGPROT_API_TOKEN"):
@@ -365,13 +378,16 @@ def sigterm_phase(model: str, scratch: Path, *, clients: int, seconds: float, po
         if server.poll() is None:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait(timeout=60)
-    accepted = [outcome for outcome in outcomes if outcome[0] < signalled]
+    before = [outcome for outcome in outcomes if outcome[0] < signalled]
     after = [outcome for outcome in outcomes if outcome[0] >= signalled]
-    refused = [shape for _, _, status, shape, _ in after if status == 503]
-    return summarize("sigterm", outcomes, failed=sum(1 for _, _, status, *_ in accepted if status != 200),
-                     clients=clients, seconds=seconds, accepted=len(accepted),
+    refused = [outcome for outcome in after if outcome[2] == 503]
+    refused_before = [outcome for outcome in before if is_refusal(outcome)]
+    lost = [outcome for outcome in before if outcome[2] != 200 and not is_refusal(outcome)]
+    return summarize("sigterm", outcomes, failed=len(lost), clients=clients, seconds=seconds, sent_before=len(before),
+                     refused_before=len(refused_before),
+                     failed_kinds=dict(Counter(str(status) for _, _, status, *_ in lost)),
                      answered_after=sum(1 for _, _, status, *_ in after if status == 200), refused_after=len(refused),
-                     refused_with_retry_after=sum(1 for shape in refused if shape["retry_after"] and shape["json"]),
+                     refused_with_retry_after=sum(1 for outcome in refused if is_refusal(outcome)),
                      gone_after=sum(1 for _, _, status, *_ in after if status == "ConnectError"),
                      dropped_after=sum(1 for _, _, status, *_ in after if status not in (200, 503, "ConnectError")),
                      exit_s=exit_s, exit_code=code)
