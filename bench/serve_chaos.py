@@ -18,9 +18,11 @@ requests it counts); p50/p99 are over the answered (200) requests.
 * ``swap``: a SQLite MLflow registry in the scratch folder holds two versions of the model (an ensemble folder is
   registered as it is, a model folder as a one-member ensemble); the application follows ``@champion`` as
   ``drugprot serve --follow-alias --poll-s`` does (``serving.follow.AliasFollower``, 2 model and 2 ingress replicas)
-  and a quarter into the run the alias moves from version 1 to 2. Reports ``failed``, the versions that answered
-  (``X-Model-Version``), and ``switched_s``: seconds from the alias move until the last answer from version 1 (from
-  then on version 2 answered everything; null if version 2 never answered everything before the end).
+  and a quarter into the run the alias moves from version 1 to 2. Clients keep sending until the roll is done
+  (at most 300 s) and then for at least a quarter of ``--seconds`` more (``seconds`` in the line: the sending
+  time). Reports ``failed``, the versions that answered (``X-Model-Version``), ``rolled_s`` (alias move until the
+  follower saw Serve run version 2 alone) and ``switched_s``: seconds from the alias move until the last answer
+  from version 1 (from then on version 2 answered everything; null if it never did before the end).
 * ``sigterm``: ``drugprot serve`` in its own process (its own Ray; 2 model and 2 ingress replicas), clients sending;
   halfway, SIGTERM to that process alone (a SIGTERM to its process group would stop its Ray's GCS first).
   Classification: a request sent before the SIGTERM was accepted unless the server refused it at admission (a 503
@@ -70,8 +72,9 @@ from serve_load import percentile, request_bodies, train_default_model  # noqa: 
 
 
 # ---- clients (their own process) --------------------------------------------------------------------------------
-def _load(url: str, bodies: list[dict], clients: int, seconds: float, headers: dict, queue) -> None:
-    """Each client sends the next body until ``seconds`` have passed; every request's outcome is recorded as
+def _load(url: str, bodies: list[dict], clients: int, seconds: float, headers: dict, queue, stop=None) -> None:
+    """Each client sends the next body until ``seconds`` have passed (or ``stop``, an Event, is set); every
+    request's outcome is recorded as
     (start on the machine's monotonic clock, latency s, status or error name, refusal shape, X-Model-Version).
     A client whose connection is refused (nothing listens: a stopped server) waits 0.1 s before the next one."""
     import httpx
@@ -83,7 +86,7 @@ def _load(url: str, bodies: list[dict], clients: int, seconds: float, headers: d
         limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
         async with httpx.AsyncClient(limits=limits, timeout=120, headers=headers) as http:
             async def client():
-                while time.monotonic() < deadline:
+                while time.monotonic() < deadline and not (stop is not None and stop.is_set()):
                     body = bodies[next(counter) % len(bodies)]
                     sent = time.monotonic()
                     shape = version = None
@@ -106,10 +109,10 @@ def _load(url: str, bodies: list[dict], clients: int, seconds: float, headers: d
     queue.put(asyncio.run(main()))
 
 
-def start_load(url: str, clients: int, seconds: float, headers: dict | None = None):
+def start_load(url: str, clients: int, seconds: float, headers: dict | None = None, stop=None):
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    process = context.Process(target=_load, args=(url, request_bodies(), clients, seconds, headers or {}, queue),
+    process = context.Process(target=_load, args=(url, request_bodies(), clients, seconds, headers or {}, queue, stop),
                               daemon=True)
     process.start()
     return process, queue
@@ -282,6 +285,7 @@ def overload_phase(base: str, model: str, *, clients: int, seconds: float, capac
 
 
 SWAP_MODEL = "drugprot-chaos"
+SWAP_WAIT_S = 300  # the longest the swap phase waits for Serve to finish rolling onto version 2
 TOKEN_ENV = "DRUGPROT_CHAOS_TOKEN"  # the stalled phase's bearer token; set before Ray starts, so replicas inherit it
 
 
@@ -326,11 +330,18 @@ def swap_phase(base: str, model: str, scratch: Path, *, clients: int, seconds: f
     stop = threading.Event()
     following = threading.Thread(target=follower.follow, args=(stop,), daemon=True)
     following.start()
-    process, queue = start_load(f"{base}/{app}/v1/relations", clients, seconds)
+    done = multiprocessing.get_context("spawn").Event()
+    began = time.monotonic()
+    process, queue = start_load(f"{base}/{app}/v1/relations", clients, seconds + SWAP_WAIT_S, stop=done)
     time.sleep(seconds / 4)
     moved = time.monotonic()
     promote(registry, SWAP_MODEL, "2", alias="champion", dev_f1=None, force=True, log=quiet)
-    outcomes = queue.get(timeout=seconds + 600)
+    while follower.version != "2" and time.monotonic() < moved + SWAP_WAIT_S:
+        time.sleep(0.5)
+    rolled = round(time.monotonic() - moved, 2) if follower.version == "2" else None
+    time.sleep(max(seconds / 4, began + seconds - time.monotonic()))  # version 2 alone, then the rest of the time
+    done.set()
+    outcomes = queue.get(timeout=seconds + SWAP_WAIT_S + 600)
     process.join(timeout=30)
     stop.set()
     following.join(timeout=120)
@@ -341,8 +352,8 @@ def swap_phase(base: str, model: str, scratch: Path, *, clients: int, seconds: f
     last_old = max(old_answers, default=moved)
     # version 2 answered everything from the last version-1 answer on, if it answered anything after it
     switched = round(last_old - moved, 2) if any(at > last_old for at in new_answers) else None
-    return summarize("swap", outcomes, clients=clients, seconds=seconds, poll_s=poll_s, versions=dict(versions),
-                     switched_s=switched, serving_version=follower.version)
+    return summarize("swap", outcomes, clients=clients, seconds=round(time.monotonic() - began, 1), poll_s=poll_s,
+                     versions=dict(versions), switched_s=switched, rolled_s=rolled, serving_version=follower.version)
 
 
 def is_refusal(outcome) -> bool:

@@ -583,10 +583,12 @@ class LosingProxy:
     ``answer_status`` with the body it read."""
 
     def __init__(self, lose: int, *, answer_status: int = 200):
-        self.lose, self.answer_status, self.calls, self.bodies = lose, answer_status, 0, []
+        self.lose, self.answer_status, self.calls, self.bodies, self.paths = lose, answer_status, 0, [], []
 
     async def __call__(self, scope, receive, send):
         self.calls += 1
+        self.paths.append(scope["path"])
+        scope["root_path"], scope["path"] = "/chaos", scope["path"].removeprefix("/chaos")  # as Serve's proxy does
         body, more = b"", True
         while more:
             message = await receive()
@@ -634,6 +636,7 @@ def test_a_request_lost_with_its_replica_is_sent_again_with_its_body():
     app = LosingProxy(lose=2)
     sent, reads = through_resend(app, path="/chaos/v1/relations")
     assert app.calls == 3 and app.bodies == [b'{"documents": []}'] * 3  # the body replayed to each attempt
+    assert app.paths == ["/chaos/v1/relations"] * 3  # each attempt gets the request as it came, not as routed
     assert reads == 2 + 2  # the body's two parts read from the client once; each lost attempt also waited for a disconnect
     assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"] and sent[0]["status"] == 200
     assert sent[1]["body"] == b'{"documents": []}'

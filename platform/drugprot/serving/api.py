@@ -358,7 +358,7 @@ class ResendOnLostReplica:
                 position += 1
                 return message
 
-            await self.app(scope, replayed_then_live, send_and_note)
+            await self.app(dict(scope), replayed_then_live, send_and_note)  # Serve's proxy rewrites its scope
             if started or any(message["type"] == "http.disconnect" for message in received):
                 return None
             if attempt < self.attempts:
