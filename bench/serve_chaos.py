@@ -26,9 +26,11 @@ requests it counts); p50/p99 are over the answered (200) requests.
 * ``sigterm``: ``drugprot serve`` in its own process (its own Ray; 2 model and 2 ingress replicas), clients sending;
   halfway, SIGTERM to that process alone (a SIGTERM to its process group would stop its Ray's GCS first).
   Classification: a request sent before the SIGTERM was accepted unless the server refused it at admission (a 503
-  with a JSON body and Retry-After: it reached an ingress replica after the drain had begun, ``refused_before``);
-  ``failed`` counts the requests sent before the SIGTERM that got neither 200 nor such a refusal (a transport error,
-  any other status), by kind in ``failed_kinds``. Requests sent after the SIGTERM may get 200 (admitted before the
+  with a JSON body and Retry-After: it reached an ingress replica after the drain had begun, ``refused_before``)
+  or its connection was refused (nothing listened any more: the server never received it, ``unreached_before``,
+  with ``unreached_before_from_s``, seconds after the SIGTERM when the first of them failed); ``failed`` counts the
+  requests sent before the SIGTERM that got none of 200, a refusal or a refused connection (a connection dropped,
+  a timeout, any other status), by kind in ``failed_kinds``. Requests sent after the SIGTERM may get 200 (admitted before the
   drain began), a refusal (``refused_after``), or, once the server is gone, a refused connection (``gone_after``);
   anything else sent after the SIGTERM (a connection closed as the proxy stopped) is ``dropped_after``, reported
   and not counted as failed. Also reports ``exit_s``, seconds from SIGTERM to the process's exit, and its exit
@@ -393,9 +395,14 @@ def sigterm_phase(model: str, scratch: Path, *, clients: int, seconds: float, po
     after = [outcome for outcome in outcomes if outcome[0] >= signalled]
     refused = [outcome for outcome in after if outcome[2] == 503]
     refused_before = [outcome for outcome in before if is_refusal(outcome)]
-    lost = [outcome for outcome in before if outcome[2] != 200 and not is_refusal(outcome)]
+    # a refused connection: nothing listened any more when the client connected (under load its event loop can
+    # start a request well before it connects), so the server never received the request
+    unreached = [sent + latency - signalled for sent, latency, status, *_ in before if status == "ConnectError"]
+    lost = [outcome for outcome in before
+            if outcome[2] not in (200, "ConnectError") and not is_refusal(outcome)]
     return summarize("sigterm", outcomes, failed=len(lost), clients=clients, seconds=seconds, sent_before=len(before),
-                     refused_before=len(refused_before),
+                     refused_before=len(refused_before), unreached_before=len(unreached),
+                     unreached_before_from_s=round(min(unreached), 2) if unreached else None,
                      failed_kinds=dict(Counter(str(status) for _, _, status, *_ in lost)),
                      answered_after=sum(1 for _, _, status, *_ in after if status == 200), refused_after=len(refused),
                      refused_with_retry_after=sum(1 for outcome in refused if is_refusal(outcome)),
