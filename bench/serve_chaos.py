@@ -159,12 +159,14 @@ def _stall(host: str, port: int, head: bytes, connections: int, seconds: float, 
 
 # ---- replicas ------------------------------------------------------------------------------------------------------
 def replica_pids(app: str, deployment: str) -> list[int]:
-    """Process ids of the app's replicas of ``deployment`` (their command line names them)."""
+    """Process ids of the app's replicas of ``deployment`` in this bench's Ray: their command line names them, and
+    they inherited this process's ``RAY_TMPDIR`` (another Ray on the machine may run an app of the same name)."""
     tag = f"ServeReplica:{app}:{deployment}".encode()
+    ours = f"RAY_TMPDIR={os.environ['RAY_TMPDIR']}\0".encode()
     pids = []
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
-            if tag in cmdline.read_bytes():
+            if tag in cmdline.read_bytes() and ours in (cmdline.parent / "environ").read_bytes():
                 pids.append(int(cmdline.parent.name))
         except OSError:
             continue
