@@ -1,22 +1,51 @@
-"""Chaos benchmark for the Serve application: what clients see while replicas are killed, and under overload.
+"""Chaos benchmark for the Serve application: what clients see while replicas are killed, the champion is swapped,
+the server is stopped, stalled bodies are held open, and under overload.
 
-    python bench/serve_chaos.py                               # tiny model trained on the spot; both phases, 60 s each
-    python bench/serve_chaos.py --model DIR --phases kill --seconds 60 --clients 32
+    python bench/serve_chaos.py                               # tiny model trained on the spot; every phase, 60 s each
+    python bench/serve_chaos.py --model DIR --phases kill,swap --seconds 60 --clients 32
     python bench/serve_chaos.py --seconds 15 --clients 8      # the short form the slow test runs
 
-A private Ray (``drugprot.local_ray``, 127.0.0.1 only) with Serve on 127.0.0.1. Clients run in a separate process
-and send real development documents of the bundled sample, one per request, for ``--seconds``.
+A private Ray (``drugprot.local_ray``, 127.0.0.1 only) with Serve on 127.0.0.1, its proxy running the middlewares
+``drugprot serve`` gives it (``drugprot.serving.api.proxy_middlewares``). Clients run in a separate process and send
+real development documents of the bundled sample, one per request, for ``--seconds``. In every phase ``failed``
+counts any answer that is not 200 or a 503 refusal, and any transport error (the ``sigterm`` phase says which
+requests it counts); p50/p99 are over the answered (200) requests.
 
 * ``kill``: 2 model replicas and 2 ingress replicas. A quarter into the run one model replica process is SIGKILLed;
-  halfway, one ingress replica process. Reports requests by status, ``failed`` (any non-2xx other than a 503
-  refusal, and any transport error) and which kill each failure followed, p50/p99 latency of the answered
-  requests, the model calls retried on another replica, and the seconds until each deployment had its two
-  replicas running again.
+  halfway, one ingress replica process (whether or not the model replica has been replaced by then). Reports requests by status, ``failed`` and which kill each failure followed,
+  the model calls retried on another replica, the requests the proxy sent again after their ingress replica died,
+  and the seconds until each deployment had its two replicas running again.
+* ``swap``: a SQLite MLflow registry in the scratch folder holds two versions of the model (an ensemble folder is
+  registered as it is, a model folder as a one-member ensemble); the application follows ``@champion`` as
+  ``drugprot serve --follow-alias --poll-s`` does (``serving.follow.AliasFollower``, 2 model and 2 ingress replicas)
+  and a quarter into the run the alias moves from version 1 to 2. Clients keep sending until the roll is done
+  (at most 300 s) and then for at least a quarter of ``--seconds`` more (``seconds`` in the line: the sending
+  time). Reports ``failed``, the versions that answered (``X-Model-Version``), ``rolled_s`` (alias move until the
+  follower saw Serve run version 2 alone) and ``switched_s``: seconds from the alias move until the last answer
+  from version 1 (from then on version 2 answered everything; null if it never did before the end).
+* ``sigterm``: ``drugprot serve`` in its own process (its own Ray; 2 model and 2 ingress replicas), clients sending;
+  halfway, SIGTERM to that process alone (a SIGTERM to its process group would stop its Ray's GCS first).
+  Classification: a request sent before the SIGTERM was accepted unless the server refused it at admission (a 503
+  with a JSON body and Retry-After: it reached an ingress replica after the drain had begun, ``refused_before``)
+  or its connection was refused (nothing listened any more: the server never received it, ``unreached_before``,
+  with ``unreached_before_from_s``, seconds after the SIGTERM when the first of them failed); ``failed`` counts the
+  requests sent before the SIGTERM that got none of 200, a refusal or a refused connection (a connection dropped,
+  a timeout, any other status), by kind in ``failed_kinds``. Requests sent after the SIGTERM may get 200 (admitted before the
+  drain began), a refusal (``refused_after``), or, once the server is gone, a refused connection (``gone_after``);
+  anything else sent after the SIGTERM (a connection closed as the proxy stopped) is ``dropped_after``, reported
+  and not counted as failed. Also reports ``exit_s``, seconds from SIGTERM to the process's exit, and its exit
+  code.
+* ``stalled``: 2 model replicas behind a bearer token and ``--stalled-clients`` clients sending valid requests with
+  it. A quarter into the run 200 connections each send valid headers with the token, ``Content-Length: 1000`` and
+  ``{"documents": [``, then nothing; each is opened again one second after the server answers or closes it, so 200
+  stay stalled or being refused until the end. Reports ``failed`` among the valid requests, their p99 before and
+  under the attack, how many took over a second under it, and what the stalled connections got.
 * ``overload``: one model replica admitting ``--capacity`` requests (half running, half queued) and twice
   ``--capacity`` clients. Reports refusals (503), whether each carried ``Retry-After`` and a JSON body, their p99
   latency, and ``failed`` among the accepted ones.
 
-Each phase prints one JSON line (``{"phase": ...}``); the baseline for the latencies is the same run's own p50.
+Each phase prints one JSON line (``{"phase": ...}``); the baseline for the latencies is the same run's own p50
+(``stalled``: the p99 before the attack).
 """
 
 from __future__ import annotations
@@ -24,10 +53,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import multiprocessing
 import os
+import secrets
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -42,9 +74,11 @@ from serve_load import percentile, request_bodies, train_default_model  # noqa: 
 
 
 # ---- clients (their own process) --------------------------------------------------------------------------------
-def _load(url: str, bodies: list[dict], clients: int, seconds: float, queue) -> None:
-    """Each client sends the next body until ``seconds`` have passed; every request's outcome is recorded as
-    (start on the machine's monotonic clock, latency s, status or error name, refusal shape)."""
+def _load(url: str, bodies: list[dict], clients: int, seconds: float, headers: dict, queue, stop=None) -> None:
+    """Each client sends the next body until ``seconds`` have passed (or ``stop``, an Event, is set); every
+    request's outcome is recorded as
+    (start on the machine's monotonic clock, latency s, status or error name, refusal shape, X-Model-Version).
+    A client whose connection is refused (nothing listens: a stopped server) waits 0.1 s before the next one."""
     import httpx
 
     async def main():
@@ -52,21 +86,24 @@ def _load(url: str, bodies: list[dict], clients: int, seconds: float, queue) -> 
         deadline = time.monotonic() + seconds
         counter = iter(range(10**9))
         limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-        async with httpx.AsyncClient(limits=limits, timeout=120) as http:
+        async with httpx.AsyncClient(limits=limits, timeout=120, headers=headers) as http:
             async def client():
-                while time.monotonic() < deadline:
+                while time.monotonic() < deadline and not (stop is not None and stop.is_set()):
                     body = bodies[next(counter) % len(bodies)]
                     sent = time.monotonic()
-                    shape = None
+                    shape = version = None
                     try:
                         response = await http.post(url, json=body)
                         status = response.status_code
+                        version = response.headers.get("x-model-version")
                         if status == 503:
                             is_json = response.headers.get("content-type", "").startswith("application/json")
                             shape = {"retry_after": "retry-after" in response.headers, "json": is_json}
                     except httpx.HTTPError as error:
                         status = type(error).__name__
-                    outcomes.append((sent, time.monotonic() - sent, status, shape))
+                    outcomes.append((sent, time.monotonic() - sent, status, shape, version))
+                    if status == "ConnectError":
+                        await asyncio.sleep(0.1)
 
             await asyncio.gather(*(client() for _ in range(clients)))
         return outcomes
@@ -74,22 +111,62 @@ def _load(url: str, bodies: list[dict], clients: int, seconds: float, queue) -> 
     queue.put(asyncio.run(main()))
 
 
-def start_load(url: str, clients: int, seconds: float):
+def start_load(url: str, clients: int, seconds: float, headers: dict | None = None, stop=None):
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    process = context.Process(target=_load, args=(url, request_bodies(), clients, seconds, queue), daemon=True)
+    process = context.Process(target=_load, args=(url, request_bodies(), clients, seconds, headers or {}, queue, stop),
+                              daemon=True)
     process.start()
     return process, queue
 
 
+def _stall(host: str, port: int, head: bytes, connections: int, seconds: float, queue) -> None:
+    """``connections`` stalled bodies: each connection sends ``head`` (headers and the start of a body) and then
+    nothing; when the server answers or closes it, it is opened again a second later, until ``seconds`` have
+    passed. Puts (monotonic time when all were first open, what the server answered, by status)."""
+
+    async def main():
+        answers: Counter[str] = Counter()
+        deadline = time.monotonic() + seconds
+        opened: list[float] = []
+
+        async def attacker():
+            while time.monotonic() < deadline:
+                writer = None
+                try:
+                    reader, writer = await asyncio.open_connection(host, port)
+                    writer.write(head)
+                    await writer.drain()
+                    opened.append(time.monotonic())
+                    line = await asyncio.wait_for(reader.readline(), max(0.1, deadline - time.monotonic()))
+                    parts = line.split(b" ")
+                    answers[parts[1].decode() if len(parts) > 2 else "closed without an answer"] += 1
+                except TimeoutError:
+                    answers["still stalled at the end"] += 1
+                    break
+                except OSError as error:
+                    answers[type(error).__name__] += 1
+                finally:
+                    if writer is not None:
+                        writer.close()
+                await asyncio.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+
+        await asyncio.gather(*(attacker() for _ in range(connections)))
+        return (opened[connections - 1] if len(opened) >= connections else None), dict(answers)
+
+    queue.put(asyncio.run(main()))
+
+
 # ---- replicas ------------------------------------------------------------------------------------------------------
 def replica_pids(app: str, deployment: str) -> list[int]:
-    """Process ids of the app's replicas of ``deployment`` (their command line names them)."""
+    """Process ids of the app's replicas of ``deployment`` in this bench's Ray: their command line names them, and
+    they inherited this process's ``RAY_TMPDIR`` (another Ray on the machine may run an app of the same name)."""
     tag = f"ServeReplica:{app}:{deployment}".encode()
+    ours = f"RAY_TMPDIR={os.environ['RAY_TMPDIR']}\0".encode()
     pids = []
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
-            if tag in cmdline.read_bytes():
+            if tag in cmdline.read_bytes() and ours in (cmdline.parent / "environ").read_bytes():
                 pids.append(int(cmdline.parent.name))
         except OSError:
             continue
@@ -125,16 +202,28 @@ def kill_and_time_replacement(app: str, deployment: str, wanted: int, timeout: f
     return killed, None
 
 
+def proxy_resends(ray_root: Path) -> int:
+    """Requests the proxy's middleware sent again after their ingress replica died, so far (its log lines, written
+    to the proxy's stderr log under the Ray session's folder)."""
+    from drugprot.serving.api import ResendOnLostReplica
+
+    mark = ResendOnLostReplica.LOG_MARK.encode()
+    logs = {path.resolve() for path in ray_root.rglob("*.err")}  # session_latest links to the session's folder
+    return sum(path.read_bytes().count(mark) for path in logs if path.is_file())
+
+
 # ---- phases ----------------------------------------------------------------------------------------------------------
 def summarize(phase: str, outcomes: list, **extra) -> dict:
-    statuses = Counter(str(status) for _, _, status, _ in outcomes)
-    answered = [latency * 1000 for _, latency, status, _ in outcomes if status == 200]
+    """Requests by status, ``failed`` (not 200, not a 503 refusal), p50/p99 of the answered ones; ``extra`` adds
+    the phase's own fields (and may redefine ``failed``)."""
+    statuses = Counter(str(outcome[2]) for outcome in outcomes)
+    answered = [latency * 1000 for _, latency, status, *_ in outcomes if status == 200]
     failed = sum(count for status, count in statuses.items() if status not in ("200", "503"))
     return {"phase": phase, "sent": len(outcomes), "by_status": dict(statuses), "failed": failed,
             "p50_ms": round(percentile(answered, 50), 1), "p99_ms": round(percentile(answered, 99), 1), **extra}
 
 
-def kill_phase(base: str, model: str, *, clients: int, seconds: float) -> dict:
+def kill_phase(base: str, model: str, ray_root: Path, *, clients: int, seconds: float) -> dict:
     from ray import serve
 
     from drugprot.serving import build_app
@@ -142,34 +231,40 @@ def kill_phase(base: str, model: str, *, clients: int, seconds: float) -> dict:
     app = "chaos"
     serve.run(build_app({"model": model, "replicas": 2, "ingress_replicas": 2, "num_cpus": 0.5, "ingress_cpus": 0.25,
                          "token_env": None, "warmup_rounds": 2}), name=app, route_prefix=f"/{app}")
+    resent = proxy_resends(ray_root)
     process, queue = start_load(f"{base}/{app}/v1/relations", clients, seconds)
     replaced: dict[str, float | None] = {}
     kills: dict[str, float] = {}
 
-    def chaos():
-        began = time.monotonic()
-        time.sleep(seconds / 4)
-        kills["model"], replaced["model_replaced_s"] = kill_and_time_replacement(app, "DrugprotModel", 2)
-        time.sleep(max(0.0, began + seconds / 2 - time.monotonic()))
-        kills["ingress"], replaced["ingress_replaced_s"] = kill_and_time_replacement(app, "DrugprotIngress", 2)
+    began = time.monotonic()
 
-    killer = threading.Thread(target=chaos, daemon=True)
-    killer.start()
+    def kill(name: str, deployment: str, at: float):
+        """Each kill at its own time, whether or not the other deployment is whole again by then."""
+        time.sleep(max(0.0, began + at - time.monotonic()))
+        kills[name], replaced[f"{name}_replaced_s"] = kill_and_time_replacement(app, deployment, 2)
+
+    killers = [threading.Thread(target=kill, args=("model", "DrugprotModel", seconds / 4), daemon=True),
+               threading.Thread(target=kill, args=("ingress", "DrugprotIngress", seconds / 2), daemon=True)]
+    for killer in killers:
+        killer.start()
     outcomes = queue.get(timeout=seconds + 600)
     process.join(timeout=30)
-    killer.join(timeout=600)
+    for killer in killers:
+        killer.join(timeout=600)
+    killed_at = {f"{name}_killed_at_s": round(at - began, 2) for name, at in kills.items()}
     ingress = serve.get_deployment_handle("DrugprotIngress", app)
     retries = sum(ingress.broadcast("model_retries").results())  # counted by the ingress replicas alive at the end
     serve.delete(app)
     # a failed request is put down to the last kill before it was answered (none: it failed before any kill)
     cause = Counter()
-    for sent, latency, status, _ in outcomes:
+    for sent, latency, status, *_ in outcomes:
         if status not in (200, 503):
             before = [name for name, at in kills.items() if at <= sent + latency]
             cause[max(before, key=kills.get) if before else "none"] += 1
     return summarize("kill", outcomes, clients=clients, seconds=seconds, model_retries=retries,
+                     proxy_resends=proxy_resends(ray_root) - resent,
                      failed_before_kills=cause["none"], failed_after_model_kill=cause["model"],
-                     failed_after_ingress_kill=cause["ingress"], **replaced)
+                     failed_after_ingress_kill=cause["ingress"], **killed_at, **replaced)
 
 
 def overload_phase(base: str, model: str, *, clients: int, seconds: float, capacity: int) -> dict:
@@ -186,40 +281,225 @@ def overload_phase(base: str, model: str, *, clients: int, seconds: float, capac
     outcomes = queue.get(timeout=seconds + 600)
     process.join(timeout=30)
     serve.delete(app)
-    refusals = [(latency * 1000, shape) for _, latency, status, shape in outcomes if status == 503]
+    refusals = [(latency * 1000, shape) for _, latency, status, shape, _ in outcomes if status == 503]
     return summarize("overload", outcomes, clients=clients, capacity=capacity, seconds=seconds,
                      refused=len(refusals), refused_p99_ms=round(percentile([r for r, _ in refusals], 99), 1),
                      refusals_with_retry_after=sum(1 for _, s in refusals if s and s["retry_after"]),
                      refusals_json=sum(1 for _, s in refusals if s and s["json"]))
 
 
+SWAP_MODEL = "drugprot-chaos"
+SWAP_WAIT_S = 300  # the longest the swap phase waits for Serve to finish rolling onto version 2
+TOKEN_ENV = "DRUGPROT_CHAOS_TOKEN"  # the stalled phase's bearer token; set before Ray starts, so replicas inherit it
+
+
+def quiet(_message: str) -> None:
+    pass
+
+
+def registered_versions(model: str, scratch: Path) -> tuple[str, object]:
+    """A SQLite registry in ``scratch`` holding ``model`` twice (versions 1 and 2), ``@champion`` on version 1;
+    returns its URI and client."""
+    from drugprot.ensemble import build_ensemble
+    from drugprot.ensemble.registry import log_ensemble, promote
+    from drugprot.ensemble_folder import ENSEMBLE_JSON
+    from drugprot.tracking import client
+
+    ensemble = Path(model)
+    if not (ensemble / ENSEMBLE_JSON).exists():
+        ensemble = build_ensemble([model], scratch / "ensemble", evaluate_on_dev=False, log=quiet).path
+    store = f"sqlite:///{scratch / 'mlflow.db'}"
+    for _ in range(2):  # the alias is moved below, whatever the champion rule thinks of an untrained model
+        log_ensemble(ensemble, tracking_uri=store, register=SWAP_MODEL, alias="registered", force=True, log=quiet)
+    registry = client(store)
+    promote(registry, SWAP_MODEL, "1", alias="champion", dev_f1=None, force=True, log=quiet)
+    return store, registry
+
+
+def swap_phase(base: str, model: str, scratch: Path, *, clients: int, seconds: float, poll_s: float) -> dict:
+    from ray import serve
+
+    from drugprot.ensemble.registry import promote
+    from drugprot.serving.follow import AliasFollower
+    from drugprot.serving.options import parse_options
+
+    app = "swap"
+    store, registry = registered_versions(model, scratch)
+    options = parse_options({"model": f"models:/{SWAP_MODEL}@champion", "tracking_uri": store, "follow_alias": True,
+                             "poll_s": poll_s, "replicas": 2, "ingress_replicas": 2, "num_cpus": 0.5,
+                             "ingress_cpus": 0.25, "token_env": None, "warmup_rounds": 2})
+    follower = AliasFollower(options, app_name=app, route_prefix=f"/{app}", timeout_s=600,
+                             say=lambda line: print(line, file=sys.stderr, flush=True))
+    follower.deploy()
+    stop = threading.Event()
+    following = threading.Thread(target=follower.follow, args=(stop,), daemon=True)
+    following.start()
+    done = multiprocessing.get_context("spawn").Event()
+    began = time.monotonic()
+    process, queue = start_load(f"{base}/{app}/v1/relations", clients, seconds + SWAP_WAIT_S, stop=done)
+    time.sleep(seconds / 4)
+    moved = time.monotonic()
+    promote(registry, SWAP_MODEL, "2", alias="champion", dev_f1=None, force=True, log=quiet)
+    while follower.version != "2" and time.monotonic() < moved + SWAP_WAIT_S:
+        time.sleep(0.5)
+    rolled = round(time.monotonic() - moved, 2) if follower.version == "2" else None
+    time.sleep(max(seconds / 4, began + seconds - time.monotonic()))  # version 2 alone, then the rest of the time
+    done.set()
+    outcomes = queue.get(timeout=seconds + SWAP_WAIT_S + 600)
+    process.join(timeout=30)
+    stop.set()
+    following.join(timeout=120)
+    serve.delete(app)
+    versions = Counter(str(version) for *_, version in outcomes)
+    old_answers = [sent + latency for sent, latency, status, _, version in outcomes if version == "1"]
+    new_answers = [sent + latency for sent, latency, status, _, version in outcomes if version == "2"]
+    last_old = max(old_answers, default=moved)
+    # version 2 answered everything from the last version-1 answer on, if it answered anything after it
+    switched = round(last_old - moved, 2) if any(at > last_old for at in new_answers) else None
+    return summarize("swap", outcomes, clients=clients, seconds=round(time.monotonic() - began, 1), poll_s=poll_s,
+                     versions=dict(versions), switched_s=switched, rolled_s=rolled, serving_version=follower.version)
+
+
+def is_refusal(outcome) -> bool:
+    """A 503 with the JSON body and Retry-After: the server refused the request at admission (not accepted)."""
+    shape = outcome[3]
+    return outcome[2] == 503 and bool(shape) and shape["retry_after"] and shape["json"]
+
+
+def sigterm_phase(model: str, scratch: Path, *, clients: int, seconds: float, port: int, gcs_port: int) -> dict:
+    env = {**os.environ, "RAY_GCS_SERVER_PORT": str(gcs_port)}
+    for key in ("RAY_TMPDIR", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "DRUGPROT_API_TOKEN"):
+        env.pop(key, None)  # its own Ray, set up by drugprot serve as for a user
+    log_path = scratch / "sigterm-serve.log"
+    with open(log_path, "wb") as log:
+        server = subprocess.Popen([sys.executable, "-m", "drugprot", "serve", "--model", model, "--port", str(port),
+                                   "--replicas", "2", "--ingress-replicas", "2", "--cpus-per-replica", "0.5"],
+                                  stdout=log, stderr=subprocess.STDOUT, env=env, cwd=scratch, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while b"drugprot serve: ready at" not in log_path.read_bytes():
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"drugprot serve did not start:\n{log_path.read_text(errors='replace')[-3000:]}")
+            time.sleep(0.5)
+        process, queue = start_load(f"http://127.0.0.1:{port}/v1/relations", clients, seconds)
+        time.sleep(seconds / 2)
+        signalled = time.monotonic()
+        server.send_signal(signal.SIGTERM)  # the process alone, not its group
+        code = server.wait(timeout=600)
+        exit_s = round(time.monotonic() - signalled, 2)
+        outcomes = queue.get(timeout=seconds + 600)
+        process.join(timeout=30)
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=60)
+    before = [outcome for outcome in outcomes if outcome[0] < signalled]
+    after = [outcome for outcome in outcomes if outcome[0] >= signalled]
+    refused = [outcome for outcome in after if outcome[2] == 503]
+    refused_before = [outcome for outcome in before if is_refusal(outcome)]
+    # a refused connection: nothing listened any more when the client connected (under load its event loop can
+    # start a request well before it connects), so the server never received the request
+    unreached = [sent + latency - signalled for sent, latency, status, *_ in before if status == "ConnectError"]
+    lost = [outcome for outcome in before
+            if outcome[2] not in (200, "ConnectError") and not is_refusal(outcome)]
+    return summarize("sigterm", outcomes, failed=len(lost), clients=clients, seconds=seconds, sent_before=len(before),
+                     refused_before=len(refused_before), unreached_before=len(unreached),
+                     unreached_before_from_s=round(min(unreached), 2) if unreached else None,
+                     failed_kinds=dict(Counter(str(status) for _, _, status, *_ in lost)),
+                     answered_after=sum(1 for _, _, status, *_ in after if status == 200), refused_after=len(refused),
+                     refused_with_retry_after=sum(1 for outcome in refused if is_refusal(outcome)),
+                     gone_after=sum(1 for _, _, status, *_ in after if status == "ConnectError"),
+                     dropped_after=sum(1 for _, _, status, *_ in after if status not in (200, 503, "ConnectError")),
+                     exit_s=exit_s, exit_code=code)
+
+
+def stalled_phase(base: str, model: str, *, clients: int, seconds: float, port: int, stalled: int = 200) -> dict:
+    from ray import serve
+
+    from drugprot.serving import build_app
+
+    app = "stalled"
+    token = os.environ[TOKEN_ENV]
+    serve.run(build_app({"model": model, "replicas": 2, "num_cpus": 0.5, "token_env": TOKEN_ENV,
+                         "warmup_rounds": 2}), name=app, route_prefix=f"/{app}")
+    process, queue = start_load(f"{base}/{app}/v1/relations", clients, seconds, {"Authorization": f"Bearer {token}"})
+    time.sleep(seconds / 4)
+    head = (f"POST /{app}/v1/relations HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {token}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{\"documents\": [").encode()
+    context = multiprocessing.get_context("spawn")
+    answers = context.Queue()
+    attack = context.Process(target=_stall, args=("127.0.0.1", port, head, stalled, seconds * 3 / 4, answers),
+                             daemon=True)
+    attack.start()
+    outcomes = queue.get(timeout=seconds + 600)
+    held_from, stalled_answers = answers.get(timeout=600)
+    process.join(timeout=30)
+    attack.join(timeout=30)
+    serve.delete(app)
+    held_from = held_from or math.inf
+    before = [latency * 1000 for sent, latency, status, *_ in outcomes if status == 200 and sent < held_from]
+    under = [latency * 1000 for sent, latency, status, *_ in outcomes if status == 200 and sent >= held_from]
+    baseline = percentile(before, 99)
+    return summarize("stalled", outcomes, clients=clients, seconds=seconds, stalled=stalled,
+                     all_held=held_from != math.inf, sent_under_attack=sum(1 for o in outcomes if o[0] >= held_from),
+                     p99_ms_before_attack=round(baseline, 1), p50_ms_under_attack=round(percentile(under, 50), 1),
+                     p99_ms_under_attack=round(percentile(under, 99), 1),
+                     p99_ratio=round(percentile(under, 99) / baseline, 2) if before and under else None,
+                     over_1s_under_attack=sum(1 for latency in under if latency > 1000),
+                     stalled_answers=stalled_answers)
+
+
+PHASES = ("kill", "swap", "sigterm", "stalled", "overload")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="model or ensemble folder (default: train a tiny one, see --encoder)")
     parser.add_argument("--encoder", choices=("tiny", "minilm"), default="tiny", help="the default model's encoder")
-    parser.add_argument("--phases", default="kill,overload", help="comma-separated: kill, overload")
+    parser.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated: {', '.join(PHASES)}")
     parser.add_argument("--seconds", type=float, default=60.0, help="sending time per phase")
-    parser.add_argument("--clients", type=int, default=32, help="concurrent clients in the kill phase")
+    parser.add_argument("--clients", type=int, default=32, help="concurrent clients in the kill, swap and sigterm "
+                                                                "phases")
+    parser.add_argument("--stalled-clients", type=int, default=4, help="clients sending valid requests in the "
+                                                                       "stalled phase")
     parser.add_argument("--capacity", type=int, default=16, help="requests the overload phase's model admits; "
                                                                   "it gets twice as many clients")
-    parser.add_argument("--port", type=int, default=8116, help="Serve HTTP port on 127.0.0.1")
-    parser.add_argument("--gcs-port", type=int, default=6428, help="Ray GCS port of the private Ray")
+    parser.add_argument("--poll-s", type=float, default=1.0, help="the swap phase's alias poll interval")
+    parser.add_argument("--port", type=int, default=8116, help="Serve HTTP port on 127.0.0.1 (the sigterm phase's "
+                                                               "server: this + 10)")
+    parser.add_argument("--gcs-port", type=int, default=6428, help="Ray GCS port of the private Ray (the sigterm "
+                                                                   "phase's Ray: this + 10)")
     args = parser.parse_args(argv)
     phases = [p for p in args.phases.split(",") if p]
-    unknown = set(phases) - {"kill", "overload"}
+    unknown = set(phases) - set(PHASES)
     if unknown:
-        parser.error(f"--phases: unknown phase(s) {', '.join(sorted(unknown))}; use kill, overload")
+        parser.error(f"--phases: unknown phase(s) {', '.join(sorted(unknown))}; use {', '.join(PHASES)}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from drugprot.local_ray import local_serve
+    from drugprot.serving.api import PROXY_CALLBACK
 
     scratch = Path(tempfile.mkdtemp(prefix="drugprot-serve-chaos-"))
+    # what drugprot serve gives its Ray, inherited by the proxy and the replicas: the proxy's middlewares, the
+    # stalled phase's token, a registry cache in the scratch folder
+    os.environ.setdefault(*PROXY_CALLBACK)
+    os.environ[TOKEN_ENV] = secrets.token_urlsafe(16)
+    os.environ["DRUGPROT_CACHE_DIR"] = str(scratch / "cache")
     try:
         model = args.model or str(train_default_model(scratch / "model", args.encoder))
         base = f"http://127.0.0.1:{args.port}"
         with local_serve(args.port, root=scratch / "ray", gcs_port=args.gcs_port, num_cpus=4):
             for phase in phases:
                 if phase == "kill":
-                    result = kill_phase(base, model, clients=args.clients, seconds=args.seconds)
+                    result = kill_phase(base, model, scratch / "ray", clients=args.clients, seconds=args.seconds)
+                elif phase == "swap":
+                    result = swap_phase(base, model, scratch, clients=args.clients, seconds=args.seconds,
+                                        poll_s=args.poll_s)
+                elif phase == "sigterm":
+                    result = sigterm_phase(model, scratch, clients=args.clients, seconds=args.seconds,
+                                           port=args.port + 10, gcs_port=args.gcs_port + 10)
+                elif phase == "stalled":
+                    result = stalled_phase(base, model, clients=args.stalled_clients, seconds=args.seconds,
+                                           port=args.port)
                 else:
                     result = overload_phase(base, model, clients=2 * args.capacity, seconds=args.seconds,
                                             capacity=args.capacity)

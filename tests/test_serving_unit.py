@@ -627,11 +627,12 @@ def test_rays_routes_endpoint_needs_the_token_at_the_proxy(monkeypatch):
     from starlette.responses import JSONResponse
     from starlette.routing import Route
 
-    from drugprot.serving.api import PROXY_CALLBACK, RoutesGuard, proxy_middlewares
+    from drugprot.serving.api import (PROXY_CALLBACK, ResendOnLostReplica, RoutesGuard, StalledBodiesAtProxy,
+                                      proxy_middlewares)
 
     assert PROXY_CALLBACK[1] == f"{proxy_middlewares.__module__}:{proxy_middlewares.__name__}"
-    (middleware,) = proxy_middlewares()
-    assert middleware.cls is RoutesGuard
+    middleware, stalled, resend = proxy_middlewares()
+    assert middleware.cls is RoutesGuard and stalled.cls is StalledBodiesAtProxy and resend.cls is ResendOnLostReplica
     proxy = [Route("/-/routes", lambda _: JSONResponse({"/": "drugprot"})), Route("/-/healthz", lambda _: JSONResponse("ok"))]
     monkeypatch.setenv("DRUGPROT_API_TOKEN", "s3cret")
     with TestClient(Starlette(routes=proxy, middleware=[middleware])) as guarded:
@@ -643,6 +644,141 @@ def test_rays_routes_endpoint_needs_the_token_at_the_proxy(monkeypatch):
     monkeypatch.delenv("DRUGPROT_API_TOKEN")
     with TestClient(Starlette(routes=proxy, middleware=[Middleware(RoutesGuard)])) as open_proxy:
         assert open_proxy.get("/-/routes").status_code == 200  # no token configured: as open as the API
+
+
+class LosingProxy:
+    """Stands in for Serve's proxy around a replica that dies: it reads the body as the proxy does (in parts, then
+    listening for a disconnect), for the first ``lose`` calls sends nothing (the replica died), afterwards answers
+    ``answer_status`` with the body it read."""
+
+    def __init__(self, lose: int, *, answer_status: int = 200):
+        self.lose, self.answer_status, self.calls, self.bodies, self.paths = lose, answer_status, 0, [], []
+
+    async def __call__(self, scope, receive, send):
+        self.calls += 1
+        self.paths.append(scope["path"])
+        scope["root_path"], scope["path"] = "/chaos", scope["path"].removeprefix("/chaos")  # as Serve's proxy does
+        body, more = b"", True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        self.bodies.append(body)
+        if self.calls <= self.lose:
+            try:  # the proxy keeps listening for a disconnect until it gives up on the request
+                await asyncio.wait_for(receive(), 0.05)
+            except TimeoutError:
+                pass
+            return
+        await send({"type": "http.response.start", "status": self.answer_status, "headers": []})
+        await send({"type": "http.response.body", "body": body})
+
+
+def through_resend(app, *, method: str = "POST", path: str = "/v1/relations", parts=(b'{"documents": ', b"[]}"),
+                   disconnect_after_body: bool = False, attempts: int = 3):
+    """One request through ``ResendOnLostReplica(app)``; returns what was sent back and how often the client's
+    ``receive`` was called."""
+    from drugprot.serving.api import ResendOnLostReplica
+
+    messages = [{"type": "http.request", "body": part, "more_body": i < len(parts) - 1} for i, part in enumerate(parts)]
+    if disconnect_after_body:
+        messages.append({"type": "http.disconnect"})
+    sent, reads = [], [0]
+
+    async def receive():
+        reads[0] += 1
+        if messages:
+            return messages.pop(0)
+        await asyncio.Event().wait()  # the client stays connected: a further read waits
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": method, "path": path, "headers": []}
+    asyncio.run(asyncio.wait_for(ResendOnLostReplica(app, attempts=attempts)(scope, receive, send), 5))
+    return sent, reads[0]
+
+
+def test_a_request_lost_with_its_replica_is_sent_again_with_its_body():
+    app = LosingProxy(lose=2)
+    sent, reads = through_resend(app, path="/chaos/v1/relations")
+    assert app.calls == 3 and app.bodies == [b'{"documents": []}'] * 3  # the body replayed to each attempt
+    assert app.paths == ["/chaos/v1/relations"] * 3  # each attempt gets the request as it came, not as routed
+    assert reads == 2 + 2  # the body's two parts read from the client once; each lost attempt also waited for a disconnect
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"] and sent[0]["status"] == 200
+    assert sent[1]["body"] == b'{"documents": []}'
+
+
+def test_resending_is_bounded_and_only_for_lost_requests_that_may_be_sent_twice():
+    app = LosingProxy(lose=5)
+    assert through_resend(app, attempts=3)[0] == [] and app.calls == 3  # all lost: nothing sent, the server's 500
+    answered = LosingProxy(lose=0, answer_status=500)
+    sent, _ = through_resend(answered)
+    assert answered.calls == 1 and sent[0]["status"] == 500  # an answer (even a 500) is never resent
+    other = LosingProxy(lose=1)
+    assert through_resend(other, path="/v1/other")[0] == [] and other.calls == 1  # a POST elsewhere: not resent
+    probe = LosingProxy(lose=1)
+    sent, _ = through_resend(probe, method="GET", path="/v1/model", parts=(b"",))
+    assert probe.calls == 2 and sent[0]["status"] == 200
+    gone = LosingProxy(lose=1)
+    assert through_resend(gone, disconnect_after_body=True)[0] == [] and gone.calls == 1  # the client left
+
+
+def test_the_proxy_refuses_stalled_bodies_beyond_the_caps_before_any_replica_sees_them():
+    from drugprot.serving.api import StalledBodiesAtProxy
+    from drugprot.serving.options import Limits
+
+    async def scenario():
+        app = LosingProxy(lose=0)  # reads the whole body, then answers 200
+        guard = StalledBodiesAtProxy(app, limits=Limits(max_unfinished_bodies=3, max_unfinished_bodies_per_client=2,
+                                                        body_idle_timeout_s=0.2))
+
+        def request(client: str, parts: list[bytes], *, stall: bool):
+            messages = [{"type": "http.request", "body": part, "more_body": stall or i < len(parts) - 1}
+                        for i, part in enumerate(parts)]
+            rest = asyncio.Event()
+            sent = []
+
+            async def receive():
+                if messages:
+                    return messages.pop(0)
+                await rest.wait()  # the stalled client sends the rest of its body only when told
+                return {"type": "http.request", "body": b"]}", "more_body": False}
+
+            async def send(message):
+                sent.append(message)
+
+            scope = {"type": "http", "method": "POST", "path": "/v1/relations", "client": (client, 1), "headers": []}
+            return asyncio.create_task(guard(scope, receive, send)), rest, sent
+
+        held = [request("10.0.0.1", [b'{"documents": ['], stall=True) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        refused = request("10.0.0.1", [b'{"documents": ['], stall=True)  # a third from the same address
+        other = request("10.0.0.2", [b'{"documents": ['], stall=True)  # another address: the third overall
+        overall = request("10.0.0.3", [b'{"documents": ['], stall=True)  # the fourth overall
+        whole = request("10.0.0.1", [b'{"documents": []}'], stall=False)  # a body that comes whole never counts
+        await asyncio.wait_for(asyncio.gather(refused[0], overall[0], whole[0]), 5)
+        statuses = [task[2][0]["status"] for task in (refused, overall, whole)]
+        calls_while_full = app.calls
+        held[0][1].set()  # the first stalled body arrives whole: its slot is free again
+        await asyncio.wait_for(held[0][0], 5)
+        again = request("10.0.0.1", [b'{"documents": ['], stall=True)
+        await asyncio.sleep(0.05)
+        admitted_again = not again[0].done()
+        silent = request("10.0.0.4", [], stall=True)  # headers, then not a byte of the body
+        await asyncio.wait_for(silent[0], 5)
+        for task, rest, _ in (held[1], other, again):
+            rest.set()
+            await asyncio.wait_for(task, 5)
+        return statuses, calls_while_full, held[0][2][0]["status"], admitted_again, silent[2][0]["status"], guard
+
+    statuses, calls_while_full, first_status, admitted_again, silent_status, guard = asyncio.run(scenario())
+    assert statuses == [429, 503, 200]
+    assert calls_while_full == 4  # the two held, the other address's and the whole body; no refused one
+    assert first_status == 200 and admitted_again and silent_status == 408
+    assert guard.unfinished.admit("10.0.0.9") is None  # every slot was given back
 
 
 def test_token_comes_from_the_named_environment_variable(monkeypatch):

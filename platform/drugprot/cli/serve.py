@@ -101,7 +101,7 @@ def _serve(args) -> int:
         from drugprot.serving.api import PROXY_CALLBACK
 
         chosen = os.environ.get("RAY_TMPDIR")
-        os.environ.setdefault(*PROXY_CALLBACK)  # the proxy inherits it: /-/routes behind the API's token
+        os.environ.setdefault(*PROXY_CALLBACK)  # the proxy inherits it: token on /-/routes, lost requests resent
         folder = start_local_ray()
         print(f"drugprot serve: started a local Ray (temporary folder {folder})", file=sys.stderr, flush=True)
     else:

@@ -88,6 +88,30 @@ def _error(status: int, detail: str, problems: list[str] | None = None, headers:
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+class UnfinishedBodies:
+    """Bodies being received at once, per client address (one event loop): the caps on stalled uploads."""
+
+    def __init__(self, limits: Limits):
+        self.limits = limits
+        self._by_client: Counter[str] = Counter()
+
+    def admit(self, client: str) -> JSONResponse | None:
+        """Count one more unfinished body from ``client``, or the refusal to send when a cap is reached."""
+        if sum(self._by_client.values()) >= self.limits.max_unfinished_bodies:
+            return _error(503, "server busy receiving other requests; retry shortly",
+                          headers={"Retry-After": "1", "Connection": "close"})
+        if self._by_client[client] >= self.limits.max_unfinished_bodies_per_client:
+            return _error(429, f"too many unfinished requests from {client}; finish sending them first",
+                          headers={"Retry-After": "1", "Connection": "close"})
+        self._by_client[client] += 1
+        return None
+
+    def release(self, client: str) -> None:
+        self._by_client[client] -= 1
+        if not self._by_client[client]:
+            del self._by_client[client]
+
+
 class _Guard:
     """Pure ASGI middleware: bearer token for every path but the probes and docs (checked before anything is read),
     then the body: its size, how long it takes, and how many arrive at once.
@@ -106,7 +130,7 @@ class _Guard:
         self.token = token.encode() if token else None
         self.limits = limits
         self.max_body_bytes = limits.max_body_bytes
-        self._unfinished: Counter[str] = Counter()  # bodies being received, per client address (one event loop)
+        self._unfinished = UnfinishedBodies(limits)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -195,19 +219,13 @@ class _Guard:
                 if not message.get("more_body", False):
                     return b"".join(chunks)
                 if not counted:
-                    if sum(self._unfinished.values()) >= self.limits.max_unfinished_bodies:
-                        return _error(503, "server busy receiving other requests; retry shortly",
-                                      headers={"Retry-After": "1", "Connection": "close"})
-                    if self._unfinished[client] >= self.limits.max_unfinished_bodies_per_client:
-                        return _error(429, f"too many unfinished requests from {client}; finish sending them first",
-                                      headers={"Retry-After": "1", "Connection": "close"})
-                    self._unfinished[client] += 1
+                    refusal = self._unfinished.admit(client)
+                    if refusal is not None:
+                        return refusal
                     counted = True
         finally:
             if counted:
-                self._unfinished[client] -= 1
-                if not self._unfinished[client]:
-                    del self._unfinished[client]
+                self._unfinished.release(client)
 
     def _authorized(self, scope) -> bool:
         return bearer_matches(scope, self.token)
@@ -241,6 +259,114 @@ class RoutesGuard:
         return await self.app(scope, receive, send)
 
 
+class StalledBodiesAtProxy:
+    """Pure ASGI middleware for Serve's HTTP proxy: the caps on unfinished bodies (``Limits``' defaults), enforced
+    before a request reaches an ingress replica.
+
+    A request whose body does not come whole with its first part counts as unfinished until its last part arrives;
+    beyond ``max_unfinished_bodies`` of them at this proxy it is refused with 503, beyond
+    ``max_unfinished_bodies_per_client`` from one address with 429, and a first part that takes longer than
+    ``body_idle_timeout_s`` gets 408. The ingress replicas apply the same caps and the body timeouts; refusing here
+    too costs the proxy one read instead of a round trip to a replica, so clients that re-open stalled connections
+    as fast as they are refused cannot starve valid requests of the replicas' time.
+    """
+
+    def __init__(self, app, *, limits: Limits | None = None):
+        self.app = app
+        self.limits = limits or Limits()
+        self.unfinished = UnfinishedBodies(self.limits)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("method") not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        try:
+            first = await asyncio.wait_for(receive(), self.limits.body_idle_timeout_s)
+        except TimeoutError:
+            response = _error(408, f"request body: nothing received within {self.limits.body_idle_timeout_s:g} s",
+                              headers={"Connection": "close"})
+            return await response(scope, receive, send)
+        client = (scope.get("client") or ("?", 0))[0]
+        unfinished = first["type"] == "http.request" and first.get("more_body", False)
+        if unfinished:
+            refusal = self.unfinished.admit(client)
+            if refusal is not None:
+                return await refusal(scope, receive, send)
+        replayed = False
+
+        async def first_then_live():
+            nonlocal replayed, unfinished
+            if not replayed:
+                replayed = True
+                return first
+            message = await receive()
+            if unfinished and (message["type"] == "http.disconnect" or not message.get("more_body", False)):
+                unfinished = False
+                self.unfinished.release(client)
+            return message
+
+        try:
+            return await self.app(scope, first_then_live, send)
+        finally:
+            if unfinished:
+                self.unfinished.release(client)
+
+
+class ResendOnLostReplica:
+    """Pure ASGI middleware for Serve's HTTP proxy: a request whose ingress replica died while holding it is sent
+    again, to another replica.
+
+    When the replica that holds a request dies (``RayActorError``), Serve's proxy sends the client nothing and returns,
+    and the server then answers a bare 500: the request is lost although nothing of it was answered. Scoring is pure,
+    so such a request is resent, at most ``attempts`` times in all: the body the proxy read is replayed first. Only
+    requests that may be sent twice are resent (GET and HEAD, and POST to ``…/v1/relations``), only when nothing of a
+    response was sent, and never after the client disconnected. Serve's router has already marked the dead replica
+    when the proxy returns, so the next attempt goes to a live one (or waits in the queue for a replacement).
+    """
+
+    RESENDABLE_POST = "/v1/relations"
+    LOG_MARK = "got no answer from its replica"
+
+    def __init__(self, app, *, attempts: int = 3):
+        self.app = app
+        self.attempts = attempts
+
+    def _resendable(self, scope) -> bool:
+        method = scope.get("method")
+        return method in ("GET", "HEAD") or (method == "POST" and scope.get("path", "").endswith(self.RESENDABLE_POST))
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not self._resendable(scope):
+            return await self.app(scope, receive, send)
+        received: list[dict] = []  # what the client sent so far, replayed to each later attempt
+        started = False
+
+        async def send_and_note(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        for attempt in range(1, self.attempts + 1):
+            position = 0
+
+            async def replayed_then_live():
+                nonlocal position
+                if position < len(received):
+                    position += 1
+                    return received[position - 1]
+                message = await receive()
+                received.append(message)
+                position += 1
+                return message
+
+            await self.app(dict(scope), replayed_then_live, send_and_note)  # Serve's proxy rewrites its scope
+            if started or any(message["type"] == "http.disconnect" for message in received):
+                return None
+            if attempt < self.attempts:
+                log.warning("drugprot serving: %s %s %s (it died); sending it again (%d/%d)", scope.get("method"),
+                            scope.get("path"), self.LOG_MARK, attempt + 1, self.attempts)
+        return None  # every attempt lost: the server answers 500, as without this middleware
+
+
 PROXY_CALLBACK = ("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "drugprot.serving.api:proxy_middlewares")
 
 
@@ -249,7 +375,7 @@ def proxy_middlewares() -> list:
     it for the Ray it starts; on a cluster, set it on every node)."""
     from starlette.middleware import Middleware
 
-    return [Middleware(RoutesGuard)]
+    return [Middleware(RoutesGuard), Middleware(StalledBodiesAtProxy), Middleware(ResendOnLostReplica)]
 
 
 def create_api(service: RelationService, *, token: str | None = None, observe=None) -> FastAPI:

@@ -206,15 +206,24 @@ class IngressDeployment:
         return self.service.model.retries
 
 
-def drain_application(app_name: str, *, timeout_s: float, poll_s: float = 0.2) -> int:
+DELIVERY_S = 1.0
+
+
+def drain_application(app_name: str, *, timeout_s: float, poll_s: float = 0.2, delivery_s: float = DELIVERY_S) -> int:
     """Stop every ingress replica of ``app_name`` from admitting requests, then wait until the accepted ones are
-    answered (at most ``timeout_s``); returns how many were still inside at the end (0: drained)."""
+    answered (at most ``timeout_s``); returns how many were still inside at the end (0: drained).
+
+    An ingress replica is done with a request when its app returns, but the answer still travels through Serve's
+    proxy to the client, and stopping Serve under it drops the connection (seen under load: a request accepted
+    before the SIGTERM got "Server disconnected"). So after the last one, ``delivery_s`` more pass before returning.
+    """
     handle = serve.get_deployment_handle(INGRESS_DEPLOYMENT, app_name)
     remaining = sum(handle.broadcast("drain").results())
     deadline = time.monotonic() + timeout_s
     while remaining and time.monotonic() < deadline:
         time.sleep(poll_s)
         remaining = sum(handle.broadcast("in_flight").results())
+    time.sleep(delivery_s)
     return remaining
 
 
