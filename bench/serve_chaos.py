@@ -40,9 +40,11 @@ requests it counts); p50/p99 are over the answered (200) requests.
   ``{"documents": [``, then nothing; each is opened again one second after the server answers or closes it, so 200
   stay stalled or being refused until the end. Reports ``failed`` among the valid requests, their p99 before and
   under the attack, how many took over a second under it, and what the stalled connections got.
-* ``overload``: one model replica admitting ``--capacity`` requests (half running, half queued) and twice
-  ``--capacity`` clients. Reports refusals (503), whether each carried ``Retry-After`` and a JSON body, their p99
-  latency, and ``failed`` among the accepted ones.
+* ``overload``: one model replica admitting ``--capacity`` requests (half running, half queued) with the latency
+  objective ``--max-queue-wait-s``, and twice ``--capacity`` clients, each waiting the ``Retry-After`` of a refusal
+  before its next request (as the API asks). Reports refusals (503), whether each carried ``Retry-After`` and a JSON
+  body, their p50/p99 latency (also apart: refused at the proxy by ``AdmissionAtProxy``, and in the application),
+  and ``failed`` among the accepted ones.
 
 Each phase prints one JSON line (``{"phase": ...}``); the baseline for the latencies is the same run's own p50
 (``stalled``: the p99 before the attack).
@@ -74,12 +76,16 @@ from serve_load import percentile, request_bodies, train_default_model  # noqa: 
 
 
 # ---- clients (their own process) --------------------------------------------------------------------------------
-def _load(url: str, bodies: list[dict], clients: int, seconds: float, headers: dict, queue, stop=None) -> None:
+def _load(url: str, bodies: list[dict], clients: int, seconds: float, headers: dict, queue, stop=None,
+          honour_retry_after: bool = False) -> None:
     """Each client sends the next body until ``seconds`` have passed (or ``stop``, an Event, is set); every
     request's outcome is recorded as
     (start on the machine's monotonic clock, latency s, status or error name, refusal shape, X-Model-Version).
-    A client whose connection is refused (nothing listens: a stopped server) waits 0.1 s before the next one."""
+    A client whose connection is refused (nothing listens: a stopped server) waits 0.1 s before the next one; with
+    ``honour_retry_after``, a client refused with 503 waits the ``Retry-After`` seconds, as the API asks."""
     import httpx
+
+    from drugprot.serving.api import AdmissionAtProxy
 
     async def main():
         outcomes = []
@@ -98,12 +104,17 @@ def _load(url: str, bodies: list[dict], clients: int, seconds: float, headers: d
                         version = response.headers.get("x-model-version")
                         if status == 503:
                             is_json = response.headers.get("content-type", "").startswith("application/json")
-                            shape = {"retry_after": "retry-after" in response.headers, "json": is_json}
+                            detail = response.json().get("detail", "") if is_json else ""
+                            shape = {"retry_after": "retry-after" in response.headers, "json": is_json,
+                                     "at_proxy": detail.startswith(AdmissionAtProxy.AT_CAPACITY),
+                                     "reason": detail.split(";")[0][:60]}
                     except httpx.HTTPError as error:
                         status = type(error).__name__
                     outcomes.append((sent, time.monotonic() - sent, status, shape, version))
                     if status == "ConnectError":
                         await asyncio.sleep(0.1)
+                    elif status == 503 and honour_retry_after and shape["retry_after"]:
+                        await asyncio.sleep(min(float(response.headers["retry-after"]), 5.0))
 
             await asyncio.gather(*(client() for _ in range(clients)))
         return outcomes
@@ -111,11 +122,12 @@ def _load(url: str, bodies: list[dict], clients: int, seconds: float, headers: d
     queue.put(asyncio.run(main()))
 
 
-def start_load(url: str, clients: int, seconds: float, headers: dict | None = None, stop=None):
+def start_load(url: str, clients: int, seconds: float, headers: dict | None = None, stop=None,
+               honour_retry_after: bool = False):
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    process = context.Process(target=_load, args=(url, request_bodies(), clients, seconds, headers or {}, queue, stop),
-                              daemon=True)
+    process = context.Process(target=_load, args=(url, request_bodies(), clients, seconds, headers or {}, queue, stop,
+                                                  honour_retry_after), daemon=True)
     process.start()
     return process, queue
 
@@ -267,7 +279,8 @@ def kill_phase(base: str, model: str, ray_root: Path, *, clients: int, seconds: 
                      failed_after_ingress_kill=cause["ingress"], **killed_at, **replaced)
 
 
-def overload_phase(base: str, model: str, *, clients: int, seconds: float, capacity: int) -> dict:
+def overload_phase(base: str, model: str, *, clients: int, seconds: float, capacity: int,
+                   max_queue_wait_s: float | None) -> dict:
     from ray import serve
 
     from drugprot.serving import build_app
@@ -275,15 +288,23 @@ def overload_phase(base: str, model: str, *, clients: int, seconds: float, capac
     app = "overload"
     running = max(1, capacity // 2)
     serve.run(build_app({"model": model, "replicas": 1, "num_cpus": 1, "token_env": None, "warmup_rounds": 2,
-                         "max_ongoing_requests": running, "max_queued_requests": capacity - running}),
+                         "max_ongoing_requests": running, "max_queued_requests": capacity - running,
+                         "max_queue_wait_s": max_queue_wait_s}),
               name=app, route_prefix=f"/{app}")
-    process, queue = start_load(f"{base}/{app}/v1/relations", clients, seconds)
+    process, queue = start_load(f"{base}/{app}/v1/relations", clients, seconds, honour_retry_after=True)
     outcomes = queue.get(timeout=seconds + 600)
     process.join(timeout=30)
     serve.delete(app)
     refusals = [(latency * 1000, shape) for _, latency, status, shape, _ in outcomes if status == 503]
+    at_proxy = [r for r, shape in refusals if shape and shape["at_proxy"]]
+    in_app = [r for r, shape in refusals if not (shape and shape["at_proxy"])]
     return summarize("overload", outcomes, clients=clients, capacity=capacity, seconds=seconds,
-                     refused=len(refusals), refused_p99_ms=round(percentile([r for r, _ in refusals], 99), 1),
+                     max_queue_wait_s=max_queue_wait_s, refused=len(refusals),
+                     refused_p50_ms=round(percentile([r for r, _ in refusals], 50), 1),
+                     refused_p99_ms=round(percentile([r for r, _ in refusals], 99), 1),
+                     refused_at_proxy=len(at_proxy), refused_at_proxy_p99_ms=round(percentile(at_proxy, 99), 1),
+                     refused_in_app=len(in_app), refused_in_app_p99_ms=round(percentile(in_app, 99), 1),
+                     refused_in_app_why=Counter(shape["reason"] for _, shape in refusals if shape and not shape["at_proxy"]),
                      refusals_with_retry_after=sum(1 for _, s in refusals if s and s["retry_after"]),
                      refusals_json=sum(1 for _, s in refusals if s and s["json"]))
 
@@ -462,6 +483,8 @@ def main(argv: list[str] | None = None) -> int:
                                                                 "phases")
     parser.add_argument("--stalled-clients", type=int, default=4, help="clients sending valid requests in the "
                                                                        "stalled phase")
+    parser.add_argument("--max-queue-wait-s", type=float, default=2.0, help="the overload phase's latency objective "
+                                                                        "(drugprot serve --max-queue-wait-s)")
     parser.add_argument("--capacity", type=int, default=16, help="requests the overload phase's model admits; "
                                                                   "it gets twice as many clients")
     parser.add_argument("--poll-s", type=float, default=1.0, help="the swap phase's alias poll interval")
@@ -502,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
                                            port=args.port)
                 else:
                     result = overload_phase(base, model, clients=2 * args.capacity, seconds=args.seconds,
-                                            capacity=args.capacity)
+                                            capacity=args.capacity, max_queue_wait_s=args.max_queue_wait_s)
                 print(json.dumps(result), flush=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

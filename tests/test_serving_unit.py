@@ -627,12 +627,13 @@ def test_rays_routes_endpoint_needs_the_token_at_the_proxy(monkeypatch):
     from starlette.responses import JSONResponse
     from starlette.routing import Route
 
-    from drugprot.serving.api import (PROXY_CALLBACK, ResendOnLostReplica, RoutesGuard, StalledBodiesAtProxy,
-                                      proxy_middlewares)
+    from drugprot.serving.api import (PROXY_CALLBACK, AdmissionAtProxy, ResendOnLostReplica, RoutesGuard,
+                                      StalledBodiesAtProxy, proxy_middlewares)
 
     assert PROXY_CALLBACK[1] == f"{proxy_middlewares.__module__}:{proxy_middlewares.__name__}"
-    middleware, stalled, resend = proxy_middlewares()
+    middleware, stalled, admission, resend = proxy_middlewares()
     assert middleware.cls is RoutesGuard and stalled.cls is StalledBodiesAtProxy and resend.cls is ResendOnLostReplica
+    assert admission.cls is AdmissionAtProxy
     proxy = [Route("/-/routes", lambda _: JSONResponse({"/": "drugprot"})), Route("/-/healthz", lambda _: JSONResponse("ok"))]
     monkeypatch.setenv("DRUGPROT_API_TOKEN", "s3cret")
     with TestClient(Starlette(routes=proxy, middleware=[middleware])) as guarded:
@@ -779,6 +780,126 @@ def test_the_proxy_refuses_stalled_bodies_beyond_the_caps_before_any_replica_see
     assert calls_while_full == 4  # the two held, the other address's and the whole body; no refused one
     assert first_status == 200 and admitted_again and silent_status == 408
     assert guard.unfinished.admit("10.0.0.9") is None  # every slot was given back
+
+
+class CapacityApp:
+    """Stands in for an application that admits ``capacity`` requests at once and refuses the rest for overload
+    (503, ``Retry-After: 3`` and the overload header, as the ingress does) after a round trip; each admitted request
+    holds its slot until ``release`` is set."""
+
+    def __init__(self, capacity: int):
+        from drugprot.serving.service import OVERLOAD_HEADER
+
+        self.capacity, self.running, self.calls, self.release = capacity, 0, 0, asyncio.Event()
+        self.header = OVERLOAD_HEADER.lower().encode()
+
+    async def __call__(self, scope, receive, send):
+        self.calls += 1
+        await asyncio.sleep(0)  # the round trip to a replica: requests sent together are all on their way
+        if self.running >= self.capacity:
+            headers = [(b"retry-after", b"3"), (self.header, b"1"), (b"content-type", b"application/json")]
+            await send({"type": "http.response.start", "status": 503, "headers": headers})
+            return await send({"type": "http.response.body", "body": b'{"detail": "queue full"}'})
+        self.running += 1
+        try:
+            await self.release.wait()
+        finally:
+            self.running -= 1
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+
+def through_admission(gate, path: str = "/app/v1/relations"):
+    """One POST through ``gate`` (an AdmissionAtProxy) as a task; returns (task, what was sent back)."""
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": path, "headers": []}
+    return asyncio.create_task(gate(scope, receive, send)), sent
+
+
+def test_the_proxy_learns_capacity_from_overload_refusals_and_refuses_the_excess_itself():
+    from drugprot.serving.api import AdmissionAtProxy
+
+    async def scenario():
+        app, now = CapacityApp(capacity=4), [0.0]
+        gate = AdmissionAtProxy(app, clock=lambda: now[0])
+        first = [through_admission(gate) for _ in range(6)]  # no limit yet: all six reach the app, two refused there
+        await asyncio.sleep(0.01)
+        assert app.calls == 6 and gate.refused == 0
+        assert [sent[0]["status"] for _, sent in first if sent] == [503, 503]
+        assert gate.limit["/app"] == 5.0  # cut once (the second refusal belongs to the same round)
+        more = [through_admission(gate) for _ in range(5)]
+        await asyncio.sleep(0.01)
+        assert app.calls == 7  # 4 running + 1 admitted (the limit is 5), 4 refused at the proxy, never reaching the app
+        assert gate.refused == 4 and gate.limit["/app"] == 4.0  # the app refused the fifth: cut to what it holds
+        at_proxy = [sent for _, sent in more if json.loads(sent[1]["body"])["detail"].startswith("the service is at capacity")]
+        assert len(at_proxy) == 4 and all(sent[0]["status"] == 503 for sent in at_proxy)
+        assert all(dict(sent[0]["headers"])[b"retry-after"] == b"3" for sent in at_proxy)  # the app's last Retry-After
+        other = through_admission(gate, path="/other/v1/relations")  # another application: its own (no) limit
+        await asyncio.sleep(0.01)
+        assert app.calls == 8 and other[1][0]["status"] == 503
+        demand = [through_admission(gate) for _ in range(2)]  # refused here after the cut: demand beyond the limit
+        await asyncio.sleep(0.01)
+        assert app.calls == 8 and gate.refused == 6
+        app.release.set()
+        await asyncio.gather(*(task for task, _ in first + more + demand))
+        assert gate.probe_rounds["/app"] == 2  # the second cut: probing backs off
+        raised = 4.0  # each of the four 2xx answers raised the limit, by 1 / (2 rounds × limit)
+        for _ in range(4):
+            raised += 1 / (2 * raised)
+        assert gate.limit["/app"] == pytest.approx(raised) and sum(gate.in_flight.values()) == 0
+        app.release.clear()
+        now[0] += gate.DEMAND_S  # a while later, nothing refused here since
+        calm = [through_admission(gate) for _ in range(2)]  # below the limit: nothing refused, no demand
+        await asyncio.sleep(0.01)
+        app.release.set()
+        await asyncio.gather(*(task for task, _ in calm))
+        assert gate.limit["/app"] == pytest.approx(raised)  # answers without demand beyond the limit raise nothing
+
+    asyncio.run(asyncio.wait_for(scenario(), 5))
+
+
+def test_admission_probing_backs_off_while_probes_fail_and_resumes_when_capacity_grows():
+    from drugprot.serving.api import AdmissionAtProxy
+    from drugprot.serving.service import OVERLOAD_HEADER
+
+    gate = AdmissionAtProxy(None, clock=lambda: 0.0)
+    overload = [(OVERLOAD_HEADER.lower().encode(), b"1"), (b"retry-after", b"2")]
+    gate.in_flight["/a"] = 9
+    for rounds in (1, 2, 4, 8, 16, 32, 64, 64):  # each refused probe doubles the rounds between probes, up to the cap
+        gate._learn("/a", gate.cuts["/a"], 503, overload)
+        assert gate.probe_rounds["/a"] == rounds and gate.limit["/a"] == 8.0 and gate.retry_after["/a"] == "2"
+    gate._learn("/a", gate.cuts["/a"] - 1, 503, overload)  # admitted before the last cut: no new cut
+    assert gate.probe_rounds["/a"] == 64
+    gate.refused_at["/a"] = 0.0  # demand beyond the limit
+    answers = 0
+    while gate.probe_rounds["/a"] != 1:  # capacity was added: every answer succeeds until two requests past the cut
+        gate._learn("/a", gate.cuts["/a"], 200, [])
+        answers += 1
+    assert gate.limit["/a"] >= 10.0 and 64 * (8 + 9) <= answers <= 64 * (9 + 10)  # 1/(64 × limit) per answer
+    gate._learn("/a", gate.cuts["/a"], 200, [])
+    assert gate.limit["/a"] > 10.0 + 1 / (64 * 10.1)  # probing every round again
+
+
+def test_admission_at_the_proxy_passes_other_routes_and_methods_untouched():
+    from drugprot.serving.api import AdmissionAtProxy
+
+    async def scenario():
+        app = CapacityApp(capacity=0)  # refuses every request it sees
+        gate = AdmissionAtProxy(app)
+        gate.limit["/app"] = 1.0
+        gate.in_flight["/app"] = 5  # far over the limit
+        _, sent = through_admission(gate, path="/app/v1/model")
+        await asyncio.sleep(0.01)
+        assert app.calls == 1 and sent[0]["status"] == 503  # not a relations request: always reaches the app
+
+    asyncio.run(asyncio.wait_for(scenario(), 5))
 
 
 def test_token_comes_from_the_named_environment_variable(monkeypatch):

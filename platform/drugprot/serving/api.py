@@ -5,7 +5,8 @@
 ``GET /v1/model``, ``GET /healthz``, ``GET /readyz`` (and FastAPI's ``/openapi.json`` and ``/docs``).
 Status codes: 401 missing/wrong bearer token (all but the probes and docs, checked before the body is read), 413 body or
 request over a limit, 422 malformed JSON or invalid document (the message names the document and field),
-503 not ready; overload beyond the queue (503) is answered by Serve's proxy before a request reaches here.
+503 not ready or overloaded (JSON with ``Retry-After``; under sustained overload the proxy's ``AdmissionAtProxy``
+answers it before a request reaches here).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import math
 import time
 from collections import Counter
 import logging
@@ -28,7 +30,7 @@ from drugprot import __version__
 from drugprot.errors import DrugprotError
 from drugprot.serving.options import Limits, ServeOptions
 from drugprot.serving.schemas import ErrorResponse, ModelInfo, RelationsRequest, RelationsResponse, describe_errors
-from drugprot.serving.service import RelationService, ServingError
+from drugprot.serving.service import OVERLOAD_HEADER, RelationService, ServingError
 
 log = logging.getLogger("drugprot.serving")
 
@@ -367,6 +369,81 @@ class ResendOnLostReplica:
         return None  # every attempt lost: the server answers 500, as without this middleware
 
 
+class AdmissionAtProxy:
+    """Pure ASGI middleware for Serve's HTTP proxy: under overload, refuse at the proxy what the application would
+    refuse anyway, in milliseconds instead of after a round trip through an ingress replica and the model's queue.
+
+    The proxy cannot see the model's queue, so it learns each application's capacity (per route prefix of
+    ``…/v1/relations``) from the application's own refusals, as TCP's congestion window does (additive increase,
+    multiplicative decrease): when a request comes back refused for lack of capacity (a 503 carrying
+    ``OVERLOAD_HEADER``), the limit becomes the requests then in flight through this proxy minus one, once per
+    round (refusals of requests admitted before the last cut do not cut again). While the requests in flight reach
+    the limit, a new request is answered here with the same JSON 503 and the ``Retry-After`` of the last refusal.
+    While there is demand beyond the limit (a request refused here in the last ``DEMAND_S``), every 2xx answer
+    raises it by 1/(rounds × limit): one more request every ``rounds`` rounds probes whether capacity was added (a
+    replica, a scale-up). A probe the application refuses is one slow refusal, so probing backs off: every cut
+    doubles ``rounds`` (up to ``MAX_PROBE_ROUNDS``), and a limit that grew two requests past its last cut (capacity
+    was added) probes every round again. Until the first refusal there is no limit."""
+
+    SUFFIX = "/v1/relations"
+    AT_CAPACITY = "the service is at capacity"  # how its refusals begin
+    MAX_PROBE_ROUNDS = 64
+    DEMAND_S = 1.0
+
+    def __init__(self, app, *, clock=time.monotonic):
+        self.app = app
+        self.clock = clock
+        self.in_flight: Counter[str] = Counter()  # per application (route prefix)
+        self.limit: dict[str, float] = {}
+        self.cuts: Counter[str] = Counter()  # how many times each limit was cut: a request's round
+        self.cut_to: dict[str, float] = {}
+        self.probe_rounds: dict[str, int] = {}
+        self.retry_after: dict[str, str] = {}
+        self.refused = 0  # answered here
+        self.refused_at: dict[str, float] = {}  # when a request to each application was last refused here
+
+    async def __call__(self, scope, receive, send):
+        path = scope.get("path", "")
+        if scope["type"] != "http" or scope.get("method") != "POST" or not path.endswith(self.SUFFIX):
+            return await self.app(scope, receive, send)
+        key = path[: -len(self.SUFFIX)]
+        limit = self.limit.get(key)
+        if limit is not None and self.in_flight[key] >= limit:
+            self.refused += 1
+            self.refused_at[key] = self.clock()
+            retry_after = self.retry_after.get(key, "1")
+            response = _error(503, f"{self.AT_CAPACITY} ({self.in_flight[key]} requests in progress); retry "
+                                   f"after {retry_after} s", headers={"Retry-After": retry_after, OVERLOAD_HEADER: "1"})
+            return await response(scope, receive, send)
+        round_ = self.cuts[key]
+        self.in_flight[key] += 1
+
+        async def send_and_learn(message):
+            if message["type"] == "http.response.start":
+                self._learn(key, round_, message["status"], message.get("headers") or [])
+            await send(message)
+
+        try:
+            return await self.app(scope, receive, send_and_learn)
+        finally:
+            self.in_flight[key] -= 1
+
+    def _learn(self, key: str, round_: int, status: int, headers) -> None:
+        """Cut the limit on an overload refusal (once per round), raise it on a 2xx answer while there is demand."""
+        headers = {name.lower(): value for name, value in headers}
+        if status == 503 and OVERLOAD_HEADER.lower().encode() in headers:
+            self.retry_after[key] = headers.get(b"retry-after", b"1").decode("latin-1")
+            if round_ == self.cuts[key]:
+                self.limit[key] = self.cut_to[key] = max(1.0, self.in_flight[key] - 1.0)
+                self.cuts[key] += 1
+                rounds = self.probe_rounds.get(key)
+                self.probe_rounds[key] = 1 if rounds is None else min(2 * rounds, self.MAX_PROBE_ROUNDS)
+        elif 200 <= status < 300 and self.clock() - self.refused_at.get(key, -math.inf) < self.DEMAND_S:
+            self.limit[key] += 1.0 / (self.probe_rounds[key] * self.limit[key])
+            if self.limit[key] >= self.cut_to[key] + 2:
+                self.probe_rounds[key] = 1
+
+
 PROXY_CALLBACK = ("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "drugprot.serving.api:proxy_middlewares")
 
 
@@ -375,7 +452,8 @@ def proxy_middlewares() -> list:
     it for the Ray it starts; on a cluster, set it on every node)."""
     from starlette.middleware import Middleware
 
-    return [Middleware(RoutesGuard), Middleware(StalledBodiesAtProxy), Middleware(ResendOnLostReplica)]
+    return [Middleware(RoutesGuard), Middleware(StalledBodiesAtProxy), Middleware(AdmissionAtProxy),
+            Middleware(ResendOnLostReplica)]
 
 
 def create_api(service: RelationService, *, token: str | None = None, observe=None) -> FastAPI:

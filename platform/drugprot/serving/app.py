@@ -32,7 +32,7 @@ from drugprot.errors import DrugprotError
 from drugprot.serving.api import create_api, resolve_token
 from drugprot.serving.metrics import IngressMetrics, ModelMetrics
 from drugprot.serving.options import ServeOptions, parse_options
-from drugprot.serving.service import ModelService, RelationService, ServingError
+from drugprot.serving.service import ModelService, Overloaded, RelationService, ServingError
 
 log = logging.getLogger("drugprot.serving")
 
@@ -51,7 +51,7 @@ class RemoteModel:
 
     A call whose replica died (``RayActorError``) is sent again, to whichever replica the router picks, at most
     ``attempts`` times in all and until ``deadline_s`` after the first try; ``retries`` counts the repeats.
-    A full model queue (Serve's ``BackPressureError``) is a 503 with ``Retry-After``, never retried.
+    A full model queue (Serve's ``BackPressureError``) is an ``Overloaded`` 503 with ``Retry-After``, never retried.
     """
 
     def __init__(self, handle, *, attempts: int, deadline_s: float, metrics: IngressMetrics | None = None):
@@ -72,7 +72,7 @@ class RemoteModel:
                     self.metrics.model_call(time.monotonic() - started)
                 return result
             except BackPressureError:
-                raise ModelUnavailable("the model's queue is full; retry after a second") from None
+                raise Overloaded("the model's queue is full; retry after a second", 1.0) from None
             except TimeoutError:
                 raise ModelUnavailable(f"the model did not answer within {self.deadline_s:g} s; retry later") from None
             except (RayActorError, ReplicaUnavailableError) as error:

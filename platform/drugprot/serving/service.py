@@ -50,14 +50,18 @@ class NotReady(ServingError):
     headers = {"Retry-After": "1"}
 
 
+OVERLOAD_HEADER = "X-Drugprot-Overload"  # marks refusals for lack of capacity: the proxy's admission learns from them
+
+
 class Overloaded(ServingError):
-    """The latency objective (``max_queue_wait_s``) refused the request: 503, retry after about the expected wait."""
+    """Refused for lack of capacity (the model's queue is full, or the latency objective ``max_queue_wait_s``):
+    503, retry after about the expected wait."""
 
     status = 503
 
     def __init__(self, message: str, retry_after_s: float):
         super().__init__(message)
-        self.headers = {"Retry-After": str(max(1, math.ceil(min(retry_after_s, 60))))}
+        self.headers = {"Retry-After": str(max(1, math.ceil(min(retry_after_s, 60)))), OVERLOAD_HEADER: "1"}
 
 
 @dataclass(frozen=True)
