@@ -40,4 +40,3 @@ def test_chaos_benchmark_short_run(relation_members, tmp_path):  # noqa: F811
     assert overload["refused"] > 0 and overload["failed"] == 0
     assert overload["refusals_with_retry_after"] == overload["refusals_json"] == overload["refused"]
     assert overload["refused_at_proxy"] > 0, overload  # the proxy learnt the capacity and refused the excess itself
-    assert overload["refused_in_app_why"].keys() <= {"the model's queue is full"}, overload
