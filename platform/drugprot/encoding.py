@@ -1,8 +1,11 @@
 """Typed entity markers, tokenization once per corpus, windows that keep both entities, token-budget batches.
 
-Each sentence is cut at every entity boundary and each piece is tokenized once (a batched call on the fast
-tokenizer); a pair's input is then assembled from cached pieces with the four marker tokens inserted at its two
-entities, so no text is re-tokenized per pair or per step. When the marked sentence is longer than
+Each sentence is cut at the boundaries of every entity of its document that lies in it and each piece is
+tokenized once (a batched call on the fast tokenizer); a pair's input is then assembled from cached pieces with the
+four marker tokens inserted at its two entities, so no text is re-tokenized per pair or per step. Cutting at every
+entity, not only at those of the candidates being encoded, makes a pair's token ids independent of which other
+pairs share the call (a boundary inside a word changes how the word is split): the server may then score a large
+request in several model calls, and a request's GENE interval changes no other pair's ids. When the marked sentence is longer than
 ``max_length``, the window slides to keep both entities whole; a pair whose entities alone do not fit is dropped
 and counted (never silently pointed at [CLS]).
 """
@@ -73,18 +76,21 @@ class PairEncoder:
 
     def encode(self, documents: Sequence[Document], candidates: Sequence[Candidate]) -> tuple[list[EncodedPair], EncodingStats]:
         """Encode candidates (any order, any documents among ``documents``); tokenizes each text piece once."""
-        texts = {d.pmid: d.text for d in documents}
+        by_pmid = {d.pmid: d for d in documents}
         pieces_by_sentence: dict[tuple[str, int, int], list[int]] = {}
         for cand in candidates:
             key = (cand.pmid, *cand.sentence)
-            cuts = pieces_by_sentence.setdefault(key, [])
-            cuts.extend((cand.chemical.start, cand.chemical.end, cand.gene.start, cand.gene.end))
+            if key not in pieces_by_sentence:  # every entity of the document, whichever candidates are in this call
+                pieces_by_sentence[key] = [c for e in by_pmid[cand.pmid].entities.values() for c in (e.start, e.end)]
+            # a candidate's own entities are the document's; cutting at them as well keeps a stray one encodable
+            pieces_by_sentence[key].extend((cand.chemical.start, cand.chemical.end, cand.gene.start, cand.gene.end))
         plan: list[tuple[tuple[str, int, int], list[int]]] = []
         piece_texts: list[str] = []
         for (pmid, start, end), cuts in pieces_by_sentence.items():
+            text = by_pmid[pmid].text
             bounds = sorted({start, end, *(c for c in cuts if start < c < end)})
             plan.append(((pmid, start, end), bounds))
-            piece_texts.extend(texts[pmid][a:b] for a, b in zip(bounds, bounds[1:]))
+            piece_texts.extend(text[a:b] for a, b in zip(bounds, bounds[1:]))
         piece_ids = self.tokenizer(piece_texts, add_special_tokens=False)["input_ids"] if piece_texts else []
         cache: dict[tuple[str, int, int], tuple[list[int], dict[int, int]]] = {}
         cursor = 0
