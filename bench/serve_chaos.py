@@ -1,5 +1,5 @@
 """Chaos benchmark for the Serve application: what clients see while replicas are killed, the champion is swapped,
-the server is stopped, stalled bodies are held open, and under overload.
+the server is stopped, stalled bodies are held open, under overload, and beside big requests.
 
     python bench/serve_chaos.py                               # tiny model trained on the spot; every phase, 60 s each
     python bench/serve_chaos.py --model DIR --phases kill,swap --seconds 60 --clients 32
