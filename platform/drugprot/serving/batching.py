@@ -27,6 +27,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any, Generic, TypeVar
 
 import torch
@@ -207,8 +208,8 @@ class PairBatcher(Generic[T, R]):
         queued item (the items of the running batch queue again behind it, so they count one round less)."""
         if not self.pairs_per_s:
             return 0.0
-        ahead = self._running_pairs + sum(sum(list(p.sizes)[:chunks]) for p in self._queue)
-        ahead += sum(sum(list(p.sizes)[:chunks - 1]) for p in self._running)
+        ahead = self._running_pairs + sum(sum(islice(p.sizes, chunks)) for p in self._queue)
+        ahead += sum(sum(islice(p.sizes, chunks - 1)) for p in self._running)
         return ahead / self.pairs_per_s
 
     async def submit(self, item: T) -> R:
@@ -226,11 +227,11 @@ class PairBatcher(Generic[T, R]):
         chunks = [item]
         if self.split is not None and int(self.size(item)) > self.max_pairs:
             chunks = list(self.split(item, self.max_pairs))
-            self.stats.split_items += 1
         expected = self.expected_wait_s(len(chunks))
         if self.max_wait_s is not None and expected > self.max_wait_s:
             self.stats.refused += 1
             raise QueueWaitExceeded(expected, self.max_wait_s)
+        self.stats.split_items += len(chunks) > 1
         future = loop.create_future()
         now = self._clock()
         self._queue.append(_Pending(deque(chunks), deque(int(self.size(c)) for c in chunks), future, now, now))
