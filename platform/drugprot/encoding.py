@@ -13,6 +13,7 @@ and counted (never silently pointed at [CLS]).
 from __future__ import annotations
 
 import random
+from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -77,11 +78,17 @@ class PairEncoder:
     def encode(self, documents: Sequence[Document], candidates: Sequence[Candidate]) -> tuple[list[EncodedPair], EncodingStats]:
         """Encode candidates (any order, any documents among ``documents``); tokenizes each text piece once."""
         by_pmid = {d.pmid: d for d in documents}
+        boundaries: dict[str, list[int]] = {}  # each document's entity offsets, sorted
         pieces_by_sentence: dict[tuple[str, int, int], list[int]] = {}
         for cand in candidates:
             key = (cand.pmid, *cand.sentence)
             if key not in pieces_by_sentence:  # every entity of the document, whichever candidates are in this call
-                pieces_by_sentence[key] = [c for e in by_pmid[cand.pmid].entities.values() for c in (e.start, e.end)]
+                if cand.pmid not in boundaries:
+                    entities = by_pmid[cand.pmid].entities.values()
+                    boundaries[cand.pmid] = sorted(c for e in entities for c in (e.start, e.end))
+                offsets = boundaries[cand.pmid]
+                start, end = cand.sentence
+                pieces_by_sentence[key] = offsets[bisect_right(offsets, start):bisect_left(offsets, end)]
             # a candidate's own entities are the document's; cutting at them as well keeps a stray one encodable
             pieces_by_sentence[key].extend((cand.chemical.start, cand.chemical.end, cand.gene.start, cand.gene.end))
         plan: list[tuple[tuple[str, int, int], list[int]]] = []
