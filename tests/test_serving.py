@@ -108,8 +108,8 @@ def apps(cluster, ensemble_dir):
     model = str(ensemble_dir)
     serve.run_many([
         serve.RunTarget(build_app({"model": model, "replicas": 2, "num_cpus": 0.5, "token_env": None,
-                                   "max_batch_pairs": 160, "batch_wait_ms": 10}),  # the development sample (137 pairs) is not split
-                        name="open", route_prefix="/open"),
+                                   "max_batch_pairs": 160, "max_ongoing_requests": 64, "batch_wait_ms": 10}),
+                        name="open", route_prefix="/open"),  # the development sample (137 pairs) in one call
         serve.RunTarget(build_app({"model": model, "num_cpus": 0.25, "token_env": TOKEN_ENV, "require_token": True,
                                    "limits": {"max_documents": 3, "max_characters": 20_000, "max_entities": 200,
                                               "max_pairs": 60, "max_body_bytes": 20_000}}),
