@@ -1,5 +1,5 @@
 """Chaos benchmark for the Serve application: what clients see while replicas are killed, the champion is swapped,
-the server is stopped, stalled bodies are held open, and under overload.
+the server is stopped, stalled bodies are held open, under overload, and beside big requests.
 
     python bench/serve_chaos.py                               # tiny model trained on the spot; every phase, 60 s each
     python bench/serve_chaos.py --model DIR --phases kill,swap --seconds 60 --clients 32
@@ -45,6 +45,14 @@ requests it counts); p50/p99 are over the answered (200) requests.
   before its next request (as the API asks). Reports refusals (503), whether each carried ``Retry-After`` and a JSON
   body, their p50/p99 latency (also apart: refused at the proxy by ``AdmissionAtProxy``, and in the application),
   and ``failed`` among the accepted ones.
+* ``big``: one model replica (default batching: calls of at most 64 pairs). ``--small-clients`` send development
+  documents the whole time; a quarter into the run ``--big-clients`` start sending one request of 4,040 pairs (one
+  sentence, 40 chemicals amid 101 genes, ``"interval": [-50, 50]``), which the model replica cuts into chunks that
+  take turns with the small requests. Reports the small requests' p50/p99 before the first big request was sent
+  (the baseline) and while big ones ran (sent after the first, answered before the last big answer), their
+  ratios, the big requests answered and their p50/p99, the big request's latency alone before the load, and the
+  replica's batching counters (largest model call, chunks, requests split); ``p50_ms``/``p99_ms`` are the small
+  requests', ``failed`` counts small and big.
 
 Each phase prints one JSON line (``{"phase": ...}``); the baseline for the latencies is the same run's own p50
 (``stalled``: the p99 before the attack).
@@ -123,11 +131,12 @@ def _load(url: str, bodies: list[dict], clients: int, seconds: float, headers: d
 
 
 def start_load(url: str, clients: int, seconds: float, headers: dict | None = None, stop=None,
-               honour_retry_after: bool = False):
+               honour_retry_after: bool = False, bodies=None):
+    """``bodies``: what the clients send in turn (default: one development document per request)."""
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    process = context.Process(target=_load, args=(url, request_bodies(), clients, seconds, headers or {}, queue, stop,
-                                                  honour_retry_after), daemon=True)
+    process = context.Process(target=_load, args=(url, bodies or request_bodies(), clients, seconds, headers or {},
+                                                  queue, stop, honour_retry_after), daemon=True)
     process.start()
     return process, queue
 
@@ -470,7 +479,84 @@ def stalled_phase(base: str, model: str, *, clients: int, seconds: float, port: 
                      stalled_answers=stalled_answers)
 
 
-PHASES = ("kill", "swap", "sigterm", "stalled", "overload")
+BIG_INTERVAL = (-50, 50)
+
+
+def big_request(chemicals: int = 40, genes: int = 101) -> dict:
+    """One sentence with ``chemicals`` CHEMICAL and ``genes`` GENE mentions, the chemicals amid the genes so that
+    every pair falls in the GENE interval ``BIG_INTERVAL``: ``chemicals * genes`` pairs (4,040 by default, legal
+    under the default limits)."""
+    text, entities = "", []
+
+    def mention(surface: str, kind: str) -> None:
+        nonlocal text
+        if text:
+            text += " , "
+        entities.append({"id": f"T{len(entities) + 1}", "type": kind, "start": len(text),
+                         "end": len(text) + len(surface), "text": surface})
+        text += surface
+
+    before = (genes - 1) // 2
+    for i in range(before):
+        mention(f"GENE{i}", "GENE-Y")
+    for i in range(chemicals):
+        mention(f"chemical{i}", "CHEMICAL")
+    for i in range(before, genes):
+        mention(f"GENE{i}", "GENE-N")
+    return {"documents": [{"id": "big", "text": text + " .", "entities": entities}], "interval": list(BIG_INTERVAL)}
+
+
+def big_phase(base: str, model: str, *, small_clients: int, big_clients: int, seconds: float) -> dict:
+    import httpx
+    from ray import serve
+
+    from drugprot.serving import build_app
+
+    app = "big"
+    serve.run(build_app({"model": model, "replicas": 1, "num_cpus": 1, "token_env": None, "warmup_rounds": 2}),
+              name=app, route_prefix=f"/{app}")
+    url = f"{base}/{app}/v1/relations"
+    body = big_request()
+    started = time.monotonic()
+    alone = httpx.post(url, json=body, timeout=300)
+    alone_ms = (time.monotonic() - started) * 1000
+    if alone.status_code != 200:
+        raise RuntimeError(f"the big request was refused: {alone.status_code} {alone.text[:500]}")
+    pairs = alone.json()["documents"][0]["candidates"]
+    small, small_queue = start_load(url, small_clients, seconds)
+    time.sleep(seconds / 4)
+    big, big_queue = start_load(url, big_clients, seconds * 3 / 4, bodies=[body])
+    small_outcomes = small_queue.get(timeout=seconds + 600)
+    big_outcomes = big_queue.get(timeout=seconds + 600)
+    small.join(timeout=30)
+    big.join(timeout=30)
+    batching = httpx.get(f"{base}/{app}/readyz", timeout=60).json().get("batching", {})
+    serve.delete(app)
+    big_from = min((sent for sent, *_ in big_outcomes), default=math.inf)  # the first big request sent
+    big_until = max((sent + latency for sent, latency, *_ in big_outcomes), default=math.inf)
+    before = [latency * 1000 for sent, latency, status, *_ in small_outcomes if status == 200 and sent < big_from]
+    under = [latency * 1000 for sent, latency, status, *_ in small_outcomes
+             if status == 200 and big_from <= sent and sent + latency <= big_until]
+    big_ms = [latency * 1000 for _, latency, status, *_ in big_outcomes if status == 200]
+
+    def ratio(q: float) -> float | None:
+        return round(percentile(under, q) / percentile(before, q), 2) if before and under else None
+
+    small_ms = before + under
+    return summarize("big", small_outcomes + big_outcomes, small_clients=small_clients, big_clients=big_clients,
+                     seconds=seconds, big_pairs=pairs, big_alone_ms=round(alone_ms, 1),
+                     p50_ms=round(percentile(small_ms, 50), 1), p99_ms=round(percentile(small_ms, 99), 1),
+                     small_before=len(before), small_p50_ms_before=round(percentile(before, 50), 1),
+                     small_p99_ms_before=round(percentile(before, 99), 1), small_under=len(under),
+                     small_p50_ms_under=round(percentile(under, 50), 1),
+                     small_p99_ms_under=round(percentile(under, 99), 1), p50_ratio=ratio(50), p99_ratio=ratio(99),
+                     big_answered=len(big_ms), big_p50_ms=round(percentile(big_ms, 50), 1),
+                     big_p99_ms=round(percentile(big_ms, 99), 1),
+                     batching={key: batching.get(key) for key in ("max_pairs", "batches", "largest_batch_pairs",
+                                                                  "chunks", "split_requests")})
+
+
+PHASES = ("kill", "swap", "sigterm", "stalled", "overload", "big")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -487,6 +573,10 @@ def main(argv: list[str] | None = None) -> int:
                                                                         "(drugprot serve --max-queue-wait-s)")
     parser.add_argument("--capacity", type=int, default=16, help="requests the overload phase's model admits; "
                                                                   "it gets twice as many clients")
+    parser.add_argument("--small-clients", type=int, default=4, help="clients sending one development document "
+                                                                     "each in the big phase")
+    parser.add_argument("--big-clients", type=int, default=4, help="clients sending the 4,040-pair request in the "
+                                                                   "big phase")
     parser.add_argument("--poll-s", type=float, default=1.0, help="the swap phase's alias poll interval")
     parser.add_argument("--port", type=int, default=8116, help="Serve HTTP port on 127.0.0.1 (the sigterm phase's "
                                                                "server: this + 10)")
@@ -523,6 +613,9 @@ def main(argv: list[str] | None = None) -> int:
                 elif phase == "stalled":
                     result = stalled_phase(base, model, clients=args.stalled_clients, seconds=args.seconds,
                                            port=args.port)
+                elif phase == "big":
+                    result = big_phase(base, model, small_clients=args.small_clients, big_clients=args.big_clients,
+                                       seconds=args.seconds)
                 else:
                     result = overload_phase(base, model, clients=2 * args.capacity, seconds=args.seconds,
                                             capacity=args.capacity, max_queue_wait_s=args.max_queue_wait_s)

@@ -115,6 +115,43 @@ def test_touching_entities_keep_their_markers_nested(tokenizer):
     assert ids[pair.subject] == s_open and ids[pair.object] == o_open
 
 
+def test_a_pairs_ids_do_not_depend_on_the_other_candidates_in_the_call(tokenizer):
+    """"TNF" ends inside the word "TNFalpha": its boundary must cut that word for the IL6 pair too, whether or not
+    the TNF pair is encoded in the same call (the server scores a large request in several calls)."""
+    doc = make_document("Ethanol alters TNFalpha and IL6 levels.",
+                        [("T1", "CHEMICAL", "Ethanol"), ("T2", "GENE", "TNF"), ("T3", "GENE", "IL6")])
+    whole, split = (tokenizer(t, add_special_tokens=False)["input_ids"] for t in ("TNFalpha", "TNF"))
+    assert whole[:len(split)] != split  # cut or not, the word's ids differ: the old per-call cuts would fail here
+    encoder = PairEncoder(tokenizer, max_length=64)
+    candidates = document_candidates(doc, None)
+    (il6,) = [c for c in candidates if c.gene.id == "T3"]
+    together, _ = encoder.encode([doc], candidates)
+    (alone,), _ = encoder.encode([doc], [il6])
+    (with_all,) = [p for p in together if candidates[p.index] == il6]
+    assert alone.input_ids == with_all.input_ids and (alone.subject, alone.object) == (with_all.subject, with_all.object)
+
+
+def test_a_sentence_tokenized_once_serves_later_calls(tokenizer):
+    """Chunks of one request come in separate calls: the second call tokenizes nothing and gives the same ids."""
+    doc = make_document("Ethanol alters TNFalpha and IL6 levels.",
+                        [("T1", "CHEMICAL", "Ethanol"), ("T2", "GENE", "TNF"), ("T3", "GENE", "IL6")])
+    encoder = PairEncoder(tokenizer, max_length=64)
+    tokenized: list[list[str]] = []
+
+    def counting(texts, **options):
+        tokenized.append(texts)
+        return tokenizer(texts, **options)
+
+    encoder.tokenizer = counting
+    first, second = document_candidates(doc, None)
+    (one,), _ = encoder.encode([doc], [first])
+    moved = Document("2", "Before. " + doc.title, "",  # the same sentence elsewhere in another document
+                     {k: Entity(e.id, e.type, e.start + 8, e.end + 8, e.text) for k, e in doc.entities.items()})
+    (again,), _ = encoder.encode([moved], [c for c in document_candidates(moved, None) if c.gene.id == first.gene.id])
+    (two,), _ = encoder.encode([doc], [second])
+    assert len(tokenized) == 1 and one.input_ids == again.input_ids and two.input_ids != one.input_ids
+
+
 @pytest.mark.parametrize("scheme, expected", [
     ("fine", {"T2": "[O:GENE-Y]", "T3": "[O:GENE-N]", "T4": "[O:GENE]"}),
     ("coarse", {"T2": "[O:GENE]", "T3": "[O:GENE]", "T4": "[O:GENE]"}),

@@ -79,6 +79,12 @@ def answered(body: dict) -> dict[str, list[tuple]]:
             for d in body["documents"]}
 
 
+def assert_equal_up_to_rounding(got: dict[str, list[tuple]], want: dict[str, list[tuple]]) -> None:
+    """Same relations, labels and votes; scores within float rounding (a request scored in other call shapes)."""
+    assert {k: [(*r[:3], r[4]) for r in v] for k, v in got.items()} == {k: [(*r[:3], r[4]) for r in v] for k, v in want.items()}
+    assert all(abs(g[3] - w[3]) <= 2e-6 for k in want for g, w in zip(got[k], want[k]))
+
+
 def service_for(predictor, **options) -> RelationService:
     """Ingress and model halves in this process: the model warmed up, the ingress calling it directly."""
     parsed = parse_options({"model": "(in-process)", "warmup_rounds": 1, **options})
@@ -95,8 +101,9 @@ def ensemble(relation_members) -> Predictor:
 
 @pytest.fixture(scope="module")
 def client(ensemble):
-    service = service_for(ensemble, limits={"max_documents": 20, "max_characters": 40_000, "max_entities": 400,
-                                            "max_pairs": 300, "max_body_bytes": 200_000})
+    service = service_for(ensemble, max_batch_pairs=300,  # no request is split: each runs as predict runs it, exactly
+                          limits={"max_documents": 20, "max_characters": 40_000, "max_entities": 400,
+                                  "max_pairs": 300, "max_body_bytes": 200_000})
     with TestClient(create_api(service)) as test_client:
         test_client.service = service
         yield test_client
@@ -412,6 +419,84 @@ def test_a_request_refused_by_the_latency_objective_is_a_json_503_with_retry_aft
     assert admitted["response"].status_code == 200  # admitted before the queue built up: answered, however late
 
 
+def split_item(item: Item, max_pairs: int) -> list[Item]:
+    return [Item(f"{item.name}#{i}", min(max_pairs, item.pairs - start))
+            for i, start in enumerate(range(0, item.pairs, max_pairs))]
+
+
+def join_names(results) -> str:
+    return "+".join(results)
+
+
+def split_batcher(gate: Gate, **options) -> PairBatcher:
+    return PairBatcher(gate, max_pairs=10, wait_s=0.0, split=split_item, join=join_names, **options)
+
+
+def test_big_items_are_cut_into_bounded_chunks_that_take_turns_with_small_ones():
+    """Round-robin: after each chunk a big item queues again behind what came meanwhile, so the small item that
+    arrived last waits for one chunk of each big one, not for both whole; results are joined in chunk order."""
+    async def scenario():
+        gate = Gate(hold_first=True)
+        batcher = split_batcher(gate)
+        first = asyncio.create_task(batcher.submit(Item("w", 1)))
+        await until(gate.started.is_set)
+        big = asyncio.create_task(batcher.submit(Item("B", 25)))
+        other = asyncio.create_task(batcher.submit(Item("C", 20)))
+        small = asyncio.create_task(batcher.submit(Item("s", 3)))
+        await until(lambda: batcher.queued == 3)
+        batcher.pairs_per_s = 10.0  # as if measured: the estimate follows the turns, not the whole queue
+        waits = batcher.expected_wait_s(1), batcher.expected_wait_s(3)
+        finished = []
+        for task in (big, other, small):
+            task.add_done_callback(lambda t: finished.append(t.result()))
+        gate.release.set()
+        results = await asyncio.gather(first, big, other, small)
+        await batcher.close()
+        return gate.batches, results, finished, waits, batcher.stats
+
+    batches, results, finished, waits, stats = asyncio.run(scenario())
+    assert batches == [["w"], ["B#0"], ["C#0"], ["s"], ["B#1"], ["C#1"], ["B#2"]]
+    assert results == ["result:w", "result:B#0+result:B#1+result:B#2", "result:C#0+result:C#1", "result:s"]
+    assert finished[0] == "result:s"  # submitted after both big items, answered before either
+    assert waits == (pytest.approx(2.4), pytest.approx(4.9))  # 1 running + (10 + 10 + 3) or (25 + 20 + 3) pairs, 10/s
+    assert (stats.items, stats.chunks, stats.split_items, stats.batches, stats.largest_pairs) == (4, 7, 2, 7, 10)
+
+
+def test_a_failed_or_abandoned_chunk_ends_its_item_and_drops_its_other_chunks():
+    async def scenario():
+        gate = Gate(hold_first=True, fail_on="B#1")
+        batcher = split_batcher(gate)
+        abandoned = asyncio.create_task(batcher.submit(Item("C", 30)))
+        await until(gate.started.is_set)
+        failing = asyncio.create_task(batcher.submit(Item("B", 30)))
+        kept = asyncio.create_task(batcher.submit(Item("k", 2)))
+        await until(lambda: batcher.queued == 2)
+        abandoned.cancel()  # while its first chunk runs: its other two never run
+        gate.release.set()
+        outcomes = await asyncio.gather(failing, kept, return_exceptions=True)
+        await batcher.close()
+        return gate.batches, outcomes, batcher.stats
+
+    batches, (failed, kept), stats = asyncio.run(scenario())
+    assert isinstance(failed, ValueError) and "cannot score B#1" in str(failed) and kept == "result:k"
+    assert batches == [["C#0"], ["B#0"], ["k"], ["B#1"]]
+    assert (stats.failed_batches, stats.cancelled, stats.items) == (1, 1, 1)
+
+
+def test_a_split_request_scores_like_predict_in_bounded_model_calls(ensemble, dev_documents):
+    """The development sample as one request, cut into chunks of 16 pairs: every relation and vote as ``predict``
+    gives them, scores equal up to float rounding (other call shapes), and no model call over 16 pairs."""
+    service = service_for(ensemble, max_batch_pairs=16)
+    from drugprot.serving.schemas import RelationsRequest
+
+    request = RelationsRequest.model_validate({"documents": [document_json(d) for d in dev_documents]})
+    answer, _ = asyncio.run(service.relations(request))
+    assert_equal_up_to_rounding(answered(answer.model_dump()), expected(ensemble, dev_documents))
+    stats = service.model.batcher.stats
+    pairs = sum(len(ensemble.candidates([d])) for d in dev_documents)
+    assert stats.split_items == 1 and stats.chunks == -(-pairs // 16) and stats.largest_pairs <= 16
+
+
 def test_batcher_refuses_bad_settings():
     with pytest.raises(ValueError, match="max_pairs must be at least 1, got 0"):
         PairBatcher(lambda items: items, max_pairs=0, wait_s=0)
@@ -419,6 +504,8 @@ def test_batcher_refuses_bad_settings():
         PairBatcher(lambda items: items, max_pairs=1, wait_s=-1)
     with pytest.raises(ValueError, match="max_wait_s must be > 0, got 0"):
         PairBatcher(lambda items: items, max_pairs=1, wait_s=0, max_wait_s=0)
+    with pytest.raises(ValueError, match="split and join go together"):
+        PairBatcher(lambda items: items, max_pairs=1, wait_s=0, split=split_item)
 
 
 # ---- the one inference path, batched -------------------------------------------------------------------------

@@ -1,8 +1,11 @@
 """Typed entity markers, tokenization once per corpus, windows that keep both entities, token-budget batches.
 
-Each sentence is cut at every entity boundary and each piece is tokenized once (a batched call on the fast
-tokenizer); a pair's input is then assembled from cached pieces with the four marker tokens inserted at its two
-entities, so no text is re-tokenized per pair or per step. When the marked sentence is longer than
+Each sentence is cut at the boundaries of every entity of its document that lies in it and each piece is
+tokenized once (a batched call on the fast tokenizer); a pair's input is then assembled from cached pieces with the
+four marker tokens inserted at its two entities, so no text is re-tokenized per pair or per step. Cutting at every
+entity, not only at those of the candidates being encoded, makes a pair's token ids independent of which other
+pairs share the call (a boundary inside a word changes how the word is split): the server may then score a large
+request in several model calls, and a request's GENE interval changes no other pair's ids. When the marked sentence is longer than
 ``max_length``, the window slides to keep both entities whole; a pair whose entities alone do not fit is dropped
 and counted (never silently pointed at [CLS]).
 """
@@ -10,6 +13,8 @@ and counted (never silently pointed at [CLS]).
 from __future__ import annotations
 
 import random
+import threading
+from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -22,6 +27,7 @@ LABELS = (NONE_LABEL, *RELATION_TYPES)
 LABEL_INDEX = {label: i for i, label in enumerate(LABELS)}
 ENTITY_CLASSES = (CHEMICAL, "GENE-Y", "GENE-N")  # targets of the multitask entity-type head; GENE is unknown
 IGNORE_INDEX = -100
+SENTENCE_CACHE = 1024  # tokenized sentences each PairEncoder keeps
 
 
 def marker_tokens(entity_type: str, role: str) -> tuple[str, str]:
@@ -70,32 +76,54 @@ class PairEncoder:
         self.marker_ids = {m: tokenizer.convert_tokens_to_ids(m) for m in MARKERS}
         self.cls_id = tokenizer.cls_token_id
         self.sep_id = tokenizer.sep_token_id
+        # (sentence text, cuts relative to its start) -> (ids, relative char offset -> token position), the most
+        # recent SENTENCE_CACHE sentences: a big request scored in chunks tokenizes its sentences once, not per chunk
+        self._sentences: dict[tuple[str, tuple[int, ...]], tuple[list[int], dict[int, int]]] = {}
+        self._sentences_lock = threading.Lock()
 
     def encode(self, documents: Sequence[Document], candidates: Sequence[Candidate]) -> tuple[list[EncodedPair], EncodingStats]:
-        """Encode candidates (any order, any documents among ``documents``); tokenizes each text piece once."""
-        texts = {d.pmid: d.text for d in documents}
+        """Encode candidates (any order, any documents among ``documents``); tokenizes each text piece once, and a
+        sentence cut the same way as one of the recent calls' not at all."""
+        by_pmid = {d.pmid: d for d in documents}
+        boundaries: dict[str, list[int]] = {}  # each document's entity offsets, sorted
         pieces_by_sentence: dict[tuple[str, int, int], list[int]] = {}
         for cand in candidates:
             key = (cand.pmid, *cand.sentence)
-            cuts = pieces_by_sentence.setdefault(key, [])
-            cuts.extend((cand.chemical.start, cand.chemical.end, cand.gene.start, cand.gene.end))
-        plan: list[tuple[tuple[str, int, int], list[int]]] = []
-        piece_texts: list[str] = []
-        for (pmid, start, end), cuts in pieces_by_sentence.items():
-            bounds = sorted({start, end, *(c for c in cuts if start < c < end)})
-            plan.append(((pmid, start, end), bounds))
-            piece_texts.extend(texts[pmid][a:b] for a, b in zip(bounds, bounds[1:]))
-        piece_ids = self.tokenizer(piece_texts, add_special_tokens=False)["input_ids"] if piece_texts else []
+            if key not in pieces_by_sentence:  # every entity of the document, whichever candidates are in this call
+                if cand.pmid not in boundaries:
+                    entities = by_pmid[cand.pmid].entities.values()
+                    boundaries[cand.pmid] = sorted(c for e in entities for c in (e.start, e.end))
+                offsets = boundaries[cand.pmid]
+                start, end = cand.sentence
+                pieces_by_sentence[key] = offsets[bisect_right(offsets, start):bisect_left(offsets, end)]
+            # a candidate's own entities are the document's; cutting at them as well keeps a stray one encodable
+            pieces_by_sentence[key].extend((cand.chemical.start, cand.chemical.end, cand.gene.start, cand.gene.end))
         cache: dict[tuple[str, int, int], tuple[list[int], dict[int, int]]] = {}
-        cursor = 0
-        for key, bounds in plan:
-            ids: list[int] = []
-            at: dict[int, int] = {bounds[0]: 0}  # char offset -> token position
-            for (a, b) in zip(bounds, bounds[1:]):
-                ids.extend(piece_ids[cursor])
-                cursor += 1
-                at[b] = len(ids)
-            cache[key] = (ids, at)
+        missing: dict[tuple[str, tuple[int, ...]], list[tuple[str, int, int]]] = {}
+        for (pmid, start, end), cuts in pieces_by_sentence.items():
+            relative = sorted({0, end - start, *(c - start for c in cuts if start < c < end)})
+            shape = (by_pmid[pmid].text[start:end], tuple(relative))
+            with self._sentences_lock:
+                known = self._sentences.get(shape)
+            if known is None:
+                missing.setdefault(shape, []).append((pmid, start, end))
+            else:
+                cache[(pmid, start, end)] = _placed(known, start)
+        if missing:
+            piece_texts = [sentence[a:b] for sentence, bounds in missing for a, b in zip(bounds, bounds[1:])]
+            piece_ids = iter(self.tokenizer(piece_texts, add_special_tokens=False)["input_ids"])
+            with self._sentences_lock:
+                for shape, keys in missing.items():
+                    ids: list[int] = []
+                    at: dict[int, int] = {0: 0}  # char offset in the sentence -> token position
+                    for b in shape[1][1:]:
+                        ids.extend(next(piece_ids))
+                        at[b] = len(ids)
+                    self._sentences[shape] = (ids, at)
+                    for key in keys:
+                        cache[key] = _placed((ids, at), key[1])
+                while len(self._sentences) > SENTENCE_CACHE:
+                    del self._sentences[next(iter(self._sentences))]
 
         stats = EncodingStats()
         encoded: list[EncodedPair] = []
@@ -145,6 +173,12 @@ class PairEncoder:
         gene_class = ENTITY_CLASSES.index(gene.type) if gene.type in ENTITY_CLASSES else IGNORE_INDEX
         return EncodedPair(tuple([self.cls_id, *marked, self.sep_id]), subject + 1, obj + 1, tuple(target),
                            (0, gene_class), index)
+
+
+def _placed(tokenized: tuple[list[int], dict[int, int]], start: int) -> tuple[list[int], dict[int, int]]:
+    """A cached sentence's ids, with its char offsets moved to where the sentence starts in its document."""
+    ids, at = tokenized
+    return ids, {start + offset: position for offset, position in at.items()}
 
 
 def add_marker_tokens(tokenizer) -> int:

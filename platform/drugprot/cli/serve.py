@@ -32,7 +32,8 @@ def register(commands) -> None:
                         help="auto (default): bf16 on GPU, fp32 on CPU; int8: dynamic int8 quantization, the fast CPU "
                              "path (CPU replicas only)")
     parser.add_argument("--max-batch-pairs", type=int, default=64,
-                        help="candidate pairs from concurrent requests per model call (1 = no batching)")
+                        help="candidate pairs from concurrent requests per model call (1 = no batching); a larger "
+                             "request is cut into chunks of this size that take turns with other requests")
     parser.add_argument("--batch-wait-ms", type=float, default=5.0, help="longest wait for a batch to fill")
     parser.add_argument("--max-queued-requests", type=int, default=64, help="requests queued beyond capacity before 503")
     parser.add_argument("--max-queue-wait-s", type=float,

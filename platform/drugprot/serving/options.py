@@ -49,7 +49,9 @@ class ServeOptions(BaseModel):
                                                        "dynamic int8 quantization of the Linear layers, the fast CPU "
                                                        "path of drugprot predict (CPU replicas only).")
     max_batch_pairs: int = Field(64, ge=1, le=65_536, description="Candidate pairs combined from concurrent requests into "
-                                                                  "one model call; 1 disables cross-request batching.")
+                                                                  "one model call; 1 disables cross-request batching. A "
+                                                                  "larger request is cut into chunks of this many pairs "
+                                                                  "that take turns with other requests.")
     batch_wait_ms: float = Field(5.0, ge=0, le=10_000, description="How long the first request of a batch waits for company.")
     max_ongoing_requests: int | None = Field(None, ge=1, le=100_000, description="Requests a replica works on at once "
                                              "(default: max_batch_pairs, so even one-pair requests can fill a batch).")

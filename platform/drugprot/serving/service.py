@@ -1,7 +1,8 @@
 """The relation service without a framework, in two halves that Serve runs as two deployments.
 
 ``ModelService`` (the model deployment): one loaded Predictor, its warm-up, and the :class:`PairBatcher` that
-combines jobs from every ingress into one ``member_probabilities`` call per batch, in the model thread.
+combines jobs from every ingress into one ``member_probabilities`` call per batch, in the model thread (a job of
+more than ``max_batch_pairs`` pairs is cut into chunks that take turns with the other jobs).
 ``RelationService`` (the ingress, what the FastAPI app in ``serving.api`` calls): limits (413) → documents under
 keys unique across ingress replicas → ``inference.candidate_pairs`` → pair limit (413) → ``await model.score(job)``
 → ``inference.decode`` with the request's threshold. ``model`` is a ``ModelService`` in this process (unit tests,
@@ -25,7 +26,7 @@ from typing import Any
 
 from drugprot.candidates import DEFAULT_INTERVAL
 from drugprot.corpus import Document, Entity
-from drugprot.serving.batching import Job, PairBatcher, QueueWaitExceeded, run_jobs
+from drugprot.serving.batching import Job, PairBatcher, QueueWaitExceeded, join_results, run_jobs, split_job
 from drugprot.serving.options import ServeOptions
 from drugprot.serving.schemas import (DocumentRelations, MemberInfo, ModelInfo, RelationOut, RelationsRequest,
                                       RelationsResponse)
@@ -145,6 +146,7 @@ class ModelService:
         self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="drugprot-model")
         self.batcher: PairBatcher[Job, Any] = PairBatcher(partial(run_jobs, predictor), max_pairs=options.max_batch_pairs,
                                                           wait_s=options.batch_wait_ms / 1000.0, executor=self._executor,
+                                                          split=split_job, join=join_results,
                                                           max_wait_s=options.max_queue_wait_s)
         self._warmup: Future | None = None
 
