@@ -376,14 +376,15 @@ class AdmissionAtProxy:
     The proxy cannot see the model's queue, so it learns each application's capacity (per route prefix of
     ``…/v1/relations``) from the application's own refusals, as TCP's congestion window does (additive increase,
     multiplicative decrease): when a request comes back refused for lack of capacity (a 503 carrying
-    ``OVERLOAD_HEADER``), the limit becomes the requests then in flight through this proxy minus one, once per
-    round (refusals of requests admitted before the last cut do not cut again). While the requests in flight reach
+    ``OVERLOAD_HEADER``), the limit becomes at most the requests then in flight through this proxy minus one (the
+    refusals of one burst come back one after the other, each lowering it to what the application held then). While
+    the requests in flight reach
     the limit, a new request is answered here with the same JSON 503 and the ``Retry-After`` of the last refusal.
     While there is demand beyond the limit (a request refused here in the last ``DEMAND_S``), every 2xx answer
     raises it by 1/(rounds × limit): one more request every ``rounds`` rounds probes whether capacity was added (a
-    replica, a scale-up). A probe the application refuses is one slow refusal, so probing backs off: every cut
-    doubles ``rounds`` (up to ``MAX_PROBE_ROUNDS``), and a limit that grew two requests past its last cut (capacity
-    was added) probes every round again. Until the first refusal there is no limit."""
+    replica, a scale-up). A probe the application refuses is one slow refusal, so probing backs off: each round's
+    first refusal (of a request admitted since the previous one) doubles ``rounds`` (up to ``MAX_PROBE_ROUNDS``), and a limit that grew past the one the application last refused
+    (capacity was added) probes every round again. Until the first refusal there is no limit."""
 
     SUFFIX = "/v1/relations"
     AT_CAPACITY = "the service is at capacity"  # how its refusals begin
@@ -396,7 +397,7 @@ class AdmissionAtProxy:
         self.in_flight: Counter[str] = Counter()  # per application (route prefix)
         self.limit: dict[str, float] = {}
         self.cuts: Counter[str] = Counter()  # how many times each limit was cut: a request's round
-        self.cut_to: dict[str, float] = {}
+        self.refused_limit: dict[str, float] = {}  # the limit when the application last refused (a failed probe)
         self.probe_rounds: dict[str, int] = {}
         self.retry_after: dict[str, str] = {}
         self.refused = 0  # answered here
@@ -429,18 +430,20 @@ class AdmissionAtProxy:
             self.in_flight[key] -= 1
 
     def _learn(self, key: str, round_: int, status: int, headers) -> None:
-        """Cut the limit on an overload refusal (once per round), raise it on a 2xx answer while there is demand."""
+        """Cut the limit on an overload refusal (backing off once per round), raise it on a 2xx answer while there
+        is demand."""
         headers = {name.lower(): value for name, value in headers}
         if status == 503 and OVERLOAD_HEADER.lower().encode() in headers:
             self.retry_after[key] = headers.get(b"retry-after", b"1").decode("latin-1")
-            if round_ == self.cuts[key]:
-                self.limit[key] = self.cut_to[key] = max(1.0, self.in_flight[key] - 1.0)
+            if round_ == self.cuts[key]:  # the first refusal of a round: a failed probe
+                self.refused_limit[key] = self.limit.get(key, float(self.in_flight[key]))
                 self.cuts[key] += 1
                 rounds = self.probe_rounds.get(key)
                 self.probe_rounds[key] = 1 if rounds is None else min(2 * rounds, self.MAX_PROBE_ROUNDS)
+            self.limit[key] = max(1.0, min(self.limit.get(key, math.inf), self.in_flight[key] - 1.0))
         elif 200 <= status < 300 and self.clock() - self.refused_at.get(key, -math.inf) < self.DEMAND_S:
             self.limit[key] += 1.0 / (self.probe_rounds[key] * self.limit[key])
-            if self.limit[key] >= self.cut_to[key] + 2:
+            if self.limit[key] >= self.refused_limit[key] + 1:
                 self.probe_rounds[key] = 1
 
 
