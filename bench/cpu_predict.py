@@ -1,5 +1,5 @@
-"""Benchmark: CPU prediction, a plain Hugging Face fp32 loop vs the project's fp32 and int8 paths, and int8 vs fp32
-label agreement; a 5-member stacked ensemble vs one member. All measured in one run, on the same candidate pairs.
+"""Benchmark: CPU prediction, a plain Hugging Face fp32 loop vs the project's fp32, int8 and cascade paths, and their
+label agreement with fp32; a 5-member stacked ensemble vs one member. All measured in one run, on the same pairs.
 
     python bench/cpu_predict.py --model runs/minilm/model [--data ../shared/data/drugprot] [--limit DOCS]
 
@@ -8,6 +8,8 @@ label agreement; a 5-member stacked ensemble vs one member. All measured in one 
   ``torch.no_grad``, torch's default threads;
 * project fp32 / int8: ``Predictor.member_probabilities`` (marker encoding from cached pieces, length-bucketed
   token-budget batches, one torch thread per core), int8 = dynamic quantization of the Linear layers;
+* project cascade: a bf16 copy of the model scores every pair (oneDNN's AMX/AVX512-BF16 kernels), then the fp32
+  model re-scores the pairs whose top-2 margin is below ``--cascade-margin``; its time includes the re-scoring;
 * ensemble: the model loaded 5 times as an ensemble (stacked in fp32; int8 members run in turn), vs one member
   with the same precision. Copies cost what trained members cost.
 
@@ -74,10 +76,11 @@ def main() -> None:
     parser.add_argument("--limit", type=int, help="only the first N development documents (quick runs)")
     parser.add_argument("--members", type=int, default=5)
     parser.add_argument("--skip-ensemble", action="store_true")
+    parser.add_argument("--cascade-margin", type=float, default=None, help="default: the Predictor's CASCADE_MARGIN")
     args = parser.parse_args()
 
     from drugprot.corpus import read_split
-    from drugprot.inference import Predictor
+    from drugprot.inference import CASCADE_MARGIN, Predictor
     from drugprot.model.artifacts import load_artifact
 
     documents = read_split(args.data, "development").documents[: args.limit]
@@ -98,8 +101,15 @@ def main() -> None:
     int8 = Predictor([load_artifact(args.model)], device="cpu", precision="int8")
     seconds, probs8 = timed_probabilities(int8, documents, candidates)
     results["project_int8"] = pairs / seconds
+    margin = CASCADE_MARGIN if args.cascade_margin is None else args.cascade_margin
+    cascade = Predictor([load_artifact(args.model)], device="cpu", precision="cascade", cascade_margin=margin)
+    seconds, probs_cascade = timed_probabilities(cascade, documents, candidates)
+    results["project_cascade"] = pairs / seconds
+    rescored = cascade.rescored_pairs / cascade.scored_pairs  # the warm-up's pairs included
     labels32, labels8 = probs32[0].argmax(-1), probs8[0].argmax(-1)
     agreement = float((labels32 == labels8).float().mean())
+    labels_cascade = probs_cascade[0].argmax(-1)
+    cascade_agreement = float((labels32 == labels_cascade).float().mean())
     relations32, relations8 = int((labels32 != 0).sum()), int((labels8 != 0).sum())
     either = (labels32 != 0) | (labels8 != 0)
     agreement_on_relations = float((labels32[either] == labels8[either]).float().mean()) if either.any() else 1.0
@@ -111,10 +121,11 @@ def main() -> None:
             results[f"ensemble{args.members}_{precision}"] = pairs / seconds
             results[f"ensemble{args.members}_{precision}_execution"] = ensemble.execution
 
-    best = max(("project_fp32", "project_int8"), key=results.get)
+    best = max(("project_fp32", "project_int8", "project_cascade"), key=results.get)
     ratios = {"best_vs_plain": results[best] / results["plain_fp32"],
               "fp32_vs_plain": results["project_fp32"] / results["plain_fp32"],
-              "int8_vs_plain": results["project_int8"] / results["plain_fp32"]}
+              "int8_vs_plain": results["project_int8"] / results["plain_fp32"],
+              "cascade_vs_plain": results["project_cascade"] / results["plain_fp32"]}
     if not args.skip_ensemble:
         for precision in ("fp32", "int8"):
             ratios[f"ensemble_{precision}_vs_one_member"] = (results[f"ensemble{args.members}_{precision}"]
@@ -127,11 +138,16 @@ def main() -> None:
         print(f"  {name:<28} {value:>10.3f}x")
     print(f"  int8 vs fp32 label agreement {agreement:.4%} on {pairs} pairs ({relations32} fp32 relations, "
           f"{relations8} int8; {agreement_on_relations:.4%} on pairs either calls a relation)")
+    print(f"  cascade vs fp32 label agreement {cascade_agreement:.4%} ({int((labels_cascade != 0).sum())} cascade "
+          f"relations; margin {margin}: {rescored:.2%} of pairs re-scored in fp32)")
     print(json.dumps({"bench": "cpu_predict", "model": str(args.model), "documents": len(documents), "pairs": pairs,
                       "cores": cores, "load_average": [round(x, 2) for x in load], "pairs_per_s": results,
                       "ratios": {k: round(v, 3) for k, v in ratios.items()}, "best": best,
                       "int8_label_agreement": round(agreement, 5), "fp32_relations": relations32,
-                      "int8_relations": relations8, "int8_agreement_on_relations": round(agreement_on_relations, 5)}))
+                      "int8_relations": relations8, "int8_agreement_on_relations": round(agreement_on_relations, 5),
+                      "cascade_label_agreement": round(cascade_agreement, 5), "cascade_margin": margin,
+                      "cascade_rescored_share": round(rescored, 5),
+                      "cascade_relations": int((labels_cascade != 0).sum())}))
 
 
 if __name__ == "__main__":
