@@ -45,7 +45,8 @@ class PredictedRelation:
 @torch.no_grad()
 def pair_probabilities(model, pairs: Sequence[EncodedPair], *, pad_id: int, device: torch.device,
                        precision: str = "bf16", token_budget: int = 16384, max_pairs: int = 256) -> torch.Tensor:
-    """Softmax over LABELS for each encoded pair, in the order given; (len(pairs), len(LABELS)) float32 on CPU."""
+    """Softmax over LABELS for each encoded pair, in the order given; (len(pairs), len(LABELS)) float32 on CPU.
+    The encoder's last layer computes the two marker states only (drugprot.model.marker_states)."""
     model.eval()
     out = torch.zeros((len(pairs), len(LABELS)))
     batches = token_budget_batches(pairs, token_budget=token_budget, max_pairs=max_pairs)
@@ -54,7 +55,8 @@ def pair_probabilities(model, pairs: Sequence[EncodedPair], *, pad_id: int, devi
     for members, batch in zip(batches, iterate_batches(pairs, batches, pad_id)):
         batch = batch.to(device, non_blocking=True)
         with autocast(device, precision):
-            logits = model(batch.input_ids, batch.attention_mask, batch.subject, batch.object, relations)["logits"]
+            logits = model(batch.input_ids, batch.attention_mask, batch.subject, batch.object, relations,
+                           markers_only=True)["logits"]
         out[torch.tensor(members)] = torch.softmax(logits.float(), dim=-1).cpu()
     return out
 
