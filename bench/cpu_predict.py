@@ -14,7 +14,9 @@ label agreement with fp32; a 5-member stacked ensemble vs one member. All measur
 * ensemble: the model loaded 5 times as an ensemble (stacked in fp32; int8 members run in turn), vs one member
   with the same precision. Copies cost what trained members cost.
 
-Every path is timed once after a warm-up batch, on a machine that may be shared: the load average is printed.
+Every path is warmed up, then the documents are split into ``--rounds`` chunks and every single-model path runs on
+each chunk in turn, in an order that rotates by round: on a shared machine a change of load then hits every path
+alike (the load average is printed). Its pairs/s is all pairs over the sum of its times.
 Prints a table, the ratios, the fastest path whose labels agree with fp32 on >= 99.5% of the pairs ("best"), and
 one JSON line.
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -66,7 +69,6 @@ def plain_loop(member, documents, candidates, batch_size: int = 32) -> float:
 
 
 def timed_probabilities(predictor, documents, candidates) -> tuple[float, torch.Tensor]:
-    predictor.member_probabilities(documents[:4], predictor.candidates(documents[:4]))  # warm-up
     started = time.perf_counter()
     probs = predictor.member_probabilities(documents, candidates)
     return time.perf_counter() - started, probs
@@ -79,6 +81,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, help="only the first N development documents (quick runs)")
     parser.add_argument("--members", type=int, default=5)
     parser.add_argument("--skip-ensemble", action="store_true")
+    parser.add_argument("--rounds", type=int, default=5, help="document chunks; every path runs on each in turn")
     parser.add_argument("--cascade-margin", type=float, default=None, help="default: the Predictor's CASCADE_MARGIN")
     args = parser.parse_args()
 
@@ -94,26 +97,43 @@ def main() -> None:
     fp32 = Predictor([member], device="cpu", precision="fp32")
     candidates = fp32.candidates(documents)
     pairs = len(candidates)
-    plain_loop(member, documents, candidates[:32])  # warm-up
-    results = {"plain_fp32": pairs / plain_loop(member, documents, candidates)}
-
     cores = os.cpu_count() or 1
-    torch.set_num_threads(cores)  # one thread per core (the default here too, set for machines where it is not)
-    seconds, probs32 = timed_probabilities(fp32, documents, candidates)
-    results["project_fp32"] = pairs / seconds
-    int8 = Predictor([load_artifact(args.model)], device="cpu", precision="int8")
-    seconds, probs8 = timed_probabilities(int8, documents, candidates)
-    results["project_int8"] = pairs / seconds
     margin = CASCADE_MARGIN if args.cascade_margin is None else args.cascade_margin
-    cascade = Predictor([load_artifact(args.model)], device="cpu", precision="cascade", cascade_margin=margin)
-    seconds, probs_cascade = timed_probabilities(cascade, documents, candidates)
-    results["project_cascade"] = pairs / seconds
-    rescored = cascade.rescored_pairs / cascade.scored_pairs  # the warm-up's pairs included
+    paths = {"project_fp32": fp32,
+             "project_int8": Predictor([load_artifact(args.model)], device="cpu", precision="int8"),
+             "project_cascade": Predictor([load_artifact(args.model)], device="cpu", precision="cascade",
+                                          cascade_margin=margin),
+             "project_bf16": Predictor([load_artifact(args.model)], device="cpu", precision="cascade", cascade_margin=0.0)}
+    plain_loop(member, documents, candidates[:32])  # warm-ups
+    for predictor in paths.values():
+        predictor.member_probabilities(documents[:4], predictor.candidates(documents[:4]))
+    paths["project_cascade"].scored_pairs = paths["project_cascade"].rescored_pairs = 0
+    seconds = dict.fromkeys(["plain_fp32", *paths], 0.0)
+    parts: dict[str, list[torch.Tensor]] = {name: [] for name in paths}
+    size = -(-len(documents) // args.rounds)
+    for round_, at in enumerate(range(0, len(documents), size)):
+        # interleaved rounds in a rotating order: a change of load on a shared machine hits every path alike
+        chunk = documents[at:at + size]
+        chunk_candidates = fp32.candidates(chunk)
+        names = list(seconds)[round_ % len(seconds):] + list(seconds)[:round_ % len(seconds)]
+        for name in names:
+            if name == "plain_fp32":
+                torch.set_num_threads(default_threads)
+                seconds[name] += plain_loop(member, chunk, chunk_candidates)
+                continue
+            torch.set_num_threads(cores)  # one thread per core (the default here too, set for machines where it is not)
+            took, probs = timed_probabilities(paths[name], chunk, chunk_candidates)
+            seconds[name] += took
+            parts[name].append(probs)
+        done = sum(p.size(1) for p in parts["project_fp32"])
+        print(f"round {round_ + 1}: {done} pairs, load average {os.getloadavg()[0]:.2f}, pairs/s so far: "
+              + ", ".join(f"{name} {done / took:.1f}" for name, took in seconds.items()), file=sys.stderr)
+    results = {name: pairs / seconds[name] for name in seconds}
+    probs32, probs8, probs_cascade, probs16 = (torch.cat(parts[name], dim=1) for name in paths)
+    cascade = paths["project_cascade"]
+    rescored = cascade.rescored_pairs / cascade.scored_pairs
     labels32, labels8 = probs32[0].argmax(-1), probs8[0].argmax(-1)
     agreement = float((labels32 == labels8).float().mean())
-    bf16 = Predictor([load_artifact(args.model)], device="cpu", precision="cascade", cascade_margin=0.0)
-    seconds, probs16 = timed_probabilities(bf16, documents, candidates)
-    results["project_bf16"] = pairs / seconds
     bf16_agreement = float((labels32 == probs16[0].argmax(-1)).float().mean())
     bf16_change = float((probs16 - probs32).abs().max())
     labels_cascade = probs_cascade[0].argmax(-1)
@@ -125,6 +145,7 @@ def main() -> None:
     if not args.skip_ensemble:
         for precision in ("fp32", "int8"):
             ensemble = Predictor([load_artifact(args.model) for _ in range(args.members)], device="cpu", precision=precision)
+            ensemble.member_probabilities(documents[:4], ensemble.candidates(documents[:4]))  # warm-up
             seconds, _ = timed_probabilities(ensemble, documents, candidates)
             results[f"ensemble{args.members}_{precision}"] = pairs / seconds
             results[f"ensemble{args.members}_{precision}_execution"] = ensemble.execution
