@@ -198,3 +198,15 @@ def test_peak_memory_stays_flat_as_the_corpus_grows(relation_model_dir, tmp_path
     small, large = report["runs"]
     assert (small["documents"], large["documents"]) == (10, 5000)
     assert large["peak_rss_mb"] <= small["peak_rss_mb"] + 15, report
+
+
+def test_predict_cli_takes_precision_cascade_and_refuses_unknown_precisions(relation_model_dir, tmp_path, capsys):
+    sample = str(REPO / "platform/drugprot/sample_data")
+    assert main(["predict", "--model", str(relation_model_dir), "--data", sample, "--out", str(tmp_path / "p.tsv"),
+                 "--device", "cpu", "--precision", "cascade", "--quiet", "--json"]) == 0
+    written = len((tmp_path / "p.tsv").read_text().splitlines())
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["relations"] == written > 0
+    with pytest.raises(SystemExit):
+        main(["predict", "--model", str(relation_model_dir), "--data", sample, "--out", str(tmp_path / "q.tsv"),
+              "--precision", "fp8"])
+    assert "argument --precision: invalid choice: 'fp8'" in capsys.readouterr().err
