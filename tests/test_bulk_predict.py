@@ -124,8 +124,41 @@ def test_int8_predictor_quantizes_linear_layers_and_predicts(relation_model_dir,
     labels32 = fp32.member_probabilities(dev_sample, candidates).argmax(-1)
     labels8 = int8.member_probabilities(dev_sample, candidates).argmax(-1)
     assert float((labels32 == labels8).float().mean()) >= 0.9
-    with pytest.raises(ValueError, match="precision must be one of bf16, fp32, int8, got 'fp8'"):
+    with pytest.raises(ValueError, match="precision must be one of bf16, fp32, int8, cascade, got 'fp8'"):
         Predictor.from_path(relation_model_dir, device="cpu", precision="fp8")
+
+
+def test_cascade_scores_in_bf16_and_rescores_close_calls_in_fp32(relation_model_dir, dev_sample):
+    """precision cascade: a bf16 copy scores every pair, the fp32 model re-scores those whose top-2 margin is below
+    cascade_margin: margin 1 re-scores everything (exactly fp32), margin 0 nothing (the bf16 copy alone)."""
+    import torch
+
+    from drugprot.inference import Predictor
+
+    fp32 = Predictor.from_path(relation_model_dir, device="cpu", precision="fp32")
+    candidates = fp32.candidates(dev_sample)
+    probs32 = fp32.member_probabilities(dev_sample, candidates)
+    everything = Predictor.from_path(relation_model_dir, device="cpu", precision="cascade", cascade_margin=1.0)
+    assert {p.dtype for p in everything._bf16_models[0].parameters()} == {torch.bfloat16}
+    assert everything.members[0].model.classifier.weight.dtype == torch.float32
+    assert everything.member_probabilities(dev_sample, candidates).equal(probs32)
+    assert everything.rescored_pairs == everything.scored_pairs > 0
+    bf16 = Predictor.from_path(relation_model_dir, device="cpu", precision="cascade", cascade_margin=0.0)
+    probs16 = bf16.member_probabilities(dev_sample, candidates)
+    assert bf16.rescored_pairs == 0 and not probs16.equal(probs32)
+    assert torch.allclose(probs16, probs32, atol=0.05)
+    default = Predictor.from_path(relation_model_dir, device="cpu", precision="cascade")
+    probs = default.member_probabilities(dev_sample, candidates)
+    top2 = probs16.topk(2, -1).values
+    close = (top2[:, :, 0] - top2[:, :, 1]) < default.cascade_margin
+    assert 0 < default.rescored_pairs == int(close.sum()) < default.scored_pairs
+    # re-scored pairs are batched apart from the others (other padding), so fp32 up to float rounding
+    assert torch.allclose(probs[close], probs32[close], atol=1e-5) and not probs[close].equal(probs16[close])
+    assert probs[~close].equal(probs16[~close])
+    with pytest.raises(ValueError, match=r"cascade_margin must be between 0 and 1 \(a probability margin\), got 1.5"):
+        Predictor.from_path(relation_model_dir, device="cpu", precision="cascade", cascade_margin=1.5)
+    with pytest.raises(ValueError, match="execution 'fold' cannot stack cascade members; use 'auto' or 'loop'"):
+        Predictor.from_path(relation_model_dir, device="cpu", precision="cascade", execution="fold")
 
 
 @pytest.mark.slow
@@ -165,3 +198,15 @@ def test_peak_memory_stays_flat_as_the_corpus_grows(relation_model_dir, tmp_path
     small, large = report["runs"]
     assert (small["documents"], large["documents"]) == (10, 5000)
     assert large["peak_rss_mb"] <= small["peak_rss_mb"] + 15, report
+
+
+def test_predict_cli_takes_precision_cascade_and_refuses_unknown_precisions(relation_model_dir, tmp_path, capsys):
+    sample = str(REPO / "platform/drugprot/sample_data")
+    assert main(["predict", "--model", str(relation_model_dir), "--data", sample, "--out", str(tmp_path / "p.tsv"),
+                 "--device", "cpu", "--precision", "cascade", "--quiet", "--json"]) == 0
+    written = len((tmp_path / "p.tsv").read_text().splitlines())
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["relations"] == written > 0
+    with pytest.raises(SystemExit):
+        main(["predict", "--model", str(relation_model_dir), "--data", sample, "--out", str(tmp_path / "q.tsv"),
+              "--precision", "fp8"])
+    assert "argument --precision: invalid choice: 'fp8'" in capsys.readouterr().err

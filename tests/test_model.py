@@ -144,6 +144,27 @@ def test_baseline_ignores_lambda(tokenizer, sample_batch):
     assert_close(model.loss(out, b.target, b.entity_types, gamma=0.0, lambda_=0.2), focal_loss(out["logits"], b.target, 0.0))
 
 
+@pytest.mark.parametrize("system", ["baseline", "relation_attention"])
+def test_markers_only_computes_the_last_layer_at_the_two_markers_with_the_same_logits(tokenizer, sample_batch, system):
+    """The inference shortcut: the last layer's feed-forward sees two positions per pair, not the whole padded
+    sequence, and the logits match the full encoder's (padding included: the batch has rows of several lengths)."""
+    from drugprot.model.marker_states import supports_marker_states
+
+    model = tiny_model(tokenizer, system).eval()
+    b = sample_batch
+    assert (b.attention_mask == 0).any() and supports_marker_states(model.encoder)
+    shapes = []  # of the last feed-forward's input; relation attention also encodes its 13 definitions in full
+    model.encoder.encoder.layer[-1].intermediate.register_forward_hook(lambda m, args, out: shapes.append(args[0].shape[:2]))
+    with torch.no_grad():
+        full = model(b.input_ids, b.attention_mask, b.subject, b.object)["logits"]
+        assert (len(b.index), b.input_ids.shape[1]) in shapes
+        shapes.clear()
+        short = model(b.input_ids, b.attention_mask, b.subject, b.object, markers_only=True)["logits"]
+    assert (len(b.index), 2) in shapes and (len(b.index), b.input_ids.shape[1]) not in shapes
+    assert_close(short, full, atol=1e-5, rtol=1e-5)
+    assert not supports_marker_states(torch.nn.Linear(2, 2))  # other encoders run in full
+
+
 # --- relation attention ---------------------------------------------------------------------------------------
 
 def test_relation_attention_shapes_and_definition_buffer(tokenizer, sample_batch):

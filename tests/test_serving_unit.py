@@ -142,9 +142,12 @@ def test_options_map_onto_deployment_options():
     ({"model": "models:/dp@champion", "follow_alias": True, "poll_s": 0},
      r"serve args: poll_s: Input should be greater than 0, got 0"),
     ({"model": "m", "max_queue_wait_s": 0}, r"serve args: max_queue_wait_s: Input should be greater than 0, got 0"),
-    ({"model": "m", "precision": "bf16"}, r"serve args: precision: Input should be 'auto', 'fp32' or 'int8', got 'bf16'"),
+    ({"model": "m", "precision": "bf16"},
+     r"serve args: precision: Input should be 'auto', 'fp32', 'int8' or 'cascade', got 'bf16'"),
     ({"model": "m", "precision": "int8", "gpus_per_replica": 1},
      r"serve args: precision: int8 runs on CPU replicas only; set gpus_per_replica to 0 or precision to auto"),
+    ({"model": "m", "precision": "cascade", "gpus_per_replica": 1},
+     r"serve args: precision: cascade runs on CPU replicas only; set gpus_per_replica to 0 or precision to auto"),
 ])
 def test_options_errors_name_key_and_value(args, message):
     with pytest.raises(DrugprotError, match=message):
@@ -1126,7 +1129,7 @@ def test_a_registry_uri_is_pinned_to_a_version_and_reported(relation_members, tm
 
 def test_a_cpu_replica_can_serve_the_int8_path_of_drugprot_predict(relation_members, dev_documents):
     """--precision int8 on drugprot serve: the replica's predictor quantizes its Linear layers as predict's does, and
-    /v1/model says so; the default stays fp32 on CPU."""
+    /v1/model says so; the default stays fp32 on CPU; --precision cascade reaches the predictor too."""
     from drugprot.cli import build_parser
     from drugprot.cli.serve import serve_options
 
@@ -1140,6 +1143,9 @@ def test_a_cpu_replica_can_serve_the_int8_path_of_drugprot_predict(relation_memb
     reference = Predictor([load_artifact(relation_members[0])], device="cpu", precision="int8")
     assert quantized.predictor.member_probabilities(documents, quantized.predictor.candidates(documents)).equal(
         reference.member_probabilities(documents, reference.candidates(documents)))
+    args = build_parser().parse_args(["serve", "--model", str(relation_members[0]), "--precision", "cascade"])
+    cascade = ModelService.load(parse_options({**serve_options(args), "warmup_rounds": 0}))
+    assert cascade.model_info().precision == "cascade" and cascade.predictor.precision == "cascade"
 
 
 # ---- fuzz: nothing a client sends crashes the app ----------------------------------------------------------------

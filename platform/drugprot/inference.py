@@ -20,9 +20,14 @@ from drugprot.candidates import DEFAULT_INTERVAL, Candidate, document_candidates
 from drugprot.corpus import Document, Relation
 from drugprot.decision import NONE_INDEX, Decision
 from drugprot.encoding import LABELS, EncodedPair, PairEncoder, iterate_batches, token_budget_batches
-from drugprot.model.runtime import autocast, quantize_int8, resolve_device
+from drugprot.model.runtime import autocast, bf16_copy, quantize_int8, resolve_device
 
-PRECISIONS = ("bf16", "fp32", "int8")  # bf16 applies on CUDA only (CPU runs fp32); int8 is CPU only
+# bf16 applies on CUDA only (CPU runs fp32); int8 and cascade are CPU only
+PRECISIONS = ("bf16", "fp32", "int8", "cascade")
+#: cascade: pairs whose bf16 top-2 probability margin is below this are re-scored in fp32. bf16 moved a probability
+#: by at most 0.0033 on the development set (MiniLM demo champion), so a margin can move by about 0.007; 0.01 leaves
+#: room for models and texts where bf16 errs more.
+CASCADE_MARGIN = 0.01
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,7 +46,8 @@ class PredictedRelation:
 @torch.no_grad()
 def pair_probabilities(model, pairs: Sequence[EncodedPair], *, pad_id: int, device: torch.device,
                        precision: str = "bf16", token_budget: int = 16384, max_pairs: int = 256) -> torch.Tensor:
-    """Softmax over LABELS for each encoded pair, in the order given; (len(pairs), len(LABELS)) float32 on CPU."""
+    """Softmax over LABELS for each encoded pair, in the order given; (len(pairs), len(LABELS)) float32 on CPU.
+    The encoder's last layer computes the two marker states only (drugprot.model.marker_states)."""
     model.eval()
     out = torch.zeros((len(pairs), len(LABELS)))
     batches = token_budget_batches(pairs, token_budget=token_budget, max_pairs=max_pairs)
@@ -50,9 +56,22 @@ def pair_probabilities(model, pairs: Sequence[EncodedPair], *, pad_id: int, devi
     for members, batch in zip(batches, iterate_batches(pairs, batches, pad_id)):
         batch = batch.to(device, non_blocking=True)
         with autocast(device, precision):
-            logits = model(batch.input_ids, batch.attention_mask, batch.subject, batch.object, relations)["logits"]
+            logits = model(batch.input_ids, batch.attention_mask, batch.subject, batch.object, relations,
+                           markers_only=True)["logits"]
         out[torch.tensor(members)] = torch.softmax(logits.float(), dim=-1).cpu()
     return out
+
+
+def rescore_close_calls(model, pairs: Sequence[EncodedPair], probs: torch.Tensor, *, margin: float, pad_id: int,
+                        device: torch.device) -> int:
+    """The cascade's second stage: replace, in place, the probabilities of pairs whose top-2 margin is below
+    ``margin`` with the fp32 ``model``'s; returns how many pairs were re-scored."""
+    top2 = probs.topk(2, dim=-1).values
+    close = ((top2[:, 0] - top2[:, 1]) < margin).nonzero()[:, 0]
+    if len(close):
+        probs[close] = pair_probabilities(model, [pairs[i] for i in close.tolist()], pad_id=pad_id, device=device,
+                                          precision="fp32")
+    return len(close)
 
 
 def combine(member_probs: torch.Tensor, mode: str = "hard", weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,18 +122,23 @@ class Predictor:
 
     def __init__(self, members: Sequence, *, vote: str = "hard", interval: tuple[int, int] = DEFAULT_INTERVAL,
                  device: str | torch.device = "auto", precision: str = "bf16", metadata: dict | None = None,
-                 execution: str = "auto", weights: Sequence[int] | None = None, decision: Decision | None = None):
+                 execution: str = "auto", weights: Sequence[int] | None = None, decision: Decision | None = None,
+                 cascade_margin: float = CASCADE_MARGIN):
         """``weights``: how many times each member counts in the vote (a greedy selection may pick one twice);
         ``decision``: how the vote becomes relations (default: argmax). ``execution``: ``auto`` stacks
         same-architecture members (``fold``, see drugprot.model.stacked) and loops otherwise; ``loop``, ``fold`` or
         ``vmap`` force one (a forced stack of incompatible members raises). ``precision``: ``int8`` quantizes each
-        member's Linear layers for CPU (members then run in turn)."""
+        member's Linear layers for CPU (members then run in turn); ``cascade`` (CPU) scores every pair with a bf16
+        copy of each member and re-scores in fp32 the pairs whose top-2 probability margin is below
+        ``cascade_margin`` (members run in turn; ``scored_pairs`` and ``rescored_pairs`` count the work)."""
         if not members:
             raise ValueError("a Predictor needs at least one member")
         if execution not in ("auto", "loop", "fold", "vmap"):
             raise ValueError(f"execution must be 'auto', 'loop', 'fold' or 'vmap', got {execution!r}")
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        if not 0.0 <= cascade_margin <= 1.0:
+            raise ValueError(f"cascade_margin must be between 0 and 1 (a probability margin), got {cascade_margin!r}")
         self.members = list(members)
         self.vote_mode = vote
         if weights is not None and (len(weights) != len(self.members) or any(int(w) != w or w < 1 for w in weights)):
@@ -129,19 +153,25 @@ class Predictor:
             member.model.to(self.device).eval()
             if member.gene_typer is not None:
                 member.gene_typer.to(self.device).eval()
-        if precision == "int8":
+        self.cascade_margin = cascade_margin
+        self.scored_pairs = self.rescored_pairs = 0
+        self._bf16_models = []
+        if precision in ("int8", "cascade"):
             if self.device.type != "cpu":
-                raise ValueError(f"precision 'int8' (dynamic int8 quantization) runs on CPU only, not {self.device}")
+                raise ValueError(f"precision {precision!r} runs on CPU only, not {self.device}")
             if execution in ("fold", "vmap"):
-                raise ValueError(f"execution {execution!r} cannot stack int8-quantized members; use 'auto' or 'loop'")
+                raise ValueError(f"execution {execution!r} cannot stack {precision} members; use 'auto' or 'loop'")
             for member in self.members:
-                member.model = quantize_int8(member.model)
+                if precision == "int8":
+                    member.model = quantize_int8(member.model)
+                else:
+                    self._bf16_models.append(bf16_copy(member.model))
         # One encoder per member, built once: a Serve replica calls member_probabilities for every batch.
         self._encoders = [PairEncoder(m.tokenizer, max_length=m.info["max_length"], markers=m.info["markers"])
                           for m in self.members]
         self._stacked = None
         self.execution = "loop"
-        if execution != "loop" and precision != "int8" and len(self.members) > 1:
+        if execution != "loop" and precision not in ("int8", "cascade") and len(self.members) > 1:
             from drugprot.model.stacked import stack_incompatibility, stack_models
 
             strategy = "fold" if execution == "auto" else execution
@@ -215,8 +245,14 @@ class Predictor:
             pairs, _ = encoder.encode(docs, cands)
             if not pairs:
                 continue
-            probs = pair_probabilities(member.model, pairs, pad_id=member.tokenizer.pad_token_id, device=self.device,
-                                       precision=self.precision)
+            pad_id = member.tokenizer.pad_token_id
+            if self.precision == "cascade":
+                probs = pair_probabilities(self._bf16_models[m], pairs, pad_id=pad_id, device=self.device, precision="fp32")
+                self.rescored_pairs += rescore_close_calls(member.model, pairs, probs, margin=self.cascade_margin,
+                                                           pad_id=pad_id, device=self.device)
+                self.scored_pairs += len(pairs)
+            else:
+                probs = pair_probabilities(member.model, pairs, pad_id=pad_id, device=self.device, precision=self.precision)
             result[m, torch.tensor([p.index for p in pairs])] = probs
         return result
 

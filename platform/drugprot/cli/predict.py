@@ -28,8 +28,10 @@ def register(commands) -> None:
     parser.add_argument("--interval", nargs=2, type=int, metavar=("LO", "HI"), help="GENE interval (default: the model's)")
     parser.add_argument("--threshold", type=float, default=0.0, help="drop relations scoring below this")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--precision", default="bf16", choices=("bf16", "fp32", "int8"),
-                        help="bf16 (CUDA; CPU runs fp32), fp32, or int8: dynamic int8 quantization, the fast CPU path")
+    parser.add_argument("--precision", default="bf16", choices=("bf16", "fp32", "int8", "cascade"),
+                        help="bf16 (CUDA; CPU runs fp32), fp32; CPU only: cascade (bf16 weights, close calls "
+                             "re-scored in fp32: the fast CPU path on CPUs with AMX/AVX512-BF16) or int8 (dynamic "
+                             "int8 quantization)")
     parser.add_argument("--tracking-uri", help="MLflow tracking/registry URI for models:/ URIs")
     parser.add_argument("--ray", action="store_true", help="predict with Ray Data actors (one model copy per actor, "
                                                            "a GPU each when the cluster has them); same output")

@@ -28,9 +28,10 @@ def register(commands) -> None:
     parser.add_argument("--ingress-replicas", type=int, help="HTTP ingress replicas (default 1), apart from the model's")
     parser.add_argument("--gpus-per-replica", type=float, default=0.0, help="GPUs per model replica (> 0: CUDA, bf16)")
     parser.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs per model replica (torch threads)")
-    parser.add_argument("--precision", choices=("auto", "fp32", "int8"),
-                        help="auto (default): bf16 on GPU, fp32 on CPU; int8: dynamic int8 quantization, the fast CPU "
-                             "path (CPU replicas only)")
+    parser.add_argument("--precision", choices=("auto", "fp32", "int8", "cascade"),
+                        help="auto (default): bf16 on GPU, fp32 on CPU; CPU replicas only: cascade (bf16 weights, "
+                             "close calls re-scored in fp32; drugprot predict's fast CPU path) or int8 (dynamic int8 "
+                             "quantization)")
     parser.add_argument("--max-batch-pairs", type=int, default=64,
                         help="candidate pairs from concurrent requests per model call (1 = no batching); a larger "
                              "request is cut into chunks of this size that take turns with other requests")

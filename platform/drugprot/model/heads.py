@@ -18,6 +18,7 @@ from torch import nn
 
 from drugprot.encoding import ENTITY_CLASSES, IGNORE_INDEX, LABELS
 from drugprot.model.loss import focal_loss
+from drugprot.model.marker_states import marker_states, supports_marker_states
 
 
 class RelationModel(nn.Module):
@@ -40,7 +41,13 @@ class RelationModel(nn.Module):
             self.entity_head = nn.Linear(hidden, len(ENTITY_CLASSES))
         self.classifier = nn.Linear(width, len(LABELS))
 
-    def pair_states(self, input_ids, attention_mask, subject, obj) -> tuple[torch.Tensor, torch.Tensor]:
+    def pair_states(self, input_ids, attention_mask, subject, obj, *,
+                    markers_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """``markers_only`` (inference): the last layer computes the two marker positions only, where the encoder
+        allows it (see drugprot.model.marker_states)."""
+        if markers_only and supports_marker_states(self.encoder):
+            states = marker_states(self.encoder, input_ids, attention_mask, torch.stack([subject, obj], dim=1))
+            return states[:, 0], states[:, 1]
         states = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         rows = torch.arange(states.size(0), device=states.device)
         return states[rows, subject], states[rows, obj]
@@ -51,10 +58,12 @@ class RelationModel(nn.Module):
             return None
         return self.encoder(input_ids=self.definition_ids, attention_mask=self.definition_mask).last_hidden_state[:, 0]
 
-    def forward(self, input_ids, attention_mask, subject, obj, relations: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def forward(self, input_ids, attention_mask, subject, obj, relations: torch.Tensor | None = None, *,
+                markers_only: bool = False) -> dict[str, torch.Tensor]:
         """``relations``: R computed once by :meth:`relation_states` for a whole evaluation or prediction call (the
-        weights do not change there); in training it is left None and recomputed, so the definitions get gradients."""
-        h_s, h_o = self.pair_states(input_ids, attention_mask, subject, obj)
+        weights do not change there); in training it is left None and recomputed, so the definitions get gradients.
+        ``markers_only``: see :meth:`pair_states`."""
+        h_s, h_o = self.pair_states(input_ids, attention_mask, subject, obj, markers_only=markers_only)
         pair = torch.cat([h_s, h_o], dim=-1)
         if self.system == "relation_attention":
             if relations is None:

@@ -33,3 +33,12 @@ def quantize_int8(module: torch.nn.Module) -> torch.nn.Module:
         warnings.simplefilter("ignore", UserWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
         return quantize_dynamic(module, {torch.nn.Linear}, dtype=torch.qint8)
+
+
+def bf16_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy whose floating-point weights and buffers are bf16: the fast half of the CPU ``cascade`` path. CPUs with
+    AMX or AVX512-BF16 run its matmuls through oneDNN's bf16 kernels; without them bf16 is emulated and slower than
+    fp32. A copy rather than autocast: autocast re-casts every weight for every batch and keeps fp32 LayerNorms."""
+    import copy
+
+    return copy.deepcopy(module).to(torch.bfloat16)

@@ -45,9 +45,10 @@ class ServeOptions(BaseModel):
     autoscale: str | None = Field(None, description="'MIN:MAX' replicas for Serve autoscaling; excludes 'replicas'.")
     num_cpus: float = Field(1.0, gt=0, le=256, description="CPUs per replica; torch uses floor(num_cpus) threads (at least 1).")
     gpus_per_replica: float = Field(0.0, ge=0, le=16, description="GPUs per replica; > 0 runs on CUDA in bf16, else CPU fp32.")
-    precision: Literal["auto", "fp32", "int8"] = Field("auto", description="auto: bf16 on CUDA, fp32 on CPU; int8: "
-                                                       "dynamic int8 quantization of the Linear layers, the fast CPU "
-                                                       "path of drugprot predict (CPU replicas only).")
+    precision: Literal["auto", "fp32", "int8", "cascade"] = Field(
+        "auto", description="auto: bf16 on CUDA, fp32 on CPU; CPU replicas only: cascade (bf16 weights, pairs with a "
+                            "close top-2 margin re-scored in fp32, the fast CPU path of drugprot predict) or int8 "
+                            "(dynamic int8 quantization of the Linear layers).")
     max_batch_pairs: int = Field(64, ge=1, le=65_536, description="Candidate pairs combined from concurrent requests into "
                                                                   "one model call; 1 disables cross-request batching. A "
                                                                   "larger request is cut into chunks of this many pairs "
@@ -92,8 +93,9 @@ class ServeOptions(BaseModel):
     def _replicas_or_autoscale(self) -> ServeOptions:
         if self.replicas is not None and self.autoscale is not None:
             raise ValueError("give either replicas or autoscale, not both")
-        if self.precision == "int8" and self.gpus_per_replica > 0:
-            raise ValueError("precision: int8 runs on CPU replicas only; set gpus_per_replica to 0 or precision to auto")
+        if self.precision in ("int8", "cascade") and self.gpus_per_replica > 0:
+            raise ValueError(f"precision: {self.precision} runs on CPU replicas only; set gpus_per_replica to 0 or "
+                             f"precision to auto")
         if self.max_queued_requests == 0:
             raise ValueError("max_queued_requests: must be -1 (unbounded) or at least 1, got 0")
         if self.follow_alias and registry_alias(self.model) is None:
@@ -115,7 +117,7 @@ class ServeOptions(BaseModel):
 
     @property
     def predictor_precision(self) -> str:
-        """What ``load_predictor`` takes: bf16 (CUDA; CPU runs it as fp32), fp32 or int8."""
+        """What ``load_predictor`` takes: bf16 (CUDA; CPU runs it as fp32), fp32, int8 or cascade."""
         return "bf16" if self.precision == "auto" else self.precision
 
     def ingress_deployment_options(self) -> dict[str, Any]:
