@@ -198,8 +198,9 @@ def test_relation_attention_encodes_definitions_once_per_prediction_call(tokeniz
     pairs, _ = PairEncoder(tokenizer, max_length=128).encode(docs, corpus_candidates(docs)[0])
     definitions = model.definition_ids.size(0)
     seen: list[int] = []
-    hook = model.encoder.register_forward_hook(lambda module, args, kwargs, out: seen.append(kwargs["input_ids"].size(0)),
-                                               with_kwargs=True)
+    # the embeddings see every encoder pass: the full encoder's (definitions) and the marker-states shortcut's (pairs)
+    hook = model.encoder.embeddings.register_forward_hook(
+        lambda module, args, kwargs, out: seen.append(out.size(0)), with_kwargs=True)
     try:
         probs = pair_probabilities(model, pairs, pad_id=tokenizer.pad_token_id, device=torch.device("cpu"),
                                    precision="fp32", token_budget=1024, max_pairs=8)
