@@ -104,6 +104,30 @@ def test_stacked_probabilities_match_the_loop(biased_members, dev_documents, str
     assert _relations(stacked.predict(dev_documents)) == _relations(looped.predict(dev_documents))
 
 
+@pytest.mark.parametrize("mode", ["hard", "soft"])
+def test_members_in_turn_skip_settled_pairs_and_predict_the_same(biased_members, dev_documents, mode):
+    from drugprot.decision import Decision
+    from drugprot.inference import decode
+
+    for decision in (Decision(), Decision(margin=-0.05, thresholds={"INHIBITOR": 0.2}, second_type=0.1)):
+        predictor = Predictor(_loaded(biased_members), device="cpu", execution="loop", vote=mode, decision=decision)
+        cands = predictor.candidates(dev_documents)
+        full = predictor.member_probabilities(dev_documents, cands)
+        assert predictor.scored_pairs == 3 * len(cands)
+        predictor.scored_pairs = 0
+        skipped = predictor.member_probabilities(dev_documents, cands, skip_settled=True)
+        # later members ran on fewer pairs (hard: two NONE votes of three settle a pair; these flat tiny models are
+        # never sure enough for a soft vote to settle), and only the skipped entries differ (P(NONE) = 1 there)
+        differs = (skipped != full).any(-1)
+        assert predictor.scored_pairs == 3 * len(cands) - int(differs.sum()) and not differs[0].any()
+        assert differs.any() == (mode == "hard")
+        assert (skipped[differs] == torch.nn.functional.one_hot(torch.tensor(0), len(LABELS)).float()).all()
+        relations = decode(cands, full, mode, weights=None, decision=decision)
+        assert relations and decode(cands, skipped, mode, decision=decision) == relations
+        assert _relations(predictor.predict(dev_documents)) == [
+            (r.pmid, r.chemical, r.gene, r.type, r.score, r.votes) for r in relations]
+
+
 def test_same_architecture_members_stack_by_default(biased_members):
     predictor = Predictor(_loaded(biased_members), device="cpu")
     assert predictor.execution == "fold"

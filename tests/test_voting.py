@@ -160,3 +160,65 @@ def test_bad_decision_entries_name_the_key(raw, message):
 def test_decision_round_trips():
     decision = Decision(margin=-0.05, thresholds={"INHIBITOR": 0.4}, second_type=0.2)
     assert Decision.from_dict(decision.as_dict()) == decision and not decision.is_argmax and Decision().is_argmax
+
+
+# -- settling pairs early: an ensemble's later members skip pairs that can no longer be a relation ---------------
+
+
+def _random_members(generator: torch.Generator, members: int, pairs: int) -> torch.Tensor:
+    """Peaked member probabilities, mostly on NONE (as real ones are), often disagreeing."""
+    logits = torch.randn((members, pairs, L), generator=generator) * 3
+    logits[..., NONE] += torch.rand((members, pairs, 1), generator=generator)[..., 0] * 8
+    return logits.softmax(-1)
+
+
+def _worst_cases(rest: int, pairs: int) -> list[torch.Tensor]:
+    """Completions for the members not run yet: every remaining member fully on one type (the bound's worst case),
+    each type in turn, plus NONE-only."""
+    cases = []
+    for label in range(L):
+        table = torch.zeros((rest, pairs, L))
+        table[..., label] = 1.0
+        cases.append(table)
+    return cases
+
+
+DECISIONS = [Decision(), Decision(margin=-0.1), Decision(margin=0.2, thresholds={"INHIBITOR": 0.3}),
+             Decision(thresholds={"ACTIVATOR": 0.6}, second_type=0.1)]
+
+
+@pytest.mark.parametrize("mode", ["hard", "soft"])
+@pytest.mark.parametrize("decision", DECISIONS, ids=["argmax", "negative-margin", "margin-threshold", "second-type"])
+@pytest.mark.parametrize("weights", [[1, 1, 1, 1, 1], [2, 1, 1, 1]], ids=["five", "weighted"])
+def test_a_settled_pair_yields_no_relation_whatever_the_rest_say(mode, decision, weights):
+    from drugprot.inference import combine, settled_as_none
+
+    generator = torch.Generator().manual_seed(len(weights) * 7 + len(DECISIONS))
+    weights = torch.tensor(weights, dtype=torch.float32)
+    members, pairs = len(weights), 400
+    table = _random_members(generator, members, pairs)
+    settled_somewhere = open_somewhere = 0
+    for done in range(1, members):
+        settled = settled_as_none(table[:done], weights, mode, decision)
+        settled_somewhere += int(settled.sum())
+        completions = _worst_cases(members - done, pairs) + [table[done:], _random_members(generator, members - done, pairs)]
+        could_be_relation = torch.zeros(pairs, dtype=torch.bool)
+        for rest in completions:
+            ranking = combine(torch.cat([table[:done], rest]), mode, weights)[0]
+            rows = torch.tensor(sorted({row for row, _ in decision.choose(ranking)}), dtype=torch.long)
+            could_be_relation[rows] = True
+            assert not settled[rows].any(), f"{mode}: a pair settled after {done} members became a relation"
+        if not decision.thresholds:  # then the bound is tight: an unsettled pair can still become a relation
+            assert (could_be_relation | settled).all()
+        open_somewhere += int((~settled).sum())
+    assert settled_somewhere > 0 and open_somewhere > 0  # the table exercises both sides
+
+
+def test_nothing_settles_while_the_rest_can_outvote_the_known():
+    from drugprot.inference import settled_as_none
+
+    table = probs({NONE: 1.0}, {NONE: 1.0}, {NONE: 1.0}, {INH: 1.0}, {INH: 1.0})
+    weights = torch.ones(5)
+    assert [bool(settled_as_none(table[:k], weights, "hard")[0]) for k in range(1, 6)] == [False, False, True, True, True]
+    # soft: three unanimous NONE members settle only when their lead beats the two remaining members' whole mass
+    assert not settled_as_none(probs({NONE: 0.6}, {NONE: 0.6}, {NONE: 0.6}), weights, "soft")[0]

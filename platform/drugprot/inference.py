@@ -92,6 +92,38 @@ def combine(member_probs: torch.Tensor, mode: str = "hard", weights: torch.Tenso
     return share + mean * (0.5 / total), share  # weights are counts: shares differ by at least 1 / total
 
 
+#: float slack for :func:`settled_as_none`: a pair within this of passing is not settled (the final vote sums members
+#: in another order than the bound)
+SETTLE_SLACK = 1e-5
+
+
+def settled_as_none(known_probs: torch.Tensor, weights: torch.Tensor, mode: str = "hard",
+                    decision: Decision | None = None) -> torch.Tensor:
+    """(N,) True where a pair yields no relation whatever the members not run yet say.
+
+    ``known_probs``: (K, N, L) probabilities of the first K members; ``weights``: all M members' weights (M >= K).
+    The best case of each type is the remaining members' whole weight on it (all their votes and probability
+    mass), which is what :func:`combine` and the decision would then see; a pair is settled when no type passes
+    the decision even then (tight for the argmax rule and margins; per-type thresholds make it cautious, as the
+    decision looks at the best type only). Skipping settled pairs changes no relation, score or vote output."""
+    weights = torch.as_tensor(weights, dtype=torch.float32)
+    done = known_probs.size(0)
+    total, remaining = float(weights.sum()), float(weights[done:].sum())
+    mass = torch.einsum("k,knl->nl", weights[:done], known_probs)
+    best = (mass + remaining) / total  # each type's best final mean probability; NONE keeps what it has
+    none = mass[:, NONE_INDEX] / total
+    if mode == "hard":
+        one_hot = torch.nn.functional.one_hot(known_probs.argmax(-1), known_probs.size(-1)).float()
+        votes = torch.einsum("k,knl->nl", weights[:done], one_hot)
+        best = (votes + remaining) / total + best * (0.5 / total)
+        none = votes[:, NONE_INDEX] / total + none * (0.5 / total)
+    decision = decision or Decision()
+    types = best[:, 1:]
+    floor = torch.tensor([decision.thresholds.get(t, float("-inf")) for t in LABELS[1:]])
+    could_pass = (types - none[:, None] > decision.margin - SETTLE_SLACK) & (types >= floor - SETTLE_SLACK)
+    return ~could_pass.any(-1)
+
+
 def vote(member_probs: torch.Tensor, mode: str = "hard",
          weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Combine (M, N, L) member probabilities; returns (labels (N,), scores (N,), member labels (M, N))."""
@@ -130,7 +162,8 @@ class Predictor:
         ``vmap`` force one (a forced stack of incompatible members raises). ``precision``: ``int8`` quantizes each
         member's Linear layers for CPU (members then run in turn); ``cascade`` (CPU) scores every pair with a bf16
         copy of each member and re-scores in fp32 the pairs whose top-2 probability margin is below
-        ``cascade_margin`` (members run in turn; ``scored_pairs`` and ``rescored_pairs`` count the work)."""
+        ``cascade_margin`` (members run in turn). Members in turn count their work: ``scored_pairs`` (a pair once per
+        member that scored it) and ``rescored_pairs`` (of those, re-scored in fp32 by the cascade)."""
         if not members:
             raise ValueError("a Predictor needs at least one member")
         if execution not in ("auto", "loop", "fold", "vmap"):
@@ -221,12 +254,19 @@ class Predictor:
     def candidates(self, documents: Sequence[Document], interval: tuple[int, int] | None = None) -> list[Candidate]:
         return candidate_pairs(documents, interval or self.interval)
 
-    def member_probabilities(self, documents: Sequence[Document], candidates: Sequence[Candidate]) -> torch.Tensor:
+    def member_probabilities(self, documents: Sequence[Document], candidates: Sequence[Candidate], *,
+                             skip_settled: bool = False) -> torch.Tensor:
         """(M, N, L) probabilities; pairs a member cannot encode (too long) get P(NONE) = 1.
 
-        Stacked members share one encoding and one forward per batch; otherwise each member runs in turn."""
+        Stacked members share one encoding and one forward per batch; otherwise each member runs in turn.
+        ``skip_settled`` (members in turn only): a member skips the pairs that the members before it already
+        settled as no relation (:func:`settled_as_none`); the skipped entries keep P(NONE) = 1. The relations
+        decoded from the result are the same as without skipping; the probabilities are not, so callers that keep
+        probabilities (ensemble building, distillation) leave it off."""
         result = torch.zeros((len(self.members), len(candidates), len(LABELS)))
         result[:, :, NONE_INDEX] = 1.0
+        weights = torch.ones(len(self.members)) if self.weights is None else self.weights
+        open_rows = torch.arange(len(candidates))  # pairs not settled yet
         if self._stacked is not None:
             from drugprot.model.stacked import stacked_probabilities
 
@@ -237,11 +277,15 @@ class Predictor:
                     self._stacked, pairs, pad_id=first.tokenizer.pad_token_id, device=self.device, precision=self.precision)
             return result
         for m, (member, encoder) in enumerate(zip(self.members, self._encoders)):
-            docs, cands = documents, candidates
+            if skip_settled and m:
+                open_rows = open_rows[~settled_as_none(result[:m, open_rows], weights, self.vote_mode, self.decision)]
+                if not len(open_rows):
+                    break
+            docs, cands = documents, [candidates[i] for i in open_rows.tolist()]
             if member.gene_typer is not None:
                 docs = type_genes(documents, member, self.device)
                 by_pmid = {d.pmid: d for d in docs}
-                cands = [dataclasses.replace(c, gene=by_pmid[c.pmid].entities[c.gene.id]) for c in candidates]
+                cands = [dataclasses.replace(c, gene=by_pmid[c.pmid].entities[c.gene.id]) for c in cands]
             pairs, _ = encoder.encode(docs, cands)
             if not pairs:
                 continue
@@ -250,10 +294,10 @@ class Predictor:
                 probs = pair_probabilities(self._bf16_models[m], pairs, pad_id=pad_id, device=self.device, precision="fp32")
                 self.rescored_pairs += rescore_close_calls(member.model, pairs, probs, margin=self.cascade_margin,
                                                            pad_id=pad_id, device=self.device)
-                self.scored_pairs += len(pairs)
             else:
                 probs = pair_probabilities(member.model, pairs, pad_id=pad_id, device=self.device, precision=self.precision)
-            result[m, torch.tensor([p.index for p in pairs])] = probs
+            self.scored_pairs += len(pairs)
+            result[m, open_rows[torch.tensor([p.index for p in pairs])]] = probs
         return result
 
     def decode(self, candidates: Sequence[Candidate], member_probs: torch.Tensor,
@@ -266,7 +310,7 @@ class Predictor:
                 threshold: float = 0.0) -> list[list[PredictedRelation]]:
         """Relations per document (same order); ``threshold`` drops relations whose score is below it."""
         candidates = self.candidates(documents, interval)
-        relations = self.decode(candidates, self.member_probabilities(documents, candidates), threshold)
+        relations = self.decode(candidates, self.member_probabilities(documents, candidates, skip_settled=True), threshold)
         results: dict[str, list[PredictedRelation]] = {d.pmid: [] for d in documents}
         for relation in relations:
             results[relation.pmid].append(relation)

@@ -52,13 +52,14 @@ class Job:
 
 
 def run_jobs(predictor, jobs: Sequence[Job]) -> list:
-    """Score every job's candidates in one ``member_probabilities`` call; one ``(M, n_job, L)`` tensor per job."""
+    """Score every job's candidates in one ``member_probabilities`` call; one ``(M, n_job, L)`` tensor per job.
+    Pairs settled as no relation skip the remaining members: the ingress decodes only relations."""
     documents = [d for job in jobs for d in job.documents]
     keys = [d.pmid for d in documents]
     if len(set(keys)) != len(keys):
         raise ValueError("run_jobs: document keys must be unique across the jobs of a batch")
     candidates = [c for job in jobs for c in job.candidates]
-    probabilities = predictor.member_probabilities(documents, candidates)
+    probabilities = predictor.member_probabilities(documents, candidates, skip_settled=True)
     results, start = [], 0
     for job in jobs:
         results.append(probabilities[:, start:start + job.pairs])
