@@ -1,18 +1,27 @@
-"""Benchmark: CPU prediction, a plain Hugging Face fp32 loop vs the project's fp32, int8 and cascade paths, and their
-label agreement with fp32; a 5-member stacked ensemble vs one member. All measured in one run, on the same pairs.
+"""Benchmark: CPU prediction, a plain Hugging Face fp32 loop vs the project's fp32, int8 and cascade paths (in one
+process, and in one single-threaded process per core), and their label agreement with fp32; a 5-member ensemble vs
+one member. All measured in one run, on the same pairs.
 
     python bench/cpu_predict.py --model runs/minilm/model [--data ../shared/data/drugprot] [--limit DOCS]
+                                [--ensemble MEMBER_DIR ... --ensemble-limit DOCS]
 
 * plain loop (the baseline): what a user writes: candidates in corpus order, each pair's sentence with the four
   marker strings inserted, ``tokenizer(batch of 32, padding=True, truncation=True)``, the same model under
   ``torch.no_grad``, torch's default threads;
 * project fp32 / int8: ``Predictor.member_probabilities`` (marker encoding from cached pieces, length-bucketed
-  token-budget batches, one torch thread per core), int8 = dynamic quantization of the Linear layers;
+  token-budget batches, torch threads = cores), int8 = dynamic quantization of the Linear layers;
 * project cascade: a bf16 copy of the model scores every pair (oneDNN's AMX/AVX512-BF16 kernels), then the fp32
   model re-scores the pairs whose top-2 margin is below ``--cascade-margin``; its time includes the re-scoring;
   project bf16 = the cascade with margin 0 (the bf16 copy alone), to show what the re-scoring costs and buys;
-* ensemble: the model loaded 5 times as an ensemble (stacked in fp32; int8 members run in turn), vs one member
-  with the same precision. Copies cost what trained members cost.
+* ``*_per_core``: the same path in one process per core with one torch thread each, every process scoring its
+  share of each chunk's documents (what ``drugprot predict --ray --ray-actors CORES`` runs on a CPU node: one
+  single-threaded model per actor); the time is the wall clock from handing out a chunk to the last share back;
+* ensemble (``--ensemble``: trained members, which disagree as real seeds do; without it the model is loaded 5 times,
+  which times the stacked forward but no disagreement): on the first ``--ensemble-limit`` documents, the members
+  stacked (``fold``: every member scores every pair), and the members in turn skipping the pairs that earlier
+  members settled as no relation (``member_probabilities(skip_settled=True)``, what ``predict`` and Serve run), in
+  fp32 and in cascade, each vs the first member alone on the same path and documents. The relations decoded with
+  and without skipping are compared (they must be equal).
 
 Every path is warmed up, then the documents are split into ``--rounds`` chunks and every single-model path runs on
 each chunk in turn, in an order that rotates by round: on a shared machine a change of load then hits every path
@@ -30,6 +39,7 @@ import sys
 import time
 from pathlib import Path
 
+import multiprocessing
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,10 +78,114 @@ def plain_loop(member, documents, candidates, batch_size: int = 32) -> float:
     return time.perf_counter() - started
 
 
-def timed_probabilities(predictor, documents, candidates) -> tuple[float, torch.Tensor]:
+def timed_probabilities(predictor, documents, candidates, **options) -> tuple[float, torch.Tensor]:
     started = time.perf_counter()
-    probs = predictor.member_probabilities(documents, candidates)
+    probs = predictor.member_probabilities(documents, candidates, **options)
     return time.perf_counter() - started, probs
+
+
+_WORKER = None  # a per-core worker's Predictor
+
+
+def _start_worker(model: str, precision: str, margin: float, barrier) -> None:
+    global _WORKER
+    from drugprot.corpus import read_split  # noqa: F401 - imports paid before timing
+    from drugprot.inference import Predictor
+    from drugprot.model.artifacts import load_artifact
+
+    torch.set_num_threads(1)
+    _WORKER = Predictor([load_artifact(model)], device="cpu", precision=precision, cascade_margin=margin)
+    barrier.wait()
+
+
+def _worker_probabilities(documents) -> torch.Tensor:
+    return _WORKER.member_probabilities(documents, _WORKER.candidates(documents))
+
+
+class PerCore:
+    """One single-threaded process per core, each with its own copy of the model; a chunk of documents is cut into
+    one contiguous share per process, balanced by candidate pairs."""
+
+    def __init__(self, model: str, precision: str, margin: float, cores: int, warm_documents):
+        context = multiprocessing.get_context("spawn")
+        self.cores = cores
+        self.pool = context.Pool(cores, _start_worker, (model, precision, margin, context.Barrier(cores)))
+        self.pool.map(_worker_probabilities, [warm_documents] * cores, chunksize=1)
+
+    def shares(self, documents, counts: list[int]) -> list:
+        total, shares, start, running = sum(counts), [], 0, 0
+        for i, count in enumerate(counts):
+            running += count
+            if running >= total * (len(shares) + 1) / self.cores and len(shares) < self.cores - 1:
+                shares.append(documents[start:i + 1])
+                start = i + 1
+        return shares + [documents[start:]]
+
+    def timed(self, documents, counts: list[int]) -> tuple[float, torch.Tensor]:
+        shares = self.shares(documents, counts)
+        started = time.perf_counter()
+        parts = self.pool.map(_worker_probabilities, shares, chunksize=1)
+        return time.perf_counter() - started, torch.cat(parts, dim=1)
+
+
+def ensemble_rows(args, documents, margin: float) -> tuple[dict, dict, dict]:
+    """The ensemble rows: pairs/s of each way to run the members and of the first member alone, on the same path."""
+    from drugprot.inference import Predictor, decode
+    from drugprot.model.artifacts import load_artifact
+
+    paths = args.ensemble or [args.model] * args.members
+    loaded = lambda: [load_artifact(p) for p in paths]  # noqa: E731
+    common = {"device": "cpu", "vote": args.vote}
+    runs = {"ensemble_fp32_stacked": (Predictor(loaded(), precision="fp32", **common), False),
+            "ensemble_fp32_settled": (Predictor(loaded(), precision="fp32", execution="loop", **common), True),
+            "ensemble_cascade_settled": (Predictor(loaded(), precision="cascade", cascade_margin=margin, **common), True),
+            "member_fp32": (Predictor([load_artifact(paths[0])], precision="fp32", **common), False),
+            "member_cascade": (Predictor([load_artifact(paths[0])], precision="cascade", cascade_margin=margin, **common), False)}
+    for predictor, skip in runs.values():
+        predictor.member_probabilities(documents[:4], predictor.candidates(documents[:4]), skip_settled=skip)
+        predictor.scored_pairs = predictor.rescored_pairs = 0
+    seconds = dict.fromkeys(runs, 0.0)
+    parts: dict[str, list[torch.Tensor]] = {name: [] for name in runs}
+    size = -(-len(documents) // args.rounds)
+    for round_, at in enumerate(range(0, len(documents), size)):
+        chunk = documents[at:at + size]
+        chunk_candidates = runs["member_fp32"][0].candidates(chunk)
+        names = list(runs)[round_ % len(runs):] + list(runs)[:round_ % len(runs)]
+        for name in names:
+            predictor, skip = runs[name]
+            took, probs = timed_probabilities(predictor, chunk, chunk_candidates, skip_settled=skip)
+            seconds[name] += took
+            parts[name].append(probs)
+        print(f"ensemble round {round_ + 1}: load average {os.getloadavg()[0]:.2f}", file=sys.stderr)
+    candidates = runs["member_fp32"][0].candidates(documents)
+    pairs, members = len(candidates), len(paths)
+    results = {f"{name}{'' if name.startswith('member') else members}": pairs / seconds[name] for name in runs}
+    probs = {name: torch.cat(chunks, dim=1) for name, chunks in parts.items()}
+
+    def labels(member_probs) -> dict:
+        """(pmid, chemical, gene) -> type for every relation the ensemble outputs."""
+        relations = decode(candidates, member_probs, args.vote, decision=runs["ensemble_fp32_stacked"][0].decision)
+        return {(r.pmid, r.chemical, r.gene): r.type for r in relations}
+
+    reference = labels(probs["ensemble_fp32_stacked"])
+
+    def agreement(found: dict) -> float:
+        return sum(reference.get(k) == found.get(k) for k in {*reference, *found}) / max(1, len({*reference, *found}))
+
+    settled32, settled_cascade = labels(probs["ensemble_fp32_settled"]), labels(probs["ensemble_cascade_settled"])
+    details = {"members": members, "member_folders": [str(p) for p in paths], "vote": args.vote,
+               "documents": len(documents), "pairs": pairs, "relations_stacked": len(reference),
+               "settled_fp32_equal_relations": settled32 == reference,
+               "settled_fp32_relation_agreement": round(agreement(settled32), 5),
+               "settled_cascade_relation_agreement": round(agreement(settled_cascade), 5),
+               "settled_fp32_member_pair_share": round(runs["ensemble_fp32_settled"][0].scored_pairs / (members * pairs), 4),
+               "settled_cascade_member_pair_share": round(runs["ensemble_cascade_settled"][0].scored_pairs / (members * pairs), 4),
+               "stacked_execution": runs["ensemble_fp32_stacked"][0].execution}
+    ratios = {"ensemble_fp32_stacked_vs_one_member": results[f"ensemble_fp32_stacked{members}"] / results["member_fp32"],
+              "ensemble_fp32_settled_vs_one_member": results[f"ensemble_fp32_settled{members}"] / results["member_fp32"],
+              "ensemble_cascade_settled_vs_one_member": (results[f"ensemble_cascade_settled{members}"]
+                                                         / results["member_cascade"])}
+    return results, ratios, details
 
 
 def main() -> None:
@@ -79,10 +193,15 @@ def main() -> None:
     parser.add_argument("--model", required=True, help="a trained member folder (DIR/model)")
     parser.add_argument("--data", type=Path, default=SHARED, help="corpus folder with a development split")
     parser.add_argument("--limit", type=int, help="only the first N development documents (quick runs)")
-    parser.add_argument("--members", type=int, default=5)
-    parser.add_argument("--skip-ensemble", action="store_true")
     parser.add_argument("--rounds", type=int, default=5, help="document chunks; every path runs on each in turn")
     parser.add_argument("--cascade-margin", type=float, default=None, help="default: the Predictor's CASCADE_MARGIN")
+    parser.add_argument("--workers", type=int, default=None, help="processes of the per-core rows (default: the "
+                        "cores; below 2 skips them)")
+    parser.add_argument("--ensemble", type=Path, nargs="+", help="trained member folders for the ensemble rows")
+    parser.add_argument("--members", type=int, default=5, help="without --ensemble: load --model this many times")
+    parser.add_argument("--ensemble-limit", type=int, default=150, help="development documents for the ensemble rows")
+    parser.add_argument("--vote", choices=("hard", "soft"), default="hard", help="the ensemble's vote")
+    parser.add_argument("--skip-ensemble", action="store_true")
     args = parser.parse_args()
 
     from drugprot.corpus import read_split
@@ -98,91 +217,97 @@ def main() -> None:
     candidates = fp32.candidates(documents)
     pairs = len(candidates)
     cores = os.cpu_count() or 1
+    workers = cores if args.workers is None else args.workers
     margin = CASCADE_MARGIN if args.cascade_margin is None else args.cascade_margin
-    paths = {"project_fp32": fp32,
-             "project_int8": Predictor([load_artifact(args.model)], device="cpu", precision="int8"),
-             "project_cascade": Predictor([load_artifact(args.model)], device="cpu", precision="cascade",
-                                          cascade_margin=margin),
-             "project_bf16": Predictor([load_artifact(args.model)], device="cpu", precision="cascade", cascade_margin=0.0)}
+    settings = {"project_fp32": ("fp32", margin), "project_int8": ("int8", margin),
+                "project_cascade": ("cascade", margin), "project_bf16": ("cascade", 0.0)}
+    paths = {name: fp32 if name == "project_fp32" else
+             Predictor([load_artifact(args.model)], device="cpu", precision=precision, cascade_margin=m)
+             for name, (precision, m) in settings.items()}
+    per_core = {}
+    if workers > 1:
+        for name in ("project_fp32", "project_cascade", "project_bf16"):
+            per_core[f"{name}_per_core"] = PerCore(str(args.model), *settings[name], workers, documents[:4])
     plain_loop(member, documents, candidates[:32])  # warm-ups
     for predictor in paths.values():
         predictor.member_probabilities(documents[:4], predictor.candidates(documents[:4]))
     paths["project_cascade"].scored_pairs = paths["project_cascade"].rescored_pairs = 0
-    seconds = dict.fromkeys(["plain_fp32", *paths], 0.0)
-    parts: dict[str, list[torch.Tensor]] = {name: [] for name in paths}
+    seconds = dict.fromkeys(["plain_fp32", *paths, *per_core], 0.0)
+    parts: dict[str, list[torch.Tensor]] = {name: [] for name in [*paths, *per_core]}
     size = -(-len(documents) // args.rounds)
     for round_, at in enumerate(range(0, len(documents), size)):
         # interleaved rounds in a rotating order: a change of load on a shared machine hits every path alike
         chunk = documents[at:at + size]
         chunk_candidates = fp32.candidates(chunk)
+        counts = [len(fp32.candidates([d])) for d in chunk]
         names = list(seconds)[round_ % len(seconds):] + list(seconds)[:round_ % len(seconds)]
         for name in names:
             if name == "plain_fp32":
                 torch.set_num_threads(default_threads)
                 seconds[name] += plain_loop(member, chunk, chunk_candidates)
                 continue
-            torch.set_num_threads(cores)  # one thread per core (the default here too, set for machines where it is not)
-            took, probs = timed_probabilities(paths[name], chunk, chunk_candidates)
+            if name in per_core:
+                took, probs = per_core[name].timed(chunk, counts)
+            else:
+                torch.set_num_threads(cores)  # one thread per core (the default here too, set for machines where it is not)
+                took, probs = timed_probabilities(paths[name], chunk, chunk_candidates)
             seconds[name] += took
             parts[name].append(probs)
         done = sum(p.size(1) for p in parts["project_fp32"])
         print(f"round {round_ + 1}: {done} pairs, load average {os.getloadavg()[0]:.2f}, pairs/s so far: "
               + ", ".join(f"{name} {done / took:.1f}" for name, took in seconds.items()), file=sys.stderr)
-    results = {name: pairs / seconds[name] for name in seconds}
-    probs32, probs8, probs_cascade, probs16 = (torch.cat(parts[name], dim=1) for name in paths)
+    for pool in per_core.values():
+        pool.pool.terminate()
+    results: dict = {name: pairs / seconds[name] for name in seconds}
+    labels = {name: torch.cat(chunks, dim=1)[0].argmax(-1) for name, chunks in parts.items()}
+    probs32, probs16 = (torch.cat(parts[name], dim=1) for name in ("project_fp32", "project_bf16"))
+    labels32 = labels["project_fp32"]
+    agreements = {name: float((labels32 == found).float().mean()) for name, found in labels.items()}
     cascade = paths["project_cascade"]
     rescored = cascade.rescored_pairs / cascade.scored_pairs
-    labels32, labels8 = probs32[0].argmax(-1), probs8[0].argmax(-1)
-    agreement = float((labels32 == labels8).float().mean())
-    bf16_agreement = float((labels32 == probs16[0].argmax(-1)).float().mean())
     bf16_change = float((probs16 - probs32).abs().max())
-    labels_cascade = probs_cascade[0].argmax(-1)
-    cascade_agreement = float((labels32 == labels_cascade).float().mean())
+    labels8, labels_cascade = labels["project_int8"], labels["project_cascade"]
     relations32, relations8 = int((labels32 != 0).sum()), int((labels8 != 0).sum())
     either = (labels32 != 0) | (labels8 != 0)
     agreement_on_relations = float((labels32[either] == labels8[either]).float().mean()) if either.any() else 1.0
 
-    if not args.skip_ensemble:
-        for precision in ("fp32", "int8"):
-            ensemble = Predictor([load_artifact(args.model) for _ in range(args.members)], device="cpu", precision=precision)
-            ensemble.member_probabilities(documents[:4], ensemble.candidates(documents[:4]))  # warm-up
-            seconds, _ = timed_probabilities(ensemble, documents, candidates)
-            results[f"ensemble{args.members}_{precision}"] = pairs / seconds
-            results[f"ensemble{args.members}_{precision}_execution"] = ensemble.execution
-
-    agreements = {"project_fp32": 1.0, "project_int8": agreement, "project_cascade": cascade_agreement,
-                  "project_bf16": bf16_agreement}
     best = max((path for path, share in agreements.items() if share >= AGREEMENT_TARGET), key=results.get)
     ratios = {"best_vs_plain": results[best] / results["plain_fp32"],
-              "fp32_vs_plain": results["project_fp32"] / results["plain_fp32"],
-              "int8_vs_plain": results["project_int8"] / results["plain_fp32"],
-              "cascade_vs_plain": results["project_cascade"] / results["plain_fp32"],
-              "bf16_vs_plain": results["project_bf16"] / results["plain_fp32"]}
+              **{f"{name.removeprefix('project_')}_vs_plain": results[name] / results["plain_fp32"]
+                 for name in [*paths, *per_core]}}
+    ensemble = {}
     if not args.skip_ensemble:
-        for precision in ("fp32", "int8"):
-            ratios[f"ensemble_{precision}_vs_one_member"] = (results[f"ensemble{args.members}_{precision}"]
-                                                             / results[f"project_{precision}"])
+        torch.set_num_threads(cores)
+        ensemble_results, ensemble_ratios, ensemble = ensemble_rows(args, documents[: args.ensemble_limit], margin)
+        results.update(ensemble_results)
+        ratios.update(ensemble_ratios)
+
     print(f"{len(documents)} development documents, {pairs} pairs, {cores} cores, load average {load[0]:.2f} "
-          f"(default torch threads {default_threads})")
+          f"(default torch threads {default_threads}; per-core rows: {workers if per_core else 0} processes)")
     for name, value in results.items():
-        print(f"  {name:<28} {value:>10.1f} pairs/s" if isinstance(value, float) else f"  {name:<28} {value:>10}")
+        agrees = f"   label agreement with fp32 {agreements[name]:.4%}" if name in agreements else ""
+        print(f"  {name:<32} {value:>10.1f} pairs/s{agrees}")
     for name, value in ratios.items():
-        print(f"  {name:<28} {value:>10.3f}x")
+        print(f"  {name:<40} {value:>8.3f}x")
     print(f"  best path with >= {AGREEMENT_TARGET:.1%} label agreement with fp32: {best}")
-    print(f"  int8 vs fp32 label agreement {agreement:.4%} on {pairs} pairs ({relations32} fp32 relations, "
-          f"{relations8} int8; {agreement_on_relations:.4%} on pairs either calls a relation)")
-    print(f"  cascade vs fp32 label agreement {cascade_agreement:.4%} ({int((labels_cascade != 0).sum())} cascade "
-          f"relations; margin {margin}: {rescored:.2%} of pairs re-scored in fp32)")
-    print(f"  bf16 alone vs fp32 label agreement {bf16_agreement:.4%} (largest probability change {bf16_change:.4f})")
+    print(f"  int8: {relations32} fp32 relations, {relations8} int8; {agreement_on_relations:.4%} agreement on pairs "
+          f"either calls a relation")
+    print(f"  cascade: {int((labels_cascade != 0).sum())} relations; margin {margin}: {rescored:.2%} of pairs "
+          f"re-scored in fp32; bf16 alone moved a probability by at most {bf16_change:.4f}")
+    if ensemble:
+        print(f"  ensemble: {ensemble['members']} members, {ensemble['vote']} vote, {ensemble['documents']} documents, "
+              f"{ensemble['pairs']} pairs; members in turn scored {ensemble['settled_fp32_member_pair_share']:.1%} of "
+              f"the member-pairs (fp32) and {ensemble['settled_cascade_member_pair_share']:.1%} (cascade); relations "
+              f"with skipping equal to stacked: {ensemble['settled_fp32_equal_relations']} (fp32), cascade agreement "
+              f"{ensemble['settled_cascade_relation_agreement']:.4%}")
     print(json.dumps({"bench": "cpu_predict", "model": str(args.model), "documents": len(documents), "pairs": pairs,
                       "cores": cores, "load_average": [round(x, 2) for x in load], "pairs_per_s": results,
                       "ratios": {k: round(v, 3) for k, v in ratios.items()}, "best": best,
-                      "int8_label_agreement": round(agreement, 5), "fp32_relations": relations32,
-                      "int8_relations": relations8, "int8_agreement_on_relations": round(agreement_on_relations, 5),
-                      "cascade_label_agreement": round(cascade_agreement, 5), "cascade_margin": margin,
-                      "cascade_rescored_share": round(rescored, 5),
-                      "cascade_relations": int((labels_cascade != 0).sum()),
-                      "bf16_label_agreement": round(bf16_agreement, 5), "bf16_max_probability_change": round(bf16_change, 5)}))
+                      "label_agreement": {k: round(v, 5) for k, v in agreements.items()},
+                      "fp32_relations": relations32, "int8_relations": relations8,
+                      "int8_agreement_on_relations": round(agreement_on_relations, 5), "cascade_margin": margin,
+                      "cascade_rescored_share": round(rescored, 5), "cascade_relations": int((labels_cascade != 0).sum()),
+                      "bf16_max_probability_change": round(bf16_change, 5), "ensemble": ensemble}))
 
 
 if __name__ == "__main__":
