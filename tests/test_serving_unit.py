@@ -1024,11 +1024,11 @@ class Broken:
     def candidates(self, documents, interval=None):
         return self.real.candidates(documents, interval)
 
-    def member_probabilities(self, documents, candidates):
+    def member_probabilities(self, documents, candidates, **options):
         self.calls += 1
         if self.fail_warmup or any(d.title.startswith("BOOM") for d in documents):
             raise RuntimeError("CUDA out of memory (simulated)")
-        return self.real.member_probabilities(documents, candidates)
+        return self.real.member_probabilities(documents, candidates, **options)
 
 
 
