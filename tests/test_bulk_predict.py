@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -210,3 +211,32 @@ def test_predict_cli_takes_precision_cascade_and_refuses_unknown_precisions(rela
         main(["predict", "--model", str(relation_model_dir), "--data", sample, "--out", str(tmp_path / "q.tsv"),
               "--precision", "fp8"])
     assert "argument --precision: invalid choice: 'fp8'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--precision", "fp32", "--cascade-margin", "0.1"], "--cascade-margin applies to --precision cascade only, got --precision fp32"),
+    (["--precision", "cascade", "--cascade-margin", "1.5"], r"--cascade-margin must be between 0 and 1 \(a probability margin\), got 1.5"),
+])
+def test_predict_refuses_a_cascade_margin_it_cannot_use(relation_model_dir, dev_sample, tmp_path, capsys, options, message):
+    write_pubtator(tmp_path / "a.pubtator", dev_sample[:2])
+    assert main(["predict", "--model", str(relation_model_dir), "--input", str(tmp_path / "a.pubtator"),
+                 "--out", str(tmp_path / "out"), "--device", "cpu", "--quiet", *options]) == 1
+    assert re.search(message, capsys.readouterr().err) and not (tmp_path / "out").exists()
+
+
+def test_cascade_margin_reaches_the_predictor_and_pins_the_output_folder(relation_model_dir, dev_sample, tmp_path, capsys):
+    """--cascade-margin 0 is bf16 alone: nothing re-scored; the margin is part of the job, so a rerun with another
+    margin into the same folder is refused."""
+    from drugprot.inference import load_predictor, precision_options
+
+    bf16 = load_predictor(relation_model_dir, device="cpu", **precision_options("cascade", 0.0))
+    bf16.predict(dev_sample)
+    assert bf16.cascade_margin == 0.0 and bf16.scored_pairs > 0 and bf16.rescored_pairs == 0
+    write_pubtator(tmp_path / "a.pubtator", dev_sample[:3])
+    common = ["predict", "--model", str(relation_model_dir), "--input", str(tmp_path / "a.pubtator"), "--out",
+              str(tmp_path / "out"), "--device", "cpu", "--precision", "cascade", "--quiet"]
+    assert main([*common, "--cascade-margin", "0"]) == 0
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["settings"]["cascade_margin"] == 0.0
+    capsys.readouterr()
+    assert main([*common, "--cascade-margin", "0.01"]) == 1
+    assert "holds the output of another job (cascade_margin: 0.0 there, 0.01 now)" in capsys.readouterr().err

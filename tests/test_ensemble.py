@@ -128,8 +128,9 @@ def test_members_in_turn_skip_settled_pairs_and_predict_the_same(biased_members,
             (r.pmid, r.chemical, r.gene, r.type, r.score, r.votes) for r in relations]
 
 
-def test_same_architecture_members_stack_by_default(biased_members):
-    predictor = Predictor(_loaded(biased_members), device="cpu")
+def test_same_architecture_members_run_in_turn_on_cpu_and_stack_when_asked(biased_members):
+    assert Predictor(_loaded(biased_members), device="cpu").execution == "loop"  # auto on CPU: settling pays more
+    predictor = Predictor(_loaded(biased_members), device="cpu", execution="fold")
     assert predictor.execution == "fold"
     # the members' own parameters now live inside the stacked tensors (no second copy of the weights)
     first = predictor.members[0].model.classifier.weight
@@ -174,7 +175,7 @@ def test_stack_incompatibility_reasons(biased_members, change, reason):
 def test_ensemble_folder_format(biased_ensemble, biased_members):
     meta = json.loads((biased_ensemble / "ensemble.json").read_text())
     assert meta["kind"] == "drugprot-ensemble" and meta["vote"] == "hard" and meta["interval"] == [-10, 16]
-    assert meta["encoder"] == "tiny-random" and meta["execution"] == "fold"
+    assert meta["encoder"] == "tiny-random" and meta["execution"] == "loop"  # evaluated on CPU
     assert [m["name"] for m in meta["members"]] == ["m1-seed1", "m2-seed2", "m3-seed3"]
     assert all(m["dev_f1"] == 0.0 and m["path"] == f"members/{m['name']}" for m in meta["members"])
     dev = meta["dev"]
@@ -191,7 +192,7 @@ def test_ensemble_folder_format(biased_ensemble, biased_members):
 def test_loaded_ensemble_predicts_like_its_members(biased_ensemble, biased_members, dev_documents):
     loaded = Predictor.from_ensemble(biased_ensemble, device="cpu")
     direct = Predictor(_loaded(biased_members), device="cpu", vote="hard")
-    assert loaded.vote_mode == "hard" and loaded.execution == "fold"
+    assert loaded.vote_mode == "hard" and loaded.execution == "loop"
     assert _relations(loaded.predict(dev_documents)) == _relations(direct.predict(dev_documents))
     via_path = Predictor.from_path(biased_ensemble, device="cpu", vote="soft", execution="loop")
     assert via_path.vote_mode == "soft" and via_path.execution == "loop"

@@ -125,6 +125,9 @@ def test_options_map_onto_deployment_options():
     assert parse_options({"model": "m", "gpus_per_replica": 1}).device == "cuda"
     assert parse_options({"model": "m", "num_cpus": 0.5}).torch_threads == 1
     assert parse_options({"model": "m", "num_cpus": 3.5}).torch_threads == 3
+    assert parse_options({"model": "m"}).predictor_options == {"precision": "bf16"}
+    assert parse_options({"model": "m", "precision": "cascade", "cascade_margin": 0}).predictor_options == {
+        "precision": "cascade", "cascade_margin": 0.0}
 
 
 @pytest.mark.parametrize("args, message", [
@@ -148,6 +151,9 @@ def test_options_map_onto_deployment_options():
      r"serve args: precision: int8 runs on CPU replicas only; set gpus_per_replica to 0 or precision to auto"),
     ({"model": "m", "precision": "cascade", "gpus_per_replica": 1},
      r"serve args: precision: cascade runs on CPU replicas only; set gpus_per_replica to 0 or precision to auto"),
+    ({"model": "m", "cascade_margin": 0.1}, r"serve args: cascade_margin: applies to precision cascade only, got precision auto"),
+    ({"model": "m", "precision": "cascade", "cascade_margin": 1.5},
+     r"serve args: cascade_margin: Input should be less than or equal to 1, got 1.5"),
 ])
 def test_options_errors_name_key_and_value(args, message):
     with pytest.raises(DrugprotError, match=message):
@@ -515,7 +521,7 @@ def test_batcher_refuses_bad_settings():
 def test_a_job_alone_is_exactly_predict(ensemble, dev_documents):
     candidates = ensemble.candidates(dev_documents)
     (alone,) = run_jobs(ensemble, [Job(dev_documents, candidates)])
-    assert torch.equal(alone, ensemble.member_probabilities(dev_documents, candidates))
+    assert torch.equal(alone, ensemble.member_probabilities(dev_documents, candidates, skip_settled=True))
 
 
 def test_jobs_batched_together_match_predict_up_to_float_rounding(ensemble, dev_documents):
@@ -525,7 +531,7 @@ def test_jobs_batched_together_match_predict_up_to_float_rounding(ensemble, dev_
         jobs.append(Job(keyed, ensemble.candidates(keyed)))
     batched = run_jobs(ensemble, jobs)
     for doc, job, probabilities in zip(dev_documents, jobs, batched):
-        alone = ensemble.member_probabilities([doc], ensemble.candidates([doc]))
+        alone = ensemble.member_probabilities([doc], ensemble.candidates([doc]), skip_settled=True)
         assert probabilities.shape == alone.shape
         assert torch.allclose(probabilities, alone, atol=1e-5, rtol=0)
         assert torch.equal(probabilities.mean(0).argmax(-1), alone.mean(0).argmax(-1))

@@ -41,6 +41,7 @@ class BulkJob:
     interval: tuple[int, int] | None = None
     threshold: float = 0.0
     precision: str = "fp32"
+    cascade_margin: float | None = None  # precision cascade only; None: the Predictor's default
 
     def settings(self) -> dict:
         return {**asdict(self), "inputs": list(self.inputs), "interval": list(self.interval) if self.interval else None}
@@ -231,12 +232,12 @@ class _ShardPredictor:
     def __init__(self, job: BulkJob, device: str, threads: int | None):
         import torch
 
-        from drugprot.inference import load_predictor
+        from drugprot.inference import load_predictor, precision_options
 
         if threads:
             torch.set_num_threads(threads)
         self.job = job
-        self.predictor = load_predictor(job.model, device=device, precision=job.precision)
+        self.predictor = load_predictor(job.model, device=device, **precision_options(job.precision, job.cascade_margin))
 
     def __call__(self, row: dict) -> dict:
         from drugprot.ensemble.frames import document_from_record

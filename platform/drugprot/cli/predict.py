@@ -32,6 +32,8 @@ def register(commands) -> None:
                         help="bf16 (CUDA; CPU runs fp32), fp32; CPU only: cascade (bf16 weights, close calls "
                              "re-scored in fp32: the fast CPU path on CPUs with AMX/AVX512-BF16) or int8 (dynamic "
                              "int8 quantization)")
+    parser.add_argument("--cascade-margin", type=float, help="--precision cascade: re-score in fp32 the pairs whose "
+                        "bf16 top-2 probability margin is below this (default 0.01; 0: bf16 alone, the fastest)")
     parser.add_argument("--tracking-uri", help="MLflow tracking/registry URI for models:/ URIs")
     parser.add_argument("--ray", action="store_true", help="predict with Ray Data actors (one model copy per actor, "
                                                            "a GPU each when the cluster has them); same output")
@@ -50,6 +52,10 @@ def _predict(args) -> int:
 
     if args.shard_size < 1:
         raise DrugprotError(f"--shard-size must be at least 1, got {args.shard_size}")
+    if args.cascade_margin is not None and args.precision != "cascade":
+        raise DrugprotError(f"--cascade-margin applies to --precision cascade only, got --precision {args.precision}")
+    if args.cascade_margin is not None and not 0.0 <= args.cascade_margin <= 1.0:
+        raise DrugprotError(f"--cascade-margin must be between 0 and 1 (a probability margin), got {args.cascade_margin}")
     interval = tuple(args.interval) if args.interval else None
     with tqdm(unit="pairs", desc="predict", disable=args.quiet, dynamic_ncols=True) as bar:
         summary = _predict_split(args, interval, bar) if args.data else _predict_corpus(args, interval, bar)
@@ -68,7 +74,7 @@ def _predict(args) -> int:
 def _predict_split(args, interval, bar) -> dict:
     from drugprot.bulk import predict_documents
     from drugprot.corpus import read_split, write_relations
-    from drugprot.inference import load_predictor, relation_rows
+    from drugprot.inference import load_predictor, precision_options, relation_rows
 
     if args.ray:
         from drugprot.ensemble.batch import predict_with_ray
@@ -79,7 +85,8 @@ def _predict_split(args, interval, bar) -> dict:
                                        batch_size=args.ray_batch_size, actors=args.ray_actors, address=args.ray_address)
         pairs = None
     else:
-        predictor = load_predictor(args.model, device=args.device, tracking_uri=args.tracking_uri, precision=args.precision)
+        predictor = load_predictor(args.model, device=args.device, tracking_uri=args.tracking_uri,
+                                   **precision_options(args.precision, args.cascade_margin))
         documents = read_split(args.data, args.split).documents
         bar.total = len(predictor.candidates(documents, interval))
         predictions, pairs = predict_documents(predictor, documents, interval=interval, threshold=args.threshold,
@@ -98,13 +105,13 @@ def _predict_corpus(args, interval, bar) -> dict:
 
         model = str(download_registered_model(model, tracking_uri=args.tracking_uri))
     job = BulkJob(tuple(str(p) for p in args.input), args.format, args.output_format, args.shard_size, model,
-                  interval, args.threshold, args.precision)
+                  interval, args.threshold, args.precision, args.cascade_margin)
     if args.ray:
         summary = predict_corpus_with_ray(job, args.out, device=args.device, actors=args.ray_actors,
                                           address=args.ray_address, on_pairs=bar.update)
     else:
-        from drugprot.inference import load_predictor
+        from drugprot.inference import load_predictor, precision_options
 
-        predictor = load_predictor(model, device=args.device, precision=args.precision)
+        predictor = load_predictor(model, device=args.device, **precision_options(job.precision, job.cascade_margin))
         summary = predict_corpus(predictor, job, args.out, on_pairs=bar.update)
     return summary.as_dict()

@@ -32,6 +32,8 @@ def register(commands) -> None:
                         help="auto (default): bf16 on GPU, fp32 on CPU; CPU replicas only: cascade (bf16 weights, "
                              "close calls re-scored in fp32; drugprot predict's fast CPU path) or int8 (dynamic int8 "
                              "quantization)")
+    parser.add_argument("--cascade-margin", type=float, help="--precision cascade: re-score in fp32 the pairs whose "
+                        "bf16 top-2 probability margin is below this (default 0.01; 0: bf16 alone)")
     parser.add_argument("--max-batch-pairs", type=int, default=64,
                         help="candidate pairs from concurrent requests per model call (1 = no batching); a larger "
                              "request is cut into chunks of this size that take turns with other requests")
@@ -67,6 +69,7 @@ def serve_options(args) -> dict:
         "num_cpus": args.cpus_per_replica,
         "gpus_per_replica": args.gpus_per_replica,
         "precision": args.precision,
+        "cascade_margin": args.cascade_margin,
         "max_batch_pairs": args.max_batch_pairs,
         "batch_wait_ms": args.batch_wait_ms,
         "max_queued_requests": args.max_queued_requests,

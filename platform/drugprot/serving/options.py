@@ -49,6 +49,9 @@ class ServeOptions(BaseModel):
         "auto", description="auto: bf16 on CUDA, fp32 on CPU; CPU replicas only: cascade (bf16 weights, pairs with a "
                             "close top-2 margin re-scored in fp32, the fast CPU path of drugprot predict) or int8 "
                             "(dynamic int8 quantization of the Linear layers).")
+    cascade_margin: float | None = Field(None, ge=0, le=1, description="precision cascade: pairs whose bf16 top-2 "
+                                         "probability margin is below this are re-scored in fp32 (default 0.01; 0: "
+                                         "bf16 alone, the fastest).")
     max_batch_pairs: int = Field(64, ge=1, le=65_536, description="Candidate pairs combined from concurrent requests into "
                                                                   "one model call; 1 disables cross-request batching. A "
                                                                   "larger request is cut into chunks of this many pairs "
@@ -96,6 +99,8 @@ class ServeOptions(BaseModel):
         if self.precision in ("int8", "cascade") and self.gpus_per_replica > 0:
             raise ValueError(f"precision: {self.precision} runs on CPU replicas only; set gpus_per_replica to 0 or "
                              f"precision to auto")
+        if self.cascade_margin is not None and self.precision != "cascade":
+            raise ValueError(f"cascade_margin: applies to precision cascade only, got precision {self.precision}")
         if self.max_queued_requests == 0:
             raise ValueError("max_queued_requests: must be -1 (unbounded) or at least 1, got 0")
         if self.follow_alias and registry_alias(self.model) is None:
@@ -116,9 +121,11 @@ class ServeOptions(BaseModel):
         return "cuda" if self.gpus_per_replica > 0 else "cpu"
 
     @property
-    def predictor_precision(self) -> str:
-        """What ``load_predictor`` takes: bf16 (CUDA; CPU runs it as fp32), fp32, int8 or cascade."""
-        return "bf16" if self.precision == "auto" else self.precision
+    def predictor_options(self) -> dict[str, Any]:
+        """What ``load_predictor`` takes: precision bf16 (CUDA; CPU runs it as fp32), fp32, int8 or cascade, and the
+        cascade's margin when one is set."""
+        margin = {} if self.cascade_margin is None else {"cascade_margin": self.cascade_margin}
+        return {"precision": "bf16" if self.precision == "auto" else self.precision, **margin}
 
     def ingress_deployment_options(self) -> dict[str, Any]:
         """``Deployment.options`` of the ingress: it only waits on the model, so it admits every request the model

@@ -172,7 +172,7 @@ class ModelService:
             registry = {"name": resolved.name, "version": str(resolved.version), "alias": alias,
                         "dev_f1": _number((resolved.tags or {}).get("dev_f1"))}
         predictor = load_predictor(model, device=options.device, tracking_uri=options.tracking_uri,
-                                   precision=options.predictor_precision)
+                                   **options.predictor_options)
         return cls(predictor, options, registry=registry, swap_error=swap_error)
 
     # ---- readiness -------------------------------------------------------------------------------------------
