@@ -212,7 +212,8 @@ def chaos_study(name: str, *, cluster: Cluster, env: dict, cwd: Path, storage: s
                     role = worker_sessions.get(session_of(pid)) if pid else None
                     steps = [m.step for m in client.get_metric_history(run.info.run_id, "dev_f1")]
                     running = run.data.tags.get(tracking.TAG_STATE) == "running"
-                    if role and running and max(steps, default=0) == victim_eval:
+                    # past it, not at it: a poll can miss the moment a fast trial reports exactly that evaluation
+                    if role and running and max(steps, default=0) >= victim_eval:
                         raylet = cluster.raylet_of(role)
                         os.kill(raylet, signal.SIGKILL)
                         killed_raylet = {"node": role, "raylet_pid": raylet, "after_eval": victim_eval,
