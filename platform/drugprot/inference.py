@@ -24,9 +24,9 @@ from drugprot.model.runtime import autocast, bf16_copy, quantize_int8, resolve_d
 
 # bf16 applies on CUDA only (CPU runs fp32); int8 and cascade are CPU only
 PRECISIONS = ("bf16", "fp32", "int8", "cascade")
-#: cascade: pairs whose bf16 top-2 probability margin is below this are re-scored in fp32. bf16 moved a probability
-#: by at most 0.0033 on the development set (MiniLM demo champion), so a margin can move by about 0.007; 0.01 leaves
-#: room for models and texts where bf16 errs more.
+#: cascade: pairs whose bf16 top-2 probability margin is below this are re-scored in fp32. On the development set bf16
+#: moved a probability by at most 0.0033 (MiniLM demo champion) and 0.0078 (a better-trained MiniLM), and 0.01 kept
+#: every label of both (bench/cpu_predict.py measures it for any model).
 CASCADE_MARGIN = 0.01
 
 
@@ -163,8 +163,9 @@ class Predictor:
         bench/cpu_predict.py); ``loop``, ``fold`` or ``vmap`` force one (a forced stack of incompatible members
         raises). ``precision``: ``int8`` quantizes each member's Linear layers for CPU (members then run in turn);
         ``cascade`` (CPU) scores every pair with a bf16 copy of each member and re-scores in fp32 the pairs whose
-        top-2 probability margin is below ``cascade_margin`` (members run in turn). Members in turn count their work: ``scored_pairs`` (a pair once per
-        member that scored it) and ``rescored_pairs`` (of those, re-scored in fp32 by the cascade)."""
+        top-2 probability margin is below ``cascade_margin`` (members run in turn). Members in turn count their
+        work: ``scored_pairs`` (a pair once per member that scored it) and ``rescored_pairs`` (of those, re-scored
+        in fp32 by the cascade)."""
         if not members:
             raise ValueError("a Predictor needs at least one member")
         if execution not in ("auto", "loop", "fold", "vmap"):
@@ -267,8 +268,6 @@ class Predictor:
         probabilities (ensemble building, distillation) leave it off."""
         result = torch.zeros((len(self.members), len(candidates), len(LABELS)))
         result[:, :, NONE_INDEX] = 1.0
-        weights = torch.ones(len(self.members)) if self.weights is None else self.weights
-        open_rows = torch.arange(len(candidates))  # pairs not settled yet
         if self._stacked is not None:
             from drugprot.model.stacked import stacked_probabilities
 
@@ -278,6 +277,8 @@ class Predictor:
                 result[:, torch.tensor([p.index for p in pairs])] = stacked_probabilities(
                     self._stacked, pairs, pad_id=first.tokenizer.pad_token_id, device=self.device, precision=self.precision)
             return result
+        weights = torch.ones(len(self.members)) if self.weights is None else self.weights
+        open_rows = torch.arange(len(candidates))  # pairs not settled yet
         for m, (member, encoder) in enumerate(zip(self.members, self._encoders)):
             if skip_settled and m:
                 open_rows = open_rows[~settled_as_none(result[:m, open_rows], weights, self.vote_mode, self.decision)]

@@ -377,14 +377,14 @@ class AdmissionAtProxy:
     ``…/v1/relations``) from the application's own refusals, as TCP's congestion window does (additive increase,
     multiplicative decrease): when a request comes back refused for lack of capacity (a 503 carrying
     ``OVERLOAD_HEADER``), the limit becomes at most the requests then in flight through this proxy minus one (the
-    refusals of one burst come back one after the other, each lowering it to what the application held then). While
-    the requests in flight reach
-    the limit, a new request is answered here with the same JSON 503 and the ``Retry-After`` of the last refusal.
-    While there is demand beyond the limit (a request refused here in the last ``DEMAND_S``), every 2xx answer
-    raises it by 1/(rounds × limit): one more request every ``rounds`` rounds probes whether capacity was added (a
-    replica, a scale-up). A probe the application refuses is one slow refusal, so probing backs off: each round's
-    first refusal (of a request admitted since the previous one) doubles ``rounds`` (up to ``MAX_PROBE_ROUNDS``), and a limit that grew past the one the application last refused
-    (capacity was added) probes every round again. Until the first refusal there is no limit."""
+    refusals of one burst come back one after the other, each lowering it to what the application held then).
+    While the requests in flight reach the limit, a new request is answered here with the same JSON 503 and the
+    ``Retry-After`` of the last refusal. While there is demand beyond the limit (a request refused here in the last
+    ``DEMAND_S``), every 2xx answer raises it by 1/(rounds × limit): one more request every ``rounds`` rounds
+    probes whether capacity was added (a replica, a scale-up). A probe the application refuses is one slow
+    refusal, so probing backs off: each round's first refusal (of a request admitted since the previous one)
+    doubles ``rounds`` (up to ``MAX_PROBE_ROUNDS``), and a limit that grew past the one the application last
+    refused (capacity was added) probes every round again. Until the first refusal there is no limit."""
 
     SUFFIX = "/v1/relations"
     AT_CAPACITY = "the service is at capacity"  # how its refusals begin
