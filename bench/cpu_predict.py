@@ -3,7 +3,7 @@ process, and in one single-threaded process per core), and their label agreement
 one member. All measured in one run, on the same pairs.
 
     python bench/cpu_predict.py --model runs/minilm/model [--data ../shared/data/drugprot] [--limit DOCS]
-                                [--ensemble MEMBER_DIR ... --ensemble-limit DOCS]
+                                [--ensemble MEMBER_DIR ... --ensemble-limit DOCS --exit-calibration DOCS]
 
 * plain loop (the baseline): what a user writes: candidates in corpus order, each pair's sentence with the four
   marker strings inserted, ``tokenizer(batch of 32, padding=True, truncation=True)``, the same model under
@@ -21,7 +21,11 @@ one member. All measured in one run, on the same pairs.
   stacked (``fold``: every member scores every pair), and the members in turn skipping the pairs that earlier
   members settled as no relation (``member_probabilities(skip_settled=True)``, what ``predict`` and Serve run), in
   fp32 and in cascade, each vs the first member alone on the same path and documents. The relations decoded with
-  and without skipping are compared (they must be equal).
+  and without skipping are compared (they must be equal). Exact skipping cannot beat 1/3 of one member with 5
+  equal hard-voting members (three votes settle a pair at best), so the early exit rows add what
+  ``--early-exit`` runs: a pair also leaves once the members so far all vote no relation with a mean P(NONE) at the
+  confidence that ``calibrate_early_exit`` picks on the next ``--exit-calibration`` development documents; their
+  relation agreement with the stacked vote is printed.
 
 Every path is warmed up, then the documents are split into ``--rounds`` chunks and every single-model path runs on
 each chunk in turn, in an order that rotates by round: on a shared machine a change of load then hits every path
@@ -128,22 +132,32 @@ class PerCore:
         return time.perf_counter() - started, torch.cat(parts, dim=1)
 
 
-def ensemble_rows(args, documents, margin: float) -> tuple[dict, dict, dict]:
-    """The ensemble rows: pairs/s of each way to run the members and of the first member alone, on the same path."""
-    from drugprot.inference import Predictor, decode
+def ensemble_rows(args, documents, calibration_documents, margin: float) -> tuple[dict, dict, dict]:
+    """The ensemble rows: pairs/s of each way to run the members and of the first member alone, on the same path;
+    the early exit's confidence is calibrated first, on other development documents."""
+    from drugprot.inference import Predictor, calibrate_early_exit, decode
     from drugprot.model.artifacts import load_artifact
 
     paths = args.ensemble or [args.model] * args.members
     loaded = lambda: [load_artifact(p) for p in paths]  # noqa: E731
     common = {"device": "cpu", "vote": args.vote}
-    runs = {"ensemble_fp32_stacked": (Predictor(loaded(), precision="fp32", **common), False),
+    calibrator = Predictor(loaded(), precision="cascade", cascade_margin=margin, **common)
+    calibration = calibrate_early_exit(calibrator.member_probabilities(
+        calibration_documents, calibrator.candidates(calibration_documents)), mode=args.vote)
+    del calibrator
+    runs = {"ensemble_fp32_stacked": (Predictor(loaded(), precision="fp32", execution="fold", **common), False),
             "ensemble_fp32_settled": (Predictor(loaded(), precision="fp32", execution="loop", **common), True),
             "ensemble_cascade_settled": (Predictor(loaded(), precision="cascade", cascade_margin=margin, **common), True),
             "member_fp32": (Predictor([load_artifact(paths[0])], precision="fp32", **common), False),
             "member_cascade": (Predictor([load_artifact(paths[0])], precision="cascade", cascade_margin=margin, **common), False)}
+    if calibration is not None:
+        exit_ = {"early_exit": calibration["confidence"]}
+        runs["ensemble_fp32_exit"] = (Predictor(loaded(), precision="fp32", execution="loop", **exit_, **common), True)
+        runs["ensemble_cascade_exit"] = (Predictor(loaded(), precision="cascade", cascade_margin=margin, **exit_, **common),
+                                         True)
     for predictor, skip in runs.values():
         predictor.member_probabilities(documents[:4], predictor.candidates(documents[:4]), skip_settled=skip)
-        predictor.scored_pairs = predictor.rescored_pairs = 0
+        predictor.scored_pairs = predictor.rescored_pairs = predictor.exited_pairs = 0
     seconds = dict.fromkeys(runs, 0.0)
     parts: dict[str, list[torch.Tensor]] = {name: [] for name in runs}
     size = -(-len(documents) // args.rounds)
@@ -180,11 +194,20 @@ def ensemble_rows(args, documents, margin: float) -> tuple[dict, dict, dict]:
                "settled_cascade_relation_agreement": round(agreement(settled_cascade), 5),
                "settled_fp32_member_pair_share": round(runs["ensemble_fp32_settled"][0].scored_pairs / (members * pairs), 4),
                "settled_cascade_member_pair_share": round(runs["ensemble_cascade_settled"][0].scored_pairs / (members * pairs), 4),
-               "stacked_execution": runs["ensemble_fp32_stacked"][0].execution}
-    ratios = {"ensemble_fp32_stacked_vs_one_member": results[f"ensemble_fp32_stacked{members}"] / results["member_fp32"],
-              "ensemble_fp32_settled_vs_one_member": results[f"ensemble_fp32_settled{members}"] / results["member_fp32"],
-              "ensemble_cascade_settled_vs_one_member": (results[f"ensemble_cascade_settled{members}"]
-                                                         / results["member_cascade"])}
+               "stacked_execution": runs["ensemble_fp32_stacked"][0].execution,
+               "early_exit_calibration": {**(calibration or {}), "documents": len(calibration_documents)}}
+    ratios = {f"ensemble_{name}_vs_one_member": results[f"ensemble_{name}{members}"] / results[f"member_{name.split('_')[0]}"]
+              for name in ("fp32_stacked", "fp32_settled", "cascade_settled", "fp32_exit", "cascade_exit")
+              if f"ensemble_{name}" in runs}
+    for name in ("fp32_exit", "cascade_exit"):
+        if f"ensemble_{name}" in runs:
+            predictor = runs[f"ensemble_{name}"][0]
+            found = labels(probs[f"ensemble_{name}"])
+            details[f"{name}_relation_agreement"] = round(agreement(found), 5)
+            differ = sum(reference.get(k) != found.get(k) for k in {*reference, *found})
+            details[f"{name}_pair_agreement"] = round(1 - differ / pairs, 5)
+            details[f"{name}_member_pair_share"] = round(predictor.scored_pairs / (members * pairs), 4)
+            details[f"{name}_exited_share"] = round(predictor.exited_pairs / pairs, 4)
     return results, ratios, details
 
 
@@ -201,6 +224,8 @@ def main() -> None:
     parser.add_argument("--members", type=int, default=5, help="without --ensemble: load --model this many times")
     parser.add_argument("--ensemble-limit", type=int, default=150, help="development documents for the ensemble rows")
     parser.add_argument("--vote", choices=("hard", "soft"), default="hard", help="the ensemble's vote")
+    parser.add_argument("--exit-calibration", type=int, default=300, help="development documents after the ensemble "
+                        "rows' on which the early exit is calibrated (default 300)")
     parser.add_argument("--skip-ensemble", action="store_true")
     args = parser.parse_args()
 
@@ -278,7 +303,9 @@ def main() -> None:
     ensemble = {}
     if not args.skip_ensemble:
         torch.set_num_threads(cores)
-        ensemble_results, ensemble_ratios, ensemble = ensemble_rows(args, documents[: args.ensemble_limit], margin)
+        calibration = read_split(args.data, "development").documents[args.ensemble_limit:][: args.exit_calibration]
+        ensemble_results, ensemble_ratios, ensemble = ensemble_rows(args, documents[: args.ensemble_limit], calibration,
+                                                                    margin)
         results.update(ensemble_results)
         ratios.update(ensemble_ratios)
 
@@ -300,6 +327,15 @@ def main() -> None:
               f"the member-pairs (fp32) and {ensemble['settled_cascade_member_pair_share']:.1%} (cascade); relations "
               f"with skipping equal to stacked: {ensemble['settled_fp32_equal_relations']} (fp32), cascade agreement "
               f"{ensemble['settled_cascade_relation_agreement']:.4%}")
+        calibrated = ensemble["early_exit_calibration"]
+        if "fp32_exit_relation_agreement" in ensemble:
+            print(f"  early exit: confidence {calibrated['confidence']} calibrated on {calibrated['documents']} other "
+                  f"documents ({calibrated['agreement']:.2%} relation agreement there); here it left "
+                  f"{ensemble['fp32_exit_exited_share']:.1%} of the pairs early, members scored "
+                  f"{ensemble['fp32_exit_member_pair_share']:.1%} of the member-pairs, relation agreement with the "
+                  f"stacked vote {ensemble['fp32_exit_relation_agreement']:.4%} (fp32), "
+                  f"{ensemble['cascade_exit_relation_agreement']:.4%} (cascade); label agreement on all pairs "
+                  f"{ensemble['fp32_exit_pair_agreement']:.4%} (fp32)")
     print(json.dumps({"bench": "cpu_predict", "model": str(args.model), "documents": len(documents), "pairs": pairs,
                       "cores": cores, "load_average": [round(x, 2) for x in load], "pairs_per_s": results,
                       "ratios": {k: round(v, 3) for k, v in ratios.items()}, "best": best,

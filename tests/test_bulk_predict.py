@@ -227,9 +227,9 @@ def test_predict_refuses_a_cascade_margin_it_cannot_use(relation_model_dir, dev_
 def test_cascade_margin_reaches_the_predictor_and_pins_the_output_folder(relation_model_dir, dev_sample, tmp_path, capsys):
     """--cascade-margin 0 is bf16 alone: nothing re-scored; the margin is part of the job, so a rerun with another
     margin into the same folder is refused."""
-    from drugprot.inference import load_predictor, precision_options
+    from drugprot.inference import load_predictor, run_options
 
-    bf16 = load_predictor(relation_model_dir, device="cpu", **precision_options("cascade", 0.0))
+    bf16 = load_predictor(relation_model_dir, device="cpu", **run_options("cascade", 0.0))
     bf16.predict(dev_sample)
     assert bf16.cascade_margin == 0.0 and bf16.scored_pairs > 0 and bf16.rescored_pairs == 0
     write_pubtator(tmp_path / "a.pubtator", dev_sample[:3])

@@ -660,3 +660,99 @@ def test_foreign_or_broken_probability_files_are_refused(tmp_path):
         load_dev_probabilities(tmp_path / "broken.safetensors")
     with pytest.raises(DrugprotError, match=r"missing.safetensors: no such file"):
         load_dev_probabilities(tmp_path / "missing.safetensors")
+
+
+# -- the early exit ----------------------------------------------------------------------------------------------
+
+
+def _a_confidence_that_exits(predictor, documents) -> float:
+    """The median P(NONE) of the first member's NONE votes: the first member alone then leaves about half of them."""
+    full = predictor.member_probabilities(documents, predictor.candidates(documents))
+    return float(full[0, full[0].argmax(-1) == 0, 0].median())
+
+
+def test_early_exit_on_real_members_does_what_its_replay_says(biased_members, dev_documents):
+    """Members in turn with an early exit output what ``run_in_turn`` replays from every member's probabilities (so
+    the calibration measures the real thing), score fewer pairs than exact skipping, and only drop relations."""
+    from drugprot.inference import decode, run_in_turn
+
+    exact = Predictor(_loaded(biased_members), device="cpu", execution="loop")
+    cands = exact.candidates(dev_documents)
+    full = exact.member_probabilities(dev_documents, cands)
+    confidence = _a_confidence_that_exits(exact, dev_documents)
+    exact.scored_pairs = 0
+    exact.member_probabilities(dev_documents, cands, skip_settled=True)
+    early = Predictor(_loaded(biased_members), device="cpu", early_exit=confidence)
+    found = early.member_probabilities(dev_documents, cands, skip_settled=True)
+    replay, scored = run_in_turn(full, torch.ones(3), "hard", early.decision, confidence)
+    assert early.execution == "loop" and early.exited_pairs > 0
+    assert early.scored_pairs == scored < exact.scored_pairs
+    torch.testing.assert_close(found, replay, atol=1e-5, rtol=1e-4)  # batches of other pairs: fp32 rounding only
+
+    def keys(relations):
+        return {(r.pmid, r.chemical, r.gene, r.type) for r in relations}
+
+    kept, every = keys(decode(cands, found, "hard")), keys(decode(cands, full, "hard"))
+    assert kept == keys(decode(cands, replay, "hard")) and kept < every
+    assert keys(r for preds in early.predict(dev_documents) for r in preds) == kept
+
+
+def test_build_records_the_calibrated_early_exit_and_predict_uses_it(biased_ensemble, dev_documents, tmp_path, capsys):
+    from drugprot.inference import EXIT_AGREEMENT
+
+    calibrated = json.loads((biased_ensemble / "ensemble.json").read_text())["early_exit"]
+    assert calibrated["agreement"] >= EXIT_AGREEMENT and calibrated["relations"] > 0
+    assert 0 < calibrated["member_pair_share"] <= 1 and calibrated["pairs"] > 0
+    predictor = Predictor.from_path(biased_ensemble, device="cpu", early_exit="calibrated")
+    assert predictor.early_exit == calibrated["confidence"]
+    out = tmp_path / "p.tsv"
+    assert main(["predict", "--model", str(biased_ensemble), "--data", str(SAMPLE_DIR), "--out", str(out),
+                 "--device", "cpu", "--early-exit", "--quiet"]) == 0
+    expected = [(p.pmid, p.type, p.chemical, p.gene) for preds in predictor.predict(dev_documents) for p in preds]
+    rows = [tuple(line.split("\t")) for line in out.read_text().splitlines()]
+    assert [(pmid, rtype, a1.removeprefix("Arg1:"), a2.removeprefix("Arg2:")) for pmid, rtype, a1, a2 in rows] == expected
+
+
+def test_ray_actor_passes_the_run_options(biased_ensemble, dev_documents):
+    import numpy as np
+
+    from drugprot.ensemble.batch import EnsemblePredictor
+    from drugprot.ensemble.frames import document_record
+
+    confidence = _a_confidence_that_exits(load_predictor(biased_ensemble, device="cpu"), dev_documents)
+    actor = EnsemblePredictor(str(biased_ensemble), device="cpu", options={"precision": "fp32", "early_exit": confidence})
+    assert actor.predictor.early_exit == confidence and actor.predictor.precision == "fp32"
+    batch = {"index": np.arange(4), "document": np.asarray([json.dumps(document_record(d)) for d in dev_documents[:4]])}
+    expected = load_predictor(biased_ensemble, device="cpu", early_exit=confidence).predict(dev_documents[:4])
+    assert [json.loads(r) for r in actor(batch)["relations"]] == [
+        [[p.pmid, p.chemical, p.gene, p.type, p.score, list(p.votes)] for p in preds] for preds in expected]
+
+
+def test_early_exit_refusals_name_what_is_wrong(biased_members, ensemble_copy, tmp_path, capsys):
+    from drugprot.ensemble.batch import predict_with_ray
+    from drugprot.ensemble_folder import write_tree_manifest
+
+    with pytest.raises(ValueError, match=r"early_exit must be a probability in \(0, 1\], got 0"):
+        Predictor(_loaded(biased_members), device="cpu", early_exit=0)
+    with pytest.raises(ValueError, match=r"execution 'fold' cannot exit early; members leave pairs early only in turn"):
+        Predictor(_loaded(biased_members), device="cpu", execution="fold", early_exit=0.7)
+    single = rf"early exit: {biased_members[0]} is a single model; members leave pairs early only in an ensemble"
+    with pytest.raises(EnsembleError, match=single):
+        Predictor.from_path(biased_members[0], device="cpu", early_exit=0.7)
+    with pytest.raises(EnsembleError, match=single):  # before any Ray starts
+        predict_with_ray(str(biased_members[0]), [], options={"early_exit": "calibrated"})
+    meta = json.loads((ensemble_copy / "ensemble.json").read_text())
+    del meta["early_exit"]
+    (ensemble_copy / "ensemble.json").write_text(json.dumps(meta))
+    write_tree_manifest(ensemble_copy)  # an ensemble built before calibration
+    with pytest.raises(EnsembleError, match=r"copy/ensemble\.json: no calibrated early exit \(built before calibration"):
+        Predictor.from_ensemble(ensemble_copy, device="cpu", early_exit="calibrated")
+    assert Predictor.from_ensemble(ensemble_copy, device="cpu", early_exit=0.8).early_exit == 0.8
+    common = ["predict", "--data", str(SAMPLE_DIR), "--out", str(tmp_path / "p.tsv"), "--device", "cpu", "--quiet"]
+    for value in ("1.5", "0", "often"):
+        assert main([*common, "--model", str(ensemble_copy), "--early-exit", value]) == 1
+        assert (f"--early-exit must be a probability in (0, 1] or 'calibrated', got {value!r}"
+                in capsys.readouterr().err)
+    assert main([*common, "--model", str(biased_members[0]), "--early-exit", "0.7"]) == 1
+    assert "is a single model; members leave pairs early only in an ensemble" in capsys.readouterr().err
+    assert not (tmp_path / "p.tsv").exists()

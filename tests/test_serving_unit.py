@@ -128,6 +128,9 @@ def test_options_map_onto_deployment_options():
     assert parse_options({"model": "m"}).predictor_options == {"precision": "bf16"}
     assert parse_options({"model": "m", "precision": "cascade", "cascade_margin": 0}).predictor_options == {
         "precision": "cascade", "cascade_margin": 0.0}
+    assert parse_options({"model": "m", "early_exit": "calibrated"}).predictor_options == {
+        "precision": "bf16", "early_exit": "calibrated"}
+    assert parse_options({"model": "m", "early_exit": "0.7"}).predictor_options == {"precision": "bf16", "early_exit": 0.7}
 
 
 @pytest.mark.parametrize("args, message", [
@@ -154,6 +157,9 @@ def test_options_map_onto_deployment_options():
     ({"model": "m", "cascade_margin": 0.1}, r"serve args: cascade_margin: applies to precision cascade only, got precision auto"),
     ({"model": "m", "precision": "cascade", "cascade_margin": 1.5},
      r"serve args: cascade_margin: Input should be less than or equal to 1, got 1.5"),
+    ({"model": "m", "early_exit": 1.5}, r"serve args: early_exit: must be a probability in \(0, 1\] or 'calibrated', got 1.5"),
+    ({"model": "m", "early_exit": "often"}, r"early_exit: must be a probability in \(0, 1\] or 'calibrated', got 'often'"),
+    ({"model": "m", "early_exit": True}, r"early_exit: must be a probability in \(0, 1\] or 'calibrated', got True"),
 ])
 def test_options_errors_name_key_and_value(args, message):
     with pytest.raises(DrugprotError, match=message):
@@ -219,6 +225,17 @@ def test_cli_serve_refuses_a_missing_model_folder_before_starting_ray(tmp_path, 
 
     assert main(["serve", "--model", str(tmp_path / "nowhere")]) == 1
     assert f"--model {tmp_path / 'nowhere'}: no such folder" in capsys.readouterr().err
+
+
+def test_cli_serve_refuses_an_early_exit_for_a_single_model_before_starting_ray(smoke_model_dir, capsys):
+    from drugprot.cli import main
+
+    assert main(["serve", "--model", str(smoke_model_dir), "--early-exit", "0.7"]) == 1
+    assert "is a single model; members leave pairs early only in an ensemble" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "--model", str(smoke_model_dir), "--early-exit", "1.5"])
+    assert exit_.value.code == 2
+    assert "option: early_exit: must be a probability in (0, 1] or 'calibrated', got '1.5'" in capsys.readouterr().err
 
 
 # ---- the batcher without a framework --------------------------------------------------------------------------

@@ -222,3 +222,74 @@ def test_nothing_settles_while_the_rest_can_outvote_the_known():
     assert [bool(settled_as_none(table[:k], weights, "hard")[0]) for k in range(1, 6)] == [False, False, True, True, True]
     # soft: three unanimous NONE members settle only when their lead beats the two remaining members' whole mass
     assert not settled_as_none(probs({NONE: 0.6}, {NONE: 0.6}, {NONE: 0.6}), weights, "soft")[0]
+
+
+# -- the early exit: a pair leaves the members in turn once those so far confidently vote no relation ------------
+
+
+def test_confident_none_needs_every_member_so_far_on_none_and_the_mean_at_the_confidence():
+    from drugprot.inference import confident_none
+
+    table = torch.cat([probs({NONE: 0.9}, {NONE: 0.7}), probs({NONE: 0.9}, {INH: 0.8}), probs({NONE: 0.6}, {NONE: 0.6})], 1)
+    weights = torch.ones(5)
+    assert confident_none(table, weights, 0.79).tolist() == [True, False, False]  # means 0.8 and 0.6
+    assert confident_none(table, weights, 0.81).tolist() == [False, False, False]
+    assert confident_none(table, weights, 0.59).tolist() == [True, False, True]
+    assert confident_none(table[:1], weights, 0.89).tolist() == [True, True, False]  # member 1 alone decides
+    assert confident_none(table, torch.tensor([3.0, 1.0, 1.0, 1.0, 1.0]), 0.84).tolist() == [True, False, False]
+
+
+@pytest.mark.parametrize("mode", ["hard", "soft"])
+def test_members_in_turn_replayed_exit_only_by_dropping_relations(mode):
+    """The replay of members in turn (what calibration measures): without an exit it decodes exactly like every
+    member's table; an exit only drops relations of pairs it left early, and a lower confidence leaves more."""
+    from drugprot.inference import combine, run_in_turn
+
+    generator = torch.Generator().manual_seed(11)
+    table, weights = _random_members(generator, 5, 600), torch.ones(5)
+    decision = Decision()
+
+    def rows(filled):
+        return {row for row, _ in decision.choose(combine(filled, mode, weights)[0])}
+
+    exact, exact_scored = run_in_turn(table, weights, mode, decision, None)
+    full = rows(table)
+    assert rows(exact) == full and 0 < len(full) < 600 and exact_scored < 5 * 600
+    previous_scored, previous_rows = exact_scored, full
+    for confidence in (0.99, 0.9, 0.7, 0.5):
+        filled, scored = run_in_turn(table, weights, mode, decision, confidence)
+        found = rows(filled)
+        assert found <= previous_rows and scored <= previous_scored
+        previous_scored, previous_rows = scored, found
+    assert previous_scored < exact_scored and previous_rows < full  # the lowest confidence did leave pairs early
+
+
+def _seeds_of_one_model(generator: torch.Generator, members: int, pairs: int) -> torch.Tensor:
+    """Members that mostly agree, as seeds of one configuration do: shared logits per pair plus member noise."""
+    shared = torch.randn((1, pairs, L), generator=generator) * 2
+    shared[..., NONE] += torch.rand((1, pairs), generator=generator) * 8
+    return (shared + torch.randn((members, pairs, L), generator=generator) * 0.6).softmax(-1)
+
+
+def test_calibration_takes_the_lowest_confidence_that_keeps_the_agreement():
+    from drugprot.inference import EXIT_CONFIDENCES, calibrate_early_exit, combine, run_in_turn
+
+    table, weights, decision = _seeds_of_one_model(torch.Generator().manual_seed(5), 5, 800), torch.ones(5), Decision()
+
+    def agreement(confidence):
+        full = set(decision.choose(combine(table, "hard", weights)[0]))
+        found = set(decision.choose(combine(run_in_turn(table, weights, "hard", decision, confidence)[0], "hard", weights)[0]))
+        return len(full & found) / len(full | found)
+
+    for target in (0.999, 0.99):
+        found = calibrate_early_exit(table, agreement=target)
+        assert found is not None and found["agreement"] >= target and found["pairs"] == 800
+        at = EXIT_CONFIDENCES.index(found["confidence"])
+        assert agreement(found["confidence"]) == pytest.approx(found["agreement"], abs=1e-5)
+        assert at == 0 or agreement(EXIT_CONFIDENCES[at - 1]) < target  # the one below would have lost too much
+        assert 0 < found["member_pair_share"] < 1
+    loose, strict = calibrate_early_exit(table, agreement=0.99), calibrate_early_exit(table, agreement=0.999)
+    assert loose["confidence"] < strict["confidence"] and loose["member_pair_share"] < strict["member_pair_share"]
+    none_only = torch.zeros((5, 10, L))
+    none_only[..., NONE] = 1.0
+    assert calibrate_early_exit(table[:1]) is None and calibrate_early_exit(none_only) is None  # nothing to calibrate on

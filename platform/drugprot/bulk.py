@@ -42,6 +42,7 @@ class BulkJob:
     threshold: float = 0.0
     precision: str = "fp32"
     cascade_margin: float | None = None  # precision cascade only; None: the Predictor's default
+    early_exit: float | str | None = None  # an ensemble's early exit: a confidence, "calibrated" or None (exact)
 
     def settings(self) -> dict:
         return {**asdict(self), "inputs": list(self.inputs), "interval": list(self.interval) if self.interval else None}
@@ -232,12 +233,12 @@ class _ShardPredictor:
     def __init__(self, job: BulkJob, device: str, threads: int | None):
         import torch
 
-        from drugprot.inference import load_predictor, precision_options
+        from drugprot.inference import load_predictor, run_options
 
         if threads:
             torch.set_num_threads(threads)
         self.job = job
-        self.predictor = load_predictor(job.model, device=device, **precision_options(job.precision, job.cascade_margin))
+        self.predictor = load_predictor(job.model, device=device, **run_options(job.precision, job.cascade_margin, job.early_exit))
 
     def __call__(self, row: dict) -> dict:
         from drugprot.ensemble.frames import document_from_record
@@ -257,6 +258,9 @@ def predict_corpus_with_ray(job: BulkJob, out: Path, *, device: str = "auto", ac
     import ray
     from ray.data import ActorPoolStrategy
 
+    from drugprot.inference import early_exit_for
+
+    early_exit_for(job.model, job.early_exit)  # before Ray: the actors would only say it in their logs
     files = input_files(job.inputs, job.input_format)
     manifest = ShardManifest(out, job)
     intact = {name: (entry["first"], entry["last"]) for name, entry in manifest.shards.items()

@@ -10,6 +10,7 @@ label (its argmax); multi-label training pairs only spread their target mass (se
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,10 @@ PRECISIONS = ("bf16", "fp32", "int8", "cascade")
 #: moved a probability by at most 0.0033 (MiniLM demo champion) and 0.0078 (a better-trained MiniLM), and 0.01 kept
 #: every label of both (bench/cpu_predict.py measures it for any model).
 CASCADE_MARGIN = 0.01
+#: the early exit's calibration (:func:`calibrate_early_exit`): the confidences tried, lowest first, and the share of
+#: the full vote's relations it must agree on
+EXIT_CONFIDENCES = tuple(round(0.5 + i / 100, 2) for i in range(50))
+EXIT_AGREEMENT = 0.999
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +129,68 @@ def settled_as_none(known_probs: torch.Tensor, weights: torch.Tensor, mode: str 
     return ~could_pass.any(-1)
 
 
+def confident_none(known_probs: torch.Tensor, weights: torch.Tensor, confidence: float) -> torch.Tensor:
+    """(N,) True where every member run so far votes no relation with a weighted mean P(NONE) of at least
+    ``confidence``: the early exit. Unlike :func:`settled_as_none` it is a bet (the members not run yet could still
+    outvote them), so its confidence is calibrated on dev pairs (:func:`calibrate_early_exit`)."""
+    done = known_probs.size(0)
+    known = torch.as_tensor(weights, dtype=torch.float32)[:done]
+    mean_none = torch.einsum("k,kn->n", known, known_probs[:, :, NONE_INDEX]) / float(known.sum())
+    return (known_probs.argmax(-1) == NONE_INDEX).all(0) & (mean_none >= confidence)
+
+
+def closed_pairs(known_probs: torch.Tensor, weights: torch.Tensor, mode: str, decision: Decision | None,
+                 early_exit: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(settled, exited), each (N,): the pairs the members not run yet may skip, settled exactly or, with an
+    ``early_exit`` confidence, left early (:func:`confident_none`; a pair is never both)."""
+    settled = settled_as_none(known_probs, weights, mode, decision)
+    if early_exit is None:
+        return settled, torch.zeros_like(settled)
+    return settled, confident_none(known_probs, weights, early_exit) & ~settled
+
+
+def run_in_turn(member_probs: torch.Tensor, weights: torch.Tensor, mode: str, decision: Decision | None,
+                early_exit: float | None) -> tuple[torch.Tensor, int]:
+    """What members in turn would output, from every member's probabilities: (the (M, N, L) table with P(NONE) = 1
+    where a member skipped a closed pair, member-pairs scored). Calibration replays it for each confidence."""
+    filled = member_probs.clone()
+    open_rows, scored = torch.arange(member_probs.size(1)), member_probs.size(1)
+    for m in range(1, member_probs.size(0)):
+        settled, exited = closed_pairs(member_probs[:m, open_rows], weights, mode, decision, early_exit)
+        skipped = open_rows[settled | exited]
+        filled[m:, skipped] = 0.0
+        filled[m:, skipped, NONE_INDEX] = 1.0
+        open_rows = open_rows[~(settled | exited)]
+        scored += len(open_rows)
+    return filled, scored
+
+
+def calibrate_early_exit(member_probs: torch.Tensor, *, weights: torch.Tensor | None = None, mode: str = "hard",
+                         decision: Decision | None = None, agreement: float = EXIT_AGREEMENT) -> dict | None:
+    """The lowest confidence of :data:`EXIT_CONFIDENCES` whose early exit agrees with the full vote on at least
+    ``agreement`` of the relations either outputs on these pairs (every member's (M, N, L) probabilities, dev pairs
+    not used to train the members), with the share of member-pairs it leaves to score; None for one member or pairs
+    without a relation. Focal-loss members put P(NONE) well below 1 on clear negatives, hence a grid from 0.5."""
+    members, pairs = member_probs.shape[:2]
+    weights = torch.ones(members) if weights is None else torch.as_tensor(weights, dtype=torch.float32)
+    decision = decision or Decision()
+
+    def relations(table: torch.Tensor) -> set[tuple[int, int]]:
+        return set(decision.choose(combine(table, mode, weights)[0]))
+
+    full = relations(member_probs)
+    if members < 2 or not full:
+        return None
+    for confidence in EXIT_CONFIDENCES:
+        filled, scored = run_in_turn(member_probs, weights, mode, decision, confidence)
+        found = relations(filled)
+        share = len(full & found) / len(full | found)
+        if share >= agreement:
+            return {"confidence": confidence, "agreement": round(share, 5), "relations": len(full), "pairs": pairs,
+                    "member_pair_share": round(scored / (members * pairs), 4)}
+    return None
+
+
 def vote(member_probs: torch.Tensor, mode: str = "hard",
          weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Combine (M, N, L) member probabilities; returns (labels (N,), scores (N,), member labels (M, N))."""
@@ -155,7 +222,7 @@ class Predictor:
     def __init__(self, members: Sequence, *, vote: str = "hard", interval: tuple[int, int] = DEFAULT_INTERVAL,
                  device: str | torch.device = "auto", precision: str = "bf16", metadata: dict | None = None,
                  execution: str = "auto", weights: Sequence[int] | None = None, decision: Decision | None = None,
-                 cascade_margin: float = CASCADE_MARGIN):
+                 cascade_margin: float = CASCADE_MARGIN, early_exit: float | None = None):
         """``weights``: how many times each member counts in the vote (a greedy selection may pick one twice);
         ``decision``: how the vote becomes relations (default: argmax). ``execution``: ``auto`` stacks
         same-architecture members on an accelerator (``fold``, see drugprot.model.stacked) and runs members in turn
@@ -165,7 +232,10 @@ class Predictor:
         ``cascade`` (CPU) scores every pair with a bf16 copy of each member and re-scores in fp32 the pairs whose
         top-2 probability margin is below ``cascade_margin`` (members run in turn). Members in turn count their
         work: ``scored_pairs`` (a pair once per member that scored it) and ``rescored_pairs`` (of those, re-scored
-        in fp32 by the cascade)."""
+        in fp32 by the cascade). ``early_exit`` (a confidence, see :func:`confident_none`; members then run in
+        turn): ``predict`` also stops on a pair once every member so far votes no relation that confidently
+        (``exited_pairs`` counts them); approximate, so an ensemble folder records a confidence calibrated on dev
+        (``from_ensemble(early_exit="calibrated")``)."""
         if not members:
             raise ValueError("a Predictor needs at least one member")
         if execution not in ("auto", "loop", "fold", "vmap"):
@@ -174,6 +244,10 @@ class Predictor:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         if not 0.0 <= cascade_margin <= 1.0:
             raise ValueError(f"cascade_margin must be between 0 and 1 (a probability margin), got {cascade_margin!r}")
+        if early_exit is not None and not 0.0 < early_exit <= 1.0:
+            raise ValueError(f"early_exit must be a probability in (0, 1], got {early_exit!r}")
+        if early_exit is not None and execution in ("fold", "vmap"):
+            raise ValueError(f"execution {execution!r} cannot exit early; members leave pairs early only in turn")
         self.members = list(members)
         self.vote_mode = vote
         if weights is not None and (len(weights) != len(self.members) or any(int(w) != w or w < 1 for w in weights)):
@@ -189,7 +263,8 @@ class Predictor:
             if member.gene_typer is not None:
                 member.gene_typer.to(self.device).eval()
         self.cascade_margin = cascade_margin
-        self.scored_pairs = self.rescored_pairs = 0
+        self.early_exit = early_exit
+        self.scored_pairs = self.rescored_pairs = self.exited_pairs = 0
         self._bf16_models = []
         if precision in ("int8", "cascade"):
             if self.device.type != "cpu":
@@ -207,7 +282,8 @@ class Predictor:
         self._stacked = None
         self.execution = "loop"
         on_cpu_by_default = execution == "auto" and self.device.type == "cpu"
-        if not on_cpu_by_default and execution != "loop" and precision not in ("int8", "cascade") and len(self.members) > 1:
+        in_turn = execution == "loop" or precision in ("int8", "cascade") or early_exit is not None
+        if not on_cpu_by_default and not in_turn and len(self.members) > 1:
             from drugprot.model.stacked import stack_incompatibility, stack_models
 
             strategy = "fold" if execution == "auto" else execution
@@ -224,11 +300,10 @@ class Predictor:
         from drugprot.ensemble_folder import ENSEMBLE_JSON
         from drugprot.model.artifacts import load_artifact
 
-        path = Path(path)
-        if (path / "model").is_dir() and not (path / "manifest.json").exists():
-            path = path / "model"
+        path = model_folder(path)
         if (path / ENSEMBLE_JSON).is_file():
             return cls.from_ensemble(path, device=device, **overrides)
+        early_exit_for(path, overrides.get("early_exit"))  # refuses one
         loaded = load_artifact(path, device="cpu")
         interval = overrides.pop("interval", tuple(loaded.info["interval"]))
         return cls([loaded], interval=interval, device=device, **overrides)
@@ -237,7 +312,8 @@ class Predictor:
     def from_ensemble(cls, folder: str | Path, *, device: str = "auto", **overrides) -> Predictor:
         """Verify an ensemble folder (every file's sha256, see drugprot.ensemble_folder) and load its members.
 
-        ``overrides``: ``vote``, ``interval``, ``precision``, ``execution`` (``auto``/``loop``/``fold``/``vmap``)."""
+        ``overrides``: ``vote``, ``interval``, ``precision``, ``execution`` (``auto``/``loop``/``fold``/``vmap``),
+        ``early_exit`` (a confidence, or ``"calibrated"``: the one ``ensemble.json`` records)."""
         from drugprot.ensemble_folder import EnsembleError, check_vote, read_ensemble_folder
         from drugprot.model.artifacts import load_artifact
 
@@ -247,6 +323,8 @@ class Predictor:
             decision = Decision.from_dict(meta.get("decision"), f"{folder / 'ensemble.json'}: decision")
         except ValueError as error:
             raise EnsembleError(str(error)) from None
+        if "early_exit" in overrides:
+            overrides["early_exit"] = early_exit_for(folder, overrides["early_exit"])
         members = [load_artifact(folder / entry["path"], device="cpu") for entry in meta["members"]]
         weights = [entry.get("weight", 1) for entry in meta["members"]]
         vote = check_vote(overrides.pop("vote", meta["vote"]))
@@ -263,9 +341,10 @@ class Predictor:
 
         Stacked members share one encoding and one forward per batch; otherwise each member runs in turn.
         ``skip_settled`` (members in turn only): a member skips the pairs that the members before it already
-        settled as no relation (:func:`settled_as_none`); the skipped entries keep P(NONE) = 1. The relations
-        decoded from the result are the same as without skipping; the probabilities are not, so callers that keep
-        probabilities (ensemble building, distillation) leave it off."""
+        settled as no relation (:func:`settled_as_none`) or, with ``early_exit``, left early; the skipped entries
+        keep P(NONE) = 1. The relations decoded from the result are the same as without skipping (bar early exits);
+        the probabilities are not, so callers that keep probabilities (ensemble building, distillation) leave it
+        off."""
         result = torch.zeros((len(self.members), len(candidates), len(LABELS)))
         result[:, :, NONE_INDEX] = 1.0
         if self._stacked is not None:
@@ -281,7 +360,10 @@ class Predictor:
         open_rows = torch.arange(len(candidates))  # pairs not settled yet
         for m, (member, encoder) in enumerate(zip(self.members, self._encoders)):
             if skip_settled and m:
-                open_rows = open_rows[~settled_as_none(result[:m, open_rows], weights, self.vote_mode, self.decision)]
+                settled, exited = closed_pairs(result[:m, open_rows], weights, self.vote_mode, self.decision,
+                                               self.early_exit)
+                self.exited_pairs += int(exited.sum())
+                open_rows = open_rows[~(settled | exited)]
                 if not len(open_rows):
                     break
             docs, cands = documents, [candidates[i] for i in open_rows.tolist()]
@@ -320,6 +402,44 @@ class Predictor:
         return [results[d.pmid] for d in documents]
 
 
+def model_folder(path: str | Path) -> Path:
+    """A model or ensemble folder, or a ``drugprot train --out`` folder (its ``model/``)."""
+    path = Path(path)
+    return path / "model" if (path / "model").is_dir() and not (path / "manifest.json").exists() else path
+
+
+def early_exit_value(value) -> float | str | None:
+    """An early exit as given (a flag, a serve option): None, ``"calibrated"`` or a confidence in (0, 1]."""
+    if value is None or value == "calibrated":
+        return value
+    try:
+        confidence = float("nan") if isinstance(value, bool) else float(value)
+    except (TypeError, ValueError):
+        confidence = float("nan")
+    if not 0.0 < confidence <= 1.0:
+        raise ValueError("must be a probability in (0, 1] or 'calibrated'")
+    return confidence
+
+
+def early_exit_for(path: str | Path, early_exit: float | str | None) -> float | None:
+    """The early-exit confidence the model at ``path`` runs with: ``early_exit`` itself, or for ``"calibrated"`` the
+    one its ``ensemble.json`` records. Reads no weights, so a driver can check before its workers load the model."""
+    from drugprot.ensemble_folder import ENSEMBLE_JSON, EnsembleError
+
+    if early_exit is None:
+        return None
+    path = model_folder(path)
+    if not (path / ENSEMBLE_JSON).is_file():
+        raise EnsembleError(f"early exit: {path} is a single model; members leave pairs early only in an ensemble")
+    if early_exit != "calibrated":
+        return float(early_exit)
+    calibrated = (json.loads((path / ENSEMBLE_JSON).read_text()).get("early_exit") or {}).get("confidence")
+    if calibrated is None:
+        raise EnsembleError(f"{path / ENSEMBLE_JSON}: no calibrated early exit (built before calibration, or its dev "
+                            f"pairs had no relation); rebuild the ensemble or give a confidence")
+    return float(calibrated)
+
+
 def decode(candidates: Sequence[Candidate], member_probs: torch.Tensor, vote_mode: str = "hard",
            threshold: float = 0.0, *, weights: torch.Tensor | None = None,
            decision: Decision | None = None) -> list[PredictedRelation]:
@@ -344,9 +464,11 @@ def relation_rows(documents: Sequence[Document], predictions: Sequence[Sequence[
     return [(doc.pmid, p.as_relation()) for doc, preds in zip(documents, predictions) for p in preds]
 
 
-def precision_options(precision: str, cascade_margin: float | None = None) -> dict:
-    """``load_predictor`` keywords for a precision and an optional cascade margin (None: the default margin)."""
-    return {"precision": precision, **({} if cascade_margin is None else {"cascade_margin": cascade_margin})}
+def run_options(precision: str, cascade_margin: float | None = None, early_exit: float | str | None = None) -> dict:
+    """``load_predictor`` keywords: a precision, and a cascade margin (None: the default) and an early exit (None:
+    none; a confidence or ``"calibrated"``) when given."""
+    return {"precision": precision, **({} if cascade_margin is None else {"cascade_margin": cascade_margin}),
+            **({} if early_exit is None else {"early_exit": early_exit})}
 
 
 def load_predictor(model: str | Path, *, device: str = "auto", tracking_uri: str | None = None, **overrides) -> Predictor:

@@ -34,6 +34,9 @@ def register(commands) -> None:
                              "quantization)")
     parser.add_argument("--cascade-margin", type=float, help="--precision cascade: re-score in fp32 the pairs whose "
                         "bf16 top-2 probability margin is below this (default 0.01; 0: bf16 alone)")
+    parser.add_argument("--early-exit", nargs="?", const="calibrated", metavar="P",
+                        help="an ensemble's members stop on a pair once all so far vote no relation with mean "
+                             "P(NONE) >= P; without P, the confidence calibrated when the ensemble was built")
     parser.add_argument("--max-batch-pairs", type=int, default=64,
                         help="candidate pairs from concurrent requests per model call (1 = no batching); a larger "
                              "request is cut into chunks of this size that take turns with other requests")
@@ -70,6 +73,7 @@ def serve_options(args) -> dict:
         "gpus_per_replica": args.gpus_per_replica,
         "precision": args.precision,
         "cascade_margin": args.cascade_margin,
+        "early_exit": args.early_exit,
         "max_batch_pairs": args.max_batch_pairs,
         "batch_wait_ms": args.batch_wait_ms,
         "max_queued_requests": args.max_queued_requests,
@@ -92,6 +96,10 @@ def _serve(args) -> int:
     if args.address is None and not options.model.startswith("models:/") and not Path(options.model).exists():
         raise DrugprotError(f"--model {options.model}: no such folder (train one with `drugprot train`, or give "
                             f"models:/NAME@ALIAS)")
+    if options.early_exit is not None and not options.model.startswith("models:/") and Path(options.model).exists():
+        from drugprot.inference import early_exit_for
+
+        early_exit_for(options.model, options.early_exit)  # the replicas would only say it in their logs
     stop = threading.Event()
     import ray
     from ray import serve

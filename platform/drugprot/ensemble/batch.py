@@ -21,14 +21,16 @@ class EnsemblePredictor:
     """Ray Data callable class: holds a Predictor; maps a batch ``{"index", "document"}`` to ``{"index", "relations"}``."""
 
     def __init__(self, model: str, *, device: str = "auto", tracking_uri: str | None = None,
-                 interval: tuple[int, int] | None = None, threshold: float = 0.0, threads: int | None = None):
+                 interval: tuple[int, int] | None = None, threshold: float = 0.0, threads: int | None = None,
+                 options: dict[str, Any] | None = None):
+        """``options``: more ``load_predictor`` keywords (``drugprot.inference.run_options``)."""
         import torch
 
         from drugprot.inference import load_predictor
 
         if threads:
             torch.set_num_threads(threads)
-        self.predictor = load_predictor(model, device=device, tracking_uri=tracking_uri)
+        self.predictor = load_predictor(model, device=device, tracking_uri=tracking_uri, **(options or {}))
         self.interval = tuple(interval) if interval else None
         self.threshold = threshold
 
@@ -47,22 +49,25 @@ class EnsemblePredictor:
 
 def predict_with_ray(model: str, documents: Sequence[Document], *, device: str = "auto", tracking_uri: str | None = None,
                      interval: tuple[int, int] | None = None, threshold: float = 0.0, batch_size: int = 16,
-                     actors: int = 1, address: str | None = None, num_cpus: int | None = None):
+                     actors: int = 1, address: str | None = None, num_cpus: int | None = None,
+                     options: dict[str, Any] | None = None):
     """Relations per document (input order) predicted by ``actors`` Ray actors; same output as ``Predictor.predict``.
 
     ``model`` is what ``drugprot predict --model`` takes (a folder or ``models:/NAME@ALIAS``); a registry URI is
-    resolved once here (errors surface before Ray starts) and each actor loads from the local cache.
+    resolved once here (errors surface before Ray starts) and each actor loads from the local cache. ``options``:
+    the actors' ``load_predictor`` keywords (precision, cascade margin, early exit; checked here first).
     """
     import ray
     from ray.data import ActorPoolStrategy
 
     from drugprot.ensemble.frames import document_record
-    from drugprot.inference import PredictedRelation
+    from drugprot.inference import PredictedRelation, early_exit_for
 
     if str(model).startswith("models:/"):
         from drugprot.tracking import download_registered_model
 
         model = str(download_registered_model(str(model), tracking_uri=tracking_uri))
+    early_exit_for(model, (options or {}).get("early_exit"))
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     started = False
     if not ray.is_initialized():
@@ -89,7 +94,7 @@ def predict_with_ray(model: str, documents: Sequence[Document], *, device: str =
             num_gpus=per_actor_gpu, num_cpus=1,
             fn_constructor_kwargs={"model": str(model), "device": device if per_actor_gpu else "cpu",
                                    "tracking_uri": tracking_uri, "interval": interval, "threshold": threshold,
-                                   "threads": None if per_actor_gpu else 1})
+                                   "threads": None if per_actor_gpu else 1, "options": options})
         by_index: dict[int, list[PredictedRelation]] = {}
         for row in predicted.take_all():
             by_index[int(row["index"])] = [PredictedRelation(pmid, chem, gene, rtype, float(score), tuple(votes))

@@ -4,6 +4,7 @@
 the vote side by side on the development documents (one stacked forward gives all members' probabilities),
 writes ``ensemble.json`` and a sha256 manifest of every file, and moves the staged folder into place.
 ``drugprot.inference.Predictor.from_ensemble`` verifies the manifest and loads the members as one Predictor.
+``ensemble.json`` also records the early exit calibrated on those dev pairs (``drugprot predict --early-exit``).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class Evaluation:
     documents: int
     vote: str
     scores: dict[str, Any]  # name -> drugprot.scoring.Score; members first, "ensemble" last
+    early_exit: dict[str, Any] | None = None  # drugprot.inference.calibrate_early_exit on these dev pairs
 
     @property
     def ensemble(self):
@@ -97,7 +99,7 @@ def evaluate(predictor, documents: Sequence, names: Sequence[str], *, split: str
     from tqdm import tqdm
 
     from drugprot.encoding import LABELS
-    from drugprot.inference import decode
+    from drugprot.inference import calibrate_early_exit, decode
     from drugprot.scoring import score
 
     vote = vote or predictor.vote_mode
@@ -120,7 +122,8 @@ def evaluate(predictor, documents: Sequence, names: Sequence[str], *, split: str
         scores[name] = score(documents, keys(decode(candidates, probabilities[m:m + 1], "hard")))
     scores["ensemble"] = score(documents, keys(decode(candidates, probabilities, vote, weights=predictor.weights,
                                                       decision=predictor.decision)))  # ``vote`` may override the model's
-    return Evaluation(split, len(documents), vote, scores)
+    early_exit = calibrate_early_exit(probabilities, weights=predictor.weights, mode=vote, decision=predictor.decision)
+    return Evaluation(split, len(documents), vote, scores, early_exit)
 
 
 def member_info(path: Path) -> dict[str, Any]:
@@ -209,6 +212,8 @@ def build_ensemble(members: Sequence[MemberSource | Path | str], out: str | Path
             predictor = _unverified_predictor(staging, meta, device=device)
             evaluation = evaluate(predictor, documents, names, split=split, vote=vote, progress=progress)
             meta["dev"] = evaluation.as_dict()
+            if evaluation.early_exit is not None:
+                meta["early_exit"] = evaluation.early_exit
             meta["execution"] = predictor.execution
         (staging / ENSEMBLE_JSON).write_text(json.dumps(meta, indent=1))
         write_tree_manifest(staging)

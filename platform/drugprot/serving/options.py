@@ -52,6 +52,10 @@ class ServeOptions(BaseModel):
     cascade_margin: float | None = Field(None, ge=0, le=1, description="precision cascade: pairs whose bf16 top-2 "
                                          "probability margin is below this are re-scored in fp32 (default 0.01; 0: "
                                          "bf16 alone, the fastest).")
+    early_exit: float | Literal["calibrated"] | None = Field(None, description="An ensemble's members, run in turn, "
+                                                          "stop on a pair once all so far vote no relation with mean "
+                                                          "P(NONE) at least this; 'calibrated': the confidence the "
+                                                          "ensemble folder records (default: none, the exact vote).")
     max_batch_pairs: int = Field(64, ge=1, le=65_536, description="Candidate pairs combined from concurrent requests into "
                                                                   "one model call; 1 disables cross-request batching. A "
                                                                   "larger request is cut into chunks of this many pairs "
@@ -92,6 +96,13 @@ class ServeOptions(BaseModel):
         low, high = parse_autoscale(value)
         return f"{low}:{high}"
 
+    @field_validator("early_exit", mode="before")
+    @classmethod
+    def _exit_confidence(cls, value: Any) -> Any:
+        from drugprot.inference import early_exit_value
+
+        return early_exit_value(value)
+
     @model_validator(mode="after")
     def _replicas_or_autoscale(self) -> ServeOptions:
         if self.replicas is not None and self.autoscale is not None:
@@ -123,9 +134,10 @@ class ServeOptions(BaseModel):
     @property
     def predictor_options(self) -> dict[str, Any]:
         """What ``load_predictor`` takes: precision bf16 (CUDA; CPU runs it as fp32), fp32, int8 or cascade, and the
-        cascade's margin when one is set."""
-        margin = {} if self.cascade_margin is None else {"cascade_margin": self.cascade_margin}
-        return {"precision": "bf16" if self.precision == "auto" else self.precision, **margin}
+        cascade's margin and the early exit when set."""
+        from drugprot.inference import run_options
+
+        return run_options("bf16" if self.precision == "auto" else self.precision, self.cascade_margin, self.early_exit)
 
     def ingress_deployment_options(self) -> dict[str, Any]:
         """``Deployment.options`` of the ingress: it only waits on the model, so it admits every request the model
