@@ -124,6 +124,8 @@ def test_ensemble_run_is_logged_with_member_and_ensemble_metrics(registered, sto
     assert metrics["dev_f1"] > 0 and "dev_f1.INHIBITOR" in metrics
     assert {"member_dev_f1.m1-seed1", "member_dev_f1.m2-seed2", "member_dev_f1.m3-seed3"} <= set(metrics)
     assert run.data.params["vote"] == "hard" and run.data.params["members"] == "3"
+    assert 0.5 <= metrics["early_exit_confidence"] < 1 and metrics["early_exit_agreement"] >= 0.999
+    assert 0 < metrics["early_exit_member_pair_share"] <= 1
 
 
 # -- pyfunc ------------------------------------------------------------------------------------------------------

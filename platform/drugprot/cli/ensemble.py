@@ -93,6 +93,7 @@ def _ensemble(args) -> int:
         shutil.rmtree(work, ignore_errors=True)
     summary = {"out": str(out), "select": "reseed" if args.reseed is not None else args.select if args.study else "folders",
                "vote": built.meta["vote"], "decision": built.meta.get("decision"), "execution": built.meta.get("execution"),
+               "early_exit": built.meta.get("early_exit"),
                "members": [{"name": m["name"], "weight": m["weight"], "dev_f1": m["dev_f1"]} for m in built.meta["members"]],
                "selection": comparison.as_dict() if comparison else None, "dev": built.evaluation.as_dict(),
                "run_id": None, "registration": None}
@@ -100,6 +101,11 @@ def _ensemble(args) -> int:
         say(comparison.table())
     say(built.evaluation.table())
     say(f"ensemble of {len(built.meta['members'])} members ({built.meta.get('execution')} execution) written to {out}")
+    calibrated = built.meta.get("early_exit")
+    if calibrated:
+        say(f"early exit calibrated on dev: confidence {calibrated['confidence']} keeps {calibrated['agreement']:.2%} "
+            f"of the relations with {calibrated['member_pair_share']:.1%} of the member-pairs scored "
+            f"(`drugprot predict --early-exit`)")
     if not args.no_log:
         from drugprot.ensemble.registry import log_ensemble
 

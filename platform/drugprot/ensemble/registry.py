@@ -304,6 +304,9 @@ def log_ensemble(folder: str | Path, *, tracking_uri: str | None = None, experim
             metrics.update({"dev_f1": ensemble["f1"], "dev_precision": ensemble["precision"], "dev_recall": ensemble["recall"]})
             metrics.update({f"dev_f1.{t}": f for t, f in ensemble["per_type"].items()})
             metrics.update({f"member_dev_f1.{n}": r["f1"] for n, r in dev["members"].items()})
+        calibrated = meta.get("early_exit") or {}
+        metrics.update({f"early_exit_{key}": calibrated[key] for key in ("confidence", "agreement", "member_pair_share")
+                        if key in calibrated})
         for entry in meta["members"]:
             if entry.get("dev_f1") is not None:
                 metrics[f"member_trial_f1.{entry['name']}"] = float(entry["dev_f1"])
