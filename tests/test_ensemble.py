@@ -741,6 +741,8 @@ def test_early_exit_refusals_name_what_is_wrong(biased_members, ensemble_copy, t
         Predictor.from_path(biased_members[0], device="cpu", early_exit=0.7)
     with pytest.raises(EnsembleError, match=single):  # before any Ray starts
         predict_with_ray(str(biased_members[0]), [], options={"early_exit": "calibrated"})
+    with pytest.raises(EnsembleError, match=r"early exit: .*nowhere: no such model folder"):
+        predict_with_ray(str(tmp_path / "nowhere"), [], options={"early_exit": 0.7})
     meta = json.loads((ensemble_copy / "ensemble.json").read_text())
     del meta["early_exit"]
     (ensemble_copy / "ensemble.json").write_text(json.dumps(meta))

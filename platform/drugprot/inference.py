@@ -429,6 +429,8 @@ def early_exit_for(path: str | Path, early_exit: float | str | None) -> float | 
     if early_exit is None:
         return None
     path = model_folder(path)
+    if not path.is_dir():
+        raise EnsembleError(f"early exit: {path}: no such model folder")
     if not (path / ENSEMBLE_JSON).is_file():
         raise EnsembleError(f"early exit: {path} is a single model; members leave pairs early only in an ensemble")
     if early_exit != "calibrated":
