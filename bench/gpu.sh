@@ -36,11 +36,21 @@ RESULTS=${OUT:-.gpu/out}            # small: JSON summaries only (on the GPU mac
 SCRATCH=${SCRATCH:-${TMPDIR:-/tmp}/drugprot-gpu}   # the unpacked corpus and the run folder (weights, checkpoint)
 mkdir -p "$RESULTS" "$SCRATCH"
 export PYTHONPATH="$PWD/platform:$PWD/.gpu/site${PYTHONPATH:+:$PYTHONPATH}"
+if ! "$PY" -c "import pydantic" 2>/dev/null; then  # the GPU image has none: the wheels prepare_gpu.sh unpacked
+  [[ -d .gpu/pydantic ]] || { echo "bench/gpu.sh: no pydantic here and no .gpu/pydantic: rerun bench/prepare_gpu.sh" >&2; exit 2; }
+  export PYTHONPATH="$PYTHONPATH:$PWD/.gpu/pydantic"
+fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false TRANSFORMERS_VERBOSITY=error
 export HF_HUB_DISABLE_PROGRESS_BARS=1
 export DRY_RUN RESULTS SCRATCH
 export TRAIN_SECONDS=${TRAIN_SECONDS:-200} BENCH_SECONDS=${BENCH_SECONDS:-30} BENCH_PAIRS=${BENCH_PAIRS:-8192}
 START=$(date +%s)
+FAILED=()  # steps after 0 run even when one fails (one lease, one try): their names, reported at the end
+
+step() {  # step NAME COMMAND...: run it; a failure is recorded, not fatal
+  local name=$1; shift
+  if ! "$@"; then echo "bench/gpu.sh: step $name failed" >&2; FAILED+=("$name"); fi
+}
 
 echo "== 0. environment"
 "$PY" - <<'PYEOF'
@@ -78,7 +88,7 @@ if os.environ["DRY_RUN"] == "0" and not torch.cuda.is_available():
 PYEOF
 
 echo "== 1. MiniLM, paper protocol, full corpus"
-"$PY" - <<'PYEOF'
+step "1 (training)" "$PY" - <<'PYEOF'
 import json, math, os, sys, time
 from pathlib import Path
 
@@ -165,6 +175,7 @@ print(f"  trained {evaluations[-1]['epoch']:g} epochs in {seconds:.0f} s; best d
 PYEOF
 
 echo "== 2. throughput: bert-base-random, ours vs the plain loop"
+throughput() {
 if [[ $DRY_RUN == 1 ]]; then
   "$PY" bench/train_throughput.py --encoder tiny-random --tokenizer .gpu/minilm --data "$SCRATCH/drugprot" \
     --max-docs 20 --pairs 48 --device cpu --max-seconds 5 --json "$RESULTS/throughput.json"
@@ -172,19 +183,26 @@ else
   "$PY" bench/train_throughput.py --encoder bert-base-random --tokenizer .gpu/minilm --data "$SCRATCH/drugprot" \
     --max-docs 900 --pairs "$BENCH_PAIRS" --device cuda --max-seconds "$BENCH_SECONDS" --json "$RESULTS/throughput.json"
 fi
+}
+step "2 (throughput)" throughput
 
 # 3. ensemble inference: 1 member vs 5 looped vs 5 stacked (bench/ensemble_throughput.py)
-source bench/gpu_ensemble.sh
+export PY
+step "3 (ensemble)" bash bench/gpu_ensemble.sh
 
 echo "== 4. serving path without Ray (not on the GPU image): batched vs unbatched, MiniLM from step 1"
+serving() {
 if [[ $DRY_RUN == 1 ]]; then
   "$PY" bench/serve_load.py --in-process --device cpu --model "$SCRATCH/minilm-run/model" --levels 1,8 --seconds 2
 else
   "$PY" bench/serve_load.py --in-process --device cuda --model "$SCRATCH/minilm-run/model" --levels 1,8,32,64 \
     --seconds "${SERVE_SECONDS:-10}"
 fi
+}
+step "4 (serving)" serving
 
 echo "== 4b. distillation: a student on the step-1 model's probabilities, compared on dev half B"
+distillation() {
 rm -rf "$SCRATCH/student"
 if [[ $DRY_RUN == 1 ]]; then
   "$PY" bench/distill.py --teacher "$SCRATCH/minilm-run/model" --config configs/minilm.yaml --device cpu \
@@ -197,6 +215,8 @@ else
     --set train.epochs=1 --set train.device=auto --set distill.temperature=2 --set distill.weight=0.5 \
     --out "$SCRATCH/student" --json "$RESULTS/distill.json"
 fi
+}
+step "4b (distillation)" distillation
 
 echo "== 5. summary"
 "$PY" - <<'PYEOF'
@@ -207,27 +227,44 @@ sys.path.insert(0, "bench")
 from train_throughput import format_table
 
 results = Path(os.environ["RESULTS"])
-train = json.loads((results / "train.json").read_text())
-print(f"{train['encoder']}, paper protocol (lr {train['lr']:g}, eval every 0.5 epoch, focal gamma {train['gamma']:g}, "
-      f"interval {train['interval']}, {train['precision']}); "
-      f"{train['epochs_planned']:g} epochs planned, {train['train_seconds']:.0f} s"
-      + (" (stopped at the time limit)" if train["stopped_early"] else ""))
-print(f"{'eval':>5}{'epoch':>7}{'dev P':>9}{'dev R':>9}{'dev F1':>9}{'loss':>9}{'pairs/s':>10}")
-for e in train["evaluations"]:
-    print(f"{e['eval']:>5}{e['epoch']:>7.2f}{e['dev_precision']:>9.4f}{e['dev_recall']:>9.4f}{e['dev_f1']:>9.4f}"
-          f"{e['train_loss']:>9.4f}{e['pairs_per_s']:>10.0f}")
-best = train["best"]
-print(f"best: dev F1 {best['dev_f1']:.4f} (P {best['dev_precision']:.4f}, R {best['dev_recall']:.4f}) at epoch {best['epoch']:g}")
-print()
-throughput = json.loads((results / "throughput.json").read_text())
-print(f"throughput, {throughput['encoder']} on {throughput['device']} "
-      f"({throughput['non_embedding_parameters'] / 1e6:.1f}M non-embedding parameters, {throughput['pairs']} pairs):")
-print(format_table(throughput))
-print()
-distill = json.loads((results / "distill.json").read_text())
-print(f"distillation ({distill['student_encoder']} student, T {distill['temperature']:g}, weight {distill['weight']:g}, "
-      f"{distill['train_seconds']:.0f} s) on dev half B: "
-      + "; ".join(f"{r['name']} F1 {r['f1']:.4f}, {r['pairs_per_s']:.0f} pairs/s" for r in distill["half_b"])
-      + f"; student/teacher pairs/s {distill['speedup']}x")
+
+
+def part(name):
+    """A step's JSON, or None (with a line saying so) when that step failed."""
+    path = results / name
+    if not path.is_file():
+        print(f"({name}: missing, its step failed; see above)\n")
+        return None
+    return json.loads(path.read_text())
+
+
+train = part("train.json")
+if train:
+    print(f"{train['encoder']}, paper protocol (lr {train['lr']:g}, eval every 0.5 epoch, focal gamma {train['gamma']:g}, "
+          f"interval {train['interval']}, {train['precision']}); "
+          f"{train['epochs_planned']:g} epochs planned, {train['train_seconds']:.0f} s"
+          + (" (stopped at the time limit)" if train["stopped_early"] else ""))
+    print(f"{'eval':>5}{'epoch':>7}{'dev P':>9}{'dev R':>9}{'dev F1':>9}{'loss':>9}{'pairs/s':>10}")
+    for e in train["evaluations"]:
+        print(f"{e['eval']:>5}{e['epoch']:>7.2f}{e['dev_precision']:>9.4f}{e['dev_recall']:>9.4f}{e['dev_f1']:>9.4f}"
+              f"{e['train_loss']:>9.4f}{e['pairs_per_s']:>10.0f}")
+    best = train["best"]
+    print(f"best: dev F1 {best['dev_f1']:.4f} (P {best['dev_precision']:.4f}, R {best['dev_recall']:.4f}) "
+          f"at epoch {best['epoch']:g}\n")
+throughput = part("throughput.json")
+if throughput:
+    print(f"throughput, {throughput['encoder']} on {throughput['device']} "
+          f"({throughput['non_embedding_parameters'] / 1e6:.1f}M non-embedding parameters, {throughput['pairs']} pairs):")
+    print(format_table(throughput) + "\n")
+distill = part("distill.json")
+if distill:
+    print(f"distillation ({distill['student_encoder']} student, T {distill['temperature']:g}, weight {distill['weight']:g}, "
+          f"{distill['train_seconds']:.0f} s) on dev half B: "
+          + "; ".join(f"{r['name']} F1 {r['f1']:.4f}, {r['pairs_per_s']:.0f} pairs/s" for r in distill["half_b"])
+          + f"; student/teacher pairs/s {distill['speedup']}x")
 PYEOF
 echo "bench/gpu.sh: done in $(( $(date +%s) - START )) s; JSON in $RESULTS"
+if [[ ${#FAILED[@]} -gt 0 ]]; then
+  echo "bench/gpu.sh: failed steps: ${FAILED[*]}" >&2
+  exit 1
+fi
