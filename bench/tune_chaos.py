@@ -9,7 +9,9 @@ smoke config and space at ``--epochs`` epochs (default 2: 4 evaluations), ``--tr
 Faults while trials run:
 1. SIGKILL the raylet of the worker node that runs a trial past its evaluation ``--victim-eval`` (default 3, beyond
    the smoke space's last ASHA rung, so ASHA will not stop it): its trials must be retried from their last checkpoint
-   on the other nodes.
+   on the other nodes. The head declares no CPU (``--head-cpus 0``), so every trial runs on a worker: the first
+   trial to reach each rung always continues under ASHA, so some trial on a worker is sure to pass the victim
+   evaluation. (With trials on the head too, the survivors could all run there and no fault came.)
 2. Once that trial has been restarted, ``--kill-driver-after`` trials have ended (or every trial has started) and
    one is running, SIGKILL the driver, then ``drugprot tune --resume --name STUDY`` and let it finish.
 
@@ -117,12 +119,13 @@ def moto_s3(root: Path):
 class Cluster:
     """infra/local-cluster.sh: a head and workers, each `ray start` in a session of its own (recorded by the script)."""
 
-    def __init__(self, env: dict[str, str], *, workers: int, cpus: int, memory: int, object_store: int):
+    def __init__(self, env: dict[str, str], *, workers: int, cpus: int, head_cpus: int, memory: int,
+                 object_store: int):
         self.env = env
         self.port = int(env["DRUGPROT_RAY_PORT"])
         self.address = f"127.0.0.1:{self.port}"
-        self.options = ["--workers", str(workers), "--cpus-per-node", str(cpus), "--memory-per-node", str(memory),
-                        "--object-store-memory", str(object_store)]
+        self.options = ["--workers", str(workers), "--cpus-per-node", str(cpus), "--head-cpus", str(head_cpus),
+                        "--memory-per-node", str(memory), "--object-store-memory", str(object_store)]
 
     def __enter__(self) -> Cluster:
         for attempt in (1, 2, 3):  # `ray start` gives a node 30 s to register: a busy machine can miss that
@@ -244,8 +247,10 @@ def chaos_study(name: str, *, cluster: Cluster, env: dict, cwd: Path, storage: s
             driver.wait()
         err.close()
     if killed_raylet is None or killed_driver is None:
+        tail = "".join((cwd / f"{name}.log").read_text(errors="replace").splitlines(keepends=True)[-40:])
         raise RuntimeError(f"the faults were not both injected (raylet: {killed_raylet}, driver: {killed_driver}); "
-                           f"see {cwd / f'{name}.log'}")
+                           f"the driver exited {driver.returncode} after {time.monotonic() - start:.0f} s; the last "
+                           f"lines of {cwd / f'{name}.log'}:\n{tail}")
     log("resuming: drugprot tune --resume")
     summary = run_to_end(tune_command(name, storage=storage, address=cluster.address, tracking_uri=tracking_uri,
                                       trials=trials, max_concurrent=max_concurrent, epochs=epochs, resume=True),
@@ -357,7 +362,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="kill the raylet of a worker whose trial has reported evaluation E (default 3: past the "
                              "smoke space's last ASHA rung at 2 epochs, so the trial is retried rather than stopped; "
                              "at 4 epochs the last rung is 4)")
-    parser.add_argument("--cpus-per-node", type=int, default=1)
+    parser.add_argument("--cpus-per-node", type=int, default=2, help="CPUs of each worker (default 2)")
+    parser.add_argument("--head-cpus", type=int, default=0,
+                        help="CPUs the head declares (default 0: every trial runs on a worker that can be killed)")
     parser.add_argument("--memory-per-node", type=int, default=3 * 1024 ** 3, metavar="BYTES")
     parser.add_argument("--skip-baseline", action="store_true", help="leave out the study without faults")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per study run (default 1800)")
@@ -385,10 +392,10 @@ def main(argv: list[str] | None = None) -> int:
                "PYTHONPATH": os.pathsep.join([str(REPO / "platform"), os.environ.get("PYTHONPATH", "")])}
         env.pop("RAY_ADDRESS", None)
         storage = f"s3://{BUCKET}/tune"
-        cluster = stack.enter_context(Cluster(env, workers=2, cpus=args.cpus_per_node, memory=args.memory_per_node,
-                                              object_store=200 * 1024 ** 2))
-        log(f"cluster up at {cluster.address}: head + 2 workers, {args.cpus_per_node} CPU and "
-            f"{args.memory_per_node / 1024 ** 3:g} GiB each")
+        cluster = stack.enter_context(Cluster(env, workers=2, cpus=args.cpus_per_node, head_cpus=args.head_cpus,
+                                              memory=args.memory_per_node, object_store=200 * 1024 ** 2))
+        log(f"cluster up at {cluster.address}: head ({args.head_cpus} CPU) + 2 workers, {args.cpus_per_node} CPU "
+            f"and {args.memory_per_node / 1024 ** 3:g} GiB each")
         baseline_wall = None
         if not args.skip_baseline:
             log(f"baseline: {args.trials} trials without faults")

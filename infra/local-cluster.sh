@@ -3,8 +3,10 @@
 # CPU, memory and object-store budget, so that `drugprot tune --address …` and `drugprot serve --address …`
 # meet a real multi-node cluster (scheduling across nodes, object transfer, node failure) before a real one.
 #
-#   infra/local-cluster.sh up [--workers N] [--cpus-per-node C] [--memory-per-node BYTES]
+#   infra/local-cluster.sh up [--workers N] [--cpus-per-node C] [--head-cpus C] [--memory-per-node BYTES]
 #                             [--object-store-memory BYTES] [--gpus-per-worker G] [--dashboard]
+#     --head-cpus C: the CPUs the head declares (default: --cpus-per-node). 0 keeps trials and replicas off the
+#     head, as production clusters usually do, so every one of them runs on a worker that can be made to fail.
 #     --gpus-per-worker G: each worker declares G GPUs (default 0). Ray schedules by what a node declares, so a
 #     CPU-only machine can rehearse fractional-GPU studies (--gpus-per-trial 0.5 with train.device: cpu).
 #   infra/local-cluster.sh status
@@ -156,11 +158,12 @@ start_node() {
 }
 
 cmd_up() {
-    local workers=1 cpus=1 memory=$((2 * 1024 * 1024 * 1024)) object_store=$((500 * 1024 * 1024)) gpus=0 dashboard=false
+    local workers=1 cpus=1 head_cpus="" memory=$((2 * 1024 * 1024 * 1024)) object_store=$((500 * 1024 * 1024)) gpus=0 dashboard=false
     while [[ $# -gt 0 ]]; do
         case "$1" in
             --workers) workers="${2:?--workers needs a value}"; shift 2 ;;
             --cpus-per-node) cpus="${2:?--cpus-per-node needs a value}"; shift 2 ;;
+            --head-cpus) head_cpus="${2:?--head-cpus needs a value}"; shift 2 ;;
             --memory-per-node) memory="${2:?--memory-per-node needs a value}"; shift 2 ;;
             --object-store-memory) object_store="${2:?--object-store-memory needs a value}"; shift 2 ;;
             --gpus-per-worker) gpus="${2:?--gpus-per-worker needs a value}"; shift 2 ;;
@@ -168,8 +171,11 @@ cmd_up() {
             *) die "up: unknown option $1" ;;
         esac
     done
-    for value in "$workers" "$cpus" "$memory" "$object_store" "$gpus" "$PORT"; do
-        is_uint "$value" || die "up: '$value' is not a non-negative integer"
+    head_cpus="${head_cpus:-$cpus}"
+    local pair
+    for pair in "--workers=$workers" "--cpus-per-node=$cpus" "--head-cpus=$head_cpus" "--memory-per-node=$memory" \
+                "--object-store-memory=$object_store" "--gpus-per-worker=$gpus" "DRUGPROT_RAY_PORT=$PORT"; do
+        is_uint "${pair#*=}" || die "up: ${pair%%=*} '${pair#*=}' is not a non-negative integer"
     done
 
     mkdir -p "$RAY_TMPDIR"
@@ -186,9 +192,9 @@ cmd_up() {
 
     local client_port=$((PORT + 1)) dashboard_port=$((PORT + 2))
     echo "starting head on $ADDRESS (RAY_TMPDIR=$RAY_TMPDIR, RAY_AUTH_MODE=$RAY_AUTH_MODE," \
-         "$cpus CPU, $memory B memory, $object_store B object store)"
+         "$head_cpus CPU, $memory B memory, $object_store B object store)"
     start_node head --head --port="$PORT" \
-        --num-cpus="$cpus" --num-gpus=0 --memory="$memory" --object-store-memory="$object_store" \
+        --num-cpus="$head_cpus" --num-gpus=0 --memory="$memory" --object-store-memory="$object_store" \
         --include-dashboard="$dashboard" --dashboard-host=127.0.0.1 --dashboard-port="$dashboard_port" \
         --dashboard-agent-listen-port=$((PORT + 3)) --ray-client-server-port="$client_port" \
         --disable-usage-stats

@@ -741,6 +741,15 @@ def port_open(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
+@pytest.mark.parametrize("option", ["--head-cpus", "--cpus-per-node", "--workers"])
+def test_local_cluster_refuses_a_count_that_is_not_a_number(tmp_path, option):
+    env = {**os.environ, "DRUGPROT_RAY_PORT": "6390", "RAY_TMPDIR": str(tmp_path)}
+    result = subprocess.run([str(LOCAL_CLUSTER), "up", option, "two"], env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode != 0
+    assert f"up: {option} 'two' is not a non-negative integer" in result.stderr, result.stderr
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_local_cluster_up_status_down():
@@ -756,8 +765,8 @@ def test_local_cluster_up_status_down():
         return result
 
     try:
-        up = run("up", "--workers", "1", "--cpus-per-node", "1", "--memory-per-node", str(2 * 1024**3),
-                 "--object-store-memory", str(500 * 1024**2))
+        up = run("up", "--workers", "1", "--cpus-per-node", "2", "--head-cpus", "0", "--memory-per-node",
+                 str(2 * 1024**3), "--object-store-memory", str(500 * 1024**2))
         assert "cluster up: 2 nodes alive" in up.stdout
         assert f'ray.init(address="127.0.0.1:{TEST_PORT}")' in up.stdout
         assert "export RAY_AUTH_MODE=disabled" in up.stdout
@@ -772,7 +781,7 @@ def test_local_cluster_up_status_down():
         driver = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
                                 env={**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"})
         assert driver.returncode == 0, driver.stderr[-3000:]
-        assert driver.stdout.split()[-2:] == ["2", "2.0"], driver.stdout
+        assert driver.stdout.split()[-2:] == ["2", "2.0"], driver.stdout  # the worker's 2 CPUs; the head has none
     finally:
         down = run("down", check=False)
         shutil.rmtree(tmpdir, ignore_errors=True)
