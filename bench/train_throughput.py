@@ -144,13 +144,9 @@ def _sync(device: torch.device) -> None:
 
 
 def run_loop(name: str, model: RelationModel, optimizer, batches, *, device: torch.device, precision: str,
-             max_seconds: float, warmup: int = 2, pin: bool = False) -> LoopResult:
-    """Warm up on the first ``warmup`` batches (untimed), then time one pass (or ``max_seconds``) of ``batches``.
-
-    ``pin``: copy each host batch to page-locked memory first (CUDA only), as drugprot.training does.
-    """
+             max_seconds: float, warmup: int = 2) -> LoopResult:
+    """Warm up on the first ``warmup`` batches (untimed), then time one pass (or ``max_seconds``) of ``batches``."""
     batches = list(batches)
-    pin = pin and device.type == "cuda"
     for make in batches[:warmup]:
         train_step(model, make().to(device), optimizer, device=device, precision=precision)
     _sync(device)
@@ -162,8 +158,7 @@ def run_loop(name: str, model: RelationModel, optimizer, batches, *, device: tor
         pairs += host.input_ids.size(0)
         real += int(host.attention_mask.sum())
         padded += host.input_ids.numel()
-        batch = (host.pin_memory() if pin else host).to(device, non_blocking=True)
-        loss, _ = train_step(model, batch, optimizer, device=device, precision=precision)
+        loss, _ = train_step(model, host.to(device), optimizer, device=device, precision=precision)
         steps += 1
         if time.perf_counter() - start > max_seconds:
             break
@@ -207,9 +202,9 @@ def measure(*, encoder: str = "minilm", tokenizer_source: str | None = None, dat
             optimizer = build_optimizer(model, lr=lr, weight_decay=0.01, device=dev)
             groups = token_budget_batches(encoded, token_budget=token_budget, max_pairs=max_batch_pairs, shuffle_seed=seed)
             makers = [lambda g=group: collate([encoded[i] for i in g], tokenizer.pad_token_id) for group in groups]
-            name = f"ours (cached ids, budget {token_budget}{', bf16, fused AdamW, pinned' if gpu else ''})"
+            name = f"ours (cached ids, budget {token_budget}{', bf16, fused AdamW' if gpu else ''})"
         results.append(run_loop(name, model, optimizer, makers, device=dev, precision=precision, max_seconds=max_seconds,
-                                warmup=warmup, pin=loop == "ours"))
+                                warmup=warmup))
         del model, optimizer
         if dev.type == "cuda":
             torch.cuda.empty_cache()

@@ -199,10 +199,6 @@ class Batch:
     def to(self, device, non_blocking: bool = False) -> Batch:
         return Batch(*(getattr(self, f).to(device, non_blocking=non_blocking) for f in self.__slots__))
 
-    def pin_memory(self) -> Batch:
-        """Page-locked copy (CUDA only), so ``to(cuda, non_blocking=True)`` overlaps with running kernels."""
-        return Batch(*(getattr(self, f).pin_memory() for f in self.__slots__))
-
     @property
     def real_tokens(self) -> int:
         return int(self.attention_mask.sum())

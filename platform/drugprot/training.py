@@ -361,8 +361,9 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, report: Report | Non
         skip = step - epoch * steps_per_epoch
         for batch in iterate_batches(train_pairs, batches[skip:], pad_id):
             batch_targets = None if targets is None else targets[batch.index].to(device, non_blocking=True)
-            # pinned host memory: a pageable copy would make the host wait for the GPU queue at every step
-            batch = (batch.pin_memory() if device.type == "cuda" else batch).to(device, non_blocking=True)
+            # a plain copy: page-locking each batch first cost 21x the whole MiniLM step on an H200
+            # (bench/gpu_step_profile.py, 2026-11-30), far more than the wait a pageable copy adds
+            batch = batch.to(device)
             loss, nonfinite = train_step(model, batch, optimizer, scheduler, device=device, precision=cfg.precision,
                                          gamma=config.loss.gamma, lambda_=config.loss.lambda_, grad_clip=cfg.grad_clip,
                                          forward=forward, teacher=batch_targets, temperature=config.distill.temperature,

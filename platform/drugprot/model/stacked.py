@@ -198,7 +198,12 @@ class VmappedRelationModel:
         return None
 
     def __call__(self, input_ids, attention_mask, subject, obj, relations: None = None) -> torch.Tensor:
-        return self._forward(self.params, self.buffers, input_ids, attention_mask, subject, obj)
+        # attention as plain matmuls: on an H200 (torch 2.11, 2026-11-30) vmap over the cuDNN attention kernel failed
+        # ("attn_bias: wrong shape (batch dimension)"); the math backend's ops all have batching rules
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel(SDPBackend.MATH):
+            return self._forward(self.params, self.buffers, input_ids, attention_mask, subject, obj)
 
 
 def stack_models(models: Sequence[torch.nn.Module], strategy: str = "fold"):
