@@ -1,10 +1,10 @@
-"""A cluster study rehearsed with faults: three Ray nodes, S3 trial storage, MLflow on PostgreSQL; nothing may be lost.
+"""A cluster study rehearsed with faults: four Ray nodes, S3 trial storage, MLflow on PostgreSQL; nothing may be lost.
 
-Set-up, all real and on 127.0.0.1: ``infra/local-cluster.sh`` (a head and two workers, each with its own CPU, memory
-and object-store budget), an S3 API (``moto_server``; endpoint and credentials reach Ray, pyarrow and boto3 through
-the standard ``AWS_*`` variables), ``mlflow server`` on PostgreSQL (the test fixtures' servers). The study: the
-smoke config and space at ``--epochs`` epochs (default 2: 4 evaluations), ``--trials`` trials (default 12), ASHA,
-``--max-concurrent`` (default 3).
+Set-up, all real and on 127.0.0.1: ``infra/local-cluster.sh`` (a head that takes no trials and three workers of one
+CPU, each node with its own memory and object-store budget), an S3 API (``moto_server``; endpoint and credentials
+reach Ray, pyarrow and boto3 through the standard ``AWS_*`` variables), ``mlflow server`` on PostgreSQL (the test
+fixtures' servers). The study: the smoke config and space at ``--epochs`` epochs (default 2: 4 evaluations),
+``--trials`` trials (default 12), ASHA, ``--max-concurrent`` (default 3).
 
 Faults while trials run:
 1. SIGKILL the raylet of the worker node that runs a trial past its evaluation ``--victim-eval`` (default 3, beyond
@@ -362,7 +362,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="kill the raylet of a worker whose trial has reported evaluation E (default 3: past the "
                              "smoke space's last ASHA rung at 2 epochs, so the trial is retried rather than stopped; "
                              "at 4 epochs the last rung is 4)")
-    parser.add_argument("--cpus-per-node", type=int, default=2, help="CPUs of each worker (default 2)")
+    parser.add_argument("--workers", type=int, default=3, help="worker nodes (default 3)")
+    parser.add_argument("--cpus-per-node", type=int, default=1,
+                        help="CPUs of each worker (default 1: one trial a node, so the raylet kill meets no trial "
+                             "that is still starting there)")
     parser.add_argument("--head-cpus", type=int, default=0,
                         help="CPUs the head declares (default 0: every trial runs on a worker that can be killed)")
     parser.add_argument("--memory-per-node", type=int, default=3 * 1024 ** 3, metavar="BYTES")
@@ -392,10 +395,11 @@ def main(argv: list[str] | None = None) -> int:
                "PYTHONPATH": os.pathsep.join([str(REPO / "platform"), os.environ.get("PYTHONPATH", "")])}
         env.pop("RAY_ADDRESS", None)
         storage = f"s3://{BUCKET}/tune"
-        cluster = stack.enter_context(Cluster(env, workers=2, cpus=args.cpus_per_node, head_cpus=args.head_cpus,
-                                              memory=args.memory_per_node, object_store=200 * 1024 ** 2))
-        log(f"cluster up at {cluster.address}: head ({args.head_cpus} CPU) + 2 workers, {args.cpus_per_node} CPU "
-            f"and {args.memory_per_node / 1024 ** 3:g} GiB each")
+        cluster = stack.enter_context(Cluster(env, workers=args.workers, cpus=args.cpus_per_node,
+                                              head_cpus=args.head_cpus, memory=args.memory_per_node,
+                                              object_store=200 * 1024 ** 2))
+        log(f"cluster up at {cluster.address}: head ({args.head_cpus} CPU) + {args.workers} workers, "
+            f"{args.cpus_per_node} CPU and {args.memory_per_node / 1024 ** 3:g} GiB each")
         baseline_wall = None
         if not args.skip_baseline:
             log(f"baseline: {args.trials} trials without faults")
