@@ -9,7 +9,10 @@
 #   4. the serving path (request validation, cross-request batcher, Predictor) in-process, batched vs unbatched;
 #   4b. distillation (bench/distill.py): a MiniLM student trained on the step-1 model's probabilities
 #      (DISTILL_DOCS training documents, one epoch), F1 and pairs/s next to its teacher's on dev half B;
-#   5. prints a final table. Under 8 minutes in all (TRAIN_SECONDS=200 by default).
+#   5. prints a final table. About 9-10 minutes in all (TRAIN_SECONDS=200 by default).
+# STEPS picks steps (default 1,2,3,4,4b; 0 and 5 always run). Steps 4 and 4b use step 1's model, so they go in its
+# call. The paper's 10 MiniLM epochs need about 340 s on an H200 (2026-11-30: about 34 s an epoch with its two
+# evaluations), so within one 15-minute lease: `STEPS=1,4 TRAIN_SECONDS=370 bench/gpu.sh`, then `STEPS=2,3 bench/gpu.sh`.
 #
 #   bench/prepare_gpu.sh          # here, once: stages .gpu/ (MiniLM fp16, corpus, blingfire)
 #   bench/gpu.sh                  # there (carry .gpu); results also in $OUT (or .gpu/out) as JSON
@@ -35,6 +38,7 @@ fi
 RESULTS=${OUT:-.gpu/out}            # small: JSON summaries only (on the GPU machine $OUT comes back)
 SCRATCH=${SCRATCH:-${TMPDIR:-/tmp}/drugprot-gpu}   # the unpacked corpus and the run folder (weights, checkpoint)
 mkdir -p "$RESULTS" "$SCRATCH"
+rm -f "$RESULTS"/{train,throughput,distill}.json "$RESULTS"/ensemble_*.json  # a summary of this run's steps only
 export PYTHONPATH="$PWD/platform:$PWD/.gpu/site${PYTHONPATH:+:$PYTHONPATH}"
 if ! "$PY" -c "import pydantic" 2>/dev/null; then  # the GPU image has none: the wheels prepare_gpu.sh unpacked
   [[ -d .gpu/pydantic ]] || { echo "bench/gpu.sh: no pydantic here and no .gpu/pydantic: rerun bench/prepare_gpu.sh" >&2; exit 2; }
@@ -43,12 +47,16 @@ fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false TRANSFORMERS_VERBOSITY=error
 export HF_HUB_DISABLE_PROGRESS_BARS=1
 export DRY_RUN RESULTS SCRATCH
-export TRAIN_SECONDS=${TRAIN_SECONDS:-200} BENCH_SECONDS=${BENCH_SECONDS:-30} BENCH_PAIRS=${BENCH_PAIRS:-8192}
+export STEPS=${STEPS:-1,2,3,4,4b} TRAIN_SECONDS=${TRAIN_SECONDS:-200} BENCH_SECONDS=${BENCH_SECONDS:-30} BENCH_PAIRS=${BENCH_PAIRS:-8192}
+for wanted in ${STEPS//,/ }; do
+  case "$wanted" in 1|2|3|4|4b) ;; *) echo "bench/gpu.sh: STEPS: unknown step '$wanted' (steps: 1,2,3,4,4b)" >&2; exit 2 ;; esac
+done
 START=$(date +%s)
 FAILED=()  # steps after 0 run even when one fails (one lease, one try): their names, reported at the end
 
-step() {  # step NAME COMMAND...: run it; a failure is recorded, not fatal
+step() {  # step NAME COMMAND...: run it when STEPS names it; a failure is recorded, not fatal
   local name=$1; shift
+  if [[ ",$STEPS," != *",${name%% *},"* ]]; then echo "(step $name: not in STEPS=$STEPS)"; return; fi
   if ! "$@"; then echo "bench/gpu.sh: step $name failed" >&2; FAILED+=("$name"); fi
 }
 
@@ -233,7 +241,7 @@ def part(name):
     """A step's JSON, or None (with a line saying so) when that step failed."""
     path = results / name
     if not path.is_file():
-        print(f"({name}: missing, its step failed; see above)\n")
+        print(f"({name}: missing: its step failed or was not in STEPS; see above)\n")
         return None
     return json.loads(path.read_text())
 
