@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Ensemble inference throughput on the GPU: one member vs 5 members looped vs 5 members stacked (fold and vmap),
+# Ensemble inference throughput on the GPU: one member vs 5 members looped vs 5 members stacked (fold, then vmap),
 # same pairs, same run (bench/ensemble_throughput.py). Goal: stacked >= 0.35x one member's pairs/s (a loop gives ~0.2x).
-# Meant to be sourced by bench/gpu.sh after its step 2 (it uses PY, DRY_RUN and RESULTS from there; .gpu/minilm is
-# the staged MiniLM). Standalone: PYTHONPATH=platform:.gpu/site PY=python3 DRY_RUN=0 RESULTS=.gpu/out bash bench/gpu_ensemble.sh
+# Step 3 of bench/gpu.sh, which runs it with PY, DRY_RUN and RESULTS exported (.gpu/minilm is the staged MiniLM).
+# Standalone: PYTHONPATH=platform:.gpu/site PY=python3 DRY_RUN=0 RESULTS=.gpu/out bash bench/gpu_ensemble.sh
 set -euo pipefail
 : "${PY:=python3}" "${DRY_RUN:=0}" "${RESULTS:=.gpu/out}"
 echo "== ensemble throughput: 1 member vs 5 looped vs 5 stacked"

@@ -360,7 +360,7 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, report: Report | Non
                                        shuffle_seed=cfg.seed * 1000 + epoch)
         skip = step - epoch * steps_per_epoch
         for batch in iterate_batches(train_pairs, batches[skip:], pad_id):
-            batch_targets = None if targets is None else targets[batch.index].to(device, non_blocking=True)
+            batch_targets = None if targets is None else targets[batch.index].to(device)
             # a plain copy: page-locking each batch first cost 21x the whole MiniLM step on an H200
             # (bench/gpu_step_profile.py, 2026-11-30), far more than the wait a pageable copy adds
             batch = batch.to(device)
