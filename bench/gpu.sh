@@ -23,6 +23,10 @@ cd "$(dirname "$0")/.."
 DRY_RUN=0
 if [[ "${1:-}" == "--dry-run" ]]; then DRY_RUN=1; shift; fi
 if [[ $# -gt 0 ]]; then echo "usage: bench/gpu.sh [--dry-run]" >&2; exit 2; fi
+export STEPS=${STEPS:-1,2,3,4,4b}
+for wanted in ${STEPS//,/ }; do
+  case "$wanted" in 1|2|3|4|4b) ;; *) echo "bench/gpu.sh: STEPS: unknown step '$wanted' (steps: 1,2,3,4,4b)" >&2; exit 2 ;; esac
+done
 
 if [[ $DRY_RUN == 1 ]]; then
   PY=${PYTHON:-.venv/bin/python}
@@ -47,10 +51,7 @@ fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false TRANSFORMERS_VERBOSITY=error
 export HF_HUB_DISABLE_PROGRESS_BARS=1
 export DRY_RUN RESULTS SCRATCH
-export STEPS=${STEPS:-1,2,3,4,4b} TRAIN_SECONDS=${TRAIN_SECONDS:-200} BENCH_SECONDS=${BENCH_SECONDS:-30} BENCH_PAIRS=${BENCH_PAIRS:-8192}
-for wanted in ${STEPS//,/ }; do
-  case "$wanted" in 1|2|3|4|4b) ;; *) echo "bench/gpu.sh: STEPS: unknown step '$wanted' (steps: 1,2,3,4,4b)" >&2; exit 2 ;; esac
-done
+export TRAIN_SECONDS=${TRAIN_SECONDS:-200} BENCH_SECONDS=${BENCH_SECONDS:-30} BENCH_PAIRS=${BENCH_PAIRS:-8192}
 START=$(date +%s)
 FAILED=()  # steps after 0 run even when one fails (one lease, one try): their names, reported at the end
 

@@ -346,3 +346,19 @@ def test_too_many_consecutive_nonfinite_steps_fail_the_run_naming_step_loss_and_
                                                 r"\(last loss nan; 3 skipped in all\), train\.max_nonfinite_steps is 3.*"
                                                 r"loss\.gamma=2\.0.*train\.lr=0\.003"):
         train_smoke(tmp_path / "run", **SMALL, **{"train.max_nonfinite_steps": 3})
+
+
+@pytest.mark.parametrize(("steps", "args", "message"), [
+    ("1,7", [], "bench/gpu.sh: STEPS: unknown step '7' (steps: 1,2,3,4,4b)"),
+    ("2", ["--fast"], "usage: bench/gpu.sh [--dry-run]"),
+])
+def test_gpu_bench_refuses_an_unknown_step_or_option_before_doing_anything(tmp_path, steps, args, message):
+    """bench/gpu.sh runs once per lease: a typo must stop it at once, not after minutes of GPU time."""
+    import os
+    import subprocess
+
+    result = subprocess.run(["bash", str(REPO / "bench" / "gpu.sh"), "--dry-run", *args], capture_output=True,
+                            text=True, timeout=60, env={**os.environ, "STEPS": steps, "OUT": str(tmp_path)})
+    assert result.returncode == 2
+    assert result.stderr.strip() == message
+    assert not list(tmp_path.iterdir())  # nothing written
