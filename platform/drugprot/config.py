@@ -33,7 +33,8 @@ class DataConfig(Section):
 
 
 class EncoderConfig(Section):
-    name: str = Field("minilm", description="Hugging Face id, local folder, 'minilm' (offline all-MiniLM-L6-v2) "
+    name: str = Field("minilm", description="A name in the encoder store (`drugprot encoder import`), a local folder, "
+                                            "a Hugging Face id, 'minilm' (offline all-MiniLM-L6-v2) "
                                             "or 'tiny-random' (a small random BERT, for tests).")
     max_length: int = Field(256, ge=32, le=4096, description="Longest input window in word pieces.")
     tiny: dict[str, int] = Field(default_factory=dict, description="BertConfig overrides for 'tiny-random'.")

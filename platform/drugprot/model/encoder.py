@@ -1,4 +1,5 @@
-"""Encoder loading from a Hugging Face id, a local folder, the offline ``minilm`` alias, or ``tiny-random``.
+"""Encoder loading from the encoder store (:mod:`drugprot.model.store`), a local folder, a Hugging Face id, the
+offline ``minilm`` alias, or ``tiny-random``.
 
 ``tiny-random`` builds a small BERT from a config with the MiniLM vocabulary, so tests run in seconds and
 offline. Marker tokens are added to the tokenizer and the embedding matrix grows to match.
@@ -32,6 +33,11 @@ def resolve_encoder_name(name: str) -> str:
         return str(minilm_path())
     if name == "tiny-random":
         return str(minilm_path())  # tokenizer source
+    from drugprot.model.store import stored_folder
+
+    stored = stored_folder(name)
+    if stored is not None:
+        return str(stored)
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
