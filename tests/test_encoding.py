@@ -313,3 +313,55 @@ def test_collate_pads_and_masks():
     assert batch.input_ids.shape == batch.attention_mask.shape == (5, max(len(p.input_ids) for p in pairs))
     assert batch.real_tokens == sum(len(p.input_ids) for p in pairs)
     assert batch.target.dtype == torch.float32 and batch.index.tolist() == list(range(5))
+
+
+# --- context: sentence or abstract ------------------------------------------------------------------------------
+
+def three_sentence_document() -> Document:
+    title = "Aspirin inhibits COX-1 in platelets."
+    abstract = "Platelets aggregate less after treatment. The effect lasts for the life of the platelet."
+    doc = Document("7", title, abstract)
+    doc.entities["T1"] = Entity("T1", "CHEMICAL", 0, 7, "Aspirin")
+    doc.entities["T2"] = Entity("T2", "GENE-Y", 17, 22, "COX-1")
+    return doc
+
+
+def test_abstract_context_keeps_the_pair_and_its_markers(tokenizer):
+    doc = three_sentence_document()
+    chemical_open, chemical_close, gene_open, gene_close = ids_of(
+        tokenizer, "[S:CHEMICAL]", "[/S:CHEMICAL]", "[O:GENE]", "[/O:GENE]")
+    sentence = encode_one(tokenizer, doc, max_length=64)[2]
+    abstract = encode_one(tokenizer, doc, max_length=64, context="abstract")[2]
+    assert len(sentence) == len(abstract) == 1
+    for pair in (sentence[0], abstract[0]):
+        assert pair.input_ids[pair.subject] == chemical_open and pair.input_ids[pair.object] == gene_open
+    # the start markers point at the same entities in both modes
+    assert entity_between(sentence[0], sentence[0].subject, chemical_close) == \
+        entity_between(abstract[0], abstract[0].subject, chemical_close) == tokenizer("Aspirin", add_special_tokens=False)["input_ids"]
+    assert entity_between(sentence[0], sentence[0].object, gene_close) == \
+        entity_between(abstract[0], abstract[0].object, gene_close)
+    # a pair in the first sentence gets the following sentences as context, and nothing before it
+    assert sentence[0].subject == abstract[0].subject == 1
+    following = tokenizer(" ".join([doc.text[doc.text.index("Platelets aggregate"):]]), add_special_tokens=False)["input_ids"]
+    assert len(abstract[0].input_ids) >= len(sentence[0].input_ids) + len(following)
+    assert list(abstract[0].input_ids[-1 - len(following):-1]) == following
+
+
+def test_abstract_context_is_windowed_around_the_pair(tokenizer):
+    """A long abstract around a pair in its middle: the window keeps the pair whole and spends the spare tokens on
+    both sides, so the pair sits near the middle rather than at an edge."""
+    filler = " ".join([FILLER] * 60) + "."
+    doc = Document("8", filler, f"{filler} Aspirin inhibits COX-1 here. {filler}")
+    start = doc.text.index("Aspirin")
+    doc.entities["T1"] = Entity("T1", "CHEMICAL", start, start + 7, "Aspirin")
+    gene = doc.text.index("COX-1")
+    doc.entities["T2"] = Entity("T2", "GENE-Y", gene, gene + 5, "COX-1")
+    (pair,) = encode_one(tokenizer, doc, max_length=64, context="abstract")[2]
+    assert len(pair.input_ids) == 64
+    assert pair.input_ids[pair.subject] == tokenizer.convert_tokens_to_ids("[S:CHEMICAL]")
+    assert 20 <= pair.subject <= 40, pair.subject
+
+
+def test_an_unknown_context_is_refused(tokenizer):
+    with pytest.raises(ValueError, match="encoding.context: 'paragraph' is not one of sentence, abstract"):
+        PairEncoder(tokenizer, context="paragraph")

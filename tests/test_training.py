@@ -190,6 +190,7 @@ BAD_CONFIGS = [
     ("model:\n  system: multitask\n  markers: fine\n", r"model\.markers 'fine' needs model\.system 'fgemr' \(got 'multitask'\)"),
     ("model:\n  system: relation_attention\n  markers: fine\n", r"model\.markers 'fine' .*\(got 'relation_attention'\)"),
     ("encoder:\n  lowercase: sometimes\n", r"encoder\.lowercase: must be auto, true or false, got 'sometimes'"),
+    ("encoding:\n  context: paragraph\n", r"encoding\.context: Input should be 'sentence' or 'abstract'"),
     ("train:\n  max_nonfinite_steps: 0\n", r"train\.max_nonfinite_steps: Input should be greater than or equal to 1"),
     ("train:\n  lr: [1.0e-3\n  epochs: 2\n", r"bad\.yaml:3: not valid YAML"),
     ("- just\n- a list\n", r"bad\.yaml: expected a mapping of sections, got list"),
@@ -362,3 +363,16 @@ def test_gpu_bench_refuses_an_unknown_step_or_option_before_doing_anything(tmp_p
     assert result.returncode == 2
     assert result.stderr.strip() == message
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_abstract_context_travels_with_the_model_into_prediction(tmp_path, sample_dir):
+    from drugprot.corpus import read_split
+    from drugprot.inference import Predictor
+
+    result = train_smoke(tmp_path / "run", **{"encoding.context": "abstract", "train.epochs": 1,
+                                             "data.max_train_docs": 6, "data.max_dev_docs": 3})
+    assert json.loads((result.model_dir / "drugprot.json").read_text())["context"] == "abstract"
+    predictor = Predictor.from_path(result.model_dir, device="cpu")
+    assert [e.context for e in predictor._encoders] == ["abstract"]
+    documents = read_split(sample_dir, "development").documents[:3]
+    assert len(predictor.predict(documents)) == 3

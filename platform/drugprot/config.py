@@ -86,6 +86,14 @@ class LossConfig(Section):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
 
+class EncodingConfig(Section):
+    context: Literal["sentence", "abstract"] = Field(
+        "sentence", description="What a pair is encoded in. sentence: its sentence (the paper). abstract: its "
+                                "sentence with as much of the surrounding abstract as fits in encoder.max_length, "
+                                "centred on the pair (the first-placed DrugProt system). Candidate pairs stay the "
+                                "same-sentence pairs either way.")
+
+
 class SamplingConfig(Section):
     interval: tuple[int, int] = Field(DEFAULT_INTERVAL, description="GENE interval [lo, hi] kept for training and prediction.")
 
@@ -133,6 +141,7 @@ class TrainConfig(Section):
 class RunConfig(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     encoder: EncoderConfig = Field(default_factory=EncoderConfig)
+    encoding: EncodingConfig = Field(default_factory=EncodingConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)

@@ -44,6 +44,10 @@ def gene_marker_type(gene_type: str, scheme: str) -> str:
     return gene_type if scheme == "fine" and gene_type in ("GENE-Y", "GENE-N") else "GENE"
 
 
+#: What a pair is encoded in: its sentence (the paper), or as much of its abstract as fits, centred on the pair.
+CONTEXTS = ("sentence", "abstract")
+
+
 @dataclass(frozen=True, slots=True)
 class EncodedPair:
     input_ids: tuple[int, ...]
@@ -65,7 +69,7 @@ class EncodingStats:
 class PairEncoder:
     """Turns candidates into marked token ids; holds the tokenizer and the marker ids."""
 
-    def __init__(self, tokenizer, *, max_length: int = 256, markers: str = "coarse"):
+    def __init__(self, tokenizer, *, max_length: int = 256, markers: str = "coarse", context: str = "sentence"):
         vocabulary = tokenizer.get_vocab()  # builds a dict of the whole vocabulary: once, not per marker
         missing = [m for m in MARKERS if m not in vocabulary]
         if missing:
@@ -73,6 +77,9 @@ class PairEncoder:
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.scheme = markers
+        if context not in CONTEXTS:
+            raise ValueError(f"encoding.context: {context!r} is not one of {', '.join(CONTEXTS)}")
+        self.context = context
         self.marker_ids = {m: tokenizer.convert_tokens_to_ids(m) for m in MARKERS}
         self.cls_id = tokenizer.cls_token_id
         self.sep_id = tokenizer.sep_token_id
@@ -88,7 +95,7 @@ class PairEncoder:
         boundaries: dict[str, list[int]] = {}  # each document's entity offsets, sorted
         pieces_by_sentence: dict[tuple[str, int, int], list[int]] = {}
         for cand in candidates:
-            key = (cand.pmid, *cand.sentence)
+            key = (cand.pmid, *self._span(cand, by_pmid))
             if key not in pieces_by_sentence:  # every entity of the document, whichever candidates are in this call
                 if cand.pmid not in boundaries:
                     entities = by_pmid[cand.pmid].entities.values()
@@ -129,7 +136,7 @@ class PairEncoder:
         encoded: list[EncodedPair] = []
         for index, cand in enumerate(candidates):
             stats.pairs += 1
-            ids, at = cache[(cand.pmid, *cand.sentence)]
+            ids, at = cache[(cand.pmid, *self._span(cand, by_pmid))]
             pair = self._assemble(ids, at, cand, index, stats)
             if pair is None:
                 stats.too_long += 1
@@ -137,6 +144,10 @@ class PairEncoder:
             else:
                 encoded.append(pair)
         return encoded, stats
+
+    def _span(self, cand: Candidate, by_pmid: dict[str, Document]) -> tuple[int, int]:
+        """The text a pair is encoded in: its sentence, or the whole abstract (windowed around the pair later)."""
+        return cand.sentence if self.context == "sentence" else (0, len(by_pmid[cand.pmid].text))
 
     def _assemble(self, ids: list[int], at: dict[int, int], cand: Candidate, index: int, stats: EncodingStats) -> EncodedPair | None:
         chem, gene = cand.chemical, cand.gene

@@ -277,7 +277,8 @@ class Predictor:
                 else:
                     self._bf16_models.append(bf16_copy(member.model))
         # One encoder per member, built once: a Serve replica calls member_probabilities for every batch.
-        self._encoders = [PairEncoder(m.tokenizer, max_length=m.info["max_length"], markers=m.info["markers"])
+        self._encoders = [PairEncoder(m.tokenizer, max_length=m.info["max_length"], markers=m.info["markers"],
+                                      context=m.info.get("context", "sentence"))
                           for m in self.members]
         self._stacked = None
         self.execution = "loop"

@@ -285,7 +285,8 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, report: Report | Non
     tokenizer = load_tokenizer(config.encoder.name, config.encoder.lowercase, say=say)
     add_marker_tokens(tokenizer)
     interval = tuple(config.sampling.interval)
-    pair_encoder = PairEncoder(tokenizer, max_length=config.encoder.max_length, markers=config.model.markers)
+    pair_encoder = PairEncoder(tokenizer, max_length=config.encoder.max_length, markers=config.model.markers,
+                               context=config.encoding.context)
     train_candidates, train_stats = corpus_candidates(train_docs, interval)
     train_pairs, train_encoding = pair_encoder.encode(train_docs, train_candidates)
     if not train_pairs:
@@ -348,7 +349,7 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, report: Report | Non
 
     forward = torch.compile(model, dynamic=True) if cfg.compile else model
     info = {"system": config.model.system, "markers": config.model.markers, "dropout": config.model.dropout,
-            "max_length": config.encoder.max_length, "interval": list(interval), "encoder": config.encoder.name,
+            "max_length": config.encoder.max_length, "context": config.encoding.context, "interval": list(interval), "encoder": config.encoder.name,
             "lowercase": getattr(tokenizer, "do_lower_case", None),
             "labels": list(LABELS), "config": config.dump(),
             "definitions": {"shape": list(definitions[0].shape)} if definitions[0] is not None else None}

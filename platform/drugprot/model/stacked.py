@@ -60,9 +60,9 @@ def stack_incompatibility(members: Sequence, strategy: str = "fold") -> str | No
         return "FGEMR members type genes with their own classifiers, so their inputs differ"
     shapes = {name: (tuple(p.shape), p.dtype) for name, p in first.model.named_parameters()}
     for member in members[1:]:
-        for key in ("markers", "max_length", "system"):
-            if member.info.get(key) != first.info.get(key):
-                return f"{key} differs ({first.info.get(key)!r} vs {member.info.get(key)!r})"
+        for key, default in (("markers", None), ("max_length", None), ("system", None), ("context", "sentence")):
+            if member.info.get(key, default) != first.info.get(key, default):
+                return f"{key} differs ({first.info.get(key, default)!r} vs {member.info.get(key, default)!r})"
         if _architecture(member.model) != _architecture(first.model):
             return "encoder architectures differ"
         if {n: (tuple(p.shape), p.dtype) for n, p in member.model.named_parameters()} != shapes:
