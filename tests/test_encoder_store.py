@@ -16,7 +16,8 @@ from drugprot.candidates import document_candidates
 from drugprot.corpus import read_split
 from drugprot.encoding import MARKERS, PairEncoder, add_marker_tokens
 from drugprot.model.encoder import build_encoder, load_tokenizer, minilm_path, resolve_encoder_name
-from drugprot.model.store import RECORD, STORE_VARIABLE, EncoderStoreError, import_encoder, list_encoders
+from drugprot.model.encoder_import import import_encoder
+from drugprot.model.store import RECORD, STORE_VARIABLE, EncoderStoreError, list_encoders
 from fixtures_models import smoke_config
 
 TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}

@@ -69,6 +69,10 @@ class ModelConfig(Section):
     system: Literal["baseline", "relation_attention", "multitask", "fgemr"] = "baseline"
     markers: Literal["coarse", "fine"] = Field("coarse", description="fine = GENE-Y/GENE-N typed gene markers.")
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    multilabel: bool = Field(False, description="Give a pair every type whose logit beats NONE's, trained with an "
+                                               "adaptive-threshold loss (ATLOP) instead of the focal loss (loss.gamma "
+                                               "is then unused). 201 training pairs have two types; the official "
+                                               "scorer scores each type on its own.")
 
     @model_validator(mode="after")
     def _fine_markers_only_with_fgemr(self) -> ModelConfig:

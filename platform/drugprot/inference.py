@@ -79,12 +79,14 @@ def rescore_close_calls(model, pairs: Sequence[EncodedPair], probs: torch.Tensor
     return len(close)
 
 
-def combine(member_probs: torch.Tensor, mode: str = "hard", weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def combine(member_probs: torch.Tensor, mode: str = "hard", weights: torch.Tensor | None = None, *,
+            multilabel: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Combine (M, N, L) member probabilities (each member counted ``weights[m]`` times, default once).
 
     Returns (ranking (N, L), score (N, L)): ``soft`` ranks and scores by the weighted mean probability; ``hard``
     scores by the weighted vote share of each member's top label and ranks by that share with ties broken by the
-    weighted mean probability (a nudge smaller than one vote)."""
+    weighted mean probability (a nudge smaller than one vote). Multi-label members (``multilabel``) vote for every
+    type whose probability beats NONE's; a type then needs more than half the votes, so NONE's ranking is one half."""
     if mode not in ("hard", "soft"):
         raise ValueError(f"vote must be 'hard' or 'soft', got {mode!r}")
     weights = torch.ones(member_probs.size(0)) if weights is None else torch.as_tensor(weights, dtype=torch.float32)
@@ -92,6 +94,11 @@ def combine(member_probs: torch.Tensor, mode: str = "hard", weights: torch.Tenso
     mean = torch.einsum("m,mnl->nl", weights, member_probs) / total
     if mode == "soft":
         return mean, mean
+    if multilabel:
+        votes = (member_probs > member_probs[..., :1]).float()
+        share = torch.einsum("m,mnl->nl", weights, votes) / total
+        share[:, 0] = 0.5
+        return share, share
     one_hot = torch.nn.functional.one_hot(member_probs.argmax(-1), member_probs.size(-1)).float()
     share = torch.einsum("m,mnl->nl", weights, one_hot) / total
     return share + mean * (0.5 / total), share  # weights are counts: shares differ by at least 1 / total
@@ -253,7 +260,16 @@ class Predictor:
         if weights is not None and (len(weights) != len(self.members) or any(int(w) != w or w < 1 for w in weights)):
             raise ValueError(f"weights must be one positive integer per member ({len(self.members)}), got {list(weights)}")
         self.weights = None if weights is None else torch.tensor([float(w) for w in weights])
-        self.decision = decision or Decision()
+        labelling = {bool(getattr(m.model, "multilabel", False)) for m in self.members}
+        if len(labelling) > 1:
+            raise ValueError("members mix multi-label and single-label models; their votes mean different things")
+        multilabel = labelling.pop()
+        if decision is not None and decision.multilabel != multilabel:
+            raise ValueError(f"the decision is {'' if decision.multilabel else 'not '}multi-label, but the members are "
+                             f"{'' if multilabel else 'not '}(model.multilabel)")
+        if multilabel and early_exit is not None:
+            raise ValueError("early_exit bounds single-label votes; multi-label members run every pair")
+        self.decision = decision or Decision(multilabel=multilabel)
         self.interval = tuple(interval)
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
         self.precision = precision
@@ -360,7 +376,7 @@ class Predictor:
         weights = torch.ones(len(self.members)) if self.weights is None else self.weights
         open_rows = torch.arange(len(candidates))  # pairs not settled yet
         for m, (member, encoder) in enumerate(zip(self.members, self._encoders)):
-            if skip_settled and m:
+            if skip_settled and m and not self.decision.multilabel:  # the bound holds for single-label votes
                 settled, exited = closed_pairs(result[:m, open_rows], weights, self.vote_mode, self.decision,
                                                self.early_exit)
                 self.exited_pairs += int(exited.sum())
@@ -451,10 +467,11 @@ def decode(candidates: Sequence[Candidate], member_probs: torch.Tensor, vote_mod
     ``decision`` (default: the argmax rule) turns the vote's ranking into relations, see drugprot.decision."""
     if not candidates:
         return []
-    ranking, scores = combine(member_probs, vote_mode, weights)
+    decision = decision or Decision()
+    ranking, scores = combine(member_probs, vote_mode, weights, multilabel=decision.multilabel)
     member_labels = member_probs.argmax(-1)
     relations = []
-    for i, label in (decision or Decision()).choose(ranking):
+    for i, label in decision.choose(ranking):
         cand, value = candidates[i], float(scores[i, label])
         if value < threshold:
             continue

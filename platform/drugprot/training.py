@@ -28,6 +28,7 @@ import yaml
 from drugprot.candidates import corpus_candidates
 from drugprot.config import ConfigError, RunConfig, build_config
 from drugprot.corpus import Document, read_split
+from drugprot.decision import Decision
 from drugprot.encoding import LABELS, Batch, PairEncoder, add_marker_tokens, iterate_batches, token_budget_batches
 from drugprot.errors import DrugprotError
 from drugprot.inference import decode, pair_probabilities
@@ -319,7 +320,8 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, report: Report | Non
     encoder.resize_token_embeddings(len(tokenizer))
     definitions = relation_definitions(tokenizer) if config.model.system == "relation_attention" else (None, None)
     model = RelationModel(encoder, system=config.model.system, dropout=config.model.dropout,
-                          definition_ids=definitions[0], definition_mask=definitions[1]).to(device)
+                          definition_ids=definitions[0], definition_mask=definitions[1],
+                          multilabel=config.model.multilabel).to(device)
 
     dev_candidates, dev_stats = corpus_candidates(dev_docs, interval)
     dev_pairs, dev_encoding = pair_encoder.encode(dev_docs, dev_candidates)
@@ -349,7 +351,8 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, report: Report | Non
 
     forward = torch.compile(model, dynamic=True) if cfg.compile else model
     info = {"system": config.model.system, "markers": config.model.markers, "dropout": config.model.dropout,
-            "max_length": config.encoder.max_length, "context": config.encoding.context, "interval": list(interval), "encoder": config.encoder.name,
+            "max_length": config.encoder.max_length, "context": config.encoding.context,
+            "multilabel": config.model.multilabel, "interval": list(interval), "encoder": config.encoder.name,
             "lowercase": getattr(tokenizer, "do_lower_case", None),
             "labels": list(LABELS), "config": config.dump(),
             "definitions": {"shape": list(definitions[0].shape)} if definitions[0] is not None else None}
@@ -429,7 +432,7 @@ def _evaluate(model, dev_docs, dev_candidates, dev_pairs, pad_id, device, precis
     if dev_pairs:
         probs[0, torch.tensor([p.index for p in dev_pairs])] = pair_probabilities(model, dev_pairs, pad_id=pad_id,
                                                                                   device=device, precision=precision)
-    predictions = decode(dev_candidates, probs)
+    predictions = decode(dev_candidates, probs, decision=Decision(multilabel=model.multilabel))
     result = score(dev_docs, ((r.pmid, r.type, r.chemical, r.gene) for r in predictions))
     return {"dev_precision": result.precision, "dev_recall": result.recall, "dev_f1": result.f1,
             "dev_per_type": {t: round(c.f1, 4) for t, c in result.per_type.items()}}, probs[0]

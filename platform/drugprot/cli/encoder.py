@@ -20,7 +20,7 @@ def register(commands) -> None:
 
 
 def _import(args) -> int:
-    from drugprot.model.store import import_encoder
+    from drugprot.model.encoder_import import import_encoder
 
     lowercase = {"auto": "auto", "true": True, "false": False}[args.lowercase]
     import_encoder(args.source, args.name, lowercase=lowercase, say=print)

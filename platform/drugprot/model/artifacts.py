@@ -85,6 +85,7 @@ def load_artifact(folder: str | Path, *, device: str = "cpu") -> LoadedModel:
         encoder_from_config(folder / "encoder"), system=info["system"], dropout=info["dropout"],
         definition_ids=torch.zeros(definitions["shape"], dtype=torch.long) if definitions else None,
         definition_mask=torch.zeros(definitions["shape"], dtype=torch.long) if definitions else None,
+        multilabel=bool(info.get("multilabel", False)),
     )
     load_model(model, str(folder / "model.safetensors"))
     model.to(device).eval()

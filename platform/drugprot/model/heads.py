@@ -17,16 +17,18 @@ import torch
 from torch import nn
 
 from drugprot.encoding import ENTITY_CLASSES, IGNORE_INDEX, LABELS
-from drugprot.model.loss import focal_loss
+from drugprot.model.loss import adaptive_threshold_loss, focal_loss
 from drugprot.model.marker_states import marker_states, supports_marker_states
 
 
 class RelationModel(nn.Module):
     def __init__(self, encoder: nn.Module, *, system: str = "baseline", dropout: float = 0.1,
-                 definition_ids: torch.Tensor | None = None, definition_mask: torch.Tensor | None = None):
+                 definition_ids: torch.Tensor | None = None, definition_mask: torch.Tensor | None = None,
+                 multilabel: bool = False):
         super().__init__()
         self.encoder = encoder
         self.system = system
+        self.multilabel = multilabel  # types over the NONE logit (adaptive threshold) instead of one argmax type
         hidden = encoder.config.hidden_size
         self.dropout = nn.Dropout(dropout)
         width = 2 * hidden
@@ -78,7 +80,8 @@ class RelationModel(nn.Module):
 
     def loss(self, out: dict[str, torch.Tensor], target: torch.Tensor, entity_types: torch.Tensor, *,
              gamma: float, lambda_: float) -> torch.Tensor:
-        relation = focal_loss(out["logits"], target, gamma)
+        relation = (adaptive_threshold_loss(out["logits"], target) if self.multilabel
+                    else focal_loss(out["logits"], target, gamma))
         if self.system != "multitask":
             return relation
         entity = nn.functional.cross_entropy(out["entity_logits"].float().reshape(-1, len(ENTITY_CLASSES)),

@@ -25,6 +25,25 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float) -> torc
     return -(target * (gamma * log_one_minus_softmax(logits)).exp() * log_p).sum(-1).mean()
 
 
+def adaptive_threshold_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Multi-label loss with a learned threshold (ATLOP: Zhou et al., 2021): the NONE logit is the threshold class.
+
+    Each gold type of a pair must beat the threshold (a softmax over the gold types and the threshold), and the
+    threshold must beat every other type (a softmax over the threshold and the non-gold types). A pair may then be
+    given every type whose logit exceeds NONE's, with no threshold to fit afterwards. ``target`` marks gold types
+    with any positive mass (a multi-label pair shares its mass); a negative pair has only NONE.
+    """
+    logits = logits.float()
+    gold = target > 0
+    gold[:, 0] = False  # the threshold class is never a gold type
+    threshold = torch.zeros_like(gold)
+    threshold[:, 0] = True
+    masked = torch.finfo(logits.dtype).min
+    gold_side = logits.masked_fill(~(gold | threshold), masked).log_softmax(-1)
+    other_side = logits.masked_fill(gold, masked).log_softmax(-1)
+    return (-(gold_side * gold).sum(-1) - other_side[:, 0]).mean()
+
+
 def log_one_minus_softmax(logits: torch.Tensor) -> torch.Tensor:
     """``log(1 − softmax(logits))`` per class, from the logits of the other classes (shape of ``logits``)."""
     classes = logits.size(-1)
