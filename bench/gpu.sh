@@ -4,15 +4,20 @@
 #   1. trains MiniLM (.gpu/minilm) with the paper protocol (configs/minilm.yaml: lr 5e-5, eval every 0.5 epoch,
 #      focal gamma 2, interval [-10, 16], bf16) on the full corpus, for as many epochs as fit in TRAIN_SECONDS
 #      (default 200; measured throughput decides, at most the protocol's 10), printing dev P/R/F1 per evaluation;
+#   1b. batch size: full-corpus MiniLM trained twice for BATCH_EPOCHS epochs (default 4), in as many equal steps an
+#      epoch as the old token-budget batches made (token_budget 8192, at most 64 pairs: about 61 pairs a step) and
+#      in configs/minilm.yaml's batch_pairs; dev F1 of both, their ratio and a JSON line (duration not measured yet)
 #   2. prints the throughput table of bench/train_throughput.py for bert-base-random (ours vs the plain loop);
 #   3. ensemble inference: one member vs five looped vs five stacked (bench/gpu_ensemble.sh);
 #   4. the serving path (request validation, cross-request batcher, Predictor) in-process, batched vs unbatched;
 #   4b. distillation (bench/distill.py): a MiniLM student trained on the step-1 model's probabilities
 #      (DISTILL_DOCS training documents, one epoch), F1 and pairs/s next to its teacher's on dev half B;
 #   5. prints a final table. About 9-10 minutes in all (TRAIN_SECONDS=200 by default).
-# STEPS picks steps (default 1,2,3,4,4b; 0 and 5 always run). Steps 4 and 4b use step 1's model, so they go in its
-# call. The paper's 10 MiniLM epochs need about 340 s on an H200 (2026-11-30: about 34 s an epoch with its two
-# evaluations), so within one 15-minute lease: `STEPS=1,4 TRAIN_SECONDS=370 bench/gpu.sh`, then `STEPS=2,3 bench/gpu.sh`.
+# STEPS picks steps (default 1,2,3,4,4b; 1b only when named: `STEPS=1b bench/gpu.sh`; 0 and 5 always run). Steps 4
+# and 4b use step 1's model, so they go in its call. The paper's 10 MiniLM epochs needed about 340 s on an H200
+# (2026-11-30, in the old token-budget batches of about 61 pairs: about 34 s an epoch with its two evaluations; smaller
+# steps take longer), so within one 15-minute lease: `STEPS=1,4 TRAIN_SECONDS=370 bench/gpu.sh`, then
+# `STEPS=2,3 bench/gpu.sh`.
 #
 #   bench/prepare_gpu.sh          # here, once: stages .gpu/ (MiniLM fp16, corpus, blingfire)
 #   bench/gpu.sh                  # there (carry .gpu); results also in $OUT (or .gpu/out) as JSON
@@ -25,7 +30,7 @@ if [[ "${1:-}" == "--dry-run" ]]; then DRY_RUN=1; shift; fi
 if [[ $# -gt 0 ]]; then echo "usage: bench/gpu.sh [--dry-run]" >&2; exit 2; fi
 export STEPS=${STEPS:-1,2,3,4,4b}
 for wanted in ${STEPS//,/ }; do
-  case "$wanted" in 1|2|3|4|4b) ;; *) echo "bench/gpu.sh: STEPS: unknown step '$wanted' (steps: 1,2,3,4,4b)" >&2; exit 2 ;; esac
+  case "$wanted" in 1|1b|2|3|4|4b) ;; *) echo "bench/gpu.sh: STEPS: unknown step '$wanted' (steps: 1,1b,2,3,4,4b)" >&2; exit 2 ;; esac
 done
 
 if [[ $DRY_RUN == 1 ]]; then
@@ -42,7 +47,7 @@ fi
 RESULTS=${OUT:-.gpu/out}            # small: JSON summaries only (on the GPU machine $OUT comes back)
 SCRATCH=${SCRATCH:-${TMPDIR:-/tmp}/drugprot-gpu}   # the unpacked corpus and the run folder (weights, checkpoint)
 mkdir -p "$RESULTS" "$SCRATCH"
-rm -f "$RESULTS"/{train,throughput,distill}.json "$RESULTS"/ensemble_*.json  # a summary of this run's steps only
+rm -f "$RESULTS"/{train,batch,throughput,distill}.json "$RESULTS"/ensemble_*.json  # a summary of this run's steps only
 export PYTHONPATH="$PWD/platform:$PWD/.gpu/site${PYTHONPATH:+:$PYTHONPATH}"
 if ! "$PY" -c "import pydantic" 2>/dev/null; then  # the GPU image has none: the wheels prepare_gpu.sh unpacked
   [[ -d .gpu/pydantic ]] || { echo "bench/gpu.sh: no pydantic here and no .gpu/pydantic: rerun bench/prepare_gpu.sh" >&2; exit 2; }
@@ -51,7 +56,7 @@ fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false TRANSFORMERS_VERBOSITY=error
 export HF_HUB_DISABLE_PROGRESS_BARS=1
 export DRY_RUN RESULTS SCRATCH
-export TRAIN_SECONDS=${TRAIN_SECONDS:-200} BENCH_SECONDS=${BENCH_SECONDS:-30} BENCH_PAIRS=${BENCH_PAIRS:-8192}
+export TRAIN_SECONDS=${TRAIN_SECONDS:-200} BATCH_EPOCHS=${BATCH_EPOCHS:-4} BENCH_SECONDS=${BENCH_SECONDS:-30} BENCH_PAIRS=${BENCH_PAIRS:-8192}
 START=$(date +%s)
 FAILED=()  # steps after 0 run even when one fails (one lease, one try): their names, reported at the end
 
@@ -127,7 +132,8 @@ if dry:
     pairs_per_s, epochs = float("nan"), 1.0
 else:
     probe = measure(encoder=config.encoder.name, data=Path(data), pairs=3072, device="cuda", token_budget=cfg.token_budget,
-                    max_batch_pairs=cfg.max_batch_pairs, max_length=config.encoder.max_length, max_seconds=8,
+                    max_batch_pairs=min(cfg.batch_pairs, cfg.max_batch_pairs),  # batches of one step's size
+                    max_length=config.encoder.max_length, max_seconds=8,
                     max_docs=400, loops=("ours",), lr=cfg.lr, log=lambda m: print("  calibration:", m))
     pairs_per_s = probe["rows"][0]["pairs_per_s"]
     train_pairs = len(corpus_candidates(read_split(data, "training").documents, tuple(config.sampling.interval))[0])
@@ -181,6 +187,66 @@ summary = {"encoder": "all-MiniLM-L6-v2" if not dry else "tiny-random (dry run)"
 (results / "train.json").write_text(json.dumps(summary, indent=1))
 print(f"  trained {evaluations[-1]['epoch']:g} epochs in {seconds:.0f} s; best dev F1 {best['dev_f1']:.4f} "
       f"at epoch {best['epoch']:g}")
+PYEOF
+
+echo "== 1b. batch size: the old token-budget steps against configs/minilm.yaml's batch_pairs, same epochs"
+step "1b (batch size)" "$PY" - <<'PYEOF'
+import json, os, time
+from pathlib import Path
+
+import torch
+
+from drugprot.candidates import corpus_candidates
+from drugprot.config import load_config
+from drugprot.encoding import PairEncoder, add_marker_tokens, token_budget_batches
+from drugprot.model.encoder import load_tokenizer
+from drugprot.training import load_documents, train
+
+dry = os.environ["DRY_RUN"] == "1"
+data = str(Path(os.environ["SCRATCH"]) / "drugprot")
+overrides = [f"data.dir={data}", "encoder.name=.gpu/minilm", "train.device=auto",
+             f"train.epochs={os.environ['BATCH_EPOCHS']}"]
+if dry:  # tiny-random, a handful of documents, CPU: seconds
+    overrides = [f"data.dir={data}", "encoder.name=tiny-random", "encoder.max_length=128", "data.max_train_docs=6",
+                 "data.max_dev_docs=3", "train.lr=1e-3", "train.device=cpu", "train.token_budget=2048",
+                 "train.epochs=1", "train.batch_pairs=4"]
+config = load_config("configs/minilm.yaml", overrides)
+cfg = config.train
+
+# the old steps: token-budget batches (at most token_budget padded tokens and max_batch_pairs pairs) made
+# this many optimizer steps an epoch; the same count of equal steps stands in for them
+tokenizer = load_tokenizer(config.encoder.name)
+add_marker_tokens(tokenizer)
+documents = load_documents(config)[0]
+candidates, _ = corpus_candidates(documents, tuple(config.sampling.interval))
+pairs, _ = PairEncoder(tokenizer, max_length=config.encoder.max_length).encode(documents, candidates)
+old_steps = len(token_budget_batches(pairs, token_budget=cfg.token_budget, max_pairs=cfg.max_batch_pairs))
+old_pairs = -(-len(pairs) // old_steps)  # ceil: the same step count (or the nearest that equal steps give)
+print(f"  {len(pairs)} training pairs: the old token-budget batches made {old_steps} steps an epoch "
+      f"(about {old_pairs} pairs each); batch_pairs {cfg.batch_pairs} makes {-(-len(pairs) // cfg.batch_pairs)}")
+
+rows = {}
+for name, batch_pairs in (("old_budget_steps", old_pairs), ("batch_pairs", cfg.batch_pairs)):
+    run_dir = Path(os.environ["SCRATCH"]) / f"batch-{name}"
+    if run_dir.exists():
+        import shutil
+
+        shutil.rmtree(run_dir)  # a fresh run every time
+    started = time.perf_counter()
+    result = train(load_config("configs/minilm.yaml", [*overrides, f"train.batch_pairs={batch_pairs}"]), run_dir,
+                   progress=False, log=lambda m: print("    " + m, flush=True))
+    rows[name] = {"batch_pairs": batch_pairs, "steps_per_epoch": result.evaluations[-1]["steps_per_epoch"],
+                  "best_dev_f1": result.best_f1, "best_epoch": result.best["epoch"],
+                  "last_dev_f1": result.evaluations[-1]["dev_f1"], "seconds": round(time.perf_counter() - started, 1)}
+    print(f"  {name}: {batch_pairs} pairs a step, {rows[name]['steps_per_epoch']} steps an epoch: best dev F1 "
+          f"{result.best_f1:.4f} at epoch {result.best['epoch']:g} ({rows[name]['seconds']:.0f} s)")
+summary = {"bench": "batch_pairs", "encoder": "all-MiniLM-L6-v2" if not dry else "tiny-random (dry run)",
+           "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+           "epochs": cfg.epochs, "lr": cfg.lr, "train_pairs": len(pairs), **rows,
+           "f1_ratio_batch_pairs_over_old": round(rows["batch_pairs"]["best_dev_f1"]
+                                                  / max(rows["old_budget_steps"]["best_dev_f1"], 1e-9), 4)}
+(Path(os.environ["RESULTS"]) / "batch.json").write_text(json.dumps(summary, indent=1))
+print(json.dumps(summary))
 PYEOF
 
 echo "== 2. throughput: bert-base-random, ours vs the plain loop"
@@ -260,6 +326,14 @@ if train:
     best = train["best"]
     print(f"best: dev F1 {best['dev_f1']:.4f} (P {best['dev_precision']:.4f}, R {best['dev_recall']:.4f}) "
           f"at epoch {best['epoch']:g}\n")
+batch = part("batch.json")
+if batch:
+    print(f"batch size ({batch['encoder']}, {batch['epochs']:g} epochs, lr {batch['lr']:g}, {batch['train_pairs']} pairs):")
+    for name in ("old_budget_steps", "batch_pairs"):
+        row = batch[name]
+        print(f"  {name:<17}{row['batch_pairs']:>4} pairs a step {row['steps_per_epoch']:>6} steps an epoch   "
+              f"best dev F1 {row['best_dev_f1']:.4f} (epoch {row['best_epoch']:g})")
+    print(f"  dev F1 ratio, batch_pairs over the old steps: {batch['f1_ratio_batch_pairs_over_old']}\n")
 throughput = part("throughput.json")
 if throughput:
     print(f"throughput, {throughput['encoder']} on {throughput['device']} "

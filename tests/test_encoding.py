@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -18,6 +19,7 @@ from drugprot.encoding import (
     add_marker_tokens,
     collate,
     marker_tokens,
+    step_batches,
     token_budget_batches,
 )
 from drugprot.model.encoder import load_tokenizer
@@ -305,6 +307,34 @@ def test_single_pair_longer_than_the_budget_gets_its_own_batch():
     batches = token_budget_batches(pairs, token_budget=128, max_pairs=8)
     assert [20] in batches
     assert sorted(i for m in batches for i in m) == list(range(21))
+
+
+@pytest.mark.parametrize("count", [1, 15, 16, 17, 300])
+@pytest.mark.parametrize("batch_pairs", [1, 16, 32])
+@pytest.mark.parametrize("budget, max_pairs", [(128, 64), (1024, 4), (8192, 64)])
+def test_steps_per_epoch_are_ceil_pairs_over_batch_pairs_whatever_the_budget(count, batch_pairs, budget, max_pairs):
+    pairs = synthetic_pairs(count)
+    steps = step_batches(pairs, batch_pairs=batch_pairs, token_budget=budget, max_pairs=max_pairs, shuffle_seed=5)
+    assert len(steps) == math.ceil(count / batch_pairs)
+    sizes = sorted(sum(len(m) for m in step) for step in steps)
+    assert sizes[1:] == [batch_pairs] * (len(steps) - 1) and 1 <= sizes[0] <= batch_pairs  # one short step at most
+    assert sorted(i for step in steps for m in step for i in m) == list(range(count))  # every pair once an epoch
+    for step in steps:  # micro-batches keep to the memory caps (a pair alone may be over the budget)
+        for members in step:
+            assert len(members) <= max_pairs
+            assert len(members) == 1 or max(len(pairs[i].input_ids) for i in members) * len(members) <= budget
+
+
+def test_a_step_over_the_budget_is_cut_into_micro_batches_and_its_order_comes_from_the_seed():
+    pairs = synthetic_pairs(300)
+    run = lambda seed, budget: step_batches(pairs, batch_pairs=32, token_budget=budget, max_pairs=64,  # noqa: E731
+                                            shuffle_seed=seed)
+    assert run(3, 8192) == run(3, 8192) and run(3, 8192) != run(4, 8192)
+    assert all(len(step) == 1 for step in run(3, 8192))  # 32 pairs of at most 128 tokens fit 8192: one pass each
+    cut = run(3, 512)
+    assert any(len(step) > 1 for step in cut)
+    pairs_of = lambda steps: [sorted(i for m in step for i in m) for step in steps]  # noqa: E731
+    assert pairs_of(cut) == pairs_of(run(3, 8192))  # the budget cuts a step but never changes which pairs make it
 
 
 def test_collate_pads_and_masks():

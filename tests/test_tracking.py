@@ -206,13 +206,14 @@ def test_callback_logs_a_trial_from_start_to_early_stop(store, name, run_folder,
     store_best_model(run_folder, tmp_path / "trial_abc")
     trial = fake_trial("abc", params, tmp_path / "trial_abc")
     callback.on_trial_start(0, [trial], trial)
-    callback.on_trial_result(0, [trial], trial, {**evaluation(1, 0.3)})
-    trial.last_result = {**evaluation(2, 0.1), "done": True}  # ASHA's STOP marks the result done
+    callback.on_trial_result(0, [trial], trial, {**evaluation(1, 0.3), "steps_per_epoch": 38})
+    trial.last_result = {**evaluation(2, 0.1), "steps_per_epoch": 38, "done": True}  # ASHA's STOP marks it done
     callback.on_trial_result(0, [trial], trial, trial.last_result)
     callback.on_trial_complete(0, [trial], trial)
 
     (record,) = tracking.study_trials(name, store)
     assert (record.trial_id, record.state, record.seed) == ("abc", "early-stopped", 13)
+    assert tracker.client.get_run(record.run_id).data.params["steps_per_epoch"] == "38"
     assert record.config["sampling"]["interval"] == [-9, 13] and record.params["train.lr"] == 0.01
     assert "model" in {a.path for a in tracker.client.list_artifacts(record.run_id)}
 

@@ -158,16 +158,96 @@ def test_report_sees_every_evaluation_with_a_consistent_run_dir(tmp_path):
     assert all(run_dir == tmp_path / "run" for _, run_dir in calls)
 
 
+# --- optimizer steps of batch_pairs pairs --------------------------------------------------------------------------
+
+def encoded_training_pairs(sample_dir, documents: int, tokenizer=None):
+    """The sample's first training documents as encoded pairs (max_length 128, the default interval) and the pad id."""
+    from drugprot.candidates import corpus_candidates
+    from drugprot.corpus import read_split
+    from drugprot.encoding import PairEncoder, add_marker_tokens
+    from drugprot.model.encoder import load_tokenizer
+
+    if tokenizer is None:
+        tokenizer = load_tokenizer("tiny-random")
+        add_marker_tokens(tokenizer)
+    docs = read_split(sample_dir, "training").documents[:documents]
+    pairs, _ = PairEncoder(tokenizer, max_length=128).encode(docs, corpus_candidates(docs, (-10, 16))[0])
+    return pairs, tokenizer
+
+
+@pytest.mark.parametrize("budget", [128, 4096])
+def test_steps_per_epoch_are_ceil_pairs_over_batch_pairs_whatever_the_token_budget(tmp_path, sample_dir, budget):
+    from drugprot.training import train
+
+    pairs, _ = encoded_training_pairs(sample_dir, SMALL["data.max_train_docs"])
+    expected = math.ceil(len(pairs) / 8)
+    messages: list[str] = []
+    config = smoke_config(**{**SMALL, "train.batch_pairs": 8, "train.token_budget": budget, "train.epochs": 1})
+    result = train(config, tmp_path / "run", progress=False, log=messages.append)
+    assert [e["steps_per_epoch"] for e in result.evaluations] == [expected, expected]
+    assert result.evaluations[-1]["step"] == expected and result.evaluations[-1]["epoch"] == 1.0
+    assert any(m.startswith(f"{expected} optimizer steps per epoch of 8 pairs ({expected} in all)") for m in messages)
+
+
+@pytest.mark.parametrize("system, teacher_weight", [("baseline", 0.0), ("multitask", 0.0), ("baseline", 0.5)])
+def test_micro_batches_give_the_gradients_of_one_batch(sample_dir, system, teacher_weight):
+    """A step over the token budget runs as micro-batches; its gradients (and loss) are those of one batch."""
+    from drugprot.encoding import IGNORE_INDEX, LABELS, collate, step_batches
+    from drugprot.model.encoder import build_encoder
+    from drugprot.model.heads import RelationModel
+    from drugprot.training import train_step
+
+    pairs, tokenizer = encoded_training_pairs(sample_dir, 6)
+    pairs = pairs[:24]
+    (micro,) = step_batches(pairs, batch_pairs=24, token_budget=512, max_pairs=64)
+    assert len(micro) >= 3 and len({len(m) for m in micro}) > 1  # uneven micro-batches: shares must be weighted
+    whole = collate([pairs[i] for m in micro for i in m], tokenizer.pad_token_id)
+    parts = [collate([pairs[i] for i in m], tokenizer.pad_token_id) for m in micro]
+    for batch in (whole, *parts):  # genes of unknown type: multitask's entity mean is over the labelled ones only
+        batch.entity_types[batch.index % 3 == 0, 1] = IGNORE_INDEX
+    generator = torch.Generator().manual_seed(0)
+    teacher = torch.softmax(torch.randn(len(pairs), len(LABELS), generator=generator), -1) if teacher_weight else None
+
+    class Recorder(torch.optim.Optimizer):
+        """Keeps the gradients it is asked to apply."""
+
+        def __init__(self, params):
+            super().__init__(params, {})
+
+        def step(self):
+            self.gradients = {id(p): p.grad.clone() for group in self.param_groups for p in group["params"]}
+
+    def step(batch):
+        encoder = build_encoder("tiny-random", tiny={"hidden_dropout_prob": 0, "attention_probs_dropout_prob": 0}, seed=3)
+        torch.manual_seed(3)  # the marker embeddings' and the heads' initialisation
+        encoder.resize_token_embeddings(len(tokenizer))
+        model = RelationModel(encoder, system=system, dropout=0.0)
+        optimizer = Recorder(model.parameters())
+        loss, nonfinite = train_step(model, batch, optimizer, device=torch.device("cpu"), precision="fp32", gamma=2.0,
+                                     lambda_=0.3, grad_clip=1e9, teacher=teacher, temperature=2.0,
+                                     teacher_weight=teacher_weight)
+        assert not bool(nonfinite)
+        return loss, [optimizer.gradients[id(p)] for p in model.parameters()]
+
+    one_loss, one_gradients = step(whole)
+    micro_loss, micro_gradients = step(parts)
+    torch.testing.assert_close(micro_loss, one_loss, rtol=1e-5, atol=1e-7)
+    assert any(g.abs().sum() > 0 for g in one_gradients)
+    for one, accumulated in zip(one_gradients, micro_gradients, strict=True):
+        torch.testing.assert_close(accumulated, one, rtol=1e-4, atol=1e-6)
+
+
 # --- configs --------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_validates(path):
     config = load_config(path)
     assert isinstance(config, RunConfig)
-    if path.name.startswith("paper-") or path.name == "minilm.yaml":
+    if path.name.startswith("paper-") or path.name in ("minilm.yaml", "kebiolm-text-only.yaml"):
         assert config.train.eval_every == 0.5 and config.train.epochs == 10
         assert tuple(config.sampling.interval) == (-10, 16) and config.loss.gamma == 2.0
         assert config.train.precision == "bf16"
+        assert config.train.batch_pairs == TrainConfig().batch_pairs == 16  # see the configs' comment
 
 
 def test_paper_configs_follow_the_protocol():
@@ -175,7 +255,14 @@ def test_paper_configs_follow_the_protocol():
     assert biobert.encoder.name == "dmis-lab/biobert-base-cased-v1.1" and biobert.encoder.max_length == 256
     assert biobert.train.lr == 2e-5 and str(biobert.data.dir).endswith("data/drugprot")
     assert load_config(REPO / "configs" / "minilm.yaml").encoder.name == "minilm"
-    assert load_config(REPO / "configs" / "paper-kebiolm.yaml").encoder.name.endswith("kebiolm")
+    assert load_config(REPO / "configs" / "kebiolm-text-only.yaml").encoder.name.endswith("kebiolm")
+
+
+def test_the_kebiolm_config_says_it_is_not_the_papers_kebiolm():
+    """Only KeBioLM's text layers load (no entity fusion, no UMLS linking): nobody should expect the paper's 0.768."""
+    assert not (REPO / "configs" / "paper-kebiolm.yaml").exists()
+    header = (REPO / "configs" / "kebiolm-text-only.yaml").read_text().split("data:")[0]
+    assert "TEXT LAYERS ONLY, not the paper's KeBioLM system" in header and "0.768" in header
 
 
 BAD_CONFIGS = [
@@ -350,7 +437,8 @@ def test_too_many_consecutive_nonfinite_steps_fail_the_run_naming_step_loss_and_
 
 
 @pytest.mark.parametrize(("steps", "args", "message"), [
-    ("1,7", [], "bench/gpu.sh: STEPS: unknown step '7' (steps: 1,2,3,4,4b)"),
+    ("1,7", [], "bench/gpu.sh: STEPS: unknown step '7' (steps: 1,1b,2,3,4,4b)"),
+    ("1b,2c", [], "bench/gpu.sh: STEPS: unknown step '2c' (steps: 1,1b,2,3,4,4b)"),
     ("2", ["--fast"], "usage: bench/gpu.sh [--dry-run]"),
 ])
 def test_gpu_bench_refuses_an_unknown_step_or_option_before_doing_anything(tmp_path, steps, args, message):

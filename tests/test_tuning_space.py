@@ -43,9 +43,11 @@ def test_paper_space_matches_the_paper():
     assert (space.scheduler.metric, space.scheduler.mode) == ("dev_f1", "max")
 
 
-def test_wide_space_adds_dropout_warmup_budget_and_system():
-    names = {p.name for p in load_space(SPACES / "wide.yaml", SMOKE).searched}
-    assert {"model.dropout", "train.warmup", "train.token_budget", "model.system"} <= names
+def test_wide_space_adds_dropout_warmup_batch_size_and_system():
+    searched = {p.name: p for p in load_space(SPACES / "wide.yaml", SMOKE).searched}
+    assert {"model.dropout", "train.warmup", "train.batch_pairs", "model.system"} <= set(searched)
+    assert searched["train.batch_pairs"].choices == (8, 16, 32)
+    assert "train.token_budget" not in searched  # a memory cap only: it changes no optimizer step
 
 
 def test_optuna_distributions():

@@ -128,8 +128,12 @@ class TrainConfig(Section):
     lr: float = Field(2e-5, gt=0, le=1.0)
     epochs: float = Field(10.0, gt=0, le=1000)
     eval_every: float = Field(0.5, gt=0, le=1000, description="Evaluate on dev every this many epochs.")
-    token_budget: int = Field(8192, ge=64, description="Padded tokens per batch (length-bucketed batches).")
-    max_batch_pairs: int = Field(64, ge=1, description="Upper bound on pairs per batch.")
+    batch_pairs: int = Field(16, ge=1, description="Pairs per optimizer step (the batch size): an epoch is "
+                                                   "ceil(training pairs / batch_pairs) steps. Default 16: the "
+                                                   "first-place DrugProt system's batch size (the paper gives none).")
+    token_budget: int = Field(8192, ge=64, description="Memory cap: padded tokens per forward pass. A step over it "
+                                                       "runs as micro-batches with gradient accumulation (same step).")
+    max_batch_pairs: int = Field(64, ge=1, description="Memory cap: pairs per forward pass (micro-batch).")
     warmup: float = Field(0.1, ge=0.0, lt=1.0, description="Share of steps with linear warm-up.")
     weight_decay: float = Field(0.01, ge=0.0, le=1.0)
     grad_clip: float = Field(1.0, gt=0)

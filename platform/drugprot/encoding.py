@@ -1,4 +1,5 @@
-"""Typed entity markers, tokenization once per corpus, windows that keep both entities, token-budget batches.
+"""Typed entity markers, tokenization once per corpus, windows that keep both entities, token-budget batches and
+optimizer steps of a fixed number of pairs.
 
 Each sentence is cut at the boundaries of every entity of its document that lies in it and each piece is
 tokenized once (a batched call on the fast tokenizer); a pair's input is then assembled from cached pieces with the
@@ -237,11 +238,41 @@ def token_budget_batches(pairs: Sequence[EncodedPair], *, token_budget: int, max
     Sorting by length keeps padding small; with ``shuffle_seed`` the pairs are shuffled within equal lengths and
     the batch order is shuffled, both from that seed alone (so a resumed run sees the same order).
     """
-    order = list(range(len(pairs)))
     rng = random.Random(shuffle_seed) if shuffle_seed is not None else None
+    batches = _within_budget(pairs, _by_length(pairs, rng), token_budget=token_budget, max_pairs=max_pairs)
+    if rng is not None:
+        rng.shuffle(batches)
+    return batches
+
+
+def step_batches(pairs: Sequence[EncodedPair], *, batch_pairs: int, token_budget: int, max_pairs: int,
+                 shuffle_seed: int | None = None) -> list[list[list[int]]]:
+    """Optimizer steps of ``batch_pairs`` pairs (the last one of an epoch may have fewer), each cut into micro-batches
+    of at most ``token_budget`` padded tokens and ``max_pairs`` pairs: ceil(len(pairs) / batch_pairs) steps, whatever
+    the budget, which only bounds the memory one forward pass takes.
+
+    Length-bucketed and seeded as :func:`token_budget_batches`: a step holds pairs of similar length (little padding)
+    and the step order is shuffled from ``shuffle_seed`` alone.
+    """
+    rng = random.Random(shuffle_seed) if shuffle_seed is not None else None
+    order = _by_length(pairs, rng)
+    steps = [order[start:start + batch_pairs] for start in range(0, len(order), batch_pairs)]
+    if rng is not None:
+        rng.shuffle(steps)
+    return [_within_budget(pairs, step, token_budget=token_budget, max_pairs=max_pairs) for step in steps]
+
+
+def _by_length(pairs: Sequence[EncodedPair], rng: random.Random | None) -> list[int]:
+    """Pair indices sorted by length; shuffled first (so in random order within equal lengths) when ``rng`` is given."""
+    order = list(range(len(pairs)))
     if rng is not None:
         rng.shuffle(order)
     order.sort(key=lambda i: len(pairs[i].input_ids))
+    return order
+
+
+def _within_budget(pairs: Sequence[EncodedPair], order: list[int], *, token_budget: int, max_pairs: int) -> list[list[int]]:
+    """Cut ``order`` (indices sorted by length) into consecutive groups within the padded-token and pair limits."""
     batches: list[list[int]] = []
     current: list[int] = []
     width = 0
@@ -254,8 +285,6 @@ def token_budget_batches(pairs: Sequence[EncodedPair], *, token_budget: int, max
         width = max(width, length)
     if current:
         batches.append(current)
-    if rng is not None:
-        rng.shuffle(batches)
     return batches
 
 

@@ -1,5 +1,6 @@
-"""One training run from a config: encode once, train with token-budget batches, evaluate every ``eval_every``
-epochs with the official-equivalent scorer, keep the best model, checkpoint for exact resumption.
+"""One training run from a config: encode once, train in optimizer steps of ``batch_pairs`` pairs (micro-batches
+within the token budget), evaluate every ``eval_every`` epochs with the official-equivalent scorer, keep the best
+model, checkpoint for exact resumption.
 
 Training never imports Ray or MLflow: whoever listens passes ``report(metrics, run_dir)``; tuning passes Ray's,
 the CLI passes nothing. Every source of randomness is derived from ``train.seed``: the model initialisation and
@@ -16,7 +17,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from drugprot.candidates import corpus_candidates
 from drugprot.config import ConfigError, RunConfig, build_config
 from drugprot.corpus import Document, read_split
 from drugprot.decision import Decision
-from drugprot.encoding import LABELS, Batch, PairEncoder, add_marker_tokens, iterate_batches, token_budget_batches
+from drugprot.encoding import IGNORE_INDEX, LABELS, Batch, PairEncoder, add_marker_tokens, iterate_batches, step_batches
 from drugprot.errors import DrugprotError
 from drugprot.inference import decode, pair_probabilities
 from drugprot.model.artifacts import save_artifact
@@ -173,28 +174,45 @@ def _dedupe(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def train_step(model: RelationModel, batch: Batch, optimizer: torch.optim.Optimizer, scheduler=None, *,
-               device: torch.device, precision: str = "bf16", gamma: float = 0.0, lambda_: float = 0.5,
+def train_step(model: RelationModel, batch: Batch | Sequence[Batch], optimizer: torch.optim.Optimizer, scheduler=None,
+               *, device: torch.device, precision: str = "bf16", gamma: float = 0.0, lambda_: float = 0.5,
                grad_clip: float = 1.0, forward: Callable | None = None, teacher: torch.Tensor | None = None,
                temperature: float = 1.0, teacher_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimisation step on a batch already on ``device``: autocast forward, loss, backward, clip, step.
+    """One optimisation step on a batch, or on the micro-batches of one step, already on ``device``: autocast
+    forward, loss, backward (per micro-batch), clip, step.
 
+    Micro-batches accumulate gradients: each one's loss counts as its share of the step's mean (over the step's
+    pairs; multitask's entity terms over its labelled entities), so the step is that of one batch of all their pairs,
+    within rounding, while the memory is one micro-batch's.
     ``forward`` is the callable that runs the model (a ``torch.compile``d wrapper, say; default ``model``).
-    ``teacher``: (B, L) target probabilities for distillation, weighted ``teacher_weight`` against the gold loss.
+    ``teacher``: (pairs, L) target probabilities for distillation, rows in the micro-batches' order, weighted
+    ``teacher_weight`` against the gold loss.
     Returns ``(loss, nonfinite)``, both detached and left on the device (no host synchronisation): ``nonfinite`` is
     true when the loss or the gradient norm was not finite, in which case the weights and the optimizer state were
     left as they were. With the fused AdamW of :func:`build_optimizer` the skip happens on the device (it honours
     ``found_inf``, the protocol ``torch.amp.GradScaler`` uses), so no step waits for the host to look at the loss.
     """
+    parts = [batch] if isinstance(batch, Batch) else list(batch)
+    pairs = sum(part.input_ids.size(0) for part in parts)
+    counts = None
+    if len(parts) > 1:
+        counts = (pairs, sum((part.entity_types != IGNORE_INDEX).sum() for part in parts).clamp_min(1))
     model.train()
-    with autocast(device, precision):
-        out = (forward or model)(batch.input_ids, batch.attention_mask, batch.subject, batch.object)
-    loss = model.loss(out, batch.target, batch.entity_types, gamma=gamma, lambda_=lambda_)
-    if teacher is not None:
-        loss = (1 - teacher_weight) * loss + teacher_weight * distillation_loss(out["logits"], teacher, temperature)
-    loss.backward()
+    total = torch.zeros((), device=device)
+    done = 0
+    for part in parts:
+        size = part.input_ids.size(0)
+        with autocast(device, precision):
+            out = (forward or model)(part.input_ids, part.attention_mask, part.subject, part.object)
+        loss = model.loss(out, part.target, part.entity_types, gamma=gamma, lambda_=lambda_, step_counts=counts)
+        if teacher is not None:
+            distill = distillation_loss(out["logits"], teacher[done:done + size], temperature) * (size / pairs)
+            loss = (1 - teacher_weight) * loss + teacher_weight * distill
+        loss.backward()
+        total = total + loss.detach()
+        done += size
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    nonfinite = ~(torch.isfinite(loss) & torch.isfinite(norm))
+    nonfinite = ~(torch.isfinite(total) & torch.isfinite(norm))
     if optimizer.defaults.get("fused"):
         optimizer.found_inf = nonfinite.float()
         optimizer.step()
@@ -203,7 +221,7 @@ def train_step(model: RelationModel, batch: Batch, optimizer: torch.optim.Optimi
     if scheduler is not None:
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss.detach(), nonfinite
+    return total, nonfinite
 
 
 class NonFiniteTraining(DrugprotError):
@@ -332,12 +350,15 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, report: Report | Non
     # the share of gold relations this run's GENE interval keeps: [0, 0] throws about 65% of them away
     ceilings = {"train_interval_recall": interval_recall(train_stats), "dev_interval_recall": interval_recall(dev_stats)}
     pad_id = tokenizer.pad_token_id
-    steps_per_epoch = len(token_budget_batches(train_pairs, token_budget=cfg.token_budget, max_pairs=cfg.max_batch_pairs))
+    steps_per_epoch = math.ceil(len(train_pairs) / cfg.batch_pairs)  # optimizer steps, whatever the memory caps
     total_steps = max(1, int(round(cfg.epochs * steps_per_epoch)))
     eval_steps = evaluation_steps(steps_per_epoch, total_steps, cfg.eval_every)
     state_every = checkpoint_every or max(1, round(1 / cfg.eval_every))
     optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, device=device)
     scheduler = linear_schedule(optimizer, total_steps=total_steps, warmup_steps=int(cfg.warmup * total_steps))
+
+    say(f"{steps_per_epoch} optimizer steps per epoch of {cfg.batch_pairs} pairs ({total_steps} in all), each in "
+        f"micro-batches of at most {cfg.token_budget} padded tokens and {cfg.max_batch_pairs} pairs")
 
     step = 0
     evaluations: list[dict[str, Any]] = []
@@ -360,15 +381,16 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, report: Report | Non
     window = {"loss": 0.0, "batches": 0, "pairs": 0, "tokens": 0, "start": time.perf_counter()}
     epoch = step // steps_per_epoch
     while step < total_steps:
-        batches = token_budget_batches(train_pairs, token_budget=cfg.token_budget, max_pairs=cfg.max_batch_pairs,
-                                       shuffle_seed=cfg.seed * 1000 + epoch)
+        epoch_steps = step_batches(train_pairs, batch_pairs=cfg.batch_pairs, token_budget=cfg.token_budget,
+                                   max_pairs=cfg.max_batch_pairs, shuffle_seed=cfg.seed * 1000 + epoch)
         skip = step - epoch * steps_per_epoch
-        for batch in iterate_batches(train_pairs, batches[skip:], pad_id):
-            batch_targets = None if targets is None else targets[batch.index].to(device)
+        for members in epoch_steps[skip:]:
+            parts = list(iterate_batches(train_pairs, members, pad_id))
+            batch_targets = None if targets is None else targets[torch.cat([part.index for part in parts])].to(device)
             # a plain copy: page-locking each batch first cost 21x the whole MiniLM step on an H200
             # (bench/gpu_step_profile.py, 2026-11-30), far more than the wait a pageable copy adds
-            batch = batch.to(device)
-            loss, nonfinite = train_step(model, batch, optimizer, scheduler, device=device, precision=cfg.precision,
+            parts = [part.to(device) for part in parts]
+            loss, nonfinite = train_step(model, parts, optimizer, scheduler, device=device, precision=cfg.precision,
                                          gamma=config.loss.gamma, lambda_=config.loss.lambda_, grad_clip=cfg.grad_clip,
                                          forward=forward, teacher=batch_targets, temperature=config.distill.temperature,
                                          teacher_weight=config.distill.weight)
@@ -377,8 +399,8 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, report: Report | Non
             guard.check(step, config, force=step in eval_steps)
             window["loss"] += torch.where(nonfinite, 0.0, loss)
             window["batches"] += ~nonfinite
-            window["pairs"] += batch.input_ids.size(0)
-            window["tokens"] += batch.attention_mask.sum()
+            window["pairs"] += sum(part.input_ids.size(0) for part in parts)
+            window["tokens"] += sum(part.attention_mask.sum() for part in parts)
             if bar is not None:
                 bar.update(1)
                 if step % 20 == 0:
@@ -391,6 +413,7 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, report: Report | Non
                                                        cfg.precision)
                 metrics.update({
                     "eval": len(evaluations) + 1, "step": step, "epoch": round(step / steps_per_epoch, 4),
+                    "steps_per_epoch": steps_per_epoch,
                     "train_loss": float(window["loss"]) / max(1, int(window["batches"])),
                     "nonfinite_steps": int(guard.skipped),
                     "pairs_per_s": window["pairs"] / elapsed, "tokens_per_s": float(window["tokens"]) / elapsed,

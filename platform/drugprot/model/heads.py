@@ -79,13 +79,24 @@ class RelationModel(nn.Module):
         return out
 
     def loss(self, out: dict[str, torch.Tensor], target: torch.Tensor, entity_types: torch.Tensor, *,
-             gamma: float, lambda_: float) -> torch.Tensor:
+             gamma: float, lambda_: float, step_counts: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
+        """The batch's mean loss (relation terms over pairs, entity terms over labelled entities).
+
+        ``step_counts``: the pairs and the labelled entities of the whole optimizer step when this batch is one of
+        its micro-batches; the result is then this batch's share of the step's mean, and the shares of all its
+        micro-batches add up to the loss of the step as one batch.
+        """
         relation = (adaptive_threshold_loss(out["logits"], target) if self.multilabel
                     else focal_loss(out["logits"], target, gamma))
+        if step_counts is not None:
+            relation = relation * (target.size(0) / step_counts[0])
         if self.system != "multitask":
             return relation
-        entity = nn.functional.cross_entropy(out["entity_logits"].float().reshape(-1, len(ENTITY_CLASSES)),
-                                             entity_types.reshape(-1), ignore_index=IGNORE_INDEX)
+        logits, labels = out["entity_logits"].float().reshape(-1, len(ENTITY_CLASSES)), entity_types.reshape(-1)
+        if step_counts is None:
+            entity = nn.functional.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
+        else:
+            entity = nn.functional.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum") / step_counts[1]
         return lambda_ * relation + (1 - lambda_) * entity
 
 

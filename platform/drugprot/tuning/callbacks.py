@@ -65,6 +65,8 @@ class MlflowStudyCallback(Callback):
             run_id = self.tracker.start_trial(trial.trial_id, params=self.trial_params(dict(trial.config)),
                                               config=self.trial_config(dict(trial.config)))
         self.tracker.log_evaluation(run_id, result)
+        if trial.trial_id not in self._last_eval and "steps_per_epoch" in result:  # fixed for a trial: a param
+            self.tracker.log_params(run_id, {"steps_per_epoch": int(result["steps_per_epoch"])})
         self._last_eval[trial.trial_id] = int(result["eval"])
         # A scheduler STOP marks the result done before callbacks see it; a natural end never does.
         self._stopped[trial.trial_id] = bool(result.get("done"))
