@@ -189,13 +189,55 @@ def test_steps_per_epoch_are_ceil_pairs_over_batch_pairs_whatever_the_token_budg
     assert any(m.startswith(f"{expected} optimizer steps per epoch of 8 pairs ({expected} in all)") for m in messages)
 
 
+class GradientRecorder(torch.optim.Optimizer):
+    """Keeps the gradients it is asked to apply (and applies none)."""
+
+    def __init__(self, params):
+        super().__init__(params, {})
+
+    def step(self):
+        self.gradients = [p.grad.clone() for group in self.param_groups for p in group["params"]]
+
+
+def tiny_step(batch, tokenizer, *, system: str = "baseline", dropout: float = 0.0, checkpointing: bool = False,
+              **options) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One train_step of a freshly seeded tiny model (fp32, CPU, no clipping): its loss and its gradients."""
+    from drugprot.encoding import Batch
+    from drugprot.model.encoder import build_encoder
+    from drugprot.model.heads import RelationModel
+    from drugprot.training import enable_gradient_checkpointing, train_step
+
+    encoder = build_encoder("tiny-random", tiny={"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout},
+                            seed=3)
+    torch.manual_seed(3)  # the marker embeddings' and the heads' initialisation
+    encoder.resize_token_embeddings(len(tokenizer))
+    if checkpointing:
+        enable_gradient_checkpointing(encoder, "tiny-random")
+    model = RelationModel(encoder, system=system, dropout=dropout)
+    optimizer = GradientRecorder(model.parameters())
+    calls = []
+    encoder.encoder.layer[0].attention.register_forward_hook(lambda *_: calls.append(1))  # inside the checkpoint
+    torch.manual_seed(4)  # the dropout masks
+    loss, nonfinite = train_step(model, batch, optimizer, device=torch.device("cpu"), precision="fp32", gamma=2.0,
+                                 lambda_=0.3, grad_clip=1e9, **options)
+    assert not bool(nonfinite)
+    passes = 1 if isinstance(batch, Batch) else len(batch)
+    assert len(calls) == passes * (2 if checkpointing else 1)  # checkpointing runs each layer again in the backward
+    return loss, optimizer.gradients
+
+
+def assert_same_step(first, second) -> None:
+    (loss_a, gradients_a), (loss_b, gradients_b) = first, second
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-7)
+    assert any(g.abs().sum() > 0 for g in gradients_a)
+    for a, b in zip(gradients_a, gradients_b, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("system, teacher_weight", [("baseline", 0.0), ("multitask", 0.0), ("baseline", 0.5)])
 def test_micro_batches_give_the_gradients_of_one_batch(sample_dir, system, teacher_weight):
     """A step over the token budget runs as micro-batches; its gradients (and loss) are those of one batch."""
     from drugprot.encoding import IGNORE_INDEX, LABELS, collate, step_batches
-    from drugprot.model.encoder import build_encoder
-    from drugprot.model.heads import RelationModel
-    from drugprot.training import train_step
 
     pairs, tokenizer = encoded_training_pairs(sample_dir, 6)
     pairs = pairs[:24]
@@ -207,34 +249,42 @@ def test_micro_batches_give_the_gradients_of_one_batch(sample_dir, system, teach
         batch.entity_types[batch.index % 3 == 0, 1] = IGNORE_INDEX
     generator = torch.Generator().manual_seed(0)
     teacher = torch.softmax(torch.randn(len(pairs), len(LABELS), generator=generator), -1) if teacher_weight else None
+    options = {"system": system, "teacher": teacher, "temperature": 2.0, "teacher_weight": teacher_weight}
+    assert_same_step(tiny_step(whole, tokenizer, **options), tiny_step(parts, tokenizer, **options))
 
-    class Recorder(torch.optim.Optimizer):
-        """Keeps the gradients it is asked to apply."""
 
-        def __init__(self, params):
-            super().__init__(params, {})
+@pytest.mark.parametrize("system", ["baseline", "multitask"])
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(sample_dir, system):
+    """Recomputed activations (dropout on: its masks are replayed) give the step that kept activations gives."""
+    from drugprot.encoding import collate
 
-        def step(self):
-            self.gradients = {id(p): p.grad.clone() for group in self.param_groups for p in group["params"]}
+    pairs, tokenizer = encoded_training_pairs(sample_dir, 4)
+    batch = collate(pairs[:12], tokenizer.pad_token_id)
+    kept = tiny_step(batch, tokenizer, system=system, dropout=0.1)
+    assert_same_step(kept, tiny_step(batch, tokenizer, system=system, dropout=0.1, checkpointing=True))
+    with pytest.raises(AssertionError):  # the comparison sees a different dropout draw: it is not vacuous
+        assert_same_step(kept, tiny_step(batch, tokenizer, system=system, dropout=0.2, checkpointing=True))
 
-    def step(batch):
-        encoder = build_encoder("tiny-random", tiny={"hidden_dropout_prob": 0, "attention_probs_dropout_prob": 0}, seed=3)
-        torch.manual_seed(3)  # the marker embeddings' and the heads' initialisation
-        encoder.resize_token_embeddings(len(tokenizer))
-        model = RelationModel(encoder, system=system, dropout=0.0)
-        optimizer = Recorder(model.parameters())
-        loss, nonfinite = train_step(model, batch, optimizer, device=torch.device("cpu"), precision="fp32", gamma=2.0,
-                                     lambda_=0.3, grad_clip=1e9, teacher=teacher, temperature=2.0,
-                                     teacher_weight=teacher_weight)
-        assert not bool(nonfinite)
-        return loss, [optimizer.gradients[id(p)] for p in model.parameters()]
 
-    one_loss, one_gradients = step(whole)
-    micro_loss, micro_gradients = step(parts)
-    torch.testing.assert_close(micro_loss, one_loss, rtol=1e-5, atol=1e-7)
-    assert any(g.abs().sum() > 0 for g in one_gradients)
-    for one, accumulated in zip(one_gradients, micro_gradients, strict=True):
-        torch.testing.assert_close(accumulated, one, rtol=1e-4, atol=1e-6)
+def test_gradient_checkpointing_refuses_an_encoder_without_it():
+    from drugprot.training import enable_gradient_checkpointing
+
+    with pytest.raises(ConfigError, match=r"train\.gradient_checkpointing: encoder\.name 'odd' \(Linear\) does not "
+                                          r"support gradient checkpointing; set train\.gradient_checkpointing to false"):
+        enable_gradient_checkpointing(torch.nn.Linear(2, 2), "odd")
+
+
+def test_a_run_with_checkpointing_and_layer_decay_trains_and_resumes_with_its_rates(tmp_path):
+    from drugprot.training import train
+
+    options = {**SMALL, "train.gradient_checkpointing": "true", "train.layer_decay": 0.5, "train.epochs": 1}
+    result = train_smoke(tmp_path / "run", **options)
+    state = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())
+    peaks = sorted({group["initial_lr"] for group in state["param_groups"]}, reverse=True)
+    assert peaks == pytest.approx([3e-3, 1.5e-3, 7.5e-4, 3.75e-4])  # heads, layer 1, layer 0, embeddings
+    assert result.evaluations[-1]["lr"] == state["param_groups"][0]["lr"]  # the reported rate is the heads'
+    again = train(smoke_config(**options), tmp_path / "run", resume=True, progress=False, log=lambda _: None)
+    assert without_timing(again.evaluations) == without_timing(result.evaluations)  # already done: nothing changes
 
 
 # --- configs --------------------------------------------------------------------------------------------------
@@ -279,6 +329,10 @@ BAD_CONFIGS = [
     ("encoder:\n  lowercase: sometimes\n", r"encoder\.lowercase: must be auto, true or false, got 'sometimes'"),
     ("encoding:\n  context: paragraph\n", r"encoding\.context: Input should be 'sentence' or 'abstract'"),
     ("train:\n  max_nonfinite_steps: 0\n", r"train\.max_nonfinite_steps: Input should be greater than or equal to 1"),
+    ("train:\n  batch_pairs: 0\n", r"train\.batch_pairs: Input should be greater than or equal to 1, got 0"),
+    ("train:\n  layer_decay: 0\n", r"train\.layer_decay: Input should be greater than 0, got 0"),
+    ("train:\n  layer_decay: 1.5\n", r"train\.layer_decay: Input should be less than or equal to 1, got 1\.5"),
+    ("train:\n  gradient_checkpointing: sometimes\n", r"train\.gradient_checkpointing: Input should be a valid boolean"),
     ("train:\n  lr: [1.0e-3\n  epochs: 2\n", r"bad\.yaml:3: not valid YAML"),
     ("- just\n- a list\n", r"bad\.yaml: expected a mapping of sections, got list"),
 ]

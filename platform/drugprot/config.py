@@ -134,6 +134,12 @@ class TrainConfig(Section):
     token_budget: int = Field(8192, ge=64, description="Memory cap: padded tokens per forward pass. A step over it "
                                                        "runs as micro-batches with gradient accumulation (same step).")
     max_batch_pairs: int = Field(64, ge=1, description="Memory cap: pairs per forward pass (micro-batch).")
+    gradient_checkpointing: bool = Field(False, description="Recompute the encoder's activations in the backward "
+                                                            "pass instead of keeping them: less memory for a large "
+                                                            "encoder, for a second forward pass through it.")
+    layer_decay: float = Field(1.0, gt=0.0, le=1.0, description="Layer-wise learning-rate decay: the heads train at "
+                                                                "lr, the encoder's top layer at lr·layer_decay, each "
+                                                                "layer below one more factor. 1: none.")
     warmup: float = Field(0.1, ge=0.0, lt=1.0, description="Share of steps with linear warm-up.")
     weight_decay: float = Field(0.01, ge=0.0, le=1.0)
     grad_clip: float = Field(1.0, gt=0)

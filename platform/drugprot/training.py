@@ -259,6 +259,19 @@ class _NonFiniteGuard:
         self.longest.zero_()
 
 
+def enable_gradient_checkpointing(encoder, name: str) -> None:
+    """transformers' activation checkpointing, non-reentrant (torch's recommended form; dropout masks are replayed).
+
+    ``activation_checkpointing_enable`` is the current name (the old one warns that it is deprecated); a transformers
+    too old to have it has ``gradient_checkpointing_enable``, which takes the same first argument (its Trainer does
+    the same)."""
+    if not getattr(encoder, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"train.gradient_checkpointing: encoder.name {name!r} ({type(encoder).__name__}) does not "
+                          f"support gradient checkpointing; set train.gradient_checkpointing to false")
+    enable = getattr(encoder, "activation_checkpointing_enable", None) or encoder.gradient_checkpointing_enable
+    enable({"use_reentrant": False})
+
+
 def evaluation_steps(steps_per_epoch: int, total_steps: int, eval_every: float) -> list[int]:
     """Steps after which to evaluate: the k-th lands at k·eval_every epochs (rounded to a step), the last at the end.
 
@@ -336,6 +349,8 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, report: Report | Non
 
     encoder = build_encoder(config.encoder.name, tiny=config.encoder.tiny, seed=cfg.seed)
     encoder.resize_token_embeddings(len(tokenizer))
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(encoder, config.encoder.name)
     definitions = relation_definitions(tokenizer) if config.model.system == "relation_attention" else (None, None)
     model = RelationModel(encoder, system=config.model.system, dropout=config.model.dropout,
                           definition_ids=definitions[0], definition_mask=definitions[1],
@@ -354,7 +369,8 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, report: Report | Non
     total_steps = max(1, int(round(cfg.epochs * steps_per_epoch)))
     eval_steps = evaluation_steps(steps_per_epoch, total_steps, cfg.eval_every)
     state_every = checkpoint_every or max(1, round(1 / cfg.eval_every))
-    optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, device=device)
+    optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, device=device,
+                                layer_decay=cfg.layer_decay)
     scheduler = linear_schedule(optimizer, total_steps=total_steps, warmup_steps=int(cfg.warmup * total_steps))
 
     say(f"{steps_per_epoch} optimizer steps per epoch of {cfg.batch_pairs} pairs ({total_steps} in all), each in "
