@@ -8,12 +8,15 @@
 #      epoch as the old token-budget batches made (token_budget 8192, at most 64 pairs: about 61 pairs a step) and
 #      in configs/minilm.yaml's batch_pairs; dev F1 of both, their ratio and a JSON line (duration not measured yet)
 #   2. prints the throughput table of bench/train_throughput.py for bert-base-random (ours vs the plain loop);
+#   2b. peak GPU memory and step time of a BERT-large-sized random encoder (24 layers, 1024 hidden; 32 pairs of 256
+#      tokens a step, bf16), activations kept vs train.gradient_checkpointing, with their ratios and a JSON line;
 #   3. ensemble inference: one member vs five looped vs five stacked (bench/gpu_ensemble.sh);
 #   4. the serving path (request validation, cross-request batcher, Predictor) in-process, batched vs unbatched;
 #   4b. distillation (bench/distill.py): a MiniLM student trained on the step-1 model's probabilities
 #      (DISTILL_DOCS training documents, one epoch), F1 and pairs/s next to its teacher's on dev half B;
 #   5. prints a final table. About 9-10 minutes in all (TRAIN_SECONDS=200 by default).
-# STEPS picks steps (default 1,2,3,4,4b; 1b only when named: `STEPS=1b bench/gpu.sh`; 0 and 5 always run). Steps 4
+# STEPS picks steps (default 1,2,3,4,4b; 1b and 2b only when named, e.g. `STEPS=1b,2b bench/gpu.sh`; 0 and 5 always
+# run). Steps 4
 # and 4b use step 1's model, so they go in its call. The paper's 10 MiniLM epochs needed about 340 s on an H200
 # (2026-11-30, in the old token-budget batches of about 61 pairs: about 34 s an epoch with its two evaluations; smaller
 # steps take longer), so within one 15-minute lease: `STEPS=1,4 TRAIN_SECONDS=370 bench/gpu.sh`, then
@@ -30,7 +33,7 @@ if [[ "${1:-}" == "--dry-run" ]]; then DRY_RUN=1; shift; fi
 if [[ $# -gt 0 ]]; then echo "usage: bench/gpu.sh [--dry-run]" >&2; exit 2; fi
 export STEPS=${STEPS:-1,2,3,4,4b}
 for wanted in ${STEPS//,/ }; do
-  case "$wanted" in 1|1b|2|3|4|4b) ;; *) echo "bench/gpu.sh: STEPS: unknown step '$wanted' (steps: 1,1b,2,3,4,4b)" >&2; exit 2 ;; esac
+  case "$wanted" in 1|1b|2|2b|3|4|4b) ;; *) echo "bench/gpu.sh: STEPS: unknown step '$wanted' (steps: 1,1b,2,2b,3,4,4b)" >&2; exit 2 ;; esac
 done
 
 if [[ $DRY_RUN == 1 ]]; then
@@ -47,7 +50,7 @@ fi
 RESULTS=${OUT:-.gpu/out}            # small: JSON summaries only (on the GPU machine $OUT comes back)
 SCRATCH=${SCRATCH:-${TMPDIR:-/tmp}/drugprot-gpu}   # the unpacked corpus and the run folder (weights, checkpoint)
 mkdir -p "$RESULTS" "$SCRATCH"
-rm -f "$RESULTS"/{train,batch,throughput,distill}.json "$RESULTS"/ensemble_*.json  # a summary of this run's steps only
+rm -f "$RESULTS"/{train,batch,throughput,memory,distill}.json "$RESULTS"/ensemble_*.json  # a summary of this run's steps only
 export PYTHONPATH="$PWD/platform:$PWD/.gpu/site${PYTHONPATH:+:$PYTHONPATH}"
 if ! "$PY" -c "import pydantic" 2>/dev/null; then  # the GPU image has none: the wheels prepare_gpu.sh unpacked
   [[ -d .gpu/pydantic ]] || { echo "bench/gpu.sh: no pydantic here and no .gpu/pydantic: rerun bench/prepare_gpu.sh" >&2; exit 2; }
@@ -261,6 +264,62 @@ fi
 }
 step "2 (throughput)" throughput
 
+echo "== 2b. gradient checkpointing: peak GPU memory and step time, BERT-large-sized random encoder"
+step "2b (checkpointing memory)" "$PY" - <<'PYEOF'
+import json, os, time
+from pathlib import Path
+
+import torch
+
+from drugprot.encoding import LABELS, EncodedPair, collate
+from drugprot.model.encoder import build_encoder
+from drugprot.model.heads import RelationModel
+from drugprot.model.optim import build_optimizer
+from drugprot.training import enable_gradient_checkpointing, train_step
+
+dry = os.environ["DRY_RUN"] == "1"
+gpu = torch.cuda.is_available() and not dry
+device = torch.device("cuda" if gpu else "cpu")
+# random weights are enough: memory and time depend on the shapes alone (dry run: the tiny BERT, 4 pairs of 64)
+large = {} if dry else {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
+                        "intermediate_size": 4096}
+pairs, length, steps = (4, 64, 2) if dry else (32, 256, 5)
+generator = torch.Generator().manual_seed(0)
+target = (1.0,) + (0.0,) * (len(LABELS) - 1)
+batch = collate([EncodedPair(tuple(torch.randint(1000, 20000, (length,), generator=generator).tolist()), 1, 2, target,
+                             (0, 1), i) for i in range(pairs)], 0).to(device)
+rows = {}
+for name, checkpointing in (("kept", False), ("checkpointing", True)):
+    encoder = build_encoder("tiny-random", tiny=large, seed=0)
+    if checkpointing:
+        enable_gradient_checkpointing(encoder, "BERT-large-sized random")
+    model = RelationModel(encoder).to(device)
+    optimizer = build_optimizer(model, lr=1e-5, weight_decay=0.01, device=device)
+    if gpu:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    train_step(model, batch, optimizer, device=device)  # the first step allocates the optimizer's moments
+    if gpu:
+        torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    for _ in range(steps):
+        train_step(model, batch, optimizer, device=device)
+    if gpu:
+        torch.cuda.synchronize(device)
+    rows[name] = {"peak_mib": round(torch.cuda.max_memory_allocated(device) / 2**20) if gpu else None,
+                  "step_s": round((time.perf_counter() - started) / steps, 4)}
+    print(f"  {name}: peak {rows[name]['peak_mib'] if gpu else 'n/a (CPU)'} MiB, {rows[name]['step_s']:.3f} s a step")
+    del model, optimizer, encoder
+summary = {"bench": "gradient_checkpointing", "device": torch.cuda.get_device_name(0) if gpu else "cpu (dry run)",
+           "encoder": "tiny-random (dry run)" if dry else "BERT-large-sized random (24 layers, 1024 hidden)",
+           "pairs": pairs, "length": length, "precision": "bf16" if gpu else "fp32 (CPU)", **rows,
+           "peak_ratio_checkpointing_over_kept": round(rows["checkpointing"]["peak_mib"] / rows["kept"]["peak_mib"], 3)
+           if gpu else None,
+           "step_time_ratio_checkpointing_over_kept": round(rows["checkpointing"]["step_s"] / rows["kept"]["step_s"], 3)}
+(Path(os.environ["RESULTS"]) / "memory.json").write_text(json.dumps(summary, indent=1))
+print(json.dumps(summary))
+PYEOF
+
 # 3. ensemble inference: 1 member vs 5 looped vs 5 stacked (bench/ensemble_throughput.py)
 export PY
 step "3 (ensemble)" bash bench/gpu_ensemble.sh
@@ -334,6 +393,12 @@ if batch:
         print(f"  {name:<17}{row['batch_pairs']:>4} pairs a step {row['steps_per_epoch']:>6} steps an epoch   "
               f"best dev F1 {row['best_dev_f1']:.4f} (epoch {row['best_epoch']:g})")
     print(f"  dev F1 ratio, batch_pairs over the old steps: {batch['f1_ratio_batch_pairs_over_old']}\n")
+memory = part("memory.json")
+if memory:
+    print(f"gradient checkpointing ({memory['encoder']}, {memory['pairs']} pairs of {memory['length']} tokens, "
+          f"{memory['precision']}, {memory['device']}): peak MiB kept {memory['kept']['peak_mib']}, checkpointing "
+          f"{memory['checkpointing']['peak_mib']} (ratio {memory['peak_ratio_checkpointing_over_kept']}); step time "
+          f"ratio {memory['step_time_ratio_checkpointing_over_kept']}\n")
 throughput = part("throughput.json")
 if throughput:
     print(f"throughput, {throughput['encoder']} on {throughput['device']} "
