@@ -111,7 +111,7 @@ def main() -> None:
     tiny = {"hidden_size": 768, "num_hidden_layers": args.layers, "num_attention_heads": 12,
             "intermediate_size": 3072, "max_position_embeddings": 512}
     overrides = [f"encoder.tiny={json.dumps(tiny)}", "encoder.max_length=64", "train.token_budget=128",
-                 "train.max_batch_pairs=2", "data.max_train_docs=1", "data.max_dev_docs=1", "train.eval_every=0.5",
+                 "train.batch_pairs=2", "data.max_train_docs=1", "data.max_dev_docs=1", "train.eval_every=0.5",
                  f"train.epochs={args.evaluations / 2}", "train.lr=1e-4"]
     config = load_config(REPO / "configs" / "smoke.yaml", overrides)
     policies = ["bounded", "every-1"] + [f"every-{n}" for n in args.also_every] + (["legacy"] if args.legacy else [])
