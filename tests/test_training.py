@@ -199,8 +199,8 @@ class GradientRecorder(torch.optim.Optimizer):
         self.gradients = [p.grad.clone() for group in self.param_groups for p in group["params"]]
 
 
-def tiny_step(batch, tokenizer, *, system: str = "baseline", dropout: float = 0.0, checkpointing: bool = False,
-              **options) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def tiny_step(batch, tokenizer, *, system: str = "baseline", multilabel: bool = False, dropout: float = 0.0,
+              checkpointing: bool = False, **options) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """One train_step of a freshly seeded tiny model (fp32, CPU, no clipping): its loss and its gradients."""
     from drugprot.encoding import Batch
     from drugprot.model.encoder import build_encoder
@@ -213,7 +213,7 @@ def tiny_step(batch, tokenizer, *, system: str = "baseline", dropout: float = 0.
     encoder.resize_token_embeddings(len(tokenizer))
     if checkpointing:
         enable_gradient_checkpointing(encoder, "tiny-random")
-    model = RelationModel(encoder, system=system, dropout=dropout)
+    model = RelationModel(encoder, system=system, dropout=dropout, multilabel=multilabel)
     optimizer = GradientRecorder(model.parameters())
     calls = []
     encoder.encoder.layer[0].attention.register_forward_hook(lambda *_: calls.append(1))  # inside the checkpoint
@@ -234,8 +234,9 @@ def assert_same_step(first, second) -> None:
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("system, teacher_weight", [("baseline", 0.0), ("multitask", 0.0), ("baseline", 0.5)])
-def test_micro_batches_give_the_gradients_of_one_batch(sample_dir, system, teacher_weight):
+@pytest.mark.parametrize("system, multilabel, teacher_weight", [
+    ("baseline", False, 0.0), ("multitask", False, 0.0), ("baseline", False, 0.5), ("baseline", True, 0.0)])
+def test_micro_batches_give_the_gradients_of_one_batch(sample_dir, system, multilabel, teacher_weight):
     """A step over the token budget runs as micro-batches; its gradients (and loss) are those of one batch."""
     from drugprot.encoding import IGNORE_INDEX, LABELS, collate, step_batches
 
@@ -249,7 +250,8 @@ def test_micro_batches_give_the_gradients_of_one_batch(sample_dir, system, teach
         batch.entity_types[batch.index % 3 == 0, 1] = IGNORE_INDEX
     generator = torch.Generator().manual_seed(0)
     teacher = torch.softmax(torch.randn(len(pairs), len(LABELS), generator=generator), -1) if teacher_weight else None
-    options = {"system": system, "teacher": teacher, "temperature": 2.0, "teacher_weight": teacher_weight}
+    options = {"system": system, "multilabel": multilabel, "teacher": teacher, "temperature": 2.0,
+               "teacher_weight": teacher_weight}
     assert_same_step(tiny_step(whole, tokenizer, **options), tiny_step(parts, tokenizer, **options))
 
 
