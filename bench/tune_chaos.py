@@ -388,7 +388,9 @@ def main(argv: list[str] | None = None) -> int:
         tracking_uri, _ = stack.enter_context(mlflow_server_process(work / "mlflow", port=free_port(),
                                                                     backend_store_uri=postgres))
         log(f"S3 {s3['AWS_ENDPOINT_URL']}, MLflow {tracking_uri} on {postgres.split('@')[-1]}")
-        env = {**os.environ, **s3, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+        # Ray token auth, as local-cluster.sh starts it by default: the script writes the token, drivers read it.
+        env = {**os.environ, **s3, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(ray_tmp / "auth_token"),
+               "RAY_USAGE_STATS_ENABLED": "0",
                "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", "RAY_TMPDIR": str(ray_tmp),
                "DRUGPROT_RAY_PORT": str(free_port_block(8)), "TUNE_GLOBAL_CHECKPOINT_S": "2",

@@ -17,10 +17,10 @@
 #                            Ray Client PORT+1, dashboard PORT+2, dashboard agents PORT+3+i (node i).
 #   RAY_TMPDIR               Ray's temporary folder (default /tmp/drugprot-ray; keep it short: Unix socket paths
 #                            under it are limited to 107 characters).
-#   RAY_AUTH_MODE            disabled (default here) or token. Ray 2.60 turns token authentication on by default,
-#                            so every Ray process and client must agree: this script exports one value everywhere
-#                            and prints what a client must set. With token it uses RAY_AUTH_TOKEN if set, else the
-#                            file RAY_AUTH_TOKEN_PATH (default $RAY_TMPDIR/auth_token, generated if missing).
+#   RAY_AUTH_MODE            token (default) or disabled. Every Ray process and client must agree: this script
+#                            exports one value everywhere and prints what a client must set. With token it uses
+#                            RAY_AUTH_TOKEN if set, else the file RAY_AUTH_TOKEN_PATH (default
+#                            $RAY_TMPDIR/auth_token, generated with mode 600 if missing).
 #   RAY_USAGE_STATS_ENABLED  forced to 0.
 #   RAY_CHDIR_TO_TRIAL_DIR   0 unless set: trials keep the nodes' working directory, the repository root.
 #
@@ -29,9 +29,11 @@
 # then KILL after 5 s). `down --all` is `ray stop --force`, which ends every Ray process of this user on
 # the machine, other people's clusters included.
 #
-# Ray advertises the machine's routable address (it rewrites 127.0.0.1 to it), but the head is reached at
-# 127.0.0.1:PORT from this machine; with RAY_AUTH_MODE=disabled anything that can reach the machine's ports can
-# run code on the cluster: use it on a machine you trust, or set RAY_AUTH_MODE=token.
+# Loopback only: every node's IP is 127.0.0.1, and Ray then binds all its listeners (GCS, raylets, object managers,
+# agents, metrics, Ray Client) to 127.0.0.1 instead of the network address or every interface. `ray start` would
+# rewrite a requested 127.0.0.1 to the network address (and refuses to add a worker when told not to), so each node
+# is started through `ray.scripts.scripts.main` with that rewrite turned off (RAY_START_ON_LOOPBACK). Clients must not
+# rewrite it either: they set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, which `up` prints with the rest.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -40,10 +42,9 @@ REPO="$(cd "$HERE/.." && pwd)"
 PORT="${DRUGPROT_RAY_PORT:-6379}"
 export RAY_TMPDIR="${RAY_TMPDIR:-/tmp/drugprot-ray}"
 export RAY_USAGE_STATS_ENABLED=0
-# Several nodes by design: a caller's private single-node Ray (drugprot.local_ray) sets this to 0 to keep its node
-# on loopback, and Ray then refuses to start worker nodes.
-export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1
-export RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"
+# Drivers (count_alive_nodes, `ray status`) keep 127.0.0.1 as it is (see above); ray_start sets 1 for `ray start`.
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
 # Like the KubeRay pods (/app) and the launcher nodes (~/drugprot): Ray starts in the repository and Tune trials stay
 # there, so relative paths of run configs (data.dir: data/drugprot) resolve the same way in drivers and trials.
 export RAY_CHDIR_TO_TRIAL_DIR="${RAY_CHDIR_TO_TRIAL_DIR:-0}"
@@ -87,14 +88,15 @@ setup_auth() {
 }
 
 client_env() {
+    local loopback="RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0"
     if [[ "$RAY_AUTH_MODE" == token ]]; then
         if [[ -n "${RAY_AUTH_TOKEN:-}" ]]; then
-            echo "export RAY_AUTH_MODE=token RAY_AUTH_TOKEN=<the same token>"
+            echo "export $loopback RAY_AUTH_MODE=token RAY_AUTH_TOKEN=<the same token>"
         else
-            echo "export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$RAY_AUTH_TOKEN_PATH"
+            echo "export $loopback RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$RAY_AUTH_TOKEN_PATH"
         fi
     else
-        echo "export RAY_AUTH_MODE=disabled"
+        echo "export $loopback RAY_AUTH_MODE=disabled"
     fi
 }
 
@@ -136,11 +138,22 @@ with socket.socket() as s:
 PY
 }
 
+# `ray start` with the node on 127.0.0.1: Ray's rewrite of a loopback address to the network address is turned off
+# for this one command, and RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 lets a worker node join.
+RAY_START_ON_LOOPBACK='
+import sys
+import ray._private.services as services
+services.resolve_ip_for_localhost = lambda host: host
+from ray.scripts.scripts import main
+sys.argv[0] = "ray"
+main()'
+
 # Start one node in a new session so that its daemons share a process group we can end later.
 start_node() {
     local role="$1"; shift
-    echo "+ ray start $*" >>"$LOG"
-    setsid "$RAY" start "$@" >>"$LOG" 2>&1 </dev/null &
+    echo "+ ray start --node-ip-address=127.0.0.1 $*" >>"$LOG"
+    setsid env RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 "$PYTHON" -c "$RAY_START_ON_LOOPBACK" start \
+        --node-ip-address=127.0.0.1 "$@" >>"$LOG" 2>&1 </dev/null &
     local pid=$!
     if ! wait "$pid"; then
         echo "$pid $role" >>"$STATE"

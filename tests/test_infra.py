@@ -10,6 +10,7 @@ command is checked against ``mlflow server``'s click options.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
@@ -750,13 +751,77 @@ def test_local_cluster_refuses_a_count_that_is_not_a_number(tmp_path, option):
     assert f"up: {option} 'two' is not a non-negative integer" in result.stderr, result.stderr
 
 
+def session_pids(state: Path) -> set[int]:
+    """Every process in the sessions that local-cluster.sh recorded (one per node)."""
+    sessions = {int(line.split()[0]) for line in state.read_text().splitlines() if line.strip()}
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(") ", 1)[1].split()[3]) in sessions:
+                    pids.add(int(entry.name))
+            except (OSError, IndexError, ValueError):
+                continue
+    return pids
+
+
+def tcp_listeners(pids: set[int]) -> list[tuple[str, int, int]]:
+    """``(address, port, pid)`` of every listening TCP socket (IPv4 and IPv6) the processes hold, from /proc."""
+    import ipaddress
+
+    owner = {}
+    for pid in pids:
+        try:
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                with contextlib.suppress(OSError):
+                    target = os.readlink(fd)
+                    if target.startswith("socket:["):
+                        owner[int(target[8:-1])] = pid
+        except OSError:
+            continue
+    found = []
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] != "0A" or int(fields[9]) not in owner:   # 0A: LISTEN
+                continue
+            hex_address, hex_port = fields[1].split(":")
+            raw = bytes.fromhex(hex_address)
+            # /proc writes the address as 32-bit words in host (little-endian) order
+            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+            found.append((str(ipaddress.ip_address(raw)), int(hex_port, 16), owner[int(fields[9])]))
+    return found
+
+
+def reachable_from_outside(address: str) -> bool:
+    import ipaddress
+
+    ip = ipaddress.ip_address(address)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return not ip.is_loopback
+
+
+def test_listener_classification():
+    assert not reachable_from_outside("127.0.0.1") and not reachable_from_outside("::1")
+    assert not reachable_from_outside("::ffff:127.0.0.1")
+    assert reachable_from_outside("0.0.0.0") and reachable_from_outside("::") and reachable_from_outside("10.0.0.5")
+    with socket.socket() as sock:   # this process's own listener, read back from /proc
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        assert ("127.0.0.1", sock.getsockname()[1], os.getpid()) in tcp_listeners({os.getpid()})
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_local_cluster_up_status_down():
+    """Token auth by default, every listener of every node on loopback, a driver joins with what `up` prints."""
     if port_open(TEST_PORT):
         pytest.skip(f"port {TEST_PORT} is taken by something else on this machine")
     tmpdir = tempfile.mkdtemp(prefix="dp-ray-", dir="/tmp")   # short: Ray's socket paths live under it
-    env = {**os.environ, "DRUGPROT_RAY_PORT": str(TEST_PORT), "RAY_TMPDIR": tmpdir, "RAY_AUTH_MODE": "disabled"}
+    env = {**os.environ, "DRUGPROT_RAY_PORT": str(TEST_PORT), "RAY_TMPDIR": tmpdir}
+    for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"):
+        env.pop(key, None)
 
     def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
         result = subprocess.run([str(LOCAL_CLUSTER), *args], env=env, capture_output=True, text=True, timeout=180)
@@ -766,22 +831,43 @@ def test_local_cluster_up_status_down():
 
     try:
         up = run("up", "--workers", "1", "--cpus-per-node", "2", "--head-cpus", "0", "--memory-per-node",
-                 str(2 * 1024**3), "--object-store-memory", str(500 * 1024**2))
+                 str(2 * 1024**3), "--object-store-memory", str(500 * 1024**2), "--dashboard")
         assert "cluster up: 2 nodes alive" in up.stdout
         assert f'ray.init(address="127.0.0.1:{TEST_PORT}")' in up.stdout
-        assert "export RAY_AUTH_MODE=disabled" in up.stdout
+        token_file = Path(tmpdir) / "auth_token"
+        client = (f"export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_AUTH_MODE=token "
+                  f"RAY_AUTH_TOKEN_PATH={token_file}")
+        assert client in up.stdout, up.stdout
+        assert token_file.stat().st_mode & 0o077 == 0, "the token file is readable by its owner only"
+
+        # Nothing the cluster opened is reachable from another machine: every listener is on loopback.
+        pids = session_pids(Path(tmpdir) / f"drugprot-cluster-{TEST_PORT}.sessions")
+        listeners = tcp_listeners(pids)
+        assert len(listeners) >= 10, listeners   # GCS, two raylets, agents, dashboard, metrics, Ray Client, ...
+        exposed = [(address, port, Path(f"/proc/{pid}/comm").read_text().strip())
+                   for address, port, pid in listeners if reachable_from_outside(address)]
+        assert not exposed, f"listeners reachable from outside the machine: {exposed}"
 
         status = run("status")
         assert "nodes alive: 2" in status.stdout
 
-        # A separate driver, set up the way the script tells a client to.
+        # A separate driver, set up the way the script tells a client to; without the token it is refused.
         probe = ("import ray; ray.init(address='127.0.0.1:%d', logging_level='ERROR'); "
                  "nodes = [n for n in ray.nodes() if n['Alive']]; "
-                 "print(len(nodes), sum(n['Resources'].get('CPU', 0) for n in nodes))" % TEST_PORT)
+                 "print(len(nodes), sum(n['Resources'].get('CPU', 0) for n in nodes), "
+                 "sorted({n['NodeManagerAddress'] for n in nodes}))" % TEST_PORT)
+        client_env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+                      "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file)}
         driver = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
-                                env={**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"})
+                                env=client_env)
         assert driver.returncode == 0, driver.stderr[-3000:]
-        assert driver.stdout.split()[-2:] == ["2", "2.0"], driver.stdout  # the worker's 2 CPUs; the head has none
+        # the worker's 2 CPUs (the head has none), both nodes on 127.0.0.1
+        assert driver.stdout.splitlines()[-1] == "2 2.0 ['127.0.0.1']", driver.stdout
+        wrong_token = Path(tmpdir) / "wrong_token"
+        wrong_token.write_text("0" * 64)
+        wrong = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                               env={**client_env, "RAY_AUTH_TOKEN_PATH": str(wrong_token)})
+        assert wrong.returncode != 0 and "token" in wrong.stderr.lower(), wrong.stderr[-2000:]
     finally:
         down = run("down", check=False)
         shutil.rmtree(tmpdir, ignore_errors=True)

@@ -270,6 +270,9 @@ def predict_corpus_with_ray(job: BulkJob, out: Path, *, device: str = "auto", ac
         return summary
     started = not ray.is_initialized()
     if started and address:
+        from drugprot.local_ray import keep_loopback_address
+
+        keep_loopback_address(address)
         ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
     elif started:  # a private local Ray, on 127.0.0.1 only
         from drugprot.local_ray import start_local_ray

@@ -27,6 +27,25 @@ from pathlib import Path
 LOOPBACK = "127.0.0.1"
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def _keep_loopback() -> None:
+    """Ray keeps a 127.0.0.1 node or cluster address as it is instead of rewriting it to the network address."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    if "ray._private.ray_constants" in sys.modules:
+        sys.modules["ray._private.ray_constants"].ENABLE_RAY_CLUSTER = False
+
+
+def keep_loopback_address(address: str | None) -> None:
+    """Before ``ray.init(address=...)``: a cluster addressed on loopback (``infra/local-cluster.sh`` binds every node
+    to 127.0.0.1 only) is joined there, not at the machine's network address that Ray would rewrite it to. A cluster
+    that listens on every interface answers on 127.0.0.1 too, so this never loses one."""
+    host = (address or "").split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+    if host in LOOPBACK_HOSTS:
+        _keep_loopback()
+
+
 def prepare_environment(root: str | os.PathLike | None = None, *, gcs_port: int | None = None) -> Path:
     """Set the environment a local Ray inherits: its temporary folder (``root``, else ``RAY_TMPDIR``, else a new
     ``/tmp/drugprot-ray-*``), loopback only, no usage stats, token auth; returns the folder."""
@@ -37,9 +56,7 @@ def prepare_environment(root: str | os.PathLike | None = None, *, gcs_port: int 
     os.environ["RAY_TMPDIR"] = str(folder)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # node IP: loopback, not the network address
-    if "ray._private.ray_constants" in sys.modules:
-        sys.modules["ray._private.ray_constants"].ENABLE_RAY_CLUSTER = False
+    _keep_loopback()  # node IP: loopback, not the network address
     if "RAY_AUTH_MODE" not in os.environ:
         token_file = folder / "auth_token"
         if not token_file.exists():

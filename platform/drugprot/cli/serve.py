@@ -104,7 +104,7 @@ def _serve(args) -> int:
     import ray
     from ray import serve
 
-    from drugprot.local_ray import start_local_ray
+    from drugprot.local_ray import keep_loopback_address, start_local_ray
     from drugprot.serving import build_app
     from drugprot.serving.app import deployment_failure, drain_application
     from drugprot.serving.follow import AliasFollower
@@ -118,6 +118,7 @@ def _serve(args) -> int:
         folder = start_local_ray()
         print(f"drugprot serve: started a local Ray (temporary folder {folder})", file=sys.stderr, flush=True)
     else:
+        keep_loopback_address(args.address)
         ray.init(address=args.address, log_to_driver=False)
     # Ray installs its own SIGTERM handler in ray.init; ours replaces it so both signals stop cleanly.
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -72,6 +72,9 @@ def predict_with_ray(model: str, documents: Sequence[Document], *, device: str =
     started = False
     if not ray.is_initialized():
         if address:
+            from drugprot.local_ray import keep_loopback_address
+
+            keep_loopback_address(address)
             ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
         else:
             from drugprot.local_ray import start_local_ray
