@@ -28,8 +28,9 @@ def postgres_bin() -> Path | None:
 
 
 @contextlib.contextmanager
-def postgres_server(database: str = "mlflow"):
-    """Yield a SQLAlchemy URI ``postgresql+psycopg://postgres@127.0.0.1:PORT/DATABASE`` of a fresh server."""
+def postgres_server(database: str = "mlflow", *, password: str | None = None):
+    """Yield a SQLAlchemy URI ``postgresql+psycopg://postgres@127.0.0.1:PORT/DATABASE`` of a fresh server; with
+    ``password``, TCP logins need it (scram-sha-256) and the URI leaves it out (clients set PGPASSWORD)."""
     bin_dir = postgres_bin()
     if bin_dir is None:
         pytest.skip("PostgreSQL binaries not found: apt-get install -y postgresql (make test does this as root)")
@@ -43,10 +44,16 @@ def postgres_server(database: str = "mlflow"):
     log = root / "server.log"
 
     def run(*command: str) -> None:
-        subprocess.run([*as_user, *command], check=True, capture_output=True, timeout=120)
+        subprocess.run([*as_user, *command], check=True, capture_output=True, timeout=120,
+                       env={**os.environ, "PGPASSWORD": password} if password else None)
 
+    auth = ["--auth=trust"]
+    if password:
+        (root / "pwfile").write_text(password)
+        os.chmod(root / "pwfile", 0o644)   # initdb runs as the postgres user; the folder is removed at the end
+        auth = ["--auth-local=trust", "--auth-host=scram-sha-256", f"--pwfile={root / 'pwfile'}"]
     try:
-        run(str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8")
+        run(str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", *auth, "--no-sync", "-E", "UTF8")
         run(str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "60", "start",
             "-o", f"-h 127.0.0.1 -p {port} -k {root} -c fsync=off")
         run(str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", database)

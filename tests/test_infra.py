@@ -717,6 +717,171 @@ def test_compose_variables_are_documented():
     assert required <= documented
 
 
+MLFLOW_DIR = INFRA / "mlflow"
+OLD_PLACEHOLDERS = {"POSTGRES_PASSWORD": "change-me-postgres", "MINIO_ROOT_PASSWORD": "change-me-minio-at-least-8-chars",
+                    "MLFLOW_AUTH_ADMIN_PASSWORD": "change-me-admin-password",
+                    "MLFLOW_FLASK_SERVER_SECRET_KEY": "change-me-to-a-long-random-string"}
+
+
+def check_secrets(env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(MLFLOW_DIR / "check_secrets.py")], env=env, capture_output=True,
+                          text=True, timeout=60)
+
+
+def generated_env(tmp_path: Path) -> dict[str, str]:
+    target = tmp_path / "generated.env"
+    result = subprocess.run([str(MLFLOW_DIR / "setup.sh"), str(target)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert target.stat().st_mode & 0o777 == 0o600
+    values = {}
+    for line in target.read_text().splitlines():
+        if line and not line.startswith("#"):
+            key, value = line.split("=", 1)
+            values[key] = value
+    return values
+
+
+def test_setup_generates_every_secret_the_compose_file_requires(tmp_path):
+    values = generated_env(tmp_path)
+    required = set(re.findall(r"\$\{([A-Z_][A-Z0-9_]*):\?", COMPOSE.read_text()))
+    assert required and all(len(values[name]) == 64 for name in required), required
+    assert len({values[name] for name in required}) == len(required), "every secret is its own"
+    assert check_secrets({"PATH": os.environ["PATH"], **values}).returncode == 0
+    again = subprocess.run([str(MLFLOW_DIR / "setup.sh"), str(tmp_path / "generated.env")], capture_output=True,
+                           text=True, timeout=60)
+    assert again.returncode == 2 and "exists; delete it first" in again.stderr
+
+
+@pytest.mark.parametrize("name,value,why", [
+    *[(name, value, "looks like a placeholder ('change-me')") for name, value in OLD_PLACEHOLDERS.items()],
+    ("MLFLOW_S3_SECRET_KEY", "", "not set"),
+    ("POSTGRES_PASSWORD", "0123456789abcde", "15 characters; at least 16"),
+    ("MINIO_ROOT_PASSWORD", "x" * 20, "looks like a placeholder"),
+])
+def test_compose_preflight_refuses_weak_secrets(tmp_path, name, value, why):
+    env = {"PATH": os.environ["PATH"], **generated_env(tmp_path), name: value}
+    result = check_secrets(env)
+    assert result.returncode == 1
+    assert f"environment: {name}: {why}" in result.stderr, result.stderr
+    assert "run infra/mlflow/setup.sh" in result.stderr
+
+
+def test_compose_runs_the_preflight_before_anything():
+    services = compose()["services"]
+    assert services["preflight"]["command"] == ["python", "/etc/mlflow/check_secrets.py"]
+    assert "./check_secrets.py:/etc/mlflow/check_secrets.py:ro" in services["preflight"]["volumes"]
+    for name in ("postgres", "minio"):
+        assert services[name]["depends_on"]["preflight"]["condition"] == "service_completed_successfully"
+    checked = set(services["preflight"]["environment"])
+    secrets = set(re.findall(r"\$\{([A-Z_][A-Z0-9_]*(?:PASSWORD|SECRET_KEY)):", COMPOSE.read_text()))
+    assert secrets == checked, f"secrets the preflight does not check: {secrets - checked}"
+
+
+def test_no_secret_on_a_command_line():
+    """Every secret reaches its process through the environment: no `command` or `entrypoint` names one, and the
+    database URI MLflow gets carries no password (libpq reads PGPASSWORD)."""
+    services = compose()["services"]
+    for name, service in services.items():
+        command, entrypoint = service.get("command") or [], service.get("entrypoint") or []
+        for line in "\n".join([*command, *entrypoint]).splitlines():
+            if re.search(r"PASSWORD|SECRET", line):
+                # the one exception: piped through the shell's builtin printf into a program's stdin
+                assert re.fullmatch(r"""\s*printf '%s\\n' "\$\$\{\w+\}" \| mc [\w\s-]+"\$\$\{\w+\}"\s*""", line), (
+                    f"{name}: a secret on a command line: {line}")
+    backend = dict(zip(mlflow_server_argv()[::2], mlflow_server_argv()[1::2]))["--backend-store-uri"]
+    assert re.fullmatch(r"postgresql\+psycopg://\$\{POSTGRES_USER\}@postgres:5432/\$\{POSTGRES_DB\}", backend), backend
+    environment = services["mlflow"]["environment"]
+    assert environment["PGPASSWORD"] == environment["AWS_SECRET_ACCESS_KEY"].replace("MLFLOW_S3_SECRET_KEY",
+                                                                                     "POSTGRES_PASSWORD")
+
+
+def test_mlflow_uses_its_own_minio_user_limited_to_its_bucket():
+    import json
+
+    services = compose()["services"]
+    mlflow_env = services["mlflow"]["environment"]
+    assert "MINIO_ROOT" not in yaml.safe_dump(services["mlflow"]), "MLflow never sees MinIO's root keys"
+    assert mlflow_env["AWS_ACCESS_KEY_ID"] == "${MLFLOW_S3_ACCESS_KEY:-mlflow-server}"
+    assert mlflow_env["AWS_SECRET_ACCESS_KEY"].startswith("${MLFLOW_S3_SECRET_KEY:?")
+    init = services["minio-init"]["command"][0]
+    template = (MLFLOW_DIR / "minio-mlflow-policy.json").read_text()
+    # minio-init fills the %s with printf, one argument each
+    printf = next(line for line in init.splitlines() if line.strip().startswith("printf"))
+    assert printf.count('"$${MLFLOW_BUCKET}"') == template.count("%s") == 2
+    policy = json.loads(template % ("drugprot-bucket", "drugprot-bucket"))
+    resources = {r for statement in policy["Statement"] for r in statement["Resource"]}
+    assert resources == {"arn:aws:s3:::drugprot-bucket", "arn:aws:s3:::drugprot-bucket/*"}
+    actions = {a for statement in policy["Statement"] for a in statement["Action"]}
+    assert all(statement["Effect"] == "Allow" for statement in policy["Statement"])
+    assert {"s3:GetObject", "s3:PutObject", "s3:ListBucket"} <= actions and not any("*" in a for a in actions)
+    assert 'mc admin policy attach local mlflow-artifacts --user "$${MLFLOW_S3_ACCESS_KEY}"' in init
+    assert "minio-mlflow-policy.json" in yaml.safe_dump(services["minio-init"]["volumes"])
+
+
+@pytest.mark.timeout(240)
+def test_mlflow_server_as_composed_requires_login_and_grants_nothing_by_default(tmp_path):
+    """The compose file's `mlflow server` command, run for real: PostgreSQL that requires a password, which the
+    server gets only through PGPASSWORD; the basic-auth app with infra's basic_auth.ini. Anonymous requests get
+    401, and a fresh user cannot read the admin's experiment (default_permission NO_PERMISSIONS)."""
+    import configparser
+
+    import requests
+
+    from fixtures_mlflow import MLFLOW, _free_port, _stop, _wait_ready
+    from fixtures_postgres import postgres_server
+
+    password = "pg-" + os.urandom(16).hex()
+    admin_password = os.urandom(16).hex()
+    auth = configparser.ConfigParser()
+    auth.read(MLFLOW_DIR / "basic_auth.ini")
+    assert auth["mlflow"]["default_permission"] == "NO_PERMISSIONS"
+    auth["mlflow"]["database_uri"] = f"sqlite:///{tmp_path / 'basic_auth.db'}"
+    with (tmp_path / "basic_auth.ini").open("w") as handle:
+        auth.write(handle)
+
+    with postgres_server("mlflow", password=password) as uri:
+        host_port = uri.split("@", 1)[1].split("/", 1)[0]
+        argv = [a.replace("${POSTGRES_USER}", "postgres").replace("${POSTGRES_DB}", "mlflow")
+                 .replace("postgres:5432", host_port) for a in mlflow_server_argv()]
+        values = dict(zip(argv[::2], argv[1::2]))
+        port = _free_port()
+        command = [str(MLFLOW), "server", "--app-name", values["--app-name"],
+                   "--backend-store-uri", values["--backend-store-uri"],
+                   "--artifacts-destination", str(tmp_path / "artifacts"),
+                   "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+        env = {**os.environ, "PGPASSWORD": password, "MLFLOW_AUTH_CONFIG_PATH": str(tmp_path / "basic_auth.ini"),
+               "MLFLOW_AUTH_ADMIN_PASSWORD": admin_password, "MLFLOW_FLASK_SERVER_SECRET_KEY": os.urandom(16).hex(),
+               "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
+        with (tmp_path / "server.log").open("wb") as log:
+            server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            _wait_ready(base, server, tmp_path / "server.log", 150)
+            # the password is in no process's command line (the server and its workers)
+            for pid in session_members({server.pid}):
+                with contextlib.suppress(OSError):
+                    assert password not in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+            api = f"{base}/api/2.0/mlflow"
+            anonymous = requests.get(f"{api}/experiments/search", params={"max_results": 10}, timeout=10)
+            assert anonymous.status_code == 401
+            admin = ("admin", admin_password)
+            created = requests.post(f"{api}/experiments/create", json={"name": "private"}, auth=admin, timeout=10)
+            assert created.status_code == 200, created.text
+            experiment = created.json()["experiment_id"]
+            user = ("ray", os.urandom(16).hex())
+            made = requests.post(f"{api}/users/create", json={"username": user[0], "password": user[1]}, auth=admin,
+                                 timeout=10)
+            assert made.status_code == 200, made.text
+            denied = requests.get(f"{api}/experiments/get", params={"experiment_id": experiment}, auth=user,
+                                  timeout=10)
+            assert denied.status_code == 403, (denied.status_code, denied.text)
+            allowed = requests.get(f"{api}/experiments/get", params={"experiment_id": experiment}, auth=admin,
+                                   timeout=10)
+            assert allowed.status_code == 200
+        finally:
+            _stop(server)
+
+
 def test_pins_agree_with_constraints():
     pins = constraint_pins()
     server = dict(line.split("==", 1) for line in (INFRA / "mlflow" / "requirements.txt").read_text().splitlines()
@@ -751,18 +916,20 @@ def test_local_cluster_refuses_a_count_that_is_not_a_number(tmp_path, option):
     assert f"up: {option} 'two' is not a non-negative integer" in result.stderr, result.stderr
 
 
-def session_pids(state: Path) -> set[int]:
-    """Every process in the sessions that local-cluster.sh recorded (one per node)."""
-    sessions = {int(line.split()[0]) for line in state.read_text().splitlines() if line.strip()}
+def session_members(sessions: set[int]) -> set[int]:
+    """Every process whose session id is one of ``sessions``."""
     pids = set()
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
-            try:
+            with contextlib.suppress(OSError, IndexError, ValueError):
                 if int((entry / "stat").read_text().rsplit(") ", 1)[1].split()[3]) in sessions:
                     pids.add(int(entry.name))
-            except (OSError, IndexError, ValueError):
-                continue
     return pids
+
+
+def recorded_sessions(state: Path) -> set[int]:
+    """The sessions local-cluster.sh recorded (one per node)."""
+    return {int(line.split()[0]) for line in state.read_text().splitlines() if line.strip()}
 
 
 def tcp_listeners(pids: set[int]) -> list[tuple[str, int, int]]:
@@ -841,7 +1008,7 @@ def test_local_cluster_up_status_down():
         assert token_file.stat().st_mode & 0o077 == 0, "the token file is readable by its owner only"
 
         # Nothing the cluster opened is reachable from another machine: every listener is on loopback.
-        pids = session_pids(Path(tmpdir) / f"drugprot-cluster-{TEST_PORT}.sessions")
+        pids = session_members(recorded_sessions(Path(tmpdir) / f"drugprot-cluster-{TEST_PORT}.sessions"))
         listeners = tcp_listeners(pids)
         assert len(listeners) >= 10, listeners   # GCS, two raylets, agents, dashboard, metrics, Ray Client, ...
         exposed = [(address, port, Path(f"/proc/{pid}/comm").read_text().strip())
