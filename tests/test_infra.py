@@ -392,7 +392,8 @@ def quantity(value) -> float:
 
 def test_kustomization_parameters():
     kustomization = load_one(KUBERAY / "kustomization.yaml")
-    assert set(kustomization["resources"]) == {"raycluster.yaml", "rayjob.yaml", "rayservice.yaml", "sizing.yaml"}
+    assert set(kustomization["resources"]) == {"raycluster.yaml", "rayjob.yaml", "rayservice.yaml", "networkpolicy.yaml",
+                                               "sizing.yaml", "security.yaml"}
     for resource in kustomization["resources"]:
         assert (KUBERAY / resource).is_file()
     assert [image["name"] for image in kustomization["images"]] == [IMAGE_PLACEHOLDER]
@@ -404,11 +405,12 @@ def test_kustomization_parameters():
     assert params["MLFLOW_TRACKING_URI"].startswith("http"), params
     # Tune would otherwise move each trial into its own folder, away from /app where data/drugprot is.
     assert params["RAY_CHDIR_TO_TRIAL_DIR"] == "0"
-    sizing_doc = load_one(KUBERAY / "sizing.yaml")
-    assert sizing_doc["metadata"]["annotations"]["config.kubernetes.io/local-config"] == "true"
+    sources = {doc["kind"]: doc for doc in (load_one(KUBERAY / "sizing.yaml"), load_one(KUBERAY / "security.yaml"))}
+    for doc in sources.values():
+        assert doc["metadata"]["annotations"]["config.kubernetes.io/local-config"] == "true"
     for replacement in kustomization["replacements"]:
         source = replacement["source"]
-        node = sizing_doc
+        node = sources[source["kind"]]
         for part in source["fieldPath"].split("."):
             node = node[part]
         assert node is not None, source
@@ -444,7 +446,8 @@ def test_sizes_fit_the_workloads():
 def test_kustomize_renders_every_parameter():
     docs = list(yaml.safe_load_all(rendered_kuberay()))
     kinds = sorted(doc["kind"] for doc in docs)
-    assert kinds == ["ConfigMap", "RayCluster", "RayJob", "RayService"], kinds   # sizing.yaml stays local
+    assert kinds == ["ConfigMap", "NetworkPolicy", "NetworkPolicy", "NetworkPolicy", "RayCluster", "RayJob",
+                     "RayService"], kinds   # sizing.yaml and security.yaml stay local
     config_map = next(doc for doc in docs if doc["kind"] == "ConfigMap")
     assert config_map["metadata"]["name"] == "drugprot-config" and config_map["data"] == kuberay_params()
     kustomization = load_one(KUBERAY / "kustomization.yaml")
@@ -453,7 +456,7 @@ def test_kustomize_renders_every_parameter():
     size = sizing()
 
     for doc in docs:
-        if doc["kind"] == "ConfigMap":
+        if doc["kind"] in ("ConfigMap", "NetworkPolicy"):
             continue
         assert doc["metadata"]["namespace"] == kustomization["namespace"]
         for container in pod_containers(doc):
@@ -467,6 +470,119 @@ def test_kustomize_renders_every_parameter():
         bounds = size["serve"] if doc["kind"] == "RayService" else size["tune"]
         assert (group["minReplicas"], group["replicas"], group["maxReplicas"]) == (
             bounds["minReplicas"], bounds["minReplicas"], bounds["maxReplicas"])
+
+
+# --- KubeRay: pods locked down, network closed, Ray token auth ----------------------------------------------------
+
+
+def pod_templates(doc: dict) -> dict[str, dict]:
+    """``{where: pod template}`` of every pod a rendered Ray resource makes (heads, workers, the RayJob submitter)."""
+    spec = doc["spec"]
+    cluster = {"RayCluster": spec, "RayJob": spec.get("rayClusterSpec"), "RayService": spec.get("rayClusterConfig")}[doc["kind"]]
+    found = {f"{doc['kind']}.head": cluster["headGroupSpec"]["template"]}
+    for group in cluster["workerGroupSpecs"]:
+        found[f"{doc['kind']}.{group['groupName']}"] = group["template"]
+    if "submitterPodTemplate" in spec:
+        found[f"{doc['kind']}.submitter"] = spec["submitterPodTemplate"]
+    return found
+
+
+def ray_resources() -> list[dict]:
+    return [doc for doc in yaml.safe_load_all(rendered_kuberay()) if doc["kind"] in CRD_FILES]
+
+
+def test_every_ray_pod_runs_unprivileged_on_a_read_only_root():
+    dockerfile = (INFRA / "docker" / "Dockerfile").read_text()
+    uid = int(re.search(r"useradd .*--uid (\d+)", dockerfile).group(1))
+    assert re.search(r"^USER ray$", dockerfile, flags=re.M) and "ENV HOME=/home/ray" in dockerfile
+    templates = {where: t for doc in ray_resources() for where, t in pod_templates(doc).items()}
+    assert len(templates) == 7, sorted(templates)   # head + GPU workers of three clusters, and the submitter
+    for where, template in templates.items():
+        spec = template["spec"]
+        assert spec["securityContext"]["runAsNonRoot"] is True, where
+        assert spec["securityContext"]["runAsUser"] == uid and spec["securityContext"]["fsGroup"] == uid, where
+        assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, where
+        assert template["metadata"]["labels"]["app.kubernetes.io/name"] == "drugprot", f"{where}: the NetworkPolicy selects it"
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        for container in spec["containers"]:
+            context = container["securityContext"]
+            assert context["allowPrivilegeEscalation"] is False and context["capabilities"] == {"drop": ["ALL"]}, where
+            assert context["readOnlyRootFilesystem"] is True, where
+            mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+            # what Ray, Python and drugprot write goes to emptyDir volumes
+            writable = {"/tmp", "/home/ray"} | ({"/tmp/ray", "/app/runs", "/dev/shm"} if "ray-" in container["name"] and
+                                                 "submitter" not in container["name"] else set())
+            assert writable <= set(mounts), f"{where}: {sorted(writable - set(mounts))} not mounted"
+            assert all("emptyDir" in volumes[mounts[path]] for path in writable), where
+    for doc in ray_resources():
+        cluster = doc["spec"].get("rayClusterSpec") or doc["spec"].get("rayClusterConfig") or doc["spec"]
+        sidecar = cluster["autoscalerOptions"]["securityContext"]
+        assert sidecar == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}, doc["kind"]
+        # Ray's token auth: KubeRay sets RAY_AUTH_MODE=token and the token from the Secret on every Ray container
+        assert cluster["authOptions"] == {"mode": "token", "secretName": "drugprot-ray-auth"}, doc["kind"]
+
+
+def test_the_study_writes_only_to_writable_folders():
+    entry = load_one(KUBERAY / "rayjob.yaml")["spec"]["entrypoint"]
+    storage = re.search(r"--optuna-storage (\S+)", entry).group(1)
+    assert storage.startswith("sqlite:////app/runs/"), "the Optuna SQLite file goes to the writable /app/runs volume"
+    assert kuberay_params()["HF_HUB_OFFLINE"] == "1", "the image's Hugging Face cache is read-only"
+
+
+def network_policies() -> dict[str, dict]:
+    return {doc["metadata"]["name"]: doc for doc in yaml.safe_load_all(rendered_kuberay()) if doc["kind"] == "NetworkPolicy"}
+
+
+# kubectl's client-side validation (`kubectl apply --dry-run=client --validate=strict`) fetches the OpenAPI schema from
+# a cluster; without one, the same Kubernetes OpenAPI schemas come from kubernetes-validate, strictly (no unknown
+# field). KUBERNETES_VERSION is the oldest release that the manifests promise to work on.
+KUBERNETES_VERSION = "1.30.0"
+
+
+def kubernetes_schema_errors(doc: dict) -> list[str]:
+    import kubernetes_validate
+
+    try:
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as error:
+        return [f"{doc['kind']} {doc['metadata']['name']}: {'.'.join(map(str, error.path))}: {error.message}"]
+    return []
+
+
+def test_network_policies_pass_the_kubernetes_schema_strictly():
+    policies = network_policies()
+    assert set(policies) == {"drugprot-ray-internal", "drugprot-ray-operator", "drugprot-serve-ingress"}
+    for policy in policies.values():
+        assert policy["metadata"]["namespace"] == load_one(KUBERAY / "kustomization.yaml")["namespace"]
+        assert kubernetes_schema_errors(policy) == []
+    # and the check is a real one: a misspelt field and a mistyped port are refused
+    broken = network_policies()["drugprot-serve-ingress"]
+    broken["spec"]["ingress"][0]["form"] = broken["spec"]["ingress"][0].pop("from")
+    assert any("form" in error for error in kubernetes_schema_errors(broken)), kubernetes_schema_errors(broken)
+    mistyped = network_policies()["drugprot-ray-operator"]
+    mistyped["spec"]["ingress"][0]["ports"][0]["port"] = [8265]
+    assert kubernetes_schema_errors(mistyped)
+
+
+def test_network_policies_open_ray_within_drugprot_and_serve_to_the_ingress_only():
+    policies = network_policies()
+    drugprot = {"app.kubernetes.io/name": "drugprot"}
+    for policy in policies.values():
+        assert policy["spec"]["policyTypes"] == ["Ingress"]
+        assert drugprot.items() <= policy["spec"]["podSelector"]["matchLabels"].items()
+    internal = policies["drugprot-ray-internal"]["spec"]["ingress"]
+    assert internal == [{"from": [{"podSelector": {"matchLabels": drugprot}}]}], "every port, from drugprot's pods only"
+    operator = policies["drugprot-ray-operator"]["spec"]
+    assert operator["podSelector"]["matchLabels"]["ray.io/node-type"] == "head"
+    assert [p["port"] for p in operator["ingress"][0]["ports"]] == [8265, 52365]
+    serve = policies["drugprot-serve-ingress"]["spec"]["ingress"]
+    serve_port = yaml.safe_load(load_one(KUBERAY / "rayservice.yaml")["spec"]["serveConfigV2"])["http_options"]["port"]
+    assert len(serve) == 1 and serve[0]["ports"] == [{"protocol": "TCP", "port": serve_port}]
+    peer = serve[0]["from"][0]
+    assert set(peer) == {"namespaceSelector", "podSelector"}, "one peer: the ingress pods in the ingress namespace"
+    assert peer["namespaceSelector"]["matchLabels"] and peer["podSelector"]["matchLabels"]
+    for rule in (*internal, *operator["ingress"], *serve):
+        assert all("ipBlock" not in peer for peer in rule["from"]), "no address range is opened"
 
 
 # --- `drugprot …` commands in infra/ are accepted by the CLI ------------------------------------------------------
