@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from fixtures_mlflow import mlflow_server  # noqa: F401  (fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 INFRA = REPO / "infra"
@@ -583,6 +584,112 @@ def test_network_policies_open_ray_within_drugprot_and_serve_to_the_ingress_only
     assert peer["namespaceSelector"]["matchLabels"] and peer["podSelector"]["matchLabels"]
     for rule in (*internal, *operator["ingress"], *serve):
         assert all("ipBlock" not in peer for peer in rule["from"]), "no address range is opened"
+
+
+# --- KubeRay: the RayService pinned to the version the alias names when rendered ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def registry(mlflow_server):
+    """A real MLflow server whose model drugprot has versions 1 and 2, with @champion on 2."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(mlflow_server)
+    client.create_registered_model("drugprot")
+    for _ in range(2):
+        run = client.create_run("0")
+        client.create_model_version("drugprot", source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id)
+    client.set_registered_model_alias("drugprot", "champion", "2")
+    return mlflow_server, client
+
+
+def drugprot_manifest(*args: str, stdin: str, monkeypatch, capsys) -> subprocess.CompletedProcess:
+    """``drugprot manifest ARGS`` in this process (the CLI's own entry point), with ``stdin`` as its input."""
+    import io
+
+    from drugprot.cli import main
+
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    code = main(["manifest", *args])
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["drugprot", "manifest", *args], code, out, err)
+
+
+def serve_model(doc: dict) -> str:
+    return yaml.safe_load(doc["spec"]["serveConfigV2"])["applications"][0]["args"]["model"]
+
+
+def test_rendering_pins_the_version_the_alias_names_now(registry, tmp_path, monkeypatch, capsys):
+    uri, client = registry
+    result = drugprot_manifest("-", "--tracking-uri", uri, "--out", str(tmp_path / "rendered.yaml"),
+                               stdin=rendered_kuberay(), monkeypatch=monkeypatch, capsys=capsys)
+    assert result.returncode == 0, result.stderr
+    assert "models:/drugprot@champion -> version 2 (pinned)" in result.stderr
+    docs = list(yaml.safe_load_all((tmp_path / "rendered.yaml").read_text()))
+    assert sorted(d["kind"] for d in docs) == sorted(d["kind"] for d in yaml.safe_load_all(rendered_kuberay()))
+    service = next(d for d in docs if d["kind"] == "RayService")
+    assert serve_model(service) == "models:/drugprot/2"
+    annotations = service["metadata"]["annotations"]
+    assert annotations["drugprot.io/model-alias"] == "models:/drugprot@champion"
+    assert annotations["drugprot.io/model-version"] == "2"
+    assert annotations["drugprot.io/model-policy"].startswith("pinned:")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", annotations["drugprot.io/model-resolved-at"])
+    # the rest of the Serve config is unchanged, and the resource still passes the CRD strictly
+    before = yaml.safe_load(rendered("RayService")["spec"]["serveConfigV2"])
+    after = yaml.safe_load(service["spec"]["serveConfigV2"])
+    before["applications"][0]["args"]["model"] = "models:/drugprot/2"
+    assert after == before
+    assert schema_errors(service) == []
+    from drugprot.serving.options import parse_options
+
+    assert parse_options(after["applications"][0]["args"]).model == "models:/drugprot/2"
+
+    # a promotion after rendering does not move the rendered manifest; rendering again does
+    client.set_registered_model_alias("drugprot", "champion", "1")
+    try:
+        assert serve_model(next(d for d in yaml.safe_load_all((tmp_path / "rendered.yaml").read_text())
+                                if d["kind"] == "RayService")) == "models:/drugprot/2"
+        again = drugprot_manifest("-", "--tracking-uri", uri, stdin=rendered_kuberay(), monkeypatch=monkeypatch,
+                                  capsys=capsys)
+        assert again.returncode == 0, again.stderr
+        assert serve_model(next(d for d in yaml.safe_load_all(again.stdout) if d["kind"] == "RayService")) == "models:/drugprot/1"
+    finally:
+        client.set_registered_model_alias("drugprot", "champion", "2")
+
+
+def test_following_the_alias_is_explicit_and_recorded(registry, monkeypatch, capsys):
+    uri, _ = registry
+    result = drugprot_manifest("-", "--tracking-uri", uri, "--follow-alias", stdin=rendered_kuberay(),
+                               monkeypatch=monkeypatch, capsys=capsys)
+    assert result.returncode == 0, result.stderr
+    service = next(d for d in yaml.safe_load_all(result.stdout) if d["kind"] == "RayService")
+    assert serve_model(service) == "models:/drugprot@champion"
+    annotations = service["metadata"]["annotations"]
+    assert annotations["drugprot.io/model-version"] == "2"
+    assert annotations["drugprot.io/model-policy"].startswith("follow-alias:")
+    assert schema_errors(service) == []
+
+
+@pytest.mark.parametrize("stdin, args, message", [
+    (None, ["--tracking-uri", "URI"], r"models:/drugprot@champion: model 'drugprot' has no alias 'champion' \(aliases: "
+                                      r"@champion -> version 2, @gone -> version 1\)"),
+    ("kind: ConfigMap\nmetadata: {name: x}\n", ["--tracking-uri", "URI"], r"no RayService in the input"),
+    ("a: [1,\n", ["--tracking-uri", "URI"], r"stdin: not YAML"),
+])
+def test_rendering_refuses_what_it_cannot_pin(registry, stdin, args, message, monkeypatch, capsys):
+    uri, client = registry
+    text = rendered_kuberay() if stdin is None else stdin
+    if stdin is None:   # an alias that does not exist
+        text = text.replace("models:/drugprot@champion", "models:/drugprot@champion-typo")
+        message = message.replace("alias 'champion'", "alias 'champion-typo'").replace("@champion: model",
+                                                                                        "@champion-typo: model")
+        client.set_registered_model_alias("drugprot", "gone", "1")
+    result = drugprot_manifest("-", *[uri if a == "URI" else a for a in args], stdin=text, monkeypatch=monkeypatch,
+                               capsys=capsys)
+    assert result.returncode == 1, result.stderr
+    assert re.search(message, result.stderr), result.stderr
+    assert result.stdout == "", "nothing half-written"
 
 
 # --- `drugprot …` commands in infra/ are accepted by the CLI ------------------------------------------------------

@@ -15,7 +15,8 @@ import sys
 
 from drugprot.errors import DrugprotError
 
-COMMAND_MODULES = ("data", "encoder", "evaluate", "train", "predict", "tune", "ensemble", "distill", "serve")
+COMMAND_MODULES = ("data", "encoder", "evaluate", "train", "predict", "tune", "ensemble", "distill", "serve",
+                   "manifest")
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
