@@ -6,7 +6,9 @@ problem that names the file, the dotted key and the value found, e.g. ``smoke.ya
 
 from __future__ import annotations
 
+import difflib
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -179,13 +181,47 @@ class ConfigError(DrugprotError, ValueError):
     """A configuration problem, already phrased for the user (source, dotted key, value)."""
 
 
-def format_validation_error(source: str, error: ValidationError) -> str:
+def config_keys(model: type[BaseModel] | None = None, prefix: str = "") -> dict[str, Any]:
+    """Every leaf config key (``"train.lr"``, ``"loss.lambda"``) with its annotation."""
+    keys: dict[str, Any] = {}
+    for name, info in (model or RunConfig).model_fields.items():
+        key = prefix + (info.alias or name)
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            keys.update(config_keys(annotation, key + "."))
+        else:
+            keys[key] = annotation
+    return keys
+
+
+def nearest_key(key: str, known: Iterable[str]) -> str | None:
+    """The known key (or section) a typo most likely meant: ``train.lrr`` -> ``train.lr``, ``trian`` -> ``train``."""
+    candidates = set(known) | {k.split(".", 1)[0] for k in known}
+    close = difflib.get_close_matches(key, sorted(candidates), n=1, cutoff=0.75)
+    return close[0] if close else None
+
+
+def key_choices(key: str, known: Iterable[str]) -> str:
+    """What exists beside an unknown key: its section's keys (``train has: …``), else the sections."""
+    known = list(known)
+    section = key.partition(".")[0]
+    siblings = sorted(k.split(".", 1)[1] for k in known if k.startswith(section + "."))
+    if siblings:
+        return f"{section} has: {', '.join(siblings)}"
+    return f"sections: {', '.join(sorted({k.split('.')[0] for k in known}))}"
+
+
+def format_validation_error(source: str, error: ValidationError, known_keys: Iterable[str] | None = None) -> str:
+    """One ``SOURCE: KEY: problem`` line per error; with ``known_keys``, an unknown key names the nearest one."""
     lines = []
     for item in error.errors():
         key = ".".join(str(p) for p in item["loc"]) or "(top level)"
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             message = "unknown key"
+            nearest = nearest_key(key, known_keys) if known_keys is not None else None
+            if nearest:
+                message += f"; did you mean {nearest}?"
         elif "input" in item and item["type"] != "missing" and item["loc"]:
             message = f"{message}, got {item['input']!r}"
         lines.append(f"{source}: {key}: {message}")
@@ -223,7 +259,7 @@ def build_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as error:
-        raise ConfigError(format_validation_error(source, error)) from None
+        raise ConfigError(format_validation_error(source, error, config_keys())) from None
 
 
 def read_yaml(path: str | os.PathLike, what: str, error: type[ConfigError] = ConfigError) -> Any:

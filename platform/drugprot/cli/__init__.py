@@ -22,9 +22,23 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 
+class CommandParser(argparse.ArgumentParser):
+    """A subcommand's parser: an option it does not know is refused with this subcommand's usage (argparse would
+    hand it up and print the top level's ``drugprot [-h] COMMAND``)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from drugprot import __version__
+
     parser = argparse.ArgumentParser(prog="drugprot", description="DrugProt chemical–gene relation extraction platform.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("--version", action="version", version=f"drugprot {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=CommandParser)
     for name in COMMAND_MODULES:
         try:
             module = importlib.import_module(f"drugprot.cli.{name}")

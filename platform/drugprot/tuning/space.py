@@ -53,7 +53,8 @@ import yaml
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, StrictBool, StrictInt, Tag,
                       ValidationError, ValidationInfo, field_validator, model_validator)
 
-from drugprot.config import ConfigError, RunConfig, build_config, merge, read_yaml
+from drugprot.config import (ConfigError, RunConfig, build_config, config_keys, key_choices, merge, nearest_key,
+                             read_yaml)
 
 KINDS = ("uniform", "loguniform", "int", "choice", "fixed")
 INTERVAL_KEY = "sampling.interval"
@@ -242,19 +243,6 @@ def _set(nested: dict, dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
-def config_keys(model: type[BaseModel] = RunConfig, prefix: str = "") -> dict[str, Any]:
-    """Every leaf config key (``"train.lr"``, ``"loss.lambda"``) with its annotation."""
-    keys: dict[str, Any] = {}
-    for name, info in model.model_fields.items():
-        key = prefix + (info.alias or name)
-        annotation = info.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            keys.update(config_keys(annotation, key + "."))
-        else:
-            keys[key] = annotation
-    return keys
-
-
 # --- the file's schema (pydantic) -------------------------------------------------------------------------------
 
 class _Strict(BaseModel):
@@ -390,11 +378,9 @@ class IntervalPair(_Strict):
 def _config_key(key: str) -> str:
     known = config_keys()
     if key not in known:
-        section, _, _ = key.partition(".")
-        siblings = sorted(k.split(".", 1)[1] for k in known if k.startswith(section + "."))
-        hint = f" ({section} has: {', '.join(siblings)})" if siblings else \
-            f" (sections: {', '.join(sorted({k.split('.')[0] for k in known}))})"
-        raise ValueError(f"unknown config key '{key}'{hint}")
+        nearest = nearest_key(key, known)
+        raise ValueError(f"unknown config key '{key}' ({key_choices(key, known)})"
+                         + (f"; did you mean {nearest}?" if nearest else ""))
     return key
 
 
