@@ -1202,6 +1202,19 @@ def test_listener_classification():
         assert ("127.0.0.1", sock.getsockname()[1], os.getpid()) in tcp_listeners({os.getpid()})
 
 
+@pytest.mark.parametrize("address, kept", [("127.0.0.1:6400", True), ("ray://localhost:10001", True),
+                                             ("[::1]:6379", True), ("10.1.2.3:6379", False), ("head.example:6379", False)])
+def test_a_loopback_cluster_address_is_joined_on_loopback(monkeypatch, address, kept):
+    """Ray would rewrite 127.0.0.1 to the network address, where local-cluster.sh's nodes do not listen."""
+    from drugprot.local_ray import keep_loopback_address
+
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "1")
+    if "ray._private.ray_constants" in sys.modules:
+        monkeypatch.setattr(sys.modules["ray._private.ray_constants"], "ENABLE_RAY_CLUSTER", True)
+    keep_loopback_address(address)
+    assert (os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0") is kept
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_local_cluster_up_status_down():

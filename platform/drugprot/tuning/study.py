@@ -195,6 +195,9 @@ def connect_ray(address: str | None, *, timeout: float = 15.0, num_cpus: int | N
         cpus = num_cpus or int(os.environ.get("DRUGPROT_RAY_NUM_CPUS", "0")) or None
         start_local_ray(num_cpus=cpus, object_store_mb=256, logging_level=logging.WARNING)
         return True
+    from drugprot.local_ray import keep_loopback_address
+
+    keep_loopback_address(os.environ.get("RAY_ADDRESS") if address == "auto" else address)
     target = address
     if address == "auto":
         try:
@@ -212,9 +215,6 @@ def connect_ray(address: str | None, *, timeout: float = 15.0, num_cpus: int | N
         raise StudyError(f"--address {address}: no Ray cluster answers at {hostport[0]}:{hostport[1]} ({reason}) "
                          f"after {timeout:.0f} s; check the address, or start the head with "
                          f"`ray start --head --port={hostport[1]}`")
-    from drugprot.local_ray import keep_loopback_address
-
-    keep_loopback_address(target)
     try:
         ray.init(address=address if address != "auto" else target, **common)
     except Exception as error:  # noqa: BLE001
