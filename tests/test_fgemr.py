@@ -9,9 +9,10 @@ import torch
 
 from drugprot.corpus import read_split
 from drugprot.encoding import PairEncoder, add_marker_tokens
-from drugprot.fgemr import apply_gene_types, gene_examples, predict_gene_types, train_gene_typer
+from drugprot.fgemr import apply_gene_types, gene_examples, predict_gene_types
 from drugprot.model.encoder import build_encoder, load_tokenizer
 from drugprot.model.heads import GeneTypeClassifier
+from drugprot.training import NonFiniteTraining, train_gene_typer
 from fixtures_models import smoke_config, train_smoke
 
 FGEMR = {"model.system": "fgemr", "model.markers": "fine", "data.max_train_docs": 12, "data.max_dev_docs": 4,
@@ -30,13 +31,19 @@ def docs(sample_dir):
     return read_split(sample_dir, "training").documents[:12], read_split(sample_dir, "development").documents[:4]
 
 
-@pytest.fixture(scope="module")
-def typer(tokenizer, docs):
+TYPER = {"train.seed": 3, "train.precision": "fp32", "fgemr.epochs": 2, "fgemr.lr": 3e-3, "fgemr.holdout": 0.25}
+
+
+def tiny_encoder(tokenizer):
     encoder = build_encoder("tiny-random", seed=3)
     encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    return encoder
+
+
+@pytest.fixture(scope="module")
+def typer(tokenizer, docs):
     torch.manual_seed(3)
-    return train_gene_typer(encoder, tokenizer, docs[0], epochs=2, lr=3e-3, holdout=0.25, seed=3, max_length=128,
-                            token_budget=4096, max_pairs=32, device=torch.device("cpu"), precision="fp32")
+    return train_gene_typer(smoke_config(**TYPER), tiny_encoder(tokenizer), tokenizer, docs[0], device=torch.device("cpu"))
 
 
 def test_sample_dev_genes_are_plain_gene(docs):
@@ -62,6 +69,36 @@ def test_gene_typer_reports_held_out_accuracy(typer):
     assert report["gene_typer_holdout_genes"] > 0
     assert 0.0 <= report["gene_typer_accuracy"] <= 1.0
     assert report["gene_typer_steps"] > 0
+
+
+def test_gene_typer_steps_through_train_step_with_the_configs_optimizer_settings(tokenizer, docs, monkeypatch):
+    from drugprot import training
+
+    seen = []
+    real_step = training.train_step
+
+    def spy(model, batch, optimizer, scheduler=None, **options):
+        seen.append((optimizer.param_groups[0]["weight_decay"], options["grad_clip"], scheduler.get_last_lr()[0]))
+        return real_step(model, batch, optimizer, scheduler, **options)
+
+    monkeypatch.setattr(training, "train_step", spy)
+    config = smoke_config(**{**TYPER, "train.weight_decay": 0.2, "train.grad_clip": 0.5, "train.warmup": 0.5})
+    _, report = train_gene_typer(config, tiny_encoder(tokenizer), tokenizer, docs[0], device=torch.device("cpu"))
+    assert len(seen) == report["gene_typer_steps"] >= 4
+    assert {(decay, clip) for decay, clip, _ in seen} == {(0.2, 0.5)}
+    rates = [rate for _, _, rate in seen]
+    warm = report["gene_typer_steps"] // 2  # half the steps warm up from 0 to fgemr.lr
+    assert rates[0] == 0.0 and rates[:warm + 1] == sorted(rates[:warm + 1]) and max(rates) == pytest.approx(3e-3)
+
+
+def test_gene_typer_stops_on_non_finite_steps_like_the_relation_model(tokenizer, docs):
+    encoder = tiny_encoder(tokenizer)
+    with torch.no_grad():
+        encoder.get_input_embeddings().weight.fill_(float("nan"))
+    config = smoke_config(**{**TYPER, "train.max_nonfinite_steps": 2})
+    with pytest.raises(NonFiniteTraining, match=r"FGEMR gene typer \(its rate is fgemr\.lr=0\.003\): step 2: 2 consecutive steps had a "
+                                           r"non-finite loss .*max_nonfinite_steps is 2"):
+        train_gene_typer(config, encoder, tokenizer, docs[0], device=torch.device("cpu"))
 
 
 def test_predicted_types_cover_every_plain_gene(tokenizer, docs, typer):

@@ -2,7 +2,8 @@
 
 Training sees gold fine types (training genes are GENE-Y or GENE-N); development and test genes are plain GENE,
 so the relation model's fine markers there come from this classifier. Its accuracy is measured on a held-out
-share of the training documents, chosen from the run seed.
+share of the training documents, chosen from the run seed. It is trained by ``drugprot.training.train_gene_typer``,
+through the same step as the relation model.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from drugprot.corpus import Document
 from drugprot.encoding import marker_tokens, token_budget_batches
 from drugprot.model.runtime import autocast
 from drugprot.model.heads import GeneTypeClassifier
-from drugprot.model.optim import build_optimizer, linear_schedule
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +54,7 @@ def gene_examples(documents: Sequence[Document], tokenizer, max_length: int) -> 
     return examples
 
 
-def _collate(examples: Sequence[GeneExample], pad_id: int):
+def collate_genes(examples: Sequence[GeneExample], pad_id: int):
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -70,7 +70,7 @@ def _predict(typer: GeneTypeClassifier, examples: Sequence[GeneExample], pad_id:
     typer.eval()
     predictions = [0] * len(examples)
     for members in token_budget_batches(examples, token_budget=16384, max_pairs=256):
-        ids, mask, position, _ = _collate([examples[i] for i in members], pad_id)
+        ids, mask, position, _ = collate_genes([examples[i] for i in members], pad_id)
         with autocast(device, precision):
             logits = typer(ids.to(device), mask.to(device), position.to(device))
         for i, label in zip(members, logits.argmax(-1).tolist()):
@@ -78,48 +78,21 @@ def _predict(typer: GeneTypeClassifier, examples: Sequence[GeneExample], pad_id:
     return predictions
 
 
-def train_gene_typer(encoder, tokenizer, documents: Sequence[Document], *, epochs: float, lr: float, holdout: float,
-                     seed: int, max_length: int, token_budget: int, max_pairs: int, device: torch.device,
-                     precision: str = "bf16", dropout: float = 0.1) -> tuple[GeneTypeClassifier, dict]:
-    """Train on the training genes minus a held-out share of documents; report held-out accuracy."""
+def split_holdout(documents: Sequence[Document], holdout: float, seed: int) -> tuple[list[Document], list[Document]]:
+    """``(held out, used)``: a ``holdout`` share of the documents (at least one when there are two), chosen by ``seed``."""
     docs = list(documents)
     random.Random(seed).shuffle(docs)
     cut = max(1, int(round(len(docs) * holdout))) if len(docs) > 1 else 0
-    held, used = docs[:cut], docs[cut:]
-    train_examples = [e for e in gene_examples(used, tokenizer, max_length) if e.label >= 0]
-    if not train_examples:
-        from drugprot.errors import DrugprotError
+    return docs[:cut], docs[cut:]
 
-        raise DrugprotError("model.system fgemr: the training split has no GENE-Y/GENE-N genes to learn from")
-    typer = GeneTypeClassifier(encoder, dropout=dropout).to(device)
-    optimizer = build_optimizer(typer, lr=lr, weight_decay=0.01, device=device)
-    per_epoch = token_budget_batches(train_examples, token_budget=token_budget, max_pairs=max_pairs)
-    total = max(1, int(round(epochs * len(per_epoch))))
-    scheduler = linear_schedule(optimizer, total_steps=total, warmup_steps=int(0.1 * total))
-    step = epoch = 0
-    while step < total:
-        for members in token_budget_batches(train_examples, token_budget=token_budget, max_pairs=max_pairs,
-                                            shuffle_seed=seed * 1000 + epoch):
-            if step >= total:
-                break
-            typer.train()
-            ids, mask, position, label = (t.to(device) for t in _collate([train_examples[i] for i in members], tokenizer.pad_token_id))
-            with autocast(device, precision):
-                logits = typer(ids, mask, position)
-            loss = torch.nn.functional.cross_entropy(logits.float(), label)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(typer.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-        epoch += 1
-    held_examples = [e for e in gene_examples(held, tokenizer, max_length) if e.label >= 0]
-    correct = sum(int(p == e.label) for p, e in zip(_predict(typer, held_examples, tokenizer.pad_token_id, device, precision), held_examples))
-    report = {"gene_typer_holdout_docs": len(held), "gene_typer_holdout_genes": len(held_examples),
-              "gene_typer_accuracy": correct / len(held_examples) if held_examples else float("nan"),
-              "gene_typer_steps": total}
-    return typer, report
+
+def holdout_report(typer: GeneTypeClassifier, tokenizer, held: Sequence[Document], *, device: torch.device,
+                   max_length: int, precision: str, steps: int) -> dict:
+    """The typer's accuracy on the known-type genes of the held-out documents, with the counts behind it."""
+    examples = [e for e in gene_examples(held, tokenizer, max_length) if e.label >= 0]
+    correct = sum(int(p == e.label) for p, e in zip(_predict(typer, examples, tokenizer.pad_token_id, device, precision), examples))
+    return {"gene_typer_holdout_docs": len(held), "gene_typer_holdout_genes": len(examples),
+            "gene_typer_accuracy": correct / len(examples) if examples else float("nan"), "gene_typer_steps": steps}
 
 
 def predict_gene_types(typer: GeneTypeClassifier, tokenizer, documents: Sequence[Document], *, device: torch.device,

@@ -177,7 +177,8 @@ def _dedupe(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def train_step(model: RelationModel, batch: Batch | Sequence[Batch], optimizer: torch.optim.Optimizer, scheduler=None,
                *, device: torch.device, precision: str = "bf16", gamma: float = 0.0, lambda_: float = 0.5,
                grad_clip: float = 1.0, forward: Callable | None = None, teacher: torch.Tensor | None = None,
-               temperature: float = 1.0, teacher_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+               temperature: float = 1.0, teacher_weight: float = 0.0,
+               loss_fn: Callable[[Any], torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimisation step on a batch, or on the micro-batches of one step, already on ``device``: autocast
     forward, loss, backward (per micro-batch), clip, step.
 
@@ -187,30 +188,38 @@ def train_step(model: RelationModel, batch: Batch | Sequence[Batch], optimizer: 
     ``forward`` is the callable that runs the model (a ``torch.compile``d wrapper, say; default ``model``).
     ``teacher``: (pairs, L) target probabilities for distillation, rows in the micro-batches' order, weighted
     ``teacher_weight`` against the gold loss.
+    ``loss_fn``: for another model (FGEMR's gene typer), the loss of ``batch``, one batch of whatever it takes,
+    forward included (run under autocast).
     Returns ``(loss, nonfinite)``, both detached and left on the device (no host synchronisation): ``nonfinite`` is
     true when the loss or the gradient norm was not finite, in which case the weights and the optimizer state were
     left as they were. With the fused AdamW of :func:`build_optimizer` the skip happens on the device (it honours
     ``found_inf``, the protocol ``torch.amp.GradScaler`` uses), so no step waits for the host to look at the loss.
     """
-    parts = [batch] if isinstance(batch, Batch) else list(batch)
-    pairs = sum(part.input_ids.size(0) for part in parts)
-    counts = None
-    if len(parts) > 1:
-        counts = (pairs, sum((part.entity_types != IGNORE_INDEX).sum() for part in parts).clamp_min(1))
     model.train()
-    total = torch.zeros((), device=device)
-    done = 0
-    for part in parts:
-        size = part.input_ids.size(0)
+    if loss_fn is not None:
         with autocast(device, precision):
-            out = (forward or model)(part.input_ids, part.attention_mask, part.subject, part.object)
-        loss = model.loss(out, part.target, part.entity_types, gamma=gamma, lambda_=lambda_, step_counts=counts)
-        if teacher is not None:
-            distill = distillation_loss(out["logits"], teacher[done:done + size], temperature) * (size / pairs)
-            loss = (1 - teacher_weight) * loss + teacher_weight * distill
+            loss = loss_fn(batch)
         loss.backward()
-        total = total + loss.detach()
-        done += size
+        total = loss.detach()
+    else:
+        parts = [batch] if isinstance(batch, Batch) else list(batch)
+        pairs = sum(part.input_ids.size(0) for part in parts)
+        counts = None
+        if len(parts) > 1:
+            counts = (pairs, sum((part.entity_types != IGNORE_INDEX).sum() for part in parts).clamp_min(1))
+        total = torch.zeros((), device=device)
+        done = 0
+        for part in parts:
+            size = part.input_ids.size(0)
+            with autocast(device, precision):
+                out = (forward or model)(part.input_ids, part.attention_mask, part.subject, part.object)
+            loss = model.loss(out, part.target, part.entity_types, gamma=gamma, lambda_=lambda_, step_counts=counts)
+            if teacher is not None:
+                distill = distillation_loss(out["logits"], teacher[done:done + size], temperature) * (size / pairs)
+                loss = (1 - teacher_weight) * loss + teacher_weight * distill
+            loss.backward()
+            total = total + loss.detach()
+            done += size
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     nonfinite = ~(torch.isfinite(total) & torch.isfinite(norm))
     if optimizer.defaults.get("fused"):
@@ -480,7 +489,7 @@ def _evaluate(model, dev_docs, dev_candidates, dev_pairs, pad_id, device, precis
 def _fgemr(config: RunConfig, tokenizer, train_docs, dev_docs, checkpoint: _Checkpoint | None, device,
            say: Callable[[str], None]):
     """Train (or restore) the gene typer and give dev genes their predicted fine types."""
-    from drugprot.fgemr import apply_gene_types, predict_gene_types, train_gene_typer
+    from drugprot.fgemr import apply_gene_types, predict_gene_types
 
     cfg = config.train
     encoder = build_encoder(config.encoder.name, tiny=config.encoder.tiny, seed=cfg.seed + 1)
@@ -494,15 +503,55 @@ def _fgemr(config: RunConfig, tokenizer, train_docs, dev_docs, checkpoint: _Chec
         typer = restored
         extra = json.loads((checkpoint.folder / "state.json").read_text()).get("extra", {})
     else:
-        typer, extra = train_gene_typer(encoder, tokenizer, train_docs, epochs=config.fgemr.epochs, lr=config.fgemr.lr,
-                                        holdout=config.fgemr.holdout, seed=cfg.seed, max_length=config.encoder.max_length,
-                                        token_budget=cfg.token_budget, max_pairs=cfg.max_batch_pairs, device=device,
-                                        precision=cfg.precision, dropout=config.model.dropout)
+        typer, extra = train_gene_typer(config, encoder, tokenizer, train_docs, device=device)
         say(f"FGEMR gene typer: held-out accuracy {extra['gene_typer_accuracy']:.4f} on "
             f"{extra['gene_typer_holdout_genes']} genes")
     predicted = predict_gene_types(typer, tokenizer, dev_docs, device=device, max_length=config.encoder.max_length,
                                    precision=cfg.precision)
     return typer, apply_gene_types(dev_docs, predicted), extra
+
+
+def train_gene_typer(config: RunConfig, encoder, tokenizer, documents: list[Document], *,
+                     device: torch.device) -> tuple[GeneTypeClassifier, dict]:
+    """FGEMR's GENE-Y/GENE-N classifier on the training genes minus a held-out share of documents (whose accuracy it
+    reports), through :func:`train_step` and the non-finite guard like the relation model: weight decay, warm-up,
+    clipping and precision from ``train``, epochs, learning rate and held-out share from ``fgemr``."""
+    from drugprot.fgemr import collate_genes, gene_examples, holdout_report, split_holdout
+
+    cfg = config.train
+    held, used = split_holdout(documents, config.fgemr.holdout, cfg.seed)
+    examples = [e for e in gene_examples(used, tokenizer, config.encoder.max_length) if e.label >= 0]
+    if not examples:
+        raise DrugprotError("model.system fgemr: the training split has no GENE-Y/GENE-N genes to learn from")
+    typer = GeneTypeClassifier(encoder, dropout=config.model.dropout).to(device)
+    optimizer = build_optimizer(typer, lr=config.fgemr.lr, weight_decay=cfg.weight_decay, device=device)
+    per_epoch = token_budget_batches(examples, token_budget=cfg.token_budget, max_pairs=cfg.max_batch_pairs)
+    total = max(1, int(round(config.fgemr.epochs * len(per_epoch))))
+    scheduler = linear_schedule(optimizer, total_steps=total, warmup_steps=int(cfg.warmup * total))
+    guard = _NonFiniteGuard(cfg.max_nonfinite_steps, device)
+
+    def loss(batch) -> torch.Tensor:
+        ids, mask, position, label = batch
+        return torch.nn.functional.cross_entropy(typer(ids, mask, position).float(), label)
+
+    step = epoch = 0
+    while step < total:
+        for members in token_budget_batches(examples, token_budget=cfg.token_budget, max_pairs=cfg.max_batch_pairs,
+                                            shuffle_seed=cfg.seed * 1000 + epoch):
+            if step >= total:
+                break
+            batch = tuple(t.to(device) for t in collate_genes([examples[i] for i in members], tokenizer.pad_token_id))
+            value, nonfinite = train_step(typer, batch, optimizer, scheduler, device=device, precision=cfg.precision,
+                                          grad_clip=cfg.grad_clip, loss_fn=loss)
+            step += 1
+            guard.update(value, nonfinite)
+            try:
+                guard.check(step, config, force=step == total)
+            except NonFiniteTraining as error:
+                raise NonFiniteTraining(f"FGEMR gene typer (its rate is fgemr.lr={config.fgemr.lr}): {error}") from None
+        epoch += 1
+    return typer, holdout_report(typer, tokenizer, held, device=device, max_length=config.encoder.max_length,
+                                 precision=cfg.precision, steps=total)
 
 
 def _progress(total: int, done: int, enabled: bool):
