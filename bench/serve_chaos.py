@@ -333,7 +333,7 @@ def registered_versions(model: str, scratch: Path) -> tuple[str, object]:
     from drugprot.ensemble import build_ensemble
     from drugprot.ensemble.registry import log_ensemble, promote
     from drugprot.ensemble_folder import ENSEMBLE_JSON
-    from drugprot.tracking import client
+    from drugprot.mlflow_store import client
 
     ensemble = Path(model)
     if not (ensemble / ENSEMBLE_JSON).exists():

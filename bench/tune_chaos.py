@@ -49,7 +49,7 @@ for folder in (REPO / "platform", REPO / "tests"):
     if str(folder) not in sys.path:
         sys.path.insert(0, str(folder))
 
-from drugprot import tracking  # noqa: E402
+from drugprot import mlflow_store, tracking  # noqa: E402
 from fixtures_mlflow import mlflow_server_process  # noqa: E402
 from fixtures_postgres import postgres_server  # noqa: E402
 
@@ -198,7 +198,7 @@ def trial_runs(client, name: str, *, deleted: bool = False) -> list:
 def chaos_study(name: str, *, cluster: Cluster, env: dict, cwd: Path, storage: str, tracking_uri: str, trials: int,
                 max_concurrent: int, epochs: float, kill_driver_after: int, victim_eval: int, timeout: float) -> dict:
     """Run the study with both faults; returns the resumed run's JSON summary and what was done."""
-    client = tracking.client(tracking_uri)
+    client = mlflow_store.client(tracking_uri)
     command = tune_command(name, storage=storage, address=cluster.address, tracking_uri=tracking_uri, trials=trials,
                            max_concurrent=max_concurrent, epochs=epochs)
     err = open(cwd / f"{name}.log", "ab")
@@ -303,7 +303,7 @@ def check(name: str, *, storage: str, tracking_uri: str, summary: dict, optuna_s
     """Compare what Ray recorded with MLflow and the storage (see the module docstring)."""
     import optuna
 
-    client = tracking.client(tracking_uri)
+    client = mlflow_store.client(tracking_uri)
     active = trial_runs(client, name)
     every = trial_runs(client, name, deleted=True)
     by_trial: dict[str, list] = {}
@@ -425,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
                                    "--out", str(work / "ensemble")], env=env, cwd=work, capture_output=True, text=True,
                                   timeout=900)
         (work / "ensemble.log").write_text(ensemble.stdout + ensemble.stderr)
-        versions = tracking.client(tracking_uri).search_model_versions(f"name = 'drugprot-{name}'") \
+        versions = mlflow_store.client(tracking_uri).search_model_versions(f"name = 'drugprot-{name}'") \
             if ensemble.returncode == 0 else []
         result.update({
             "ensemble_registered": ensemble.returncode == 0 and len(versions) >= 1,

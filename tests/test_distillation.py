@@ -57,7 +57,7 @@ def test_teacher_giving_the_wrong_shape_is_refused_before_anything_is_written(tm
 
 
 def test_cli_distill_compares_on_half_b_and_registers_the_student_with_its_teacher(biased_ensemble, tmp_path, capsys):  # noqa: F811
-    from drugprot import tracking
+    from drugprot import mlflow_store
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     out = tmp_path / "student"
@@ -71,7 +71,7 @@ def test_cli_distill_compares_on_half_b_and_registers_the_student_with_its_teach
     config = json.loads((out / "model" / "drugprot.json").read_text())["config"]
     assert config["distill"] == {"temperature": 3.0, "weight": 0.5, "teacher": str(biased_ensemble)}
     registration = summary["registration"]
-    version = tracking.client(tracking.normalize_tracking_uri(uri)).get_model_version("dp-student", registration["version"])
+    version = mlflow_store.client(mlflow_store.normalize_tracking_uri(uri)).get_model_version("dp-student", registration["version"])
     assert version.tags["teacher"] == str(biased_ensemble) and version.tags["gate_on"] == "dev half B"
     meta = json.loads((out / "registered" / "ensemble.json").read_text())
     assert meta["source"] == {"selection": "distilled", "teacher": str(biased_ensemble)}

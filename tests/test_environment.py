@@ -12,7 +12,7 @@ import pytest
 
 from drugprot.cli import build_parser, main, resolve_environment
 from drugprot.config import SAMPLE_DIR
-from drugprot.tracking import normalize_tracking_uri
+from drugprot.mlflow_store import normalize_tracking_uri
 from test_ensemble import biased_ensemble, biased_members, dev_documents  # noqa: F401
 from test_registry import registered, store  # noqa: F401
 
@@ -162,7 +162,7 @@ def test_logging_a_model_leaves_the_environment_variables_as_they_were(tmp_path,
     """MLflow's set_tracking_uri exports MLFLOW_TRACKING_URI; afterwards it must not look like the user's choice."""
     import os
 
-    from drugprot.ensemble.registry import _tracking
+    from drugprot.ensemble.publish import _tracking
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("MLFLOW_REGISTRY_URI", "sqlite:///kept.db")

@@ -22,10 +22,10 @@ from drugprot.config import SAMPLE_DIR
 from drugprot.encoding import LABELS, PairEncoder
 from drugprot.ensemble import build_ensemble
 from drugprot.ensemble.frames import documents_to_frame, relations_to_frame
-from drugprot.ensemble.registry import Gate, log_ensemble, promote
+from drugprot.ensemble.publish import log_ensemble
 from drugprot.inference import Predictor, load_predictor, pair_probabilities
 from drugprot.model.artifacts import ArtifactError, load_artifact
-from drugprot.tracking import RegistryError, download_registered_model
+from drugprot.registry import Gate, RegistryError, download_registered_model, load_pyfunc, promote
 from test_ensemble import biased_ensemble, biased_members, dev_documents, flip_first_byte, hand_vote  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,17 +108,17 @@ def test_registered_version_holds_weights_tokenizers_configs_and_manifest(regist
         for name in ("model.safetensors", "encoder/config.json", "tokenizer/tokenizer.json", "drugprot.json", "manifest.json"):
             assert len(listed[f"members/{member}/{name}"]) == 64
     assert set(listed) == {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} - {"manifest.json"}
-    from drugprot import tracking
+    from drugprot import mlflow_store
 
-    version = tracking.client(tracking.normalize_tracking_uri(store.uri)).get_model_version("dp", "1")
+    version = mlflow_store.client(mlflow_store.normalize_tracking_uri(store.uri)).get_model_version("dp", "1")
     assert float(version.tags["dev_f1"]) > 0 and version.tags["vote"] == "hard"
     assert version.tags["members"] == "m1-seed1,m2-seed2,m3-seed3"
 
 
 def test_ensemble_run_is_logged_with_member_and_ensemble_metrics(registered, store):
-    from drugprot import tracking
+    from drugprot import mlflow_store
 
-    run = tracking.client(tracking.normalize_tracking_uri(store.uri)).get_run(registered.run.run_id)
+    run = mlflow_store.client(mlflow_store.normalize_tracking_uri(store.uri)).get_run(registered.run.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["drugprot.kind"] == "ensemble"
     metrics = run.data.metrics
     assert metrics["dev_f1"] > 0 and "dev_f1.INHIBITOR" in metrics
@@ -173,12 +173,12 @@ def test_pyfunc_model_class_without_mlflow_loading(biased_ensemble, dev_document
 
 
 def test_champion_alias_moves_only_through_the_gates_or_force(store, biased_ensemble, smoke_members, tmp_path):  # noqa: F811
-    from drugprot import tracking
+    from drugprot import mlflow_store
 
     plain = build_ensemble(smoke_members, tmp_path / "plain", log=lambda _: None)  # untrained-looking: no relation
     assert plain.dev_f1 == 0.0 and plain.meta["dev"]["ensemble"]["tp"] + plain.meta["dev"]["ensemble"]["fp"] == 0
     better = json.loads((biased_ensemble / "ensemble.json").read_text())["dev"]["ensemble"]["f1"]
-    client = tracking.client(tracking.normalize_tracking_uri(store.uri))
+    client = mlflow_store.client(mlflow_store.normalize_tracking_uri(store.uri))
     lines: list[str] = []
 
     def register(folder, **options):
@@ -274,11 +274,11 @@ def test_tampered_registered_artifact_is_refused_naming_the_file(store, biased_e
     assert load_predictor("models:/dp-tamper@champion", device="cpu", tracking_uri=store.uri).members
     assert "failed verification" in capsys.readouterr().err
     # a modified file in the registry's artifact store is refused by name
-    from drugprot import tracking
+    from drugprot import mlflow_store
 
     from urllib.parse import urlparse
 
-    location = tracking.client(tracking.normalize_tracking_uri(store.uri)).get_model_version_download_uri("dp-tamper", "1")
+    location = mlflow_store.client(mlflow_store.normalize_tracking_uri(store.uri)).get_model_version_download_uri("dp-tamper", "1")
     stored = Path(urlparse(location).path)
     [target] = stored.rglob("members/m2-seed2/model.safetensors")
     flip_first_byte(target)
@@ -331,6 +331,149 @@ def test_cli_register_predict_evaluate(store, biased_members, tmp_path, capsys):
     assert scored["f1"] == pytest.approx(json.loads((out / "ensemble.json").read_text())["dev"]["ensemble"]["f1"], abs=1e-6)
 
 
+# -- only the registered model, signed when asked ------------------------------------------------------------------
+
+
+def _stored_ensemble(store, name: str) -> Path:
+    """The ensemble folder of ``name`` version 1 inside the registry's artifact store (not the download cache)."""
+    from urllib.parse import urlparse
+
+    from drugprot import mlflow_store
+
+    location = mlflow_store.client(mlflow_store.normalize_tracking_uri(store.uri)).get_model_version_download_uri(name, "1")
+    [ensemble_json] = Path(urlparse(location).path).rglob("ensemble.json")
+    return ensemble_json.parent
+
+
+def _replace_weights_and_manifest(folder: Path) -> None:
+    """What a writer of the artifact store can do: change a weight file and write a manifest that matches it."""
+    from drugprot.ensemble_folder import write_tree_manifest
+
+    flip_first_byte(folder / "members/m2-seed2/model.safetensors")
+    write_tree_manifest(folder)
+
+
+def test_registration_records_the_manifest_digest(registered, store, biased_ensemble):  # noqa: F811
+    from drugprot import mlflow_store
+    from drugprot.manifest import sha256_file
+
+    version = mlflow_store.client(mlflow_store.normalize_tracking_uri(store.uri)).get_model_version("dp", "1")
+    assert version.tags["manifest_sha256"] == sha256_file(biased_ensemble / "manifest.json")
+
+
+def test_files_replaced_with_their_manifest_are_refused_naming_both_digests(store, biased_ensemble, tmp_path, capsys):  # noqa: F811
+    from drugprot.manifest import sha256_file
+    from drugprot.serving.options import ServeOptions
+    from drugprot.serving.service import ModelService
+
+    log_ensemble(biased_ensemble, tracking_uri=store.uri, register="dp-swap", log=lambda _: None)
+    stored = _stored_ensemble(store, "dp-swap")
+    registered_digest = sha256_file(stored / "manifest.json")
+    _replace_weights_and_manifest(stored)
+    replaced = sha256_file(stored / "manifest.json")
+    message = (rf"models:/dp-swap(@champion|/1) \(version 1\): the downloaded manifest's sha256 is {replaced}, but the registry "
+               rf"recorded {registered_digest} at registration")
+    with pytest.raises(RegistryError, match=message):  # predict, bulk and the Ray Data path
+        load_predictor("models:/dp-swap@champion", device="cpu", tracking_uri=store.uri)
+    assert not (store.root / "cache").exists() or not list((store.root / "cache").rglob("dp-swap/1"))  # nothing cached
+    with pytest.raises(RegistryError, match=message):  # each serving replica
+        ModelService.load(ServeOptions(model="models:/dp-swap@champion", tracking_uri=store.uri))
+    with pytest.raises(RegistryError, match=message):  # the pyfunc
+        load_pyfunc("models:/dp-swap@champion", tracking_uri=store.uri)
+    assert main(["predict", "--model", "models:/dp-swap@champion", "--tracking-uri", store.uri, "--data", str(SAMPLE_DIR),
+                 "--out", str(tmp_path / "p.tsv")]) == 1
+    assert f"registry recorded {registered_digest}" in capsys.readouterr().err
+    assert not (tmp_path / "p.tsv").exists()
+
+
+def test_load_pyfunc_checks_then_predicts_like_the_model(registered, store, biased_ensemble, dev_documents):  # noqa: F811
+    expected = relations_to_frame(dev_documents, Predictor.from_ensemble(biased_ensemble, device="cpu").predict(dev_documents))
+    model = load_pyfunc("models:/dp@champion", tracking_uri=store.uri)
+    assert model.predict(documents_to_frame(dev_documents)).to_dict("records") == expected.to_dict("records")
+
+
+def test_a_path_in_the_model_metadata_that_leaves_the_download_is_refused(store, biased_ensemble):  # noqa: F811
+    import yaml
+
+    log_ensemble(biased_ensemble, tracking_uri=store.uri, register="dp-escape", log=lambda _: None)
+    mlmodel = _stored_ensemble(store, "dp-escape").parents[1] / "MLmodel"
+    meta = yaml.safe_load(mlmodel.read_text())
+    meta["flavors"]["python_function"]["artifacts"]["ensemble"]["path"] = "../../../../elsewhere"
+    mlmodel.write_text(yaml.safe_dump(meta))
+    with pytest.raises(ArtifactError, match=r"MLmodel's ensemble artifact: path '\.\./\.\./\.\./\.\./elsewhere' leads "
+                                            r"outside .*; refusing to load it"):
+        download_registered_model("models:/dp-escape/1", tracking_uri=store.uri)
+
+
+def test_paths_in_ensemble_and_manifest_json_stay_inside_the_folder(biased_ensemble, tmp_path):  # noqa: F811
+    from drugprot.ensemble_folder import read_ensemble_folder, write_tree_manifest
+    from drugprot.manifest import verify_manifest
+
+    copy = Path(shutil.copytree(biased_ensemble, tmp_path / "ens"))
+    shutil.copytree(copy / "members/m1-seed1", tmp_path / "outside")
+    meta = json.loads((copy / "ensemble.json").read_text())
+    meta["members"][0]["path"] = "../outside"
+    (copy / "ensemble.json").write_text(json.dumps(meta))
+    write_tree_manifest(copy)
+    with pytest.raises(ArtifactError, match=r"ensemble\.json: member 'm1-seed1': path '\.\./outside' leads outside"):
+        read_ensemble_folder(copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["files"]["../outside/drugprot.json"] = manifest["files"].pop("ensemble.json")
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=r"manifest\.json: ensemble manifest entry: path '\.\./outside/drugprot\.json' "
+                                            r"leads outside"):
+        verify_manifest(copy, label="ensemble manifest")
+
+
+def _key_pair(folder: Path, name: str) -> tuple[Path, Path]:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    key = ed25519.Ed25519PrivateKey.generate()
+    private, public = folder / f"{name}.pem", folder / f"{name}.pub.pem"
+    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                     serialization.PublicFormat.SubjectPublicKeyInfo))
+    return private, public
+
+
+def test_signed_ensemble_is_served_only_with_the_right_key(store, biased_members, biased_ensemble, tmp_path, capsys):  # noqa: F811
+    sign, verify = _key_pair(tmp_path, "publisher")
+    _, other = _key_pair(tmp_path, "someone-else")
+    out = tmp_path / "signed"
+    # a public key is no signing key: refused before anything is built
+    assert main(["ensemble", "--members", *map(str, biased_members), "--out", str(out), "--sign-key", str(verify),
+                 "--no-log", "--device", "cpu", "--quiet"]) == 1
+    assert "publisher.pub.pem: not an unencrypted PEM private key" in capsys.readouterr().err and not out.exists()
+    assert main(["ensemble", "--members", *map(str, biased_members), "--register", "dp-signed", "--tracking-uri", store.uri,
+                 "--out", str(out), "--sign-key", str(sign), "--device", "cpu", "--force", "--quiet"]) == 0
+    assert "manifest signed with" in capsys.readouterr().out and (out / "manifest.sig").is_file()
+
+    def predict(model: str, key: Path) -> int:
+        return main(["predict", "--model", model, "--tracking-uri", store.uri, "--verify-key", str(key),
+                     "--data", str(SAMPLE_DIR), "--out", str(tmp_path / "p.tsv"), "--device", "cpu", "--quiet"])
+
+    assert predict("models:/dp-signed@champion", verify) == 0 and predict(str(out), verify) == 0
+    capsys.readouterr()
+    assert predict("models:/dp-signed@champion", other) == 1
+    assert "not a valid signature of manifest.json by --verify-key" in capsys.readouterr().err
+    assert predict(str(biased_ensemble), verify) == 1  # unsigned
+    assert "unsigned (no manifest.sig)" in capsys.readouterr().err
+    assert main(["serve", "--model", str(biased_ensemble), "--verify-key", str(verify)]) == 1  # refused before Ray starts
+    assert "unsigned (no manifest.sig)" in capsys.readouterr().err
+    # a registered, signed model whose files and manifest were replaced fails the digest, then the signature
+    stored = _stored_ensemble(store, "dp-signed")
+    _replace_weights_and_manifest(stored)
+    shutil.rmtree(store.root / "cache", ignore_errors=True)
+    assert predict("models:/dp-signed@champion", verify) == 1
+    assert "the registry recorded" in capsys.readouterr().err
+    from drugprot.manifest import verify_signature
+
+    with pytest.raises(ArtifactError, match=r"manifest\.sig: not a valid signature of manifest\.json by --verify-key"):
+        verify_signature(stored, verify)
+
+
 # -- a real MLflow server --------------------------------------------------------------------------------------------
 
 
@@ -345,6 +488,14 @@ def test_register_and_load_through_an_mlflow_server(biased_ensemble, dev_documen
         predictor = load_predictor("models:/dp-server@champion", device="cpu", tracking_uri=uri)
         expected = Predictor.from_ensemble(biased_ensemble, device="cpu").predict(dev_documents)
         assert _relations(predictor.predict(dev_documents)) == _relations(expected)
+        # the server's artifact store is writable by others: files replaced with their manifest are refused
+        [stored] = [p.parent for p in (tmp_path / "server" / "artifacts").rglob("ensemble.json")
+                    if (p.parent / "manifest.json").is_file()]  # the model's copy, not the run's ensemble/ensemble.json
+        _replace_weights_and_manifest(stored)
+        shutil.rmtree(tmp_path / "cache")
+        with pytest.raises(RegistryError, match=r"the downloaded manifest's sha256 is [0-9a-f]{64}, but the registry "
+                                                r"recorded [0-9a-f]{64} at registration"):
+            load_predictor("models:/dp-server@champion", device="cpu", tracking_uri=uri)
     assert list((tmp_path / "server" / "artifacts").rglob("members/m1-seed1/model.safetensors"))
 
 
@@ -373,7 +524,7 @@ def smoke_study(tmp_path_factory):
 
 @pytest.mark.slow
 def test_study_to_champion_to_predictions(smoke_study, tmp_path, capsys):
-    from drugprot import tracking
+    from drugprot import mlflow_store, tracking
 
     uri = smoke_study.uri
     out = tmp_path / "ens"
@@ -390,7 +541,7 @@ def test_study_to_champion_to_predictions(smoke_study, tmp_path, capsys):
     assert len(trials) == 3  # the ensemble run is not counted as a trial
     assert [m["source"]["trial_id"] for m in meta["members"]] == [t.trial_id for t in trials]
     assert [m["dev_f1"] for m in meta["members"]] == [t.best_dev_f1 for t in trials]
-    ensemble_runs = tracking.client(tracking.normalize_tracking_uri(uri)).search_runs(
+    ensemble_runs = mlflow_store.client(mlflow_store.normalize_tracking_uri(uri)).search_runs(
         [tracking.study_experiment("smk", uri)], "tags.`drugprot.kind` = 'ensemble'")
     assert len(ensemble_runs) == 1 and ensemble_runs[0].data.tags.get("mlflow.parentRunId")
     pred = tmp_path / "pred.tsv"
@@ -469,7 +620,7 @@ def test_study_gates_refuse_what_does_not_beat_its_members_on_b(smoke_study, tmp
     assert main(["ensemble", *common, "--top-k", "3", "--out", str(tmp_path / "b"), "--min-gain", "1", "--force"]) == 0
     forced = json.loads(capsys.readouterr().out)["registration"]
     assert forced["alias_moved"] is True and forced["reason"].startswith("--force over:")
-    from drugprot import tracking
+    from drugprot import mlflow_store
 
-    tags = tracking.client(tracking.normalize_tracking_uri(smoke_study.uri)).get_model_version("smk-gate", forced["version"]).tags
+    tags = mlflow_store.client(mlflow_store.normalize_tracking_uri(smoke_study.uri)).get_model_version("smk-gate", forced["version"]).tags
     assert tags["promotion"] == "forced" and tags["gate_on"] == "dev half B" and tags["min_gain"] == "1"

@@ -34,9 +34,9 @@ def _clean_environment(tracking_uri: str) -> dict[str, str]:
 def test_mlflow_models_predict_in_a_fresh_environment_equals_drugprot_predict(registered, store, tmp_path):  # noqa: F811
     import mlflow
 
-    from drugprot import tracking
+    from drugprot import mlflow_store
 
-    location = tracking.client(tracking.normalize_tracking_uri(store.uri)).get_model_version_download_uri("dp", "1")
+    location = mlflow_store.client(mlflow_store.normalize_tracking_uri(store.uri)).get_model_version_download_uri("dp", "1")
     requirements = Path(mlflow.pyfunc.get_model_dependencies(location))
     pins = requirements.read_text().split()
     assert not any(p.startswith("drugprot") for p in pins) and all("==" in p for p in pins), pins

@@ -180,7 +180,7 @@ def test_moving_the_alias_swaps_the_version_under_load_without_a_failed_request(
 
 def test_a_version_that_cannot_load_leaves_the_old_one_serving_and_says_why(server, registry):
     from drugprot.ensemble.registry import log_ensemble, promote
-    from drugprot.tracking import client
+    from drugprot.mlflow_store import client
 
     url = server["url"]
     assert model_info(url)["version"] == "2"

@@ -15,8 +15,9 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from drugprot import tracking  # noqa: E402
-from drugprot.tracking import StudyTracker, TrackingError  # noqa: E402
+from drugprot import mlflow_store, tracking  # noqa: E402
+from drugprot.tracking import StudyTracker
+from drugprot.mlflow_store import TrackingError  # noqa: E402
 from fixtures_models import smoke_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,22 +60,22 @@ def open_tracker(store: str, name: str, resume: bool = False) -> StudyTracker:
 def test_normalize_makes_sqlite_paths_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # no choice made: the default store (order: test_environment)
-    assert tracking.normalize_tracking_uri(None) == f"sqlite:///{tmp_path / 'mlflow.db'}"
-    assert tracking.normalize_tracking_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+    assert mlflow_store.normalize_tracking_uri(None) == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert mlflow_store.normalize_tracking_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
     with pytest.raises(TrackingError, match=r"--tracking-uri 'mlflow.db': not a URI"):
-        tracking.normalize_tracking_uri("mlflow.db")
+        mlflow_store.normalize_tracking_uri("mlflow.db")
 
 
 def test_unreachable_server_is_a_quick_clear_error():
     start = time.monotonic()
     with pytest.raises(TrackingError, match=r"--tracking-uri http://127.0.0.1:5109: no MLflow server answers .* after 1 s"):
-        tracking.check_tracking_uri("http://127.0.0.1:5109", timeout=1)
+        mlflow_store.check_tracking_uri("http://127.0.0.1:5109", timeout=1)
     assert time.monotonic() - start < 10
 
 
 def test_sqlite_store_in_a_missing_folder(tmp_path):
     with pytest.raises(TrackingError, match=r"folder .*/missing does not exist"):
-        tracking.check_tracking_uri(f"sqlite:///{tmp_path / 'missing' / 'mlflow.db'}")
+        mlflow_store.check_tracking_uri(f"sqlite:///{tmp_path / 'missing' / 'mlflow.db'}")
 
 
 def test_study_parent_run_and_resume(store, name):

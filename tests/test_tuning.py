@@ -29,7 +29,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from drugprot import tracking  # noqa: E402
+from drugprot import mlflow_store, tracking  # noqa: E402
 from drugprot.cli import main  # noqa: E402
 from fixtures_mlflow import mlflow_server  # noqa: E402,F401  (module fixture)
 from fixtures_models import smoke_config  # noqa: E402
@@ -214,7 +214,7 @@ def local_study(local_ray, store, tmp_path_factory):
     finally:
         os.environ.pop(FAULT_ENV, None)
     return {"result": result, "root": root, "marker": marker, "lines": lines,
-            "client": tracking.client(result.tracking_uri)}
+            "client": mlflow_store.client(result.tracking_uri)}
 
 
 @pytest.mark.slow
@@ -406,7 +406,7 @@ def test_dry_run_checks_everything_and_trains_nothing(local_ray, store, tmp_path
     assert len({json.dumps(c, sort_keys=True) for c in plan["configurations"]}) == 3
     # nothing was started or written: no storage folder, no Optuna file, no experiment
     assert not (tmp_path / "storage").exists()
-    assert tracking.client(tracking.normalize_tracking_uri(store)).get_experiment_by_name("dry") is None
+    assert mlflow_store.client(mlflow_store.normalize_tracking_uri(store)).get_experiment_by_name("dry") is None
 
     assert main(dry_run(tmp_path, store, "--max-concurrent", "1", count="1")) == 0
     text = capsys.readouterr().out
@@ -439,8 +439,8 @@ def test_study_logs_to_an_mlflow_server(local_ray, mlflow_server, tmp_path, caps
     assert sorted((t["trial_id"], t["state"]) for t in summary["trials"]) == sorted((r.trial_id, r.state) for r in records)
     assert summary["best"]["run_id"] == records[0].run_id and summary["best"]["dev_f1"] == records[0].best_dev_f1
     assert summary["cost"]["device"] == "CPU" and summary["cost"]["device_hours"] > 0
-    assert summary["cost"]["evaluations"] == sum(len(dev_f1_steps(tracking.client(mlflow_server), r.run_id)) for r in records)
-    client = tracking.client(mlflow_server)
+    assert summary["cost"]["evaluations"] == sum(len(dev_f1_steps(mlflow_store.client(mlflow_server), r.run_id)) for r in records)
+    client = mlflow_store.client(mlflow_server)
     for record in records:
         assert record.tags[tracking.PARENT_TAG] == summary["parent_run_id"]
         assert dev_f1_steps(client, record.run_id)[0] == 1
@@ -529,7 +529,7 @@ def test_interrupted_study_resumes_without_rerunning_or_relogging(store, tmp_pat
     assert "study resumable: 3 trials" in resumed.stdout
 
     records = tracking.study_trials("resumable", store)
-    client = tracking.client(tracking.normalize_tracking_uri(store))
+    client = mlflow_store.client(mlflow_store.normalize_tracking_uri(store))
     experiment = client.get_experiment_by_name("resumable")
     all_runs = client.search_runs([experiment.experiment_id], "", run_view_type=3)  # active and deleted
     assert len([r for r in all_runs if r.data.tags.get(tracking.TAG_KIND) == "trial"]) == 3  # no duplicated runs
@@ -621,7 +621,7 @@ def test_fractional_gpus_run_four_trials_at_once_on_two_declared_gpus(store, tmp
     # all four overlap, which depends on how fast the machine is: an idle CI machine gave 0, 0, 0, 1 (2026-11-29)
     assert set(gpu_ids) == {"0", "1"}, gpu_ids
     assert len({r.tags[tracking.TAG_NODE_ID] for r in records}) == 1  # the head declares no GPU
-    client = tracking.client(tracking.normalize_tracking_uri(store))
+    client = mlflow_store.client(mlflow_store.normalize_tracking_uri(store))
     assert {client.get_run(r.run_id).data.metrics["device_s"] > 0 for r in records} == {True}
 
 

@@ -112,9 +112,9 @@ def majority_baseline() -> tuple[str, float]:
 def _champion_summary() -> None:
     """The champion's dev F1 next to the best trial's (the registry moved @champion only on a higher dev F1) and
     the majority rule's."""
-    from drugprot import tracking
+    from drugprot import mlflow_store, tracking
 
-    registry = tracking.client(TRACKING)
+    registry = mlflow_store.client(TRACKING)
     champion = registry.get_model_version_by_alias(MODEL_NAME, "champion")
     best = tracking.study_trials(STUDY, TRACKING)[0]
     commonest, baseline_f1 = majority_baseline()

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from drugprot.errors import DrugprotError
-from drugprot.manifest import MANIFEST, verify_manifest, write_manifest  # noqa: F401  (MANIFEST re-exported)
+from drugprot.manifest import MANIFEST, contained, verify_manifest, write_manifest  # noqa: F401  (MANIFEST re-exported)
 
 FORMAT_VERSION = 1
 KIND = "drugprot-ensemble"
@@ -88,6 +88,7 @@ def read_ensemble_json(folder: Path) -> dict[str, Any]:
         if not isinstance(weight, int) or isinstance(weight, bool) or weight < 1:
             raise EnsembleError(f"{path}: member {entry.get('name')!r}: weight must be a positive integer (votes), got {weight!r}")
         member_dir = Path(folder) / str(entry.get("path", ""))
+        contained(folder, str(entry.get("path", "")), f"{path}: member {entry.get('name')!r}")
         if not entry.get("path") or not (member_dir / "drugprot.json").is_file():
             raise EnsembleError(f"{path}: member {entry.get('name')!r} has no member folder at {member_dir}")
     return meta

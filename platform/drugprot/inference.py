@@ -491,15 +491,11 @@ def run_options(precision: str, cascade_margin: float | None = None, early_exit:
             **({} if early_exit is None else {"early_exit": early_exit})}
 
 
-def load_predictor(model: str | Path, *, device: str = "auto", tracking_uri: str | None = None, **overrides) -> Predictor:
-    """A folder, or a registry URI ``models:/NAME@ALIAS`` / ``models:/NAME/VERSION`` resolved through MLflow."""
-    if str(model).startswith("models:/"):
-        from drugprot.tracking import download_registered_model
+def load_predictor(model: str | Path, *, device: str = "auto", tracking_uri: str | None = None,
+                   verify_key: str | Path | None = None, **overrides) -> Predictor:
+    """A folder, or a registry URI ``models:/NAME@ALIAS`` / ``models:/NAME/VERSION`` resolved through MLflow and
+    checked against its registered manifest digest; with ``verify_key``, only a model signed by that key."""
+    from drugprot.registry import resolve_model_folder
 
-        model = download_registered_model(str(model), tracking_uri=tracking_uri)
-    path = Path(model)
-    if not path.exists():
-        from drugprot.errors import DrugprotError
-
-        raise DrugprotError(f"--model {model}: no such folder")
+    path = resolve_model_folder(model, tracking_uri=tracking_uri, verify_key=verify_key)
     return Predictor.from_path(path, device=device, **overrides)

@@ -52,7 +52,8 @@ Child run (one per Ray trial; run name = the Ray trial id)
            ``drugprot.model.dev_probabilities``), logged when the trial ends.
 
 Reading: :func:`study_trials` lists a study's trials (best first) and :func:`download_trial_model` fetches one
-trial's ``model/`` folder and verifies its manifest.
+trial's ``model/`` folder and verifies its manifest. Which store, and whether it answers, is
+:mod:`drugprot.mlflow_store`; registered models are :mod:`drugprot.registry`.
 """
 
 from __future__ import annotations
@@ -61,16 +62,14 @@ import csv
 import io
 import json
 import os
-import sys
 import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
-from drugprot.errors import DrugprotError
+from drugprot.mlflow_store import TrackingError, client, experiment_artifact_location, normalize_tracking_uri
 
 TAG_KIND = "drugprot.kind"
 TAG_STUDY = "drugprot.study"
@@ -109,11 +108,6 @@ DEV_PROBABILITIES_ARTIFACT = "dev_probabilities.safetensors"  # drugprot.model.d
 SPACE_ARTIFACT = "space.yaml"
 TRIALS_ARTIFACT = "trials.csv"
 PLOTS_ARTIFACT = "plots"
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-
-
-class TrackingError(DrugprotError):
-    """The tracking store cannot be reached or holds something unexpected; the message says which and what to do."""
 
 
 @dataclass
@@ -131,100 +125,6 @@ class TrialRecord:
     artifact_uri: str = ""
     start_time: int = 0  # ms since the epoch, when the child run was created
     tags: dict[str, str] = field(default_factory=dict, repr=False)
-
-
-# --- connection ---------------------------------------------------------------------------------------------------
-
-def normalize_tracking_uri(uri: str | None) -> str:
-    """The store to use: ``uri``, else ``$MLFLOW_TRACKING_URI``, else :data:`DEFAULT_TRACKING_URI`; a relative
-    ``sqlite:///rel.db`` becomes ``sqlite:////abs/rel.db`` (workers and ``mlflow ui`` may run elsewhere)."""
-    from drugprot.environment import TRACKING_URI_VARIABLE, setting
-
-    uri = setting(uri, TRACKING_URI_VARIABLE, DEFAULT_TRACKING_URI).strip()
-    parsed = urlparse(uri)
-    if not parsed.scheme:
-        raise TrackingError(f"--tracking-uri {uri!r}: not a URI; use sqlite:///mlflow.db (a local file) or "
-                            f"http://HOST:PORT (an MLflow server)")
-    if parsed.scheme == "sqlite":
-        path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else None
-        if not path:
-            raise TrackingError(f"--tracking-uri {uri!r}: expected sqlite:///RELATIVE.db or sqlite:////ABSOLUTE.db")
-        if path != ":memory:":
-            return "sqlite:///" + str(Path(path).expanduser().resolve())
-    return uri
-
-
-def sqlite_path(uri: str) -> Path | None:
-    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
-
-
-def client(tracking_uri: str):
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-
-
-def check_tracking_uri(uri: str | None, *, timeout: float = 10.0) -> str:
-    """Fail fast and clearly when the tracking store cannot be used; returns the normalized URI.
-
-    HTTP servers must answer ``GET /health`` within ``timeout`` seconds (retried), then a real API call; a SQLite
-    store must live in an existing folder.
-    """
-    uri = normalize_tracking_uri(uri)
-    scheme = urlparse(uri).scheme
-    if scheme in ("http", "https"):
-        import requests
-
-        from drugprot.polling import poll
-
-        deadline = time.monotonic() + timeout
-        reason = ""
-
-        def healthy() -> bool | None:
-            nonlocal reason
-            try:
-                response = requests.get(uri.rstrip("/") + "/health", timeout=max(0.5, min(5.0, deadline - time.monotonic())))
-                if response.status_code == 200:
-                    return True
-                reason = f"GET /health answered {response.status_code}"
-            except requests.RequestException as error:
-                reason = type(error).__name__ + (f": {error.__context__}" if error.__context__ else "")
-            return None
-
-        if not poll(healthy, timeout=timeout):
-            raise TrackingError(
-                f"--tracking-uri {uri}: no MLflow server answers ({reason[:200]}) after {timeout:.0f} s; start one "
-                f"(`mlflow server --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///mlflow.db`) or "
-                f"leave --tracking-uri out to use {DEFAULT_TRACKING_URI} in this folder")
-    path = sqlite_path(uri)
-    if path is not None and not path.parent.is_dir():
-        raise TrackingError(f"--tracking-uri {uri}: folder {path.parent} does not exist; create it or pick another path")
-    previous = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
-    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "1"
-    try:
-        client(uri).search_experiments(max_results=1)
-    except Exception as error:  # noqa: BLE001 - any store failure becomes one clear message
-        raise TrackingError(f"--tracking-uri {uri}: the tracking store refused a request ({type(error).__name__}: "
-                            f"{str(error)[:300]})") from None
-    finally:
-        if previous is None:
-            os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES", None)
-        else:
-            os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = previous
-    return uri
-
-
-def ui_command(tracking_uri: str) -> str:
-    """What to run (or open) to browse the studies of this store."""
-    if urlparse(tracking_uri).scheme in ("http", "https"):
-        return f"open {tracking_uri}"
-    return f"mlflow ui --backend-store-uri {tracking_uri}"
-
-
-def run_link(tracking_uri: str, experiment_id: str, run_id: str | None = None) -> str:
-    base = tracking_uri.rstrip("/") if urlparse(tracking_uri).scheme in ("http", "https") else "http://127.0.0.1:5000"
-    link = f"{base}/#/experiments/{experiment_id}"
-    return f"{link}/runs/{run_id}" if run_id else link
 
 
 def versions() -> dict[str, str]:
@@ -310,10 +210,7 @@ class StudyTracker:
     def _create_experiment(self) -> str:
         from mlflow.exceptions import MlflowException
 
-        location = None
-        path = sqlite_path(self.tracking_uri)
-        if path is not None:
-            location = (path.parent / "mlartifacts" / _safe(self.study)).as_uri()
+        location = experiment_artifact_location(self.tracking_uri, self.study)
         try:
             # experimentKind opens the MLflow 3 UI on its "training runs" view (nested trials, metric charts).
             return self.client.create_experiment(self.study, artifact_location=location, tags={
@@ -569,141 +466,8 @@ def _param_text(value: Any) -> str:
     return str(value)
 
 
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "study"
-
-
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return {}
-
-
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-# --- registry (ensemble) ---
-# Registered ensembles: ``models:/NAME@ALIAS`` and ``models:/NAME/VERSION`` resolved to a local, verified ensemble
-# folder, downloaded once per version into a cache. Registering (pyfunc model from code, the champion rule) lives in
-# drugprot.ensemble.registry; these helpers only read the registry.
-
-class RegistryError(TrackingError):
-    """A registry URI, model, alias or version that does not resolve; the message lists what exists."""
-
-
-def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
-    """``models:/NAME@ALIAS`` -> (NAME, ALIAS, None); ``models:/NAME/VERSION`` -> (NAME, None, VERSION)."""
-    import re
-
-    match = re.fullmatch(r"models:/([^/@]+)(?:@([A-Za-z0-9_-]+)|/(\d+))", uri.strip())
-    if not match:
-        raise RegistryError(f"{uri!r}: expected models:/NAME@ALIAS (e.g. models:/drugprot@champion) or models:/NAME/VERSION")
-    return match.group(1), match.group(2), match.group(3)
-
-
-def existing_store(tracking_uri: str | None) -> str:
-    """The normalized URI of a store that exists: a missing SQLite file is refused (MLflow would create an empty one)."""
-    uri = normalize_tracking_uri(tracking_uri)
-    path = sqlite_path(uri)
-    if path is not None and not path.is_file():
-        raise RegistryError(f"--tracking-uri {uri}: no MLflow database at {path}; pass the store the model was "
-                            f"registered in (e.g. sqlite:///runs/mlflow.db or http://HOST:PORT)")
-    return check_tracking_uri(uri)
-
-
-def resolve_model_version(uri: str, *, tracking_uri: str | None = None):
-    """The MLflow ``ModelVersion`` a registry URI names, or a :class:`RegistryError` listing what exists."""
-    from mlflow.exceptions import MlflowException
-
-    name, alias, version = parse_model_uri(uri)
-    store = existing_store(tracking_uri)
-    registry = client(store)
-    try:
-        model = registry.get_registered_model(name)
-    except MlflowException:
-        names = sorted(m.name for m in registry.search_registered_models(max_results=50))
-        raise RegistryError(f"{uri}: no registered model {name!r} in {store} (registered: {', '.join(names) or 'none'})") from None
-    try:
-        if alias is not None:
-            return registry.get_model_version_by_alias(name, alias)
-        return registry.get_model_version(name, version)
-    except MlflowException:
-        if alias is not None:
-            aliases = ", ".join(f"@{a} -> version {v}" for a, v in sorted((model.aliases or {}).items()))
-            raise RegistryError(f"{uri}: model {name!r} has no alias {alias!r} (aliases: {aliases or 'none'})") from None
-        versions = sorted(int(v.version) for v in registry.search_model_versions(f"name = '{name}'"))
-        raise RegistryError(f"{uri}: model {name!r} has no version {version} "
-                            f"(versions: {', '.join(map(str, versions)) or 'none'})") from None
-
-
-def registry_cache_dir() -> Path:
-    return Path(os.environ.get("DRUGPROT_CACHE_DIR") or Path.home() / ".cache" / "drugprot") / "registry"
-
-
-def download_registered_model(uri: str, tracking_uri: str | None = None, *, dest: str | os.PathLike | None = None) -> Path:
-    """Resolve ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` and return the local ensemble folder.
-
-    Each version is downloaded once into ``dest`` (default ``$DRUGPROT_CACHE_DIR/registry/…``, else
-    ``~/.cache/drugprot/registry/…``, keyed by store, name and version); a cached copy that fails its sha256 manifest
-    is downloaded again. Loading the folder verifies the manifest once more and refuses a modified file by name.
-    """
-    import hashlib
-    import shutil
-
-    import mlflow
-
-    from drugprot.ensemble_folder import verify_tree_manifest
-    from drugprot.model.artifacts import ArtifactError
-
-    version = resolve_model_version(uri, tracking_uri=tracking_uri)
-    store = normalize_tracking_uri(tracking_uri)
-    key = hashlib.sha256(store.encode()).hexdigest()[:12]
-    target = Path(dest) if dest else registry_cache_dir() / key / _safe(version.name) / str(version.version)
-    if (target / "MLmodel").is_file():
-        try:
-            folder = _ensemble_artifact(target, uri, version.version)
-            verify_tree_manifest(folder)
-            return folder
-        except (ArtifactError, RegistryError) as error:
-            _stderr(f"cached copy of {uri} failed verification ({error}); downloading it again")
-            shutil.rmtree(target, ignore_errors=True)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
-        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-        # models:/ URIs would resolve through the process-wide registry URI; ask this store for the location instead
-        location = client(store).get_model_version_download_uri(version.name, str(version.version))
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=str(staging), tracking_uri=store))
-        _ensemble_artifact(local, uri, version.version)
-        try:
-            local.rename(target)
-        except OSError:  # another process finished the same download first
-            pass
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return _ensemble_artifact(target, uri, version.version)
-
-
-def _ensemble_artifact(model_dir: Path, uri: str, version) -> Path:
-    """The ensemble folder inside a downloaded pyfunc model: its ``ensemble`` artifact, where ``MLmodel`` records it."""
-    import yaml
-    from mlflow.exceptions import MlflowException
-    from mlflow.models import Model
-
-    try:
-        relative = Model.load(model_dir).flavors["python_function"]["artifacts"]["ensemble"]["path"]
-    except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError, MlflowException):
-        raise RegistryError(f"{uri} (version {version}): not a drugprot ensemble model (its MLmodel has no "
-                            f"python_function artifact named 'ensemble')") from None
-    folder = model_dir / relative
-    if not (folder / "ensemble.json").is_file():
-        raise RegistryError(f"{uri} (version {version}): the model's ensemble artifact {relative} has no ensemble.json")
-    return folder
-
-
-def experiment_artifact_location(tracking_uri: str, name: str) -> str | None:
-    """Where a new experiment's artifacts go: beside a SQLite store (``mlartifacts/NAME``), else the server's choice."""
-    path = sqlite_path(normalize_tracking_uri(tracking_uri))
-    return (path.parent / "mlartifacts" / _safe(name)).as_uri() if path is not None else None

@@ -59,7 +59,7 @@ def resolve_environment(args: argparse.Namespace) -> argparse.Namespace:
     from drugprot.environment import RAY_ADDRESS_VARIABLE, setting
 
     if hasattr(args, "tracking_uri"):
-        from drugprot.tracking import normalize_tracking_uri
+        from drugprot.mlflow_store import normalize_tracking_uri
 
         args.tracking_uri = normalize_tracking_uri(args.tracking_uri)
     for attribute in ("address", "ray_address"):

@@ -65,10 +65,11 @@ def _distill(args) -> int:
 
 def _register(args, model_dir: Path, dev, half_b, rows, say) -> dict:
     """Register the student as a one-member ensemble folder, its teacher in ensemble.json and in the version tags."""
-    from drugprot import tracking
+    from drugprot import mlflow_store
     from drugprot.cli.ensemble import champion_f1_on
     from drugprot.ensemble.build import build_ensemble
-    from drugprot.ensemble.registry import Gate, log_ensemble
+    from drugprot.ensemble.publish import log_ensemble
+    from drugprot.registry import Gate
 
     teacher, student = rows
     built = build_ensemble([model_dir], args.out / "registered", documents=dev, device="cpu", log=say,
@@ -77,6 +78,6 @@ def _register(args, model_dir: Path, dev, half_b, rows, say) -> dict:
     run = log_ensemble(built.path, tracking_uri=args.tracking_uri, register=args.register, alias=args.alias, log=say,
                        gate=Gate(student.f1, None, champion_f1_on(args, half_b, say), relations, "dev half B"), tags={"drugprot.teacher": args.teacher})
     r = run.registration
-    tracking.client(tracking.check_tracking_uri(args.tracking_uri)).set_model_version_tag(r.name, r.version, "teacher",
+    mlflow_store.client(mlflow_store.check_tracking_uri(args.tracking_uri)).set_model_version_tag(r.name, r.version, "teacher",
                                                                                           args.teacher)
     return {"name": r.name, "version": r.version, "alias": r.alias, "alias_moved": r.alias_moved, "reason": r.reason}

@@ -43,6 +43,8 @@ def register(commands) -> None:
     parser.add_argument("--force", action="store_true",
                         help="move the alias even when a gate fails (recorded in the version's tags); a model that "
                              "predicts no relation is never promoted")
+    parser.add_argument("--sign-key", type=Path, metavar="PEM", help="ed25519 private key (unencrypted PEM): sign the "
+                        "ensemble's manifest (manifest.sig), for `drugprot serve/predict --verify-key`")
     parser.add_argument("--tracking-uri", help="MLflow tracking/registry URI (default sqlite:///mlflow.db, as drugprot tune)")
     parser.add_argument("--experiment", help="MLflow experiment for the ensemble run (default: the study's; with "
                                              "--members, drugprot-ensembles)")
@@ -77,6 +79,10 @@ def _ensemble(args) -> int:
         raise EnsembleError("--select greedy needs --study (it chooses among the study's trials) and excludes --reseed")
     if args.register and args.no_log:
         raise EnsembleError("--register logs the ensemble to MLflow; drop --no-log")
+    if args.sign_key is not None:
+        from drugprot.manifest import read_key
+
+        read_key(args.sign_key, "private")  # a bad key fails before the build, not after
     top_k = args.top_k if args.top_k is not None else DEFAULT_TOP_K
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = args.out or Path("runs") / "ensembles" / f"{args.study or 'ensemble'}-{stamp}"
@@ -101,13 +107,17 @@ def _ensemble(args) -> int:
         say(comparison.table())
     say(built.evaluation.table())
     say(f"ensemble of {len(built.meta['members'])} members ({built.meta.get('execution')} execution) written to {out}")
+    if args.sign_key is not None:
+        from drugprot.manifest import sign_manifest
+
+        say(f"manifest signed with {args.sign_key}: {sign_manifest(out, args.sign_key)}")
     calibrated = built.meta.get("early_exit")
     if calibrated:
         say(f"early exit calibrated on dev: confidence {calibrated['confidence']} keeps {calibrated['agreement']:.2%} "
             f"of the relations with {calibrated['member_pair_share']:.1%} of the member-pairs scored "
             f"(`drugprot predict --early-exit`)")
     if not args.no_log:
-        from drugprot.ensemble.registry import log_ensemble
+        from drugprot.ensemble.publish import log_ensemble
 
         gate = _gate(args, built, comparison, say) if args.register else None
         run = log_ensemble(out, tracking_uri=args.tracking_uri, experiment=args.experiment, register=args.register,
@@ -133,7 +143,7 @@ def _stderr(message: str) -> None:
 def _gate(args, built, comparison, say):
     """What promotion compares: on dev half B (the chosen recipe, its best member, the current champion run on B)
     when the ensemble came from an A/B selection; otherwise the recorded dev F1s."""
-    from drugprot.ensemble.registry import Gate
+    from drugprot.registry import Gate
 
     dev = built.evaluation
     relations = dev.ensemble.micro.tp + dev.ensemble.micro.fp
@@ -148,7 +158,7 @@ def champion_f1_on(args, documents, say) -> float | None:
     """The current ``--alias`` version run on ``documents`` (the one inference path), or None when there is none."""
     from drugprot.inference import load_predictor, relation_rows
     from drugprot.scoring import score
-    from drugprot.tracking import RegistryError
+    from drugprot.registry import RegistryError
 
     uri = f"models:/{args.register}@{args.alias}"
     try:
@@ -181,11 +191,12 @@ def _build(args, top_k: int, out: Path, work: Path, say):
 
 def _from_study(args, top_k: int, work: Path, say):
     from drugprot import tracking
+    from drugprot.registry import existing_store
     from drugprot.ensemble.build import MemberSource, dev_documents
     from drugprot.ensemble.members import best_trial, member_name, reseed, select_top_k
     from drugprot.ensemble.selection import DEFAULT_MAX_SIZE, compare, study_trial_probabilities
 
-    store = tracking.existing_store(args.tracking_uri)
+    store = existing_store(args.tracking_uri)
     records = tracking.study_trials(args.study, store)  # unknown study: TrackingError listing the experiments
     if args.reseed is not None:
         best = best_trial(records, study=args.study)

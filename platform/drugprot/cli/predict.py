@@ -39,6 +39,8 @@ def register(commands) -> None:
                              "mean P(NONE) >= P; without P, the confidence calibrated on dev when the ensemble was "
                              "built (it agreed with the full vote on >= 99.9%% of its dev relations). Approximate")
     parser.add_argument("--tracking-uri", help="MLflow tracking/registry URI for models:/ URIs")
+    parser.add_argument("--verify-key", type=Path, metavar="PEM", help="ed25519 public key: refuse a model whose "
+                        "manifest is not signed by it (drugprot ensemble --sign-key)")
     parser.add_argument("--ray", action="store_true", help="predict with Ray Data actors (one model copy per actor, "
                                                            "a GPU each when the cluster has them); same output")
     parser.add_argument("--ray-address", help="Ray cluster address (default: start a local Ray)")
@@ -65,6 +67,10 @@ def _predict(args) -> int:
         args.early_exit = early_exit_value(args.early_exit)
     except ValueError as error:
         raise DrugprotError(f"--early-exit {error}, got {args.early_exit!r}") from None
+    from drugprot.registry import resolve_model_folder
+
+    # once, before anything runs: a registry URI becomes its checked local folder for every path below
+    args.model = str(resolve_model_folder(args.model, tracking_uri=args.tracking_uri, verify_key=args.verify_key))
     interval = tuple(args.interval) if args.interval else None
     with tqdm(unit="pairs", desc="predict", disable=args.quiet, dynamic_ncols=True) as bar:
         summary = _predict_split(args, interval, bar) if args.data else _predict_corpus(args, interval, bar)
@@ -110,10 +116,6 @@ def _predict_corpus(args, interval, bar) -> dict:
     from drugprot.bulk import BulkJob, predict_corpus, predict_corpus_with_ray
 
     model = str(args.model)
-    if model.startswith("models:/"):
-        from drugprot.tracking import download_registered_model
-
-        model = str(download_registered_model(model, tracking_uri=args.tracking_uri))
     job = BulkJob(tuple(str(p) for p in args.input), args.format, args.output_format, args.shard_size, model,
                   interval, args.threshold, args.precision, args.cascade_margin, args.early_exit)
     if args.ray:

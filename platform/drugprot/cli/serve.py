@@ -46,6 +46,8 @@ def register(commands) -> None:
                         help="latency objective: refuse (503, Retry-After) a request expected to wait longer than "
                              "this in the model's queue, and one that has (default: no objective)")
     parser.add_argument("--tracking-uri", help="MLflow tracking/registry URI for models:/ URIs")
+    parser.add_argument("--verify-key", metavar="PEM", help="ed25519 public key: refuse a model whose manifest is not "
+                                                            "signed by it (drugprot ensemble --sign-key)")
     parser.add_argument("--address", help="existing Ray cluster (e.g. ray://HEAD:10001 or HEAD:6379); "
                                           "default: start a private local Ray")
     parser.add_argument("--name", default="drugprot", help="Serve application name")
@@ -66,6 +68,7 @@ def serve_options(args) -> dict:
     options = {
         "model": args.model,
         "tracking_uri": args.tracking_uri,
+        "verify_key": args.verify_key,
         "replicas": args.replicas,
         "autoscale": args.autoscale,
         "ingress_replicas": args.ingress_replicas,
@@ -96,6 +99,10 @@ def _serve(args) -> int:
     if args.address is None and not options.model.startswith("models:/") and not Path(options.model).exists():
         raise DrugprotError(f"--model {options.model}: no such folder (train one with `drugprot train`, or give "
                             f"models:/NAME@ALIAS)")
+    if options.verify_key is not None and not options.model.startswith("models:/") and Path(options.model).exists():
+        from drugprot.manifest import verify_signature
+
+        verify_signature(options.model, options.verify_key)  # before Ray starts; each replica checks again
     if options.early_exit is not None and not options.model.startswith("models:/") and Path(options.model).exists():
         from drugprot.inference import early_exit_for
 

@@ -63,10 +63,9 @@ def predict_with_ray(model: str, documents: Sequence[Document], *, device: str =
     from drugprot.ensemble.frames import document_record
     from drugprot.inference import PredictedRelation, early_exit_for
 
-    if str(model).startswith("models:/"):
-        from drugprot.tracking import download_registered_model
+    from drugprot.registry import resolve_model_folder
 
-        model = str(download_registered_model(str(model), tracking_uri=tracking_uri))
+    model = str(resolve_model_folder(model, tracking_uri=tracking_uri))
     early_exit_for(model, (options or {}).get("early_exit"))
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     started = False

@@ -1,6 +1,6 @@
 """MLflow pyfunc *model from code* for a drugprot ensemble: this file is the model.
 
-``drugprot.ensemble.registry`` logs it with ``mlflow.pyfunc.log_model(python_model=<this file's path>,
+``drugprot.ensemble.publish`` logs it with ``mlflow.pyfunc.log_model(python_model=<this file's path>,
 artifacts={"ensemble": <ensemble folder>})``: MLflow stores the file's source and the folder (safetensors,
 tokenizers, JSON, sha256 manifest), never a pickled object. On load, MLflow runs this file, which hands
 ``set_model`` the class below; ``load_context`` verifies and loads the folder through the one inference path
@@ -8,7 +8,8 @@ tokenizers, JSON, sha256 manifest), never a pickled object. On load, MLflow runs
 ``abstract``, ``entities``; see ``drugprot.ensemble.frames``) to a DataFrame of relations (``pmid``, ``type``,
 ``arg1``, ``arg2``, ``score``, ``votes``). The ``drugprot`` package travels with the model (``code_paths``), so
 ``mlflow models predict``/``serve`` and ``mlflow.pyfunc.load_model`` work in an environment made from the model's
-``requirements.txt`` alone.
+``requirements.txt`` alone. This file travels in the artifact store with the weights, so it cannot vouch for them:
+``drugprot.registry.load_pyfunc`` checks a registered version (manifest digest, signature) before MLflow runs it.
 
 Params at predict time: ``threshold`` (drop relations scoring below it). ``model_config`` at load time:
 ``device`` (``auto``/``cpu``/``cuda``), ``vote`` (override the stored mode), ``execution``.

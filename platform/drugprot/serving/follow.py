@@ -52,7 +52,7 @@ class AliasFollower:
 
     def named_version(self) -> str:
         """The version the alias names now (a ``RegistryError`` says why there is none)."""
-        from drugprot.tracking import resolve_model_version
+        from drugprot.registry import resolve_model_version
 
         return str(resolve_model_version(self.options.model, tracking_uri=self.options.tracking_uri).version)
 

@@ -41,6 +41,8 @@ class ServeOptions(BaseModel):
     model: str = Field(..., min_length=1, description="Model folder, ensemble folder, or registry URI models:/NAME@ALIAS.")
     tracking_uri: str | None = Field(None, description="MLflow tracking/registry URI for models:/ URIs "
                                                        "(default: MLFLOW_TRACKING_URI in the replica's environment).")
+    verify_key: str | None = Field(None, min_length=1, description="Path of an ed25519 public key (PEM) readable by "
+                                   "every replica: a model whose manifest that key did not sign is refused.")
     replicas: int | None = Field(None, ge=1, le=1_000, description="Fixed number of replicas (default 1).")
     autoscale: str | None = Field(None, description="'MIN:MAX' replicas for Serve autoscaling; excludes 'replicas'.")
     num_cpus: float = Field(1.0, gt=0, le=256, description="CPUs per replica; torch uses floor(num_cpus) threads (at least 1).")
@@ -183,7 +185,7 @@ class ServeOptions(BaseModel):
 
 def registry_alias(model: str) -> str | None:
     """The alias of a ``models:/NAME@ALIAS`` URI; None for a folder or ``models:/NAME/VERSION``."""
-    from drugprot.tracking import RegistryError, parse_model_uri
+    from drugprot.registry import RegistryError, parse_model_uri
 
     try:
         return parse_model_uri(model)[1] if model.startswith("models:/") else None

@@ -163,7 +163,7 @@ class ModelService:
         model, registry = options.model, None
         if model.startswith("models:/"):
             # Pin the alias to one version first, so what /v1/model reports is exactly what was loaded.
-            from drugprot.tracking import parse_model_uri, resolve_model_version
+            from drugprot.registry import parse_model_uri, resolve_model_version
 
             name, alias, _ = parse_model_uri(model)
             pinned = f"models:/{name}/{version}" if version is not None else model
@@ -172,7 +172,7 @@ class ModelService:
             registry = {"name": resolved.name, "version": str(resolved.version), "alias": alias,
                         "dev_f1": _number((resolved.tags or {}).get("dev_f1"))}
         predictor = load_predictor(model, device=options.device, tracking_uri=options.tracking_uri,
-                                   **options.predictor_options)
+                                   verify_key=options.verify_key, **options.predictor_options)
         return cls(predictor, options, registry=registry, swap_error=swap_error)
 
     # ---- readiness -------------------------------------------------------------------------------------------

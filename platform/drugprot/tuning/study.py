@@ -85,14 +85,14 @@ class StudyResult:
 
     @property
     def link(self) -> str:
-        from drugprot.tracking import run_link
+        from drugprot.mlflow_store import run_link
 
         best = self.best
         return run_link(self.tracking_uri, self.experiment_id, best.run_id if best else self.parent_run_id)
 
     @property
     def ui_command(self) -> str:
-        from drugprot.tracking import ui_command
+        from drugprot.mlflow_store import ui_command
 
         return ui_command(self.tracking_uri)
 
@@ -280,7 +280,7 @@ def tune_study(config: RunConfig | None, *, space: SearchSpace | str | os.PathLi
     reached, cluster joined) and a :class:`StudyPlan` with the first N proposed configurations is returned instead
     of training.
     """
-    from drugprot import tracking
+    from drugprot import mlflow_store, tracking
 
     say = say or (lambda message: print(message, flush=True))
     name = check_name(name)
@@ -306,7 +306,7 @@ def tune_study(config: RunConfig | None, *, space: SearchSpace | str | os.PathLi
         space = parse_space(meta["space"], meta["space_source"], config)
         num_samples, max_concurrent = meta["num_samples"], meta["max_concurrent"]
         resources = Resources(**meta["resources"])
-        if tracking_uri is not None and tracking.normalize_tracking_uri(tracking_uri) != meta["tracking_uri"]:
+        if tracking_uri is not None and mlflow_store.normalize_tracking_uri(tracking_uri) != meta["tracking_uri"]:
             say(f"note: --resume logs to the study's tracking URI {meta['tracking_uri']}, not {tracking_uri}")
         tracking_uri = meta["tracking_uri"]
         if optuna_storage is not None and optuna_storage != meta["optuna_storage"]:
@@ -334,7 +334,7 @@ def tune_study(config: RunConfig | None, *, space: SearchSpace | str | os.PathLi
         connect_timeout = float(os.environ.get("DRUGPROT_CONNECT_TIMEOUT", "15"))
     if dry_run is not None and not resume:
         check_storage_writable(study_path)
-    tracking_uri = tracking.check_tracking_uri(tracking_uri, timeout=connect_timeout)
+    tracking_uri = mlflow_store.check_tracking_uri(tracking_uri, timeout=connect_timeout)
     tracker = tracking.StudyTracker(tracking_uri, name)
     found = tracker.find_study()
     if not resume and found and found[1]:

@@ -1,13 +1,14 @@
 """Log an ensemble to MLflow (a run in the study's experiment), register it as a pyfunc model from code, and
-move the champion alias only when the new version's dev F1 beats the current champion's (or when forced).
+move the champion alias only when the new version's dev F1 beats the current champion's (or when forced; the rule
+itself, and reading the registry back, are :mod:`drugprot.registry`).
 
 The registered model version's files are the MLflow model folder: ``MLmodel``, the model code
 (``pyfunc_model.py``, this package's model-from-code file), ``code/drugprot/`` (the package itself, so the model
 loads where drugprot is not installed), ``requirements.txt`` (pinned, all on PyPI), an input example (one bundled
 abstract), and ``artifacts/<folder name>/`` (the members' safetensors, tokenizers and JSON configs,
 ``ensemble.json`` and the sha256 manifest; ``MLmodel`` records it as the artifact ``ensemble``). Nothing is pickled.
-Each version carries tags ``dev_f1``, ``vote``, ``members``, ``study`` and ``run_id``, and a description with its
-dev table; the comparison reads ``dev_f1`` from the champion's tag (else its run).
+Each version carries tags ``dev_f1``, ``vote``, ``members``, ``study``, ``run_id`` and ``manifest_sha256`` (the
+digest every download must match), and a description with its dev table; the comparison reads ``dev_f1`` from the champion's tag (else its run).
 
 The ensemble run goes to the study's experiment, nested under the study's parent run and tagged
 ``drugprot.kind=ensemble`` (``drugprot.tracking.study_trials`` reads only ``kind=trial`` runs, so it is never
@@ -27,25 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from drugprot.ensemble_folder import EnsembleError, read_ensemble_json, verify_tree_manifest
+from drugprot.manifest import manifest_digest
+from drugprot.mlflow_store import check_tracking_uri, client, experiment_artifact_location
+from drugprot.registry import TAG_MANIFEST_SHA256, Gate, RegistrationResult, promote
 
 PYFUNC_MODEL_FILE = Path(__file__).with_name("pyfunc_model.py")
 DEFAULT_EXPERIMENT = "drugprot-ensembles"
-
-
-@dataclass
-class RegistrationResult:
-    name: str
-    version: str
-    alias: str
-    dev_f1: float | None
-    previous_version: str | None  # the version the alias pointed at before, if any
-    previous_f1: float | None
-    alias_moved: bool
-    reason: str
-
-    @property
-    def model_uri(self) -> str:
-        return f"models:/{self.name}/{self.version}"
 
 
 @dataclass
@@ -94,7 +82,7 @@ def _experiment(registry, tracking_uri: str, name: str, study: str | None) -> tu
         if experiment.lifecycle_stage == "deleted":
             raise EnsembleError(f"MLflow experiment {name!r} is deleted; restore it or pick another --experiment")
         return experiment.experiment_id, None
-    return registry.create_experiment(name, artifact_location=tracking.experiment_artifact_location(tracking_uri, name)), None
+    return registry.create_experiment(name, artifact_location=experiment_artifact_location(tracking_uri, name)), None
 
 
 #: The distributions that loading and running a registered ensemble imports; the drugprot code itself travels with
@@ -161,102 +149,6 @@ def model_signature():
     return ModelSignature(inputs=inputs, outputs=outputs, params=ParamSchema([ParamSpec("threshold", "double", 0.0)]))
 
 
-def _version_f1(client, version) -> float | None:
-    raw = (version.tags or {}).get("dev_f1")
-    if raw is not None:
-        try:
-            return float(raw)
-        except ValueError:
-            return None
-    if version.run_id:
-        try:
-            return client.get_run(version.run_id).data.metrics.get("dev_f1")
-        except Exception:
-            return None
-    return None
-
-
-@dataclass
-class Gate:
-    """What promotion compares, on the same held-out documents (dev half B when the ensemble came from an A/B
-    selection; otherwise the whole dev set): the candidate, its own best single member and the current champion."""
-
-    f1: float | None
-    best_member_f1: float | None = None
-    champion_f1: float | None = None  # None: the champion's recorded dev F1 is used
-    relations: int | None = None  # relations the candidate predicts on dev; 0 is never promoted
-    on: str = "dev"
-
-    def as_tags(self) -> dict[str, str]:
-        def fmt(value):
-            return "" if value is None else f"{value:.6f}"
-
-        return {"gate_on": self.on, "gate_f1": fmt(self.f1), "gate_best_member_f1": fmt(self.best_member_f1),
-                "gate_champion_f1": fmt(self.champion_f1), "gate_relations": "" if self.relations is None else str(self.relations)}
-
-
-def promote(client, name: str, version: str, *, alias: str = "champion", dev_f1: float | None, force: bool = False,
-            gate: Gate | None = None, min_gain: float = 0.0, log: Callable[[str], None] | None = None) -> RegistrationResult:
-    """Point ``alias`` at ``version`` when it passes every gate, or with ``force``; print why, tag the version.
-
-    Gates: the candidate predicts at least one relation on dev (never overridden: such a model is never promoted);
-    it beats its own best single member by more than ``min_gain``; it beats the current alias by more than
-    ``min_gain``. Scores come from ``gate`` (default: the recorded dev F1s). ``force`` overrides the last two and
-    the version's tags say so (``promotion`` = ``forced``, ``forced_over`` = the gates it failed).
-    """
-    from mlflow.exceptions import MlflowException
-
-    say = log or print
-    gate = gate or Gate(dev_f1)
-    try:
-        current = client.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        current = None
-    previous_version = str(current.version) if current is not None else None
-    previous_f1 = _version_f1(client, current) if current is not None else None
-    champion_f1 = gate.champion_f1 if gate.champion_f1 is not None else previous_f1
-
-    def fmt(value: float | None) -> str:
-        return "n/a" if value is None else f"{value:.4f}"
-
-    failed: list[str] = []
-    if gate.f1 is None:
-        failed.append("the new version has no dev F1 (built without evaluation)")
-    else:
-        if gate.best_member_f1 is not None and not gate.f1 > gate.best_member_f1 + min_gain:
-            failed.append(f"F1 on {gate.on} {fmt(gate.f1)} does not beat its best single member's {fmt(gate.best_member_f1)} "
-                          f"by more than --min-gain {min_gain:g}")
-        if current is not None and champion_f1 is not None and not gate.f1 > champion_f1 + min_gain:
-            failed.append(f"F1 on {gate.on} {fmt(gate.f1)} does not beat the champion's {fmt(champion_f1)} by more than "
-                          f"--min-gain {min_gain:g}; ties keep the champion")
-    tags: dict[str, str] = {**gate.as_tags(), "min_gain": f"{min_gain:g}"}
-    if gate.relations == 0:
-        move, reason = False, "it predicts no relation on dev; such a model is never promoted, not even with --force"
-    elif current is not None and previous_version == str(version):
-        move, reason = False, f"@{alias} already points at version {version}"
-    elif failed and force:
-        move, reason = True, "--force over: " + "; ".join(failed)
-        tags.update(promotion="forced", forced_over="; ".join(failed))
-    elif failed:
-        move, reason = False, "; ".join(failed) + ("; use --force to promote it anyway" if gate.f1 is None else "")
-    elif current is None:
-        move, reason = True, f"no @{alias} yet"
-    else:
-        move, reason = True, (f"higher F1 on {gate.on}" if champion_f1 is not None
-                              else f"@{alias} version {previous_version} has no dev F1")
-    tags.setdefault("promotion", "promoted" if move else "refused")
-    delta = f", {dev_f1 - previous_f1:+.4f}" if dev_f1 is not None and previous_f1 is not None else ""
-    against = f"@{alias} version {previous_version} (dev F1 {fmt(previous_f1)})" if current is not None else f"no @{alias}"
-    if move:
-        client.set_registered_model_alias(name, alias, str(version))
-    for key, value in tags.items():
-        if value:
-            client.set_model_version_tag(name, str(version), key, value)
-    outcome = f"@{alias} -> version {version}" if move else f"@{alias} stays on version {previous_version}"
-    say(f"registry {name}: version {version} (dev F1 {fmt(dev_f1)}) vs {against}{delta}: {outcome} ({reason})")
-    return RegistrationResult(name, str(version), alias, dev_f1, previous_version, previous_f1, move, reason)
-
-
 def log_ensemble(folder: str | Path, *, tracking_uri: str | None = None, experiment: str | None = None,
                  run_name: str | None = None, register: str | None = None, alias: str = "champion", force: bool = False,
                  gate: Gate | None = None, min_gain: float = 0.0, tags: dict[str, str] | None = None,
@@ -276,12 +168,13 @@ def log_ensemble(folder: str | Path, *, tracking_uri: str | None = None, experim
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     folder = Path(folder).resolve()
     verify_tree_manifest(folder)
+    digest = manifest_digest(folder)  # before the upload: what is registered is what was verified
     meta = read_ensemble_json(folder)
     dev = meta.get("dev") or {}
     dev_f1 = (dev.get("ensemble") or {}).get("f1")
     study = (meta.get("source") or {}).get("study")
-    uri = tracking.check_tracking_uri(tracking_uri)
-    registry = tracking.client(uri)
+    uri = check_tracking_uri(tracking_uri)
+    registry = client(uri)
     experiment_id, parent = _experiment(registry, uri, experiment or study or DEFAULT_EXPERIMENT, study)
     run_tags = {tracking.TAG_KIND: "ensemble", **{k: str(v) for k, v in (tags or {}).items()}}
     if study:
@@ -324,7 +217,7 @@ def log_ensemble(folder: str | Path, *, tracking_uri: str | None = None, experim
             version = str(info.registered_model_version)
             registry.update_model_version(register, version, description=model_description(meta))
             version_tags = {"dev_f1": "" if dev_f1 is None else f"{dev_f1:.6f}", "vote": meta["vote"], "members": names,
-                            "study": str(study or ""), "run_id": run_id}
+                            "study": str(study or ""), "run_id": run_id, TAG_MANIFEST_SHA256: digest}
             for key, value in version_tags.items():
                 if value:
                     registry.set_model_version_tag(register, version, key, value)
@@ -340,6 +233,5 @@ def log_ensemble(folder: str | Path, *, tracking_uri: str | None = None, experim
     return EnsembleRun(run_id, experiment_id, registration)
 
 
-__all__ = ["DEFAULT_EXPERIMENT", "EnsembleRun", "Gate", "MODEL_REQUIREMENTS", "PYFUNC_MODEL_FILE", "RegistrationResult",
-           "input_example", "log_ensemble", "model_description", "model_signature", "package_code", "pip_requirements",
-           "promote"]
+__all__ = ["DEFAULT_EXPERIMENT", "EnsembleRun", "MODEL_REQUIREMENTS", "PYFUNC_MODEL_FILE", "input_example",
+           "log_ensemble", "model_description", "model_signature", "package_code", "pip_requirements"]
