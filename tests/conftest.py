@@ -3,6 +3,9 @@ and tiny trained models (``fixtures_models``, trained once per test session)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -33,6 +36,32 @@ def write_corpus(root: Path, split: str = "training", *, abstracts: str, entitie
 def sample_dir() -> Path:
     """The bundled 40 + 10 document sample (official layout, training and development)."""
     return SAMPLE_DIR
+
+
+@pytest.fixture(scope="session")
+def dev_documents():
+    """The sample's development documents, read once per session: a test must not modify them."""
+    from drugprot.corpus import read_split
+
+    return read_split(SAMPLE_DIR, "development").documents
+
+
+#: Runs ``drugprot.cli.main(argv)`` and then says whether the command left Ray initialised in its process.
+_CLI_THEN_RAY_STATE = ("import sys, ray\nfrom drugprot.cli import main\ncode = main(sys.argv[1:])\n"
+                       "print(f'ray initialized: {ray.is_initialized()}')\nsys.exit(code)")
+
+
+@pytest.fixture
+def fresh_drugprot(tmp_path):
+    """Run ``drugprot ARGV`` in a new Python process, so that no Ray runtime or other state left by earlier tests in
+    this process changes what it does; the environment is this process's at the call. Its stdout ends with
+    ``ray initialized: True|False``, whether the command left Ray initialised."""
+
+    def run(argv: list[str], *, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", _CLI_THEN_RAY_STATE, *argv], cwd=cwd or tmp_path, env=dict(os.environ),
+                              capture_output=True, text=True, timeout=timeout)
+
+    return run
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ from drugprot.cli import main
 from drugprot.encoding import LABEL_INDEX, LABELS
 from drugprot.model.loss import distillation_loss
 from fixtures_models import REPO, smoke_config
-from test_ensemble import biased_ensemble, biased_members, dev_documents  # noqa: F401  (fixtures)
+from test_ensemble import biased_ensemble, biased_members  # noqa: F401  (fixtures)
 
 SMOKE = REPO / "configs" / "smoke.yaml"
 

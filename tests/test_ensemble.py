@@ -17,7 +17,6 @@ import torch
 
 from drugprot.cli import main
 from drugprot.config import SAMPLE_DIR
-from drugprot.corpus import read_split
 from drugprot.encoding import LABEL_INDEX, LABELS, PairEncoder
 from drugprot.ensemble import EnsembleError, build_ensemble
 from drugprot.ensemble.build import MemberSource
@@ -28,11 +27,6 @@ from drugprot.inference import Predictor, load_predictor, pair_probabilities
 from drugprot.model.artifacts import ArtifactError, LoadedModel, load_artifact, save_artifact
 
 BOOSTED = ("INHIBITOR", "ACTIVATOR", "ACTIVATOR")
-
-
-@pytest.fixture(scope="session")
-def dev_documents():
-    return read_split(SAMPLE_DIR, "development").documents
 
 
 @pytest.fixture(scope="session")

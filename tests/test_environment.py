@@ -13,7 +13,7 @@ import pytest
 from drugprot.cli import build_parser, main, resolve_environment
 from drugprot.config import SAMPLE_DIR
 from drugprot.mlflow_store import normalize_tracking_uri
-from test_ensemble import biased_ensemble, biased_members, dev_documents  # noqa: F401
+from test_ensemble import biased_ensemble, biased_members  # noqa: F401
 from test_registry import registered, store  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
@@ -106,24 +106,21 @@ def test_ensemble_reads_the_store_in_the_environment(registered, store, tmp_path
     assert f"no study named 'nope' in {normalize_tracking_uri(store.uri)}" in capsys.readouterr().err
 
 
-def test_tune_reads_the_store_and_the_cluster_from_the_environment(tmp_path, capsys, monkeypatch):
-    import ray
-
-    if ray.is_initialized():
-        pytest.skip("Ray is initialised in this process")
+def test_tune_reads_the_store_and_the_cluster_from_the_environment(tmp_path, fresh_drugprot, monkeypatch):
     monkeypatch.setenv("DRUGPROT_CONNECT_TIMEOUT", "2")
-    monkeypatch.chdir(tmp_path)
     argv = ["tune", "--config", str(REPO / "configs/smoke.yaml"), "--space", str(REPO / "search_spaces/smoke.yaml"),
             "--name", "x", "--storage", str(tmp_path / "storage")]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{DEAD_PORT}")
-    assert main(argv) == 1
-    assert f"--tracking-uri http://127.0.0.1:{DEAD_PORT}: no MLflow server answers" in capsys.readouterr().err
+    done = fresh_drugprot(argv)
+    assert done.returncode == 1
+    assert f"--tracking-uri http://127.0.0.1:{DEAD_PORT}: no MLflow server answers" in done.stderr
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'm.db'}")
     monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{DEAD_PORT}")
     start = time.monotonic()
-    assert main(argv) == 1
-    assert f"--address 127.0.0.1:{DEAD_PORT}: no Ray cluster answers" in capsys.readouterr().err
-    assert time.monotonic() - start < 60 and not ray.is_initialized()
+    done = fresh_drugprot(argv)
+    assert done.returncode == 1
+    assert f"--address 127.0.0.1:{DEAD_PORT}: no Ray cluster answers" in done.stderr
+    assert time.monotonic() - start < 60 and done.stdout.endswith("ray initialized: False\n")
 
 
 # ---- exit status ------------------------------------------------------------------------------------------------

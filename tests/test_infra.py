@@ -33,10 +33,6 @@ LAUNCHER = INFRA / "cluster-launcher" / "aws-gpu.yaml"
 COMPOSE = INFRA / "mlflow" / "docker-compose.yaml"
 LOCAL_CLUSTER = INFRA / "local-cluster.sh"
 
-# Repo-relative files a manifest may name before their owners have added them. Keep this tiny: a path listed here is
-# still checked strictly once it exists, and should then be removed from the list.
-NOT_YET_IN_REPO: frozenset[str] = frozenset()
-
 IMAGE_PLACEHOLDER = "drugprot-platform"
 
 
@@ -339,9 +335,7 @@ def test_rayservice_manifest_mirrors_serve_cluster_yaml():
     assert applications and all(app["import_path"] == "drugprot.serving:build_app" for app in applications)
     assert applications[0]["args"]["model"] == "models:/drugprot@champion"
     cluster_yaml = REPO / "serve" / "cluster.yaml"
-    if not cluster_yaml.exists():
-        assert "serve/cluster.yaml" in NOT_YET_IN_REPO, "serve/cluster.yaml is missing"
-        pytest.skip("serve/cluster.yaml not in the repository yet (NOT_YET_IN_REPO)")
+    assert cluster_yaml.is_file(), "serve/cluster.yaml is missing"
     assert serve_config == yaml.safe_load(cluster_yaml.read_text()), (
         "RayService serveConfigV2 differs from serve/cluster.yaml: copy the file's content into serveConfigV2")
 
@@ -770,14 +764,29 @@ def test_drugprot_commands_in_infra_are_found():
 
 @pytest.mark.parametrize("source,argv", infra_drugprot_commands(), ids=lambda v: v if isinstance(v, str) else " ".join(v[:2]))
 def test_drugprot_command_is_accepted_by_the_cli(source, argv):
+    check_cli_command(source, argv)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["tnue", "--config", "c.yaml"], r"infra/x\.yaml: `drugprot tnue --config c\.yaml`: 'tnue' is not a drugprot command "
+                                     r"\(commands: .*tune"),
+    (["tune", "--num-sample", "3"], r"--num-sample is not an option of drugprot tune"),
+])
+def test_a_typo_in_an_infra_command_fails(argv, message):
+    with pytest.raises(AssertionError, match=message):
+        check_cli_command("infra/x.yaml", argv)
+
+
+def check_cli_command(source: str, argv: list[str]) -> None:
+    """Fail unless ``drugprot ARGV`` (named in ``source``) is a command the CLI knows, with its options, and parses."""
     import argparse
 
     from drugprot.cli import build_parser
 
     parser = build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    if argv[0] not in commands.choices:
-        pytest.skip(f"`drugprot {argv[0]}` is not registered in drugprot.cli yet (used by {source})")
+    assert argv[0] in commands.choices, (f"{source}: `drugprot {' '.join(argv)}`: {argv[0]!r} is not a drugprot command "
+                                         f"(commands: {', '.join(sorted(commands.choices))})")
     # Every --flag is one the subcommand (or its nested action) defines, as `drugprot CMD --help` lists them.
     subparser = commands.choices[argv[0]]
     nested = [a for a in subparser._actions if isinstance(a, argparse._SubParsersAction)]
@@ -816,10 +825,7 @@ def test_infra_references_the_repository_configs():
 
 @pytest.mark.parametrize("source,target", referenced_paths(), ids=lambda v: v)
 def test_referenced_file_exists(source, target):
-    if not (REPO / target).is_file():
-        if target in NOT_YET_IN_REPO:
-            pytest.skip(f"{target} (named in {source}) is not in the repository yet (NOT_YET_IN_REPO)")
-        pytest.fail(f"{source} names {target}, which does not exist")
+    assert (REPO / target).is_file(), f"{source} names {target}, which does not exist"
 
 
 # --- the Ray cluster launcher file --------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from drugprot.ensemble.publish import log_ensemble
 from drugprot.inference import Predictor, load_predictor, pair_probabilities
 from drugprot.model.artifacts import ArtifactError, load_artifact
 from drugprot.registry import Gate, RegistryError, download_registered_model, load_pyfunc, promote
-from test_ensemble import biased_ensemble, biased_members, dev_documents, flip_first_byte, hand_vote  # noqa: F401
+from test_ensemble import biased_ensemble, biased_members, flip_first_byte, hand_vote  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
 

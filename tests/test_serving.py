@@ -31,9 +31,9 @@ from test_serving_unit import (answered, assert_equal_up_to_rounding, document_j
                                relation_members)
 
 from drugprot.config import SAMPLE_DIR
+from drugprot.polling import poll
 
 REPO = Path(__file__).resolve().parents[1]
-from drugprot.corpus import read_split
 
 pytestmark = pytest.mark.slow
 
@@ -43,11 +43,6 @@ BASE = f"http://127.0.0.1:{HTTP_PORT}"
 TOKEN_ENV = "DRUGPROT_SERVE_TEST_TOKEN"
 RAY_ENV = ("RAY_TMPDIR", "RAY_USAGE_STATS_ENABLED", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_GCS_SERVER_PORT",
            TOKEN_ENV)
-
-
-@pytest.fixture(scope="module")
-def dev_documents():
-    return read_split(SAMPLE_DIR, "development").documents
 
 
 @pytest.fixture(scope="module")
@@ -205,7 +200,7 @@ def test_drugprot_serve_runs_until_sigterm_and_drains_accepted_requests(ensemble
         clients = [threading.Thread(target=client, daemon=True) for _ in range(6)]
         for thread in clients:
             thread.start()
-        time.sleep(3)
+        assert poll(lambda: True if len(outcomes) >= 12 else None, timeout=60, interval=0.05), outcomes  # under load
         started = time.monotonic()
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=90) == 0
@@ -401,10 +396,10 @@ def test_200_stalled_bodies_do_not_stop_valid_requests(apps, token):
                                      headers={"Authorization": f"Bearer {token}"}, timeout=10)
             took.append(time.monotonic() - started)
             assert response.status_code == 200, response.text
-        time.sleep(3)  # past the idle timeout (2 s)
         answers = Counter()
-        for connection in stalled:  # what the stalled ones got: refused at once (429/503) or timed out (408)
-            connection.setblocking(False)
+        deadline = time.monotonic() + 30
+        for connection in stalled:  # what the stalled ones got: refused at once (429/503) or timed out (408, after 2 s)
+            connection.settimeout(max(0.01, deadline - time.monotonic()))
             try:
                 answers[connection.recv(64).split(b" ")[1].decode()] += 1
             except (OSError, IndexError):
@@ -581,17 +576,21 @@ def test_a_killed_model_replica_is_replaced_and_no_request_fails(apps, dev_docum
     threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
     for thread in threads:
         thread.start()
-    time.sleep(2.0)
+    assert poll(lambda: True if len(outcomes) >= 12 else None, timeout=60, interval=0.05), outcomes  # under load
     victim = sorted(before)[0]
     killed_at = time.monotonic()
     ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
-    time.sleep(8.0)
+
+    def replaced() -> bool | None:
+        """The controller started a replica in the victim's place and requests went on after the kill."""
+        current = replicas("open")
+        after_kill = sum(1 for t, _ in outcomes if t > killed_at)
+        return True if len(current) == 2 and victim not in current and after_kill >= 30 else None
+
+    poll(replaced, timeout=90)
     stop.set()
     for thread in threads:
         thread.join(timeout=90)
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline and not (len(replicas("open")) == 2 and victim not in replicas("open")):
-        time.sleep(0.5)
     after = replicas("open")
     assert len(after) == 2 and victim not in after, after
     wait_ready(f"{apps['open']}/readyz")

@@ -56,11 +56,6 @@ def relation_members(smoke_members, tmp_path_factory) -> list[Path]:  # noqa: F8
     return [opinionated_member(path, root / f"member-{i}") for i, path in enumerate(smoke_members)]
 
 
-@pytest.fixture(scope="module")
-def dev_documents():
-    return read_split(SAMPLE_DIR, "development").documents
-
-
 def document_json(doc, *, form: str = "title") -> dict:
     entities = [{"id": e.id, "type": e.type, "start": e.start, "end": e.end, "text": e.text} for e in doc.entities.values()]
     if form == "text":

@@ -31,6 +31,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from drugprot import mlflow_store, tracking  # noqa: E402
 from drugprot.cli import main  # noqa: E402
+from drugprot.polling import poll  # noqa: E402
 from fixtures_mlflow import mlflow_server  # noqa: E402,F401  (module fixture)
 from fixtures_models import smoke_config  # noqa: E402
 
@@ -73,38 +74,27 @@ def process_alive(pid: int) -> bool:
         return False
 
 
-# --- bad inputs: clear errors before any trial starts (first in the file: they need Ray not initialised here) ---------
+# --- bad inputs: clear errors before any trial starts (each in a fresh process: no Ray left by another test) ----------
 
-def test_unreachable_tracking_server_fails_before_any_trial(tmp_path, capsys, monkeypatch):
-    import ray
-
+def test_unreachable_tracking_server_fails_before_any_trial(tmp_path, fresh_drugprot, monkeypatch):
     monkeypatch.setenv("DRUGPROT_CONNECT_TIMEOUT", "2")
-    monkeypatch.chdir(tmp_path)
-    if ray.is_initialized():
-        pytest.skip("Ray is initialised in this process")
-    code = main(["tune", "--config", str(SMOKE_CONFIG), "--space", str(SMOKE_SPACE), "--name", "x",
-                 "--storage", str(tmp_path / "storage"), "--tracking-uri", "http://127.0.0.1:5109"])
-    err = capsys.readouterr().err
-    assert code == 1
-    assert "drugprot tune: error: --tracking-uri http://127.0.0.1:5109: no MLflow server answers" in err
-    assert not ray.is_initialized() and not (tmp_path / "storage").exists()
+    done = fresh_drugprot(["tune", "--config", str(SMOKE_CONFIG), "--space", str(SMOKE_SPACE), "--name", "x",
+                           "--storage", str(tmp_path / "storage"), "--tracking-uri", "http://127.0.0.1:5109"])
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "drugprot tune: error: --tracking-uri http://127.0.0.1:5109: no MLflow server answers" in done.stderr
+    assert done.stdout.endswith("ray initialized: False\n") and not (tmp_path / "storage").exists()
 
 
-def test_cluster_address_that_does_not_answer(tmp_path, capsys, monkeypatch):
-    import ray
-
+def test_cluster_address_that_does_not_answer(tmp_path, fresh_drugprot, monkeypatch):
     monkeypatch.setenv("DRUGPROT_CONNECT_TIMEOUT", "2")
-    if ray.is_initialized():
-        pytest.skip("Ray is initialised in this process")
     start = time.monotonic()
-    code = main(["tune", "--config", str(SMOKE_CONFIG), "--space", str(SMOKE_SPACE), "--name", "x",
-                 "--storage", str(tmp_path / "storage"), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}",
-                 "--address", f"127.0.0.1:{DEAD_PORT}"])
-    err = capsys.readouterr().err
-    assert code == 1
-    assert f"--address 127.0.0.1:{DEAD_PORT}: no Ray cluster answers at 127.0.0.1:{DEAD_PORT}" in err
-    assert "after 2 s" in err and time.monotonic() - start < 60
-    assert not ray.is_initialized()
+    done = fresh_drugprot(["tune", "--config", str(SMOKE_CONFIG), "--space", str(SMOKE_SPACE), "--name", "x",
+                           "--storage", str(tmp_path / "storage"), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}",
+                           "--address", f"127.0.0.1:{DEAD_PORT}"])
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert f"--address 127.0.0.1:{DEAD_PORT}: no Ray cluster answers at 127.0.0.1:{DEAD_PORT}" in done.stderr
+    assert "after 2 s" in done.stderr and time.monotonic() - start < 60
+    assert done.stdout.endswith("ray initialized: False\n")
 
 
 @pytest.mark.parametrize("args, message", [
@@ -496,6 +486,15 @@ def running(cmd: list[str], *, cwd: Path, env: dict[str, str], log: Path):
         out.close()
 
 
+def snapshot_since(storage: Path, since: float) -> bool | None:
+    """True once Tune has written an experiment state (its snapshot of the study) after ``since`` (a time.time())."""
+    for path in storage.rglob("experiment_state-*.json"):
+        with contextlib.suppress(OSError):  # replaced while we look
+            if path.stat().st_mtime > since:
+                return True
+    return None
+
+
 @pytest.mark.slow
 def test_interrupted_study_resumes_without_rerunning_or_relogging(store, tmp_path, request):
     common = ["--name", "resumable", "--storage", str(tmp_path / "storage"), "--tracking-uri", store]
@@ -515,7 +514,9 @@ def test_interrupted_study_resumes_without_rerunning_or_relogging(store, tmp_pat
                 break
             time.sleep(0.2)
         assert finished_before, f"no trial ended before the deadline:\n" + "\n".join(lines[-20:])
-        time.sleep(3)  # let Tune snapshot the study (TUNE_GLOBAL_CHECKPOINT_S=1)
+        ended = time.time()
+        assert poll(lambda: snapshot_since(tmp_path / "storage", ended), timeout=60, interval=0.2), \
+            "Tune wrote no experiment state after the trial ended (TUNE_GLOBAL_CHECKPOINT_S=1)"
         assert process.poll() is None, "the study finished before it could be interrupted"
         kill_session(process.pid)  # the driver and the whole Ray runtime it started
         process.wait(timeout=30)
