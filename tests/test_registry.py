@@ -386,10 +386,13 @@ def test_files_replaced_with_their_manifest_are_refused_naming_both_digests(stor
     assert not (tmp_path / "p.tsv").exists()
 
 
-def test_load_pyfunc_checks_then_predicts_like_the_model(registered, store, biased_ensemble, dev_documents):  # noqa: F811
+def test_load_pyfunc_checks_then_predicts_like_the_model(registered, store, biased_ensemble, dev_documents, tmp_path):  # noqa: F811
     expected = relations_to_frame(dev_documents, Predictor.from_ensemble(biased_ensemble, device="cpu").predict(dev_documents))
     model = load_pyfunc("models:/dp@champion", tracking_uri=store.uri)
     assert model.predict(documents_to_frame(dev_documents)).to_dict("records") == expected.to_dict("records")
+    _, verify = _key_pair(tmp_path, "publisher")
+    with pytest.raises(ArtifactError, match=r"unsigned \(no manifest\.sig\) but --verify-key .*publisher\.pub\.pem was given"):
+        load_pyfunc("models:/dp@champion", tracking_uri=store.uri, verify_key=verify)
 
 
 def test_a_path_in_the_model_metadata_that_leaves_the_download_is_refused(store, biased_ensemble):  # noqa: F811
