@@ -331,7 +331,8 @@ def registered_versions(model: str, scratch: Path) -> tuple[str, object]:
     """A SQLite registry in ``scratch`` holding ``model`` twice (versions 1 and 2), ``@champion`` on version 1;
     returns its URI and client."""
     from drugprot.ensemble import build_ensemble
-    from drugprot.ensemble.registry import log_ensemble, promote
+    from drugprot.ensemble.publish import log_ensemble
+    from drugprot.registry import promote
     from drugprot.ensemble_folder import ENSEMBLE_JSON
     from drugprot.mlflow_store import client
 
@@ -349,7 +350,7 @@ def registered_versions(model: str, scratch: Path) -> tuple[str, object]:
 def swap_phase(base: str, model: str, scratch: Path, *, clients: int, seconds: float, poll_s: float) -> dict:
     from ray import serve
 
-    from drugprot.ensemble.registry import promote
+    from drugprot.registry import promote
     from drugprot.serving.follow import AliasFollower
     from drugprot.serving.options import parse_options
 

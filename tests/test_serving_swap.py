@@ -42,7 +42,7 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 def registry(relation_members, tmp_path_factory):  # noqa: F811
     """An ensemble registered once as version 1 (@champion) in a SQLite store this test and the server share."""
     from drugprot.ensemble import build_ensemble
-    from drugprot.ensemble.registry import log_ensemble
+    from drugprot.ensemble.publish import log_ensemble
 
     root = tmp_path_factory.mktemp("swap")
     built = build_ensemble(relation_members, root / "ensemble", vote="soft", log=lambda _: None)
@@ -151,7 +151,7 @@ def test_rays_own_routes_endpoint_needs_the_api_token(server):
 
 
 def test_moving_the_alias_swaps_the_version_under_load_without_a_failed_request(server, registry):
-    from drugprot.ensemble.registry import log_ensemble
+    from drugprot.ensemble.publish import log_ensemble
 
     url = server["url"]
     assert model_info(url)["version"] == "1"
@@ -179,7 +179,8 @@ def test_moving_the_alias_swaps_the_version_under_load_without_a_failed_request(
 
 
 def test_a_version_that_cannot_load_leaves_the_old_one_serving_and_says_why(server, registry):
-    from drugprot.ensemble.registry import log_ensemble, promote
+    from drugprot.ensemble.publish import log_ensemble
+    from drugprot.registry import promote
     from drugprot.mlflow_store import client
 
     url = server["url"]

@@ -1117,7 +1117,7 @@ def test_the_serve_deployment_classes_work_without_serve(relation_members, dev_d
 
 def test_a_registry_uri_is_pinned_to_a_version_and_reported(relation_members, tmp_path, monkeypatch):
     from drugprot.ensemble import build_ensemble
-    from drugprot.ensemble.registry import log_ensemble
+    from drugprot.ensemble.publish import log_ensemble
 
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.chdir(tmp_path)
