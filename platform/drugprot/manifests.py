@@ -5,7 +5,7 @@ resolves when it starts: a pod restart after a promotion would change the model 
 Rendering pins it: each application's ``args.model`` becomes ``models:/NAME/VERSION``, and annotations on the
 RayService record the alias, the version and when it was read. Following the alias instead (each pod start reads
 it) is an explicit choice, ``follow_alias``, which the annotations say as well. Pure YAML in, YAML out; the caller
-resolves aliases (``drugprot manifest`` through :func:`drugprot.tracking.resolve_model_version`).
+resolves aliases (``drugprot manifest`` through :func:`drugprot.registry.resolve_model_version`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 import yaml
 
 from drugprot.errors import DrugprotError
-from drugprot.tracking import parse_model_uri
+from drugprot.registry import parse_model_uri
 
 ANNOTATION = "drugprot.io/"
 ALIAS, VERSION, RESOLVED_AT, POLICY = (f"{ANNOTATION}{key}" for key in

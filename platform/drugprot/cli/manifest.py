@@ -28,7 +28,7 @@ def _manifest(args) -> int:
     import yaml
 
     from drugprot.manifests import ManifestError, pin_rayservices
-    from drugprot.tracking import resolve_model_version
+    from drugprot.registry import resolve_model_version
 
     source = "stdin" if args.manifests == "-" else args.manifests
     text = sys.stdin.read() if args.manifests == "-" else Path(args.manifests).read_text(encoding="utf-8")
