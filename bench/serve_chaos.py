@@ -6,7 +6,7 @@ the server is stopped, stalled bodies are held open, under overload, and beside 
     python bench/serve_chaos.py --seconds 15 --clients 8      # the short form the slow test runs
 
 A private Ray (``drugprot.local_ray``, 127.0.0.1 only) with Serve on 127.0.0.1, its proxy running the middlewares
-``drugprot serve`` gives it (``drugprot.serving.api.proxy_middlewares``). Clients run in a separate process and send
+``drugprot serve`` gives it (``drugprot.serving.proxy.proxy_middlewares``). Clients run in a separate process and send
 real development documents of the bundled sample, one per request, for ``--seconds``. In every phase ``failed``
 counts any answer that is not 200 or a 503 refusal, and any transport error (the ``sigterm`` phase says which
 requests it counts); p50/p99 are over the answered (200) requests.
@@ -93,7 +93,7 @@ def _load(url: str, bodies: list[dict], clients: int, seconds: float, headers: d
     ``honour_retry_after``, a client refused with 503 waits the ``Retry-After`` seconds, as the API asks."""
     import httpx
 
-    from drugprot.serving.api import AdmissionAtProxy
+    from drugprot.serving.proxy import AdmissionAtProxy
 
     async def main():
         outcomes = []
@@ -226,7 +226,7 @@ def kill_and_time_replacement(app: str, deployment: str, wanted: int, timeout: f
 def proxy_resends(ray_root: Path) -> int:
     """Requests the proxy's middleware sent again after their ingress replica died, so far (its log lines, written
     to the proxy's stderr log under the Ray session's folder)."""
-    from drugprot.serving.api import ResendOnLostReplica
+    from drugprot.serving.proxy import ResendOnLostReplica
 
     mark = ResendOnLostReplica.LOG_MARK.encode()
     logs = {path.resolve() for path in ray_root.rglob("*.err")}  # session_latest links to the session's folder
@@ -590,7 +590,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--phases: unknown phase(s) {', '.join(sorted(unknown))}; use {', '.join(PHASES)}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from drugprot.local_ray import local_serve
-    from drugprot.serving.api import PROXY_CALLBACK
+    from drugprot.serving.proxy import PROXY_CALLBACK
 
     scratch = Path(tempfile.mkdtemp(prefix="drugprot-serve-chaos-"))
     # what drugprot serve gives its Ray, inherited by the proxy and the replicas: the proxy's middlewares, the

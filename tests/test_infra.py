@@ -351,7 +351,7 @@ def test_rayservice_manifest_mirrors_serve_cluster_yaml():
         assert options.token_env in env, f"worker pods need {options.token_env} (require_token={options.require_token})"
         assert "secretKeyRef" in env[options.token_env]["valueFrom"]
     # Serve's proxy (on every node) answers /-/routes itself: the proxy middleware asks for the same token there
-    from drugprot.serving.api import PROXY_CALLBACK
+    from drugprot.serving.proxy import PROXY_CALLBACK
 
     for pod in (head, worker):
         env = {e["name"]: e for e in pod.get("env", [])}

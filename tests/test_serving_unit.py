@@ -142,7 +142,7 @@ def test_options_map_onto_deployment_options():
     ({"model": "models:/dp/3", "follow_alias": True}, r"follow_alias needs a registry alias .*got 'models:/dp/3'"),
     ({"model": "models:/dp@champion", "follow_alias": True, "poll_s": 0},
      r"serve args: poll_s: Input should be greater than 0, got 0"),
-    ({"model": "m", "max_queue_wait_s": 0}, r"serve args: max_queue_wait_s: Input should be greater than 0, got 0"),
+    ({"model": "m", "max_queue_wait_s": -1}, r"serve args: max_queue_wait_s: Input should be greater than 0, got -1"),
     ({"model": "m", "precision": "bf16"},
      r"serve args: precision: Input should be 'auto', 'fp32', 'int8' or 'cascade', got 'bf16'"),
     ({"model": "m", "precision": "int8", "gpus_per_replica": 1},
@@ -735,8 +735,8 @@ def test_rays_routes_endpoint_needs_the_token_at_the_proxy(monkeypatch):
     from starlette.responses import JSONResponse
     from starlette.routing import Route
 
-    from drugprot.serving.api import (PROXY_CALLBACK, AdmissionAtProxy, ResendOnLostReplica, RoutesGuard,
-                                      StalledBodiesAtProxy, proxy_middlewares)
+    from drugprot.serving.proxy import (PROXY_CALLBACK, AdmissionAtProxy, ResendOnLostReplica, RoutesGuard,
+                                        StalledBodiesAtProxy, proxy_middlewares)
 
     assert PROXY_CALLBACK[1] == f"{proxy_middlewares.__module__}:{proxy_middlewares.__name__}"
     middleware, stalled, admission, resend = proxy_middlewares()
@@ -789,7 +789,7 @@ def through_resend(app, *, method: str = "POST", path: str = "/v1/relations", pa
                    disconnect_after_body: bool = False, attempts: int = 3):
     """One request through ``ResendOnLostReplica(app)``; returns what was sent back and how often the client's
     ``receive`` was called."""
-    from drugprot.serving.api import ResendOnLostReplica
+    from drugprot.serving.proxy import ResendOnLostReplica
 
     messages = [{"type": "http.request", "body": part, "more_body": i < len(parts) - 1} for i, part in enumerate(parts)]
     if disconnect_after_body:
@@ -836,7 +836,7 @@ def test_resending_is_bounded_and_only_for_lost_requests_that_may_be_sent_twice(
 
 
 def test_the_proxy_refuses_stalled_bodies_beyond_the_caps_before_any_replica_sees_them():
-    from drugprot.serving.api import StalledBodiesAtProxy
+    from drugprot.serving.proxy import StalledBodiesAtProxy
     from drugprot.serving.options import Limits
 
     async def scenario():
@@ -932,7 +932,7 @@ def through_admission(gate, path: str = "/app/v1/relations"):
 
 
 def test_the_proxy_learns_capacity_from_overload_refusals_and_refuses_the_excess_itself():
-    from drugprot.serving.api import AdmissionAtProxy
+    from drugprot.serving.proxy import AdmissionAtProxy
 
     async def scenario():
         app, now = CapacityApp(capacity=4), [0.0]
@@ -969,7 +969,7 @@ def test_the_proxy_learns_capacity_from_overload_refusals_and_refuses_the_excess
 
 
 def test_admission_probing_backs_off_while_probes_fail_and_resumes_when_capacity_grows():
-    from drugprot.serving.api import AdmissionAtProxy
+    from drugprot.serving.proxy import AdmissionAtProxy
     from drugprot.serving.service import OVERLOAD_HEADER
 
     gate = AdmissionAtProxy(None, clock=lambda: 0.0)
@@ -992,7 +992,7 @@ def test_admission_probing_backs_off_while_probes_fail_and_resumes_when_capacity
 
 
 def test_admission_at_the_proxy_passes_other_routes_and_methods_untouched():
-    from drugprot.serving.api import AdmissionAtProxy
+    from drugprot.serving.proxy import AdmissionAtProxy
 
     async def scenario():
         app = CapacityApp(capacity=0)  # refuses every request it sees

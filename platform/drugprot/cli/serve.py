@@ -1,24 +1,33 @@
 """``drugprot serve``: run the relation-extraction HTTP application on Ray Serve until SIGTERM or SIGINT.
 
-Without ``--address`` a private single-node Ray is started (and stopped on exit); with ``--address`` the app is
-deployed onto that cluster and deleted again on exit (Serve and the cluster keep running).
+Without ``--address`` a private single-node Ray is started (and stopped on exit; its logs are kept in the run
+folder); with ``--address`` the app is deployed onto that cluster and deleted again on exit (Serve and the cluster
+keep running). Auth is on unless ``--no-auth`` (loopback only): the token comes from ``DRUGPROT_API_TOKEN``, or is
+made here and written to a file only the user can read.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import os
+import secrets
 import shutil
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
+
+TOKEN_ENV = "DRUGPROT_API_TOKEN"
 
 
 def register(commands) -> None:
     parser = commands.add_parser("serve", help="Serve the model over HTTP (Ray Serve) until SIGTERM/SIGINT.",
                                  description="Serve POST /v1/relations, GET /v1/model, /healthz and /readyz on Ray "
-                                             "Serve. The bearer token, when wanted, comes from the environment "
-                                             "variable DRUGPROT_API_TOKEN of the replicas.")
+                                             "Serve. Clients send 'Authorization: Bearer TOKEN': the token is "
+                                             f"{TOKEN_ENV} when set, else a new one written to RUN_DIR/api-token "
+                                             "(readable by the user only); --no-auth turns auth off on loopback.")
     parser.add_argument("--model", required=True, help="model folder, ensemble folder, or models:/NAME@ALIAS")
     parser.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
@@ -44,7 +53,7 @@ def register(commands) -> None:
     parser.add_argument("--max-queued-requests", type=int, default=64, help="requests queued beyond capacity before 503")
     parser.add_argument("--max-queue-wait-s", type=float,
                         help="latency objective: refuse (503, Retry-After) a request expected to wait longer than "
-                             "this in the model's queue, and one that has (default: no objective)")
+                             "this in the model's queue, and one that has (default 2; 0: no objective)")
     parser.add_argument("--tracking-uri", help="MLflow tracking/registry URI for models:/ URIs")
     parser.add_argument("--verify-key", metavar="PEM", help="ed25519 public key: refuse a model whose manifest is not "
                                                             "signed by it (drugprot ensemble --sign-key)")
@@ -52,7 +61,18 @@ def register(commands) -> None:
                                           "default: start a private local Ray")
     parser.add_argument("--name", default="drugprot", help="Serve application name")
     parser.add_argument("--route-prefix", default="/", help="HTTP route prefix of the application")
-    parser.add_argument("--require-token", action="store_true", help="refuse to start without DRUGPROT_API_TOKEN")
+    auth = parser.add_mutually_exclusive_group()
+    auth.add_argument("--require-token", action="store_true",
+                      help=f"refuse to start without {TOKEN_ENV} (instead of making a token)")
+    auth.add_argument("--no-auth", action="store_true", help="no bearer token (refused with any --host beyond loopback)")
+    parser.add_argument("--api-docs", action="store_true", help="serve /docs and /redoc (they load Swagger UI and "
+                        "ReDoc from a CDN)")
+    parser.add_argument("--max-connections-per-client", type=int, help="open connections from one client address at "
+                        "the HTTP proxy (default 256; more get 429)")
+    parser.add_argument("--run-dir", type=Path, help="folder for the token file and Ray's logs (default "
+                        "runs/serve/UTC-TIMESTAMP)")
+    parser.add_argument("--delete-logs", action="store_true", help="delete Ray's logs on a clean stop instead of "
+                        "keeping them in the run folder")
     parser.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for the model to load")
     parser.add_argument("--drain-timeout", type=float, default=30.0,
                         help="on SIGTERM, seconds to let accepted requests finish (new ones get 503)")
@@ -81,16 +101,56 @@ def serve_options(args) -> dict:
         "batch_wait_ms": args.batch_wait_ms,
         "max_queued_requests": args.max_queued_requests,
         "max_queue_wait_s": args.max_queue_wait_s,
-        "require_token": args.require_token,
+        "require_token": args.require_token or None,
+        "api_docs": args.api_docs or None,
         "follow_alias": args.follow_alias,
         "poll_s": args.poll_s,
     }
-    return {key: value for key, value in options.items() if value is not None}
+    options = {key: value for key, value in options.items() if value is not None}
+    if args.no_auth:
+        options["token_env"] = None
+    elif args.address is not None:  # the cluster's replicas must hold the token: they are not started from here
+        options["require_token"] = True
+    return options
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def provide_token(run_dir: Path) -> Path | None:
+    """Make sure the replicas (children of the Ray started here) find a token in ``TOKEN_ENV``: the one already set,
+    else a new one, written to ``run_dir/api-token`` with mode 0600 first; returns that file (None: the variable
+    was set)."""
+    if os.environ.get(TOKEN_ENV, "").strip():
+        return None
+    token = secrets.token_urlsafe(32)
+    path = run_dir / "api-token"
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        file.write(token + "\n")
+    os.environ[TOKEN_ENV] = token
+    return path
+
+
+def keep_logs(ray_folder: Path, run_dir: Path) -> Path | None:
+    """Copy the Ray session's logs into ``run_dir/ray-logs``; returns that folder (None: no logs were found)."""
+    logs = next((found / "logs" for found in ray_folder.glob("*/session_latest") if (found / "logs").is_dir()), None)
+    if logs is None:  # Ray keeps its sessions in RAY_TMPDIR/ray/
+        return None
+    kept = run_dir / "ray-logs"
+    shutil.copytree(logs, kept, symlinks=True, dirs_exist_ok=True, ignore_dangling_symlinks=True)
+    return kept
 
 
 def _serve(args) -> int:
     from drugprot.errors import DrugprotError
-    from drugprot.serving.options import parse_options
+    from drugprot.serving.options import PROXY_LIMITS_ENV, ProxyLimits, parse_model, parse_options
 
     try:
         options = parse_options(serve_options(args), source="option")
@@ -107,6 +167,19 @@ def _serve(args) -> int:
         from drugprot.inference import early_exit_for
 
         early_exit_for(options.model, options.early_exit)  # the replicas would only say it in their logs
+    if args.no_auth and not is_loopback(args.host):
+        args.usage_error(f"--no-auth: refused with --host {args.host}, which is reachable beyond this machine; serve "
+                         f"with a token (the default) or bind 127.0.0.1")
+    proxy_limits = json.loads(os.environ.get(PROXY_LIMITS_ENV) or "{}")
+    if args.max_connections_per_client is not None:
+        proxy_limits["max_connections_per_client"] = args.max_connections_per_client
+    proxy_limits = parse_model(ProxyLimits, proxy_limits, source="option")
+    if options.model.startswith("models:/") and (args.address is None or options.tracking_uri):
+        from drugprot.tracking import resolve_model_version
+
+        resolve_model_version(options.model, tracking_uri=options.tracking_uri)  # a bad alias now, not after Ray
+    run_dir = args.run_dir or Path("runs") / "serve" / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     stop = threading.Event()
     import ray
     from ray import serve
@@ -118,10 +191,17 @@ def _serve(args) -> int:
 
     local, folder, clean, chosen = args.address is None, None, False, None
     if local:
-        from drugprot.serving.api import PROXY_CALLBACK
+        from drugprot.serving.proxy import PROXY_CALLBACK
 
+        if not args.no_auth:
+            token_file = provide_token(run_dir)
+            _say(f"drugprot serve: bearer token written to {token_file} (readable by you only); send "
+                 f"'Authorization: Bearer <its content>'" if token_file else
+                 f"drugprot serve: bearer token from {TOKEN_ENV}")
         chosen = os.environ.get("RAY_TMPDIR")
-        os.environ.setdefault(*PROXY_CALLBACK)  # the proxy inherits it: token on /-/routes, lost requests resent
+        # the proxy inherits both: header and connection bounds, token on /-/routes, admission, lost requests resent
+        os.environ.setdefault(*PROXY_CALLBACK)
+        os.environ[PROXY_LIMITS_ENV] = proxy_limits.model_dump_json()
         folder = start_local_ray()
         print(f"drugprot serve: started a local Ray (temporary folder {folder})", file=sys.stderr, flush=True)
     else:
@@ -173,10 +253,12 @@ def _serve(args) -> int:
                 serve.delete(args.name)
         finally:
             ray.shutdown()
-        if folder is not None and clean and not chosen:
-            shutil.rmtree(folder, ignore_errors=True)  # Ray's logs stay behind only when something went wrong
-        elif folder is not None:
-            print(f"drugprot serve: Ray logs kept in {folder}", file=sys.stderr, flush=True)
+        if folder is not None:
+            kept = None if clean and args.delete_logs else keep_logs(folder, run_dir)
+            if kept is not None:
+                _say(f"drugprot serve: Ray logs kept in {kept}")
+            if not chosen:
+                shutil.rmtree(folder, ignore_errors=True)
         print("drugprot serve: stopped", file=sys.stderr, flush=True)
 
 

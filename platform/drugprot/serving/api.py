@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import math
 import time
 from collections import Counter
 import logging
@@ -28,14 +27,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from drugprot import __version__
 from drugprot.errors import DrugprotError
-from drugprot.serving.options import Limits, ServeOptions
+from drugprot.serving.options import Limits
 from drugprot.serving.schemas import ErrorResponse, ModelInfo, RelationsRequest, RelationsResponse, describe_errors
-from drugprot.serving.service import OVERLOAD_HEADER, RelationService, ServingError
+from drugprot.serving.service import RelationService, ServingError
 
 log = logging.getLogger("drugprot.serving")
 
 RAW_BODY = "drugprot.raw_body"
-OPEN_PATHS = frozenset({"/", "/healthz", "/readyz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
+OPEN_PATHS = frozenset({"/", "/healthz", "/readyz", "/saturation", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
 
 DESCRIPTION = """DrugProt chemical–gene relation extraction.
 
@@ -53,6 +52,57 @@ def resolve_token(token_env: str | None, *, required: bool = False) -> str | Non
         raise DrugprotError(f"require_token is set but the environment variable {token_env or '(none configured)'} is "
                             f"empty or unset in this replica; set it (e.g. from a Kubernetes Secret) or drop require_token")
     return token or None
+
+
+def page_headers(page: str) -> dict[str, str]:
+    """The page's security headers: a Content-Security-Policy that allows only its own inline style and script (by
+    hash) and requests to this server, no framing, no referrer sent onward."""
+    import base64
+    import hashlib
+    import re
+
+    def hashes(tag: str) -> str:
+        blocks = re.findall(rf"<{tag}>(.*?)</{tag}>", page, re.DOTALL)  # not <script type=...>: data, never run
+        return " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(b.encode()).digest()).decode()}'" for b in blocks)
+
+    policy = (f"default-src 'none'; script-src {hashes('script')}; style-src {hashes('style')}; connect-src 'self'; "
+              f"img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+    return {"Content-Security-Policy": policy, "X-Frame-Options": "DENY", "Referrer-Policy": "no-referrer",
+            "X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"}
+
+
+def duplicate_key(body: bytes) -> str | None:
+    """The first key that occurs twice in one JSON object of ``body`` (None: none, or not JSON at all)."""
+    found: list[str] = []
+
+    def unique(pairs):
+        seen = set()
+        for key, _ in pairs:
+            if key in seen and not found:
+                found.append(key)
+            seen.add(key)
+        return dict(pairs)
+
+    try:
+        json.loads(body, object_pairs_hook=unique)
+    except (ValueError, RecursionError):
+        return None
+    return found[0] if found else None
+
+
+class DuplicateKey(ServingError):
+    status = 422
+
+
+def saturation(status: dict) -> dict:
+    """How full the model replica's queue is against the latency objective: ``ratio`` = expected wait / objective
+    (``saturated`` from 1 on: new requests are refused); without an objective, the queue's expected wait alone."""
+    batching = status.get("batching") or {}
+    expected, objective = float(batching.get("expected_wait_s") or 0.0), batching.get("max_wait_s")
+    ratio = round(expected / objective, 3) if objective else None
+    return {"expected_wait_s": expected, "objective_s": objective, "ratio": ratio,
+            "saturated": ratio is not None and ratio >= 1.0, "queued": batching.get("queued", 0),
+            "refused_by_wait_objective": batching.get("refused_by_wait_objective", 0)}
 
 
 def try_page() -> str:
@@ -160,6 +210,8 @@ class _Guard:
                 self.observe(path, status[0], time.monotonic() - started)
 
     async def _guarded(self, scope, receive, send, path: str):
+        if len(authorizations(scope)) > 1:
+            return await _error(400, "request: more than one Authorization header; send one")(scope, receive, send)
         if self.token is not None and path not in OPEN_PATHS and not self._authorized(scope):
             response = _error(401, "missing or invalid bearer token: send 'Authorization: Bearer <token>'",
                               headers={"WWW-Authenticate": 'Bearer realm="drugprot"'})
@@ -233,235 +285,23 @@ class _Guard:
         return bearer_matches(scope, self.token)
 
 
+def authorizations(scope) -> list[bytes]:
+    """Every ``Authorization`` header of the request (more than one is refused: which one counts would be a guess)."""
+    return [value for name, value in scope.get("headers") or [] if name.lower() == b"authorization"]
+
+
 def bearer_matches(scope, token: bytes) -> bool:
-    """Whether the request carries ``Authorization: Bearer <token>`` (compared in constant time)."""
-    header = dict(scope.get("headers") or []).get(b"authorization", b"")
-    scheme, _, value = header.partition(b" ")
+    """Whether the request carries exactly one ``Authorization: Bearer <token>`` (compared in constant time)."""
+    headers = authorizations(scope)
+    scheme, _, value = (headers[0] if len(headers) == 1 else b"").partition(b" ")
     return scheme.lower() == b"bearer" and hmac.compare_digest(value.strip(), token)
-
-
-class RoutesGuard:
-    """Pure ASGI middleware for Serve's HTTP proxy: the proxy answers ``GET /-/routes`` (every application's route
-    prefix and name) itself, before any application sees the request, so the API's token check never runs there.
-    With the token variable set in the proxy's environment (``DRUGPROT_API_TOKEN``, the default ``token_env``),
-    ``/-/routes`` needs the same bearer token as the API; ``/-/healthz`` stays open for probes."""
-
-    def __init__(self, app, *, token_env: str | None = None):
-        self.app = app
-        token = resolve_token(token_env or ServeOptions.model_fields["token_env"].default)
-        self.token = token.encode() if token else None
-
-    async def __call__(self, scope, receive, send):
-        if (self.token is not None and scope["type"] == "http"
-                and scope.get("path", "")[len(scope.get("root_path", "")):] == "/-/routes"
-                and not bearer_matches(scope, self.token)):
-            response = _error(401, "missing or invalid bearer token: send 'Authorization: Bearer <token>'",
-                              headers={"WWW-Authenticate": 'Bearer realm="drugprot"'})
-            return await response(scope, receive, send)
-        return await self.app(scope, receive, send)
-
-
-class StalledBodiesAtProxy:
-    """Pure ASGI middleware for Serve's HTTP proxy: the caps on unfinished bodies (``Limits``' defaults), enforced
-    before a request reaches an ingress replica.
-
-    A request whose body does not come whole with its first part counts as unfinished until its last part arrives;
-    beyond ``max_unfinished_bodies`` of them at this proxy it is refused with 503, beyond
-    ``max_unfinished_bodies_per_client`` from one address with 429, and a first part that takes longer than
-    ``body_idle_timeout_s`` gets 408. The ingress replicas apply the same caps and the body timeouts; refusing here
-    too costs the proxy one read instead of a round trip to a replica, so clients that re-open stalled connections
-    as fast as they are refused cannot starve valid requests of the replicas' time.
-    """
-
-    def __init__(self, app, *, limits: Limits | None = None):
-        self.app = app
-        self.limits = limits or Limits()
-        self.unfinished = UnfinishedBodies(self.limits)
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope.get("method") not in ("POST", "PUT", "PATCH"):
-            return await self.app(scope, receive, send)
-        try:
-            first = await asyncio.wait_for(receive(), self.limits.body_idle_timeout_s)
-        except TimeoutError:
-            response = _error(408, f"request body: nothing received within {self.limits.body_idle_timeout_s:g} s",
-                              headers={"Connection": "close"})
-            return await response(scope, receive, send)
-        client = (scope.get("client") or ("?", 0))[0]
-        unfinished = first["type"] == "http.request" and first.get("more_body", False)
-        if unfinished:
-            refusal = self.unfinished.admit(client)
-            if refusal is not None:
-                return await refusal(scope, receive, send)
-        replayed = False
-
-        async def first_then_live():
-            nonlocal replayed, unfinished
-            if not replayed:
-                replayed = True
-                return first
-            message = await receive()
-            if unfinished and (message["type"] == "http.disconnect" or not message.get("more_body", False)):
-                unfinished = False
-                self.unfinished.release(client)
-            return message
-
-        try:
-            return await self.app(scope, first_then_live, send)
-        finally:
-            if unfinished:
-                self.unfinished.release(client)
-
-
-class ResendOnLostReplica:
-    """Pure ASGI middleware for Serve's HTTP proxy: a request whose ingress replica died while holding it is sent
-    again, to another replica.
-
-    When the replica that holds a request dies (``RayActorError``), Serve's proxy sends the client nothing and returns,
-    and the server then answers a bare 500: the request is lost although nothing of it was answered. Scoring is pure,
-    so such a request is resent, at most ``attempts`` times in all: the body the proxy read is replayed first. Only
-    requests that may be sent twice are resent (GET and HEAD, and POST to ``…/v1/relations``), only when nothing of a
-    response was sent, and never after the client disconnected. Serve's router has already marked the dead replica
-    when the proxy returns, so the next attempt goes to a live one (or waits in the queue for a replacement).
-    """
-
-    RESENDABLE_POST = "/v1/relations"
-    LOG_MARK = "got no answer from its replica"
-
-    def __init__(self, app, *, attempts: int = 3):
-        self.app = app
-        self.attempts = attempts
-
-    def _resendable(self, scope) -> bool:
-        method = scope.get("method")
-        return method in ("GET", "HEAD") or (method == "POST" and scope.get("path", "").endswith(self.RESENDABLE_POST))
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or not self._resendable(scope):
-            return await self.app(scope, receive, send)
-        received: list[dict] = []  # what the client sent so far, replayed to each later attempt
-        started = False
-
-        async def send_and_note(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        for attempt in range(1, self.attempts + 1):
-            position = 0
-
-            async def replayed_then_live():
-                nonlocal position
-                if position < len(received):
-                    position += 1
-                    return received[position - 1]
-                message = await receive()
-                received.append(message)
-                position += 1
-                return message
-
-            await self.app(dict(scope), replayed_then_live, send_and_note)  # Serve's proxy rewrites its scope
-            if started or any(message["type"] == "http.disconnect" for message in received):
-                return None
-            if attempt < self.attempts:
-                log.warning("drugprot serving: %s %s %s (it died); sending it again (%d/%d)", scope.get("method"),
-                            scope.get("path"), self.LOG_MARK, attempt + 1, self.attempts)
-        return None  # every attempt lost: the server answers 500, as without this middleware
-
-
-class AdmissionAtProxy:
-    """Pure ASGI middleware for Serve's HTTP proxy: under overload, refuse at the proxy what the application would
-    refuse anyway, in milliseconds instead of after a round trip through an ingress replica and the model's queue.
-
-    The proxy cannot see the model's queue, so it learns each application's capacity (per route prefix of
-    ``…/v1/relations``) from the application's own refusals, as TCP's congestion window does (additive increase,
-    multiplicative decrease): when a request comes back refused for lack of capacity (a 503 carrying
-    ``OVERLOAD_HEADER``), the limit becomes at most the requests then in flight through this proxy minus one (the
-    refusals of one burst come back one after the other, each lowering it to what the application held then).
-    While the requests in flight reach the limit, a new request is answered here with the same JSON 503 and the
-    ``Retry-After`` of the last refusal. While there is demand beyond the limit (a request refused here in the last
-    ``DEMAND_S``), every 2xx answer raises it by 1/(rounds × limit): one more request every ``rounds`` rounds
-    probes whether capacity was added (a replica, a scale-up). A probe the application refuses is one slow
-    refusal, so probing backs off: each round's first refusal (of a request admitted since the previous one)
-    doubles ``rounds`` (up to ``MAX_PROBE_ROUNDS``), and a limit that grew past the one the application last
-    refused (capacity was added) probes every round again. Until the first refusal there is no limit."""
-
-    SUFFIX = "/v1/relations"
-    AT_CAPACITY = "the service is at capacity"  # how its refusals begin
-    MAX_PROBE_ROUNDS = 64
-    DEMAND_S = 1.0
-
-    def __init__(self, app, *, clock=time.monotonic):
-        self.app = app
-        self.clock = clock
-        self.in_flight: Counter[str] = Counter()  # per application (route prefix)
-        self.limit: dict[str, float] = {}
-        self.cuts: Counter[str] = Counter()  # how many times each limit was cut: a request's round
-        self.refused_limit: dict[str, float] = {}  # the limit when the application last refused (a failed probe)
-        self.probe_rounds: dict[str, int] = {}
-        self.retry_after: dict[str, str] = {}
-        self.refused = 0  # answered here
-        self.refused_at: dict[str, float] = {}  # when a request to each application was last refused here
-
-    async def __call__(self, scope, receive, send):
-        path = scope.get("path", "")
-        if scope["type"] != "http" or scope.get("method") != "POST" or not path.endswith(self.SUFFIX):
-            return await self.app(scope, receive, send)
-        key = path[: -len(self.SUFFIX)]
-        limit = self.limit.get(key)
-        if limit is not None and self.in_flight[key] >= limit:
-            self.refused += 1
-            self.refused_at[key] = self.clock()
-            retry_after = self.retry_after.get(key, "1")
-            response = _error(503, f"{self.AT_CAPACITY} ({self.in_flight[key]} requests in progress); retry "
-                                   f"after {retry_after} s", headers={"Retry-After": retry_after, OVERLOAD_HEADER: "1"})
-            return await response(scope, receive, send)
-        round_ = self.cuts[key]
-        self.in_flight[key] += 1
-
-        async def send_and_learn(message):
-            if message["type"] == "http.response.start":
-                self._learn(key, round_, message["status"], message.get("headers") or [])
-            await send(message)
-
-        try:
-            return await self.app(scope, receive, send_and_learn)
-        finally:
-            self.in_flight[key] -= 1
-
-    def _learn(self, key: str, round_: int, status: int, headers) -> None:
-        """Cut the limit on an overload refusal (backing off once per round), raise it on a 2xx answer while there
-        is demand."""
-        headers = {name.lower(): value for name, value in headers}
-        if status == 503 and OVERLOAD_HEADER.lower().encode() in headers:
-            self.retry_after[key] = headers.get(b"retry-after", b"1").decode("latin-1")
-            if round_ == self.cuts[key]:  # the first refusal of a round: a failed probe
-                self.refused_limit[key] = self.limit.get(key, float(self.in_flight[key]))
-                self.cuts[key] += 1
-                rounds = self.probe_rounds.get(key)
-                self.probe_rounds[key] = 1 if rounds is None else min(2 * rounds, self.MAX_PROBE_ROUNDS)
-            self.limit[key] = max(1.0, min(self.limit.get(key, math.inf), self.in_flight[key] - 1.0))
-        elif 200 <= status < 300 and self.clock() - self.refused_at.get(key, -math.inf) < self.DEMAND_S:
-            self.limit[key] += 1.0 / (self.probe_rounds[key] * self.limit[key])
-            if self.limit[key] >= self.refused_limit[key] + 1:
-                self.probe_rounds[key] = 1
-
-
-PROXY_CALLBACK = ("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "drugprot.serving.api:proxy_middlewares")
-
-
-def proxy_middlewares() -> list:
-    """Serve's HTTP proxy callback: ``PROXY_CALLBACK`` in the environment of the Ray nodes (``drugprot serve`` sets
-    it for the Ray it starts; on a cluster, set it on every node)."""
-    from starlette.middleware import Middleware
-
-    return [Middleware(RoutesGuard), Middleware(StalledBodiesAtProxy), Middleware(AdmissionAtProxy),
-            Middleware(ResendOnLostReplica)]
 
 
 def create_api(service: RelationService, *, token: str | None = None, observe=None) -> FastAPI:
     """``observe(route, status, seconds)``, when given, is called for every answered request."""
-    app = FastAPI(title="drugprot relation extraction", version=__version__, description=DESCRIPTION)
+    docs = service.options.api_docs  # Swagger UI and ReDoc load their scripts from a CDN: off unless asked for
+    app = FastAPI(title="drugprot relation extraction", version=__version__, description=DESCRIPTION,
+                  docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None)
     app.add_middleware(_Guard, token=token, limits=service.limits, service=service, observe=observe)
     bearer = HTTPBearer(auto_error=False, description="Only when the server has a token configured.")
     errors = {401: {"model": ErrorResponse}, 413: {"model": ErrorResponse}, 422: {"model": ErrorResponse},
@@ -492,7 +332,13 @@ def create_api(service: RelationService, *, token: str | None = None, observe=No
         log.exception("drugprot serving: request failed")
         return _error(500, f"internal error ({type(error).__name__}); the request was not processed")
 
-    @app.post("/v1/relations", response_model=RelationsResponse, responses=errors, dependencies=[Depends(bearer)],
+    def unique_keys(request: Request) -> None:
+        key = duplicate_key(request.scope.get(RAW_BODY) or b"")
+        if key is not None:
+            raise DuplicateKey(f"request body: key {key!r} occurs twice in one JSON object; send each key once")
+
+    @app.post("/v1/relations", response_model=RelationsResponse, responses=errors,
+              dependencies=[Depends(bearer), Depends(unique_keys)],
               summary="Relations for each document")
     async def relations(body: RelationsRequest, response: Response) -> RelationsResponse:
         answer, version = await service.relations(body)
@@ -506,10 +352,11 @@ def create_api(service: RelationService, *, token: str | None = None, observe=No
         return await service.model.info()
 
     page = try_page()
+    security = page_headers(page)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def home() -> HTMLResponse:
-        return HTMLResponse(page)
+        return HTMLResponse(page, headers=security)
 
     @app.get("/healthz", summary="Liveness: the replica answers (500 when its warm-up failed)")
     async def healthz():
@@ -518,12 +365,24 @@ def create_api(service: RelationService, *, token: str | None = None, observe=No
             return JSONResponse({"status": "failed", "detail": status.get("detail")}, status_code=500)
         return {"status": "ok"}
 
-    @app.get("/readyz", summary="Readiness: 200 once the model is loaded and warmed up, else 503")
+    @app.get("/readyz", summary="Readiness: 200 once the model is loaded and warmed up, else 503; with the "
+                              "saturation of the model replica that answered")
     async def readyz():
         status = await service.model.status()
         if status["status"] != "ready":
             body = {key: status[key] for key in ("status", "detail") if key in status}
             return JSONResponse(body, status_code=503, headers={"Retry-After": "1"})
-        return {**status, "state": "ready"}
+        return {**status, "state": "ready", "saturation": saturation(status)}
+
+    @app.get("/saturation", summary="For a load balancer: 200 while the model replica that answered admits "
+                                    "requests within the latency objective, 503 while it refuses them")
+    async def saturated():
+        status = await service.model.status()
+        if status["status"] != "ready":
+            return JSONResponse({"status": status["status"]}, status_code=503, headers={"Retry-After": "1"})
+        found = saturation(status)
+        if found["saturated"]:
+            return JSONResponse(found, status_code=503, headers={"Retry-After": str(max(1, round(found["expected_wait_s"])))})
+        return found
 
     return app

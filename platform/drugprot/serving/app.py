@@ -71,6 +71,8 @@ class RemoteModel:
                 if self.metrics is not None and method == "score":
                     self.metrics.model_call(time.monotonic() - started)
                 return result
+            except ServingError as error:  # the replica's own refusal (Overloaded, NotReady), wrapped by Ray
+                raise getattr(error, "cause", error) from None
             except BackPressureError:
                 raise Overloaded("the model's queue is full; retry after a second", 1.0) from None
             except TimeoutError:

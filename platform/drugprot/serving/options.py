@@ -33,6 +33,29 @@ class Limits(BaseModel):
                                                   "(429 beyond it).")
 
 
+class ProxyLimits(BaseModel):
+    """What one client may hold at Serve's HTTP proxy before any request reaches the application: nginx's defaults
+    for header size and time, and a cap on connections per client address. The proxy reads them from the
+    environment variable ``PROXY_LIMITS_ENV`` (JSON; ``drugprot serve`` sets it from its flags)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_header_line_bytes: int = Field(8_192, ge=256, le=1_048_576, description="Request line or one header line "
+                                       "(431 beyond it, then the connection is closed).")
+    max_header_bytes: int = Field(32_768, ge=1_024, le=16_777_216, description="Request line and headers together "
+                                  "(431 beyond it, then the connection is closed).")
+    header_timeout_s: float = Field(10.0, gt=0, le=600, description="Time to receive a request's line and headers "
+                                    "(408 after it, then the connection is closed).")
+    max_connections_per_client: int = Field(256, ge=1, le=1_000_000, description="Open connections from one client "
+                                            "address at this proxy; one more is answered 429 and closed.")
+
+
+PROXY_LIMITS_ENV = "DRUGPROT_PROXY_LIMITS"
+
+
+DEFAULT_QUEUE_WAIT_S = 2.0
+
+
 class ServeOptions(BaseModel):
     """Everything one application needs: the model, replicas, resources, batching, limits, auth and warm-up."""
 
@@ -67,11 +90,12 @@ class ServeOptions(BaseModel):
                                              "(default: max_batch_pairs, so even one-pair requests can fill a batch).")
     max_queued_requests: int = Field(64, ge=-1, le=1_000_000, description="Requests waiting at the proxy beyond the "
                                      "replicas' capacity; more are refused with 503 at once (-1: unbounded).")
-    max_queue_wait_s: float | None = Field(None, gt=0, le=3_600, description="Latency objective for admission: a "
-                                           "request whose expected wait in the model replica's queue (pairs ahead "
-                                           "at the recent pairs/s) exceeds it is refused at once with 503 and "
-                                           "Retry-After, and one that has waited that long is refused rather than "
-                                           "run late (default: none, only max_queued_requests bounds the queue).")
+    max_queue_wait_s: float | None = Field(DEFAULT_QUEUE_WAIT_S, gt=0, le=3_600, description="Latency objective for "
+                                           "admission: a request whose expected wait in the model replica's queue "
+                                           "(pairs ahead at the recent pairs/s) exceeds it is refused at once with "
+                                           "503 and Retry-After, and one that has waited that long is refused rather "
+                                           "than run late (default 2 s; 0 or null: none, only the queue bounds "
+                                           "refuse).")
     target_ongoing_requests: float | None = Field(None, gt=0, le=100_000, description="With autoscale: requests per "
                                                   "replica Serve aims for (default: max(2, max_batch_pairs / 8)).")
     ingress_replicas: int = Field(1, ge=1, le=1_000, description="Replicas of the ingress deployment (HTTP, validation, "
@@ -85,6 +109,8 @@ class ServeOptions(BaseModel):
     token_env: str | None = Field("DRUGPROT_API_TOKEN", description="Environment variable (read in each replica) holding "
                                   "the bearer token; unset or empty variable = no authentication; null = never.")
     require_token: bool = Field(False, description="Refuse to start when token_env is not set in the replica.")
+    api_docs: bool = Field(False, description="Serve the interactive API docs at /docs and /redoc (they load Swagger "
+                           "UI and ReDoc from a CDN; /openapi.json is served either way).")
     warmup_rounds: int = Field(2, ge=0, le=100_000, description="Synthetic batches run before /readyz turns ready.")
     follow_alias: bool = Field(False, description="Watch the registry alias of model (models:/NAME@ALIAS) and roll the "
                                "model deployment onto each version it moves to (drugprot serve).")
@@ -97,6 +123,11 @@ class ServeOptions(BaseModel):
             return value
         low, high = parse_autoscale(value)
         return f"{low}:{high}"
+
+    @field_validator("max_queue_wait_s", mode="before")
+    @classmethod
+    def _objective_off(cls, value: Any) -> Any:
+        return None if value == 0 else value
 
     @field_validator("early_exit", mode="before")
     @classmethod
@@ -141,16 +172,23 @@ class ServeOptions(BaseModel):
 
         return run_options("bf16" if self.precision == "auto" else self.precision, self.cascade_margin, self.early_exit)
 
+    @property
+    def max_model_replicas(self) -> int:
+        """The most model replicas there can be: the fixed count, or autoscaling's maximum."""
+        return parse_autoscale(self.autoscale)[1] if self.autoscale is not None else self.replicas or 1
+
     def ingress_deployment_options(self) -> dict[str, Any]:
-        """``Deployment.options`` of the ingress: it only waits on the model, so it admits every request the model
-        may take and queues four times that at the proxy; refusals come from the model's queue, as JSON 503s with
-        ``Retry-After`` (the proxy's own 503 is plain text without it)."""
-        ongoing = max(64, self.ongoing_requests + max(self.max_queued_requests, 0))
+        """``Deployment.options`` of the ingress: it only waits on the model, so each ingress replica admits every
+        request the model deployment may hold for it at its largest (in progress on autoscaling's most replicas,
+        plus those queued at the caller: Serve bounds ``max_queued_requests`` per caller), and the proxy queues as
+        many more only while ingress replicas start. Refusals therefore come from the model (its queue bound and the
+        latency objective), as JSON 503s with ``Retry-After``, not from the proxy's queue (plain text, none)."""
+        ongoing = max(64, self.max_model_replicas * self.ongoing_requests + max(self.max_queued_requests, 0))
         return {
             "num_replicas": self.ingress_replicas,
             "ray_actor_options": {"num_cpus": self.ingress_cpus},
             "max_ongoing_requests": ongoing,
-            "max_queued_requests": -1 if self.max_queued_requests == -1 else 4 * ongoing,
+            "max_queued_requests": -1 if self.max_queued_requests == -1 else ongoing,
             "health_check_period_s": 5.0,
             "graceful_shutdown_timeout_s": 20.0,
             "max_constructor_retry_count": 3,
@@ -211,8 +249,13 @@ def parse_options(args: dict[str, Any] | ServeOptions | None, *, source: str = "
     """Validate builder arguments; one line per problem, naming the key and the value found."""
     if isinstance(args, ServeOptions):
         return args
+    return parse_model(ServeOptions, args, source=source)
+
+
+def parse_model(model: type[BaseModel], args: dict[str, Any] | None, *, source: str) -> Any:
+    """``model`` validated from ``args``, or a ``DrugprotError`` with one line per problem."""
     try:
-        return ServeOptions.model_validate(dict(args or {}))
+        return model.model_validate(dict(args or {}))
     except ValidationError as error:
         lines = []
         for problem in error.errors():

@@ -61,8 +61,11 @@ class Overloaded(ServingError):
     status = 503
 
     def __init__(self, message: str, retry_after_s: float):
-        super().__init__(message)
+        super().__init__(message, retry_after_s)  # both in ``args``: the error crosses a Serve handle by pickle
         self.headers = {"Retry-After": str(max(1, math.ceil(min(retry_after_s, 60)))), OVERLOAD_HEADER: "1"}
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 @dataclass(frozen=True)
