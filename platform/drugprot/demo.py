@@ -63,14 +63,15 @@ def _wait_ready(url: str, server: subprocess.Popen, timeout: float = 300) -> Non
         raise RuntimeError(f"the service at {url} was not ready within {timeout:.0f} s")
 
 
-def _request(url: str, document) -> dict:
+def _request(url: str, document, token: str) -> dict:
     body = {"documents": [{"id": document.pmid, "title": document.title, "abstract": document.abstract,
                            "entities": [{"id": e.id, "type": e.type, "start": e.start, "end": e.end, "text": e.text}
                                         for e in document.entities.values()]}]}
-    print(f"$ curl -s -X POST {url}/v1/relations -H 'content-type: application/json' -d @abstract-{document.pmid}.json",
+    print(f"$ curl -s -X POST {url}/v1/relations -H 'content-type: application/json' "
+          f"-H \"Authorization: Bearer $(cat {WORK / 'serve' / 'api-token'})\" -d @abstract-{document.pmid}.json",
           flush=True)
     request = urllib.request.Request(f"{url}/v1/relations", data=json.dumps(body).encode(),
-                                     headers={"content-type": "application/json"})
+                                     headers={"content-type": "application/json", "Authorization": f"Bearer {token}"})
     with urllib.request.urlopen(request, timeout=120) as response:
         return json.loads(response.read())
 
@@ -156,16 +157,17 @@ def main() -> int:
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     command = ["serve", "--model", f"models:/{MODEL_NAME}@champion", "--port", str(port), "--tracking-uri", TRACKING,
-               "--max-batch-pairs", "32"]
+               "--max-batch-pairs", "32", "--run-dir", str(WORK / "serve")]
     print("$ drugprot " + " ".join(command), flush=True)
-    server = subprocess.Popen([sys.executable, "-m", "drugprot", *command], cwd=REPO, start_new_session=True)
+    env = {key: value for key, value in os.environ.items() if key != "DRUGPROT_API_TOKEN"}  # it makes its own token
+    server = subprocess.Popen([sys.executable, "-m", "drugprot", *command], cwd=REPO, start_new_session=True, env=env)
     try:
         _wait_ready(url, server)
-        print(f"ready at {url} (OpenAPI at {url}/docs)")
+        print(f"ready at {url} (OpenAPI at {url}/openapi.json)")
 
         _step(5, "one development abstract over HTTP")
         document = max(read_split(SAMPLE_DIR, "development").documents, key=lambda d: len(d.relations))
-        _compare(document, _request(url, document))
+        _compare(document, _request(url, document, (WORK / "serve" / "api-token").read_text().strip()))
     finally:
         _step(6, "stop the service")
         if server.poll() is None:
