@@ -40,11 +40,21 @@ requests it counts); p50/p99 are over the answered (200) requests.
   ``{"documents": [``, then nothing; each is opened again one second after the server answers or closes it, so 200
   stay stalled or being refused until the end. Reports ``failed`` among the valid requests, their p99 before and
   under the attack, how many took over a second under it, and what the stalled connections got.
-* ``overload``: one model replica admitting ``--capacity`` requests (half running, half queued) with the latency
-  objective ``--max-queue-wait-s``, and twice ``--capacity`` clients, each waiting the ``Retry-After`` of a refusal
-  before its next request (as the API asks). Reports refusals (503), whether each carried ``Retry-After`` and a JSON
-  body, their p50/p99 latency (also apart: refused at the proxy by ``AdmissionAtProxy``, and in the application),
-  and ``failed`` among the accepted ones.
+* ``overload``: one run for each of ``--overload-replicas`` model replicas (default 1 and 2) and each of
+  ``--overload-clients`` clients (default 64 and 256), the application's defaults otherwise (capacity sized from
+  all model replicas, the latency objective ``--max-queue-wait-s``); each client waits the ``Retry-After`` of a
+  refusal before its next request (as the API asks). Per run (``runs``): accepted p50/p99, one batch time
+  (``max_batch_pairs`` at the pairs/s the replica measured), the bound objective + one batch, the refusals' p99 and
+  the largest saturation ``/readyz`` showed. Over all runs: refusals (503), whether each carried ``Retry-After``
+  and a JSON body, their p50/p99 (also apart: refused at the proxy by ``AdmissionAtProxy``, and in the
+  application), ``failed`` among the accepted ones, and ``checks``: no failed request, every refusal JSON with
+  Retry-After, every run's accepted p99 within its bound, the refusals' p99 under 100 ms.
+* ``headers``: 2 model replicas behind a bearer token and ``--stalled-clients`` valid clients. A quarter into the
+  run 200 connections each send 30 KB of headers (under the proxy's 32 KB limit) and then nothing, opened again a
+  second after the server closes them, and 10 connections try to send 16 MB of headers each. Reports the valid
+  requests' p99 under the attack, the proxy process's largest memory growth, what the stalled and the oversized
+  connections got, and ``checks``: no failed request, that p99 under 1 s, growth under 20 MB, 408 for the stalled
+  and 431 for the oversized.
 * ``big``: one model replica (default batching: calls of at most 64 pairs). ``--small-clients`` send development
   documents the whole time; a quarter into the run ``--big-clients`` start sending one request of 4,040 pairs (one
   sentence, 40 chemicals amid 101 genes, ``"interval": [-50, 50]``), which the model replica cuts into chunks that
@@ -55,7 +65,8 @@ requests it counts); p50/p99 are over the answered (200) requests.
   requests', ``failed`` counts small and big.
 
 Each phase prints one JSON line (``{"phase": ...}``); the baseline for the latencies is the same run's own p50
-(``stalled``: the p99 before the attack).
+(``stalled``: the p99 before the attack). The script exits 1 when a phase's ``checks`` are not all met, unless
+``--report-only``.
 """
 
 from __future__ import annotations
@@ -288,34 +299,79 @@ def kill_phase(base: str, model: str, ray_root: Path, *, clients: int, seconds: 
                      failed_after_ingress_kill=cause["ingress"], **killed_at, **replaced)
 
 
-def overload_phase(base: str, model: str, *, clients: int, seconds: float, capacity: int,
+def overload_phase(base: str, model: str, *, clients: list[int], replicas: list[int], seconds: float,
                    max_queue_wait_s: float | None) -> dict:
+    """One run per (model replicas, clients), the application's defaults otherwise (capacity sized by the builder,
+    the latency objective ``max_queue_wait_s``); the checks are over every run."""
+    runs = [overload_run(base, model, replicas=r, clients=c, seconds=seconds, max_queue_wait_s=max_queue_wait_s)
+            for r in replicas for c in clients]
+    refusals = [refusal for run in runs for refusal in run.pop("_refusals")]
+    outcomes = [outcome for run in runs for outcome in run.pop("_outcomes")]
+    at_proxy = [r for r, shape in refusals if shape and shape["at_proxy"]]
+    in_app = [r for r, shape in refusals if not (shape and shape["at_proxy"])]
+    result = summarize("overload", outcomes, seconds=seconds, max_queue_wait_s=max_queue_wait_s, runs=runs,
+                       refused=len(refusals), refused_p50_ms=round(percentile([r for r, _ in refusals], 50), 1),
+                       refused_p99_ms=round(percentile([r for r, _ in refusals], 99), 1),
+                       refused_at_proxy=len(at_proxy), refused_at_proxy_p99_ms=round(percentile(at_proxy, 99), 1),
+                       refused_in_app=len(in_app), refused_in_app_p99_ms=round(percentile(in_app, 99), 1),
+                       refused_in_app_why=Counter(s["reason"] for _, s in refusals if s and not s["at_proxy"]),
+                       refusals_with_retry_after=sum(1 for _, s in refusals if s and s["retry_after"]),
+                       refusals_json=sum(1 for _, s in refusals if s and s["json"]))
+    result["checks"] = {
+        "no_failed": result["failed"] == 0,
+        "refusals_are_json_with_retry_after": result["refusals_json"] == result["refusals_with_retry_after"] == len(refusals),
+        "accepted_p99_within_objective_plus_one_batch": all(run["p99_within_bound"] for run in runs),
+        "refused_p99_under_100_ms": not refusals or result["refused_p99_ms"] < 100,
+    }
+    return result
+
+
+def overload_run(base: str, model: str, *, replicas: int, clients: int, seconds: float,
+                 max_queue_wait_s: float | None) -> dict:
+    """``clients`` clients (each waiting a refusal's ``Retry-After``, as the API asks) against ``replicas`` model
+    replicas; ``/readyz`` is read twice a second meanwhile for the saturation it shows. One batch time is
+    ``max_batch_pairs`` at the pairs/s the replica measured under this load."""
+    import requests
     from ray import serve
 
     from drugprot.serving import build_app
 
-    app = "overload"
-    running = max(1, capacity // 2)
-    serve.run(build_app({"model": model, "replicas": 1, "num_cpus": 1, "token_env": None, "warmup_rounds": 2,
-                         "max_ongoing_requests": running, "max_queued_requests": capacity - running,
-                         "max_queue_wait_s": max_queue_wait_s}),
-              name=app, route_prefix=f"/{app}")
-    process, queue = start_load(f"{base}/{app}/v1/relations", clients, seconds, honour_retry_after=True)
+    app = f"overload{replicas}x{clients}"
+    serve.run(build_app({"model": model, "replicas": replicas, "num_cpus": 1, "token_env": None, "warmup_rounds": 2,
+                         "max_queue_wait_s": max_queue_wait_s}), name=app, route_prefix=f"/{app}")
+    url = f"{base}/{app}"
+    ratios, done = [], threading.Event()
+
+    def watch():
+        while not done.wait(0.5):
+            try:
+                saturation = requests.get(f"{url}/readyz", timeout=5).json().get("saturation") or {}
+            except (requests.RequestException, ValueError):
+                continue
+            ratios.append(saturation.get("ratio"))
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    process, queue = start_load(f"{url}/v1/relations", clients, seconds, honour_retry_after=True)
     outcomes = queue.get(timeout=seconds + 600)
     process.join(timeout=30)
+    done.set()
+    watcher.join(timeout=30)
+    batching = requests.get(f"{url}/readyz", timeout=30).json()["batching"]
     serve.delete(app)
+    batch_s = batching["max_pairs"] / batching["pairs_per_s"] if batching.get("pairs_per_s") else None
     refusals = [(latency * 1000, shape) for _, latency, status, shape, _ in outcomes if status == 503]
-    at_proxy = [r for r, shape in refusals if shape and shape["at_proxy"]]
-    in_app = [r for r, shape in refusals if not (shape and shape["at_proxy"])]
-    return summarize("overload", outcomes, clients=clients, capacity=capacity, seconds=seconds,
-                     max_queue_wait_s=max_queue_wait_s, refused=len(refusals),
-                     refused_p50_ms=round(percentile([r for r, _ in refusals], 50), 1),
-                     refused_p99_ms=round(percentile([r for r, _ in refusals], 99), 1),
-                     refused_at_proxy=len(at_proxy), refused_at_proxy_p99_ms=round(percentile(at_proxy, 99), 1),
-                     refused_in_app=len(in_app), refused_in_app_p99_ms=round(percentile(in_app, 99), 1),
-                     refused_in_app_why=Counter(shape["reason"] for _, shape in refusals if shape and not shape["at_proxy"]),
-                     refusals_with_retry_after=sum(1 for _, s in refusals if s and s["retry_after"]),
-                     refusals_json=sum(1 for _, s in refusals if s and s["json"]))
+    accepted = [latency * 1000 for _, latency, status, *_ in outcomes if status == 200]
+    bound_ms = (max_queue_wait_s + batch_s) * 1000 if max_queue_wait_s and batch_s else None
+    seen = [r for r in ratios if r is not None]
+    return {"replicas": replicas, "clients": clients, "sent": len(outcomes), "answered": len(accepted),
+            "refused": len(refusals), "accepted_p50_ms": round(percentile(accepted, 50), 1),
+            "accepted_p99_ms": round(percentile(accepted, 99), 1), "batch_ms": round(batch_s * 1000, 1) if batch_s else None,
+            "bound_ms": round(bound_ms, 1) if bound_ms else None,
+            "p99_within_bound": bound_ms is None or not accepted or percentile(accepted, 99) <= bound_ms,
+            "refused_p99_ms": round(percentile([r for r, _ in refusals], 99), 1),
+            "saturation_max_ratio": max(seen) if seen else None,
+            "saturated_seen": any(r >= 1 for r in seen), "_refusals": refusals, "_outcomes": outcomes}
 
 
 SWAP_MODEL = "drugprot-chaos"
@@ -404,7 +460,8 @@ def sigterm_phase(model: str, scratch: Path, *, clients: int, seconds: float, po
     log_path = scratch / "sigterm-serve.log"
     with open(log_path, "wb") as log:
         server = subprocess.Popen([sys.executable, "-m", "drugprot", "serve", "--model", model, "--port", str(port),
-                                   "--replicas", "2", "--ingress-replicas", "2", "--cpus-per-replica", "0.5"],
+                                   "--replicas", "2", "--ingress-replicas", "2", "--cpus-per-replica", "0.5",
+                                   "--no-auth", "--run-dir", str(scratch / "sigterm-run")],
                                   stdout=log, stderr=subprocess.STDOUT, env=env, cwd=scratch, start_new_session=True)
     try:
         deadline = time.monotonic() + 600
@@ -478,6 +535,93 @@ def stalled_phase(base: str, model: str, *, clients: int, seconds: float, port: 
                      p99_ratio=round(percentile(under, 99) / baseline, 2) if before and under else None,
                      over_1s_under_attack=sum(1 for latency in under if latency > 1000),
                      stalled_answers=stalled_answers)
+
+
+def proxy_rss_mb() -> float | None:
+    """Resident memory of Serve's proxy (the ``ray::ProxyActor`` process of the bench's Ray), from /proc."""
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and (entry / "cmdline").read_bytes().startswith(b"ray::ProxyActor"):
+                return int((entry / "status").read_text().split("VmRSS:")[1].split()[0]) / 1024
+        except (OSError, IndexError):
+            continue
+    return None
+
+
+def _oversized(port: int, count: int, megabytes: int, queue) -> None:
+    """``count`` connections each try to send ``megabytes`` MB of one header line; puts what each got back."""
+    import socket
+
+    def one() -> str:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
+            try:
+                connection.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: ")
+                for _ in range(megabytes * 16):
+                    connection.sendall(b"h" * 65536)
+            except OSError:
+                pass  # the server answered and closed: read what it said
+            try:
+                line = connection.recv(64).split(b" ")
+            except OSError as error:
+                return type(error).__name__
+            return line[1].decode() if len(line) > 2 else "closed without an answer"
+
+    queue.put(dict(Counter(one() for _ in range(count))))
+
+
+def headers_phase(base: str, model: str, *, clients: int, seconds: float, port: int, stalled: int = 200) -> dict:
+    """Valid clients with the token; a quarter in, ``stalled`` connections each send 30 KB of headers (just under
+    the proxy's 32 KB limit) and then nothing, opened again a second after the server closes them, and 10 more
+    try to send 16 MB of headers each. The proxy must answer 408 and 431, grow by under 20 MB, and keep the valid
+    requests' p99 under 1 s."""
+    from ray import serve
+
+    from drugprot.serving import build_app
+    from drugprot.serving.options import ProxyLimits
+
+    app = "headers"
+    token = os.environ[TOKEN_ENV]
+    serve.run(build_app({"model": model, "replicas": 2, "num_cpus": 0.5, "token_env": TOKEN_ENV,
+                         "warmup_rounds": 2}), name=app, route_prefix=f"/{app}")
+    process, queue = start_load(f"{base}/{app}/v1/relations", clients, seconds, {"Authorization": f"Bearer {token}"})
+    time.sleep(seconds / 4)
+    memory_before = proxy_rss_mb()
+    head = (f"POST /{app}/v1/relations HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n".encode()
+            + b"".join(b"X-Pad-%d: %s\r\n" % (i, b"p" * 1_000) for i in range(30)))
+    context = multiprocessing.get_context("spawn")
+    answers, big_answers = context.Queue(), context.Queue()
+    attack = context.Process(target=_stall, args=("127.0.0.1", port, head, stalled, seconds * 3 / 4, answers),
+                             daemon=True)
+    attack.start()
+    big = context.Process(target=_oversized, args=(port, 10, 16, big_answers), daemon=True)
+    big.start()
+    grown = 0.0
+    while attack.is_alive() and memory_before is not None:
+        grown = max(grown, (proxy_rss_mb() or memory_before) - memory_before)
+        attack.join(timeout=0.5)
+    outcomes = queue.get(timeout=seconds + 600)
+    held_from, stalled_answers = answers.get(timeout=600)
+    oversized_answers = big_answers.get(timeout=600)
+    process.join(timeout=30)
+    attack.join(timeout=30)
+    big.join(timeout=30)
+    serve.delete(app)
+    held_from = held_from or math.inf
+    under = [latency * 1000 for sent, latency, status, *_ in outcomes if status == 200 and sent >= held_from]
+    result = summarize("headers", outcomes, clients=clients, seconds=seconds, stalled=stalled,
+                       header_timeout_s=ProxyLimits().header_timeout_s, all_held=held_from != math.inf,
+                       sent_under_attack=sum(1 for o in outcomes if o[0] >= held_from),
+                       p99_ms_under_attack=round(percentile(under, 99), 1),
+                       proxy_growth_mb=round(grown, 1) if memory_before is not None else None,
+                       stalled_answers=stalled_answers, oversized_answers=oversized_answers)
+    result["checks"] = {
+        "no_failed": result["failed"] == 0,
+        "valid_p99_under_1_s": bool(under) and percentile(under, 99) < 1000,
+        "proxy_growth_under_20_mb": memory_before is not None and grown < 20,
+        "stalled_headers_get_408": set(stalled_answers) <= {"408", "still stalled at the end"} and "408" in stalled_answers,
+        "oversized_headers_get_431": set(oversized_answers) == {"431"},
+    }
+    return result
 
 
 BIG_INTERVAL = (-50, 50)
@@ -557,7 +701,7 @@ def big_phase(base: str, model: str, *, small_clients: int, big_clients: int, se
                                                                   "chunks", "split_requests")})
 
 
-PHASES = ("kill", "swap", "sigterm", "stalled", "overload", "big")
+PHASES = ("kill", "swap", "sigterm", "stalled", "overload", "headers", "big")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -572,8 +716,11 @@ def main(argv: list[str] | None = None) -> int:
                                                                        "stalled phase")
     parser.add_argument("--max-queue-wait-s", type=float, default=2.0, help="the overload phase's latency objective "
                                                                         "(drugprot serve --max-queue-wait-s)")
-    parser.add_argument("--capacity", type=int, default=16, help="requests the overload phase's model admits; "
-                                                                  "it gets twice as many clients")
+    parser.add_argument("--overload-clients", default="64,256", help="the overload phase's client counts, each "
+                                                                      "run against each --overload-replicas")
+    parser.add_argument("--overload-replicas", default="1,2", help="the overload phase's model replica counts")
+    parser.add_argument("--report-only", action="store_true", help="print the phases' checks without failing on "
+                        "them (a shared machine, whose timings measure the neighbours)")
     parser.add_argument("--small-clients", type=int, default=4, help="clients sending one development document "
                                                                      "each in the big phase")
     parser.add_argument("--big-clients", type=int, default=4, help="clients sending the 4,040-pair request in the "
@@ -593,6 +740,7 @@ def main(argv: list[str] | None = None) -> int:
     from drugprot.serving.proxy import PROXY_CALLBACK
 
     scratch = Path(tempfile.mkdtemp(prefix="drugprot-serve-chaos-"))
+    broken: list[str] = []  # the phases' checks that failed
     # what drugprot serve gives its Ray, inherited by the proxy and the replicas: the proxy's middlewares, the
     # stalled phase's token, a registry cache in the scratch folder
     os.environ.setdefault(*PROXY_CALLBACK)
@@ -617,13 +765,24 @@ def main(argv: list[str] | None = None) -> int:
                 elif phase == "big":
                     result = big_phase(base, model, small_clients=args.small_clients, big_clients=args.big_clients,
                                        seconds=args.seconds)
+                elif phase == "headers":
+                    result = headers_phase(base, model, clients=args.stalled_clients, seconds=args.seconds,
+                                           port=args.port)
                 else:
-                    result = overload_phase(base, model, clients=2 * args.capacity, seconds=args.seconds,
-                                            capacity=args.capacity, max_queue_wait_s=args.max_queue_wait_s)
+                    result = overload_phase(base, model, clients=counts(args.overload_clients),
+                                            replicas=counts(args.overload_replicas), seconds=args.seconds,
+                                            max_queue_wait_s=args.max_queue_wait_s)
                 print(json.dumps(result), flush=True)
+                broken += [f"{phase}: {name}" for name, ok in result.get("checks", {}).items() if not ok]
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    return 0
+    if broken:
+        print(f"serve_chaos: checks not met: {', '.join(broken)}", file=sys.stderr, flush=True)
+    return 1 if broken and not args.report_only else 0
+
+
+def counts(text: str) -> list[int]:
+    return [int(part) for part in text.split(",") if part]
 
 
 if __name__ == "__main__":

@@ -27,8 +27,9 @@ def test_chaos_benchmark_short_run(relation_members, tmp_path):  # noqa: F811
 
     model = build_ensemble(relation_members, tmp_path / "ensemble", vote="soft", log=lambda _: None).path
     done = subprocess.run([sys.executable, str(REPO / "bench" / "serve_chaos.py"), "--model", str(model),
-                           "--phases", "kill,stalled,overload", "--seconds", "15", "--clients", "8", "--capacity", "8",
-                           "--port", "8117", "--gcs-port", "6429"], capture_output=True, text=True, timeout=900)
+                           "--phases", "kill,stalled,overload", "--seconds", "15", "--clients", "8",
+                           "--overload-clients", "16", "--overload-replicas", "1", "--max-queue-wait-s", "0.2",
+                           "--report-only", "--port", "8117", "--gcs-port", "6429"], capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     results = {line["phase"]: line for line in map(json.loads, (l for l in done.stdout.splitlines() if l.startswith("{")))}
     kill, stalled, overload = results["kill"], results["stalled"], results["overload"]

@@ -358,4 +358,5 @@ class PairBatcher(Generic[T, R]):
                 "chunks": self.stats.chunks, "split_requests": self.stats.split_items,
                 "cancelled": self.stats.cancelled, "refused_by_wait_objective": self.stats.refused,
                 "max_wait_s": self.max_wait_s, "expected_wait_s": round(self.expected_wait_s(), 3),
+                "pairs_per_s": round(self.pairs_per_s, 1) if self.pairs_per_s else None,
                 "failed_batches": self.stats.failed_batches}
