@@ -64,12 +64,14 @@ def cli_env() -> dict[str, str]:
 
 
 # ---- drugprot serve: auth by default, logs kept, errors before Ray ------------------------------------------------
-def test_no_auth_is_refused_beyond_loopback(ensemble_dir):
-    done = subprocess.run([sys.executable, "-m", "drugprot", "serve", "--model", str(ensemble_dir), "--no-auth",
-                           "--host", "0.0.0.0", "--port", str(CLI_HTTP_PORT)],
-                          capture_output=True, text=True, env=cli_env(), timeout=120)
-    assert done.returncode == 2, done.stderr[-2000:]
-    assert "--no-auth: refused with --host 0.0.0.0, which is reachable beyond this machine" in done.stderr
+@pytest.mark.parametrize("flags, message", [
+    (["--no-auth", "--host", "0.0.0.0"], "--no-auth: refused with --host 0.0.0.0, which is reachable beyond this machine"),
+    (["--require-token"], "--require-token: DRUGPROT_API_TOKEN is empty or unset"),
+])
+def test_serving_without_a_token_is_refused_before_ray_starts(ensemble_dir, flags, message):
+    done = subprocess.run([sys.executable, "-m", "drugprot", "serve", "--model", str(ensemble_dir), *flags,
+                           "--port", str(CLI_HTTP_PORT)], capture_output=True, text=True, env=cli_env(), timeout=120)
+    assert done.returncode != 0 and message in done.stderr, done.stderr[-2000:]
     assert "started a local Ray" not in done.stderr
 
 

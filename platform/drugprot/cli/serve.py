@@ -170,6 +170,9 @@ def _serve(args) -> int:
     if args.no_auth and not is_loopback(args.host):
         args.usage_error(f"--no-auth: refused with --host {args.host}, which is reachable beyond this machine; serve "
                          f"with a token (the default) or bind 127.0.0.1")
+    if args.require_token and args.address is None and not os.environ.get(TOKEN_ENV, "").strip():
+        raise DrugprotError(f"--require-token: {TOKEN_ENV} is empty or unset; set it, or leave out --require-token "
+                            f"to have a token made")
     proxy_limits = json.loads(os.environ.get(PROXY_LIMITS_ENV) or "{}")
     if args.max_connections_per_client is not None:
         proxy_limits["max_connections_per_client"] = args.max_connections_per_client
