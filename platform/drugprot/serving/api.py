@@ -2,10 +2,12 @@
 
 ``create_api(service, token=...)`` is plain FastAPI: the Serve deployment returns it from
 ``__serve_build_asgi_app__`` and the unit tests drive it with a TestClient. Routes: ``POST /v1/relations``,
-``GET /v1/model``, ``GET /healthz``, ``GET /readyz`` (and FastAPI's ``/openapi.json`` and ``/docs``).
-Status codes: 401 missing/wrong bearer token (all but the probes and docs, checked before the body is read), 413 body or
-request over a limit, 422 malformed JSON or invalid document (the message names the document and field),
-503 not ready or overloaded (JSON with ``Retry-After``; under sustained overload the proxy's ``AdmissionAtProxy``
+``GET /v1/model``, ``GET /healthz``, ``GET /readyz``, ``GET /saturation``, the page at ``/`` and FastAPI's
+``/openapi.json`` (``/docs`` and ``/redoc`` only with ``api_docs``: they load their scripts from a CDN).
+Status codes: 400 more than one ``Authorization`` header, 401 missing/wrong bearer token (all but the probes, the
+page and the docs, checked before the body is read), 413 body or request over a limit, 422 malformed JSON, a key
+twice in one object or an invalid document (the message names the document and field), 503 not ready or
+overloaded (JSON with ``Retry-After``; under sustained overload the proxy's ``serving.proxy.AdmissionAtProxy``
 answers it before a request reaches here).
 """
 
