@@ -128,3 +128,50 @@ def test_admission_keeps_no_entry_per_path_a_client_makes_up():
 
     asyncio.run(main())
     assert not gate.in_flight and not gate.limit and not gate.refused_at
+
+
+def test_admission_cuts_its_limit_on_answers_slower_than_the_objective():
+    """The model's objective cannot see waits in the proxy and the ingress: a 200 that took longer than the
+    objective the application states (``X-Drugprot-Objective``) limits the requests in flight as a refusal does."""
+    from drugprot.serving.proxy import AdmissionAtProxy
+
+    now = [0.0]
+    release = asyncio.Event()
+
+    async def slow(scope, receive, send):
+        now[0] += 3.0  # three seconds through the proxy, against an objective of two
+        await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"x-drugprot-objective", b"2")]})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    gate = AdmissionAtProxy(slow, clock=lambda: now[0])
+    scope = {"type": "http", "method": "POST", "path": "/v1/relations"}
+
+    async def one() -> list[dict]:
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        async def receive():
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        await gate(dict(scope), receive, send)
+        return sent
+
+    async def main():
+        first, second = asyncio.create_task(one()), asyncio.create_task(one())
+        await asyncio.sleep(0)
+        release.set()
+        await asyncio.gather(first, second)
+        assert gate.limit[""] == 1.0  # two were in flight when the first late answer came
+        release.clear()
+        held = asyncio.create_task(one())
+        await asyncio.sleep(0)
+        refused = await one()
+        release.set()
+        await held
+        return refused
+
+    refused = asyncio.run(main())
+    assert refused[0]["status"] == 503 and b"the service is at capacity" in refused[1]["body"]

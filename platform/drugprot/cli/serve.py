@@ -68,7 +68,7 @@ def register(commands) -> None:
     parser.add_argument("--api-docs", action="store_true", help="serve /docs and /redoc (they load Swagger UI and "
                         "ReDoc from a CDN)")
     parser.add_argument("--max-connections-per-client", type=int, help="open connections from one client address at "
-                        "the HTTP proxy (default 256; more get 429)")
+                        "the HTTP proxy (default 512; more get 429)")
     parser.add_argument("--run-dir", type=Path, help="folder for the token file and Ray's logs (default "
                         "runs/serve/UTC-TIMESTAMP)")
     parser.add_argument("--delete-logs", action="store_true", help="delete Ray's logs on a clean stop instead of "

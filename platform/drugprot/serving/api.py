@@ -36,6 +36,7 @@ from drugprot.serving.service import RelationService, ServingError
 log = logging.getLogger("drugprot.serving")
 
 RAW_BODY = "drugprot.raw_body"
+OBJECTIVE_HEADER = "X-Drugprot-Objective"  # the latency objective in s, on answers: the proxy's admission reads it
 OPEN_PATHS = frozenset({"/", "/healthz", "/readyz", "/saturation", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
 
 DESCRIPTION = """DrugProt chemical–gene relation extraction.
@@ -346,6 +347,8 @@ def create_api(service: RelationService, *, token: str | None = None, observe=No
         answer, version = await service.relations(body)
         if version is not None:
             response.headers["X-Model-Version"] = version
+        if service.options.max_queue_wait_s is not None:
+            response.headers[OBJECTIVE_HEADER] = f"{service.options.max_queue_wait_s:g}"
         return answer
 
     @app.get("/v1/model", response_model=ModelInfo, responses={401: {"model": ErrorResponse}},

@@ -46,7 +46,7 @@ class ProxyLimits(BaseModel):
                                   "(431 beyond it, then the connection is closed).")
     header_timeout_s: float = Field(10.0, gt=0, le=600, description="Time to receive a request's line and headers "
                                     "(408 after it, then the connection is closed).")
-    max_connections_per_client: int = Field(256, ge=1, le=1_000_000, description="Open connections from one client "
+    max_connections_per_client: int = Field(512, ge=1, le=1_000_000, description="Open connections from one client "
                                             "address at this proxy; one more is answered 429 and closed.")
 
 

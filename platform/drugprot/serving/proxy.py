@@ -23,7 +23,8 @@ from collections import Counter
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from drugprot.serving.api import UnfinishedBodies, _error, authorizations, bearer_matches, resolve_token
+from drugprot.serving.api import (OBJECTIVE_HEADER, UnfinishedBodies, _error, authorizations, bearer_matches,
+                                  resolve_token)
 from drugprot.serving.options import PROXY_LIMITS_ENV, Limits, ProxyLimits, ServeOptions
 from drugprot.serving.service import OVERLOAD_HEADER
 
@@ -338,7 +339,12 @@ class AdmissionAtProxy:
     probes whether capacity was added (a replica, a scale-up). A probe the application refuses is one slow
     refusal, so probing backs off: each round's first refusal (of a request admitted since the previous one)
     doubles ``rounds`` (up to ``MAX_PROBE_ROUNDS``), and a limit that grew past the one the application last
-    refused (capacity was added) probes every round again. Until the first refusal there is no limit."""
+    refused (capacity was added) probes every round again. Until the first refusal there is no limit.
+
+    The application's latency objective (``OBJECTIVE_HEADER`` on its answers) covers only the model's queue, but a
+    request also waits in the proxy, the ingress and their event loops, which the model cannot see; so a 2xx answer
+    that took longer than the objective through this proxy cuts the limit as a refusal does (a delay signal, as in
+    delay-based congestion control), and what would have queued there is refused here instead."""
 
     SUFFIX = "/v1/relations"
     AT_CAPACITY = "the service is at capacity"  # how its refusals begin
@@ -370,12 +376,12 @@ class AdmissionAtProxy:
             response = _error(503, f"{self.AT_CAPACITY} ({self.in_flight[key]} requests in progress); retry "
                                    f"after {retry_after} s", headers={"Retry-After": retry_after, OVERLOAD_HEADER: "1"})
             return await response(scope, receive, send)
-        round_ = self.cuts[key]
+        round_, started = self.cuts[key], self.clock()
         self.in_flight[key] += 1
 
         async def send_and_learn(message):
             if message["type"] == "http.response.start":
-                self._learn(key, round_, message["status"], message.get("headers") or [])
+                self._learn(key, round_, message["status"], message.get("headers") or [], self.clock() - started)
             await send(message)
 
         try:
@@ -385,19 +391,23 @@ class AdmissionAtProxy:
             if not self.in_flight[key]:  # no entry per path a client made up: only for requests in flight
                 del self.in_flight[key]
 
-    def _learn(self, key: str, round_: int, status: int, headers) -> None:
-        """Cut the limit on an overload refusal (backing off once per round), raise it on a 2xx answer while there
-        is demand."""
+    def _learn(self, key: str, round_: int, status: int, headers, seconds: float = 0.0) -> None:
+        """Cut the limit on an overload refusal or a 2xx answer slower than the objective (backing off once per
+        round), raise it on a 2xx answer while there is demand."""
         headers = {name.lower(): value for name, value in headers}
-        if status == 503 and OVERLOAD_HEADER.lower().encode() in headers:  # only an application's route says so
-            self.retry_after[key] = headers.get(b"retry-after", b"1").decode("latin-1")
+        refused = status == 503 and OVERLOAD_HEADER.lower().encode() in headers  # only an application's route says so
+        objective = headers.get(OBJECTIVE_HEADER.lower().encode())
+        late = 200 <= status < 300 and objective is not None and seconds > float(objective)
+        if refused or late:
+            if refused:
+                self.retry_after[key] = headers.get(b"retry-after", b"1").decode("latin-1")
             if round_ == self.cuts[key]:  # the first refusal of a round: a failed probe
                 self.refused_limit[key] = self.limit.get(key, float(self.in_flight[key]))
                 self.cuts[key] += 1
                 rounds = self.probe_rounds.get(key)
                 self.probe_rounds[key] = 1 if rounds is None else min(2 * rounds, self.MAX_PROBE_ROUNDS)
             self.limit[key] = max(1.0, min(self.limit.get(key, math.inf), self.in_flight[key] - 1.0))
-        elif 200 <= status < 300 and self.clock() - self.refused_at.get(key, -math.inf) < self.DEMAND_S:
+        elif 200 <= status < 300 and key in self.limit and self.clock() - self.refused_at.get(key, -math.inf) < self.DEMAND_S:
             self.limit[key] += 1.0 / (self.probe_rounds[key] * self.limit[key])
             if self.limit[key] >= self.refused_limit[key] + 1:
                 self.probe_rounds[key] = 1
