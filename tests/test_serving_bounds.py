@@ -31,7 +31,7 @@ def test_an_overload_refusal_survives_pickling_with_its_status_and_headers():
 def test_the_ingress_admits_all_that_every_model_replica_may_hold(args, ongoing):
     options = parse_options({"model": "m", **args})
     ingress = options.ingress_deployment_options()
-    assert ingress["max_ongoing_requests"] == ongoing and ingress["max_queued_requests"] == ongoing
+    assert ingress["max_ongoing_requests"] == ongoing and ingress["max_queued_requests"] == 4 * ongoing
 
 
 def test_the_latency_objective_is_on_by_default_and_zero_turns_it_off():

@@ -180,15 +180,16 @@ class ServeOptions(BaseModel):
     def ingress_deployment_options(self) -> dict[str, Any]:
         """``Deployment.options`` of the ingress: it only waits on the model, so each ingress replica admits every
         request the model deployment may hold for it at its largest (in progress on autoscaling's most replicas,
-        plus those queued at the caller: Serve bounds ``max_queued_requests`` per caller), and the proxy queues as
-        many more only while ingress replicas start. Refusals therefore come from the model (its queue bound and the
-        latency objective), as JSON 503s with ``Retry-After``, not from the proxy's queue (plain text, none)."""
+        plus those queued at the caller: Serve bounds ``max_queued_requests`` per caller), and the proxy queues four
+        times as many (a burst beyond them, or while ingress replicas start). Refusals therefore come from the model
+        (its queue bound and the latency objective) and the proxy's admission, as JSON 503s with ``Retry-After``,
+        not from the proxy's queue (plain text, none)."""
         ongoing = max(64, self.max_model_replicas * self.ongoing_requests + max(self.max_queued_requests, 0))
         return {
             "num_replicas": self.ingress_replicas,
             "ray_actor_options": {"num_cpus": self.ingress_cpus},
             "max_ongoing_requests": ongoing,
-            "max_queued_requests": -1 if self.max_queued_requests == -1 else ongoing,
+            "max_queued_requests": -1 if self.max_queued_requests == -1 else 4 * ongoing,
             "health_check_period_s": 5.0,
             "graceful_shutdown_timeout_s": 20.0,
             "max_constructor_retry_count": 3,
