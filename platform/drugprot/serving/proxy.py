@@ -344,7 +344,8 @@ class AdmissionAtProxy:
     The application's latency objective (``OBJECTIVE_HEADER`` on its answers) covers only the model's queue, but a
     request also waits in the proxy, the ingress and their event loops, which the model cannot see; so a 2xx answer
     that took longer than the objective through this proxy cuts the limit as a refusal does (a delay signal, as in
-    delay-based congestion control), and what would have queued there is refused here instead."""
+    delay-based congestion control), and what would have queued there is refused here instead; such a cut does not
+    slow the probing down, since a late answer costs no extra refusal."""
 
     SUFFIX = "/v1/relations"
     AT_CAPACITY = "the service is at capacity"  # how its refusals begin
@@ -405,7 +406,8 @@ class AdmissionAtProxy:
                 self.refused_limit[key] = self.limit.get(key, float(self.in_flight[key]))
                 self.cuts[key] += 1
                 rounds = self.probe_rounds.get(key)
-                self.probe_rounds[key] = 1 if rounds is None else min(2 * rounds, self.MAX_PROBE_ROUNDS)
+                if rounds is None or refused:  # a late answer is no costly probe: it does not slow the probing
+                    self.probe_rounds[key] = 1 if rounds is None else min(2 * rounds, self.MAX_PROBE_ROUNDS)
             self.limit[key] = max(1.0, min(self.limit.get(key, math.inf), self.in_flight[key] - 1.0))
         elif 200 <= status < 300 and key in self.limit and self.clock() - self.refused_at.get(key, -math.inf) < self.DEMAND_S:
             self.limit[key] += 1.0 / (self.probe_rounds[key] * self.limit[key])
