@@ -76,7 +76,7 @@ def test_serving_without_a_token_is_refused_before_ray_starts(ensemble_dir, flag
 
 
 def test_a_missing_alias_is_reported_before_ray_starts(tmp_path):
-    from drugprot.tracking import client
+    from drugprot.mlflow_store import client
 
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client(store).create_registered_model("drugprot")  # a registry with the model, not the alias

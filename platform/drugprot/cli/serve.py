@@ -178,7 +178,7 @@ def _serve(args) -> int:
         proxy_limits["max_connections_per_client"] = args.max_connections_per_client
     proxy_limits = parse_model(ProxyLimits, proxy_limits, source="option")
     if options.model.startswith("models:/") and (args.address is None or options.tracking_uri):
-        from drugprot.tracking import resolve_model_version
+        from drugprot.registry import resolve_model_version
 
         resolve_model_version(options.model, tracking_uri=options.tracking_uri)  # a bad alias now, not after Ray
     run_dir = args.run_dir or Path("runs") / "serve" / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
