@@ -174,7 +174,8 @@ def test_drugprot_serve_runs_until_sigterm_and_drains_accepted_requests(ensemble
         env.pop(key, None)
     log = open(tmp_path / "serve.log", "wb")
     process = subprocess.Popen([sys.executable, "-m", "drugprot", "serve", "--model", str(ensemble_dir), "--no-auth",
-                                "--port", str(CLI_HTTP_PORT), "--max-batch-pairs", "32", "--run-dir", str(tmp_path)],
+                                "--port", str(CLI_HTTP_PORT), "--max-batch-pairs", "32", "--run-dir", str(tmp_path),
+                                "--max-queue-wait-s", "0"],  # every request before the SIGTERM answered: no objective
                                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
         deadline = time.monotonic() + 150
