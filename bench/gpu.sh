@@ -23,7 +23,7 @@
 # `STEPS=2,3 bench/gpu.sh`.
 #
 #   bench/prepare_gpu.sh          # here, once: stages .gpu/ (MiniLM fp16, corpus, blingfire)
-#   bench/gpu.sh                  # there (carry .gpu); results also in $OUT (or .gpu/out) as JSON
+#   bench/gpu.sh                  # there (carry .gpu/minilm .gpu/corpus .gpu/site .gpu/pydantic); results also in $OUT (or .gpu/out) as JSON
 #   bench/gpu.sh --dry-run        # here, on CPU: the same steps with tiny-random, a handful of documents, seconds
 set -euo pipefail
 cd "$(dirname "$0")/.."
