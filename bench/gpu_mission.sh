@@ -10,11 +10,12 @@
 #
 # Call 1 records what the machine already holds (cached models, pip list, GPU) in $OUT/inventory.json. Every call
 # stashes the part it carried. The last call then runs, in order of value, each step with its own cap, so a slow one
-# cannot starve the rest (CAP_* seconds; the whole call ends by MISSION_S):
+# cannot starve the rest (CAP_* seconds; the whole call ends by MISSION_S; the study gets what the install leaves,
+# less the later steps' caps, at most CAP_TUNE):
 #   a. drugprot tune: MiniLM on the full corpus, TUNE_TRIALS trials at TUNE_GPUS of the card each, the paper space,
 #      TUNE_EPOCHS epochs per trial; its MLflow store and Optuna storage come back in $OUT/stores.tar.gz
-#   b. drugprot ensemble: --top-k ENSEMBLE_K of the study, then --reseed RESEED of its best trial (fractional GPUs),
-#      then single / top-k / reseeded on dev half B (bench/ensemble_half_b.py)
+#   b. drugprot ensemble: --top-k ENSEMBLE_K of the study, then --reseed RESEED of its best trial (fractional GPUs)
+#      in what is left of the step, then single / top-k / reseeded on dev half B (bench/ensemble_half_b.py)
 #   c. Serve over HTTP on the GPU: bench/serve_load.py deploys drugprot serve's application (build_app) twice,
 #      batched and unbatched, on GPU replicas, and sends 1, 8 and 64 clients to each
 #   d. if time is left: BATCH_STEPS of bench/gpu.sh (the paper's 10 MiniLM epochs, new batch default against the
@@ -31,7 +32,7 @@ case "$MODE" in
 esac
 
 # the caps (seconds); --plan prints them and adds them up against the lease
-export CAP_INSTALL=${CAP_INSTALL:-90} CAP_TUNE=${CAP_TUNE:-240} CAP_ENSEMBLE=${CAP_ENSEMBLE:-110} \
+export CAP_INSTALL=${CAP_INSTALL:-90} CAP_TUNE=${CAP_TUNE:-300} CAP_ENSEMBLE=${CAP_ENSEMBLE:-120} \
        CAP_SERVE=${CAP_SERVE:-90} MISSION_S=${MISSION_S:-540}
 export TUNE_TRIALS=${TUNE_TRIALS:-8} TUNE_GPUS=${TUNE_GPUS:-0.25} TUNE_EPOCHS=${TUNE_EPOCHS:-1} \
        ENSEMBLE_K=${ENSEMBLE_K:-3} RESEED=${RESEED:-3}
@@ -57,6 +58,7 @@ capped() {  # capped NAME CAP COMMAND...: run with at most CAP seconds (never pa
   if (( cap < 10 )); then echo "== $name: skipped, ${left} s left of MISSION_S=$MISSION_S"; FAILED+=("$name (no time)"); return; fi
   echo "== $name (cap ${cap} s, $(( $(date +%s) - START )) s into the call)"
   local began=$(date +%s) code=0
+  export STEP_DEADLINE=$(( began + cap ))  # a step may give part of its time to an optional part (the reseed)
   if declare -F "$1" >/dev/null; then  # a step function: timeout runs a new bash that holds it and what it reads
     timeout -s INT -k 20 "$cap" bash -c "set -eo pipefail; $(declare -p PY CONFIG SPACE DEVICE STORE STUDY SCRATCH \
       RESULTS SERVE_SECONDS SETS TUNE_RESOURCES RESEED_RESOURCES SERVE_RESOURCES 2>/dev/null); $(declare -f "$1"); $1" \
@@ -133,7 +135,7 @@ for source in sorted(Path(".gpu/corpus").glob("*/*.tsv.gz")):  # the official la
     with gzip.open(source, "rb") as raw, open(target, "wb") as out:
         shutil.copyfileobj(raw, out)
 PYEOF
-  CONFIG=configs/minilm.yaml SPACE=search_spaces/paper.yaml DEVICE=cuda SERVE_SECONDS=${SERVE_SECONDS:-8}
+  CONFIG=configs/minilm.yaml SPACE=search_spaces/paper.yaml DEVICE=cuda SERVE_SECONDS=${SERVE_SECONDS:-6}
   SETS=(--set "data.dir=$DATA" --set "encoder.name=$PWD/.gpu/minilm" --set "train.epochs=$TUNE_EPOCHS"
         --set train.device=auto)
   CPUS=$(( $(nproc) / 5 > 0 ? $(nproc) / 5 : 1 ))  # four trials and the driver share the cores
@@ -151,13 +153,16 @@ tune_study() {
     --num-samples "$TUNE_TRIALS" "${TUNE_RESOURCES[@]}" --storage "$SCRATCH/tune" --tracking-uri "$STORE" \
     --optuna-storage "sqlite:///$SCRATCH/optuna.db" --json > "$RESULTS/tune.json"
 }
-capped "a. tune" "$CAP_TUNE" tune_study
+# the study gets what the install left, less what the later steps are promised (at most CAP_TUNE)
+TUNE_CAP=$(( MISSION_S - ($(date +%s) - START) - CAP_ENSEMBLE - CAP_SERVE ))
+capped "a. tune" "$(( TUNE_CAP < CAP_TUNE ? TUNE_CAP : CAP_TUNE ))" tune_study
 
-ensembles() {
+ensembles() {  # top-k first (no training); the reseed gets what is left but the half-B scoring's last 30 s
   local code=0
   "$PY" -m drugprot ensemble --study "$STUDY" --top-k "$ENSEMBLE_K" --tracking-uri "$STORE" --device "$DEVICE" \
     --out "$SCRATCH/ensemble-topk" --no-log --json --quiet > "$RESULTS/ensemble_topk.json" || return $?
-  "$PY" -m drugprot ensemble --study "$STUDY" --reseed "$RESEED" "${RESEED_RESOURCES[@]}" --tracking-uri "$STORE" \
+  timeout -s INT -k 10 $(( STEP_DEADLINE - $(date +%s) - 30 )) \
+    "$PY" -m drugprot ensemble --study "$STUDY" --reseed "$RESEED" "${RESEED_RESOURCES[@]}" --tracking-uri "$STORE" \
     --device "$DEVICE" --out "$SCRATCH/ensemble-reseed" --no-log --json --quiet > "$RESULTS/ensemble_reseed.json" || code=$?
   local scored=(--ensemble "top-k=$SCRATCH/ensemble-topk")
   [[ -f $SCRATCH/ensemble-reseed/ensemble.json ]] && scored+=(--ensemble "reseeded=$SCRATCH/ensemble-reseed")

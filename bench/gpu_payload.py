@@ -142,7 +142,8 @@ def plan(mission: Path, repo: Path, caps: dict[str, int]) -> dict:
         carry = [str(mission / MANIFEST), str(mission / part["name"])]
         if number == last:
             does = (f"stash {part['name']}, join the {last} parts, install (cap {caps['CAP_INSTALL']} s), "
-                    f"a. tune (cap {caps['CAP_TUNE']} s), b. ensemble (cap {caps['CAP_ENSEMBLE']} s), "
+                    f"a. tune (what the install leaves of the rest, at most {caps['CAP_TUNE']} s), "
+                    f"b. ensemble (cap {caps['CAP_ENSEMBLE']} s), "
                     f"c. serve over HTTP (cap {caps['CAP_SERVE']} s), d. if time is left; all within "
                     f"{caps['MISSION_S']} s")
             command_s = caps["MISSION_S"]
@@ -170,7 +171,8 @@ def print_plan(planned: dict) -> None:
               f"expected {call['seconds']} s")
     print(f"machine start {planned['start_s']} s + calls (each with {planned['call_overhead_s']} s for transfer and "
           f"the wait) = {planned['total_s']} s of {planned['lease_s']} s"
-          + ("" if planned["fits"] else "  DOES NOT FIT"))
+          + ("" if planned["fits"] else "  DOES NOT FIT: rerun bench/prepare_gpu.sh (it cuts the parts for the tree "
+                                          "as it is now) or lower the caps"))
     print(json.dumps(planned))
 
 
