@@ -186,7 +186,10 @@ def measure(*, encoder: str = "minilm", tokenizer_source: str | None = None, dat
             token_budget: int | None = None, max_batch_pairs: int = 64, max_length: int = PLAIN_LENGTH,
             lr: float = 5e-5, max_seconds: float | None = None, seed: int = 0, max_docs: int | None = None,
             loops=("plain", "ours"), log=print) -> dict:
-    """Run both loops; returns the summary that :func:`format_table` prints (defaults depend on the device)."""
+    """Run the loops; returns the summary that :func:`format_table` prints (defaults depend on the device)."""
+    unknown = sorted(set(loops) - set(LOOPS))
+    if unknown:
+        raise ValueError(f"loops: unknown {unknown} (known: {', '.join(LOOPS)})")
     dev = resolve_device(device)
     gpu = dev.type == "cuda"
     token_budget = token_budget or (8192 if gpu else 1024)  # the paper config on GPU; small steps on CPU
@@ -203,9 +206,6 @@ def measure(*, encoder: str = "minilm", tokenizer_source: str | None = None, dat
     log(f"encoder {encoder}: {params / 1e6:.1f}M non-embedding parameters; {len(encoded)} pairs from {data}/{split}; "
         f"device {dev}{'' if dev.type == 'cuda' else f', {torch.get_num_threads()} threads'}")
 
-    unknown = sorted(set(loops) - set(LOOPS))
-    if unknown:
-        raise ValueError(f"loops: unknown {unknown} (known: {', '.join(LOOPS)})")
     buckets = [*range(64, max_length, 64), max_length]
     results = []
     for loop in loops:

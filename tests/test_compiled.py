@@ -97,3 +97,15 @@ def test_compiled_training_with_buckets_gives_the_eager_loss(encoded):
             losses[name].append(float(loss))
     assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-4, abs=1e-5)
     assert len(set(losses["eager"])) == 3  # the steps moved the weights: a real comparison, not one loss thrice
+
+
+def test_throughput_bench_refuses_an_unknown_loop_before_loading_anything():
+    import sys
+
+    sys.path.insert(0, str(SMOKE_CONFIG.parents[1] / "bench"))
+    try:
+        import train_throughput
+    finally:
+        sys.path.pop(0)
+    with pytest.raises(ValueError, match=r"loops: unknown \['eager'\] \(known: plain, ours, compiled, cuda-graphs\)"):
+        train_throughput.measure(encoder="no-such-encoder", loops=("ours", "eager"))
