@@ -10,7 +10,7 @@ import torch
 from drugprot.config import ConfigError, load_config
 from drugprot.model.compiled import bucket_width, compiled_forward, planned_batches, to_bucket
 
-from fixtures_models import SMOKE_CONFIG
+from fixtures_models import SMOKE_CONFIG, train_smoke
 
 BUCKETS = [32, 64, 96, 128]
 
@@ -61,6 +61,23 @@ def test_bucketed_batches_keep_the_budget_after_padding_and_share_a_shape_per_bu
 def test_compile_options_are_checked_when_loaded(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(SMOKE_CONFIG, overrides)
+
+
+def test_training_with_shape_buckets_pads_every_micro_batch_to_a_bucket(tmp_path, monkeypatch):
+    """The training loop plans its steps with bucket widths and pads each micro-batch to one (eager here)."""
+    from drugprot import training
+
+    widths, real = [], training.train_step
+
+    def recording(model, batch, *args, **kwargs):
+        widths.extend(part.input_ids.shape[1] for part in ([batch] if hasattr(batch, "input_ids") else batch))
+        return real(model, batch, *args, **kwargs)
+
+    monkeypatch.setattr(training, "train_step", recording)
+    result = train_smoke(tmp_path, **{"train.epochs": 0.5, "train.shape_buckets": "[32, 64, 96, 128]",
+                                      "data.max_train_docs": 6, "data.max_dev_docs": 2})
+    assert widths and set(widths) <= set(BUCKETS), sorted(set(widths))
+    assert result.evaluations  # it trained and evaluated
 
 
 def _without_dropout(model):

@@ -113,7 +113,8 @@ def test_dry_run_rehearses_tune_ensemble_and_serve_over_http(tmp_path):
     """The whole mission on CPU: parts stashed and joined, a study of 2 trials at half a CPU each, the top-k and
     reseeded ensembles on half B, both served over HTTP at 1, 8 and 64 clients; the stores come back."""
     env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "SCRATCH": str(tmp_path / "scratch"),
-           "PYTHONPATH": str(REPO / "platform"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+           "PYTHONPATH": str(REPO / "platform"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "BATCH_STEPS": ""}  # step d is bench/gpu.sh's, rehearsed by its own dry run
     result = subprocess.run(["bash", "bench/gpu_mission.sh", "--dry-run"], cwd=REPO, capture_output=True, text=True,
                             timeout=1500, env=env)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
