@@ -37,7 +37,8 @@ export CAP_INSTALL=${CAP_INSTALL:-90} CAP_TUNE=${CAP_TUNE:-300} CAP_ENSEMBLE=${C
 export TUNE_TRIALS=${TUNE_TRIALS:-8} TUNE_GPUS=${TUNE_GPUS:-0.25} TUNE_EPOCHS=${TUNE_EPOCHS:-1} \
        ENSEMBLE_K=${ENSEMBLE_K:-3} RESEED=${RESEED:-3}
 # d: the bench/gpu.sh step that trains MiniLM with the new batch default against the old budget batches (1b), run
-# only when BATCH_MIN_S seconds are left (BATCH_STEPS= leaves it out)
+# only when BATCH_MIN_S seconds are left (BATCH_STEPS= leaves it out); its JSON goes to $OUT/gpu (bench/gpu.sh clears
+# its own files, ensemble_*.json among them, from the folder it writes to)
 BATCH_STEPS=${BATCH_STEPS-1b} BATCH_MIN_S=${BATCH_MIN_S:-300}
 MISSION=${MISSION_DIR:-.gpu/mission}
 
@@ -184,12 +185,12 @@ if [[ -z $BATCH_STEPS ]]; then
 elif [[ $MODE == --dry-run && ! -d .gpu/minilm ]]; then
   echo "== d. batch default: skipped (bench/gpu.sh --dry-run needs .gpu/ staged: run bench/prepare_gpu.sh first)"
 elif [[ $MODE == --dry-run ]]; then
-  capped "d. batch default" 600 env STEPS="$BATCH_STEPS" OUT="$RESULTS" SCRATCH="$SCRATCH/gpu" bash bench/gpu.sh --dry-run
+  capped "d. batch default" 600 env STEPS="$BATCH_STEPS" OUT="$RESULTS/gpu" SCRATCH="$SCRATCH/gpu" bash bench/gpu.sh --dry-run
 elif (( MISSION_S - ($(date +%s) - START) < BATCH_MIN_S )); then
   echo "== d. batch default: skipped, less than BATCH_MIN_S=$BATCH_MIN_S s left; it needs a lease of its own:" \
        "STEPS=$BATCH_STEPS bench/gpu.sh"
 else
-  capped "d. batch default" "$MISSION_S" env STEPS="$BATCH_STEPS" OUT="$RESULTS" SCRATCH="$SCRATCH/gpu" bash bench/gpu.sh
+  capped "d. batch default" "$MISSION_S" env STEPS="$BATCH_STEPS" OUT="$RESULTS/gpu" SCRATCH="$SCRATCH/gpu" bash bench/gpu.sh
 fi
 
 # what comes back: the study's MLflow store and Optuna storage (metadata; the weights stay there)
