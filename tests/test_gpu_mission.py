@@ -121,6 +121,9 @@ def test_dry_run_rehearses_tune_ensemble_and_serve_over_http(tmp_path):
     assert "checksum verified" in result.stdout
     study = json.loads((tmp_path / "tune.json").read_text())
     assert study["complete"] and len(study["trials"]) == 2
+    for name, select, members in (("ensemble_topk", "top-k", 2), ("ensemble_reseed", "reseed", 1)):
+        built = json.loads((tmp_path / f"{name}.json").read_text())
+        assert built["select"] == select and len(built["members"]) == members
     half_b = json.loads((tmp_path / "half_b.json").read_text())["half_b"]
     assert [row["name"] for row in half_b] == ["single", "top-k", "reseeded"]
     assert [row["members"] for row in half_b] == [1, 2, 1]

@@ -6,6 +6,7 @@ every candidate chosen on dev half A and scored on half B."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -96,7 +97,9 @@ def _ensemble(args) -> int:
     say = _stderr if args.json else print
 
     try:
-        built, comparison = _build(args, top_k, out, work, say)
+        # with --json stdout holds the JSON alone: what Ray Tune prints while reseeding goes to stderr
+        with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+            built, comparison = _build(args, top_k, out, work, say)
     finally:
         import shutil
 
