@@ -7,7 +7,9 @@
 #   1b. batch size: full-corpus MiniLM trained twice for BATCH_EPOCHS epochs (default 4), in as many equal steps an
 #      epoch as the old token-budget batches made (token_budget 8192, at most 64 pairs: about 61 pairs a step) and
 #      in configs/minilm.yaml's batch_pairs; dev F1 of both, their ratio and a JSON line (duration not measured yet)
-#   2. prints the throughput table of bench/train_throughput.py for bert-base-random (ours vs the plain loop);
+#   2. prints the throughput table of bench/train_throughput.py for bert-base-random: the plain loop, ours, and ours
+#      under torch.compile with shape buckets, without and with CUDA graphs (THROUGHPUT_LOOPS; compiling each bucket's
+#      shapes takes an untimed warm-up);
 #   2b. peak GPU memory and step time of a BERT-large-sized random encoder (24 layers, 1024 hidden; 32 pairs of 256
 #      tokens a step, bf16), activations kept vs train.gradient_checkpointing, with their ratios and a JSON line;
 #   3. ensemble inference: one member vs five looped vs five stacked (bench/gpu_ensemble.sh);
@@ -23,7 +25,7 @@
 # `STEPS=2,3 bench/gpu.sh`.
 #
 #   bench/prepare_gpu.sh          # here, once: stages .gpu/ (MiniLM fp16, corpus, blingfire)
-#   bench/gpu.sh                  # there (carry .gpu); results also in $OUT (or .gpu/out) as JSON
+#   bench/gpu.sh                  # there (carry .gpu/minilm .gpu/corpus .gpu/site .gpu/pydantic); results also in $OUT (or .gpu/out) as JSON
 #   bench/gpu.sh --dry-run        # here, on CPU: the same steps with tiny-random, a handful of documents, seconds
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -252,14 +254,15 @@ summary = {"bench": "batch_pairs", "encoder": "all-MiniLM-L6-v2" if not dry else
 print(json.dumps(summary))
 PYEOF
 
-echo "== 2. throughput: bert-base-random, ours vs the plain loop"
+echo "== 2. throughput: bert-base-random, the plain loop vs ours, eager and compiled"
 throughput() {
 if [[ $DRY_RUN == 1 ]]; then
   "$PY" bench/train_throughput.py --encoder tiny-random --tokenizer .gpu/minilm --data "$SCRATCH/drugprot" \
     --max-docs 20 --pairs 48 --device cpu --max-seconds 5 --json "$RESULTS/throughput.json"
 else
   "$PY" bench/train_throughput.py --encoder bert-base-random --tokenizer .gpu/minilm --data "$SCRATCH/drugprot" \
-    --max-docs 900 --pairs "$BENCH_PAIRS" --device cuda --max-seconds "$BENCH_SECONDS" --json "$RESULTS/throughput.json"
+    --max-docs 900 --pairs "$BENCH_PAIRS" --device cuda --max-seconds "$BENCH_SECONDS" --json "$RESULTS/throughput.json" \
+    --loops "${THROUGHPUT_LOOPS:-plain,ours,compiled,cuda-graphs}"
 fi
 }
 step "2 (throughput)" throughput

@@ -7,10 +7,16 @@
 #   .gpu/pydantic/        pydantic and its needs, unpacked wheels for the GPU image's Python (GPU_PYTHON, default 3.12:
 #                         the image has torch and transformers but no pydantic, which drugprot.config needs; gpu.sh
 #                         adds it to the path only where pydantic is missing)
-# and checks that the tree plus .gpu/ stays under the 64 MiB that one transfer holds.
+# and checks that the tree plus those four stays under the 64 MiB that one transfer holds (bench/gpu.sh's carry).
+# For the mission (bench/gpu_mission.sh: Tune, ensemble, Serve on the GPU) it also stages
+#   .gpu/mission/         ray[tune,serve], mlflow-skinny, optuna, pydantic and the needs the image lacks, as wheels
+#                         for GPU_PYTHON, with MiniLM, the corpus and blingfire: one tar stream cut into parts that
+#                         each fit one call beside the tree, and a manifest (bench/gpu_payload.py)
+#   .gpu/download/        the downloaded wheels, kept between runs (downloaded again only when the pins change)
 #
 #   bench/prepare_gpu.sh [CORPUS_DIR]      (default ../shared/data/drugprot)
 # Then send the tree with .gpu/ and run `bench/gpu.sh` there; `bench/gpu.sh --dry-run` rehearses it here on CPU.
+# `bench/gpu_mission.sh --plan` prints the mission's calls and what each carries.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -27,7 +33,7 @@ from safetensors.torch import load_file, save_file
 
 corpus = Path(sys.argv[1])
 gpu = Path(".gpu")
-for sub in ("minilm", "corpus", "site", "pydantic", "data", "out"):  # out/: an earlier dry run's results
+for sub in ("minilm", "corpus", "site", "pydantic", "data", "out", "stage", "mission"):  # out/: an earlier dry run's results
     shutil.rmtree(gpu / sub, ignore_errors=True)
 
 # 1. MiniLM, fp16 weights (half the size; gpu.sh loads them back as fp32 for training)
@@ -90,12 +96,59 @@ shutil.rmtree(wheels)
 listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], capture_output=True, check=True).stdout
 tree = sum(os.path.getsize(p) for p in listed.decode().split("\0") if p and os.path.isfile(p))
 parts = {sub: sum(p.stat().st_size for p in (gpu / sub).rglob("*") if p.is_file()) for sub in ("minilm", "corpus", "site", "pydantic")}
-parts["other"] = sum(p.stat().st_size for p in gpu.rglob("*") if p.is_file()) - sum(parts.values())
 total = tree + sum(parts.values())
 for name, size in [*parts.items(), ("tree", tree), ("total", total)]:
     print(f"  {name:<8}{size / 2**20:8.1f} MiB")
 if total >= 64 * 2**20:
     sys.exit(f"prepare_gpu: {total / 2**20:.1f} MiB does not fit one 64 MiB transfer")
 print(f"prepare_gpu: .gpu/ ready ({total / 2**20:.1f} MiB with the tree); run bench/gpu.sh on the GPU machine "
-      "(carry .gpu)")
+      "(carry .gpu/minilm .gpu/corpus .gpu/site .gpu/pydantic)")
+PYEOF
+
+# 6. the mission's payload: the wheels the GPU image lacks, MiniLM, the corpus and blingfire, in parts of one call each
+"$PY" - <<'PYEOF'
+import importlib.metadata, json, os, re, shutil, subprocess, sys
+from pathlib import Path
+
+gpu = Path(".gpu")
+# the versions installed here, so the GPU runs what the tests ran
+pins = [f"ray[tune,serve]=={importlib.metadata.version('ray')}",
+        *(f"{name}=={importlib.metadata.version(name)}" for name in ("mlflow-skinny", "optuna", "pydantic"))]
+# large wheels the GPU image already holds (the device notes' package list, read 2026-11-17); the first mission call
+# records the image's own pip list, and pip on the GPU says which requirement its versions miss, should one
+IMAGE_HOLDS = {"numpy", "pandas", "pyarrow", "grpcio", "aiohttp", "uvloop", "scipy", "pillow"}
+download = gpu / "download"
+stamp = download / "pins.json"
+wanted = {"pins": pins, "python": os.environ["GPU_PYTHON"]}
+if not stamp.is_file() or json.loads(stamp.read_text()) != wanted:
+    shutil.rmtree(download, ignore_errors=True)
+    fetched = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:",
+                              "--python-version", os.environ["GPU_PYTHON"], "--implementation", "cp",
+                              *(f"--platform={p}" for p in ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64",
+                                                           "manylinux_2_17_x86_64", "manylinux2014_x86_64",
+                                                           "manylinux1_x86_64")),
+                              "-d", str(download), *pins], capture_output=True, text=True)
+    if fetched.returncode:
+        sys.exit(f"prepare_gpu: pip could not fetch {pins} for Python {os.environ['GPU_PYTHON']}:\n{fetched.stderr[-3000:]}")
+    stamp.write_text(json.dumps(wanted))
+
+stage = gpu / "stage"
+shutil.rmtree(stage, ignore_errors=True)
+(stage / "wheels").mkdir(parents=True)
+left = []
+for wheel in sorted(download.glob("*.whl")):
+    project = re.split(r"-\d", wheel.name, maxsplit=1)[0].lower().replace("_", "-")
+    if project in IMAGE_HOLDS and wheel.stat().st_size > 2**20:
+        left.append(project)
+        continue
+    os.link(wheel, stage / "wheels" / wheel.name)
+(stage / "requirements.txt").write_text("\n".join(pins) + "\n")
+for sub in ("minilm", "corpus", "site"):
+    shutil.copytree(gpu / sub, stage / sub, copy_function=os.link)
+print(f"  mission wheels: {len(list((stage / 'wheels').iterdir()))} (left to the image: {', '.join(left)})")
+packed = subprocess.run([sys.executable, "bench/gpu_payload.py", "pack", str(stage), str(gpu / "mission")])
+shutil.rmtree(stage)
+if packed.returncode:
+    sys.exit(packed.returncode)
+print("prepare_gpu: the mission's payload is in .gpu/mission; `bench/gpu_mission.sh --plan` shows its calls")
 PYEOF

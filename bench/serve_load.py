@@ -190,7 +190,7 @@ def in_process_benchmark(model: str, *, levels=LEVELS, seconds: float = 10.0, de
 
 # ---- Serve mode ---------------------------------------------------------------------------------------------------------
 def serve_benchmark(model: str, *, levels=LEVELS, seconds: float = 8.0, port: int = 8115, gcs_port: int = 6427,
-                    batched_pairs: int = 64, wait_ms: float = 5.0) -> list[Row]:
+                    batched_pairs: int = 64, wait_ms: float = 5.0, gpus_per_replica: float = 0.0) -> list[Row]:
     import requests
     from ray import serve
 
@@ -198,9 +198,10 @@ def serve_benchmark(model: str, *, levels=LEVELS, seconds: float = 8.0, port: in
     from drugprot.serving import build_app
 
     rows: list[Row] = []
-    with local_serve(port, root=tempfile.mkdtemp(prefix="drugprot-serve-bench-"), gcs_port=gcs_port):
+    # two model replicas of 1 CPU and two ingresses of 0.25: with fewer logical CPUs one app never starts
+    with local_serve(port, root=tempfile.mkdtemp(prefix="drugprot-serve-bench-"), gcs_port=gcs_port, num_cpus=3):
         common = {"model": model, "num_cpus": 1, "token_env": None, "batch_wait_ms": wait_ms,
-                  "max_queued_requests": 4 * max(levels), "warmup_rounds": 3}
+                  "max_queued_requests": 4 * max(levels), "warmup_rounds": 3, "gpus_per_replica": gpus_per_replica}
         serve.run_many([
             serve.RunTarget(build_app({**common, "max_batch_pairs": batched_pairs}), name="batched", route_prefix="/batched"),
             serve.RunTarget(build_app({**common, "max_batch_pairs": 1}), name="unbatched", route_prefix="/unbatched"),
@@ -274,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--in-process", "--gpu", dest="in_process", action="store_true",
                         help="no Ray, no HTTP: the same RelationService + PairBatcher + Predictor path in this process")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="--in-process device")
+    parser.add_argument("--gpus-per-replica", type=float, default=0.0,
+                        help="Serve mode: GPUs per model replica of each configuration (> 0: CUDA, bf16; 0.5 puts "
+                             "both on one card)")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -298,11 +302,14 @@ def main(argv: list[str] | None = None) -> int:
             rows = in_process_benchmark(model, levels=levels, seconds=args.seconds, device=device,
                                         batched_pairs=args.batched_pairs, wait_ms=args.wait_ms)
         else:
-            print("# Ray Serve over HTTP on 127.0.0.1, one replica per configuration (1 CPU, 1 torch thread); "
+            where = (f"{args.gpus_per_replica:g} GPU (bf16)" if args.gpus_per_replica
+                     else "1 CPU, 1 torch thread")
+            print(f"# Ray Serve over HTTP on 127.0.0.1, one replica per configuration ({where}); "
                   "load generator in a separate process")
             print(HEADER)
             rows = serve_benchmark(model, levels=levels, seconds=args.seconds, port=args.port, gcs_port=args.gcs_port,
-                                   batched_pairs=args.batched_pairs, wait_ms=args.wait_ms)
+                                   batched_pairs=args.batched_pairs, wait_ms=args.wait_ms,
+                                   gpus_per_replica=args.gpus_per_replica)
         print_ratios(rows)
         print(f"# total {time.monotonic() - started:.0f} s")
     finally:

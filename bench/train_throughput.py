@@ -9,6 +9,11 @@ weights, over the same pairs (each pass sees every pair once, up to ``--max-seco
 Useful TFLOP/s = 6 × non-embedding parameters × real (non-pad) tokens per second: the work that the
 training signal needs; padding is waste and is not counted.
 
+``--loops`` adds ``compiled`` (ours under ``torch.compile`` with shape buckets: each batch planned with and padded
+to the next of 64, 128, 192, 256 tokens) and ``cuda-graphs`` (the same with mode reduce-overhead: each bucket's
+shape replayed as one CUDA graph), both from ``drugprot.model.compiled`` as ``train.compile`` runs them. They see the
+same pairs as ours, so the same useful FLOPs; compilation runs in an untimed warm-up, one batch of each shape.
+
     python bench/train_throughput.py --encoder minilm --pairs 256              # CPU, bundled sample
     python bench/train_throughput.py --encoder bert-base-random --tokenizer .gpu/minilm \\
         --data /tmp/drugprot-gpu/drugprot --pairs 8192 --device cuda          # GPU (corpus as bench/gpu.sh unpacks it)
@@ -45,6 +50,7 @@ from drugprot.encoding import (  # noqa: E402
     token_budget_batches,
 )
 from drugprot.model.encoder import TINY_DEFAULTS, build_encoder, load_tokenizer  # noqa: E402
+from drugprot.model.compiled import compiled_forward, planned_batches, to_bucket  # noqa: E402
 from drugprot.model.heads import RelationModel  # noqa: E402
 from drugprot.model.optim import build_optimizer  # noqa: E402
 from drugprot.model.runtime import resolve_device  # noqa: E402
@@ -56,6 +62,7 @@ RANDOM_SHAPES = {
                          "intermediate_size": 3072, "max_position_embeddings": 512},
 }
 PLAIN_LENGTH = 256
+LOOPS = ("plain", "ours", "compiled", "cuda-graphs")
 
 
 @dataclass
@@ -72,7 +79,7 @@ class LoopResult:
         return {"loop": self.name, "pairs": self.pairs, "steps": self.steps, "seconds": round(self.seconds, 3),
                 "pairs_per_s": self.pairs / self.seconds, "real_tokens_per_s": self.real_tokens / self.seconds,
                 "padded_tokens_per_s": self.padded_tokens / self.seconds,
-                "padding_pct": 100 * (1 - self.real_tokens / max(1, self.padded_tokens)),
+                "real_tokens": self.real_tokens, "padding_pct": 100 * (1 - self.real_tokens / max(1, self.padded_tokens)),
                 "useful_tflops": 6 * params * self.real_tokens / self.seconds / 1e12, "final_loss": self.final_loss}
 
 
@@ -144,11 +151,19 @@ def _sync(device: torch.device) -> None:
 
 
 def run_loop(name: str, model: RelationModel, optimizer, batches, *, device: torch.device, precision: str,
-             max_seconds: float, warmup: int = 2) -> LoopResult:
-    """Warm up on the first ``warmup`` batches (untimed), then time one pass (or ``max_seconds``) of ``batches``."""
+             max_seconds: float, warmup: int = 2, forward=None, warm_every_shape: bool = False) -> LoopResult:
+    """Warm up on the first ``warmup`` batches (untimed), then time one pass (or ``max_seconds``) of ``batches``.
+
+    ``warm_every_shape``: warm up on one batch of each shape instead (a compiled forward compiles each once)."""
     batches = list(batches)
-    for make in batches[:warmup]:
-        train_step(model, make().to(device), optimizer, device=device, precision=precision)
+    warm = batches[:warmup]
+    if warm_every_shape:
+        shapes = {}
+        for make in batches:
+            shapes.setdefault(tuple(make().input_ids.shape), make)
+        warm = list(shapes.values())
+    for make in warm:
+        train_step(model, make().to(device), optimizer, device=device, precision=precision, forward=forward)
     _sync(device)
     pairs = steps = real = padded = 0
     loss = torch.zeros(())
@@ -158,7 +173,7 @@ def run_loop(name: str, model: RelationModel, optimizer, batches, *, device: tor
         pairs += host.input_ids.size(0)
         real += int(host.attention_mask.sum())
         padded += host.input_ids.numel()
-        loss, _ = train_step(model, host.to(device), optimizer, device=device, precision=precision)
+        loss, _ = train_step(model, host.to(device), optimizer, device=device, precision=precision, forward=forward)
         steps += 1
         if time.perf_counter() - start > max_seconds:
             break
@@ -171,7 +186,10 @@ def measure(*, encoder: str = "minilm", tokenizer_source: str | None = None, dat
             token_budget: int | None = None, max_batch_pairs: int = 64, max_length: int = PLAIN_LENGTH,
             lr: float = 5e-5, max_seconds: float | None = None, seed: int = 0, max_docs: int | None = None,
             loops=("plain", "ours"), log=print) -> dict:
-    """Run both loops; returns the summary that :func:`format_table` prints (defaults depend on the device)."""
+    """Run the loops; returns the summary that :func:`format_table` prints (defaults depend on the device)."""
+    unknown = sorted(set(loops) - set(LOOPS))
+    if unknown:
+        raise ValueError(f"loops: unknown {unknown} (known: {', '.join(LOOPS)})")
     dev = resolve_device(device)
     gpu = dev.type == "cuda"
     token_budget = token_budget or (8192 if gpu else 1024)  # the paper config on GPU; small steps on CPU
@@ -188,9 +206,11 @@ def measure(*, encoder: str = "minilm", tokenizer_source: str | None = None, dat
     log(f"encoder {encoder}: {params / 1e6:.1f}M non-embedding parameters; {len(encoded)} pairs from {data}/{split}; "
         f"device {dev}{'' if dev.type == 'cuda' else f', {torch.get_num_threads()} threads'}")
 
+    buckets = [*range(64, max_length, 64), max_length]
     results = []
     for loop in loops:
         model = copy.deepcopy(initial).to(dev)
+        forward = None
         if loop == "plain":
             optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
             order = list(range(len(candidates)))
@@ -203,17 +223,27 @@ def measure(*, encoder: str = "minilm", tokenizer_source: str | None = None, dat
             groups = token_budget_batches(encoded, token_budget=token_budget, max_pairs=max_batch_pairs, shuffle_seed=seed)
             makers = [lambda g=group: collate([encoded[i] for i in g], tokenizer.pad_token_id) for group in groups]
             name = f"ours (cached ids, budget {token_budget}{', bf16, fused AdamW' if gpu else ''})"
+            if loop != "ours":
+                mode = "reduce-overhead" if loop == "cuda-graphs" else "default"
+                groups = planned_batches(encoded, token_budget=token_budget, max_pairs=max_batch_pairs, buckets=buckets,
+                                         shuffle_seed=seed)
+                makers = [lambda g=group: to_bucket(collate([encoded[i] for i in g], tokenizer.pad_token_id), buckets,
+                                                    tokenizer.pad_token_id) for group in groups]
+                forward = compiled_forward(model, enabled=True, mode=mode, buckets=buckets)
+                name = f"ours + torch.compile {mode}, buckets {buckets[0]}..{buckets[-1]}"
         results.append(run_loop(name, model, optimizer, makers, device=dev, precision=precision, max_seconds=max_seconds,
-                                warmup=warmup))
+                                warmup=warmup, forward=forward, warm_every_shape=forward is not None))
         del model, optimizer
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     rows = [r.row(params) for r in results]
     summary = {"encoder": encoder, "device": str(dev), "non_embedding_parameters": params, "pairs": len(encoded),
                "rows": rows}
-    if len(rows) == 2:
+    if len(rows) >= 2:  # every loop against the first (the baseline measured in this run)
         summary["ratio_pairs_per_s"] = rows[1]["pairs_per_s"] / rows[0]["pairs_per_s"]
         summary["ratio_useful_tflops"] = rows[1]["useful_tflops"] / rows[0]["useful_tflops"]
+        summary["ratios"] = {r["loop"]: {"pairs_per_s": r["pairs_per_s"] / rows[0]["pairs_per_s"],
+                                         "useful_tflops": r["useful_tflops"] / rows[0]["useful_tflops"]} for r in rows[1:]}
     return summary
 
 
@@ -223,9 +253,10 @@ def format_table(summary: dict) -> str:
     for r in summary["rows"]:
         lines.append(f"{r['loop']:<58}{r['pairs']:>7}{r['steps']:>7}{r['seconds']:>8.2f}{r['pairs_per_s']:>10.1f}"
                      f"{r['real_tokens_per_s']:>12.0f}{r['padding_pct']:>7.1f}{r['useful_tflops']:>16.4f}")
-    if "ratio_pairs_per_s" in summary:
-        lines.append(f"ratio ours / plain: pairs/s x{summary['ratio_pairs_per_s']:.2f}, "
-                     f"useful TFLOP/s x{summary['ratio_useful_tflops']:.2f}")
+    first = summary["rows"][0]["loop"].split(" (")[0]
+    for loop, ratio in summary.get("ratios", {}).items():
+        lines.append(f"ratio {loop.split(' (')[0]} / {first}: pairs/s x{ratio['pairs_per_s']:.2f}, "
+                     f"useful TFLOP/s x{ratio['useful_tflops']:.2f}")
     return "\n".join(lines)
 
 
@@ -244,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-seconds", type=float, help="time cap per timed pass (default 40 on GPU, 25 on CPU)")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--loops", default="plain,ours", help=f"loops to time, the first is the baseline "
+                                                              f"(default plain,ours; known: {','.join(LOOPS)})")
     parser.add_argument("--json", type=Path, help="also write the summary here")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -256,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = measure(encoder=args.encoder, tokenizer_source=args.tokenizer, data=args.data, split=args.split,
                       pairs=args.pairs, device=args.device, batch_size=args.batch_size, token_budget=args.token_budget,
                       max_batch_pairs=args.max_batch_pairs, max_seconds=args.max_seconds, seed=args.seed,
-                      max_docs=args.max_docs)
+                      max_docs=args.max_docs, loops=tuple(args.loops.split(",")))
     print(format_table(summary), flush=True)
     if args.json:
         args.json.write_text(json.dumps(summary, indent=1))

@@ -149,9 +149,29 @@ class TrainConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["bf16", "fp32"] = Field("bf16", description="bf16 autocast on CUDA; CPU always runs fp32.")
     compile: bool = Field(False, description="torch.compile the model (GPU).")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = Field(
+        "default", description="torch.compile mode with train.compile; reduce-overhead replays each shape bucket as "
+                               "one CUDA graph (give train.shape_buckets, or every width is its own graph).")
+    shape_buckets: list[int] | None = Field(
+        None, description="Pad each batch to the next of these lengths (increasing; the last at least "
+                          "encoder.max_length), so compiled graphs are reused; e.g. [64, 128, 192, 256].")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice).")
     max_nonfinite_steps: int = Field(10, ge=1, description="Fail the run after this many consecutive steps whose "
                                                            "loss or gradient norm is not finite (each one is skipped).")
+
+
+    @field_validator("shape_buckets")
+    @classmethod
+    def _increasing_buckets(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and (not value or value[0] < 8 or any(b <= a for a, b in zip(value, value[1:]))):
+            raise ValueError(f"must be increasing lengths of at least 8, e.g. [64, 128, 256], got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _mode_needs_compile(self) -> TrainConfig:
+        if self.compile_mode != "default" and not self.compile:
+            raise ValueError(f"compile_mode {self.compile_mode} needs train.compile: true")
+        return self
 
 
 class RunConfig(Section):
@@ -170,6 +190,13 @@ class RunConfig(Section):
         if self.train.token_budget < self.encoder.max_length:
             raise ValueError(f"train.token_budget ({self.train.token_budget}) must be at least encoder.max_length "
                              f"({self.encoder.max_length}), or a long pair could not fit in any batch")
+        buckets = self.train.shape_buckets
+        if buckets and buckets[-1] < self.encoder.max_length:
+            raise ValueError(f"train.shape_buckets: the largest bucket ({buckets[-1]}) must hold encoder.max_length "
+                             f"({self.encoder.max_length})")
+        if buckets and buckets[-1] > self.train.token_budget:
+            raise ValueError(f"train.shape_buckets: the largest bucket ({buckets[-1]}) must fit train.token_budget "
+                             f"({self.train.token_budget})")
         return self
 
     def dump(self) -> dict[str, Any]:

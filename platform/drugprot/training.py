@@ -35,6 +35,7 @@ from drugprot.encoding import (IGNORE_INDEX, LABELS, Batch, PairEncoder, add_mar
 from drugprot.errors import DrugprotError
 from drugprot.inference import decode, pair_probabilities
 from drugprot.model.artifacts import save_artifact
+from drugprot.model.compiled import bucketed, compiled_forward, to_bucket
 from drugprot.model.dev_probabilities import save_dev_probabilities
 from drugprot.model.encoder import build_encoder, load_tokenizer
 from drugprot.model.heads import GeneTypeClassifier, RelationModel
@@ -208,12 +209,13 @@ def train_step(model: RelationModel, batch: Batch | Sequence[Batch], optimizer: 
         counts = None
         if len(parts) > 1:
             counts = (pairs, sum((part.entity_types != IGNORE_INDEX).sum() for part in parts).clamp_min(1))
+        run = model if forward is None else forward  # a compiled module has no truth value (it proxies len())
         total = torch.zeros((), device=device)
         done = 0
         for part in parts:
             size = part.input_ids.size(0)
             with autocast(device, precision):
-                out = (forward or model)(part.input_ids, part.attention_mask, part.subject, part.object)
+                out = run(part.input_ids, part.attention_mask, part.subject, part.object)
             loss = model.loss(out, part.target, part.entity_types, gamma=gamma, lambda_=lambda_, step_counts=counts)
             if teacher is not None:
                 distill = distillation_loss(out["logits"], teacher[done:done + size], temperature) * (size / pairs)
@@ -396,7 +398,7 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, report: Report | Non
     best = max(evaluations, key=lambda e: e["dev_f1"], default=None)
     guard = _NonFiniteGuard(cfg.max_nonfinite_steps, device, skipped=evaluations[-1].get("nonfinite_steps", 0) if evaluations else 0)
 
-    forward = torch.compile(model, dynamic=True) if cfg.compile else model
+    forward = compiled_forward(model, enabled=cfg.compile, mode=cfg.compile_mode, buckets=cfg.shape_buckets)
     info = {"system": config.model.system, "markers": config.model.markers, "dropout": config.model.dropout,
             "max_length": config.encoder.max_length, "context": config.encoding.context,
             "multilabel": config.model.multilabel, "interval": list(interval), "encoder": config.encoder.name,
@@ -407,15 +409,16 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, report: Report | Non
     window = {"loss": 0.0, "batches": 0, "pairs": 0, "tokens": 0, "start": time.perf_counter()}
     epoch = step // steps_per_epoch
     while step < total_steps:
-        epoch_steps = step_batches(train_pairs, batch_pairs=cfg.batch_pairs, token_budget=cfg.token_budget,
-                                   max_pairs=cfg.max_batch_pairs, shuffle_seed=cfg.seed * 1000 + epoch)
+        epoch_steps = step_batches(bucketed(train_pairs, cfg.shape_buckets), batch_pairs=cfg.batch_pairs,
+                                   token_budget=cfg.token_budget, max_pairs=cfg.max_batch_pairs,
+                                   shuffle_seed=cfg.seed * 1000 + epoch)
         skip = step - epoch * steps_per_epoch
         for members in epoch_steps[skip:]:
             parts = list(iterate_batches(train_pairs, members, pad_id))
             batch_targets = None if targets is None else targets[torch.cat([part.index for part in parts])].to(device)
             # a plain copy: page-locking each batch first cost 21x the whole MiniLM step on an H200
             # (bench/gpu_step_profile.py, 2026-11-30), far more than the wait a pageable copy adds
-            parts = [part.to(device) for part in parts]
+            parts = [to_bucket(part, cfg.shape_buckets, pad_id).to(device) for part in parts]
             loss, nonfinite = train_step(model, parts, optimizer, scheduler, device=device, precision=cfg.precision,
                                          gamma=config.loss.gamma, lambda_=config.loss.lambda_, grad_clip=cfg.grad_clip,
                                          forward=forward, teacher=batch_targets, temperature=config.distill.temperature,

@@ -6,6 +6,7 @@ every candidate chosen on dev half A and scored on half B."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -37,6 +38,10 @@ def register(commands) -> None:
                         help="promotion gate: the new version must beat the champion and its own best member by more "
                              "than this F1 (default 0)")
     parser.add_argument("--reseed", type=int, metavar="K", help="instead: retrain the best configuration with K new seeds")
+    parser.add_argument("--cpus-per-trial", type=float, default=1.0, metavar="C",
+                        help="--reseed: CPUs per retraining trial (default 1)")
+    parser.add_argument("--gpus-per-trial", type=float, default=0.0, metavar="G",
+                        help="--reseed: GPUs per retraining trial; fractions share a card (default 0: CPU)")
     parser.add_argument("--vote", default="hard", help="hard (majority, ties to the highest mean probability) or soft (mean probability)")
     parser.add_argument("--register", metavar="NAME", help="register the ensemble as a new version of this MLflow model")
     parser.add_argument("--alias", default="champion", help="alias to move when the new version wins (default champion)")
@@ -92,7 +97,9 @@ def _ensemble(args) -> int:
     say = _stderr if args.json else print
 
     try:
-        built, comparison = _build(args, top_k, out, work, say)
+        # with --json stdout holds the JSON alone: what Ray Tune prints while reseeding goes to stderr
+        with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+            built, comparison = _build(args, top_k, out, work, say)
     finally:
         import shutil
 
@@ -201,7 +208,8 @@ def _from_study(args, top_k: int, work: Path, say):
     if args.reseed is not None:
         best = best_trial(records, study=args.study)
         result = reseed(best, args.reseed, work_dir=work / "reseed", study=args.study,
-                        used_seeds=[r.seed for r in records if r.seed is not None], tracking_uri=store)
+                        used_seeds=[r.seed for r in records if r.seed is not None], tracking_uri=store,
+                        cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial)
         source = {"study": args.study, "selection": "reseed", "reseed": args.reseed, "reseed_of": str(best.trial_id),
                   "reseed_of_run": best.run_id, "seeds": result.seeds}
         return result.members, source, None
