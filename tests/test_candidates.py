@@ -86,6 +86,7 @@ def test_interval_stats_and_labels():
     assert stats.lost_by_interval == 2 and stats.lost_cross_sentence == 1 and stats.lost_overlap == 0  # X–F
     assert stats.gold_relations == 4
     assert stats.interval_histogram == {-3: 1, -2: 2, -1: 3, 0: 2, 1: 2, 2: 1}
+    assert +stats.gold_by_interval == {-2: 2, 0: 1}  # X–A (two types) and Y–D, before the filter; X–F has none
     labels = {(c.chemical.id, c.gene.id): c.labels for c in kept}
     assert labels[("Y", "D")] == frozenset({"AGONIST"}) and labels[("X", "C")] == frozenset()
     assert all(c.pmid == "1" for c in kept)

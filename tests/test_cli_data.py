@@ -125,6 +125,9 @@ def test_stats_narrow_interval(sample_dir, capsys):
     assert code == 0 and narrow["interval"] == [0, 0]
     assert narrow["pairs_in_sentences"] == wide["pairs_in_sentences"]
     assert narrow["kept"] < wide["kept"] and narrow["gold_lost_by_interval"] >= wide["gold_lost_by_interval"]
+    # the gold by interval index (what the search spaces' recall-ceiling rule counts) accounts for every loss
+    assert narrow["gold_by_interval"] == wide["gold_by_interval"]
+    assert sum(n for index, n in narrow["gold_by_interval"].items() if index != "0") == narrow["gold_lost_by_interval"]
 
 
 def test_stats_strict_with_duplicates_exits_1(make_corpus, capsys):

@@ -80,6 +80,7 @@ class CandidateStats:
     lost_overlap: int = 0  # gold relations between overlapping (nested) mentions, which get no candidate
     lost_by_interval: int = 0
     interval_histogram: Counter = field(default_factory=Counter)
+    gold_by_interval: Counter = field(default_factory=Counter)  # gold relations by interval index, before the filter
 
 
 def document_candidates(
@@ -114,6 +115,7 @@ def document_candidates(
                 position = rank - before
                 stats.pairs += 1
                 stats.interval_histogram[position] += 1
+                stats.gold_by_interval[position] += len(labels)
                 if interval is not None and not interval[0] <= position <= interval[1]:
                     if labels:
                         stats.positives_dropped += 1

@@ -52,6 +52,7 @@ def split_statistics(data_dir: Path, split: str, interval: tuple[int, int] = DEF
             "gold_lost_overlapping_mentions_pct": 100 * cstats.lost_overlap / gold,
             "gold_lost_by_interval": cstats.lost_by_interval,
             "gold_lost_by_interval_pct": 100 * cstats.lost_by_interval / gold,
+            "gold_by_interval": {str(k): v for k, v in sorted(cstats.gold_by_interval.items()) if v},
         },
         "seconds": {"read_validate": round(read_seconds, 3), "total": round(total_seconds, 3)},
         "warnings": len(corpus.warnings),
@@ -75,6 +76,8 @@ def format_statistics(stats: dict) -> str:
               f"({c['gold_lost_cross_sentence_pct']:.2f}%), {c['gold_lost_overlapping_mentions']} between overlapping mentions "
               f"({c['gold_lost_overlapping_mentions_pct']:.2f}%), {c['gold_lost_by_interval']} by the interval "
               f"({c['gold_lost_by_interval_pct']:.2f}%)",
+              "gold relations by GENE interval index: "
+              + ", ".join(f"{k}: {v}" for k, v in c["gold_by_interval"].items()),
               f"time: read+validate {stats['seconds']['read_validate']:.2f} s, total (read, validate, split, pair) "
               f"{stats['seconds']['total']:.2f} s"]
     return "\n".join(lines)
