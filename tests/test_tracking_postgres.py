@@ -32,12 +32,14 @@ def server_on_postgres(postgres_uri, tmp_path_factory):  # noqa: F811
 
 @pytest.fixture(scope="module")
 def study(server_on_postgres, tmp_path_factory):
-    from drugprot.tuning.study import Resources, tune_study
+    from drugprot.tuning.space import load_space
+    from drugprot.tuning.study import Resources, StudyRuntime, StudySearch, tune_study
 
     storage = tmp_path_factory.mktemp("pg-study")
-    result = tune_study(smoke_config(), space=REPO / "search_spaces" / "smoke.yaml", name="pg-study", num_samples=4,
-                        max_concurrent=4, resources=Resources(cpus=0.5), storage=storage,
-                        tracking_uri=server_on_postgres, say=lambda _: None)
+    search = StudySearch(config=smoke_config(), space=load_space(REPO / "search_spaces" / "smoke.yaml", smoke_config()),
+                         num_samples=4, max_concurrent=4)
+    result = tune_study(search, StudyRuntime(name="pg-study", resources=Resources(cpus=0.5), storage=storage,
+                                             tracking_uri=server_on_postgres), say=lambda _: None)
     return result, storage
 
 

@@ -191,7 +191,8 @@ def local_study(local_ray, store, tmp_path_factory):
     """Four trials on the smoke space, one at a time (ASHA's decisions are then deterministic), SQLite tracking, and
     a fault injected once: the first trial to reach its third evaluation raises before reporting it (its resumable
     state was uploaded at evaluation 2, once per epoch, and not at 3)."""
-    from drugprot.tuning.study import tune_study
+    from drugprot.tuning.space import load_space
+    from drugprot.tuning.study import StudyRuntime, StudySearch, tune_study
     from drugprot.tuning.trainable import FAULT_ENV
 
     root = tmp_path_factory.mktemp("local-study")
@@ -199,8 +200,10 @@ def local_study(local_ray, store, tmp_path_factory):
     lines: list[str] = []
     os.environ[FAULT_ENV] = str(marker)
     try:
-        result = tune_study(smoke_config(), space=SMOKE_SPACE, name="local", num_samples=4, max_concurrent=1,
-                            storage=root / "storage", tracking_uri=store, say=lines.append)
+        search = StudySearch(config=smoke_config(), space=load_space(SMOKE_SPACE, smoke_config()), num_samples=4,
+                             max_concurrent=1)
+        result = tune_study(search, StudyRuntime(name="local", storage=root / "storage", tracking_uri=store),
+                            say=lines.append)
     finally:
         os.environ.pop(FAULT_ENV, None)
     return {"result": result, "root": root, "marker": marker, "lines": lines,
@@ -222,9 +225,11 @@ def test_local_study_tracks_every_trial_and_asha_stops_some(local_study):
         assert steps == list(range(1, len(steps) + 1)), steps  # every evaluation once, step = evaluation index
         assert (len(steps) == 4) == (trial.state == "finished")
         assert trial.best_dev_f1 == pytest.approx(max(m.value for m in client.get_metric_history(trial.run_id, "dev_f1")))
+        # the smoke space fixes the seed; lambda (multitask only) is neither sampled nor logged in a baseline study
         assert trial.seed == trial.config["train"]["seed"] == 13
-        assert set(trial.params) == {"loss.gamma", "loss.lambda", "train.lr", "sampling.interval.lo",
-                                     "sampling.interval.hi", "train.seed"}
+        assert set(trial.params) == {"loss.gamma", "train.lr", "sampling.interval.lo", "sampling.interval.hi",
+                                     "train.seed"}
+        assert "loss.lambda" not in client.get_run(trial.run_id).data.params
         assert trial.config["sampling"]["interval"] == [trial.params["sampling.interval.lo"],
                                                         trial.params["sampling.interval.hi"]]
         run = client.get_run(trial.run_id)
@@ -283,10 +288,14 @@ def test_local_study_keeps_its_optuna_study_in_sqlite(local_study):
     by_values = sorted(round(t.value, 6) for t in study.trials)
     assert by_values == sorted(round(t.best_dev_f1, 6) for t in result.trials)
     by_params = {tuple(sorted(t.params.items())): t for t in study.trials}
-    assert sorted(by_params) == sorted(tuple(sorted(t.params.items())) for t in result.trials)
+
+    def searched(record) -> tuple:  # the space's fixed seed is logged with the trial, but is no Optuna parameter
+        return tuple(sorted((k, v) for k, v in record.params.items() if k != "train.seed"))
+
+    assert sorted(by_params) == sorted(searched(t) for t in result.trials)
     client = local_study["client"]
     for record in result.trials:
-        optuna_trial = by_params[tuple(sorted(record.params.items()))]
+        optuna_trial = by_params[searched(record)]
         assert optuna_trial.value == pytest.approx(record.best_dev_f1)
         # dev F1 of every evaluation but the one ASHA stopped on (Tune hands that one to on_trial_complete only)
         assert len(optuna_trial.intermediate_values) >= len(dev_f1_steps(client, record.run_id)) - 1
@@ -402,6 +411,55 @@ def test_dry_run_checks_everything_and_trains_nothing(local_ray, store, tmp_path
     text = capsys.readouterr().out
     assert "the cluster runs 1 at once (constant liar off)" in text and "proposal 0: loss.gamma=" in text
     assert "proposal 1" not in text
+
+
+@pytest.mark.slow
+def test_dry_run_of_the_paper_space_shows_rungs_in_epochs_and_the_conditional_lambda(local_ray, store, tmp_path, capsys):
+    assert main(["tune", "--config", str(REPO / "configs" / "paper-biobert.yaml"), "--space",
+                 str(REPO / "search_spaces" / "paper.yaml"), "--name", "paper-dry", "--storage", str(tmp_path / "storage"),
+                 "--tracking-uri", store, "--dry-run", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "over 20 evaluations (10 epochs) and may cut them at 6 evaluations (3 epochs), 18 evaluations (9 epochs)" in text
+    assert ("loss.lambda: uniform [0.0, 1.0] when model.system in ['multitask'] (the config's model.system is "
+            "baseline: never sampled)") in text
+    proposals = [line for line in text.splitlines() if line.startswith("  proposal ")]
+    assert len(proposals) == 2 and all("train.seed=" in line and "loss.lambda" not in line for line in proposals)
+
+
+@pytest.mark.slow
+def test_a_study_over_the_system_logs_lambda_only_for_multitask_trials(local_ray, store, tmp_path):
+    """Conditional parameters through Optuna's define-by-run search: lambda is sampled, applied and logged only in
+    the trials whose system is multitask; every trial logs its own seed and its interval's recall ceiling."""
+    import optuna
+
+    from drugprot.tuning.space import load_space
+    from drugprot.tuning.study import StudyRuntime, StudySearch, tune_study
+
+    space_file = tmp_path / "conditional.yaml"
+    space_file.write_text("seed: 1\nparams:\n  model.system: {choice: [baseline, multitask]}\n"
+                          "  loss.lambda: {uniform: [0.0, 1.0], when: {model.system: multitask}}\n")
+    config = smoke_config(**{"train.epochs": 0.5})
+    search = StudySearch(config=config, space=load_space(space_file, config), num_samples=3)
+    result = tune_study(search, StudyRuntime(name="conditional", storage=tmp_path / "storage", tracking_uri=store),
+                        say=lambda _: None)
+    assert result.complete and len(result.trials) == 3
+    client = tracking.client(result.tracking_uri)
+    systems = []
+    for trial in result.trials:
+        run = client.get_run(trial.run_id).data
+        system = run.params["model.system"]
+        systems.append(system)
+        assert trial.config["model"]["system"] == system
+        if system == "multitask":
+            assert float(run.params["loss.lambda"]) == pytest.approx(trial.config["loss"]["lambda"])
+            assert trial.params["loss.lambda"] == trial.config["loss"]["lambda"]
+        else:
+            assert "loss.lambda" not in run.params and "loss.lambda" not in trial.params
+        assert int(run.params["train.seed"]) == trial.seed == trial.config["train"]["seed"]
+        assert 0.0 < run.metrics["dev_interval_recall"] <= 1.0  # the recall ceiling the trial predicts under
+    assert sorted(systems) == ["baseline", "multitask", "multitask"]  # the seeded sampler's first three
+    study = optuna.load_study(study_name="conditional", storage=result.optuna_storage)
+    assert sorted(("loss.lambda" in t.params) for t in study.trials) == [False, True, True]
 
 
 @pytest.mark.slow
@@ -642,7 +700,7 @@ def test_plots_fall_back_to_matplotlib_when_kaleido_fails(tmp_path, monkeypatch)
     distributions = space.optuna_distributions()
     for i in range(1, 5):
         params = {"loss.gamma": 0.5 * i, "loss.lambda": 0.2 * i, "train.lr": 0.006 + 0.002 * i,
-                  "sampling.interval.lo": -9, "sampling.interval.hi": 12 + i, "train.seed": 13}
+                  "sampling.interval.lo": -9, "sampling.interval.hi": 12 + i}
         study.add_trial(create_trial(params=params, distributions=distributions, value=0.1 * i,
                                      intermediate_values={1: 0.05 * i, 2: 0.1 * i}))
     study.ask(distributions)  # a trial asked by a driver that was killed: still RUNNING in the storage

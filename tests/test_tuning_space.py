@@ -24,8 +24,9 @@ SMOKE = load_config(REPO / "configs" / "smoke.yaml")
 def test_bundled_spaces_load_against_the_smoke_config(name):
     space = load_space(SPACES / f"{name}.yaml", SMOKE)
     names = [p.name for p in space.searched]
-    for expected in ("loss.gamma", "loss.lambda", "train.lr", "sampling.interval.lo", "sampling.interval.hi", "train.seed"):
+    for expected in ("loss.gamma", "loss.lambda", "train.lr", "sampling.interval.lo", "sampling.interval.hi"):
         assert expected in names
+    assert space.sets_seed == (name == "smoke")  # each trial gets its own seed; CI's tiny model learns with 13 only
     assert space.max_t(SMOKE) == 4  # 2 epochs, an evaluation every half epoch
 
 
@@ -35,10 +36,11 @@ def test_paper_space_matches_the_paper():
     assert (by_name["loss.gamma"].kind, by_name["loss.gamma"].low, by_name["loss.gamma"].high) == ("uniform", 0.0, 5.0)
     assert (by_name["loss.lambda"].low, by_name["loss.lambda"].high) == (0.0, 1.0)
     assert (by_name["train.lr"].kind, by_name["train.lr"].low, by_name["train.lr"].high) == ("loguniform", 1e-5, 1e-4)
+    assert by_name["loss.lambda"].when == (("model.system", ("multitask",)),)
     assert (by_name["sampling.interval.lo"].kind, by_name["sampling.interval.lo"].low,
-            by_name["sampling.interval.lo"].high) == ("int", -16, 0)
-    assert (by_name["sampling.interval.hi"].low, by_name["sampling.interval.hi"].high) == (0, 24)
-    assert by_name["train.seed"].kind == "choice" and len(by_name["train.seed"].choices) >= 3
+            by_name["sampling.interval.lo"].high) == ("int", -16, -4)
+    assert (by_name["sampling.interval.hi"].low, by_name["sampling.interval.hi"].high) == (8, 24)
+    assert "train.seed" not in by_name
     assert "model.system" not in by_name and "encoder.name" not in by_name  # both come from the config
     assert (space.scheduler.metric, space.scheduler.mode) == ("dev_f1", "max")
 
@@ -56,19 +58,21 @@ def test_optuna_distributions():
     dists = load_space(SPACES / "paper.yaml", SMOKE).optuna_distributions()
     assert dists["train.lr"] == FloatDistribution(1e-5, 1e-4, log=True)
     assert dists["loss.gamma"] == FloatDistribution(0.0, 5.0)
-    assert dists["sampling.interval.lo"] == IntDistribution(-16, 0)  # both ends included
-    assert isinstance(dists["train.seed"], CategoricalDistribution)
+    assert dists["sampling.interval.lo"] == IntDistribution(-16, -4)  # both ends included
+    assert isinstance(load_space(SPACES / "wide.yaml", SMOKE).optuna_distributions()["model.system"],
+                      CategoricalDistribution)
 
 
 def test_apply_maps_the_interval_pair_and_fixed_values():
-    space = parse_space({"params": {"sampling.interval": {"lo": {"int": [-5, 0]}, "hi": {"int": [0, 9]}},
+    space = parse_space({"params": {"sampling.interval": {"lo": {"int": [-9, -5]}, "hi": {"int": [9, 12]}},
                                     "model.dropout": {"fixed": 0.25}, "loss.lambda": {"uniform": [0, 1]}}},
                         "s.yaml", SMOKE)
-    config = space.apply(SMOKE, {"sampling.interval.lo": -3, "sampling.interval.hi": 7, "loss.lambda": 0.3})
-    assert config.sampling.interval == (-3, 7)
+    config = space.apply(SMOKE, {"sampling.interval.lo": -7, "sampling.interval.hi": 11, "loss.lambda": 0.3})
+    assert config.sampling.interval == (-7, 11)
     assert config.model.dropout == 0.25 and config.loss.lambda_ == 0.3
     assert config.train.lr == SMOKE.train.lr  # untouched keys come from the config
-    assert space.apply(SMOKE, {"sampling.interval.lo": -2}).sampling.interval == (-2, SMOKE.sampling.interval[1])
+    assert space.apply(SMOKE, {"sampling.interval.lo": -6}).sampling.interval == (-6, SMOKE.sampling.interval[1])
+    assert space.apply(SMOKE, {"train.seed": 7}).train.seed == 7  # the trial's derived seed
 
 
 def test_optuna_samples_valid_configs():
@@ -78,10 +82,10 @@ def test_optuna_samples_valid_configs():
     space = load_space(SPACES / "wide.yaml", SMOKE)
     study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=space.seed))
     for _ in range(10):
-        trial = study.ask(fixed_distributions=space.optuna_distributions())
-        config = space.apply(SMOKE, trial.params)
+        trial = study.ask()
+        config = space.apply(SMOKE, space.suggest(trial, SMOKE.dump()))
         lo, hi = config.sampling.interval
-        assert -16 <= lo <= 0 <= hi <= 24
+        assert -16 <= lo <= -4 and 8 <= hi <= 24
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -94,6 +98,34 @@ def write(tmp_path: Path, text: str) -> Path:
     ("params:\n  train.lrr: {uniform: [0.1, 0.2]}\n",
      r"bad.yaml: params.train.lrr: unknown config key 'train.lrr' \(train has: .*lr"),
     ("params:\n  trian.lr: {uniform: [0.1, 0.2]}\n", r"bad.yaml: params.trian.lr: unknown config key 'trian.lr' \(sections: "),
+    ("params:\n  loss.lambda: {uniform: [0, 1], when: {model.sytem: multitask}}\n",
+     r"bad.yaml: params.loss.lambda: when: \{model.sytem: \[multitask\]\}: unknown config key 'model.sytem' "
+     r"\(model has: .*system"),
+    ("params:\n  model.system: {choice: [baseline, multitask]}\n"
+     "  loss.lambda: {uniform: [0, 1], when: {model.system: multitsk}}\n",
+     r"bad.yaml: params.loss.lambda: when: \{model.system: \[multitsk\]\}: 'multitsk' is not one of model.system's "
+     r"choices \[baseline, multitask\]"),
+    ("params:\n  loss.lambda: {uniform: [0, 1], when: {model.system: multitsk}}\n",
+     r"bad.yaml: params.loss.lambda: when: \{model.system: \[multitsk\]\}: 'multitsk' is not a valid model.system"),
+    ("params:\n  model.dropout: {uniform: [0, 0.3]}\n  loss.lambda: {uniform: [0, 1], when: {model.dropout: 0.1}}\n",
+     r"bad.yaml: params.loss.lambda: when: \{model.dropout: \[0.1\]\}: model.dropout is searched as uniform; "
+     r"a condition needs a choice"),
+    ("params:\n  model.system: {fixed: baseline}\n  loss.lambda: {uniform: [0, 1], when: {model.system: multitask}}\n",
+     r"bad.yaml: params.loss.lambda: when: .*: model.system is fixed to 'baseline' in this space, so loss.lambda would "
+     r"never be sampled"),
+    ("params:\n  loss.lambda: {uniform: [0, 1], when: []}\n", r"bad.yaml: params.loss.lambda: uniform when: expected a "
+     r"mapping of config keys to values"),
+    ("params:\n  loss.lambda: {fixed: 0.5, when: {model.system: multitask}}\n  loss.gamma: {uniform: [0, 1]}\n",
+     r"bad.yaml: params.loss.lambda: fixed when: unknown key"),
+    ("params:\n  sampling.interval:\n    lo: {int: [-4, 0]}\n    hi: {int: [8, 24]}\n",
+     r"bad.yaml: params.sampling.interval: \[0, 8\] is within the space, and keeps only 62.0% of the development gold "
+     r"relations within reach of prediction .* at least 99%; sample lo up to -4"),
+    ("params:\n  sampling.interval:\n    lo: {int: [-16, -4]}\n    hi: {int: [0, 24]}\n",
+     r"bad.yaml: params.sampling.interval: \[-4, 0\] .* keeps only 74.6% .*; sample hi from 8$"),
+    ("params:\n  sampling.interval: {fixed: [-1, 1]}\n  loss.gamma: {uniform: [0, 1]}\n",
+     r"bad.yaml: params.sampling.interval: \[-1, 1\] is within the space, and keeps only 79.7%"),
+    ("scheduler: {grace_period: 2, grace_epochs: 1}\nparams:\n  loss.gamma: {uniform: [0, 1]}\n",
+     r"bad.yaml: scheduler: give grace_period \(evaluations\) or grace_epochs \(epochs\), not both"),
     ("params:\n  loss.gamma: {uniform: [1.0, 1.0]}\n",
      r"bad.yaml: params.loss.gamma: uniform: empty range \[1.0, 1.0\]; use \{fixed: 1.0\}"),
     ("params:\n  loss.gamma: {uniform: [3.0, 1.0]}\n", r"bad.yaml: params.loss.gamma: uniform: low 3.0 > high 1.0"),
@@ -178,3 +210,74 @@ def test_space_round_trips_through_yaml():
     space = load_space(SPACES / "paper.yaml", SMOKE)
     again = parse_space(yaml.safe_load(space.to_yaml()), space.source, SMOKE)
     assert again.params == space.params and again.scheduler == space.scheduler
+
+
+def ask(space, config, count: int) -> list[dict]:
+    """``count`` trials of the space's define-by-run search, as a study asks them."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=space.sampler.tpe(seed=space.seed, startup_trials=space.startup_trials,
+                                                          concurrent=1))
+    out = []
+    for _ in range(count):
+        trial = study.ask()
+        out.append(space.suggest(trial, config.dump()))
+        study.tell(trial, len(out) / count)
+    return out
+
+
+def test_a_conditional_parameter_is_sampled_only_where_its_condition_holds():
+    space = load_space(SPACES / "wide.yaml", SMOKE)
+    proposals = ask(space, SMOKE, 24)
+    systems = {values["model.system"] for values in proposals}
+    assert {"multitask", "baseline"} <= systems
+    for values in proposals:
+        assert ("loss.lambda" in values) == (values["model.system"] == "multitask"), values
+    # the condition can also name a key the space leaves to the config: the paper space with a baseline config
+    # never samples lambda, with a multitask config always
+    paper = load_space(SPACES / "paper.yaml", SMOKE)
+    assert not any("loss.lambda" in values for values in ask(paper, SMOKE, 4))
+    multitask = load_config(REPO / "configs" / "smoke.yaml", ["model.system=multitask"])
+    assert all("loss.lambda" in values for values in ask(load_space(SPACES / "paper.yaml", multitask), multitask, 4))
+
+
+def test_each_trial_gets_its_own_seed_from_the_study_seed_and_its_number():
+    from drugprot.tuning.space import trial_seed
+
+    space = load_space(SPACES / "paper.yaml", SMOKE)
+    seeds = [values["train.seed"] for values in ask(space, SMOKE, 6)]
+    assert seeds == [trial_seed(space.seed, number) for number in range(6)]
+    assert len(set(seeds)) == 6 and all(0 <= seed < 2 ** 31 for seed in seeds)
+    assert seeds == [values["train.seed"] for values in ask(space, SMOKE, 6)]  # deterministic
+    assert trial_seed(1, 0) != trial_seed(0, 0)
+    assert [space.apply(SMOKE, {"train.seed": seed}).train.seed for seed in seeds] == seeds
+    # a space that sets the seed itself (drugprot ensemble --reseed does) keeps it
+    reseed = parse_space({"params": {"train.seed": {"choice": [3, 4]}}}, "reseed", SMOKE)
+    assert all(values["train.seed"] in (3, 4) for values in ask(reseed, SMOKE, 4))
+
+
+@pytest.mark.parametrize("eval_every, rungs", [(0.5, [6, 18]), (0.25, [12, 36]), (1.0, [3, 9])])
+def test_the_paper_space_cuts_no_earlier_than_three_epochs(eval_every, rungs):
+    paper = load_config(REPO / "configs" / "paper-biobert.yaml", [f"train.eval_every={eval_every}"])
+    space = load_space(SPACES / "paper.yaml", paper)
+    assert space.rungs(paper) == rungs
+    assert space.rungs(paper)[0] * eval_every >= 3
+
+
+@pytest.mark.parametrize("grace, factor, max_t", [(1, 2, 4), (6, 3, 20), (4, 2, 8), (2, 3, 40), (3, 2.5, 50)])
+def test_rungs_are_where_ray_asha_cuts(grace, factor, max_t):
+    from ray.tune.schedulers import ASHAScheduler
+
+    space = parse_space({"scheduler": {"grace_period": grace, "reduction_factor": factor, "max_t": max_t},
+                         "params": {"loss.gamma": {"uniform": [0, 1]}}}, "s.yaml", SMOKE)
+    scheduler = ASHAScheduler(time_attr="eval", metric="dev_f1", mode="max", max_t=max_t, grace_period=grace,
+                              reduction_factor=factor)
+    assert space.rungs(SMOKE) == sorted(m for m, _ in scheduler._brackets[0]._rungs if m < max_t)
+
+
+@pytest.mark.parametrize("interval, percent", [((0, 0), 37.6), ((-1, 1), 79.7), ((-4, 8), 99.1), ((-10, 16), 100.0)])
+def test_development_recall_ceiling_of_an_interval(interval, percent):
+    from drugprot.tuning.space import dev_interval_ceiling
+
+    assert round(100 * dev_interval_ceiling(*interval), 1) == percent

@@ -36,7 +36,8 @@ Child run (one per Ray trial; run name = the Ray trial id)
            ``drugprot.node_ip``, ``drugprot.pid`` (where it last ran), ``drugprot.starts`` (times a process started
            it), ``drugprot.failures`` (crashes retried), ``drugprot.resumed_from_eval``, ``drugprot.best_eval``,
            ``drugprot.gpu_ids`` (the GPU ids Ray assigned the trial, comma-separated; empty without GPUs).
-    params the search-space parameters by name (``loss.gamma``, ``train.lr``, ``sampling.interval.lo``, …).
+    params the search-space parameters by name (``loss.gamma``, ``train.lr``, ``sampling.interval.lo``, …; a
+           conditional one only where it was sampled) and ``train.seed`` (the trial's own seed).
     metrics at every evaluation, step = evaluation index (1, 2, …; one per half epoch by default):
            ``dev_precision``, ``dev_recall``, ``dev_f1``, ``best_dev_f1`` (running best; its last value is the
            trial's final best), ``train_loss``, ``lr``, ``epoch``, ``pairs_per_s``, ``nonfinite_steps`` (steps skipped so

@@ -49,28 +49,28 @@ def _tune(args) -> int:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     from drugprot.config import load_config
     from drugprot.tuning.space import load_space
-    from drugprot.tuning.study import (Resources, StudyError, StudyPlan, default_name, plan_json, plan_text, summary,
-                                       summary_json, tune_study)
+    from drugprot.tuning.study import (Resources, StudyError, StudyPlan, StudyRuntime, StudySearch, default_name,
+                                       plan_json, plan_text, summary, summary_json, tune_study)
 
     if args.resume:
         if not args.name:
             raise StudyError("--resume needs --name (the study to continue)")
-        config = space = None
+        search = None
         if args.config or args.space or args.overrides:
             print("note: --resume keeps the study's own config and space; --config/--space/--set are ignored")
     else:
         if args.config is None or args.space is None:
             raise StudyError("a new study needs --config FILE and --space FILE (or --resume --name STUDY)")
         config = load_config(args.config, args.overrides)
-        space = load_space(args.space, config)
-    name = args.name or default_name(args.space)
+        search = StudySearch(config=config, space=load_space(args.space, config), num_samples=args.num_samples,
+                             max_concurrent=args.max_concurrent)
+    runtime = StudyRuntime(name=args.name or default_name(args.space), storage=args.storage,
+                           tracking_uri=args.tracking_uri, optuna_storage=args.optuna_storage, address=args.address,
+                           resources=Resources(cpus=args.cpus_per_trial, gpus=args.gpus_per_trial),
+                           resume=args.resume, dry_run=args.dry_run)
     # With --json, stdout carries only the JSON object: progress (lines, the trial table) goes to stderr.
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
-        result = tune_study(config, space=space, name=name, num_samples=args.num_samples,
-                            max_concurrent=args.max_concurrent,
-                            resources=Resources(cpus=args.cpus_per_trial, gpus=args.gpus_per_trial),
-                            storage=args.storage, tracking_uri=args.tracking_uri, address=args.address,
-                            optuna_storage=args.optuna_storage, resume=args.resume, dry_run=args.dry_run)
+        result = tune_study(search, runtime)
     if isinstance(result, StudyPlan):
         print(json.dumps(plan_json(result)) if args.json else plan_text(result), flush=True)
         return 0

@@ -10,7 +10,8 @@ import importlib
 
 _EXPORTS = {
     "SearchSpace": "space", "SpaceError": "space", "load_space": "space", "parse_space": "space",
-    "Resources": "study", "StudyError": "study", "StudyResult": "study", "tune_study": "study", "summary": "study",
+    "Resources": "study", "StudyError": "study", "StudyResult": "study", "StudyRuntime": "study",
+    "StudySearch": "study", "tune_study": "study", "summary": "study",
     "run_trial": "trainable",
 }
 __all__ = sorted(_EXPORTS)

@@ -17,6 +17,7 @@ from ray.tune import Callback
 
 from drugprot.tracking import StudyTracker
 from drugprot.tuning.cost import trial_cost
+from drugprot.tuning.space import SEED_KEY
 
 
 def trial_state(*, error: bool, stopped_by_scheduler: bool | None, last_eval: int, max_t: int) -> str:
@@ -45,12 +46,18 @@ class MlflowStudyCallback(Callback):
 
         return self.space.apply(build_config(self.base_config), params).dump()
 
-    def trial_params(self, params: dict[str, Any]) -> dict[str, Any]:
-        return {**self.space.fixed_values(), **{k: params[k] for k in sorted(params)}}
+    def start(self, trial) -> str:
+        """Open (or reopen) the trial's run: the space's values as params (a conditional parameter only where it
+        was sampled), and the trial's seed as the param ``train.seed`` too when the space derives it."""
+        params = dict(trial.config)
+        config = self.trial_config(params)
+        run_id = self.tracker.start_trial(trial.trial_id, params=self.space.values(params), config=config)
+        if not self.space.sets_seed:
+            self.tracker.log_params(run_id, {SEED_KEY: config["train"]["seed"]})
+        return run_id
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        params = dict(trial.config)
-        self.tracker.start_trial(trial.trial_id, params=self.trial_params(params), config=self.trial_config(params))
+        self.start(trial)
         self._stopped.pop(trial.trial_id, None)
         self._closed.discard(trial.trial_id)
 
@@ -62,8 +69,7 @@ class MlflowStudyCallback(Callback):
             return
         run_id = self.tracker.trial_run(trial.trial_id)
         if run_id is None:
-            run_id = self.tracker.start_trial(trial.trial_id, params=self.trial_params(dict(trial.config)),
-                                              config=self.trial_config(dict(trial.config)))
+            run_id = self.start(trial)
         self.tracker.log_evaluation(run_id, result)
         if trial.trial_id not in self._last_eval and "steps_per_epoch" in result:  # fixed for a trial: a param
             self.tracker.log_params(run_id, {"steps_per_epoch": int(result["steps_per_epoch"])})

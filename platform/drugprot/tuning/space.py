@@ -1,4 +1,4 @@
-"""Search spaces: a small YAML schema, checked against the run config when loaded, converted to Optuna distributions.
+"""Search spaces: a small YAML schema, checked against the run config when loaded, searched define-by-run by Optuna.
 
 The schema is pydantic (:class:`SpaceFile`): each distribution is a model, the parameter's one key picks it (a
 discriminated union), and every model forbids unknown keys; :func:`_format` phrases pydantic's errors as below.
@@ -6,12 +6,12 @@ discriminated union), and every model forbids unknown keys; :func:`_format` phra
 A space file looks like this (``search_spaces/paper.yaml``)::
 
     description: the paper's search            # optional
-    seed: 0                                    # seeds Optuna's TPE sampler (default 0)
+    seed: 0                                    # seeds Optuna's TPE sampler and the trials' seeds (default 0)
     startup_trials: 10                         # random trials before TPE models the space (default 10)
     scheduler:                                 # ASHA; every key optional
       metric: dev_f1                           # a reported metric (dev_f1, best_dev_f1, dev_precision, ...)
       mode: max
-      grace_period: 2                          # evaluations (half epochs with train.eval_every 0.5)
+      grace_epochs: 3                          # no cut before 3 epochs; or grace_period: N evaluations (default 1)
       reduction_factor: 3
       max_t: null                              # default: evaluations in the config's budget
     sampler:                                   # Optuna's TPE; every key optional (see SamplerSpec)
@@ -25,11 +25,11 @@ A space file looks like this (``search_spaces/paper.yaml``)::
                                                # per epoch; it is 3x the model's size, so uploads are bounded)
     params:
       loss.gamma: {uniform: [0.0, 5.0]}
+      loss.lambda: {uniform: [0.0, 1.0], when: {model.system: multitask}}   # sampled in multitask trials only
       train.lr: {loguniform: [1.0e-5, 1.0e-4]}
       sampling.interval:                       # a [lo, hi] pair: two int parameters mapped onto it
-        lo: {int: [-16, 0]}
-        hi: {int: [0, 24]}
-      train.seed: {choice: [13, 42, 97]}
+        lo: {int: [-16, -4]}
+        hi: {int: [8, 24]}
       model.dropout: {fixed: 0.1}
 
 Each parameter names a dotted config key (see :mod:`drugprot.config`) and one distribution: ``uniform: [low,
@@ -38,15 +38,28 @@ high]``, ``loguniform: [low, high]`` (low > 0), ``int: [low, high]`` (both ends 
 against the config model when the file is loaded, so a trial never starts with a value the config would refuse.
 Errors name the file, the parameter and the key: ``paper.yaml: params.train.lrr: unknown config key 'train.lrr'``.
 
+Rules a space obeys (checked at load):
+
+* ``when: {KEY: VALUE or [VALUES]}`` beside a distribution makes it conditional: it is sampled (and logged) only in
+  trials where KEY has one of the values. KEY is a ``choice`` of the space (the values among its choices) or a key
+  the space leaves to the config (the values valid for it). Optuna searches define-by-run (:meth:`SearchSpace.suggest`).
+* The seed is not a hyperparameter: unless the space sets ``train.seed``, trial N of a study gets
+  :func:`trial_seed` (space seed, N).
+* A GENE interval the space can sample keeps at least 99% of the development gold relations within reach of
+  prediction (:func:`dev_interval_ceiling`, measured counts in ``drugprot/resources/dev_gold_by_interval.json``).
+
 Optuna sees one parameter per searched value, named by its key (``loss.gamma``) or, for the interval,
 ``sampling.interval.lo`` / ``sampling.interval.hi``. These names are also the MLflow param names of each trial.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 import os
 from dataclasses import dataclass, field
+from importlib import resources
 from typing import Annotated, Any, Literal, Union
 
 import yaml
@@ -58,6 +71,7 @@ from drugprot.config import (ConfigError, RunConfig, build_config, config_keys, 
 
 KINDS = ("uniform", "loguniform", "int", "choice", "fixed")
 INTERVAL_KEY = "sampling.interval"
+SEED_KEY = "train.seed"
 #: Metrics the trainable reports after every evaluation that a scheduler may rank trials by.
 SCHEDULER_METRICS = ("dev_f1", "best_dev_f1", "dev_precision", "dev_recall", "train_loss")
 
@@ -78,6 +92,7 @@ class Param:
     choices: tuple = ()
     value: Any = None
     part: int | None = None  # 0 = lo, 1 = hi of sampling.interval
+    when: tuple[tuple[str, tuple], ...] = ()  # (config key, allowed values): sampled only when every key has one
 
     @property
     def searched(self) -> bool:
@@ -85,10 +100,23 @@ class Param:
 
     def describe(self) -> str:
         if self.kind == "fixed":
-            return f"fixed {self.value!r}"
+            text = f"fixed {self.value!r}"
+        elif self.kind == "choice":
+            text = f"choice {list(self.choices)}"
+        else:
+            text = f"{self.kind} [{self.low}, {self.high}]"
+        return text + "".join(f" when {key} in {list(allowed)}" for key, allowed in self.when)
+
+    def suggest(self, trial) -> Any:
+        """Ask an Optuna trial (define-by-run) for this parameter's value, on the same distribution as
+        :meth:`distribution`."""
+        if self.kind in ("uniform", "loguniform"):
+            return trial.suggest_float(self.name, float(self.low), float(self.high), log=self.kind == "loguniform")
+        if self.kind == "int":
+            return trial.suggest_int(self.name, int(self.low), int(self.high))
         if self.kind == "choice":
-            return f"choice {list(self.choices)}"
-        return f"{self.kind} [{self.low}, {self.high}]"
+            return trial.suggest_categorical(self.name, list(self.choices))
+        raise ValueError(f"{self.name}: a fixed parameter is not sampled")
 
     def distribution(self):
         """The Optuna distribution of a searched parameter."""
@@ -116,7 +144,8 @@ class Param:
 class SchedulerSpec:
     metric: str = "dev_f1"
     mode: str = "max"
-    grace_period: int = 1
+    grace_period: int | None = None  # evaluations before the first cut (default 1); or, in epochs, grace_epochs
+    grace_epochs: float | None = None
     reduction_factor: float = 2
     max_t: int | None = None
 
@@ -195,8 +224,31 @@ class SearchSpace:
         return tuple(p for p in self.params if not p.searched)
 
     def optuna_distributions(self) -> dict[str, Any]:
-        """``{name: optuna distribution}`` for OptunaSearch (fixed parameters are applied to the base config)."""
+        """``{name: optuna distribution}`` of every searched parameter, conditional ones included."""
         return {p.name: p.distribution() for p in self.searched}
+
+    def suggest(self, trial, config: dict[str, Any]) -> dict[str, Any]:
+        """Optuna's define-by-run search over this space for one trial of a study on ``config`` (a ``RunConfig.dump()``):
+        the searched values by name, a conditional parameter only when its ``when`` holds, and, unless the space
+        sets ``train.seed``, the trial's own seed (:func:`trial_seed`)."""
+        values: dict[str, Any] = {}
+        fixed = self.fixed_values()
+        for param in sorted(self.searched, key=lambda p: bool(p.when)):  # conditions refer to unconditional params
+            if all(_current(key, values, fixed, config) in allowed for key, allowed in param.when):
+                values[param.name] = param.suggest(trial)
+        if not self.sets_seed:
+            values[SEED_KEY] = trial_seed(self.seed, trial.number)
+        return values
+
+    @property
+    def sets_seed(self) -> bool:
+        return any(p.key == SEED_KEY for p in self.params)
+
+    def values(self, trial_config: dict[str, Any]) -> dict[str, Any]:
+        """What this space chose for a trial (fixed values and the sampled ones, by name), out of a Tune trial's
+        config; the derived seed is not among them (it is not a searched value)."""
+        names = {p.name for p in self.params}
+        return {**self.fixed_values(), **{k: trial_config[k] for k in sorted(trial_config) if k in names}}
 
     def fixed_values(self) -> dict[str, Any]:
         return {p.name: p.value for p in self.fixed}
@@ -218,6 +270,8 @@ class SearchSpace:
             else:
                 _set(updates, param.key, value)
         _set(updates, INTERVAL_KEY, interval)
+        if SEED_KEY in values and not self.sets_seed:  # the trial's derived seed
+            _set(updates, SEED_KEY, values[SEED_KEY])
         return build_config(merge(raw, updates), source)
 
     def max_t(self, config: RunConfig) -> int:
@@ -231,8 +285,52 @@ class SearchSpace:
                                  f"(the number of evaluations differs between trials)")
         return max(1, math.ceil(config.train.epochs / config.train.eval_every - 1e-9))
 
+    def grace_period(self, config: RunConfig) -> int:
+        """Evaluations before ASHA's first cut: ``scheduler.grace_period``, or ``grace_epochs`` in evaluations of
+        ``config`` (rounded up, so the cut never comes before that many epochs); at most :meth:`max_t`."""
+        spec = self.scheduler
+        if spec.grace_epochs is not None and "train.eval_every" in {p.key for p in self.searched}:
+            raise SpaceError(f"{self.source}: scheduler.grace_epochs: give grace_period in evaluations when "
+                             f"train.eval_every is searched (an epoch is a different number of evaluations per trial)")
+        grace = spec.grace_period if spec.grace_epochs is None else \
+            math.ceil(spec.grace_epochs / config.train.eval_every - 1e-9)
+        return max(1, min(grace or 1, self.max_t(config)))
+
+    def rungs(self, config: RunConfig) -> list[int]:
+        """The evaluations at which ASHA may cut a trial, as Ray's ASHAScheduler places them (one bracket):
+        ``grace * reduction_factor**k`` below ``max_t`` (a trial at ``max_t`` has ended anyway)."""
+        grace, max_t, factor = self.grace_period(config), self.max_t(config), self.scheduler.reduction_factor
+        count = int(math.log(max_t / grace) / math.log(factor) + 1)
+        return [r for r in (grace * factor ** k for k in range(count)) if r < max_t]
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.raw, sort_keys=False)
+
+
+def trial_seed(study_seed: int, number: int) -> int:
+    """The seed of the study's trial ``number`` (Optuna's trial number, 0, 1, …): the first word of NumPy's
+    ``SeedSequence((study_seed, number))``, below 2**31. Deterministic, and independent between trials, so the seed
+    is noise the study averages over instead of a value TPE models."""
+    import numpy
+
+    return int(numpy.random.SeedSequence((study_seed, number)).generate_state(1)[0] % 2 ** 31)
+
+
+def _current(key: str, values: dict[str, Any], fixed: dict[str, Any], config: dict[str, Any]) -> Any:
+    """The value ``key`` has in a trial so far: sampled, fixed by the space, or the study's config."""
+    for source in (values, fixed):
+        if key in source:
+            return source[key]
+    node: Any = config
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def _nested(dotted: str, value: Any) -> dict:
+    nested: dict = {}
+    _set(nested, dotted, value)
+    return nested
 
 
 def _set(nested: dict, dotted: str, value: Any) -> None:
@@ -275,6 +373,26 @@ NumberPair = Annotated[tuple[Number, Number], BeforeValidator(_pair)]
 IntegerPair = Annotated[tuple[Integer, Integer], BeforeValidator(_pair)]
 
 
+def _condition(value: Any) -> Any:
+    """``when: {KEY: VALUE}`` or ``{KEY: [VALUE, …]}`` -> ``((KEY, (VALUE, …)), …)``; the keys are checked against the
+    space and the config in :func:`parse_space`."""
+    if value is None:
+        return ()
+    if not isinstance(value, dict) or not value:
+        raise ValueError(f"expected a mapping of config keys to values, e.g. {{model.system: multitask}}, got {value!r}")
+    out = []
+    for key, allowed in value.items():
+        allowed = allowed if isinstance(allowed, list) else [allowed]
+        if not allowed or not all(v is None or isinstance(v, (bool, int, float, str)) for v in allowed):
+            raise ValueError(f"{key}: expected a value or a non-empty list of values, got {value[key]!r}")
+        out.append((str(key), tuple(allowed)))
+    return tuple(out)
+
+
+#: ``when:`` beside a distribution: the parameter is sampled only in trials where each key has one of its values.
+When = Annotated[Any, AfterValidator(_condition)]
+
+
 class _Range(_Strict):
     """``{KIND: [low, high]}`` with low < high; each subclass's only field is KIND."""
 
@@ -290,10 +408,12 @@ class _Range(_Strict):
 
 class Uniform(_Range):
     uniform: NumberPair
+    when: When = None
 
 
 class LogUniform(_Range):
     loguniform: NumberPair
+    when: When = None
 
     @model_validator(mode="after")
     def _positive(self):
@@ -304,10 +424,12 @@ class LogUniform(_Range):
 
 class IntRange(_Range):
     int: IntegerPair
+    when: When = None
 
 
 class Choice(_Strict):
     choice: list[Any]
+    when: When = None
 
     @field_validator("choice", mode="before")
     @classmethod
@@ -327,7 +449,9 @@ class Fixed(_Strict):
 
 
 def _kind(value: Any) -> str | None:
-    return next(iter(value)) if isinstance(value, dict) and len(value) == 1 else None
+    """The distribution's key (``uniform``, …); ``when`` may stand beside it."""
+    keys = [k for k in value if k != "when"] if isinstance(value, dict) else []
+    return keys[0] if len(keys) == 1 else None
 
 
 _TAGGED = tuple(Annotated[model, Tag(kind)] for kind, model in zip(KINDS, (Uniform, LogUniform, IntRange, Choice, Fixed)))
@@ -338,11 +462,12 @@ Distribution = Annotated[Union[_TAGGED], Discriminator(_kind)]
 def _param(name: str, key: str, spec: BaseModel, part: int | None = None) -> Param:
     kind = next(iter(type(spec).model_fields))
     arg = getattr(spec, kind)
+    when = getattr(spec, "when", None) or ()
     if kind == "fixed":
         return Param(name, key, kind, value=arg, part=part)
     if kind == "choice":
-        return Param(name, key, kind, choices=tuple(arg), part=part)
-    return Param(name, key, kind, low=arg[0], high=arg[1], part=part)
+        return Param(name, key, kind, choices=tuple(arg), part=part, when=when)
+    return Param(name, key, kind, low=arg[0], high=arg[1], part=part, when=when)
 
 
 class IntervalPair(_Strict):
@@ -363,6 +488,8 @@ class IntervalPair(_Strict):
     @classmethod
     def _integer_side(cls, spec: BaseModel, info: ValidationInfo) -> BaseModel:
         param = _param(info.field_name, INTERVAL_KEY, spec)
+        if param.when:
+            raise ValueError("when: the interval's sides are always sampled together; put no condition on them")
         if param.kind in ("uniform", "loguniform"):
             raise ValueError(f"the interval takes integers: use int, choice or fixed, not {param.kind}")
         for value in param.extremes():
@@ -387,9 +514,16 @@ def _config_key(key: str) -> str:
 class SchedulerFile(_Strict):
     metric: Literal[SCHEDULER_METRICS] = "dev_f1"
     mode: Literal["max", "min"] = "max"
-    grace_period: StrictInt = Field(1, ge=1)
+    grace_period: StrictInt | None = Field(None, ge=1)
+    grace_epochs: Number | None = Field(None, gt=0)
     reduction_factor: Number = Field(2, gt=1)
     max_t: StrictInt | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _one_grace(self):
+        if self.grace_period is not None and self.grace_epochs is not None:
+            raise ValueError("give grace_period (evaluations) or grace_epochs (epochs), not both")
+        return self
 
     @field_validator("max_t")
     @classmethod
@@ -504,6 +638,8 @@ def parse_space(raw: Any, source: str = "space", config: RunConfig | None = None
             params.append(_param(key, key, spec))
     if not any(p.searched for p in params):
         raise SpaceError(f"{source}: params: nothing to search (every parameter is fixed)")
+    _check_conditions(params, source)
+    _check_interval_ceiling(params, source)
     scheduler = parsed.scheduler or SchedulerFile()
     trials = parsed.trials or TrialsFile()
     space = SearchSpace(source=source, params=tuple(params), scheduler=SchedulerSpec(**scheduler.model_dump()),
@@ -514,6 +650,91 @@ def parse_space(raw: Any, source: str = "space", config: RunConfig | None = None
     if config is not None:
         check_against(space, config)
     return space
+
+
+def _check_conditions(params: list[Param], source: str) -> None:
+    """Each ``when`` names a config key and values it can have: a choice of this space (its values among the
+    choices), or a key the space leaves to the config (values checked in :func:`check_against`)."""
+    by_name = {p.name: p for p in params}
+    for param in (p for p in params if p.when):
+        where = f"{source}: params.{param.name}: when: {{"
+        for key, allowed in param.when:
+            head = f"{where}{key}: {_listed(allowed)}}}"
+            try:
+                _config_key(key)
+            except ValueError as error:
+                raise SpaceError(f"{head}: {error}") from None
+            if key == param.key:
+                raise SpaceError(f"{head}: a parameter cannot be conditional on itself")
+            if key == INTERVAL_KEY:
+                raise SpaceError(f"{head}: a condition names a single value such as model.system, not the interval")
+            other = by_name.get(key)
+            if other is None:
+                continue
+            if other.when:
+                raise SpaceError(f"{head}: {key} is conditional itself; a condition may only name an unconditional "
+                                 f"parameter")
+            if other.kind == "fixed":
+                if other.value not in allowed:
+                    raise SpaceError(f"{head}: {key} is fixed to {other.value!r} in this space, so {param.name} "
+                                     f"would never be sampled")
+            elif other.kind != "choice":
+                raise SpaceError(f"{head}: {key} is searched as {other.kind}; a condition needs a choice parameter "
+                                 f"(or a key the space leaves to the config)")
+            else:
+                outside = [v for v in allowed if v not in other.choices]
+                if outside:
+                    raise SpaceError(f"{head}: {outside[0]!r} is not one of {key}'s choices "
+                                     f"{_listed(other.choices)}")
+
+
+def _listed(values) -> str:
+    return "[" + ", ".join(str(v) for v in values) + "]"
+
+
+#: The least share of the development gold relations a sampled GENE interval must keep within reach of prediction.
+MIN_INTERVAL_CEILING = 0.99
+
+
+@functools.cache
+def _dev_gold_by_interval() -> tuple[int, dict[int, int]]:
+    measured = json.loads(resources.files("drugprot.resources").joinpath("dev_gold_by_interval.json").read_text())
+    return measured["gold_relations"], {int(k): v for k, v in measured["gold_by_interval"].items()}
+
+
+def dev_interval_ceiling(lo: int, hi: int) -> float:
+    """The share of DrugProt's development gold relations whose pair a model trained with the GENE interval
+    ``[lo, hi]`` can predict at all: prediction scores the same interval (the measured counts are in
+    ``drugprot/resources/dev_gold_by_interval.json``; the command is in docs/tuning.md)."""
+    gold, by_index = _dev_gold_by_interval()
+    return 1.0 - sum(n for index, n in by_index.items() if not lo <= index <= hi) / gold
+
+
+def _check_interval_ceiling(params: list[Param], source: str) -> None:
+    """Every interval the space can sample keeps at least MIN_INTERVAL_CEILING of the development gold within
+    reach. The ceiling grows as the interval widens, so the narrowest one the space allows decides: its highest
+    ``lo`` with its lowest ``hi``."""
+    sides = {p.part: p for p in params if p.key == INTERVAL_KEY}
+    if not sides:
+        return
+    if None in sides:  # {fixed: [lo, hi]}
+        lo, hi = sides[None].value
+    else:
+        lo, hi = max(sides[0].extremes()), min(sides[1].extremes())
+    if not lo <= 0 <= hi:
+        return  # not an interval at all: the config refuses it (check_against)
+    ceiling = dev_interval_ceiling(lo, hi)
+    if ceiling >= MIN_INTERVAL_CEILING:
+        return
+    wider = sorted((hi_ - lo_, lo_, hi_) for lo_ in range(lo, lo - 32, -1) for hi_ in range(hi, hi + 32)
+                   if dev_interval_ceiling(lo_, hi_) >= MIN_INTERVAL_CEILING)
+    fixes = [f"hi from {h}" for _, v, h in wider if v == lo][:1] + [f"lo up to {v}" for _, v, h in wider if h == hi][:1]
+    hint = f"; sample {' or '.join(fixes)}" if fixes else \
+        f"; sample lo up to {wider[0][1]} and hi from {wider[0][2]}" if wider else ""
+    raise SpaceError(f"{source}: params.{INTERVAL_KEY}: [{lo}, {hi}] is within the space, and keeps only "
+                     f"{100 * ceiling:.1f}% of the development gold relations within reach of prediction (a trial "
+                     f"predicts only pairs inside its interval); a space may only sample intervals that keep at "
+                     f"least {100 * MIN_INTERVAL_CEILING:.0f}%{hint}")
 
 
 def check_against(space: SearchSpace, config: RunConfig) -> None:
@@ -528,4 +749,15 @@ def check_against(space: SearchSpace, config: RunConfig) -> None:
                     ("low" if value == param.low else "high")
                 raise SpaceError(f"{space.source}: params.{param.name}: {label} {value!r} is not a valid "
                                  f"{param.key}: {reason}") from None
-    space.max_t(config)
+    names = {p.name for p in space.params}
+    raw = config.dump()
+    for param in space.params:
+        for key, allowed in param.when:
+            for value in allowed if key not in names else ():
+                try:
+                    build_config(merge(raw, _nested(key, value)), "")
+                except ConfigError as error:
+                    reason = str(error).splitlines()[0].split(": ", 2)[-1]
+                    raise SpaceError(f"{space.source}: params.{param.name}: when: {{{key}: {_listed(allowed)}}}: "
+                                     f"{value!r} is not a valid {key}: {reason}") from None
+    space.grace_period(config)  # and max_t

@@ -17,6 +17,7 @@ MLflow runs are found again by tag and logging skips what is already there.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -30,11 +31,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import BaseModel, ConfigDict, InstanceOf, ValidationInfo, field_validator
 
 from drugprot.config import RunConfig, build_config
 from drugprot.errors import DrugprotError
 from drugprot.polling import poll
-from drugprot.tuning.space import SearchSpace, load_space, parse_space
+from drugprot.tuning.space import SearchSpace, parse_space
 
 STUDY_FILE = "drugprot-study.json"
 BEST_CONFIG = "best_config.yaml"
@@ -45,23 +47,107 @@ class StudyError(DrugprotError):
     """A study cannot start or resume; the message says why and what to do."""
 
 
-@dataclass(frozen=True)
-class Resources:
+class Resources(BaseModel):
     """Per-trial resources; fractional GPUs share a card (0.5 -> two trials per GPU)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     cpus: float = 1.0
     gpus: float = 0.0
 
-    def __post_init__(self):
-        if not self.cpus > 0:
-            raise StudyError(f"--cpus-per-trial must be > 0, got {self.cpus}")
-        if self.gpus < 0:
-            raise StudyError(f"--gpus-per-trial must be >= 0, got {self.gpus}")
-        if self.gpus > 1 and self.gpus != int(self.gpus):
-            raise StudyError(f"--gpus-per-trial above 1 must be a whole number, got {self.gpus}")
+    @field_validator("cpus")
+    @classmethod
+    def _some_cpu(cls, value: float) -> float:
+        if not value > 0:
+            raise StudyError(f"--cpus-per-trial must be > 0, got {value:g}")
+        return value
+
+    @field_validator("gpus")
+    @classmethod
+    def _whole_gpus_above_one(cls, value: float) -> float:
+        if value < 0:
+            raise StudyError(f"--gpus-per-trial must be >= 0, got {value:g}")
+        if value > 1 and value != int(value):
+            raise StudyError(f"--gpus-per-trial above 1 must be a whole number, got {value:g}")
+        return value
 
     def ray(self) -> dict[str, float]:
         return {"cpu": self.cpus, "gpu": self.gpus}
+
+
+class StudySearch(BaseModel):
+    """What a study searches (as Ray's ``TuneConfig``): the base run config, the search space (loaded against that
+    config: :func:`~drugprot.tuning.space.load_space`), how many trials, and how many at once at most. A resumed
+    study takes all of it from its own ``drugprot-study.json``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    config: InstanceOf[RunConfig]
+    space: InstanceOf[SearchSpace]
+    num_samples: int = 8
+    max_concurrent: int | None = None
+
+    @field_validator("num_samples", "max_concurrent")
+    @classmethod
+    def _some(cls, value: int | None, info: ValidationInfo) -> int | None:
+        return _at_least(value, 1, "--" + info.field_name.replace("_", "-"))
+
+
+def _at_least(value: int | None, low: int, option: str) -> int | None:
+    if value is not None and value < low:
+        raise StudyError(f"{option} must be >= {low}, got {value}")
+    return value
+
+
+class StudyRuntime(BaseModel):
+    """How a study runs (as Ray's ``RunConfig``): its name, where its state, MLflow runs and Optuna study live, the
+    Ray cluster and each trial's resources, and whether it resumes or only checks (``dry_run`` N: print N proposals).
+
+    ``storage``: folder or ``s3://…`` (default ``runs/tune``); ``tracking_uri``: MLflow (default ``sqlite:///mlflow.db``);
+    ``optuna_storage``: the Optuna study's database (default :func:`default_optuna_storage`); ``address``: None starts
+    a local Ray runtime (or reuses one initialised in this process), else ``auto``, ``HOST:PORT`` or
+    ``ray://HOST:PORT``; ``connect_timeout``: the wait for the tracking server and the cluster (default
+    ``DRUGPROT_CONNECT_TIMEOUT`` or 15 s)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    storage: str = DEFAULT_STORAGE
+    tracking_uri: str | None = None
+    optuna_storage: str | None = None
+    address: str | None = None
+    resources: Resources = Resources()
+    connect_timeout: float | None = None
+    resume: bool = False
+    dry_run: int | None = None
+
+    @field_validator("storage", mode="before")
+    @classmethod
+    def _path_text(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, os.PathLike) else (value or DEFAULT_STORAGE)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return check_name(value)
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str | None) -> str | None:
+        if value is not None and value != "auto" and _split_address(value) is None:
+            raise StudyError(f"--address {value!r}: expected auto, HOST:PORT or ray://HOST:PORT")
+        return value
+
+    @field_validator("dry_run")
+    @classmethod
+    def _count(cls, value: int | None) -> int | None:
+        return _at_least(value, 0, "--dry-run N: N")
+
+    @property
+    def timeout(self) -> float:
+        if self.connect_timeout is not None:
+            return self.connect_timeout
+        return float(os.environ.get("DRUGPROT_CONNECT_TIMEOUT", "15"))
 
 
 @dataclass
@@ -264,102 +350,83 @@ def trial_dirname(trial) -> str:
 
 # --- the study --------------------------------------------------------------------------------------------------------
 
-def tune_study(config: RunConfig | None, *, space: SearchSpace | str | os.PathLike | None, name: str,
-               num_samples: int = 8, max_concurrent: int | None = None, resources: Resources | None = None,
-               storage: str | os.PathLike | None = None, tracking_uri: str | None = None, address: str | None = None,
-               optuna_storage: str | None = None, resume: bool = False, connect_timeout: float | None = None,
-               dry_run: int | None = None, say: Callable[[str], None] | None = None) -> StudyResult | StudyPlan:
-    """Run (or resume) a study of ``num_samples`` trials; returns its MLflow records and outputs.
+def tune_study(search: StudySearch | None, runtime: StudyRuntime, *,
+               say: Callable[[str], None] | None = None) -> StudyResult | StudyPlan:
+    """Run (or resume) a study: ``search`` says what is searched, ``runtime`` how and where it runs; returns its
+    MLflow records and outputs.
 
-    ``config`` is the base run config and ``space`` a :class:`SearchSpace` or a space file; with ``resume`` both
-    come from the study's ``drugprot-study.json`` (pass None). Ray is started locally unless ``address`` names a
-    cluster (``auto``, ``HOST:PORT``, ``ray://HOST:PORT``) or Ray is already initialised in this process.
-    ``optuna_storage`` is the Optuna study's database URL (default :func:`default_optuna_storage`).
-    ``connect_timeout`` bounds the wait for the tracking server and the cluster (default: ``DRUGPROT_CONNECT_TIMEOUT``
-    or 15 s). With ``dry_run`` N, everything is checked (storage written to, tracking server and Optuna storage
-    reached, cluster joined) and a :class:`StudyPlan` with the first N proposed configurations is returned instead
-    of training.
+    With ``runtime.resume`` the search comes from the study's ``drugprot-study.json`` (pass None). With
+    ``runtime.dry_run`` N, everything is checked (storage written to, tracking server and Optuna storage reached,
+    cluster joined) and a :class:`StudyPlan` with the first N proposed configurations is returned instead of training.
     """
     from drugprot import mlflow_store, tracking
 
     say = say or (lambda message: print(message, flush=True))
-    name = check_name(name)
-    if address is not None and address != "auto" and _split_address(address) is None:
-        raise StudyError(f"--address {address!r}: expected auto, HOST:PORT or ray://HOST:PORT")
-    if dry_run is not None and dry_run < 0:
-        raise StudyError(f"--dry-run N: N must be >= 0, got {dry_run}")
-    storage = resolve_storage(storage)
+    name = runtime.name
+    storage = resolve_storage(runtime.storage)
     study_path = f"{storage}/{name}"
     study_file = f"{study_path}/{STUDY_FILE}"
 
     from ray import tune
 
-    if resume:
+    if runtime.resume:
         text = _read_text(study_file)
         if text is None or not tune.Tuner.can_restore(study_path):
             raise StudyError(f"--resume: no study {name!r} to resume in {storage} ({STUDY_FILE} or the Tune state is "
                              f"missing){_existing(storage)}")
         meta = json.loads(text)
-        if config is not None or space is not None:
+        if search is not None:
             say("note: --resume keeps the study's own config and space; --config/--space/--set are ignored")
         config = build_config(meta["config"], f"{study_file}: config")
-        space = parse_space(meta["space"], meta["space_source"], config)
-        num_samples, max_concurrent = meta["num_samples"], meta["max_concurrent"]
-        resources = Resources(**meta["resources"])
-        if tracking_uri is not None and mlflow_store.normalize_tracking_uri(tracking_uri) != meta["tracking_uri"]:
-            say(f"note: --resume logs to the study's tracking URI {meta['tracking_uri']}, not {tracking_uri}")
-        tracking_uri = meta["tracking_uri"]
-        if optuna_storage is not None and optuna_storage != meta["optuna_storage"]:
+        search = StudySearch(config=config, space=parse_space(meta["space"], meta["space_source"], config),
+                             num_samples=meta["num_samples"], max_concurrent=meta["max_concurrent"])
+        if runtime.tracking_uri is not None and \
+                mlflow_store.normalize_tracking_uri(runtime.tracking_uri) != meta["tracking_uri"]:
+            say(f"note: --resume logs to the study's tracking URI {meta['tracking_uri']}, not {runtime.tracking_uri}")
+        if runtime.optuna_storage is not None and runtime.optuna_storage != meta["optuna_storage"]:
             say(f"note: --resume keeps the study's Optuna storage {mask_url(meta['optuna_storage'])}")
-        optuna_storage = meta["optuna_storage"]
+        own = {"resources": Resources(**meta["resources"]), "tracking_uri": meta["tracking_uri"],
+               "optuna_storage": meta["optuna_storage"]}
     else:
-        if config is None or space is None:
+        if search is None:
             raise StudyError("a new study needs --config and --space")
-        if not isinstance(space, SearchSpace):
-            space = load_space(space, config)
-        if num_samples < 1:
-            raise StudyError(f"--num-samples must be >= 1, got {num_samples}")
-        if max_concurrent is not None and max_concurrent < 1:
-            raise StudyError(f"--max-concurrent must be >= 1, got {max_concurrent}")
-        resources = resources or Resources()
         if tune.Tuner.can_restore(study_path):
             raise StudyError(f"study {name!r} already exists in {storage}; pass --resume to continue it or choose "
                              f"another --name")
-        optuna_storage = optuna_storage or default_optuna_storage(storage, name)
+        own = {"optuna_storage": runtime.optuna_storage or default_optuna_storage(storage, name)}
         meta = {}
-    base = space.apply(config, {}, source="config with the space's fixed values")
+    runtime = runtime.model_copy(update={**own, "storage": storage})
+    space = search.space
+    base = space.apply(search.config, {}, source="config with the space's fixed values")
     max_t = space.max_t(base)
 
-    if connect_timeout is None:
-        connect_timeout = float(os.environ.get("DRUGPROT_CONNECT_TIMEOUT", "15"))
-    if dry_run is not None and not resume:
+    if runtime.dry_run is not None and not runtime.resume:
         check_storage_writable(study_path)
-    tracking_uri = mlflow_store.check_tracking_uri(tracking_uri, timeout=connect_timeout)
-    tracker = tracking.StudyTracker(tracking_uri, name)
+    runtime = runtime.model_copy(update={"tracking_uri": mlflow_store.check_tracking_uri(runtime.tracking_uri,
+                                                                                     timeout=runtime.timeout)})
+    tracker = tracking.StudyTracker(runtime.tracking_uri, name)
     found = tracker.find_study()
-    if not resume and found and found[1]:
-        raise StudyError(f"study {name!r} already exists in {tracking_uri} (experiment {found[0]}); pass --resume to "
-                         f"continue it or choose another --name")
-    check_optuna_storage(optuna_storage, name, resume=resume, create=dry_run is None)
+    if not runtime.resume and found and found[1]:
+        raise StudyError(f"study {name!r} already exists in {runtime.tracking_uri} (experiment {found[0]}); pass "
+                         f"--resume to continue it or choose another --name")
+    check_optuna_storage(runtime.optuna_storage, name, resume=runtime.resume, create=runtime.dry_run is None)
 
-    started = connect_ray(address, timeout=connect_timeout)
+    started = connect_ray(runtime.address, timeout=runtime.timeout)
     try:
-        _check_resources(resources, local=address is None, say=say)
-        at_once = concurrency(resources, max_concurrent=max_concurrent, num_samples=num_samples)
-        if dry_run is not None:
-            return StudyPlan(name=name, path=study_path, tracking_uri=tracking_uri,
-                             optuna_storage=mask_url(optuna_storage), num_samples=num_samples, resources=resources,
-                             concurrent=at_once, max_t=max_t, constant_liar=space.sampler.liar(at_once), resume=resume,
-                             configurations=proposals(space, base, dry_run, concurrent=at_once))
-        parent_params = _parent_params(base, space, num_samples=num_samples, max_concurrent=max_concurrent,
-                                       resources=resources, max_t=max_t)
-        parent_tags = {**tracking.versions(), tracking.TAG_SPACE: space.source, tracking.TAG_STORAGE: study_path,
-                       TAG_OPTUNA_STORAGE: mask_url(optuna_storage)}
-        experiment_id, parent_run_id = tracker.open_study(params=parent_params, tags=parent_tags, resume=resume)
-        if not resume:
+        _check_resources(runtime.resources, local=runtime.address is None, say=say)
+        at_once = concurrency(runtime.resources, max_concurrent=search.max_concurrent, num_samples=search.num_samples)
+        study = _Study(search=search, runtime=runtime, base=base, path=study_path, tracker=tracker, max_t=max_t,
+                       concurrent=at_once)
+        if runtime.dry_run is not None:
+            return plan(study)
+        experiment_id, parent_run_id = tracker.open_study(params=_parent_params(study), tags={
+            **tracking.versions(), tracking.TAG_SPACE: space.source, tracking.TAG_STORAGE: study_path,
+            TAG_OPTUNA_STORAGE: mask_url(runtime.optuna_storage)}, resume=runtime.resume)
+        if not runtime.resume:
             meta = {"name": name, "config": base.dump(), "space": space.raw, "space_source": space.source,
-                    "num_samples": num_samples, "max_concurrent": max_concurrent, "resources": asdict(resources),
-                    "tracking_uri": tracking_uri, "optuna_storage": optuna_storage, "experiment_id": experiment_id,
+                    "num_samples": search.num_samples, "max_concurrent": search.max_concurrent,
+                    "resources": runtime.resources.model_dump(), "tracking_uri": runtime.tracking_uri,
+                    "optuna_storage": runtime.optuna_storage, "experiment_id": experiment_id,
                     "parent_run_id": parent_run_id, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
             _write_text(study_file, json.dumps(meta, indent=1))
             with tempfile.TemporaryDirectory(prefix="drugprot-study-") as scratch:
@@ -367,22 +434,43 @@ def tune_study(config: RunConfig | None, *, space: SearchSpace | str | os.PathLi
                 (Path(scratch) / "config.yaml").write_text(yaml.safe_dump(base.dump(), sort_keys=False))
                 tracker.client.log_artifact(parent_run_id, str(Path(scratch) / "space.yaml"))
                 tracker.client.log_artifact(parent_run_id, str(Path(scratch) / "config.yaml"))
-        say(f"study {name}: {num_samples} trials of {space.source} over {', '.join(p.name for p in space.searched)}; "
-            f"{resources.cpus:g} CPU + {resources.gpus:g} GPU per trial, {at_once} at once; storage {study_path}; "
-            f"tracking {tracking_uri} (experiment {experiment_id}); Optuna {mask_url(optuna_storage)}")
+        resources = runtime.resources
+        say(f"study {name}: {search.num_samples} trials of {space.source} over "
+            f"{', '.join(p.name for p in space.searched)}; {resources.cpus:g} CPU + {resources.gpus:g} GPU per trial, "
+            f"{at_once} at once; storage {study_path}; tracking {runtime.tracking_uri} (experiment {experiment_id}); "
+            f"Optuna {mask_url(runtime.optuna_storage)}")
         clock = time.monotonic()
-        grid = _run(tune, base=base, space=space, name=name, storage=storage, study_path=study_path, resume=resume,
-                    num_samples=num_samples, max_concurrent=max_concurrent, resources=resources, tracker=tracker,
-                    max_t=max_t, optuna_storage=optuna_storage, concurrent=at_once)
-        complete = grid.num_terminated + grid.num_errors >= num_samples
-        return _close(grid, tracker=tracker, space=space, name=name, study_path=study_path, storage=storage,
-                      complete=complete, max_t=max_t, optuna_storage=optuna_storage, resources=resources,
-                      wall_s=time.monotonic() - clock, say=say)
+        grid = _run(tune, study)
+        complete = grid.num_terminated + grid.num_errors >= search.num_samples
+        return _close(grid, study, complete=complete, wall_s=time.monotonic() - clock, say=say)
     finally:
         if started:
             import ray
 
             ray.shutdown()
+
+
+@dataclass(frozen=True)
+class _Study:
+    """A study as it runs: its options (a resumed study's own; the runtime's storage, tracking URI and Optuna
+    storage resolved), the base config with the space's fixed values, its folder, its MLflow tracker, ASHA's budget
+    in evaluations and how many trials run at once."""
+
+    search: StudySearch
+    runtime: StudyRuntime
+    base: RunConfig
+    path: str
+    tracker: Any
+    max_t: int
+    concurrent: int
+
+    @property
+    def space(self) -> SearchSpace:
+        return self.search.space
+
+    @property
+    def name(self) -> str:
+        return self.runtime.name
 
 
 # --- checks and the dry run -------------------------------------------------------------------------------------------
@@ -405,7 +493,36 @@ class StudyPlan:
     max_t: int
     constant_liar: bool
     resume: bool
+    metric: str = ""  # what ASHA ranks trials by
+    epochs_per_eval: float = 0.0
+    rungs: list[float] = field(default_factory=list)  # evaluations at which ASHA may cut a trial
+    params: dict[str, str] = field(default_factory=dict)  # each parameter's distribution, conditions included
     configurations: list[dict[str, Any]] = field(default_factory=list)
+
+
+def plan(study: _Study) -> StudyPlan:
+    """The dry run's report of a checked study."""
+    space, base, runtime = study.space, study.base, study.runtime
+    return StudyPlan(name=study.name, path=study.path, tracking_uri=runtime.tracking_uri,
+                     optuna_storage=mask_url(runtime.optuna_storage), num_samples=study.search.num_samples,
+                     resources=runtime.resources, concurrent=study.concurrent, max_t=study.max_t,
+                     constant_liar=space.sampler.liar(study.concurrent), resume=runtime.resume,
+                     metric=space.scheduler.metric, epochs_per_eval=base.train.eval_every, rungs=space.rungs(base),
+                     params={p.name: p.describe() + _condition_in(p, space, base) for p in space.params},
+                     configurations=proposals(space, base, runtime.dry_run, concurrent=study.concurrent))
+
+
+def _condition_in(param, space: SearchSpace, base: RunConfig) -> str:
+    """For a condition on a key the space leaves to the config: whether the config meets it."""
+    names = {p.name for p in space.params}
+    notes = []
+    for key, allowed in param.when:
+        if key not in names:
+            value = base.dump()
+            for part in key.split("."):
+                value = value[part]
+            notes.append(f"the config's {key} is {value}: " + ("always sampled" if value in allowed else "never sampled"))
+    return f" ({'; '.join(notes)})" if notes else ""
 
 
 def default_optuna_storage(storage: str, name: str) -> str:
@@ -475,29 +592,42 @@ def check_storage_writable(study_path: str) -> None:
 
 def proposals(space: SearchSpace, base: RunConfig, count: int, *, concurrent: int) -> list[dict[str, Any]]:
     """The first ``count`` configurations the study's seeded sampler proposes (asked in batches of ``concurrent``,
-    as the study asks them), as the values that differ per trial."""
+    as the study asks them), as the values that differ per trial: the sampled ones and the trial's seed."""
     import optuna
 
     study = optuna.create_study(direction="maximize", sampler=space.sampler.tpe(
         seed=space.seed, startup_trials=space.startup_trials, concurrent=concurrent))
     out = []
-    for trial in (study.ask(space.optuna_distributions()) for _ in range(count)):
-        space.apply(base, trial.params, source=f"proposal {trial.number}")  # refused values fail here, not later
-        out.append({**trial.params})
+    for _ in range(count):
+        trial = study.ask()
+        values = space.suggest(trial, base.dump())
+        space.apply(base, values, source=f"proposal {trial.number}")  # refused values fail here, not later
+        out.append(values)
     return out
 
 
 def plan_text(plan: StudyPlan) -> str:
     """What ``drugprot tune --dry-run`` prints."""
+    evaluations = f"{plan.max_t} evaluations ({_epochs(plan.max_t, plan)})"
+    if plan.rungs:
+        cuts = ", ".join(f"{r:g} evaluations ({_epochs(r, plan)})" for r in plan.rungs)
+        asha = f"ASHA ranks trials by {plan.metric} over {evaluations} and may cut them at {cuts}"
+    else:
+        asha = f"ASHA ranks trials by {plan.metric} over {evaluations}; its first cut would come at the end: no cut"
     lines = [f"dry run of study {plan.name}" + (" (resume)" if plan.resume else "") + ": config, space, storage, "
              "tracking and Optuna storage checked; nothing trained",
              f"storage {plan.path} (writable); tracking {plan.tracking_uri}; Optuna {plan.optuna_storage}",
              f"{plan.num_samples} trials, {plan.resources.cpus:g} CPU + {plan.resources.gpus:g} GPU each; the cluster "
-             f"runs {plan.concurrent} at once (constant liar {'on' if plan.constant_liar else 'off'}); ASHA over "
-             f"{plan.max_t} evaluations"]
+             f"runs {plan.concurrent} at once (constant liar {'on' if plan.constant_liar else 'off'})", asha,
+             "parameters:"]
+    lines += [f"  {name}: {text}" for name, text in plan.params.items()]
     for number, values in enumerate(plan.configurations):
         lines.append(f"  proposal {number}: " + ", ".join(f"{k}={_short(v)}" for k, v in sorted(values.items())))
     return "\n".join(lines)
+
+
+def _epochs(evaluations: float, plan: StudyPlan) -> str:
+    return f"{evaluations * plan.epochs_per_eval:g} epochs"
 
 
 def _existing(storage: str) -> str:
@@ -507,37 +637,40 @@ def _existing(storage: str) -> str:
     return f"; studies there: {', '.join(names)}" if names else ""
 
 
-def _parent_params(base: RunConfig, space: SearchSpace, **study: Any) -> dict[str, Any]:
+def _parent_params(study: _Study) -> dict[str, Any]:
     from drugprot.tracking import flatten
 
-    params: dict[str, Any] = {f"study.{k}": v for k, v in study.items() if k != "resources"}
-    params.update({"study.cpus_per_trial": study["resources"].cpus, "study.gpus_per_trial": study["resources"].gpus})
+    space, search, resources = study.space, study.search, study.runtime.resources
+    params: dict[str, Any] = {"study.num_samples": search.num_samples, "study.max_concurrent": search.max_concurrent,
+                              "study.max_t": study.max_t, "study.cpus_per_trial": resources.cpus,
+                              "study.gpus_per_trial": resources.gpus}
     params.update({"space.file": space.source, "space.seed": space.seed, "space.startup_trials": space.startup_trials,
                    "space.max_failures": space.max_failures, "space.keep_checkpoints": space.keep_checkpoints,
-                   "space.checkpoint_every": space.checkpoint_every or "once per epoch"})
+                   "space.checkpoint_every": space.checkpoint_every or "once per epoch",
+                   "space.trial_seed": "train.seed" if space.sets_seed else "numpy SeedSequence((space.seed, trial number))"})
     params.update({f"space.scheduler.{k}": v for k, v in asdict(space.scheduler).items()})
+    params["space.scheduler.rungs"] = space.rungs(study.base)
     params.update({f"space.sampler.{k}": v for k, v in space.sampler.model_dump().items()})
     params.update({f"space.{p.name}": p.describe() for p in space.params})
-    params.update({f"config.{k}": v for k, v in flatten(base.dump()).items()})
+    params.update({f"config.{k}": v for k, v in flatten(study.base.dump()).items()})
     return params
 
 
-def _run(tune, *, base: RunConfig, space: SearchSpace, name: str, storage: str, study_path: str, resume: bool,
-         num_samples: int, max_concurrent: int | None, resources: Resources, tracker, max_t: int, optuna_storage: str,
-         concurrent: int):
+def _run(tune, study: _Study):
     from drugprot.tuning.callbacks import MlflowStudyCallback, ProgressTable
     from drugprot.tuning.trainable import FAULT_ENV, run_trial
 
+    space, base, runtime = study.space, study.base, study.runtime
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")  # keep the resumable state fresh (a few ms per save here)
     # With num_to_keep set, Tune snapshots the study after each trial checkpoint (what --resume wants) and warns.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    threads = max(1, int(resources.cpus))
+    threads = max(1, int(runtime.resources.cpus))
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=base.dump(), space=space, threads=threads,
                                                          fault_marker=os.environ.get(FAULT_ENV) or None,
                                                          checkpoint_every=space.checkpoint_every),
-                                    resources.ray())
-    if resume:
-        tuner = tune.Tuner.restore(study_path, trainable=trainable, resume_unfinished=True, restart_errored=True)
+                                    runtime.resources.ray())
+    if runtime.resume:
+        tuner = tune.Tuner.restore(study.path, trainable=trainable, resume_unfinished=True, restart_errored=True)
         return tuner.fit()
 
     import optuna
@@ -546,40 +679,42 @@ def _run(tune, *, base: RunConfig, space: SearchSpace, name: str, storage: str, 
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     # The Optuna study lives in a real database (not only in Tune's pickled searcher state), so optuna-dashboard
-    # and the plots read it, and a resumed searcher reconnects to it.
-    searcher = OptunaSearch(space=space.optuna_distributions(), metric="best_dev_f1", mode="max", study_name=name,
-                            storage=optuna.storages.RDBStorage(optuna_storage),
+    # and the plots read it, and a resumed searcher reconnects to it. The space is define-by-run: a conditional
+    # parameter is asked for only in the trials where its condition holds, and each trial gets its own seed.
+    searcher = OptunaSearch(space=functools.partial(space.suggest, config=base.dump()), metric="best_dev_f1",
+                            mode="max", study_name=study.name,
+                            storage=optuna.storages.RDBStorage(runtime.optuna_storage),
                             sampler=space.sampler.tpe(seed=space.seed, startup_trials=space.startup_trials,
-                                                      concurrent=concurrent))
-    scheduler = ASHAScheduler(time_attr="eval", metric=space.scheduler.metric, mode=space.scheduler.mode, max_t=max_t,
-                              grace_period=min(space.scheduler.grace_period, max_t),
+                                                      concurrent=study.concurrent))
+    scheduler = ASHAScheduler(time_attr="eval", metric=space.scheduler.metric, mode=space.scheduler.mode,
+                              max_t=study.max_t, grace_period=space.grace_period(base),
                               reduction_factor=space.scheduler.reduction_factor)
     # Checkpoints are the trials' resumable states (the best model is kept apart: drugprot.tuning.trainable), kept
     # by recency. One more than the space asks for: the experiment snapshot a killed driver leaves behind may still name the
     # previous checkpoint (Tune deletes it before the next snapshot), and --resume restores from that one.
     checkpoints = tune.CheckpointConfig(num_to_keep=space.keep_checkpoints + 1)
-    callbacks = [MlflowStudyCallback(tracker, space=space, base_config=base.dump(), max_t=max_t),
-                 ProgressTable(space=space, study=name, num_samples=num_samples, max_t=max_t)]
+    callbacks = [MlflowStudyCallback(study.tracker, space=space, base_config=base.dump(), max_t=study.max_t),
+                 ProgressTable(space=space, study=study.name, num_samples=study.search.num_samples, max_t=study.max_t)]
     tuner = tune.Tuner(
         trainable,
-        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=num_samples,
-                                    max_concurrent_trials=max_concurrent, reuse_actors=False,
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=study.search.num_samples,
+                                    max_concurrent_trials=study.search.max_concurrent, reuse_actors=False,
                                     trial_name_creator=trial_name, trial_dirname_creator=trial_dirname),
         run_config=tune.RunConfig(
-            name=name, storage_path=storage, callbacks=callbacks, verbose=0,
+            name=study.name, storage_path=runtime.storage, callbacks=callbacks, verbose=0,
             failure_config=tune.FailureConfig(max_failures=space.max_failures),
             checkpoint_config=checkpoints))
     return tuner.fit()
 
 
-def _close(grid, *, tracker, space: SearchSpace, name: str, study_path: str, storage: str, complete: bool, max_t: int,
-           optuna_storage: str, resources: Resources, wall_s: float, say: Callable[[str], None]) -> StudyResult:
+def _close(grid, study: _Study, *, complete: bool, wall_s: float, say: Callable[[str], None]) -> StudyResult:
     """Reconcile trial runs with Tune's results, log the study's cost, draw the plots from the Optuna study, write
     the trials table and the best config."""
     from drugprot import tracking
     from drugprot.tuning.cost import study_cost, trial_cost
     from drugprot.tuning.plots import load_optuna_study, write_plots
 
+    tracker, name, max_t, runtime = study.tracker, study.name, study.max_t, study.runtime
     known: set[str] = set()
     last_results: dict[str, dict] = {}
     for result in grid:
@@ -604,7 +739,7 @@ def _close(grid, *, tracker, space: SearchSpace, name: str, study_path: str, sto
         records = [r for r in records if r.trial_id in known]
 
     cost = study_cost([trial_cost(last_results.get(r.trial_id, {}), state=r.state) for r in records], max_t=max_t,
-                      device="GPU" if resources.gpus > 0 else "CPU", wall_s=wall_s)
+                      device="GPU" if runtime.resources.gpus > 0 else "CPU", wall_s=wall_s)
     tracker.log_totals(tracker.parent_run_id, {k: v for k, v in cost.items() if isinstance(v, (int, float))})
     plots: list[Path] = []
     best_config = None
@@ -615,7 +750,7 @@ def _close(grid, *, tracker, space: SearchSpace, name: str, study_path: str, sto
         table.write_text(tracking.trials_csv(records))
         artifacts[tracking.TRIALS_ARTIFACT] = table
         try:
-            files, plot_notes = write_plots(load_optuna_study(name, optuna_storage, close_running=complete),
+            files, plot_notes = write_plots(load_optuna_study(name, runtime.optuna_storage, close_running=complete),
                                             Path(scratch) / "plots")
         except Exception as error:  # noqa: BLE001 - plots never fail a finished study
             files, plot_notes = [], [f"plots not drawn ({type(error).__name__}: {error})"]
@@ -627,24 +762,25 @@ def _close(grid, *, tracker, space: SearchSpace, name: str, study_path: str, sto
             best_file = Path(scratch) / BEST_CONFIG
             best_file.write_text(text)
             artifacts[BEST_CONFIG] = best_file
-            local = Path(study_path) / BEST_CONFIG if not _is_remote(storage) else Path.cwd() / f"{name}-{BEST_CONFIG}"
+            remote = _is_remote(runtime.storage)
+            local = Path.cwd() / f"{name}-{BEST_CONFIG}" if remote else Path(study.path) / BEST_CONFIG
             local.parent.mkdir(parents=True, exist_ok=True)
             local.write_text(text)
             best_config = local
         tracker.finish_study(state="finished" if complete else "interrupted", best=best, artifacts=artifacts)
-        if not _is_remote(storage):
-            plot_dir = Path(study_path) / "plots"
+        if not _is_remote(runtime.storage):
+            plot_dir = Path(study.path) / "plots"
             plot_dir.mkdir(parents=True, exist_ok=True)
             for file in files:
                 (plot_dir / file.name).write_bytes(file.read_bytes())
                 plots.append(plot_dir / file.name)
-            (Path(study_path) / tracking.TRIALS_ARTIFACT).write_text(table.read_text())
+            (Path(study.path) / tracking.TRIALS_ARTIFACT).write_text(table.read_text())
     for note in notes:
         say(f"note: {note}")
-    return StudyResult(name=name, path=study_path, tracking_uri=tracker.tracking_uri,
+    return StudyResult(name=name, path=study.path, tracking_uri=tracker.tracking_uri,
                        experiment_id=tracker.experiment_id, parent_run_id=tracker.parent_run_id, complete=complete,
                        trials=records, best_config=best_config, plots=plots, notes=notes, cost=cost,
-                       optuna_storage=optuna_storage)
+                       optuna_storage=runtime.optuna_storage)
 
 
 def _reconcile(tracker, result, trial_id: str, *, max_t: int) -> None:
@@ -722,7 +858,7 @@ def summary_json(result: StudyResult) -> dict[str, Any]:
 
 def plan_json(plan: StudyPlan) -> dict[str, Any]:
     """What ``drugprot tune --dry-run --json`` prints."""
-    return {**asdict(plan), "resources": asdict(plan.resources)}
+    return {**asdict(plan), "resources": plan.resources.model_dump()}
 
 
 def _short(value: Any) -> str:
