@@ -219,6 +219,15 @@ def test_callback_logs_a_trial_from_start_to_early_stop(store, name, run_folder,
     assert "model" in {a.path for a in tracker.client.list_artifacts(record.run_id)}
 
 
+def test_trial_run_names_say_the_optuna_trial_and_its_values():
+    from drugprot.tuning.callbacks import run_name
+
+    assert run_name(7, {"train.lr": 3.1e-5, "loss.gamma": 1.8}) == "t07 lr=3.1e-5 γ=1.8"
+    assert run_name(12, {"model.system": "multitask", "loss.lambda": 0.25, "sampling.interval.lo": -9}) == \
+        "t12 system=multitask λ=0.25 lo=-9"
+    assert run_name(None, {"train.lr": 1e-3}) is None  # no Optuna trial: the run keeps the Ray trial id
+
+
 @pytest.mark.parametrize("stopped, last, state", [(False, 3, "finished"), (True, 4, "finished"),
                                                    (True, 2, "early-stopped"), (None, 4, "finished"),
                                                    (None, 1, "early-stopped")])

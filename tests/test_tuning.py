@@ -429,11 +429,12 @@ def test_dry_run_of_the_paper_space_shows_rungs_in_epochs_and_the_conditional_la
 @pytest.mark.slow
 def test_a_study_over_the_system_logs_lambda_only_for_multitask_trials(local_ray, store, tmp_path):
     """Conditional parameters through Optuna's define-by-run search: lambda is sampled, applied and logged only in
-    the trials whose system is multitask; every trial logs its own seed and its interval's recall ceiling."""
+    the trials whose system is multitask; every trial logs its own seed and its interval's recall ceiling; the
+    MLflow run is found from the Optuna trial and the reverse."""
     import optuna
 
     from drugprot.tuning.space import load_space
-    from drugprot.tuning.study import StudyRuntime, StudySearch, tune_study
+    from drugprot.tuning.study import OPTUNA_OBJECTIVE, StudyRuntime, StudySearch, tune_study
 
     space_file = tmp_path / "conditional.yaml"
     space_file.write_text("seed: 1\nparams:\n  model.system: {choice: [baseline, multitask]}\n"
@@ -460,6 +461,22 @@ def test_a_study_over_the_system_logs_lambda_only_for_multitask_trials(local_ray
     assert sorted(systems) == ["baseline", "multitask", "multitask"]  # the seeded sampler's first three
     study = optuna.load_study(study_name="conditional", storage=result.optuna_storage)
     assert sorted(("loss.lambda" in t.params) for t in study.trials) == [False, True, True]
+
+    # Optuna, Ray and MLflow name each other: the objective has its name, each Optuna trial the Ray trial, the MLflow
+    # run and the trial folder, and each MLflow run the Optuna trial and the storage
+    assert study.metric_names == [OPTUNA_OBJECTIVE]
+    by_run = {t.run_id: t for t in result.trials}
+    for optuna_trial in study.trials:
+        record = by_run[optuna_trial.user_attrs["mlflow_run_id"]]
+        assert optuna_trial.user_attrs["ray_trial_id"] == record.trial_id
+        assert Path(optuna_trial.user_attrs["trial_folder"]) == Path(result.path) / f"trial_{record.trial_id}"
+        assert record.tags[tracking.TAG_OPTUNA_TRIAL] == str(optuna_trial.number)
+        assert record.tags[tracking.TAG_OPTUNA_STORAGE] == result.optuna_storage
+        assert optuna.load_study(study_name="conditional", storage=record.tags[tracking.TAG_OPTUNA_STORAGE]).trials[
+            int(record.tags[tracking.TAG_OPTUNA_TRIAL])].user_attrs["mlflow_run_id"] == record.run_id
+        name = client.get_run(record.run_id).info.run_name
+        assert name.startswith(f"t{optuna_trial.number:02d} system={optuna_trial.params['model.system']}"), name
+        assert ("λ=" in name) == ("loss.lambda" in optuna_trial.params)
 
 
 @pytest.mark.slow

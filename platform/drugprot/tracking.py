@@ -28,14 +28,17 @@ Parent run (exactly one per experiment; run name ``NAME``)
            ``plots/optimization_history.{html,png}``, ``plots/param_importances.{html,png}``,
            ``plots/parallel_coordinate.{html,png}``.
 
-Child run (one per Ray trial; run name = the Ray trial id)
+Child run (one per Ray trial; run name ``tNN`` and its values, e.g. ``t07 lr=3.1e-5 γ=1.8``, NN the Optuna trial number)
     tags   ``mlflow.parentRunId`` (the parent's run id), ``drugprot.kind = trial``, ``drugprot.study``,
            ``drugprot.trial_id`` (Ray trial id), ``drugprot.seed`` (train.seed), ``drugprot.state`` (running /
            finished / early-stopped / errored), ``drugprot.params`` (JSON of the sampled values, typed),
            ``drugprot.config`` (JSON of the trial's full RunConfig, ``RunConfig.dump()``), ``drugprot.node_id``,
            ``drugprot.node_ip``, ``drugprot.pid`` (where it last ran), ``drugprot.starts`` (times a process started
            it), ``drugprot.failures`` (crashes retried), ``drugprot.resumed_from_eval``, ``drugprot.best_eval``,
-           ``drugprot.gpu_ids`` (the GPU ids Ray assigned the trial, comma-separated; empty without GPUs).
+           ``drugprot.gpu_ids`` (the GPU ids Ray assigned the trial, comma-separated; empty without GPUs),
+           ``drugprot.optuna_trial_number`` and ``drugprot.optuna_storage`` (the Optuna trial of the same study,
+           in the study's storage, password masked; the Optuna trial holds the user attributes ``ray_trial_id``,
+           ``mlflow_run_id`` and ``trial_folder`` in return).
     params the search-space parameters by name (``loss.gamma``, ``train.lr``, ``sampling.interval.lo``, …; a
            conditional one only where it was sampled) and ``train.seed`` (the trial's own seed).
     metrics at every evaluation, step = evaluation index (1, 2, …; one per half epoch by default):
@@ -91,6 +94,8 @@ TAG_SPACE = "drugprot.space"
 TAG_BEST_TRIAL = "drugprot.best_trial_id"
 TAG_BEST_RUN = "drugprot.best_run_id"
 TAG_STORAGE = "drugprot.storage"
+TAG_OPTUNA_STORAGE = "drugprot.optuna_storage"
+TAG_OPTUNA_TRIAL = "drugprot.optuna_trial_number"
 PARENT_TAG = "mlflow.parentRunId"
 
 KIND_STUDY = "study"
@@ -247,12 +252,14 @@ class StudyTracker:
                 self._runs[trial_id] = runs[0].info.run_id
         return self._runs.get(trial_id)
 
-    def start_trial(self, trial_id: str, *, params: dict[str, Any], config: dict[str, Any]) -> str:
-        """Get or create the child run of a trial, mark it running, count the start; returns its run id."""
+    def start_trial(self, trial_id: str, *, params: dict[str, Any], config: dict[str, Any],
+                    run_name: str | None = None) -> str:
+        """Get or create the child run of a trial (named ``run_name``, default the trial id), mark it running, count
+        the start; returns its run id."""
         run_id = self.trial_run(trial_id)
         seed = (config.get("train") or {}).get("seed")
         if run_id is None:
-            run = self.client.create_run(self.experiment_id, run_name=trial_id, tags={
+            run = self.client.create_run(self.experiment_id, run_name=run_name or trial_id, tags={
                 PARENT_TAG: self.parent_run_id, TAG_KIND: KIND_TRIAL, TAG_STUDY: self.study, TAG_TRIAL_ID: trial_id})
             run_id = run.info.run_id
             self._runs[trial_id] = run_id

@@ -15,9 +15,27 @@ from typing import Any
 
 from ray.tune import Callback
 
+from drugprot import tracking
 from drugprot.tracking import StudyTracker
 from drugprot.tuning.cost import trial_cost
-from drugprot.tuning.space import SEED_KEY
+from drugprot.tuning.space import OPTUNA_TRIAL_KEY, SEED_KEY
+
+
+#: Short labels of the usual parameters in run names (others: the last part of their key).
+LABELS = {"loss.gamma": "γ", "loss.lambda": "λ", "train.lr": "lr", "sampling.interval.lo": "lo",
+          "sampling.interval.hi": "hi"}
+
+
+def run_name(number: int | None, values: dict[str, Any]) -> str | None:
+    """A trial run's name: ``t07 lr=3.1e-5 γ=1.8`` (the Optuna trial number, then the searched values); None when
+    the number is unknown (the run is then named by its Ray trial id)."""
+    if number is None:
+        return None
+    parts = [f"t{number:02d}"]
+    for name, value in values.items():
+        text = f"{value:.2g}".replace("e-0", "e-").replace("e+0", "e+") if isinstance(value, float) else str(value)
+        parts.append(f"{LABELS.get(name, name.rsplit('.', 1)[-1])}={text}")
+    return " ".join(parts)
 
 
 def trial_state(*, error: bool, stopped_by_scheduler: bool | None, last_eval: int, max_t: int) -> str:
@@ -29,14 +47,47 @@ def trial_state(*, error: bool, stopped_by_scheduler: bool | None, last_eval: in
     return "finished" if last_eval >= max_t else "early-stopped"
 
 
-class MlflowStudyCallback(Callback):
-    """One MLflow child run per trial (nested under the study's parent run), written from Tune's events."""
+class OptunaLink:
+    """Writes the other side of the link between an MLflow trial run and its Optuna trial: user attributes on the
+    Optuna trial (``ray_trial_id``, ``mlflow_run_id``, ``trial_folder``), through Optuna's storage API."""
 
-    def __init__(self, tracker: StudyTracker, *, space, base_config: dict[str, Any], max_t: int):
+    def __init__(self, storage_url: str, study: str, *, shown: str):
+        self.storage_url = storage_url
+        self.study = study
+        self.shown = shown  # the URL as logs show it (password masked)
+        self._storage = None
+
+    def tags(self, number: int) -> dict[str, str]:
+        """The MLflow run's side: the Optuna trial number and the study's storage."""
+        return {tracking.TAG_OPTUNA_TRIAL: str(number), tracking.TAG_OPTUNA_STORAGE: self.shown}
+
+    def link(self, number: int, attributes: dict[str, str]) -> None:
+        import optuna
+
+        if self._storage is None:
+            self._storage = optuna.storages.RDBStorage(self.storage_url)
+        study_id = self._storage.get_study_id_from_name(self.study)
+        trial_id = self._storage.get_trial_id_from_study_id_trial_number(study_id, number)
+        if self._storage.get_trial(trial_id).state.is_finished():
+            return  # a resumed study restarting a trial that Optuna already closed: its attributes are there
+        for key, value in attributes.items():
+            self._storage.set_trial_user_attr(trial_id, key, value)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_storage": None}
+
+
+class MlflowStudyCallback(Callback):
+    """One MLflow child run per trial (nested under the study's parent run), written from Tune's events; with an
+    :class:`OptunaLink`, each run and its Optuna trial name each other."""
+
+    def __init__(self, tracker: StudyTracker, *, space, base_config: dict[str, Any], max_t: int,
+                 optuna: OptunaLink | None = None):
         self.tracker = tracker
         self.space = space
         self.base_config = base_config
         self.max_t = max_t
+        self.optuna = optuna
         self._stopped: dict[str, bool] = {}
         self._last_eval: dict[str, int] = {}
         self._closed: set[str] = set()
@@ -51,9 +102,17 @@ class MlflowStudyCallback(Callback):
         was sampled), and the trial's seed as the param ``train.seed`` too when the space derives it."""
         params = dict(trial.config)
         config = self.trial_config(params)
-        run_id = self.tracker.start_trial(trial.trial_id, params=self.space.values(params), config=config)
+        values = self.space.values(params)
+        number = params.get(OPTUNA_TRIAL_KEY)
+        run_id = self.tracker.start_trial(trial.trial_id, params=values, config=config,
+                                          run_name=run_name(number, {p.name: values[p.name] for p in self.space.searched
+                                                                     if p.name in values}))
         if not self.space.sets_seed:
             self.tracker.log_params(run_id, {SEED_KEY: config["train"]["seed"]})
+        if self.optuna is not None and number is not None:
+            self.tracker.set_tags(run_id, self.optuna.tags(number))
+            self.optuna.link(number, {"ray_trial_id": trial.trial_id, "mlflow_run_id": run_id,
+                                      "trial_folder": str(trial.path)})
         return run_id
 
     def on_trial_start(self, iteration, trials, trial, **info):

@@ -72,6 +72,8 @@ from drugprot.config import (ConfigError, RunConfig, build_config, config_keys, 
 KINDS = ("uniform", "loguniform", "int", "choice", "fixed")
 INTERVAL_KEY = "sampling.interval"
 SEED_KEY = "train.seed"
+#: Beside the values in a Tune trial's config: the trial's Optuna trial number (not a config key).
+OPTUNA_TRIAL_KEY = "optuna.trial_number"
 #: Metrics the trainable reports after every evaluation that a scheduler may rank trials by.
 SCHEDULER_METRICS = ("dev_f1", "best_dev_f1", "dev_precision", "dev_recall", "train_loss")
 

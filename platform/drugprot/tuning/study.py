@@ -25,6 +25,7 @@ import os
 import socket
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, InstanceOf, ValidationInfo, field_va
 from drugprot.config import RunConfig, build_config
 from drugprot.errors import DrugprotError
 from drugprot.polling import poll
-from drugprot.tuning.space import SearchSpace, parse_space
+from drugprot.tuning.space import OPTUNA_TRIAL_KEY, SearchSpace, parse_space
 
 STUDY_FILE = "drugprot-study.json"
 BEST_CONFIG = "best_config.yaml"
@@ -421,7 +422,7 @@ def tune_study(search: StudySearch | None, runtime: StudyRuntime, *,
             return plan(study)
         experiment_id, parent_run_id = tracker.open_study(params=_parent_params(study), tags={
             **tracking.versions(), tracking.TAG_SPACE: space.source, tracking.TAG_STORAGE: study_path,
-            TAG_OPTUNA_STORAGE: mask_url(runtime.optuna_storage)}, resume=runtime.resume)
+            tracking.TAG_OPTUNA_STORAGE: mask_url(runtime.optuna_storage)}, resume=runtime.resume)
         if not runtime.resume:
             meta = {"name": name, "config": base.dump(), "space": space.raw, "space_source": space.source,
                     "num_samples": search.num_samples, "max_concurrent": search.max_concurrent,
@@ -475,7 +476,6 @@ class _Study:
 
 # --- checks and the dry run -------------------------------------------------------------------------------------------
 
-TAG_OPTUNA_STORAGE = "drugprot.optuna_storage"
 OPTUNA_DB = "optuna.db"
 
 
@@ -656,8 +656,18 @@ def _parent_params(study: _Study) -> dict[str, Any]:
     return params
 
 
+#: What Optuna optimises, as optuna-dashboard names it: a trial's best dev F1 so far (its last value is the trial's).
+OPTUNA_OBJECTIVE = "best_dev_f1"
+
+
+def define_by_run(space: SearchSpace, config: dict[str, Any], trial) -> dict[str, Any]:
+    """OptunaSearch's define-by-run function: the space's values for one trial, and its Optuna trial number (the
+    MLflow callback links the two runs with it; no config key, so :meth:`SearchSpace.apply` ignores it)."""
+    return {**space.suggest(trial, config), OPTUNA_TRIAL_KEY: trial.number}
+
+
 def _run(tune, study: _Study):
-    from drugprot.tuning.callbacks import MlflowStudyCallback, ProgressTable
+    from drugprot.tuning.callbacks import MlflowStudyCallback, OptunaLink, ProgressTable
     from drugprot.tuning.trainable import FAULT_ENV, run_trial
 
     space, base, runtime = study.space, study.base, study.runtime
@@ -679,11 +689,16 @@ def _run(tune, study: _Study):
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     # The Optuna study lives in a real database (not only in Tune's pickled searcher state), so optuna-dashboard
-    # and the plots read it, and a resumed searcher reconnects to it. The space is define-by-run: a conditional
-    # parameter is asked for only in the trials where its condition holds, and each trial gets its own seed.
-    searcher = OptunaSearch(space=functools.partial(space.suggest, config=base.dump()), metric="best_dev_f1",
-                            mode="max", study_name=study.name,
-                            storage=optuna.storages.RDBStorage(runtime.optuna_storage),
+    # and the plots read it, and a resumed searcher reconnects to it. It is created here to name its objective.
+    storage = optuna.storages.RDBStorage(runtime.optuna_storage)
+    with warnings.catch_warnings():  # set_metric_names is experimental in Optuna
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.create_study(study_name=study.name, storage=storage, direction="maximize",
+                            load_if_exists=True).set_metric_names([OPTUNA_OBJECTIVE])
+    # The space is define-by-run: a conditional parameter is asked for only in the trials where its condition holds,
+    # and each trial gets its own seed.
+    searcher = OptunaSearch(space=functools.partial(define_by_run, space, base.dump()), metric=OPTUNA_OBJECTIVE,
+                            mode="max", study_name=study.name, storage=storage,
                             sampler=space.sampler.tpe(seed=space.seed, startup_trials=space.startup_trials,
                                                       concurrent=study.concurrent))
     scheduler = ASHAScheduler(time_attr="eval", metric=space.scheduler.metric, mode=space.scheduler.mode,
@@ -693,7 +708,9 @@ def _run(tune, study: _Study):
     # by recency. One more than the space asks for: the experiment snapshot a killed driver leaves behind may still name the
     # previous checkpoint (Tune deletes it before the next snapshot), and --resume restores from that one.
     checkpoints = tune.CheckpointConfig(num_to_keep=space.keep_checkpoints + 1)
-    callbacks = [MlflowStudyCallback(study.tracker, space=space, base_config=base.dump(), max_t=study.max_t),
+    callbacks = [MlflowStudyCallback(study.tracker, space=space, base_config=base.dump(), max_t=study.max_t,
+                                     optuna=OptunaLink(runtime.optuna_storage, study.name,
+                                                       shown=mask_url(runtime.optuna_storage))),
                  ProgressTable(space=space, study=study.name, num_samples=study.search.num_samples, max_t=study.max_t)]
     tuner = tune.Tuner(
         trainable,
