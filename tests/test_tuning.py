@@ -110,6 +110,30 @@ def test_bad_study_options(tmp_path, capsys, args, message):
     assert message in capsys.readouterr().err
 
 
+def test_study_options_are_two_typed_objects():
+    """What a study searches and how it runs are two pydantic objects: unknown keys and bad values are refused
+    where the object is built, with the message of the CLI option."""
+    from pydantic import ValidationError
+
+    from drugprot.tuning.space import load_space
+    from drugprot.tuning.study import Resources, StudyError, StudyRuntime, StudySearch
+
+    config = smoke_config()
+    space = load_space(SMOKE_SPACE, config)
+    with pytest.raises(StudyError, match=r"--max-concurrent must be >= 1, got 0"):
+        StudySearch(config=config, space=space, max_concurrent=0)
+    with pytest.raises(ValidationError, match=r"space\n  Input should be an instance of SearchSpace"):
+        StudySearch(config=config, space=str(SMOKE_SPACE))
+    with pytest.raises(ValidationError, match=r"storag\n  Extra inputs are not permitted"):
+        StudyRuntime(name="x", storag="runs")
+    with pytest.raises(StudyError, match=r"--dry-run N: N must be >= 0, got -1"):
+        StudyRuntime(name="x", dry_run=-1)
+    with pytest.raises(StudyError, match=r"--gpus-per-trial above 1 must be a whole number, got 1.5"):
+        Resources(gpus=1.5)
+    runtime = StudyRuntime(name="x", storage=Path("runs/elsewhere"), resources=Resources(cpus=2))
+    assert (runtime.storage, runtime.resources.ray()) == ("runs/elsewhere", {"cpu": 2.0, "gpu": 0.0})
+
+
 def dry_run(tmp_path, tracking_uri: str, *args: str, count: str = "3") -> list[str]:
     return ["tune", "--config", str(SMOKE_CONFIG), "--space", str(SMOKE_SPACE), "--name", "dry",
             "--storage", str(tmp_path / "storage"), "--tracking-uri", tracking_uri, "--dry-run", count, *args]
