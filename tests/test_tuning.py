@@ -468,7 +468,7 @@ def test_a_study_over_the_system_logs_lambda_only_for_multitask_trials(local_ray
     result = tune_study(search, StudyRuntime(name="conditional", storage=tmp_path / "storage", tracking_uri=store),
                         say=lambda _: None)
     assert result.complete and len(result.trials) == 3
-    client = tracking.client(result.tracking_uri)
+    client = mlflow_store.client(result.tracking_uri)
     systems = []
     for trial in result.trials:
         run = client.get_run(trial.run_id).data
