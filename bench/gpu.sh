@@ -187,11 +187,11 @@ summary = {"encoder": "all-MiniLM-L6-v2" if not dry else "tiny-random (dry run)"
            "precision": config.train.precision if torch.cuda.is_available() else "fp32 (CPU)",
            "calibration_pairs_per_s": pairs_per_s, "calibration_seconds": calibration_seconds, "train_seconds": seconds,
            "stopped_early": stopped, "best": best,
-           "evaluations": [{k: e[k] for k in ("eval", "epoch", "dev_precision", "dev_recall", "dev_f1", "train_loss",
+           "evaluations": [{k: e[k] for k in ("eval", "epoch", "dev_precision_all", "dev_recall_all", "dev_f1_all", "dev_f1_a", "train_loss",
                                                "pairs_per_s")} for e in evaluations]}
 (results / "train.json").write_text(json.dumps(summary, indent=1))
-print(f"  trained {evaluations[-1]['epoch']:g} epochs in {seconds:.0f} s; best dev F1 {best['dev_f1']:.4f} "
-      f"at epoch {best['epoch']:g}")
+print(f"  trained {evaluations[-1]['epoch']:g} epochs in {seconds:.0f} s; best on dev half A at epoch {best['epoch']:g}: "
+      f"whole dev F1 {best['dev_f1_all']:.4f}")
 PYEOF
 
 echo "== 1b. batch size: the old token-budget steps against configs/minilm.yaml's batch_pairs, same epochs"
@@ -241,15 +241,16 @@ for name, batch_pairs in (("old_budget_steps", old_pairs), ("batch_pairs", cfg.b
     result = train(load_config("configs/minilm.yaml", [*overrides, f"train.batch_pairs={batch_pairs}"]), run_dir,
                    progress=False, log=lambda m: print("    " + m, flush=True))
     rows[name] = {"batch_pairs": batch_pairs, "steps_per_epoch": result.evaluations[-1]["steps_per_epoch"],
-                  "best_dev_f1": result.best_f1, "best_epoch": result.best["epoch"],
-                  "last_dev_f1": result.evaluations[-1]["dev_f1"], "seconds": round(time.perf_counter() - started, 1)}
-    print(f"  {name}: {batch_pairs} pairs a step, {rows[name]['steps_per_epoch']} steps an epoch: best dev F1 "
-          f"{result.best_f1:.4f} at epoch {result.best['epoch']:g} ({rows[name]['seconds']:.0f} s)")
+                  "best_dev_f1_all": result.best["dev_f1_all"], "best_epoch": result.best["epoch"],
+                  "last_dev_f1_all": result.evaluations[-1]["dev_f1_all"], "seconds": round(time.perf_counter() - started, 1)}
+    print(f"  {name}: {batch_pairs} pairs a step, {rows[name]['steps_per_epoch']} steps an epoch: whole dev F1 "
+          f"{result.best['dev_f1_all']:.4f} at epoch {result.best['epoch']:g}, selected on half A "
+          f"({rows[name]['seconds']:.0f} s)")
 summary = {"bench": "batch_pairs", "encoder": "all-MiniLM-L6-v2" if not dry else "tiny-random (dry run)",
            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
            "epochs": cfg.epochs, "lr": cfg.lr, "train_pairs": len(pairs), **rows,
-           "f1_ratio_batch_pairs_over_old": round(rows["batch_pairs"]["best_dev_f1"]
-                                                  / max(rows["old_budget_steps"]["best_dev_f1"], 1e-9), 4)}
+           "f1_ratio_batch_pairs_over_old": round(rows["batch_pairs"]["best_dev_f1_all"]
+                                                  / max(rows["old_budget_steps"]["best_dev_f1_all"], 1e-9), 4)}
 (Path(os.environ["RESULTS"]) / "batch.json").write_text(json.dumps(summary, indent=1))
 print(json.dumps(summary))
 PYEOF
@@ -381,20 +382,20 @@ if train:
           f"interval {train['interval']}, {train['precision']}); "
           f"{train['epochs_planned']:g} epochs planned, {train['train_seconds']:.0f} s"
           + (" (stopped at the time limit)" if train["stopped_early"] else ""))
-    print(f"{'eval':>5}{'epoch':>7}{'dev P':>9}{'dev R':>9}{'dev F1':>9}{'loss':>9}{'pairs/s':>10}")
+    print(f"{'eval':>5}{'epoch':>7}{'dev P':>9}{'dev R':>9}{'dev F1':>9}{'F1 A':>9}{'loss':>9}{'pairs/s':>10}")
     for e in train["evaluations"]:
-        print(f"{e['eval']:>5}{e['epoch']:>7.2f}{e['dev_precision']:>9.4f}{e['dev_recall']:>9.4f}{e['dev_f1']:>9.4f}"
-              f"{e['train_loss']:>9.4f}{e['pairs_per_s']:>10.0f}")
+        print(f"{e['eval']:>5}{e['epoch']:>7.2f}{e['dev_precision_all']:>9.4f}{e['dev_recall_all']:>9.4f}"
+              f"{e['dev_f1_all']:>9.4f}{e['dev_f1_a']:>9.4f}{e['train_loss']:>9.4f}{e['pairs_per_s']:>10.0f}")
     best = train["best"]
-    print(f"best: dev F1 {best['dev_f1']:.4f} (P {best['dev_precision']:.4f}, R {best['dev_recall']:.4f}) "
-          f"at epoch {best['epoch']:g}\n")
+    print(f"best on dev half A at epoch {best['epoch']:g}: whole dev F1 {best['dev_f1_all']:.4f} "
+          f"(P {best['dev_precision_all']:.4f}, R {best['dev_recall_all']:.4f}; selected on A)\n")
 batch = part("batch.json")
 if batch:
     print(f"batch size ({batch['encoder']}, {batch['epochs']:g} epochs, lr {batch['lr']:g}, {batch['train_pairs']} pairs):")
     for name in ("old_budget_steps", "batch_pairs"):
         row = batch[name]
         print(f"  {name:<17}{row['batch_pairs']:>4} pairs a step {row['steps_per_epoch']:>6} steps an epoch   "
-              f"best dev F1 {row['best_dev_f1']:.4f} (epoch {row['best_epoch']:g})")
+              f"whole dev F1 {row['best_dev_f1_all']:.4f} (epoch {row['best_epoch']:g}, selected on A)")
     print(f"  dev F1 ratio, batch_pairs over the old steps: {batch['f1_ratio_batch_pairs_over_old']}\n")
 memory = part("memory.json")
 if memory:

@@ -213,7 +213,7 @@ def chaos_study(name: str, *, cluster: Cluster, env: dict, cwd: Path, storage: s
                 for run in runs:
                     pid = int(run.data.tags.get(tracking.TAG_PID, "0") or 0)
                     role = worker_sessions.get(session_of(pid)) if pid else None
-                    steps = [m.step for m in client.get_metric_history(run.info.run_id, "dev_f1")]
+                    steps = [m.step for m in client.get_metric_history(run.info.run_id, "dev_f1_a")]
                     running = run.data.tags.get(tracking.TAG_STATE) == "running"
                     # past it, not at it: a poll can miss the moment a fast trial reports exactly that evaluation
                     if role and running and max(steps, default=0) >= victim_eval:
@@ -228,7 +228,7 @@ def chaos_study(name: str, *, cluster: Cluster, env: dict, cwd: Path, storage: s
             else:
                 ended = [r for r in runs if r.data.tags.get(tracking.TAG_STATE) in ("finished", "early-stopped")]
                 running = [r for r in runs if r.data.tags.get(tracking.TAG_STATE) == "running"
-                           and client.get_metric_history(r.info.run_id, "dev_f1")]
+                           and client.get_metric_history(r.info.run_id, "dev_f1_a")]
                 victim = next(r for r in runs if r.data.tags[tracking.TAG_TRIAL_ID] == killed_raylet["trial"])
                 retried = int(victim.data.tags.get(tracking.TAG_STARTS, "1")) >= 2  # fault 1 handled first
                 # once every trial has started, waiting for more to end could outlast the study
@@ -321,7 +321,7 @@ def check(name: str, *, storage: str, tracking_uri: str, summary: dict, optuna_s
         for metric in tracking.EVAL_METRICS:
             steps = [m.step for m in client.get_metric_history(run.info.run_id, metric) if m.step > 0]
             duplicate_steps += len(steps) - len(set(steps))
-        logged = {m.step for m in client.get_metric_history(run.info.run_id, "dev_f1")}
+        logged = {m.step for m in client.get_metric_history(run.info.run_id, "dev_f1_a")}
         lost += len(reported.get(trial_id, set()) - logged)
     active_ids = {r.data.tags[tracking.TAG_TRIAL_ID] for r in active}
     lost += sum(len(evals) for trial_id, evals in reported.items() if trial_id not in active_ids)

@@ -171,10 +171,12 @@ def test_ensemble_folder_format(biased_ensemble, biased_members):
     assert meta["kind"] == "drugprot-ensemble" and meta["vote"] == "hard" and meta["interval"] == [-10, 16]
     assert meta["encoder"] == "tiny-random" and meta["execution"] == "loop"  # evaluated on CPU
     assert [m["name"] for m in meta["members"]] == ["m1-seed1", "m2-seed2", "m3-seed3"]
-    assert all(m["dev_f1"] == 0.0 and m["path"] == f"members/{m['name']}" for m in meta["members"])
+    assert all(m["dev_f1_a"] == 0.0 and m["path"] == f"members/{m['name']}" for m in meta["members"])
     dev = meta["dev"]
     assert set(dev["members"]) == {"m1-seed1", "m2-seed2", "m3-seed3"} and dev["ensemble"]["f1"] > 0
     assert dev["split"] == "development" and dev["documents"] == 10
+    assert meta["selection_seed"] == 0 and dev["halves"]["A"]["documents"] + dev["halves"]["B"]["documents"] == 10
+    assert set(dev["held_out_b"]["members"]) == set(dev["members"]) and 0.0 <= dev["held_out_b"]["ensemble"]["f1"] <= 1.0
     listed = json.loads((biased_ensemble / MANIFEST).read_text())["files"]
     on_disk = {p.relative_to(biased_ensemble).as_posix() for p in biased_ensemble.rglob("*") if p.is_file()} - {MANIFEST}
     assert set(listed) == on_disk
@@ -276,7 +278,7 @@ def test_ensemble_json_with_a_bad_vote_is_refused(ensemble_copy, biased_ensemble
 @dataclasses.dataclass
 class Record:  # the tuning contract's TrialRecord fields
     trial_id: str
-    best_dev_f1: float | None
+    best_dev_f1_a: float | None
     params: dict
     seed: int | None = None
     state: str = "finished"
@@ -531,17 +533,6 @@ def _halves_trials(docs):
             _trial("noise", docs, lambda i: 0.3 if i % 3 == 0 else 0.7)]
 
 
-def test_halves_hold_similar_relation_counts_and_follow_the_seed():
-    from drugprot.ensemble.selection import split_halves
-
-    docs = _documents(41)
-    a, b = split_halves(docs, seed=0)
-    assert sorted(d.pmid for d in a + b) == sorted(d.pmid for d in docs) and not {d.pmid for d in a} & {d.pmid for d in b}
-    assert abs(len(a) - len(b)) <= 1 and abs(sum(len(d.relations) for d in a) - sum(len(d.relations) for d in b)) <= 1
-    assert [d.pmid for d in split_halves(docs, seed=0)[0]] == [d.pmid for d in a]
-    assert [d.pmid for d in split_halves(docs, seed=1)[0]] != [d.pmid for d in a]
-
-
 def _scorer(trials, docs):
     from drugprot.ensemble.selection import Half, Scorer, align
 
@@ -590,7 +581,7 @@ def test_compare_chooses_on_a_and_reports_every_candidate_on_b():
     from drugprot.ensemble.selection import compare
 
     docs = _documents(40)
-    result = compare(_halves_trials(docs), docs, seed=0, select="greedy", top=2, max_size=4)
+    result = compare(_halves_trials(docs), docs, select="greedy", top=2, max_size=4)
     labels = [c.recipe.label for c in result.candidates]
     assert labels == ["best single trial", "top-2 by F1", "greedy", "greedy + margin", "greedy + margin + type thresholds",
                       "greedy + margin + type thresholds + multi-label"]
@@ -598,15 +589,56 @@ def test_compare_chooses_on_a_and_reports_every_candidate_on_b():
     assert {d.pmid for d in a.documents}.isdisjoint({d.pmid for d in b.documents})
     chosen = result.chosen
     assert chosen.recipe.label.startswith("greedy") and chosen.f1_a == max(c.f1_a for c in result.candidates[2:5])
-    assert chosen.b.f1 < 1.0  # perfect on A by luck (noise + second, hard): half B shows it
-    assert result.refit.label == chosen.recipe.label and result.refit_f1 == 1.0
-    from drugprot.ensemble.selection import Recipe, Scorer, align
-
-    on_b = Scorer(*align(_halves_trials(docs)), result.halves[1])
-    assert result.chosen_best_member_b == max(on_b.f1(Recipe("", {m: 1})) for m in chosen.recipe.members)
+    assert chosen.b.f1 < 1.0  # perfect on A by luck (noise + second, hard): half B shows it, and it is what is built
     table = result.as_dict()
     assert [c["label"] for c in table["candidates"]] == labels and sum(c["chosen"] for c in table["candidates"]) == 1
-    assert table["refit"]["held_out"] is False and "refit on the whole dev set" in result.table()
+    assert table["chosen"]["label"] == chosen.recipe.label and table["chosen"]["b"]["f1"] == round(chosen.b.f1, 6)
+    assert "refit" not in table and table["seed"] == 0 and "built as it is" in result.table()
+
+
+def _typed_documents(n: int) -> list:
+    """n documents, one gold relation each, its type cycling through three (so a permutation can change them)."""
+    from drugprot.corpus import Document, Entity, Relation
+
+    types = ("INHIBITOR", "ACTIVATOR", "SUBSTRATE")
+    entities = {"T1": Entity("T1", "CHEMICAL", 0, 7, "aspirin"), "T2": Entity("T2", "GENE-Y", 17, 21, "COX1")}
+    return [Document(f"{2000 + i}", "aspirin blocks COX1", "", entities, [Relation(types[i % 3], "T1", "T2")])
+            for i in range(n)]
+
+
+def test_half_b_figures_do_not_change_when_the_b_labels_are_permuted_before_selection():
+    """Selection on documents whose half-B gold types are permuted builds the same ensemble (members, weights, vote,
+    decision, every candidate), so its figures on the true half B are the same: no choice looked at B's labels."""
+    from drugprot.dev_halves import split_halves
+    from drugprot.ensemble.selection import Scorer, TrialProbabilities, align, compare
+
+    docs = _typed_documents(60)
+    generator = torch.Generator().manual_seed(7)
+    trials = [TrialProbabilities(f"t{t}", [(d.pmid, "T1", "T2") for d in docs],
+                                 torch.softmax(3 * torch.randn(len(docs), len(LABELS), generator=generator), -1))
+              for t in range(6)]
+    b_pmids = split_halves(docs, 0).b_pmids
+    b_types = [d.relations[0].type for d in docs if d.pmid in b_pmids]
+    shifted = iter(b_types[1:] + b_types[:1])  # every B document gets its neighbour's type
+    permuted = [dataclasses.replace(d, relations=[dataclasses.replace(d.relations[0], type=next(shifted))])
+                if d.pmid in b_pmids else d for d in docs]
+    assert sum(p.relations != d.relations for p, d in zip(permuted, docs)) > len(b_pmids) // 2
+
+    honest = compare(trials, docs, select="greedy", top=3, max_size=4, multi_label=True)
+    blind = compare(trials, permuted, select="greedy", top=3, max_size=4, multi_label=True)
+    assert {d.pmid for d in blind.halves[1].documents} == b_pmids  # the same split
+    assert [c.recipe for c in blind.candidates] == [c.recipe for c in honest.candidates]
+    assert blind.chosen.recipe == honest.chosen.recipe and blind.chosen.f1_a == honest.chosen.f1_a
+    on_true_b = Scorer(*align(trials), honest.halves[1])
+    assert on_true_b.score(blind.chosen.recipe) == honest.chosen.b
+
+    def recorded_choices(table):  # what ensemble.json records as the selection, less the figures scored on B
+        if isinstance(table, dict):
+            return {k: recorded_choices(v) for k, v in table.items() if k not in ("b", "multi_label_helps")}
+        return [recorded_choices(v) for v in table] if isinstance(table, list) else table
+
+    assert recorded_choices(blind.as_dict()) == recorded_choices(honest.as_dict())
+    assert [on_true_b.score(c.recipe) for c in blind.candidates] == [c.b for c in honest.candidates]
 
 
 def test_compare_refuses_probabilities_of_other_documents():
@@ -624,6 +656,7 @@ def test_compare_refuses_probabilities_of_other_documents():
 
 def test_training_stores_the_best_evaluations_dev_probabilities(smoke_members, dev_documents):
     from drugprot.candidates import corpus_candidates
+    from drugprot.dev_halves import split_halves
     from drugprot.inference import decode
     from drugprot.model.dev_probabilities import FILE, load_dev_probabilities
     from drugprot.scoring import score
@@ -635,9 +668,12 @@ def test_training_stores_the_best_evaluations_dev_probabilities(smoke_members, d
     candidates, _ = corpus_candidates(dev_documents, tuple(info["interval"]))
     assert stored.keys == [(c.pmid, c.chemical.id, c.gene.id) for c in candidates] and stored.labels == LABELS
     assert stored.probabilities.shape == (len(candidates), len(LABELS)) and stored.eval == best["eval"]
+    assert stored.selection_seed == 0 and stored.dev_f1_a == pytest.approx(best["dev_f1_a"])
     assert torch.allclose(stored.probabilities.sum(-1), torch.ones(len(candidates)), atol=1e-2)  # fp16 rows
     relations = decode(candidates, stored.probabilities[None])
-    assert score(dev_documents, [(r.pmid, r.type, r.chemical, r.gene) for r in relations]).f1 == pytest.approx(best["dev_f1"], abs=1e-3)
+    predicted = [(r.pmid, r.type, r.chemical, r.gene) for r in relations]
+    assert score(dev_documents, predicted).f1 == pytest.approx(best["dev_f1_all"], abs=1e-3)
+    assert score(split_halves(dev_documents, 0).a, predicted).f1 == pytest.approx(best["dev_f1_a"], abs=1e-3)
 
 
 def test_foreign_or_broken_probability_files_are_refused(tmp_path):
@@ -694,9 +730,13 @@ def test_early_exit_on_real_members_does_what_its_replay_says(biased_members, de
 def test_build_records_the_calibrated_early_exit_and_predict_uses_it(biased_ensemble, dev_documents, tmp_path, capsys):
     from drugprot.inference import EXIT_AGREEMENT
 
+    from drugprot.dev_halves import split_halves
+
     calibrated = json.loads((biased_ensemble / "ensemble.json").read_text())["early_exit"]
     assert calibrated["agreement"] >= EXIT_AGREEMENT and calibrated["relations"] > 0
     assert 0 < calibrated["member_pair_share"] <= 1 and calibrated["pairs"] > 0
+    on_a = Predictor.from_path(biased_ensemble, device="cpu").candidates(list(split_halves(dev_documents, 0).a))
+    assert calibrated["pairs"] == len(on_a)  # calibrated on half A's pairs only: half B stays held out
     predictor = Predictor.from_path(biased_ensemble, device="cpu", early_exit="calibrated")
     assert predictor.early_exit == calibrated["confidence"]
     out = tmp_path / "p.tsv"

@@ -123,6 +123,7 @@ def test_ensemble_run_is_logged_with_member_and_ensemble_metrics(registered, sto
     metrics = run.data.metrics
     assert metrics["dev_f1"] > 0 and "dev_f1.INHIBITOR" in metrics
     assert {"member_dev_f1.m1-seed1", "member_dev_f1.m2-seed2", "member_dev_f1.m3-seed3"} <= set(metrics)
+    assert {"dev_f1_b", "member_dev_f1_b.m1-seed1", "member_trial_f1_a.m1-seed1"} <= set(metrics)
     assert run.data.params["vote"] == "hard" and run.data.params["members"] == "3"
     assert 0.5 <= metrics["early_exit_confidence"] < 1 and metrics["early_exit_agreement"] >= 0.999
     assert 0 < metrics["early_exit_member_pair_share"] <= 1
@@ -543,10 +544,12 @@ def test_study_to_champion_to_predictions(smoke_study, tmp_path, capsys):
     trials = tracking.study_trials("smk", uri)
     assert len(trials) == 3  # the ensemble run is not counted as a trial
     assert [m["source"]["trial_id"] for m in meta["members"]] == [t.trial_id for t in trials]
-    assert [m["dev_f1"] for m in meta["members"]] == [t.best_dev_f1 for t in trials]
+    assert [m["dev_f1_a"] for m in meta["members"]] == [t.best_dev_f1_a for t in trials]
+    assert meta["selection_seed"] == 0
     ensemble_runs = mlflow_store.client(mlflow_store.normalize_tracking_uri(uri)).search_runs(
         [tracking.study_experiment("smk", uri)], "tags.`drugprot.kind` = 'ensemble'")
     assert len(ensemble_runs) == 1 and ensemble_runs[0].data.tags.get("mlflow.parentRunId")
+    assert ensemble_runs[0].data.metrics["dev_f1_b"] == pytest.approx(meta["dev"]["held_out_b"]["ensemble"]["f1"])
     pred = tmp_path / "pred.tsv"
     assert main(["predict", "--model", "models:/smk-ens@champion", "--tracking-uri", uri, "--data", str(SAMPLE_DIR),
                  "--out", str(pred), "--device", "cpu"]) == 0
@@ -586,7 +589,7 @@ def test_study_reseed(smoke_study, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_study_greedy_json_prints_the_half_b_table_and_builds_the_refit(smoke_study, tmp_path, capsys):
+def test_study_greedy_json_prints_the_half_b_table_and_builds_the_recipe_chosen_on_a(smoke_study, tmp_path, capsys):
     out = tmp_path / "greedy"
     assert main(["ensemble", "--study", "smk", "--select", "greedy", "--json", "--quiet", "--tracking-uri", smoke_study.uri,
                  "--out", str(out), "--device", "cpu", "--no-log", "--max-size", "4"]) == 0
@@ -600,16 +603,17 @@ def test_study_greedy_json_prints_the_half_b_table_and_builds_the_refit(smoke_st
         assert set(candidate["b"]) == {"precision", "recall", "f1", "tp", "fp", "fn"} and 0 <= candidate["f1_a"] <= 1
         assert 1 <= candidate["votes"] <= 4 and candidate["members"]
     halves = selection["halves"]
-    assert halves["A"]["documents"] + halves["B"]["documents"] == 10 and selection["refit"]["held_out"] is False
-    assert "Chosen on A, scored on B" in captured.err and "refit on the whole dev set" in captured.err
+    assert halves["A"]["documents"] + halves["B"]["documents"] == 10 and selection["held_out"] == "B"
+    assert "Chosen on A, scored on B" in captured.err and "B columns are held out" in captured.err
     meta = json.loads((out / "ensemble.json").read_text())
     assert meta["selection"] == selection and meta["source"]["selection"] == "greedy"
-    assert [(m["name"], m["weight"]) for m in meta["members"]] == [
-        (m["trial"], m["weight"]) for m in selection["refit"]["members"]]
-    # the stored probabilities and the one inference path agree on the refit recipe's dev F1
-    assert summary["dev"]["ensemble"]["f1"] == pytest.approx(selection["refit"]["dev_f1"], abs=0.02)
+    chosen = selection["chosen"]
+    assert [(m["name"], m["weight"]) for m in meta["members"]] == [(m["trial"], m["weight"]) for m in chosen["members"]]
+    # the stored probabilities and the one inference path agree on the chosen recipe's half-B F1
+    assert summary["dev"]["held_out_b"]["ensemble"]["f1"] == pytest.approx(chosen["b"]["f1"], abs=0.02)
+    assert meta["dev"]["halves"] == {"seed": 0, **halves}
     predictor = Predictor.from_ensemble(out, device="cpu")
-    assert predictor.decision.as_dict() == selection["refit"]["decision"] and predictor.vote_mode == selection["refit"]["vote"]
+    assert predictor.decision.as_dict() == chosen["decision"] and predictor.vote_mode == chosen["vote"]
 
 
 @pytest.mark.slow

@@ -40,13 +40,14 @@ def run_folder(tmp_path, smoke_model_dir) -> Path:
     folder = tmp_path / "run"
     shutil.copytree(smoke_model_dir, folder / "model")
     (folder / "metrics.json").write_text(json.dumps({"evaluations": [], "best": {
-        "eval": 2, "dev_f1": 0.5, "dev_per_type": {"INHIBITOR": 0.6, "AGONIST": 0.0}}}))
+        "eval": 2, "dev_f1_a": 0.5, "dev_f1_all": 0.4, "dev_per_type": {"INHIBITOR": 0.6, "AGONIST": 0.0}}}))
     (folder / "config.yaml").write_text("train:\n  seed: 7\n")
     return folder
 
 
 def evaluation(step: int, f1: float) -> dict:
-    return {"eval": step, "dev_f1": f1, "dev_precision": f1, "dev_recall": f1, "best_dev_f1": f1, "train_loss": 1.0,
+    return {"eval": step, "dev_f1_a": f1, "dev_precision_a": f1, "dev_recall_a": f1, "best_dev_f1_a": f1,
+            "dev_f1_all": f1, "dev_precision_all": f1, "dev_recall_all": f1, "train_loss": 1.0,
             "lr": 1e-3, "epoch": step / 2, "pairs_per_s": 10.0, "node_id": "n1", "node_ip": "10.0.0.1", "pid": 123,
             "resumed_from_eval": 0}
 
@@ -112,7 +113,7 @@ def test_evaluations_are_logged_once_per_step(store, name):
     fresh.attach(tracker.experiment_id, tracker.parent_run_id)
     assert not fresh.log_evaluation(run_id, evaluation(1, 0.1))
     assert fresh.log_evaluation(run_id, evaluation(3, 0.3))
-    history = tracker.client.get_metric_history(run_id, "dev_f1")
+    history = tracker.client.get_metric_history(run_id, "dev_f1_a")
     assert sorted(m.step for m in history) == [1, 2, 3]
     tags = tracker.client.get_run(run_id).data.tags
     assert (tags[tracking.TAG_NODE_IP], tags[tracking.TAG_PID]) == ("10.0.0.1", "123")
@@ -145,10 +146,10 @@ def test_finished_trials_are_read_back_best_first(store, name, run_folder, tmp_p
     records = tracking.study_trials(name, store)
     assert [r.trial_id for r in records] == ["t2", "t1", "t3"]
     best = records[0]
-    assert (best.best_dev_f1, best.seed, best.state, best.run_id) == (0.5, 2, "finished", runs["t2"])
+    assert (best.best_dev_f1_a, best.seed, best.state, best.run_id) == (0.5, 2, "finished", runs["t2"])
     assert best.params == {"loss.gamma": 1.0, "sampling.interval.lo": -3}
     assert best.config["train"]["seed"] == 2 and best.tags[tracking.PARENT_TAG] == tracker.parent_run_id
-    assert records[2].best_dev_f1 is None and records[2].state == "errored"
+    assert records[2].best_dev_f1_a is None and records[2].state == "errored"
     assert tracker.client.get_run(runs["t3"]).info.status == "FAILED"
     artifacts = {a.path for a in tracker.client.list_artifacts(best.run_id)}
     assert {"model", "config.yaml", "metrics.json", "per_type.csv"} <= artifacts
@@ -170,7 +171,7 @@ def test_trials_csv_has_one_row_per_trial():
     records = [tracking.TrialRecord("r1", "t1", 0.5, {"a": 1, "b": [1, 2]}, 3, {}, "finished"),
                tracking.TrialRecord("r2", "t2", None, {"a": 2}, None, {}, "errored")]
     lines = tracking.trials_csv(records).splitlines()
-    assert lines[0] == "trial_id,run_id,state,best_dev_f1,seed,a,b,node_ip,failures"
+    assert lines[0] == "trial_id,run_id,state,best_dev_f1_a,seed,a,b,node_ip,failures"
     assert lines[1].startswith("t1,r1,finished,0.5,3,1,") and lines[2].startswith("t2,r2,errored,,,2,")
 
 
@@ -244,8 +245,8 @@ def test_progress_table_lists_params_and_best():
 
     space = load_space(REPO / "search_spaces" / "smoke.yaml", smoke_config())
     trials = [fake_trial("t1", {"loss.gamma": 1.0, "train.lr": 0.01}), fake_trial("t2", {"loss.gamma": 2.0}, status="TERMINATED")]
-    trials[0].last_result = {"eval": 2, "best_dev_f1": 0.25}
-    trials[1].last_result = {"eval": 4, "best_dev_f1": 0.5}
+    trials[0].last_result = {"eval": 2, "best_dev_f1_a": 0.25}
+    trials[1].last_result = {"eval": 4, "best_dev_f1_a": 0.5}
     table = render_table(trials, {"t2": "finished"}, space, "demo", 4, 4)
     lines = table.splitlines()
     assert lines[0] == "[demo] 1/4 done, 1 running; best dev F1 0.5000 (t2)"
@@ -260,7 +261,7 @@ def test_progress_table_of_a_long_study_shows_running_and_best_trials():
     space = load_space(REPO / "search_spaces" / "smoke.yaml", smoke_config())
     trials = [fake_trial(f"t{i:02d}", {"loss.gamma": 1.0}, status="TERMINATED") for i in range(20)]
     for i, trial in enumerate(trials):
-        trial.last_result = {"eval": 4, "best_dev_f1": i / 100}
+        trial.last_result = {"eval": 4, "best_dev_f1_a": i / 100}
     trials[0].status = "RUNNING"
     lines = render_table(trials, {}, space, "long", 20, 4).splitlines()
     shown = [line.split()[0] for line in lines[2:-1]]

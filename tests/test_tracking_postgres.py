@@ -56,11 +56,11 @@ def test_every_reported_metric_arrives_in_postgres(study, server_on_postgres):
     assert result.complete and len(result.trials) == 4
     total = 0
     for record in result.trials:
-        reported = [r for r in _reported(storage, record.trial_id) if "dev_f1" in r]
-        logged = sorted(client.get_metric_history(record.run_id, "dev_f1"), key=lambda m: m.step)
+        reported = [r for r in _reported(storage, record.trial_id) if "dev_f1_a" in r]
+        logged = sorted(client.get_metric_history(record.run_id, "dev_f1_a"), key=lambda m: m.step)
         assert [m.step for m in logged] == [r["eval"] for r in reported], record.trial_id
-        assert [m.value for m in logged] == pytest.approx([r["dev_f1"] for r in reported]), record.trial_id
-        for name in ("dev_precision", "dev_recall", "train_loss"):
+        assert [m.value for m in logged] == pytest.approx([r["dev_f1_a"] for r in reported]), record.trial_id
+        for name in ("dev_precision_a", "dev_recall_a", "dev_f1_all", "train_loss"):
             assert len(client.get_metric_history(record.run_id, name)) == len(reported), (record.trial_id, name)
         total += len(reported)
     assert total >= 4 + 3  # four trials, at least one ran past its first evaluation

@@ -38,9 +38,38 @@ def test_reference_run_layout(reference_run):
     assert load_config(run / "config.yaml").model_dump() == smoke_config(**SMALL).model_dump()
     saved = json.loads((run / "metrics.json").read_text())
     assert saved["evaluations"] == reference_run.evaluations and saved["best"] == reference_run.best
-    assert reference_run.best["dev_f1"] == max(e["dev_f1"] for e in reference_run.evaluations)
+    assert reference_run.best["dev_f1_a"] == max(e["dev_f1_a"] for e in reference_run.evaluations)
+    assert saved["dev_halves"]["seed"] == 0 and saved["dev_halves"]["A"]["documents"] == 2  # of SMALL's 4
     for e in reference_run.evaluations:
-        assert 0.0 <= e["dev_f1"] <= 1.0 and e["train_loss"] > 0 and e["pairs_per_s"] > 0
+        assert 0.0 <= e["dev_f1_a"] <= 1.0 and 0.0 <= e["dev_f1_all"] <= 1.0 and e["train_loss"] > 0 and e["pairs_per_s"] > 0
+        assert not any(key.endswith("_b") for key in e)  # half B is held out of every evaluation's metrics
+
+
+def test_the_stored_checkpoint_is_the_first_best_on_dev_half_a(reference_run, sample_dir):
+    """The model folder, its record and its dev probabilities all come from the evaluation best on half A, and
+    decoding those probabilities gives back that evaluation's half-A and whole-set F1 and the recorded half-B F1."""
+    from drugprot.candidates import corpus_candidates
+    from drugprot.corpus import read_split
+    from drugprot.dev_halves import score_halves, split_halves
+    from drugprot.encoding import LABELS
+    from drugprot.inference import decode
+    from drugprot.model.dev_probabilities import FILE, load_dev_probabilities
+
+    evaluations = reference_run.evaluations
+    a_best = max(evaluations, key=lambda e: (e["dev_f1_a"], -e["eval"]))
+    assert reference_run.best["eval"] == a_best["eval"]
+    info = json.loads((reference_run.model_dir / "drugprot.json").read_text())
+    assert info["dev"]["eval"] == a_best["eval"] and info["dev"]["dev_f1_a"] == a_best["dev_f1_a"]
+    stored = load_dev_probabilities(reference_run.run_dir / FILE)
+    assert (stored.eval, stored.selection_seed) == (a_best["eval"], 0)
+    dev = read_split(sample_dir, "development").documents[:4]
+    candidates, _ = corpus_candidates(dev, tuple(info["interval"]))
+    assert stored.keys == [(c.pmid, c.chemical.id, c.gene.id) for c in candidates] and stored.labels == LABELS
+    predicted = [(r.pmid, r.type, r.chemical, r.gene) for r in decode(candidates, stored.probabilities[None])]
+    scores = score_halves(split_halves(dev, 0), predicted)
+    assert scores["a"].f1 == pytest.approx(a_best["dev_f1_a"], abs=1e-3)
+    assert scores["all"].f1 == pytest.approx(a_best["dev_f1_all"], abs=1e-3)
+    assert scores["b"].f1 == pytest.approx(info["dev"]["dev_f1_b"], abs=1e-3)
 
 
 def test_same_seed_same_metrics(tmp_path, reference_run):
@@ -111,7 +140,7 @@ def test_resumable_state_is_written_every_checkpoint_every_evaluations_and_at_th
     assert [r["eval"] for r in reports if r["state_saved"]] == states
     for r in reports:  # the state on disk is always the latest saved one
         assert r["state_evals"] == max((s for s in states if s <= r["eval"]), default=0)
-    best_so_far = [max(e["dev_f1"] for e in result.evaluations[: i + 1]) for i in range(len(result.evaluations))]
+    best_so_far = [max(e["dev_f1_a"] for e in result.evaluations[: i + 1]) for i in range(len(result.evaluations))]
     improved = [r["eval"] for r in reports if r["model_saved"]]
     assert improved == [1] + [i + 1 for i in range(1, len(best_so_far)) if best_so_far[i] > best_so_far[i - 1]]
 
@@ -146,7 +175,7 @@ def test_report_sees_every_evaluation_with_a_consistent_run_dir(tmp_path):
 
     def report(metrics, run_dir):
         run_dir = Path(run_dir)
-        assert "dev_f1" in metrics and {"dev_precision", "dev_recall", "step", "epoch", "train_loss"} <= set(metrics)
+        assert {"dev_f1_a", "dev_precision_a", "dev_recall_a", "dev_f1_all", "step", "epoch", "train_loss"} <= set(metrics)
         assert (run_dir / "model" / "model.safetensors").is_file()
         on_disk = json.loads((run_dir / "metrics.json").read_text())
         assert on_disk["evaluations"][-1] == metrics

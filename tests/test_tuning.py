@@ -58,7 +58,7 @@ def drugprot_cmd(*args: str) -> list[str]:
 
 
 def dev_f1_steps(client, run_id: str) -> list[int]:
-    return sorted(m.step for m in client.get_metric_history(run_id, "dev_f1"))
+    return sorted(m.step for m in client.get_metric_history(run_id, "dev_f1_a"))
 
 
 def process_alive(pid: int) -> bool:
@@ -248,7 +248,7 @@ def test_local_study_tracks_every_trial_and_asha_stops_some(local_study):
         steps = dev_f1_steps(client, trial.run_id)
         assert steps == list(range(1, len(steps) + 1)), steps  # every evaluation once, step = evaluation index
         assert (len(steps) == 4) == (trial.state == "finished")
-        assert trial.best_dev_f1 == pytest.approx(max(m.value for m in client.get_metric_history(trial.run_id, "dev_f1")))
+        assert trial.best_dev_f1_a == pytest.approx(max(m.value for m in client.get_metric_history(trial.run_id, "dev_f1_a")))
         # the smoke space fixes the seed; lambda (multitask only) is neither sampled nor logged in a baseline study
         assert trial.seed == trial.config["train"]["seed"] == 13
         assert set(trial.params) == {"loss.gamma", "train.lr", "sampling.interval.lo", "sampling.interval.hi",
@@ -268,7 +268,7 @@ def test_local_study_tracks_every_trial_and_asha_stops_some(local_study):
     parent = parents[0]
     assert parent.data.tags[tracking.TAG_STATE] == "finished" and parent.data.tags["ray.version"]
     assert parent.data.params["study.num_samples"] == "4" and parent.data.params["config.train.epochs"] == "2.0"
-    assert parent.data.metrics["best_dev_f1"] == pytest.approx(result.trials[0].best_dev_f1)
+    assert parent.data.metrics["best_dev_f1_a"] == pytest.approx(result.trials[0].best_dev_f1_a)
     assert any(line.startswith("study local: 4 trials") for line in local_study["lines"])
 
 
@@ -310,7 +310,7 @@ def test_local_study_keeps_its_optuna_study_in_sqlite(local_study):
     study = optuna.load_study(study_name="local", storage=storage)
     assert [t.state.name for t in study.trials] == ["COMPLETE"] * 4
     by_values = sorted(round(t.value, 6) for t in study.trials)
-    assert by_values == sorted(round(t.best_dev_f1, 6) for t in result.trials)
+    assert by_values == sorted(round(t.best_dev_f1_a, 6) for t in result.trials)
     by_params = {tuple(sorted(t.params.items())): t for t in study.trials}
 
     def searched(record) -> tuple:  # the space's fixed seed is logged with the trial, but is no Optuna parameter
@@ -320,7 +320,7 @@ def test_local_study_keeps_its_optuna_study_in_sqlite(local_study):
     client = local_study["client"]
     for record in result.trials:
         optuna_trial = by_params[searched(record)]
-        assert optuna_trial.value == pytest.approx(record.best_dev_f1)
+        assert optuna_trial.value == pytest.approx(record.best_dev_f1_a)
         # dev F1 of every evaluation but the one ASHA stopped on (Tune hands that one to on_trial_complete only)
         assert len(optuna_trial.intermediate_values) >= len(dev_f1_steps(client, record.run_id)) - 1
     assert f"Optuna study: optuna-dashboard {storage}" in summary(result)
@@ -338,7 +338,7 @@ def test_local_study_writes_plots_trials_table_and_best_config(local_study):
     top = {a.path for a in client.list_artifacts(result.parent_run_id)}
     assert {"space.yaml", "config.yaml", "trials.csv", "best_config.yaml"} <= top
     rows = (Path(result.path) / "trials.csv").read_text().splitlines()
-    assert len(rows) == 5 and rows[0].startswith("trial_id,run_id,state,best_dev_f1")
+    assert len(rows) == 5 and rows[0].startswith("trial_id,run_id,state,best_dev_f1_a")
     best = load_config(result.best_config)
     assert best.dump() == result.best.config
     assert best.train.lr == pytest.approx(result.best.params["train.lr"])
@@ -409,7 +409,7 @@ def test_trial_models_download_back(local_study, tmp_path):
 
     result = local_study["result"]
     records = tracking.study_trials("local", result.tracking_uri)
-    assert [r.best_dev_f1 for r in records] == sorted((r.best_dev_f1 for r in records), reverse=True)
+    assert [r.best_dev_f1_a for r in records] == sorted((r.best_dev_f1_a for r in records), reverse=True)
     folder = tracking.download_trial_model(records[0], tmp_path, result.tracking_uri)
     verify_manifest(folder)
 
@@ -526,7 +526,7 @@ def test_study_logs_to_an_mlflow_server(local_ray, mlflow_server, tmp_path, caps
     records = tracking.study_trials("over-http", mlflow_server)
     assert len(records) == 2
     assert sorted((t["trial_id"], t["state"]) for t in summary["trials"]) == sorted((r.trial_id, r.state) for r in records)
-    assert summary["best"]["run_id"] == records[0].run_id and summary["best"]["dev_f1"] == records[0].best_dev_f1
+    assert summary["best"]["run_id"] == records[0].run_id and summary["best"]["dev_f1_a"] == records[0].best_dev_f1_a
     assert summary["cost"]["device"] == "CPU" and summary["cost"]["device_hours"] > 0
     assert summary["cost"]["evaluations"] == sum(len(dev_f1_steps(mlflow_store.client(mlflow_server), r.run_id)) for r in records)
     client = mlflow_store.client(mlflow_server)
@@ -651,7 +651,7 @@ def test_interrupted_study_resumes_without_rerunning_or_relogging(store, tmp_pat
     study = optuna.load_study(study_name="resumable", storage=f"sqlite:///{tmp_path / 'storage' / 'resumable' / 'optuna.db'}")
     complete = [t for t in study.trials if t.state.name == "COMPLETE"]
     assert len(complete) == 3 and not [t for t in study.trials if t.state.name == "RUNNING"], study.trials
-    assert sorted(round(t.value, 6) for t in complete) == sorted(round(r.best_dev_f1, 6) for r in records)
+    assert sorted(round(t.value, 6) for t in complete) == sorted(round(r.best_dev_f1_a, 6) for r in records)
 
 
 # --- a two-node cluster -----------------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ def test_paper_space_matches_the_paper():
     assert (by_name["sampling.interval.hi"].low, by_name["sampling.interval.hi"].high) == (8, 24)
     assert "train.seed" not in by_name
     assert "model.system" not in by_name and "encoder.name" not in by_name  # both come from the config
-    assert (space.scheduler.metric, space.scheduler.mode) == ("dev_f1", "max")
+    assert (space.scheduler.metric, space.scheduler.mode) == ("dev_f1_a", "max")
 
 
 def test_wide_space_adds_dropout_warmup_batch_size_and_system():
@@ -158,7 +158,7 @@ def write(tmp_path: Path, text: str) -> Path:
     ("params: {}\n", r"bad.yaml: params: expected a non-empty mapping"),
     ("parms:\n  loss.gamma: {uniform: [0, 1]}\n", r"bad.yaml: parms: unknown key"),
     ("scheduler: {metric: accuracy}\nparams:\n  loss.gamma: {uniform: [0, 1]}\n",
-     r"bad.yaml: scheduler.metric: expected one of dev_f1"),
+     r"bad.yaml: scheduler.metric: expected one of dev_f1_a"),
     ("scheduler: {reduction_factor: 1}\nparams:\n  loss.gamma: {uniform: [0, 1]}\n",
      r"bad.yaml: scheduler.reduction_factor: must be > 1"),
     ("scheduler: {grace_period: 4, max_t: 2}\nparams:\n  loss.gamma: {uniform: [0, 1]}\n",
@@ -271,7 +271,7 @@ def test_rungs_are_where_ray_asha_cuts(grace, factor, max_t):
 
     space = parse_space({"scheduler": {"grace_period": grace, "reduction_factor": factor, "max_t": max_t},
                          "params": {"loss.gamma": {"uniform": [0, 1]}}}, "s.yaml", SMOKE)
-    scheduler = ASHAScheduler(time_attr="eval", metric="dev_f1", mode="max", max_t=max_t, grace_period=grace,
+    scheduler = ASHAScheduler(time_attr="eval", metric="dev_f1_a", mode="max", max_t=max_t, grace_period=grace,
                               reduction_factor=factor)
     assert space.rungs(SMOKE) == sorted(m for m, _ in scheduler._brackets[0]._rungs if m < max_t)
 

@@ -32,6 +32,10 @@ class DataConfig(Section):
     dev_split: str = Field("development", description="Split to evaluate on.")
     max_train_docs: int | None = Field(None, gt=0, description="Use only the first N training documents.")
     max_dev_docs: int | None = Field(None, gt=0, description="Use only the first N development documents.")
+    selection_seed: int = Field(0, description="Seed of the split of the development documents into half A, on "
+                                               "which every choice is made (best checkpoint, ASHA, TPE, ensemble "
+                                               "members, weights, thresholds), and half B, held out for reports and "
+                                               "the promotion gate (drugprot.dev_halves).")
 
 
 class EncoderConfig(Section):

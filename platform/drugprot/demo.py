@@ -120,8 +120,8 @@ def _champion_summary() -> None:
     best = tracking.study_trials(STUDY, TRACKING)[0]
     commonest, baseline_f1 = majority_baseline()
     print(f"\n@champion is version {champion.version} ({champion.tags.get('members')}, "
-          f"{champion.tags.get('vote')} vote): dev F1 {float(champion.tags['dev_f1']):.4f}; "
-          f"best trial {best.trial_id}: dev F1 {best.best_dev_f1:.4f}; for scale, labelling every candidate pair "
+          f"{champion.tags.get('vote')} vote): whole dev F1 {float(champion.tags['dev_f1']):.4f}, members chosen on half A; "
+          f"best trial {best.trial_id}: dev F1 on half A {best.best_dev_f1_a:.4f}; for scale, labelling every candidate pair "
           f"{commonest} (the commonest training type) scores {baseline_f1:.4f}", flush=True)
 
 

@@ -70,5 +70,10 @@ def distill(teacher: str, config: RunConfig, out: str | Path, *, tracking_uri: s
     if not str(teacher).startswith("models:/") and not Path(teacher).exists():
         raise DrugprotError(f"--teacher {teacher}: no such folder (a model or ensemble folder, or models:/NAME@ALIAS)")
     predictor = load_predictor(teacher, device=device, tracking_uri=tracking_uri)
+    chosen_on = predictor.metadata.get("selection_seed")  # an ensemble's members, weights and thresholds: on its A
+    if chosen_on is not None and chosen_on != config.data.selection_seed:
+        raise DrugprotError(f"--teacher {teacher} was chosen on dev half A of data.selection_seed {chosen_on}, the "
+                            f"student's config says {config.data.selection_seed}; set data.selection_seed={chosen_on} "
+                            "so that half B stays held out from both")
     config = config.model_copy(update={"distill": config.distill.model_copy(update={"teacher": str(teacher)})})
     return predictor, train(config, out, teacher=teacher_targets(predictor), progress=progress, log=log)

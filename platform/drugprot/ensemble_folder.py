@@ -6,10 +6,12 @@ package (which builds, selects and registers ensembles) sits above inference, so
 ::
 
     ENSEMBLE/
-      ensemble.json        format_version, kind, vote, interval, encoder, members (name, path, dev_f1, seed,
-                           source trial/run, weight: votes it casts, default 1), decision (optional: margin,
-                           thresholds, second_type; see drugprot.decision), dev metrics (ensemble and each member),
-                           source (study, selection), selection (optional: the A/B table it was chosen from)
+      ensemble.json        format_version, kind, vote, interval, encoder, members (name, path, dev_f1_a: F1 on
+                           dev half A, seed, source trial/run, weight: votes it casts, default 1), decision
+                           (optional: margin, thresholds, second_type; see drugprot.decision), selection_seed (the
+                           members' dev A/B split, drugprot.dev_halves), dev metrics (ensemble and each member, on
+                           all documents and on the held-out half B), early_exit (calibrated on half A), source
+                           (study, selection), selection (optional: the A/B table it was chosen from)
       manifest.json        {"format_version": 1, "files": {relative path: sha256}} for every other file in the
                            tree, the members' own manifest.json files included
       members/NAME/        a member folder exactly as ``drugprot train`` wrote it (model.safetensors,

@@ -224,8 +224,9 @@ def _version_f1(registry, version) -> float | None:
 
 @dataclass
 class Gate:
-    """What promotion compares, on the same held-out documents (dev half B when the ensemble came from an A/B
-    selection; otherwise the whole dev set): the candidate, its own best single member and the current champion."""
+    """What promotion compares, on the same held-out documents (dev half B, which no choice of checkpoint, trial,
+    member, weight or threshold saw, as ``drugprot ensemble`` and ``drugprot distill`` pass it; a caller that passes
+    none gets the whole dev set): the candidate, its own best single member and the current champion."""
 
     f1: float | None
     best_member_f1: float | None = None

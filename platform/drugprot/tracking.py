@@ -21,7 +21,7 @@ Parent run (exactly one per experiment; run name ``NAME``)
            ``transformers.version``, ``python.version``.
     params ``study.*`` (num_samples, max_concurrent, cpus_per_trial, gpus_per_trial, max_t), ``space.*`` (file,
            seed, each parameter's distribution, scheduler settings), ``config.<dotted key>`` (the base run config).
-    metrics ``best_dev_f1`` (best trial's) and the study's cost (:func:`drugprot.tuning.cost.study_cost`):
+    metrics ``best_dev_f1_a`` (best trial's F1 on dev half A, the half every choice is made on) and the study's cost (:func:`drugprot.tuning.cost.study_cost`):
            ``device_hours``, ``asha_saved_share``, ``study_wall_s``, ``trial_wall_s``, ``evaluations``,
            ``asha_stopped``.
     artifacts ``space.yaml``, ``config.yaml`` (base config), ``trials.csv`` (one row per trial),
@@ -42,8 +42,10 @@ Child run (one per Ray trial; run name ``tNN`` and its values, e.g. ``t07 lr=3.1
     params the search-space parameters by name (``loss.gamma``, ``train.lr``, ``sampling.interval.lo``, …; a
            conditional one only where it was sampled) and ``train.seed`` (the trial's own seed).
     metrics at every evaluation, step = evaluation index (1, 2, …; one per half epoch by default):
-           ``dev_precision``, ``dev_recall``, ``dev_f1``, ``best_dev_f1`` (running best; its last value is the
-           trial's final best), ``train_loss``, ``lr``, ``epoch``, ``pairs_per_s``, ``nonfinite_steps`` (steps skipped so
+           ``dev_precision_a``, ``dev_recall_a``, ``dev_f1_a`` (on dev half A, what ASHA, TPE and the best
+           checkpoint go by), ``best_dev_f1_a`` (running best; its last value is the trial's final best),
+           ``dev_precision_all``, ``dev_recall_all``, ``dev_f1_all`` (the whole development set, of a checkpoint
+           selected on A; a report, never used to choose), ``train_loss``, ``lr``, ``epoch``, ``pairs_per_s``, ``nonfinite_steps`` (steps skipped so
            far because their loss or gradient norm was not finite), ``train_interval_recall`` and
            ``dev_interval_recall`` (the share of gold relations the trial's GENE interval keeps: its recall ceiling),
            ``wall_s`` and ``device_s`` (cost so far, :mod:`drugprot.tuning.cost`); when it ends, at step 0:
@@ -73,6 +75,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from drugprot.dev_halves import SELECTION_METRIC
 from drugprot.mlflow_store import TrackingError, client, experiment_artifact_location, normalize_tracking_uri
 
 TAG_KIND = "drugprot.kind"
@@ -103,9 +106,10 @@ KIND_TRIAL = "trial"
 STATES = ("running", "finished", "early-stopped", "errored")
 
 #: Metrics logged at every evaluation (step = evaluation index).
-EVAL_METRICS = ("dev_precision", "dev_recall", "dev_f1", "best_dev_f1", "train_loss", "lr", "epoch", "pairs_per_s",
+EVAL_METRICS = ("dev_precision_a", "dev_recall_a", "dev_f1_a", "best_dev_f1_a", "dev_precision_all", "dev_recall_all",
+                "dev_f1_all", "train_loss", "lr", "epoch", "pairs_per_s",
                 "nonfinite_steps", "train_interval_recall", "dev_interval_recall", "wall_s", "device_s")
-BEST_METRIC = "best_dev_f1"
+BEST_METRIC = "best_dev_f1_a"
 MODEL_ARTIFACT = "model"
 CONFIG_ARTIFACT = "config.yaml"
 PER_TYPE_ARTIFACT = "per_type.csv"
@@ -122,7 +126,7 @@ class TrialRecord:
 
     run_id: str
     trial_id: str
-    best_dev_f1: float | None
+    best_dev_f1_a: float | None
     params: dict[str, Any]
     seed: int | None
     config: dict[str, Any]
@@ -162,7 +166,7 @@ class StudyTracker:
     """Writes one study's experiment, parent run and child runs; every write is idempotent (safe on resume).
 
     Params are write-once in MLflow: :meth:`log_params` logs only the absent ones and refuses a changed value.
-    Evaluation metrics are keyed by step (the evaluation index): a step already in ``dev_f1``'s history is skipped,
+    Evaluation metrics are keyed by step (the evaluation index): a step already in ``dev_f1_a``'s history is skipped,
     so a trial that replays evaluations after a restore logs nothing twice.
     """
 
@@ -236,8 +240,8 @@ class StudyTracker:
         if best is not None:
             tags.update({TAG_BEST_TRIAL: best.trial_id, TAG_BEST_RUN: best.run_id})
             logged = self.client.get_run(run_id).data.metrics.get(BEST_METRIC)
-            if best.best_dev_f1 is not None and logged != best.best_dev_f1:  # a resumed study logs it once
-                self._log_metrics(run_id, {BEST_METRIC: best.best_dev_f1}, step=0)
+            if best.best_dev_f1_a is not None and logged != best.best_dev_f1_a:  # a resumed study logs it once
+                self._log_metrics(run_id, {BEST_METRIC: best.best_dev_f1_a}, step=0)
         self.set_tags(run_id, tags)
         self.client.set_terminated(run_id, "FINISHED" if state == "finished" else "KILLED")
 
@@ -350,7 +354,7 @@ class StudyTracker:
 
     def _logged_steps(self, run_id: str) -> set[int]:
         if run_id not in self._steps:
-            self._steps[run_id] = {m.step for m in self.client.get_metric_history(run_id, "dev_f1")}
+            self._steps[run_id] = {m.step for m in self.client.get_metric_history(run_id, SELECTION_METRIC)}
         return self._steps[run_id]
 
     def _log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
@@ -383,9 +387,9 @@ def trials_csv(records: Iterable[TrialRecord]) -> str:
     names = sorted({name for r in records for name in r.params})
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow(["trial_id", "run_id", "state", "best_dev_f1", "seed", *names, "node_ip", "failures"])
+    writer.writerow(["trial_id", "run_id", "state", "best_dev_f1_a", "seed", *names, "node_ip", "failures"])
     for r in records:
-        writer.writerow([r.trial_id, r.run_id, r.state, "" if r.best_dev_f1 is None else r.best_dev_f1,
+        writer.writerow([r.trial_id, r.run_id, r.state, "" if r.best_dev_f1_a is None else r.best_dev_f1_a,
                          "" if r.seed is None else r.seed, *[json.dumps(r.params.get(n)) if isinstance(r.params.get(n), list)
                                                              else r.params.get(n, "") for n in names],
                          r.tags.get(TAG_NODE_IP, ""), r.tags.get(TAG_FAILURES, "0")])
@@ -405,7 +409,7 @@ def study_experiment(study: str, tracking_uri: str) -> str:
 
 
 def study_trials(study: str, tracking_uri: str) -> list[TrialRecord]:
-    """Every trial of ``study``, sorted by ``best_dev_f1`` (descending; trials without one last)."""
+    """Every trial of ``study``, sorted by ``best_dev_f1_a`` (descending; trials without one last)."""
     tracking_uri = normalize_tracking_uri(tracking_uri)
     experiment_id = study_experiment(study, tracking_uri)
     mlflow_client = client(tracking_uri)
@@ -418,7 +422,7 @@ def study_trials(study: str, tracking_uri: str) -> list[TrialRecord]:
         token = page.token
         if not token:
             break
-    return sorted(records, key=lambda r: (r.best_dev_f1 is None, -(r.best_dev_f1 or 0.0), r.trial_id))
+    return sorted(records, key=lambda r: (r.best_dev_f1_a is None, -(r.best_dev_f1_a or 0.0), r.trial_id))
 
 
 def _record(run) -> TrialRecord:
@@ -426,7 +430,7 @@ def _record(run) -> TrialRecord:
     seed = tags.get(TAG_SEED)
     best = run.data.metrics.get(BEST_METRIC)
     return TrialRecord(
-        run_id=run.info.run_id, trial_id=tags.get(TAG_TRIAL_ID, run.info.run_name), best_dev_f1=best,
+        run_id=run.info.run_id, trial_id=tags.get(TAG_TRIAL_ID, run.info.run_name), best_dev_f1_a=best,
         params=json.loads(tags.get(TAG_PARAMS) or "{}"), seed=int(seed) if seed and seed.isdigit() else None,
         config=json.loads(tags.get(TAG_CONFIG) or "{}"), state=tags.get(TAG_STATE, "running"),
         experiment_id=run.info.experiment_id, artifact_uri=run.info.artifact_uri, start_time=run.info.start_time or 0,

@@ -30,6 +30,7 @@ from drugprot.candidates import corpus_candidates
 from drugprot.config import ConfigError, RunConfig, build_config
 from drugprot.corpus import Document, read_split
 from drugprot.decision import Decision
+from drugprot.dev_halves import SELECTION_METRIC, DevHalves, score_halves, split_halves
 from drugprot.encoding import (IGNORE_INDEX, LABELS, Batch, PairEncoder, add_marker_tokens, iterate_batches, step_batches,
                                token_budget_batches)
 from drugprot.errors import DrugprotError
@@ -42,7 +43,6 @@ from drugprot.model.heads import GeneTypeClassifier, RelationModel
 from drugprot.model.loss import distillation_loss
 from drugprot.model.optim import build_optimizer, linear_schedule
 from drugprot.model.runtime import autocast, resolve_device
-from drugprot.scoring import score
 
 Report = Callable[[dict[str, Any], Path], None]
 DEFINITIONS_FILE = Path(__file__).parent / "resources" / "relation_definitions.yaml"
@@ -57,7 +57,8 @@ class TrainResult:
 
     @property
     def best_f1(self) -> float:
-        return self.best["dev_f1"] if self.best else 0.0
+        """The best checkpoint's F1 on dev half A, the figure that chose it."""
+        return self.best[SELECTION_METRIC] if self.best else 0.0
 
     @property
     def model_dir(self) -> Path:
@@ -306,7 +307,11 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, report: Report | Non
           progress: bool = True, log: Callable[[str], None] | None = None,
           checkpoint_every: int | None = None,
           teacher: Callable[[list[Document], list], torch.Tensor] | None = None) -> TrainResult:
-    """Train one model; the best checkpoint by dev micro-F1 ends up in ``run_dir/model``.
+    """Train one model; the best checkpoint by micro-F1 on dev half A ends up in ``run_dir/model``.
+
+    Half A (``data.selection_seed``, drugprot.dev_halves) chooses the checkpoint, and is what a listener should rank
+    by (``dev_f1_a``); ``dev_f1_all`` is the whole development set. Half B is scored only for the saved model's
+    record (``drugprot.json``), never reported per evaluation, so nothing that listens can choose by it.
 
     The best model is written when it improves; the resumable state (weights, AdamW moments, RNG: three times the
     model's size) every ``checkpoint_every`` evaluations (default: once per epoch) and at the end, because writing
@@ -368,6 +373,7 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, report: Report | Non
                           definition_ids=definitions[0], definition_mask=definitions[1],
                           multilabel=config.model.multilabel).to(device)
 
+    halves = split_halves(dev_docs, config.data.selection_seed)
     dev_candidates, dev_stats = corpus_candidates(dev_docs, interval)
     dev_pairs, dev_encoding = pair_encoder.encode(dev_docs, dev_candidates)
     say(f"training pairs {len(train_pairs)} ({train_encoding.too_long} too long for encoder.max_length, "
@@ -395,7 +401,7 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, report: Report | Non
         step, evaluations = meta["step"], meta["evaluations"]
         say(f"resumed from {checkpoint.folder} at step {step}/{total_steps} ({len(evaluations)} evaluations done)")
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config.dump(), sort_keys=False))  # once the state fits it
-    best = max(evaluations, key=lambda e: e["dev_f1"], default=None)
+    best = best_evaluation(evaluations)
     guard = _NonFiniteGuard(cfg.max_nonfinite_steps, device, skipped=evaluations[-1].get("nonfinite_steps", 0) if evaluations else 0)
 
     forward = compiled_forward(model, enabled=cfg.compile, mode=cfg.compile_mode, buckets=cfg.shape_buckets)
@@ -438,8 +444,8 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, report: Report | Non
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)  # the queued steps belong to this window's timing
                 elapsed = time.perf_counter() - window["start"]
-                metrics, dev_probabilities = _evaluate(model, dev_docs, dev_candidates, dev_pairs, pad_id, device,
-                                                       cfg.precision)
+                metrics, held_out, dev_probabilities = _evaluate(model, halves, dev_candidates, dev_pairs, pad_id,
+                                                                 device, cfg.precision)
                 metrics.update({
                     "eval": len(evaluations) + 1, "step": step, "epoch": round(step / steps_per_epoch, 4),
                     "steps_per_epoch": steps_per_epoch,
@@ -449,23 +455,27 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, report: Report | Non
                     "lr": scheduler.get_last_lr()[0], **ceilings, **extra})
                 evaluations.append(metrics)
                 saving = time.perf_counter()
-                metrics["model_saved"] = best is None or metrics["dev_f1"] > best["dev_f1"]
+                metrics["model_saved"] = best_evaluation([best, metrics]) is metrics
                 if metrics["model_saved"]:
                     best = metrics
                     save_artifact(run_dir / "model", model=model, tokenizer=tokenizer,
-                                  info={**info, "dev": {k: metrics[k] for k in ("dev_precision", "dev_recall", "dev_f1", "eval", "epoch")}},
+                                  info={**info, "dev": {**{k: metrics[k] for k in (*DEV_SCORES, "eval", "epoch")},
+                                                        **held_out, "selection_seed": halves.seed}},
                                   gene_typer=gene_typer)
                     save_dev_probabilities(run_dir, dev_candidates, dev_probabilities, labels=LABELS,
-                                           split=config.data.dev_split, eval=metrics["eval"], dev_f1=metrics["dev_f1"])
+                                           split=config.data.dev_split, eval=metrics["eval"],
+                                           dev_f1_a=metrics[SELECTION_METRIC], selection_seed=halves.seed)
                 metrics["state_saved"] = metrics["eval"] % state_every == 0 or step >= total_steps
                 if metrics["state_saved"]:
                     checkpoint.save(model=model, optimizer=optimizer, scheduler=scheduler, gene_typer=gene_typer,
                                     step=step, evaluations=evaluations, extra=extra)
                 metrics["save_s"] = time.perf_counter() - saving
-                _atomic_json(run_dir / "metrics.json", {"evaluations": evaluations, "best": best})
-                say(f"eval {metrics['eval']} epoch {metrics['epoch']:.2f}: dev P {metrics['dev_precision']:.4f} "
-                    f"R {metrics['dev_recall']:.4f} F1 {metrics['dev_f1']:.4f} (best {best['dev_f1']:.4f}), "
-                    f"loss {metrics['train_loss']:.4f}, {metrics['pairs_per_s']:.1f} pairs/s")
+                _atomic_json(run_dir / "metrics.json", {"evaluations": evaluations, "best": best,
+                                                        "dev_halves": halves.describe()})
+                say(f"eval {metrics['eval']} epoch {metrics['epoch']:.2f}: dev A P {metrics['dev_precision_a']:.4f} "
+                    f"R {metrics['dev_recall_a']:.4f} F1 {metrics['dev_f1_a']:.4f} (best {best['dev_f1_a']:.4f}), "
+                    f"all dev F1 {metrics['dev_f1_all']:.4f}, loss {metrics['train_loss']:.4f}, "
+                    f"{metrics['pairs_per_s']:.1f} pairs/s")
                 if report is not None:
                     report(metrics, run_dir)
                 window = {"loss": 0.0, "batches": 0, "pairs": 0, "tokens": 0, "start": time.perf_counter()}
@@ -477,17 +487,42 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, report: Report | Non
     return TrainResult(run_dir, best, evaluations, extra)
 
 
-def _evaluate(model, dev_docs, dev_candidates, dev_pairs, pad_id, device, precision) -> tuple[dict[str, Any], torch.Tensor]:
-    """Dev metrics and the (candidates, labels) probabilities they were computed from."""
+DEV_SCORES = ("dev_precision_a", "dev_recall_a", "dev_f1_a", "dev_precision_all", "dev_recall_all", "dev_f1_all")
+
+
+def best_evaluation(evaluations) -> dict[str, Any] | None:
+    """The evaluation whose checkpoint is kept: the highest F1 on dev half A, the earliest of equals (None: none yet)."""
+    best = None
+    for evaluation in evaluations:
+        if evaluation is not None and (best is None or evaluation[SELECTION_METRIC] > best[SELECTION_METRIC]):
+            best = evaluation
+    return best
+
+
+def dev_metrics(halves: DevHalves, predicted) -> tuple[dict[str, Any], dict[str, float]]:
+    """Per-evaluation metrics (half A, for decisions; the whole set, per type too) and, apart, the half-B figures."""
+    scores = score_halves(halves, predicted)
+    metrics: dict[str, Any] = {}
+    for half in ("a", "all"):
+        result = scores[half]
+        metrics.update({f"dev_precision_{half}": result.precision, f"dev_recall_{half}": result.recall,
+                        f"dev_f1_{half}": result.f1})
+    metrics["dev_per_type"] = {t: round(c.f1, 4) for t, c in scores["all"].per_type.items()}
+    b = scores["b"]
+    return metrics, {"dev_precision_b": b.precision, "dev_recall_b": b.recall, "dev_f1_b": b.f1}
+
+
+def _evaluate(model, halves: DevHalves, dev_candidates, dev_pairs, pad_id, device,
+              precision) -> tuple[dict[str, Any], dict[str, float], torch.Tensor]:
+    """Dev metrics, the held-out half-B figures, and the (candidates, labels) probabilities they come from."""
     probs = torch.zeros((1, len(dev_candidates), len(LABELS)))
     probs[0, :, 0] = 1.0
     if dev_pairs:
         probs[0, torch.tensor([p.index for p in dev_pairs])] = pair_probabilities(model, dev_pairs, pad_id=pad_id,
                                                                                   device=device, precision=precision)
     predictions = decode(dev_candidates, probs, decision=Decision(multilabel=model.multilabel))
-    result = score(dev_docs, ((r.pmid, r.type, r.chemical, r.gene) for r in predictions))
-    return {"dev_precision": result.precision, "dev_recall": result.recall, "dev_f1": result.f1,
-            "dev_per_type": {t: round(c.f1, 4) for t, c in result.per_type.items()}}, probs[0]
+    metrics, held_out = dev_metrics(halves, ((r.pmid, r.type, r.chemical, r.gene) for r in predictions))
+    return metrics, held_out, probs[0]
 
 
 def _fgemr(config: RunConfig, tokenizer, train_docs, dev_docs, checkpoint: _Checkpoint | None, device,

@@ -21,7 +21,6 @@ def register(commands) -> None:
     parser.add_argument("--out", type=Path, required=True, help="run folder of the student (OUT/model, as drugprot train)")
     parser.add_argument("--tracking-uri", help="MLflow tracking/registry URI (default sqlite:///mlflow.db)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where the teacher runs")
-    parser.add_argument("--split-seed", type=int, default=0, help="seed of the dev A/B split (as drugprot ensemble)")
     parser.add_argument("--register", metavar="NAME", help="register the student as a new version of this MLflow model")
     parser.add_argument("--alias", default="champion", help="alias the promotion gates may move (default champion)")
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
@@ -35,7 +34,7 @@ def _distill(args) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from drugprot.config import load_config
     from drugprot.distillation import distill, measure
-    from drugprot.ensemble.selection import split_halves
+    from drugprot.dev_halves import split_halves
     from drugprot.errors import DrugprotError
     from drugprot.inference import Predictor
     from drugprot.training import load_documents
@@ -48,12 +47,13 @@ def _distill(args) -> int:
                               progress=not args.quiet, log=say)
     student = Predictor.from_path(result.model_dir, device=args.device)
     _, dev = load_documents(config)
-    half_b = split_halves(dev, args.split_seed)[1]
+    seed = config.data.selection_seed  # the student's checkpoint was chosen on half A of it, and the teacher's
+    half_b = list(split_halves(dev, seed).b)
     rows = [measure("teacher", teacher, half_b), measure("student", student, half_b)]
     summary = {"teacher": args.teacher, "student": str(result.model_dir), "temperature": config.distill.temperature,
-               "weight": config.distill.weight, "dev_f1": result.best_f1, "half_b": [r.as_dict() for r in rows],
+               "weight": config.distill.weight, "dev_f1_a": result.best_f1, "half_b": [r.as_dict() for r in rows],
                "registration": None}
-    say(f"dev half B (seed {args.split_seed}, {len(half_b)} documents): model, F1, pairs/s")
+    say(f"dev half B (data.selection_seed {seed}, {len(half_b)} documents, held out from every choice): model, F1, pairs/s")
     for row in rows:
         say(f"{row.name:<8} {row.f1:.4f} {row.pairs_per_s:>10.1f}")
     if args.register:

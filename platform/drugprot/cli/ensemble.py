@@ -2,7 +2,9 @@
 from folders, evaluate it on dev next to its members, log it to MLflow and optionally register it (promotion gates).
 
 With ``--study``, the trials' stored dev probabilities give the A/B table first (drugprot.ensemble.selection):
-every candidate chosen on dev half A and scored on half B."""
+every candidate chosen on dev half A and scored on half B. The halves are the study's own (``data.selection_seed``,
+drugprot.dev_halves): members, weights, thresholds and the early exit are chosen on A; B is for the report and the
+promotion gate."""
 
 from __future__ import annotations
 
@@ -18,25 +20,25 @@ DEFAULT_TOP_K = 5
 def register(commands) -> None:
     parser = commands.add_parser(
         "ensemble", help="Build, evaluate, log and register a voting ensemble of a study's best models.",
-        description="Members come from --study (the top-k trials by dev F1, or --reseed K new seeds of the best "
-                    "configuration) or from --members folders. The ensemble folder is written to --out, evaluated on "
-                    "dev (each member and the vote side by side), logged as a run of the study's MLflow experiment, "
-                    "and with --register NAME registered as a pyfunc model whose --alias moves only when its dev F1 "
-                    "beats the current one's (or with --force).")
+        description="Members come from --study (the top-k trials by F1 on dev half A, or --reseed K new seeds of the "
+                    "best configuration) or from --members folders. Every choice is made on dev half A (the split of "
+                    "the members' data.selection_seed); half B is held out. The ensemble folder is written to --out, "
+                    "evaluated on dev and on half B (each member and the vote side by side), logged as a run of the "
+                    "study's MLflow experiment, and with --register NAME registered as a pyfunc model whose --alias "
+                    "moves only when its F1 on half B beats the current one's (or with --force).")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--study", help="study name (its MLflow experiment holds one child run per trial)")
     source.add_argument("--members", nargs="+", type=Path, metavar="DIR", help="member model folders, best first")
     parser.add_argument("--select", choices=("top-k", "greedy"), default="top-k",
-                        help="top-k: the study's best trials by dev F1; greedy: forward selection with replacement over "
+                        help="top-k: the study's best trials by F1 on dev half A; greedy: forward selection with replacement over "
                              "all finished trials, with calibrated decisions, chosen on dev half A (default top-k)")
     parser.add_argument("--top-k", type=int, default=None, help=f"members from the study's best trials (default {DEFAULT_TOP_K})")
     parser.add_argument("--max-size", type=int, default=None, help="greedy: at most this many votes (default 10)")
-    parser.add_argument("--split-seed", type=int, default=0, help="seed of the dev A/B split (default 0)")
     parser.add_argument("--multi-label", action="store_true",
                         help="greedy: allow a second relation type per pair when it passes its calibrated threshold")
     parser.add_argument("--min-gain", type=float, default=0.0,
-                        help="promotion gate: the new version must beat the champion and its own best member by more "
-                             "than this F1 (default 0)")
+                        help="promotion gate: the new version must beat the champion and its own best member on dev "
+                             "half B by more than this F1 (default 0)")
     parser.add_argument("--reseed", type=int, metavar="K", help="instead: retrain the best configuration with K new seeds")
     parser.add_argument("--cpus-per-trial", type=float, default=1.0, metavar="C",
                         help="--reseed: CPUs per retraining trial (default 1)")
@@ -99,7 +101,7 @@ def _ensemble(args) -> int:
     try:
         # with --json stdout holds the JSON alone: what Ray Tune prints while reseeding goes to stderr
         with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
-            built, comparison = _build(args, top_k, out, work, say)
+            built, comparison, documents = _build(args, top_k, out, work, say)
     finally:
         import shutil
 
@@ -107,7 +109,7 @@ def _ensemble(args) -> int:
     summary = {"out": str(out), "select": "reseed" if args.reseed is not None else args.select if args.study else "folders",
                "vote": built.meta["vote"], "decision": built.meta.get("decision"), "execution": built.meta.get("execution"),
                "early_exit": built.meta.get("early_exit"),
-               "members": [{"name": m["name"], "weight": m["weight"], "dev_f1": m["dev_f1"]} for m in built.meta["members"]],
+               "members": [{"name": m["name"], "weight": m["weight"], "dev_f1_a": m["dev_f1_a"]} for m in built.meta["members"]],
                "selection": comparison.as_dict() if comparison else None, "dev": built.evaluation.as_dict(),
                "run_id": None, "registration": None}
     if comparison is not None:
@@ -120,13 +122,13 @@ def _ensemble(args) -> int:
         say(f"manifest signed with {args.sign_key}: {sign_manifest(out, args.sign_key)}")
     calibrated = built.meta.get("early_exit")
     if calibrated:
-        say(f"early exit calibrated on dev: confidence {calibrated['confidence']} keeps {calibrated['agreement']:.2%} "
+        say(f"early exit calibrated on dev half A: confidence {calibrated['confidence']} keeps {calibrated['agreement']:.2%} "
             f"of the relations with {calibrated['member_pair_share']:.1%} of the member-pairs scored "
             f"(`drugprot predict --early-exit`)")
     if not args.no_log:
         from drugprot.ensemble.publish import log_ensemble
 
-        gate = _gate(args, built, comparison, say) if args.register else None
+        gate = _gate(args, built, documents, say) if args.register else None
         run = log_ensemble(out, tracking_uri=args.tracking_uri, experiment=args.experiment, register=args.register,
                            alias=args.alias, force=args.force, gate=gate, min_gain=args.min_gain, log=say,
                            run_name=f"ensemble-{args.study or 'folders'}-{stamp}")
@@ -147,18 +149,18 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _gate(args, built, comparison, say):
-    """What promotion compares: on dev half B (the chosen recipe, its best member, the current champion run on B)
-    when the ensemble came from an A/B selection; otherwise the recorded dev F1s."""
+def _gate(args, built, documents, say):
+    """What promotion compares, all on dev half B (held out from every choice): the built ensemble, its best member
+    and the current champion run on the same documents."""
+    from drugprot.dev_halves import split_halves
     from drugprot.registry import Gate
 
     dev = built.evaluation
     relations = dev.ensemble.micro.tp + dev.ensemble.micro.fp
-    if comparison is None:
-        members = [r.f1 for name, r in dev.scores.items() if name != "ensemble"]
-        return Gate(dev.ensemble.f1, max(members) if len(members) > 1 else None, None, relations, "dev")
-    return Gate(comparison.chosen.b.f1, comparison.chosen_best_member_b, champion_f1_on(args, comparison.halves[1].documents, say),
-                relations, "dev half B")
+    members = [r.f1 for name, r in dev.held_out.items() if name != "ensemble"]
+    half_b = split_halves(documents, built.meta["selection_seed"]).b
+    return Gate(dev.held_out["ensemble"].f1, max(members) if len(members) > 1 else None,
+                champion_f1_on(args, list(half_b), say), relations, "dev half B")
 
 
 def champion_f1_on(args, documents, say) -> float | None:
@@ -185,7 +187,7 @@ def _build(args, top_k: int, out: Path, work: Path, say):
     if args.study:
         sources, source, comparison = _from_study(args, top_k, work, say)
         if comparison is not None and args.select == "greedy":
-            decision, vote = comparison.refit.decision, comparison.refit.vote
+            decision, vote = comparison.chosen.recipe.decision, comparison.chosen.recipe.vote
     else:
         sources = [MemberSource(Path(p)) for p in args.members]
         source = {"selection": "folders", "members": [str(p) for p in args.members]}
@@ -193,7 +195,7 @@ def _build(args, top_k: int, out: Path, work: Path, say):
     built = build_ensemble(sources, out, vote=vote, documents=documents, split=split, source=source, device=args.device,
                            interval=tuple(args.interval) if args.interval else None, log=say, decision=decision,
                            selection=comparison.as_dict() if comparison else None, progress=not args.quiet)
-    return built, comparison
+    return built, comparison, documents
 
 
 def _from_study(args, top_k: int, work: Path, say):
@@ -224,7 +226,7 @@ def _from_study(args, top_k: int, work: Path, say):
         max_size = args.max_size if args.max_size is not None else DEFAULT_MAX_SIZE
         with tqdm(total=4 * max_size, unit="step", desc="greedy selection", disable=args.quiet, file=sys.stderr,
                   dynamic_ncols=True) as bar:
-            comparison = compare(trials, documents, seed=args.split_seed, select=args.select, top=top_k,
+            comparison = compare(trials, documents, select=args.select, top=top_k,
                                  max_size=max_size, multi_label=args.multi_label, progress=bar.update)
     elif args.select == "greedy":
         from drugprot.ensemble_folder import EnsembleError
@@ -232,8 +234,8 @@ def _from_study(args, top_k: int, work: Path, say):
         raise EnsembleError(f"--select greedy: no finished trial of study {args.study!r} has stored dev probabilities "
                             "(dev_probabilities.safetensors); run the study with this version of drugprot")
     if args.select == "greedy":
-        by_index = [(trials[i].record, n) for i, n in comparison.refit.members.items()]
-        source = {"study": args.study, "selection": "greedy", "vote": comparison.refit.vote,
+        by_index = [(trials[i].record, n) for i, n in comparison.chosen.recipe.members.items()]
+        source = {"study": args.study, "selection": "greedy", "vote": comparison.chosen.recipe.vote,
                   "trials": {str(r.trial_id): n for r, n in by_index}}
     else:
         if selection.note:
@@ -244,7 +246,7 @@ def _from_study(args, top_k: int, work: Path, say):
     sources = []
     for record, weight in by_index:
         folder = tracking.download_trial_model(record, work / "trials" / member_name(record), store)
-        sources.append(MemberSource(Path(folder), name=member_name(record), dev_f1=float(record.best_dev_f1),
+        sources.append(MemberSource(Path(folder), name=member_name(record), dev_f1_a=float(record.best_dev_f1_a),
                                     seed=record.seed, weight=weight,
                                     source={"study": args.study, "trial_id": str(record.trial_id), "run_id": record.run_id}))
     return sources, source, comparison

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 
@@ -18,11 +19,15 @@ def register(commands) -> None:
 
 def _train(args) -> int:
     from drugprot.config import load_config
+    from drugprot.model.artifacts import INFO
     from drugprot.training import train
 
     config = load_config(args.config, args.overrides)
     result = train(config, args.out, resume=args.resume, progress=not args.quiet)
     best = result.best or {}
-    print(f"best dev F1 {result.best_f1:.4f} (P {best.get('dev_precision', 0):.4f}, R {best.get('dev_recall', 0):.4f}) "
-          f"at epoch {best.get('epoch', 0)}; model in {result.model_dir}; every evaluation in {args.out / 'metrics.json'}")
+    held_out = (json.loads((result.model_dir / INFO).read_text()).get("dev") or {}) if best else {}
+    print(f"best dev F1 on half A {result.best_f1:.4f} (P {best.get('dev_precision_a', 0):.4f}, "
+          f"R {best.get('dev_recall_a', 0):.4f}) at epoch {best.get('epoch', 0)}, which chose it; "
+          f"held-out half B F1 {held_out.get('dev_f1_b', 0):.4f}; whole dev F1 {best.get('dev_f1_all', 0):.4f}; "
+          f"model in {result.model_dir}; every evaluation in {args.out / 'metrics.json'}")
     return 0

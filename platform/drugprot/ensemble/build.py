@@ -4,7 +4,9 @@
 the vote side by side on the development documents (one stacked forward gives all members' probabilities),
 writes ``ensemble.json`` and a sha256 manifest of every file, and moves the staged folder into place.
 ``drugprot.inference.Predictor.from_ensemble`` verifies the manifest and loads the members as one Predictor.
-``ensemble.json`` also records the early exit calibrated on those dev pairs (``drugprot predict --early-exit``).
+``ensemble.json`` also records the early exit calibrated on the dev pairs of half A (``drugprot predict
+--early-exit``): like every other choice, it never sees half B, whose scores are reported apart and gate promotion.
+The halves are the members' own (``data.selection_seed`` of their configs, drugprot.dev_halves).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from drugprot.config import DataConfig
 from drugprot.ensemble_folder import (ENSEMBLE_JSON, FORMAT_VERSION, KIND, MEMBERS_DIR, EnsembleError, check_member_name,
                                       check_vote, write_tree_manifest)
 
@@ -29,7 +32,7 @@ class MemberSource:
 
     path: Path
     name: str | None = None
-    dev_f1: float | None = None  # default: the dev F1 recorded in the member's drugprot.json
+    dev_f1_a: float | None = None  # default: the F1 on dev half A recorded in the member's drugprot.json
     seed: int | None = None  # default: train.seed of the member's config
     source: dict[str, Any] = field(default_factory=dict)  # e.g. study, trial_id, run_id
     weight: int = 1  # votes it casts (a greedy selection with replacement may pick a trial more than once)
@@ -37,13 +40,16 @@ class MemberSource:
 
 @dataclass
 class Evaluation:
-    """Dev scores of each member and of the ensemble, computed from one pass of member probabilities."""
+    """Dev scores of each member and of the ensemble, computed from one pass of member probabilities: on the whole
+    dev set (per type) and on the held-out half B."""
 
     split: str
     documents: int
     vote: str
-    scores: dict[str, Any]  # name -> drugprot.scoring.Score; members first, "ensemble" last
-    early_exit: dict[str, Any] | None = None  # drugprot.inference.calibrate_early_exit on these dev pairs
+    scores: dict[str, Any]  # name -> drugprot.scoring.Score on all documents; members first, "ensemble" last
+    held_out: dict[str, Any]  # the same names -> Score on half B
+    halves: dict[str, Any]  # drugprot.dev_halves.DevHalves.describe()
+    early_exit: dict[str, Any] | None = None  # drugprot.inference.calibrate_early_exit on the half-A pairs
 
     @property
     def ensemble(self):
@@ -56,13 +62,18 @@ class Evaluation:
         types: list[str] = []
         for result in self.scores.values():
             types.extend(t for t in result.per_type if t not in types)
-        lines = [f"dev: {self.split}, {self.documents} documents, {self.vote} vote; per-type F1, then micro P/R/F1",
+        b = self.halves["B"]
+        lines = [f"dev: {self.split}, {self.documents} documents, {self.vote} vote; per-type F1, then micro P/R/F1; "
+                 f"the last rows on half B only ({b['documents']} documents, seed {self.halves['seed']}), held out "
+                 f"from every choice",
                  f"{'type':<24}" + "".join(f" {n:>{width}}" for n in names)]
         for rtype in types:
             lines.append(f"{rtype:<24}" + "".join(
                 f" {r.per_type[rtype].f1 if rtype in r.per_type else 0.0:>{width}.4f}" for r in self.scores.values()))
         for label, attr in (("micro P", "precision"), ("micro R", "recall"), ("micro F1", "f1")):
             lines.append(f"{label:<24}" + "".join(f" {getattr(r, attr):>{width}.4f}" for r in self.scores.values()))
+        for label, attr in (("B micro P", "precision"), ("B micro R", "recall"), ("B micro F1", "f1")):
+            lines.append(f"{label:<24}" + "".join(f" {getattr(r, attr):>{width}.4f}" for r in self.held_out.values()))
         return "\n".join(lines)
 
     def as_dict(self) -> dict[str, Any]:
@@ -71,9 +82,15 @@ class Evaluation:
                     "tp": result.micro.tp, "fp": result.micro.fp, "fn": result.micro.fn,
                     "per_type": {t: round(c.f1, 6) for t, c in result.per_type.items()}}
 
+        def micro(result) -> dict[str, Any]:
+            return {key: value for key, value in one(result).items() if key != "per_type"}
+
         return {"split": self.split, "documents": self.documents, "vote": self.vote,
                 "ensemble": one(self.ensemble),
-                "members": {name: one(r) for name, r in self.scores.items() if name != "ensemble"}}
+                "members": {name: one(r) for name, r in self.scores.items() if name != "ensemble"},
+                "halves": self.halves,
+                "held_out_b": {"ensemble": micro(self.held_out["ensemble"]),
+                               "members": {name: micro(r) for name, r in self.held_out.items() if name != "ensemble"}}}
 
 
 @dataclass
@@ -90,17 +107,18 @@ class BuiltEnsemble:
 EVALUATION_CHUNK = 32  # documents per progress step
 
 
-def evaluate(predictor, documents: Sequence, names: Sequence[str], *, split: str = "development",
+def evaluate(predictor, documents: Sequence, names: Sequence[str], *, selection_seed: int, split: str = "development",
              vote: str | None = None, progress: bool = False) -> Evaluation:
-    """Score each member alone (its argmax) and the vote on ``documents`` with the official-equivalent scorer.
+    """Score each member alone (its argmax) and the vote on ``documents`` and on their half B (``selection_seed``)
+    with the official-equivalent scorer; calibrate the early exit on the half-A pairs.
 
     ``progress`` shows a bar over the documents on stderr (the members run on chunks of them)."""
     import torch
     from tqdm import tqdm
 
+    from drugprot.dev_halves import score_halves, split_halves
     from drugprot.encoding import LABELS
     from drugprot.inference import calibrate_early_exit, decode
-    from drugprot.scoring import score
 
     vote = vote or predictor.vote_mode
     candidates, chunks = [], []
@@ -113,17 +131,37 @@ def evaluate(predictor, documents: Sequence, names: Sequence[str], *, split: str
             chunks.append(predictor.member_probabilities(part, found))
             bar.update(len(part))
     probabilities = torch.cat(chunks, dim=1) if chunks else torch.zeros((len(predictor.members), 0, len(LABELS)))
+    halves = split_halves(documents, selection_seed)
     scores: dict[str, Any] = {}
+    held_out: dict[str, Any] = {}
 
-    def keys(relations):
-        return [(r.pmid, r.type, r.chemical, r.gene) for r in relations]
+    def add(name: str, relations) -> None:
+        by_half = score_halves(halves, [(r.pmid, r.type, r.chemical, r.gene) for r in relations])
+        scores[name], held_out[name] = by_half["all"], by_half["b"]
 
     for m, name in enumerate(names):
-        scores[name] = score(documents, keys(decode(candidates, probabilities[m:m + 1], "hard")))
-    scores["ensemble"] = score(documents, keys(decode(candidates, probabilities, vote, weights=predictor.weights,
-                                                      decision=predictor.decision)))  # ``vote`` may override the model's
-    early_exit = calibrate_early_exit(probabilities, weights=predictor.weights, mode=vote, decision=predictor.decision)
-    return Evaluation(split, len(documents), vote, scores, early_exit)
+        add(name, decode(candidates, probabilities[m:m + 1], "hard"))
+    add("ensemble", decode(candidates, probabilities, vote, weights=predictor.weights,
+                           decision=predictor.decision))  # ``vote`` may override the model's
+    on_a = torch.tensor([i for i, c in enumerate(candidates) if c.pmid in halves.a_pmids], dtype=torch.long)
+    early_exit = calibrate_early_exit(probabilities[:, on_a], weights=predictor.weights, mode=vote,
+                                      decision=predictor.decision)
+    return Evaluation(split, len(documents), vote, scores, held_out, halves.describe(), early_exit)
+
+
+def selection_seed(infos: Sequence[dict[str, Any]], names: Sequence[str]) -> int:
+    """The members' common ``data.selection_seed`` (their configs'; the default where a config has none): members
+    whose checkpoints were chosen on different splits leave no half that none of them has seen, so they are refused."""
+    default = DataConfig.model_fields["selection_seed"].default
+    seeds: dict[int, list[str]] = {}
+    for name, info in zip(names, infos):
+        data = (info.get("config") or {}).get("data") or {}
+        seeds.setdefault(int(data.get("selection_seed", default)), []).append(name)
+    if len(seeds) > 1:
+        found = "; ".join(f"{seed}: {', '.join(n)}" for seed, n in sorted(seeds.items()))
+        raise EnsembleError(f"the members were trained on different dev splits (data.selection_seed {found}); "
+                            "choose members of one split, so that half B stays held out for all of them")
+    return next(iter(seeds), default)
 
 
 def member_info(path: Path) -> dict[str, Any]:
@@ -180,8 +218,8 @@ def build_ensemble(members: Sequence[MemberSource | Path | str], out: str | Path
         if name in names:
             raise EnsembleError(f"member name {name!r} is used twice; give the members distinct names")
         names.append(name)
-        dev_f1 = src.dev_f1 if src.dev_f1 is not None else (info.get("dev") or {}).get("dev_f1")
-        entries.append({"name": name, "path": f"{MEMBERS_DIR}/{name}", "dev_f1": dev_f1, "seed": seed,
+        dev_f1_a = src.dev_f1_a if src.dev_f1_a is not None else (info.get("dev") or {}).get("dev_f1_a")
+        entries.append({"name": name, "path": f"{MEMBERS_DIR}/{name}", "dev_f1_a": dev_f1_a, "seed": seed,
                         "encoder": info.get("encoder"), "system": info.get("system"), "markers": info.get("markers"),
                         "max_length": info.get("max_length"), "interval": info.get("interval"), "source": src.source,
                         "weight": int(src.weight)})
@@ -190,6 +228,7 @@ def build_ensemble(members: Sequence[MemberSource | Path | str], out: str | Path
     if len(intervals) > 1 and not interval:
         say(f"members were trained with different GENE intervals {sorted(intervals)}; the ensemble uses {list(chosen)}")
     encoders = sorted({str(e["encoder"]) for e in entries})
+    split_seed = selection_seed(infos, names)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
@@ -199,6 +238,7 @@ def build_ensemble(members: Sequence[MemberSource | Path | str], out: str | Path
         meta: dict[str, Any] = {
             "format_version": FORMAT_VERSION, "kind": KIND, "vote": vote, "interval": list(chosen),
             "encoder": encoders[0] if len(encoders) == 1 else encoders, "members": entries, "dev": None,
+            "selection_seed": split_seed,
             "source": source or {}, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         if decision is not None and not decision.is_argmax:
@@ -210,7 +250,8 @@ def build_ensemble(members: Sequence[MemberSource | Path | str], out: str | Path
             if documents is None:
                 documents, split = dev_documents(infos[0])
             predictor = _unverified_predictor(staging, meta, device=device)
-            evaluation = evaluate(predictor, documents, names, split=split, vote=vote, progress=progress)
+            evaluation = evaluate(predictor, documents, names, selection_seed=split_seed, split=split, vote=vote,
+                                  progress=progress)
             meta["dev"] = evaluation.as_dict()
             if evaluation.early_exit is not None:
                 meta["early_exit"] = evaluation.early_exit

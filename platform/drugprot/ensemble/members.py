@@ -52,7 +52,7 @@ def is_seed_key(key: str) -> bool:
 
 def is_finished(record) -> bool:
     state = str(getattr(record, "state", "") or "").lower()
-    return state in FINISHED_STATES and getattr(record, "best_dev_f1", None) is not None
+    return state in FINISHED_STATES and getattr(record, "best_dev_f1_a", None) is not None
 
 
 def configuration(record) -> str:
@@ -73,7 +73,7 @@ def select_top_k(records: Sequence, top_k: int, *, study: str = "") -> Selection
     if top_k < 1:
         raise EnsembleError(f"--top-k must be at least 1, got {top_k}")
     label = f"study {study!r}" if study else "the study"
-    finished = sorted((r for r in records if is_finished(r)), key=lambda r: float(r.best_dev_f1), reverse=True)
+    finished = sorted((r for r in records if is_finished(r)), key=lambda r: float(r.best_dev_f1_a), reverse=True)
     if top_k > len(finished):
         states: dict[str, int] = {}
         for r in records:
@@ -115,7 +115,7 @@ def best_trial(records: Sequence, *, study: str = ""):
     finished = [r for r in records if is_finished(r)]
     if not finished:
         raise EnsembleError(f"study {study!r} has no finished trial with a dev F1 to reseed; wait for it to finish")
-    return max(finished, key=lambda r: float(r.best_dev_f1))
+    return max(finished, key=lambda r: float(r.best_dev_f1_a))
 
 
 def new_seeds(used: Sequence[int], k: int, *, start: int | None = None) -> list[int]:
@@ -180,7 +180,7 @@ def reseed(record, k: int, *, work_dir: str | Path, study: str = "", seeds: Sequ
     base = build_config(config, f"trial {record.trial_id} config")
     space = parse_space({"description": f"reseed of {study} trial {record.trial_id}", "params": {"train.seed": {"choice": seeds}}},
                         f"reseed of {record.trial_id}", base)
-    say(f"reseeding trial {record.trial_id} (dev F1 {float(record.best_dev_f1):.4f}) with seeds {seeds}: "
+    say(f"reseeding trial {record.trial_id} (dev F1 {float(record.best_dev_f1_a):.4f}) with seeds {seeds}: "
         f"{k} Ray Tune trial(s) of drugprot.tuning.run_trial")
     from drugprot.tuning.trainable import best_model_store
 
@@ -206,9 +206,9 @@ def reseed(record, k: int, *, work_dir: str | Path, study: str = "", seeds: Sequ
                 raise EnsembleError(f"reseed seed {seed}: training produced no model{why}")
             shutil.move(best / "model", folder)
             info = json.loads((folder / "drugprot.json").read_text())
-            dev_f1 = (info.get("dev") or {}).get("dev_f1")
-            results.append({"seed": seed, "dev_f1": dev_f1})
-            members.append(MemberSource(folder, name=f"reseed-seed{seed}", dev_f1=dev_f1, seed=seed,
+            dev_f1_a = (info.get("dev") or {}).get("dev_f1_a")
+            results.append({"seed": seed, "dev_f1_a": dev_f1_a})
+            members.append(MemberSource(folder, name=f"reseed-seed{seed}", dev_f1_a=dev_f1_a, seed=seed,
                                         source={"study": study, "reseed_of": str(record.trial_id), "seed": seed}))
         return ReseedResult(members, seeds, results)
     finally:

@@ -197,12 +197,17 @@ def log_ensemble(folder: str | Path, *, tracking_uri: str | None = None, experim
             metrics.update({"dev_f1": ensemble["f1"], "dev_precision": ensemble["precision"], "dev_recall": ensemble["recall"]})
             metrics.update({f"dev_f1.{t}": f for t, f in ensemble["per_type"].items()})
             metrics.update({f"member_dev_f1.{n}": r["f1"] for n, r in dev["members"].items()})
+            held_out = dev.get("held_out_b") or {}
+            if held_out:  # the half of dev that no choice saw
+                metrics.update({"dev_f1_b": held_out["ensemble"]["f1"], "dev_precision_b": held_out["ensemble"]["precision"],
+                                "dev_recall_b": held_out["ensemble"]["recall"]})
+                metrics.update({f"member_dev_f1_b.{n}": r["f1"] for n, r in held_out["members"].items()})
         calibrated = meta.get("early_exit") or {}
         metrics.update({f"early_exit_{key}": calibrated[key] for key in ("confidence", "agreement", "member_pair_share")
                         if key in calibrated})
         for entry in meta["members"]:
-            if entry.get("dev_f1") is not None:
-                metrics[f"member_trial_f1.{entry['name']}"] = float(entry["dev_f1"])
+            if entry.get("dev_f1_a") is not None:
+                metrics[f"member_trial_f1_a.{entry['name']}"] = float(entry["dev_f1_a"])
         for key, value in metrics.items():
             registry.log_metric(run_id, key, float(value))
         registry.log_dict(run_id, meta, "ensemble/ensemble.json")

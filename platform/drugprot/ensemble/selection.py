@@ -1,31 +1,32 @@
 """Honest ensemble selection from stored dev probabilities: choose on half A of the dev documents, report on half B.
 
-Every finished trial stored its class probabilities on the dev pairs at its best evaluation
+Every finished trial stored its class probabilities on the dev pairs at its best evaluation on half A
 (``drugprot.model.dev_probabilities``), so ensembles are chosen and scored here without running any member.
 
-* **Halves** (:func:`split_halves`): the dev documents, ordered by their number of gold relations, are taken two at
-  a time and one of each two goes to A, the other to B (a seeded coin), so both halves hold similar numbers of
-  relations and documents.
+* **Halves** (:func:`drugprot.dev_halves.split_halves`): the one split of the study, by the ``data.selection_seed``
+  every trial was trained with (:func:`stored_selection_seed`), so half B has chosen no checkpoint, no trial's fate
+  under ASHA and TPE, and nothing here.
 * **Candidates**, each chosen on A only, then scored on B (:func:`compare`): the best single trial; the top-k trials
   by F1 on A; the seeds of the best trial's configuration (when the study has several); greedy forward selection
   with replacement (Caruana et al., 2004) up to ``max_size`` votes, ties to fewer members, hard and soft vote tried;
   that greedy ensemble with a calibrated margin over NONE, then with per-type thresholds as well, then (reported,
   used only with ``multi_label``) with a second type per pair.
-* **Refit**: the chosen recipe (best on A; ties to fewer members) is run again on the whole dev set for the model
-  that gets registered, which the table states: its dev F1 is then no longer held out.
+* **Chosen**: the recipe best on A (ties to fewer members) is the ensemble that is built and registered as it is,
+  members, weights, vote and thresholds, so its figures on B stay held out; the promotion gate compares on B too.
 """
 
 from __future__ import annotations
 
 import json
-import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
+from drugprot.config import DataConfig
 from drugprot.decision import Decision
+from drugprot.dev_halves import split_halves
 from drugprot.encoding import LABELS
 from drugprot.ensemble_folder import EnsembleError, check_vote
 from drugprot.inference import combine
@@ -46,6 +47,7 @@ class TrialProbabilities:
     probabilities: torch.Tensor  # (len(keys), len(LABELS))
     configuration: str = ""  # the searched parameters but the seed (JSON), to find seeds of one configuration
     record: Any = None  # the TrialRecord it came from
+    selection_seed: int | None = None  # the A/B split its checkpoint was chosen on (None: not recorded)
 
 
 @dataclass
@@ -84,11 +86,8 @@ class Comparison:
     halves: tuple[Half, Half]
     seed: int
     candidates: list[Candidate]
-    chosen: Candidate
-    refit: Recipe
-    refit_f1: float  # on the whole dev set (not held out)
+    chosen: Candidate  # best on A: the ensemble that is built and registered
     multi_label_helps: bool | None
-    chosen_best_member_b: float | None  # the chosen recipe's best single member on B (None for one member)
 
     def table(self) -> str:
         a, b = self.halves
@@ -99,8 +98,9 @@ class Comparison:
             mark = " *" if c is self.chosen else ""
             lines.append(f"{c.recipe.label:<48} {c.recipe.size:>5} {c.recipe.vote:>4} {c.f1_a:>7.4f} "
                          f"{c.b.precision:>7.4f} {c.b.recall:>7.4f} {c.b.f1:>7.4f}{mark}")
-        lines.append(f"* chosen on A: {self.chosen.recipe.label}; refit on the whole dev set for the registered model: "
-                     f"{self.describe(self.refit)} (dev F1 {self.refit_f1:.4f}, chosen on these documents, not held out)")
+        lines.append(f"* chosen on A and built as it is: {self.describe(self.chosen.recipe)}. The B columns are held "
+                     f"out: no checkpoint, trial, member, weight or threshold was chosen on B; the promotion gate "
+                     f"compares on B as well")
         if self.multi_label_helps is not None:
             lines.append(f"multi-label output on B: {'helps' if self.multi_label_helps else 'does not help'}")
         return "\n".join(lines)
@@ -124,23 +124,25 @@ class Comparison:
                 "halves": {h.name: {"documents": len(h.documents), "relations": h.relations} for h in (a, b)},
                 "candidates": [{**recipe(c.recipe), "f1_a": round(c.f1_a, 6), "b": scored(c.b),
                                 "chosen": c is self.chosen} for c in self.candidates],
-                "chosen": self.chosen.recipe.label,
-                "refit": {**recipe(self.refit), "dev_f1": round(self.refit_f1, 6), "held_out": False},
-                "multi_label_helps": self.multi_label_helps}
+                "chosen": {**recipe(self.chosen.recipe), "f1_a": round(self.chosen.f1_a, 6), "b": scored(self.chosen.b)},
+                "held_out": "B", "multi_label_helps": self.multi_label_helps}
 
 
-def split_halves(documents: Sequence, seed: int) -> tuple[list, list]:
-    """Documents in two halves with similar relation counts: by relation count, one of each two to A (seeded)."""
-    rng = random.Random(seed)
-    ordered = sorted(documents, key=lambda d: (len(d.relations), d.pmid))
-    a, b = [], []
-    for i in range(0, len(ordered), 2):
-        pair = ordered[i:i + 2]
-        rng.shuffle(pair)
-        a.append(pair[0])
-        if len(pair) > 1:
-            b.append(pair[1])
-    return a, b
+def stored_selection_seed(trials: Sequence[TrialProbabilities]) -> int:
+    """The ``data.selection_seed`` the trials were chosen on (their dev probabilities', else their config's); trials
+    chosen on different splits would let one trial's half B choose another's checkpoint, so they are refused."""
+    default = DataConfig.model_fields["selection_seed"].default
+    seeds: dict[int, list[str]] = {}
+    for trial in trials:
+        seed = trial.selection_seed
+        if seed is None:
+            seed = int(((getattr(trial.record, "config", None) or {}).get("data") or {}).get("selection_seed", default))
+        seeds.setdefault(seed, []).append(trial.name)
+    if len(seeds) > 1:
+        found = "; ".join(f"{seed}: {', '.join(names[:3])}" for seed, names in sorted(seeds.items()))
+        raise EnsembleError(f"the trials were chosen on different dev splits (data.selection_seed {found}); an "
+                            "ensemble needs trials of one split, so that half B stays held out for all of them")
+    return next(iter(seeds), default)
 
 
 def align(trials: Sequence[TrialProbabilities]) -> tuple[list[tuple[str, str, str]], torch.Tensor]:
@@ -273,10 +275,10 @@ def choose(scorer: Scorer, trials: Sequence[TrialProbabilities], *, select: str,
     return recipes, kept
 
 
-def compare(trials: Sequence[TrialProbabilities], documents: Sequence, *, seed: int = 0, select: str = "greedy",
+def compare(trials: Sequence[TrialProbabilities], documents: Sequence, *, select: str = "greedy",
             top: int = 5, max_size: int = DEFAULT_MAX_SIZE, multi_label: bool = False,
             progress: Callable[[int], None] | None = None) -> Comparison:
-    """The A/B table of every candidate (see the module docstring) and the chosen recipe refit on all of dev."""
+    """The A/B table of every candidate (see the module docstring), on the trials' own A/B split."""
     if not trials:
         raise EnsembleError("no trial with stored dev probabilities to choose from")
     if max_size < 1:
@@ -292,8 +294,9 @@ def compare(trials: Sequence[TrialProbabilities], documents: Sequence, *, seed: 
         chosen = {d.pmid for d in docs}
         return Half(name, list(docs), torch.tensor([i for i, k in enumerate(keys) if k[0] in chosen], dtype=torch.long))
 
-    a_docs, b_docs = split_halves(documents, seed)
-    a, b = half("A", a_docs), half("B", b_docs)
+    seed = stored_selection_seed(trials)
+    halves = split_halves(documents, seed)
+    a, b = half("A", halves.a), half("B", halves.b)
     on_a, on_b = Scorer(keys, table, a), Scorer(keys, table, b)
     recipes, kept = choose(on_a, trials, select=select, top=top, max_size=max_size, multi_label=multi_label,
                            progress=progress)
@@ -302,12 +305,7 @@ def compare(trials: Sequence[TrialProbabilities], documents: Sequence, *, seed: 
     multi = next((c for c in candidates if c.recipe.decision.second_type is not None), None)
     single_type = next((c for c in candidates if c.recipe.label.endswith("type thresholds")), None)
     helps = None if multi is None or single_type is None else multi.b.f1 > single_type.b.f1
-    whole = Scorer(keys, table, half("dev", documents))
-    refit_recipes, _ = choose(whole, trials, select=select, top=top, max_size=max_size, multi_label=multi_label,
-                              progress=progress)
-    refit = next(r for r in refit_recipes if r.label == kept.label)
-    best_member = max((on_b.f1(Recipe("", {m: 1})) for m in kept.members), default=None) if len(kept.members) > 1 else None
-    return Comparison([t.name for t in trials], (a, b), seed, candidates, chosen, refit, whole.f1(refit), helps, best_member)
+    return Comparison([t.name for t in trials], (a, b), seed, candidates, chosen, helps)
 
 
 def study_trial_probabilities(records: Sequence, tracking_uri: str, work, *,
@@ -329,7 +327,8 @@ def study_trial_probabilities(records: Sequence, tracking_uri: str, work, *,
         stored = load_dev_probabilities(path)
         if stored.labels != LABELS:
             raise EnsembleError(f"trial {record.trial_id}: {path.name} has labels {list(stored.labels)}, expected {list(LABELS)}")
-        trials.append(TrialProbabilities(name, stored.keys, stored.probabilities, configuration(record), record))
+        trials.append(TrialProbabilities(name, stored.keys, stored.probabilities, configuration(record), record,
+                                         stored.selection_seed))
     if missing:
         log(f"note: {len(missing)} finished trial(s) have no stored dev probabilities (trained before they were "
             f"kept) and are left out: {', '.join(missing[:5])}")

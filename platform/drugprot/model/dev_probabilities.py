@@ -1,4 +1,4 @@
-"""A trained model's class probabilities on the development pairs, saved at its best evaluation.
+"""A trained model's class probabilities on the development pairs, saved at its best evaluation (best on dev half A).
 
 Ensembles are chosen and scored from these files without running any member again (``drugprot ensemble
 --select greedy``). One file, ``dev_probabilities.safetensors``, written next to the best ``model/`` folder and
@@ -8,7 +8,9 @@ logged as an artifact of the trial's MLflow run:
   pairs the model could not encode (too long) carry P(NONE) = 1, exactly as the evaluation scored them;
 * metadata (safetensors' string map): ``kind`` = ``drugprot-dev-probabilities``, ``format_version`` = ``1``,
   ``labels`` (JSON list), ``keys`` (JSON list of ``[pmid, chemical id, gene id]``, one per row, in row order),
-  ``split`` (the dev split name), ``eval`` and ``dev_f1`` (the evaluation the probabilities come from).
+  ``split`` (the dev split name), ``eval`` and ``dev_f1_a`` (the evaluation the probabilities come from and its F1
+  on half A, which chose it), ``selection_seed`` (``data.selection_seed``: the A/B split every later choice must
+  keep, drugprot.dev_halves).
 
 The file is written to a temporary name and renamed, so a crash never leaves half a file.
 """
@@ -39,11 +41,13 @@ class DevProbabilities:
     labels: tuple[str, ...]
     split: str
     eval: int | None = None
-    dev_f1: float | None = None
+    dev_f1_a: float | None = None
+    selection_seed: int | None = None  # None: written before the A/B split was stored
 
 
 def save_dev_probabilities(folder: str | os.PathLike, candidates: Sequence, probabilities: torch.Tensor, *, labels: Sequence[str],
-                           split: str, eval: int | None = None, dev_f1: float | None = None) -> Path:
+                           split: str, eval: int | None = None, dev_f1_a: float | None = None,
+                           selection_seed: int | None = None) -> Path:
     """Write ``folder/dev_probabilities.safetensors`` for ``candidates`` (rows of ``probabilities`` in the same order)."""
     from safetensors.torch import save_file
 
@@ -53,7 +57,8 @@ def save_dev_probabilities(folder: str | os.PathLike, candidates: Sequence, prob
     staging = path.with_name(f".{FILE}.tmp")
     metadata = {"kind": KIND, "format_version": FORMAT_VERSION, "labels": json.dumps(list(labels)), "split": split,
                 "keys": json.dumps([[c.pmid, c.chemical.id, c.gene.id] for c in candidates]),
-                "eval": "" if eval is None else str(eval), "dev_f1": "" if dev_f1 is None else repr(float(dev_f1))}
+                "eval": "" if eval is None else str(eval), "dev_f1_a": "" if dev_f1_a is None else repr(float(dev_f1_a)),
+                "selection_seed": "" if selection_seed is None else str(selection_seed)}
     save_file({"probabilities": probabilities.to(torch.float16).contiguous()}, str(staging), metadata=metadata)
     staging.replace(path)
     return path
@@ -82,4 +87,5 @@ def load_dev_probabilities(path: str | os.PathLike) -> DevProbabilities:
         raise DrugprotError(f"{path}: probabilities {tuple(probabilities.shape)} do not match {len(keys)} keys × {len(labels)} labels")
     return DevProbabilities(keys, probabilities, labels, metadata.get("split", ""),
                             int(metadata["eval"]) if metadata.get("eval") else None,
-                            float(metadata["dev_f1"]) if metadata.get("dev_f1") else None)
+                            float(metadata["dev_f1_a"]) if metadata.get("dev_f1_a") else None,
+                            int(metadata["selection_seed"]) if metadata.get("selection_seed") else None)

@@ -150,7 +150,7 @@ class MemberInfo(BaseModel):
     encoder: str | None = None
     system: str | None = None
     markers: str | None = None
-    dev_f1: float | None = None
+    dev_f1: float | None = Field(None, description="F1 on development half A, the half its checkpoint was chosen on.")
 
 
 class ModelInfo(BaseModel):

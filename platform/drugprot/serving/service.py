@@ -255,8 +255,8 @@ class ModelService:
                 name=_text(entry.get("name")), encoder=_text(info.get("encoder") or entry.get("encoder")),
                 system=_text(info.get("system")), markers=_text(info.get("markers")),
                 seed=entry.get("seed") if isinstance(entry.get("seed"), int) else None,
-                dev_f1=_number(entry.get("dev_f1")) if entry.get("dev_f1") is not None
-                else _number((info.get("dev") or {}).get("dev_f1"))))
+                dev_f1=_number(entry.get("dev_f1_a")) if entry.get("dev_f1_a") is not None
+                else _number((info.get("dev") or {}).get("dev_f1_a"))))
         dev_f1 = self.registry.get("dev_f1")
         if dev_f1 is None:  # an ensemble folder's own evaluation, else a single member's
             dev_f1 = _first_number(metadata, ("dev", "ensemble", "f1"))

@@ -199,8 +199,8 @@ class ProgressTable(Callback):
         last = int((trial.last_result or {}).get("eval", 0))
         if self._states.get(trial.trial_id) != "early-stopped" or last >= self.max_t:
             self._states[trial.trial_id] = "finished"
-        print(f"[{self.study}] trial {trial.trial_id} {self._states[trial.trial_id]}: best dev F1 "
-              f"{_f1((trial.last_result or {}).get('best_dev_f1'))} after {last} evaluations",
+        print(f"[{self.study}] trial {trial.trial_id} {self._states[trial.trial_id]}: best dev F1 A "
+              f"{_f1((trial.last_result or {}).get('best_dev_f1_a'))} after {last} evaluations",
               file=self.stream or sys.stdout, flush=True)
         self.show(trials)
 
@@ -230,7 +230,7 @@ def render_table(trials, states: dict[str, str], space, study: str, num_samples:
     best = None
     for trial in trials:
         result = trial.last_result or {}
-        f1 = result.get("best_dev_f1")
+        f1 = result.get("best_dev_f1_a")
         if isinstance(f1, (int, float)) and (best is None or f1 > best[1]):
             best = (trial.trial_id, f1)
         state = states.get(trial.trial_id) or trial.status.lower()

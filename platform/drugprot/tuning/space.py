@@ -9,7 +9,7 @@ A space file looks like this (``search_spaces/paper.yaml``)::
     seed: 0                                    # seeds Optuna's TPE sampler and the trials' seeds (default 0)
     startup_trials: 10                         # random trials before TPE models the space (default 10)
     scheduler:                                 # ASHA; every key optional
-      metric: dev_f1                           # a reported metric (dev_f1, best_dev_f1, dev_precision, ...)
+      metric: dev_f1_a                         # a reported metric on dev half A (dev_f1_a, best_dev_f1_a, ...)
       mode: max
       grace_epochs: 3                          # no cut before 3 epochs; or grace_period: N evaluations (default 1)
       reduction_factor: 3
@@ -75,7 +75,7 @@ SEED_KEY = "train.seed"
 #: Beside the values in a Tune trial's config: the trial's Optuna trial number (not a config key).
 OPTUNA_TRIAL_KEY = "optuna.trial_number"
 #: Metrics the trainable reports after every evaluation that a scheduler may rank trials by.
-SCHEDULER_METRICS = ("dev_f1", "best_dev_f1", "dev_precision", "dev_recall", "train_loss")
+SCHEDULER_METRICS = ("dev_f1_a", "best_dev_f1_a", "dev_precision_a", "dev_recall_a", "train_loss")  # never B
 
 
 class SpaceError(ConfigError):
@@ -144,7 +144,7 @@ class Param:
 
 @dataclass(frozen=True)
 class SchedulerSpec:
-    metric: str = "dev_f1"
+    metric: str = "dev_f1_a"
     mode: str = "max"
     grace_period: int | None = None  # evaluations before the first cut (default 1); or, in epochs, grace_epochs
     grace_epochs: float | None = None
@@ -514,7 +514,7 @@ def _config_key(key: str) -> str:
 
 
 class SchedulerFile(_Strict):
-    metric: Literal[SCHEDULER_METRICS] = "dev_f1"
+    metric: Literal[SCHEDULER_METRICS] = "dev_f1_a"
     mode: Literal["max", "min"] = "max"
     grace_period: StrictInt | None = Field(None, ge=1)
     grace_epochs: Number | None = Field(None, gt=0)

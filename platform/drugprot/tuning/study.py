@@ -168,7 +168,7 @@ class StudyResult:
 
     @property
     def best(self):
-        return next((t for t in self.trials if t.best_dev_f1 is not None), None)
+        return next((t for t in self.trials if t.best_dev_f1_a is not None), None)
 
     @property
     def link(self) -> str:
@@ -656,8 +656,9 @@ def _parent_params(study: _Study) -> dict[str, Any]:
     return params
 
 
-#: What Optuna optimises, as optuna-dashboard names it: a trial's best dev F1 so far (its last value is the trial's).
-OPTUNA_OBJECTIVE = "best_dev_f1"
+#: What Optuna optimises, as optuna-dashboard names it: a trial's best F1 on dev half A so far (its last value is the
+#: trial's); TPE never sees half B.
+OPTUNA_OBJECTIVE = "best_dev_f1_a"
 
 
 def define_by_run(space: SearchSpace, config: dict[str, Any], trial) -> dict[str, Any]:
@@ -760,7 +761,7 @@ def _close(grid, study: _Study, *, complete: bool, wall_s: float, say: Callable[
     tracker.log_totals(tracker.parent_run_id, {k: v for k, v in cost.items() if isinstance(v, (int, float))})
     plots: list[Path] = []
     best_config = None
-    best = next((r for r in records if r.best_dev_f1 is not None), None)
+    best = next((r for r in records if r.best_dev_f1_a is not None), None)
     with tempfile.TemporaryDirectory(prefix="drugprot-plots-") as scratch:
         artifacts: dict[str, Path] = {}
         table = Path(scratch) / tracking.TRIALS_ARTIFACT
@@ -812,7 +813,7 @@ def _reconcile(tracker, result, trial_id: str, *, max_t: int) -> None:
         return
     from drugprot.tuning.cost import trial_cost
 
-    logged = [m.step for m in tracker.client.get_metric_history(run_id, "dev_f1")]
+    logged = [m.step for m in tracker.client.get_metric_history(run_id, "dev_f1_a")]
     last_eval = int((result.metrics or {}).get("eval") or max(logged, default=0))
     state = trial_state(error=result.error is not None, stopped_by_scheduler=None, last_eval=last_eval, max_t=max_t)
     tracker.log_totals(run_id, trial_cost({**(result.metrics or {}), "eval": last_eval}, state=state).metrics())
@@ -837,7 +838,7 @@ def summary(result: StudyResult) -> str:
     best = result.best
     if best is not None:
         params = ", ".join(f"{k}={_short(v)}" for k, v in sorted(best.params.items()))
-        lines.append(f"best trial {best.trial_id}: dev F1 {best.best_dev_f1:.4f} ({best.state}, seed {best.seed}); {params}")
+        lines.append(f"best trial {best.trial_id}: dev F1 on half A {best.best_dev_f1_a:.4f} ({best.state}, seed {best.seed}); {params}")
         if result.best_config is not None:
             lines.append(f"best config: {result.best_config}")
     else:
@@ -866,9 +867,9 @@ def summary_json(result: StudyResult) -> dict[str, Any]:
             "parent_run_id": result.parent_run_id, "link": result.link,
             "optuna_storage": mask_url(result.optuna_storage) if result.optuna_storage else None,
             "best": None if best is None else {"trial_id": best.trial_id, "run_id": best.run_id,
-                                               "dev_f1": best.best_dev_f1, "params": best.params},
+                                               "dev_f1_a": best.best_dev_f1_a, "params": best.params},
             "best_config": str(result.best_config) if result.best_config else None,
-            "trials": [{"trial_id": t.trial_id, "run_id": t.run_id, "state": t.state, "best_dev_f1": t.best_dev_f1,
+            "trials": [{"trial_id": t.trial_id, "run_id": t.run_id, "state": t.state, "best_dev_f1_a": t.best_dev_f1_a,
                         "params": t.params} for t in result.trials],
             "cost": result.cost, "plots": [str(p) for p in result.plots], "notes": result.notes}
 

@@ -1,7 +1,8 @@
 """The Ray Tune trial: one :func:`drugprot.training.train` run whose evaluations go to ``tune.report``.
 
 Every evaluation reports the training metrics (minus the per-type table, which stays nested under ``dev_per_type``)
-plus ``best_dev_f1`` (running maximum, what Optuna optimises), ``resumed_from_eval`` (0 for a fresh start), its cost
+plus ``best_dev_f1_a`` (running maximum of ``dev_f1_a``, the F1 on dev half A, what Optuna optimises and ASHA
+ranks; ``dev_f1_all`` is the whole development set, reported only), ``resumed_from_eval`` (0 for a fresh start), its cost
 so far (``wall_s``, ``device_s``; see :mod:`drugprot.tuning.cost`, carried in ``cost.json``), and where the trial runs
 (``node_id``, ``node_ip``, ``pid``, ``gpu_ids``: the GPUs Ray assigned it, comma-separated). What goes to the study storage is bounded, because for BERT-base
 the resumable state is 1.3 GB and a study has dozens of trials:
@@ -42,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from drugprot.config import build_config
+from drugprot.dev_halves import SELECTION_METRIC
 from drugprot.model.dev_probabilities import FILE as DEV_PROBABILITIES
 from drugprot.tuning.cost import COST_FILE, TrialClock
 
@@ -85,7 +87,7 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], space, threads: i
                         shutil.move(Path(staging) / name, run_dir / name)
         evaluations = _read_json(run_dir / "metrics.json").get("evaluations", [])
         resumed_from = evaluations[-1]["eval"] if evaluations else 0
-        best = max((e["dev_f1"] for e in evaluations), default=best)
+        best = max((e[SELECTION_METRIC] for e in evaluations), default=best)
         clock = TrialClock.resume(run_dir, gpus=gpus)
 
     reporter = TrialReporter(
@@ -209,11 +211,11 @@ class TrialReporter:
         self._report = report
 
     def __call__(self, metrics: dict[str, Any], run_dir: Path) -> None:
-        self.best = max(self.best, float(metrics["dev_f1"]))
+        self.best = max(self.best, float(metrics[SELECTION_METRIC]))
         saved = {"model_saved": bool(metrics.get("model_saved")), "state_saved": bool(metrics.get("state_saved"))}
         result = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         result["dev_per_type"] = dict(metrics.get("dev_per_type") or {})
-        result.update(best_dev_f1=self.best, resumed_from_eval=self.resumed_from, **self.where)
+        result.update(best_dev_f1_a=self.best, resumed_from_eval=self.resumed_from, **self.where)
         if self.clock is not None:
             result.update(self.clock.save(run_dir))
         if metrics["eval"] >= 3 and self.fault_marker:
