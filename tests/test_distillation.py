@@ -81,3 +81,11 @@ def test_cli_distill_refuses_an_unknown_teacher_before_training(tmp_path, capsys
     code = main(["distill", "--teacher", str(tmp_path / "nope"), "--config", str(SMOKE), "--out", str(tmp_path / "s")])
     assert code != 0 and f"--teacher {tmp_path / 'nope'}: no such folder" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+
+
+def test_cli_distill_refuses_a_teacher_chosen_on_another_split_before_training(biased_ensemble, tmp_path, capsys):  # noqa: F811
+    code = main(["distill", "--teacher", str(biased_ensemble), "--config", str(SMOKE), "--set", "data.selection_seed=1",
+                 "--out", str(tmp_path / "s"), "--device", "cpu", "--quiet"])
+    assert code != 0 and (f"--teacher {biased_ensemble} was chosen on dev half A of data.selection_seed 0, the "
+                          "student's config says 1; set data.selection_seed=0") in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()

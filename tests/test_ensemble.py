@@ -641,6 +641,25 @@ def test_half_b_figures_do_not_change_when_the_b_labels_are_permuted_before_sele
     assert [on_true_b.score(c.recipe) for c in blind.candidates] == [c.b for c in honest.candidates]
 
 
+def test_trials_or_members_chosen_on_different_splits_are_refused():
+    from drugprot.ensemble.build import selection_seed
+    from drugprot.ensemble.selection import compare
+
+    docs = _documents(10)
+    same = [_trial("t0", docs, lambda i: 0.9), _trial("t1", docs, lambda i: 0.8)]
+    assert compare(same, docs, top=2, max_size=2).seed == 0  # nothing recorded: the config default
+    mixed = [dataclasses.replace(same[0], selection_seed=0), dataclasses.replace(same[1], selection_seed=3)]
+    with pytest.raises(EnsembleError, match=r"the trials were chosen on different dev splits "
+                                            r"\(data.selection_seed 0: t0; 3: t1\)"):
+        compare(mixed, docs)
+    assert compare([dataclasses.replace(t, selection_seed=3) for t in same], docs, top=2, max_size=2).seed == 3
+    infos = [{"config": {"data": {"selection_seed": 2}}}, {"config": {"data": {}}}]
+    with pytest.raises(EnsembleError, match=r"the members were trained on different dev splits "
+                                            r"\(data.selection_seed 0: m2; 2: m1\)"):
+        selection_seed(infos, ["m1", "m2"])
+    assert selection_seed(infos[:1], ["m1"]) == 2
+
+
 def test_compare_refuses_probabilities_of_other_documents():
     from drugprot.ensemble.selection import compare
 
