@@ -249,7 +249,7 @@ def test_progress_table_lists_params_and_best():
     trials[1].last_result = {"eval": 4, "best_dev_f1_a": 0.5}
     table = render_table(trials, {"t2": "finished"}, space, "demo", 4, 4)
     lines = table.splitlines()
-    assert lines[0] == "[demo] 1/4 done, 1 running; best dev F1 0.5000 (t2)"
+    assert lines[0] == "[demo] 1/4 done, 1 running; best dev F1 A 0.5000 (t2)"
     assert lines[1].split()[:3] == ["trial", "gamma", "lambda"]
     assert "2/4" in lines[2] and "0.2500" in lines[2] and lines[3].rstrip().endswith("finished")
 

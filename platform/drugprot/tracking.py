@@ -51,7 +51,7 @@ Child run (one per Ray trial; run name ``tNN`` and its values, e.g. ``t07 lr=3.1
            ``wall_s`` and ``device_s`` (cost so far, :mod:`drugprot.tuning.cost`); when it ends, at step 0:
            ``evaluations``, ``asha_stopped`` (1 or 0), ``train_pairs_per_s`` (at its last evaluation) and its final
            ``wall_s``/``device_s``.
-    artifacts ``config.yaml`` (the trial's config), ``per_type.csv`` (type, f1 at the best evaluation),
+    artifacts ``config.yaml`` (the trial's config), ``per_type.csv`` (type, f1 on the whole dev set at the best evaluation on half A),
            ``metrics.json`` (every evaluation and the best), ``model/`` (the best model folder, a verified
            drugprot artifact: ``model/manifest.json``, ``model/model.safetensors``, ``model/tokenizer/``, …),
            ``dev_probabilities.safetensors`` (the best model's dev probabilities, see

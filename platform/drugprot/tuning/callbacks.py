@@ -241,7 +241,7 @@ def render_table(trials, states: dict[str, str], space, study: str, num_samples:
     ended = {"finished", "early-stopped", "errored"}
     done = sum(1 for t in trials if t.status in ("TERMINATED", "ERROR") or states.get(t.trial_id) in ended)
     running = sum(1 for t in trials if t.status == "RUNNING" and states.get(t.trial_id) not in ended)
-    title = (f"[{study}] {done}/{num_samples} done, {running} running; best dev F1 "
+    title = (f"[{study}] {done}/{num_samples} done, {running} running; best dev F1 A "
              + (f"{best[1]:.4f} ({best[0]})" if best else "-"))
     hidden = 0
     if len(rows) > MAX_ROWS:  # a long study: the running trials and the best ones
