@@ -261,6 +261,8 @@ def test_local_study_tracks_every_trial_and_asha_stops_some(local_study):
         assert run.data.metrics["nonfinite_steps"] == 0
         assert 0.9 < run.data.metrics["train_interval_recall"] <= 1.0  # the interval's recall ceiling, per trial
         assert 0.0 < run.data.metrics["dev_interval_recall"] <= 1.0
+        assert {"dev_f1_a", "dev_f1_all"} <= set(run.data.metrics)  # A decides, the whole set is reported
+        assert not [name for name in run.data.metrics if name.endswith("_b")]  # half B is never logged per evaluation
         assert set(run.data.params) >= {"loss.gamma", "train.lr", "sampling.interval.lo"}
         assert {"model", "config.yaml", "per_type.csv", "metrics.json"} <= {a.path for a in client.list_artifacts(trial.run_id)}
     parents = client.search_runs([result.experiment_id], "tags.`drugprot.kind` = 'study'")
@@ -268,6 +270,7 @@ def test_local_study_tracks_every_trial_and_asha_stops_some(local_study):
     parent = parents[0]
     assert parent.data.tags[tracking.TAG_STATE] == "finished" and parent.data.tags["ray.version"]
     assert parent.data.params["study.num_samples"] == "4" and parent.data.params["config.train.epochs"] == "2.0"
+    assert parent.data.params["config.data.selection_seed"] == "0"  # the study's A/B split, stored with it
     assert parent.data.metrics["best_dev_f1_a"] == pytest.approx(result.trials[0].best_dev_f1_a)
     assert any(line.startswith("study local: 4 trials") for line in local_study["lines"])
 
