@@ -1,6 +1,7 @@
 """Choosing an ensemble's members from a study: the top-k trials, or K new seeds of the best configuration.
 
-**Top-k** (:func:`select_top_k`): among the study's finished trials (best dev F1 known), ranked by best dev F1:
+**Top-k** (:func:`select_top_k`): among the study's finished trials (best dev F1 known), ranked by their best F1 on
+dev half A (``best_dev_f1_a``; half B stays held out from this choice too):
 
 * when the search space searched the seed (a ``seed`` parameter, e.g. ``train.seed``), the members are the
   distinct seeds of the *best configuration* (all searched parameters but the seed equal to the best trial's),
@@ -12,7 +13,9 @@
 the tuning package's own trainable (``drugprot.tuning.run_trial``) over a grid of the seeds, one trial each.
 (``drugprot.tuning.tune_study`` samples its space with Optuna, which cannot promise K *distinct* seeds, so the
 grid runs here; a ``drugprot.tuning.reseed`` facade, if the tuning package adds one, is used instead.) The
-ensemble is then the K new models only: their dev F1 carries no selection bias.
+ensemble is then the K new models only. Their dev F1 still carries selection bias, through their checkpoints (each
+its best evaluation) and their configuration (it won the search); both were chosen on half A, so their figures on
+half B are the held-out ones.
 """
 
 from __future__ import annotations
@@ -69,7 +72,7 @@ def _seed(record):
 
 
 def select_top_k(records: Sequence, top_k: int, *, study: str = "") -> Selection:
-    """The members for a top-k ensemble (see the module docstring), best dev F1 first."""
+    """The members for a top-k ensemble (see the module docstring), best F1 on dev half A first."""
     if top_k < 1:
         raise EnsembleError(f"--top-k must be at least 1, got {top_k}")
     label = f"study {study!r}" if study else "the study"
@@ -180,7 +183,7 @@ def reseed(record, k: int, *, work_dir: str | Path, study: str = "", seeds: Sequ
     base = build_config(config, f"trial {record.trial_id} config")
     space = parse_space({"description": f"reseed of {study} trial {record.trial_id}", "params": {"train.seed": {"choice": seeds}}},
                         f"reseed of {record.trial_id}", base)
-    say(f"reseeding trial {record.trial_id} (dev F1 {float(record.best_dev_f1_a):.4f}) with seeds {seeds}: "
+    say(f"reseeding trial {record.trial_id} (dev F1 on half A {float(record.best_dev_f1_a):.4f}) with seeds {seeds}: "
         f"{k} Ray Tune trial(s) of drugprot.tuning.run_trial")
     from drugprot.tuning.trainable import best_model_store
 
