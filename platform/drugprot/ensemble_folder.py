@@ -8,7 +8,7 @@ package (which builds, selects and registers ensembles) sits above inference, so
     ENSEMBLE/
       ensemble.json        format_version, kind, vote, interval, encoder, members (name, path, dev_f1, seed,
                            source trial/run, weight: votes it casts, default 1), decision (optional: margin,
-                           thresholds, second_type; see drugprot.decision), dev metrics (ensemble and each member),
+                           thresholds, second_type; see drugprot.inference.voting), dev metrics (ensemble and each member),
                            source (study, selection), selection (optional: the A/B table it was chosen from)
       manifest.json        {"format_version": 1, "files": {relative path: sha256}} for every other file in the
                            tree, the members' own manifest.json files included

@@ -37,7 +37,7 @@ def _distill(args) -> int:
     from drugprot.distillation import distill, measure
     from drugprot.ensemble.selection import split_halves
     from drugprot.errors import DrugprotError
-    from drugprot.inference import Predictor
+    from drugprot.inference.loading import Predictor
     from drugprot.training import load_documents
 
     say = (lambda message: print(message, file=sys.stderr, flush=True)) if args.json else print

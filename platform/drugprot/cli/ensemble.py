@@ -163,7 +163,7 @@ def _gate(args, built, comparison, say):
 
 def champion_f1_on(args, documents, say) -> float | None:
     """The current ``--alias`` version run on ``documents`` (the one inference path), or None when there is none."""
-    from drugprot.inference import load_predictor, relation_rows
+    from drugprot.inference.loading import load_predictor, relation_rows
     from drugprot.scoring import score
     from drugprot.registry import RegistryError
 

@@ -2,7 +2,7 @@
 
 Light to import (no torch, Ray or MLflow until a function needs them). The package sits above
 ``drugprot.inference``: the folder format it writes is ``drugprot.ensemble_folder`` and loading one is
-``drugprot.inference.Predictor.from_ensemble``, both below it. The public face:
+``drugprot.inference.loading.Predictor.from_ensemble``, both below it. The public face:
 
 * :func:`build_ensemble` and :class:`MemberSource` (``drugprot.ensemble.build``);
 * :class:`EnsembleError` and ``VOTE_MODES`` (``drugprot.ensemble_folder``);

@@ -43,7 +43,7 @@ class Evaluation:
     documents: int
     vote: str
     scores: dict[str, Any]  # name -> drugprot.scoring.Score; members first, "ensemble" last
-    early_exit: dict[str, Any] | None = None  # drugprot.inference.calibrate_early_exit on these dev pairs
+    early_exit: dict[str, Any] | None = None  # drugprot.ensemble.early_exit.calibrate_early_exit on these dev pairs
 
     @property
     def ensemble(self):
@@ -99,7 +99,8 @@ def evaluate(predictor, documents: Sequence, names: Sequence[str], *, split: str
     from tqdm import tqdm
 
     from drugprot.encoding import LABELS
-    from drugprot.inference import calibrate_early_exit, decode
+    from drugprot.ensemble.early_exit import calibrate_early_exit
+    from drugprot.inference.voting import decode
     from drugprot.scoring import score
 
     vote = vote or predictor.vote_mode
@@ -161,7 +162,7 @@ def build_ensemble(members: Sequence[MemberSource | Path | str], out: str | Path
 
     ``documents`` are the dev documents (default: the first member's dev split, see :func:`dev_documents`).
     The interval defaults to the first member's (members are given best first). ``decision``
-    (a :class:`drugprot.decision.Decision`) and ``selection`` (the A/B table it came from) are recorded in
+    (a :class:`drugprot.inference.voting.Decision`) and ``selection`` (the A/B table it came from) are recorded in
     ``ensemble.json``.
     """
     say = log or (lambda message: print(message, file=sys.stderr, flush=True))
@@ -228,8 +229,8 @@ def build_ensemble(members: Sequence[MemberSource | Path | str], out: str | Path
 
 def _unverified_predictor(staging: Path, meta: dict[str, Any], *, device: str):
     """The staged ensemble as a Predictor, before its manifest exists (only build_ensemble may skip the check)."""
-    from drugprot.decision import Decision
-    from drugprot.inference import Predictor
+    from drugprot.inference.loading import Predictor
+    from drugprot.inference.voting import Decision
     from drugprot.model.artifacts import load_artifact
 
     members = [load_artifact(staging / entry["path"], device="cpu") for entry in meta["members"]]

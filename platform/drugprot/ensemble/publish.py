@@ -112,7 +112,7 @@ def input_example():
     """One bundled development abstract in the model's input format (logged as the model's example)."""
     from drugprot.config import SAMPLE_DIR
     from drugprot.corpus import read_split
-    from drugprot.ensemble.frames import documents_to_frame
+    from drugprot.records import documents_to_frame
 
     document = min(read_split(SAMPLE_DIR, "development").documents, key=lambda d: len(d.title) + len(d.abstract))
     frame = documents_to_frame([document])

@@ -25,10 +25,9 @@ from typing import Any
 
 import torch
 
-from drugprot.decision import Decision
 from drugprot.encoding import LABELS
 from drugprot.ensemble_folder import EnsembleError, check_vote
-from drugprot.inference import combine
+from drugprot.inference.voting import Decision, combine
 from drugprot.scoring import score
 
 MARGINS = tuple(round(-0.3 + 0.05 * i, 2) for i in range(13))  # margin over NONE, on the vote's ranking scale
