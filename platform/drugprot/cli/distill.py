@@ -30,9 +30,6 @@ def register(commands) -> None:
 
 
 def _distill(args) -> int:
-    import os
-
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from drugprot.config import load_config
     from drugprot.distillation import distill, measure
     from drugprot.ensemble.selection import split_halves

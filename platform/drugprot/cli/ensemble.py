@@ -67,11 +67,6 @@ def register(commands) -> None:
 
 
 def _ensemble(args) -> int:
-    import os
-
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     from drugprot.ensemble_folder import EnsembleError, check_vote
 
     check_vote(args.vote, "--vote")

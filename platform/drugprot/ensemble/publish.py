@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from drugprot.ensemble_folder import EnsembleError, read_ensemble_json, verify_tree_manifest
+from drugprot.environment import quiet_defaults
 from drugprot.manifest import manifest_digest
 from drugprot.mlflow_store import check_tracking_uri, client, experiment_artifact_location
 from drugprot.registry import TAG_MANIFEST_SHA256, Gate, RegistrationResult, promote
@@ -165,7 +166,7 @@ def log_ensemble(folder: str | Path, *, tracking_uri: str | None = None, experim
     from drugprot import tracking
 
     say = log or (lambda message: print(message, file=sys.stderr, flush=True))
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    quiet_defaults()
     folder = Path(folder).resolve()
     verify_tree_manifest(folder)
     digest = manifest_digest(folder)  # before the upload: what is registered is what was verified
