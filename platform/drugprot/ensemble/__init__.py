@@ -7,8 +7,8 @@ Light to import (no torch, Ray or MLflow until a function needs them). The packa
 * :func:`build_ensemble` and :class:`MemberSource` (``drugprot.ensemble.build``);
 * :class:`EnsembleError` and ``VOTE_MODES`` (``drugprot.ensemble_folder``);
 * member selection in ``drugprot.ensemble.members``, logging and registering in ``drugprot.ensemble.publish``,
-  the pyfunc model-from-code file ``drugprot/ensemble/pyfunc_model.py``, Ray Data batch prediction in
-  ``drugprot.ensemble.batch``.
+  the pyfunc model-from-code file ``drugprot/ensemble/pyfunc_model.py``, the early exit's calibration in
+  ``drugprot.ensemble.early_exit``.
 """
 
 from __future__ import annotations

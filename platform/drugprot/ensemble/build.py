@@ -3,7 +3,7 @@
 :func:`build_ensemble` copies each (verified) member folder under ``members/NAME/``, evaluates every member and
 the vote side by side on the development documents (one stacked forward gives all members' probabilities),
 writes ``ensemble.json`` and a sha256 manifest of every file, and moves the staged folder into place.
-``drugprot.inference.Predictor.from_ensemble`` verifies the manifest and loads the members as one Predictor.
+``drugprot.inference.loading.Predictor.from_ensemble`` verifies the manifest and loads the members as one Predictor.
 ``ensemble.json`` also records the early exit calibrated on those dev pairs (``drugprot predict --early-exit``).
 """
 
