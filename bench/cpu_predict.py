@@ -135,7 +135,8 @@ class PerCore:
 def ensemble_rows(args, documents, calibration_documents, margin: float) -> tuple[dict, dict, dict]:
     """The ensemble rows: pairs/s of each way to run the members and of the first member alone, on the same path;
     the early exit's confidence is calibrated first, on other development documents."""
-    from drugprot.inference import Predictor, calibrate_early_exit, decode
+    from drugprot.ensemble.early_exit import calibrate_early_exit
+    from drugprot.inference import Predictor, decode
     from drugprot.model.artifacts import load_artifact
 
     paths = args.ensemble or [args.model] * args.members

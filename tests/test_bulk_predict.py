@@ -140,7 +140,7 @@ def test_cascade_scores_in_bf16_and_rescores_close_calls_in_fp32(relation_model_
     candidates = fp32.candidates(dev_sample)
     probs32 = fp32.member_probabilities(dev_sample, candidates)
     everything = Predictor.from_path(relation_model_dir, device="cpu", precision="cascade", cascade_margin=1.0)
-    assert {p.dtype for p in everything._bf16_models[0].parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in everything.scorer.stages[0].scorer.fast.parameters()} == {torch.bfloat16}
     assert everything.members[0].model.classifier.weight.dtype == torch.float32
     assert everything.member_probabilities(dev_sample, candidates).equal(probs32)
     assert everything.rescored_pairs == everything.scored_pairs > 0
@@ -227,9 +227,9 @@ def test_predict_refuses_a_cascade_margin_it_cannot_use(relation_model_dir, dev_
 def test_cascade_margin_reaches_the_predictor_and_pins_the_output_folder(relation_model_dir, dev_sample, tmp_path, capsys):
     """--cascade-margin 0 is bf16 alone: nothing re-scored; the margin is part of the job, so a rerun with another
     margin into the same folder is refused."""
-    from drugprot.inference import load_predictor, run_options
+    from drugprot.inference import InferenceOptions, load_predictor
 
-    bf16 = load_predictor(relation_model_dir, device="cpu", **run_options("cascade", 0.0))
+    bf16 = load_predictor(relation_model_dir, device="cpu", options=InferenceOptions(precision="cascade", cascade_margin=0.0))
     bf16.predict(dev_sample)
     assert bf16.cascade_margin == 0.0 and bf16.scored_pairs > 0 and bf16.rescored_pairs == 0
     write_pubtator(tmp_path / "a.pubtator", dev_sample[:3])

@@ -100,7 +100,7 @@ def test_stacked_probabilities_match_the_loop(biased_members, dev_documents, str
 
 @pytest.mark.parametrize("mode", ["hard", "soft"])
 def test_members_in_turn_skip_settled_pairs_and_predict_the_same(biased_members, dev_documents, mode):
-    from drugprot.decision import Decision
+    from drugprot.inference.voting import Decision
     from drugprot.inference import decode
 
     for decision in (Decision(), Decision(margin=-0.05, thresholds={"INHIBITOR": 0.2}, second_type=0.1)):
@@ -128,7 +128,7 @@ def test_same_architecture_members_run_in_turn_on_cpu_and_stack_when_asked(biase
     assert predictor.execution == "fold"
     # the members' own parameters now live inside the stacked tensors (no second copy of the weights)
     first = predictor.members[0].model.classifier.weight
-    assert first.untyped_storage().data_ptr() == predictor._stacked.p["classifier.weight"].untyped_storage().data_ptr()
+    assert first.untyped_storage().data_ptr() == predictor.scorer.stages[0].scorer.stacked.p["classifier.weight"].untyped_storage().data_ptr()
 
 
 def _other_architecture(like: LoadedModel) -> LoadedModel:
@@ -380,7 +380,7 @@ def test_ensemble_json_with_a_bad_weight_or_decision_is_refused(ensemble_copy):
 
 
 def test_weights_and_decision_in_ensemble_json_drive_prediction(ensemble_copy, dev_documents):
-    from drugprot.decision import Decision
+    from drugprot.inference.voting import Decision
     from drugprot.ensemble_folder import write_tree_manifest
 
     meta_path = ensemble_copy / "ensemble.json"
@@ -392,8 +392,7 @@ def test_weights_and_decision_in_ensemble_json_drive_prediction(ensemble_copy, d
     write_tree_manifest(ensemble_copy)
     predictor = Predictor.from_ensemble(ensemble_copy, device="cpu")
     assert predictor.weights.tolist() == [3.0, 1.0, 1.0] and predictor.decision == Decision(margin=-0.2)
-    plain = Predictor.from_ensemble(ensemble_copy, device="cpu")
-    plain.weights, plain.decision = None, Decision()
+    plain = Predictor(predictor.members, vote=predictor.vote_mode, interval=predictor.interval, device="cpu")
     assert _relations(predictor.predict(dev_documents)) != _relations(plain.predict(dev_documents))
     paths = [ensemble_copy / meta["members"][0]["path"]] * 3 + [ensemble_copy / m["path"] for m in meta["members"][1:]]
     repeated = Predictor(_loaded(paths), vote=meta["vote"], interval=tuple(meta["interval"]), device="cpu",
@@ -440,21 +439,23 @@ def test_predict_with_ray_equals_local_prediction(biased_ensemble, tmp_path, iso
     assert local.read_text() and remote.read_text() == local.read_text()
 
 
+def _shard_row(documents) -> dict:
+    from drugprot.records import document_record
+
+    return {"name": "part-00000", "finished": False, "skipped_types": "{}",
+            "records": json.dumps([document_record(d) for d in documents])}
+
+
 def test_ray_actor_class_without_ray(biased_ensemble, dev_documents):
-    """The map_batches callable on its own (no cluster): same relations as the Predictor, in batch order."""
-    import numpy as np
+    """The Ray Data actor on its own (no cluster): the shard's output is the Predictor's relations, in order."""
+    from drugprot.bulk import BulkJob, ShardPredictor
+    from drugprot.formats import render
 
-    from drugprot.ensemble.batch import EnsemblePredictor
-    from drugprot.ensemble.frames import document_record
-
-    actor = EnsemblePredictor(str(biased_ensemble), device="cpu")
-    batch = {"index": np.arange(3), "document": np.asarray([json.dumps(document_record(d)) for d in dev_documents[:3]])}
-    out = actor(batch)
+    actor = ShardPredictor(BulkJob((), "pubtator", "jsonl", model=str(biased_ensemble)), "cpu", None)
+    out = actor(_shard_row(dev_documents[:3]))
     expected = load_predictor(biased_ensemble, device="cpu").predict(dev_documents[:3])
-    assert list(out["index"]) == [0, 1, 2]
-    assert [json.loads(r) for r in out["relations"]] == [
-        [[p.pmid, p.chemical, p.gene, p.type, p.score, list(p.votes)] for p in preds] for preds in expected]
-    assert sum(map(len, expected)) > 0
+    assert out["data"] == render(dev_documents[:3], expected, "jsonl")
+    assert out["relations"] == sum(map(len, expected)) > 0 and out["documents"] == 3
 
 
 def test_hand_vote_helper_agrees_with_vote():
@@ -723,7 +724,8 @@ def _a_confidence_that_exits(predictor, documents) -> float:
 def test_early_exit_on_real_members_does_what_its_replay_says(biased_members, dev_documents):
     """Members in turn with an early exit output what ``run_in_turn`` replays from every member's probabilities (so
     the calibration measures the real thing), score fewer pairs than exact skipping, and only drop relations."""
-    from drugprot.inference import decode, run_in_turn
+    from drugprot.ensemble.early_exit import run_in_turn
+    from drugprot.inference import decode
 
     exact = Predictor(_loaded(biased_members), device="cpu", execution="loop")
     cands = exact.candidates(dev_documents)
@@ -747,7 +749,7 @@ def test_early_exit_on_real_members_does_what_its_replay_says(biased_members, de
 
 
 def test_build_records_the_calibrated_early_exit_and_predict_uses_it(biased_ensemble, dev_documents, tmp_path, capsys):
-    from drugprot.inference import EXIT_AGREEMENT
+    from drugprot.ensemble.early_exit import EXIT_AGREEMENT
 
     from drugprot.dev_halves import split_halves
 
@@ -767,25 +769,28 @@ def test_build_records_the_calibrated_early_exit_and_predict_uses_it(biased_ense
 
 
 def test_ray_actor_passes_the_run_options(biased_ensemble, dev_documents):
-    import numpy as np
-
-    from drugprot.ensemble.batch import EnsemblePredictor
-    from drugprot.ensemble.frames import document_record
+    from drugprot.bulk import BulkJob, ShardPredictor
+    from drugprot.formats import render
+    from drugprot.inference.options import InferenceOptions
 
     confidence = _a_confidence_that_exits(load_predictor(biased_ensemble, device="cpu"), dev_documents)
-    actor = EnsemblePredictor(str(biased_ensemble), device="cpu", options={"precision": "fp32", "early_exit": confidence})
+    options = InferenceOptions(precision="fp32", early_exit=confidence)
+    actor = ShardPredictor(BulkJob((), "pubtator", "jsonl", model=str(biased_ensemble), options=options), "cpu", None)
     assert actor.predictor.early_exit == confidence and actor.predictor.precision == "fp32"
-    batch = {"index": np.arange(4), "document": np.asarray([json.dumps(document_record(d)) for d in dev_documents[:4]])}
     expected = load_predictor(biased_ensemble, device="cpu", early_exit=confidence).predict(dev_documents[:4])
-    assert [json.loads(r) for r in actor(batch)["relations"]] == [
-        [[p.pmid, p.chemical, p.gene, p.type, p.score, list(p.votes)] for p in preds] for preds in expected]
+    assert actor(_shard_row(dev_documents[:4]))["data"] == render(dev_documents[:4], expected, "jsonl")
 
 
 def test_early_exit_refusals_name_what_is_wrong(biased_members, ensemble_copy, tmp_path, capsys):
-    from drugprot.ensemble.batch import predict_with_ray
+    from drugprot.bulk import BulkJob, predict_split_with_ray
     from drugprot.ensemble_folder import write_tree_manifest
+    from drugprot.inference.options import InferenceOptions
 
-    with pytest.raises(ValueError, match=r"early_exit must be a probability in \(0, 1\], got 0"):
+    def predict_with_ray(model, documents, options):
+        job = BulkJob((), "drugprot", model=model, options=InferenceOptions(**options))
+        return predict_split_with_ray(documents, job)
+
+    with pytest.raises(ValueError, match=r"early_exit must be a probability in \(0, 1\] or 'calibrated', got 0"):
         Predictor(_loaded(biased_members), device="cpu", early_exit=0)
     with pytest.raises(ValueError, match=r"execution 'fold' cannot exit early; members leave pairs early only in turn"):
         Predictor(_loaded(biased_members), device="cpu", execution="fold", early_exit=0.7)

@@ -10,7 +10,7 @@ import torch
 
 from drugprot.candidates import Candidate
 from drugprot.corpus import Entity, read_split
-from drugprot.decision import Decision
+from drugprot.inference.voting import Decision
 from drugprot.encoding import LABEL_INDEX, LABELS
 from drugprot.inference import decode
 from drugprot.model.loss import adaptive_threshold_loss

@@ -21,7 +21,7 @@ from drugprot.cli import main
 from drugprot.config import SAMPLE_DIR
 from drugprot.encoding import LABELS, PairEncoder
 from drugprot.ensemble import build_ensemble
-from drugprot.ensemble.frames import documents_to_frame, relations_to_frame
+from drugprot.records import documents_to_frame, relations_to_frame
 from drugprot.ensemble.publish import log_ensemble
 from drugprot.inference import Predictor, load_predictor, pair_probabilities
 from drugprot.model.artifacts import ArtifactError, load_artifact
@@ -162,7 +162,7 @@ def test_pyfunc_model_class_without_mlflow_loading(biased_ensemble, dev_document
     frame = model.predict(None, documents_to_frame(dev_documents[:4]), params={"threshold": 0.0})
     expected = Predictor.from_ensemble(biased_ensemble, device="cpu", vote="soft").predict(dev_documents[:4])
     assert frame.to_dict("records") == relations_to_frame(dev_documents[:4], expected).to_dict("records")
-    from drugprot.ensemble.frames import InputError
+    from drugprot.records import InputError
 
     with pytest.raises(InputError, match=r"row 0: entity T1: offsets \[5, 999999\) outside the text"):
         bad = documents_to_frame(dev_documents[:1])

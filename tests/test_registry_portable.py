@@ -15,7 +15,7 @@ import pytest
 from drugprot.cli import main
 from drugprot.config import SAMPLE_DIR
 from drugprot.corpus import read_split
-from drugprot.ensemble.frames import document_record
+from drugprot.records import document_record
 from test_ensemble import biased_ensemble, biased_members  # noqa: F401
 from test_registry import registered, store  # noqa: F401
 

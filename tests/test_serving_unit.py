@@ -23,7 +23,7 @@ from drugprot.candidates import document_candidates
 from drugprot.config import SAMPLE_DIR
 from drugprot.corpus import read_split
 from drugprot.errors import DrugprotError
-from drugprot.inference import Predictor
+from drugprot.inference import InferenceOptions, Predictor
 from drugprot.model.artifacts import load_artifact, save_artifact
 from drugprot.serving.api import create_api, resolve_token
 from drugprot.serving.batching import Job, PairBatcher, QueueWaitExceeded, plan_batch, run_jobs
@@ -120,12 +120,12 @@ def test_options_map_onto_deployment_options():
     assert parse_options({"model": "m", "gpus_per_replica": 1}).device == "cuda"
     assert parse_options({"model": "m", "num_cpus": 0.5}).torch_threads == 1
     assert parse_options({"model": "m", "num_cpus": 3.5}).torch_threads == 3
-    assert parse_options({"model": "m"}).predictor_options == {"precision": "bf16"}
-    assert parse_options({"model": "m", "precision": "cascade", "cascade_margin": 0}).predictor_options == {
-        "precision": "cascade", "cascade_margin": 0.0}
-    assert parse_options({"model": "m", "early_exit": "calibrated"}).predictor_options == {
-        "precision": "bf16", "early_exit": "calibrated"}
-    assert parse_options({"model": "m", "early_exit": "0.7"}).predictor_options == {"precision": "bf16", "early_exit": 0.7}
+    assert parse_options({"model": "m"}).inference == InferenceOptions()
+    assert parse_options({"model": "m", "precision": "cascade", "cascade_margin": 0}).inference == InferenceOptions(
+        precision="cascade", cascade_margin=0.0)
+    assert parse_options({"model": "m", "early_exit": "calibrated"}).inference == InferenceOptions(early_exit="calibrated")
+    assert parse_options({"model": "m", "early_exit": "0.7", "vote": "soft"}).inference == InferenceOptions(
+        early_exit=0.7, vote="soft")
 
 
 @pytest.mark.parametrize("args, message", [
@@ -143,15 +143,17 @@ def test_options_map_onto_deployment_options():
     ({"model": "models:/dp@champion", "follow_alias": True, "poll_s": 0},
      r"serve args: poll_s: Input should be greater than 0, got 0"),
     ({"model": "m", "max_queue_wait_s": -1}, r"serve args: max_queue_wait_s: Input should be greater than 0, got -1"),
-    ({"model": "m", "precision": "bf16"},
-     r"serve args: precision: Input should be 'auto', 'fp32', 'int8' or 'cascade', got 'bf16'"),
+    ({"model": "m", "precision": "auto"},
+     r"serve args: precision: must be one of bf16, fp32, int8, cascade, got 'auto'"),
     ({"model": "m", "precision": "int8", "gpus_per_replica": 1},
-     r"serve args: precision: int8 runs on CPU replicas only; set gpus_per_replica to 0 or precision to auto"),
+     r"serve args: precision: int8 runs on CPU replicas only; set gpus_per_replica to 0 or precision to bf16"),
     ({"model": "m", "precision": "cascade", "gpus_per_replica": 1},
-     r"serve args: precision: cascade runs on CPU replicas only; set gpus_per_replica to 0 or precision to auto"),
-    ({"model": "m", "cascade_margin": 0.1}, r"serve args: cascade_margin: applies to precision cascade only, got precision auto"),
+     r"serve args: precision: cascade runs on CPU replicas only; set gpus_per_replica to 0 or precision to bf16"),
+    ({"model": "m", "cascade_margin": 0.1}, r"serve args: cascade_margin: applies to precision cascade only, got precision bf16"),
     ({"model": "m", "precision": "cascade", "cascade_margin": 1.5},
-     r"serve args: cascade_margin: Input should be less than or equal to 1, got 1.5"),
+     r"serve args: cascade_margin: must be between 0 and 1 \(a probability margin\), got 1.5"),
+    ({"model": "m", "execution": "fold", "early_exit": 0.7},
+     r"serve args: execution: 'fold' cannot exit early; members leave pairs early only in turn"),
     ({"model": "m", "early_exit": 1.5}, r"serve args: early_exit: must be a probability in \(0, 1\] or 'calibrated', got 1.5"),
     ({"model": "m", "early_exit": "often"}, r"early_exit: must be a probability in \(0, 1\] or 'calibrated', got 'often'"),
     ({"model": "m", "early_exit": True}, r"early_exit: must be a probability in \(0, 1\] or 'calibrated', got True"),
@@ -532,7 +534,7 @@ def test_batcher_refuses_bad_settings():
 # ---- the one inference path, batched -------------------------------------------------------------------------
 def test_a_job_alone_is_exactly_predict(ensemble, dev_documents):
     candidates = ensemble.candidates(dev_documents)
-    (alone,) = run_jobs(ensemble, [Job(dev_documents, candidates)])
+    (alone,) = run_jobs(ensemble.scorer, [Job(dev_documents, candidates)])
     assert torch.equal(alone, ensemble.member_probabilities(dev_documents, candidates, skip_settled=True))
 
 
@@ -541,14 +543,14 @@ def test_jobs_batched_together_match_predict_up_to_float_rounding(ensemble, dev_
     for i, doc in enumerate(dev_documents):
         keyed = [type(doc)(f"job{i}", doc.title, doc.abstract, doc.entities)]
         jobs.append(Job(keyed, ensemble.candidates(keyed)))
-    batched = run_jobs(ensemble, jobs)
+    batched = run_jobs(ensemble.scorer, jobs)
     for doc, job, probabilities in zip(dev_documents, jobs, batched):
         alone = ensemble.member_probabilities([doc], ensemble.candidates([doc]), skip_settled=True)
         assert probabilities.shape == alone.shape
         assert torch.allclose(probabilities, alone, atol=1e-5, rtol=0)
         assert torch.equal(probabilities.mean(0).argmax(-1), alone.mean(0).argmax(-1))
     with pytest.raises(ValueError, match="document keys must be unique"):
-        run_jobs(ensemble, [jobs[0], jobs[0]])
+        run_jobs(ensemble.scorer, [jobs[0], jobs[0]])
 
 
 def test_warmup_document_has_offsets_that_match_its_text():
@@ -1032,21 +1034,18 @@ def test_ready_only_after_warm_up(ensemble):
 
 
 class Broken:
-    """A predictor whose model call fails: warm-up fails, or a request does."""
+    """A predictor whose scorer fails: warm-up fails, or a request does."""
 
     def __init__(self, real, *, fail_warmup: bool):
         self.real, self.fail_warmup, self.calls = real, fail_warmup, 0
         self.members, self.vote_mode, self.interval, self.metadata = real.members, real.vote_mode, real.interval, {}
-        self.weights, self.decision = real.weights, real.decision
+        self.plan, self.scorer = real.plan, self
 
-    def candidates(self, documents, interval=None):
-        return self.real.candidates(documents, interval)
-
-    def member_probabilities(self, documents, candidates, **options):
+    def probabilities(self, job, **options):
         self.calls += 1
-        if self.fail_warmup or any(d.title.startswith("BOOM") for d in documents):
+        if self.fail_warmup or any(d.title.startswith("BOOM") for d in job.documents):
             raise RuntimeError("CUDA out of memory (simulated)")
-        return self.real.member_probabilities(documents, candidates, **options)
+        return self.real.scorer.probabilities(job, **options)
 
 
 
@@ -1104,8 +1103,8 @@ def test_the_serve_deployment_classes_work_without_serve(relation_members, dev_d
     documents = dev_documents[:2]
     job = Job(documents, replica.service.predictor.candidates(documents))
     scored = asyncio.run(replica.score(job))
-    assert scored.vote == "hard" and scored.version is None
-    assert torch.equal(scored.probabilities, run_jobs(replica.service.predictor, [job])[0])
+    assert asyncio.run(replica.plan()).rule.mode == "hard" and scored.version is None
+    assert torch.equal(scored.probabilities, run_jobs(replica.service.predictor.scorer, [job])[0])
     ingress = IngressDeployment.func_or_class
     monkeypatch.delenv("DRUGPROT_UNIT_TOKEN", raising=False)
     refused = object.__new__(ingress)

@@ -546,6 +546,6 @@ def test_abstract_context_travels_with_the_model_into_prediction(tmp_path, sampl
                                              "data.max_train_docs": 6, "data.max_dev_docs": 3})
     assert json.loads((result.model_dir / "drugprot.json").read_text())["context"] == "abstract"
     predictor = Predictor.from_path(result.model_dir, device="cpu")
-    assert [e.context for e in predictor._encoders] == ["abstract"]
+    assert [stage.encoder.context for stage in predictor.scorer.stages] == ["abstract"]
     documents = read_split(sample_dir, "development").documents[:3]
     assert len(predictor.predict(documents)) == 3

@@ -14,7 +14,7 @@ from drugprot.candidates import Candidate
 from drugprot.corpus import Entity
 from drugprot.encoding import LABEL_INDEX, LABELS
 from drugprot.ensemble_folder import EnsembleError, check_vote
-from drugprot.decision import Decision
+from drugprot.inference.voting import Decision
 from drugprot.inference import decode, vote
 
 L = len(LABELS)
@@ -243,7 +243,8 @@ def test_confident_none_needs_every_member_so_far_on_none_and_the_mean_at_the_co
 def test_members_in_turn_replayed_exit_only_by_dropping_relations(mode):
     """The replay of members in turn (what calibration measures): without an exit it decodes exactly like every
     member's table; an exit only drops relations of pairs it left early, and a lower confidence leaves more."""
-    from drugprot.inference import combine, run_in_turn
+    from drugprot.ensemble.early_exit import run_in_turn
+    from drugprot.inference import combine
 
     generator = torch.Generator().manual_seed(11)
     table, weights = _random_members(generator, 5, 600), torch.ones(5)
@@ -272,7 +273,8 @@ def _seeds_of_one_model(generator: torch.Generator, members: int, pairs: int) ->
 
 
 def test_calibration_takes_the_lowest_confidence_that_keeps_the_agreement():
-    from drugprot.inference import EXIT_CONFIDENCES, calibrate_early_exit, combine, run_in_turn
+    from drugprot.ensemble.early_exit import EXIT_CONFIDENCES, calibrate_early_exit, run_in_turn
+    from drugprot.inference import combine
 
     table, weights, decision = _seeds_of_one_model(torch.Generator().manual_seed(5), 5, 800), torch.ones(5), Decision()
 

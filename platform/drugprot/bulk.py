@@ -1,4 +1,5 @@
-"""Prediction over corpora of any size: streaming, sharded, resumable; in one process or on Ray Data.
+"""Prediction over corpora of any size: streaming, sharded, resumable; in one process or on Ray Data (the one Ray
+Data path of ``drugprot predict --ray``, for ``--input`` corpora and ``--data`` splits alike).
 
 Input files are read lazily, one after another; each file's documents are cut into shards of ``shard_size``
 documents, named ``part-FFFFF-SSSSS`` (file number, shard number within the file). Each shard's output file is
@@ -18,12 +19,14 @@ import os
 import secrets
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from drugprot.corpus import Document
 from drugprot.errors import DrugprotError
 from drugprot.formats import OUTPUT_SUFFIX, ReadStats, input_files, read_documents, render
+from drugprot.inference.options import InferenceOptions
 
 MANIFEST = "manifest.json"
 CHUNK_DOCUMENTS = 64  # documents per Predictor.predict call: fixed, so every run batches pairs the same way
@@ -38,14 +41,13 @@ class BulkJob:
     output_format: str = "tsv"
     shard_size: int = 1000
     model: str = ""
-    interval: tuple[int, int] | None = None
     threshold: float = 0.0
-    precision: str = "fp32"
-    cascade_margin: float | None = None  # precision cascade only; None: the Predictor's default
-    early_exit: float | str | None = None  # an ensemble's early exit: a confidence, "calibrated" or None (exact)
+    options: InferenceOptions = field(default_factory=InferenceOptions)
 
     def settings(self) -> dict:
-        return {**asdict(self), "inputs": list(self.inputs), "interval": list(self.interval) if self.interval else None}
+        """What the manifest records: the job's fields with the inference options among them."""
+        own = {name: getattr(self, name) for name in ("input_format", "output_format", "shard_size", "model", "threshold")}
+        return {"inputs": list(self.inputs), **own, **self.options.model_dump(mode="json")}
 
 
 @dataclass
@@ -88,26 +90,26 @@ def _file_shards(file_number: int, path: Path, job: BulkJob) -> Iterator[Shard]:
         yield Shard(f"part-{file_number:05d}-{shard_number:05d}", documents, stats)
 
 
-def predict_documents(predictor, documents: Sequence[Document], *, interval: tuple[int, int] | None = None,
-                      threshold: float = 0.0, on_pairs: Callable[[int], None] | None = None) -> tuple[list[list], int]:
+def predict_documents(predictor, documents: Sequence[Document], *, threshold: float = 0.0,
+                      on_pairs: Callable[[int], None] | None = None) -> tuple[list[list], int]:
     """Relations per document and the number of candidate pairs, predicted in chunks of CHUNK_DOCUMENTS
     (``on_pairs`` hears each chunk's pair count: the progress bar)."""
     predictions: list[list] = []
     pairs = 0
     for start in range(0, len(documents), CHUNK_DOCUMENTS):
         chunk = documents[start:start + CHUNK_DOCUMENTS]
-        count = len(predictor.candidates(chunk, interval))
-        predictions.extend(predictor.predict(chunk, interval=interval, threshold=threshold))
-        pairs += count
+        job = predictor.plan.prepare(chunk)
+        relations = predictor.plan.decode(job, predictor.scorer.probabilities(job, skip_settled=True), threshold)
+        predictions.extend(predictor.plan.by_document(chunk, relations))
+        pairs += job.pairs
         if on_pairs is not None:
-            on_pairs(count)
+            on_pairs(job.pairs)
     return predictions, pairs
 
 
 def shard_output(predictor, shard: Shard, job: BulkJob, on_pairs=None) -> dict:
     """One shard's output bytes and manifest entry."""
-    predictions, pairs = predict_documents(predictor, shard.documents, interval=job.interval,
-                                           threshold=job.threshold, on_pairs=on_pairs)
+    predictions, pairs = predict_documents(predictor, shard.documents, threshold=job.threshold, on_pairs=on_pairs)
     data = render(shard.documents, predictions, job.output_format)
     return {"name": shard.name, "data": data, "documents": len(shard.documents), "pairs": pairs,
             "relations": sum(len(p) for p in predictions), "first": shard.documents[0].pmid,
@@ -213,8 +215,6 @@ def predict_corpus(predictor, job: BulkJob, out: Path, *, on_pairs: Callable[[in
 def _read_file_shards(batch, *, job: BulkJob, intact: dict[str, tuple[str, str]]):
     """Ray Data stage: input files in, their shards out (a generator, so a file's shards stream one by one);
     a finished shard travels without its documents."""
-    from drugprot.ensemble.frames import document_record
-
     for file_number, path in zip(batch["file_number"], batch["path"]):
         for shard in _file_shards(int(file_number), Path(path), job):
             span = (shard.documents[0].pmid, shard.documents[-1].pmid)
@@ -222,52 +222,46 @@ def _read_file_shards(batch, *, job: BulkJob, intact: dict[str, tuple[str, str]]
             if recorded is not None and tuple(recorded) != span:
                 raise DrugprotError(f"{shard.name}: the input changed since it was written (it covers PMIDs "
                                     f"{recorded[0]}…{recorded[1]}, the input now gives {span[0]}…{span[1]})")
-            records = [] if recorded else [document_record(d) for d in shard.documents]
-            yield {"name": [shard.name], "finished": [recorded is not None], "records": [json.dumps(records)],
-                   "skipped_types": [json.dumps(dict(shard.read.skipped_types))]}
+            yield _shard_row(shard, finished=recorded is not None)
 
 
-class _ShardPredictor:
+def _shard_row(shard: Shard, *, finished: bool = False) -> dict:
+    """A shard as a Ray Data row (a finished one without its documents)."""
+    from drugprot.records import document_record
+
+    records = [] if finished else [document_record(d) for d in shard.documents]
+    return {"name": [shard.name], "finished": [finished], "records": [json.dumps(records)],
+            "skipped_types": [json.dumps(dict(shard.read.skipped_types))]}
+
+
+class ShardPredictor:
     """Ray Data actor: loads the model once; predicts each unfinished shard into its output bytes."""
 
     def __init__(self, job: BulkJob, device: str, threads: int | None):
         import torch
 
-        from drugprot.inference import load_predictor, run_options
+        from drugprot.inference.loading import load_predictor
 
         if threads:
             torch.set_num_threads(threads)
         self.job = job
-        self.predictor = load_predictor(job.model, device=device, **run_options(job.precision, job.cascade_margin, job.early_exit))
+        self.predictor = load_predictor(job.model, device=device, options=job.options)
 
     def __call__(self, row: dict) -> dict:
-        from drugprot.ensemble.frames import document_from_record
+        from drugprot.records import document_from_record
 
         base = {"name": row["name"], "finished": row["finished"], "skipped_types": row["skipped_types"]}
         if row["finished"]:
             return {**base, "data": b"", "documents": 0, "pairs": 0, "relations": 0, "first": "", "last": ""}
         documents = [document_from_record(r, f"{row['name']}: document {i}") for i, r in enumerate(json.loads(row["records"]))]
-        return {**shard_output(self.predictor, Shard(row["name"], documents, ReadStats()), self.job), **base}
+        return {**base, **shard_output(self.predictor, Shard(row["name"], documents, ReadStats()), self.job)}
 
 
-def predict_corpus_with_ray(job: BulkJob, out: Path, *, device: str = "auto", actors: int = 1, address: str | None = None,
-                            num_cpus: int | None = None, on_pairs: Callable[[int], None] | None = None) -> BulkSummary:
-    """The same shards as :func:`predict_corpus`, with reading and prediction spread over Ray Data: files are read
-    in tasks, shards predicted by ``actors`` actors (one model each, a GPU each when the cluster has them), and
-    this process only writes the finished shards as they stream back. ``job.model`` must be a local folder."""
+@contextmanager
+def _ray_cluster(device: str, address: str | None, num_cpus: int | None):
+    """Ray started (or joined) for one run and stopped again if started here; yields the GPUs each actor takes."""
     import ray
-    from ray.data import ActorPoolStrategy
 
-    from drugprot.inference import early_exit_for
-
-    early_exit_for(job.model, job.early_exit)  # before Ray: the actors would only say it in their logs
-    files = input_files(job.inputs, job.input_format)
-    manifest = ShardManifest(out, job)
-    intact = {name: (entry["first"], entry["last"]) for name, entry in manifest.shards.items()
-              if manifest.finished(name, entry["first"], entry["last"])}
-    summary = BulkSummary(str(out))
-    if not files:
-        return summary
     started = not ray.is_initialized()
     if started and address:
         from drugprot.local_ray import keep_loopback_address
@@ -282,18 +276,47 @@ def predict_corpus_with_ray(job: BulkJob, out: Path, *, device: str = "auto", ac
         gpus = 1 if device != "cpu" and ray.cluster_resources().get("GPU", 0) >= 1 else 0
         if device == "cuda" and not gpus:
             raise DrugprotError("--device cuda --ray: the Ray cluster has no GPU (use --device auto or cpu)")
-        context = ray.data.DataContext.get_current()
-        context.enable_progress_bars = False
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        yield gpus
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _predicted(shards, job: BulkJob, *, gpus: int, actors: int):
+    """Each shard row through :class:`ShardPredictor` actors (one model each, a GPU each when there are GPUs)."""
+    from ray.data import ActorPoolStrategy
+
+    return shards.map(ShardPredictor, compute=ActorPoolStrategy(size=max(1, actors)), num_gpus=gpus,
+                      num_cpus=0 if gpus else 1,
+                      fn_constructor_kwargs={"job": job, "device": "cuda" if gpus else "cpu",
+                                             "threads": None if gpus else 1}).iter_rows()
+
+
+def predict_corpus_with_ray(job: BulkJob, out: Path, *, device: str = "auto", actors: int = 1, address: str | None = None,
+                            num_cpus: int | None = None, on_pairs: Callable[[int], None] | None = None) -> BulkSummary:
+    """The same shards as :func:`predict_corpus`, with reading and prediction spread over Ray Data: files are read
+    in tasks, shards predicted by ``actors`` actors, and this process only writes the finished shards as they
+    stream back. ``job.model`` must be a local folder."""
+    import ray
+
+    from drugprot.inference.loading import early_exit_for
+
+    early_exit_for(job.model, job.options.early_exit)  # before Ray: the actors would only say it in their logs
+    files = input_files(job.inputs, job.input_format)
+    manifest = ShardManifest(out, job)
+    intact = {name: (entry["first"], entry["last"]) for name, entry in manifest.shards.items()
+              if manifest.finished(name, entry["first"], entry["last"])}
+    summary = BulkSummary(str(out))
+    if not files:
+        return summary
+    with _ray_cluster(device, address, num_cpus) as gpus:
         shards = ray.data.from_items([{"file_number": i, "path": str(p)} for i, p in enumerate(files)],
                                      override_num_blocks=len(files))
         # num_cpus=0 (the actors take 1) keeps Ray Data from fusing reading into the actors, so the shards of one
         # large file spread over every actor instead of queueing behind the actor that reads the file.
         shards = shards.map_batches(_read_file_shards, fn_kwargs={"job": job, "intact": intact}, batch_size=1, num_cpus=0)
-        outputs = shards.map(_ShardPredictor, compute=ActorPoolStrategy(size=max(1, actors)), num_gpus=gpus,
-                             num_cpus=0 if gpus else 1,
-                             fn_constructor_kwargs={"job": job, "device": "cuda" if gpus else "cpu",
-                                                    "threads": None if gpus else 1})
-        for row in outputs.iter_rows():
+        for row in _predicted(shards, job, gpus=gpus, actors=actors):
             stats = ReadStats(skipped_types=Counter(json.loads(row["skipped_types"])))
             if row["finished"]:
                 entry = manifest.shards[row["name"]]
@@ -305,6 +328,25 @@ def predict_corpus_with_ray(job: BulkJob, out: Path, *, device: str = "auto", ac
             if on_pairs is not None:
                 on_pairs(entry["pairs"])
         return summary
-    finally:
-        if started:
-            ray.shutdown()
+
+
+def predict_split_with_ray(documents: Sequence[Document], job: BulkJob, *, device: str = "auto", actors: int = 1,
+                           address: str | None = None, num_cpus: int | None = None) -> tuple[bytes, int]:
+    """A split's documents (``job.shard_size`` per shard) through the same actors as :func:`predict_corpus_with_ray`;
+    the shards' output bytes joined in document order, and the number of candidate pairs."""
+    import ray
+
+    from drugprot.inference.loading import early_exit_for
+
+    early_exit_for(job.model, job.options.early_exit)  # before Ray: the actors would only say it in their logs
+    shards = [Shard(f"part-{n:05d}", list(documents[start:start + job.shard_size]), ReadStats())
+              for n, start in enumerate(range(0, len(documents), job.shard_size))]
+    if not shards:
+        return b"", 0
+    with _ray_cluster(device, address, num_cpus) as gpus:
+        rows = ray.data.from_items([{k: v[0] for k, v in _shard_row(shard).items()} for shard in shards])
+        outputs = {row["name"]: row for row in _predicted(rows, job, gpus=gpus, actors=actors)}
+    missing = [shard.name for shard in shards if shard.name not in outputs]
+    if missing:
+        raise RuntimeError(f"Ray Data returned no result for {len(missing)} shard(s), e.g. {missing[0]}")
+    return b"".join(outputs[s.name]["data"] for s in shards), sum(outputs[s.name]["pairs"] for s in shards)

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 
 import blingfire
 
-from drugprot.corpus import CHEMICAL, Document, Entity
+from drugprot.corpus import CHEMICAL, RELATION_TYPES, Document, Entity
 
 NONE_LABEL = "NONE"
+LABELS = (NONE_LABEL, *RELATION_TYPES)  # a classifier's outputs, NONE first
 DEFAULT_INTERVAL = (-10, 16)
 
 

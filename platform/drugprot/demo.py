@@ -21,6 +21,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from drugprot.environment import quiet_defaults
+
 REPO = Path(__file__).resolve().parents[2]
 WORK = REPO / "runs" / "demo"
 TRACKING = f"sqlite:///{WORK / 'mlflow.db'}"
@@ -130,8 +132,7 @@ def main() -> int:
     from drugprot.corpus import read_split
 
     started = time.perf_counter()
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    quiet_defaults()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     print("drugprot demo: tune → ensemble → register → serve → ask, on the bundled sample (40 training and 10 "
           "development abstracts)\nwith the offline MiniLM encoder on this machine's CPU. Output in runs/demo/.")

@@ -19,7 +19,8 @@ from typing import Any
 import torch
 
 from drugprot.config import RunConfig
-from drugprot.inference import Predictor, combine, load_predictor, relation_rows
+from drugprot.inference.loading import Predictor, load_predictor, relation_rows
+from drugprot.inference.voting import combine
 
 
 def teacher_targets(predictor: Predictor) -> Callable[[list, list], torch.Tensor]:

@@ -21,10 +21,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from drugprot.candidates import NONE_LABEL, Candidate
+from drugprot.candidates import LABELS, NONE_LABEL, Candidate  # noqa: F401  (LABELS re-exported)
 from drugprot.corpus import CHEMICAL, RELATION_TYPES, Document
 
-LABELS = (NONE_LABEL, *RELATION_TYPES)
 LABEL_INDEX = {label: i for i, label in enumerate(LABELS)}
 ENTITY_CLASSES = (CHEMICAL, "GENE-Y", "GENE-N")  # targets of the multitask entity-type head; GENE is unknown
 IGNORE_INDEX = -100

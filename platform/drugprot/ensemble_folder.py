@@ -8,7 +8,7 @@ package (which builds, selects and registers ensembles) sits above inference, so
     ENSEMBLE/
       ensemble.json        format_version, kind, vote, interval, encoder, members (name, path, dev_f1_a: F1 on
                            dev half A, seed, source trial/run, weight: votes it casts, default 1), decision
-                           (optional: margin, thresholds, second_type; see drugprot.decision), selection_seed (the
+                           (optional: margin, thresholds, second_type; see drugprot.inference.voting), selection_seed (the
                            members' dev A/B split, drugprot.dev_halves), dev metrics (ensemble and each member, on
                            all documents and on the held-out half B), early_exit (calibrated on half A), source
                            (study, selection), selection (optional: the A/B table it was chosen from)

@@ -18,3 +18,15 @@ def setting(flag: str | None, variable: str, default: str | None = None) -> str 
     if flag not in (None, ""):
         return flag
     return os.environ.get(variable) or default
+
+
+#: Set for every command and every local Ray unless the user set them: no usage reports or telemetry leave the
+#: machine, and MLflow's artifact progress bars do not flood logs.
+QUIET_DEFAULTS = {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true",
+                  "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+
+
+def quiet_defaults() -> None:
+    """Apply :data:`QUIET_DEFAULTS` to this process (and so to the Ray workers it starts); a variable already set wins."""
+    for variable, value in QUIET_DEFAULTS.items():
+        os.environ.setdefault(variable, value)

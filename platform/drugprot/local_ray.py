@@ -24,6 +24,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from drugprot.environment import quiet_defaults
+
 LOOPBACK = "127.0.0.1"
 
 
@@ -54,7 +56,7 @@ def prepare_environment(root: str | os.PathLike | None = None, *, gcs_port: int 
     folder = Path(root) if root is not None else Path(tempfile.mkdtemp(prefix="drugprot-ray-"))
     folder.mkdir(parents=True, exist_ok=True)
     os.environ["RAY_TMPDIR"] = str(folder)
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    quiet_defaults()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     _keep_loopback()  # node IP: loopback, not the network address
     if "RAY_AUTH_MODE" not in os.environ:

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from drugprot.environment import quiet_defaults
 from drugprot.manifest import ArtifactError, contained, manifest_digest, verify_signature
 from drugprot.mlflow_store import TrackingError, check_tracking_uri, client, normalize_tracking_uri, safe_name, sqlite_path
 
@@ -115,7 +116,7 @@ def _download(uri: str, tracking_uri: str | None, dest: str | os.PathLike | None
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
-        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        quiet_defaults()
         # models:/ URIs would resolve through the process-wide registry URI; ask this store for the location instead
         location = client(store).get_model_version_download_uri(version.name, str(version.version))
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=str(staging), tracking_uri=store))

@@ -29,12 +29,12 @@ import yaml
 from drugprot.candidates import corpus_candidates
 from drugprot.config import ConfigError, RunConfig, build_config
 from drugprot.corpus import Document, read_split
-from drugprot.decision import Decision
 from drugprot.dev_halves import SELECTION_METRIC, DevHalves, score_halves, split_halves
 from drugprot.encoding import (IGNORE_INDEX, LABELS, Batch, PairEncoder, add_marker_tokens, iterate_batches, step_batches,
                                token_budget_batches)
 from drugprot.errors import DrugprotError
-from drugprot.inference import decode, pair_probabilities
+from drugprot.inference.scorers import pair_probabilities
+from drugprot.inference.voting import Decision, decode
 from drugprot.model.artifacts import save_artifact
 from drugprot.model.compiled import bucketed, compiled_forward, to_bucket
 from drugprot.model.dev_probabilities import save_dev_probabilities

@@ -56,8 +56,9 @@ def resolve_environment(args: argparse.Namespace) -> argparse.Namespace:
     The tracking URI is resolved here, once, to an absolute store (``sqlite:///mlflow.db`` in this folder when
     nothing is set), so that Ray workers and Serve replicas, which may run elsewhere, use the very same store.
     """
-    from drugprot.environment import RAY_ADDRESS_VARIABLE, setting
+    from drugprot.environment import RAY_ADDRESS_VARIABLE, quiet_defaults, setting
 
+    quiet_defaults()
     if hasattr(args, "tracking_uri"):
         from drugprot.mlflow_store import normalize_tracking_uri
 

@@ -29,14 +29,11 @@ def register(commands) -> None:
 
 
 def _distill(args) -> int:
-    import os
-
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from drugprot.config import load_config
     from drugprot.distillation import distill, measure
     from drugprot.dev_halves import split_halves
     from drugprot.errors import DrugprotError
-    from drugprot.inference import Predictor
+    from drugprot.inference.loading import Predictor
     from drugprot.training import load_documents
 
     say = (lambda message: print(message, file=sys.stderr, flush=True)) if args.json else print

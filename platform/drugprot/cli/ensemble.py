@@ -69,11 +69,6 @@ def register(commands) -> None:
 
 
 def _ensemble(args) -> int:
-    import os
-
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     from drugprot.ensemble_folder import EnsembleError, check_vote
 
     check_vote(args.vote, "--vote")
@@ -165,7 +160,7 @@ def _gate(args, built, documents, say):
 
 def champion_f1_on(args, documents, say) -> float | None:
     """The current ``--alias`` version run on ``documents`` (the one inference path), or None when there is none."""
-    from drugprot.inference import load_predictor, relation_rows
+    from drugprot.inference.loading import load_predictor, relation_rows
     from drugprot.scoring import score
     from drugprot.registry import RegistryError
 

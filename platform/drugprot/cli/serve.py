@@ -23,6 +23,8 @@ TOKEN_ENV = "DRUGPROT_API_TOKEN"
 
 
 def register(commands) -> None:
+    from drugprot.inference.options import add_inference_arguments
+
     parser = commands.add_parser("serve", help="Serve the model over HTTP (Ray Serve) until SIGTERM/SIGINT.",
                                  description="Serve POST /v1/relations, GET /v1/model, /healthz and /readyz on Ray "
                                              "Serve. Clients send 'Authorization: Bearer TOKEN': the token is "
@@ -37,15 +39,7 @@ def register(commands) -> None:
     parser.add_argument("--ingress-replicas", type=int, help="HTTP ingress replicas (default 1), apart from the model's")
     parser.add_argument("--gpus-per-replica", type=float, default=0.0, help="GPUs per model replica (> 0: CUDA, bf16)")
     parser.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs per model replica (torch threads)")
-    parser.add_argument("--precision", choices=("auto", "fp32", "int8", "cascade"),
-                        help="auto (default): bf16 on GPU, fp32 on CPU; CPU replicas only: cascade (bf16 weights, "
-                             "close calls re-scored in fp32; drugprot predict's fast CPU path) or int8 (dynamic int8 "
-                             "quantization)")
-    parser.add_argument("--cascade-margin", type=float, help="--precision cascade: re-score in fp32 the pairs whose "
-                        "bf16 top-2 probability margin is below this (default 0.01; 0: bf16 alone)")
-    parser.add_argument("--early-exit", nargs="?", const="calibrated", metavar="P",
-                        help="an ensemble's members stop on a pair once all so far vote no relation with mean "
-                             "P(NONE) >= P; without P, the confidence calibrated when the ensemble was built")
+    add_inference_arguments(parser)
     parser.add_argument("--max-batch-pairs", type=int, default=64,
                         help="candidate pairs from concurrent requests per model call (1 = no batching); a larger "
                              "request is cut into chunks of this size that take turns with other requests")
@@ -85,7 +79,10 @@ def register(commands) -> None:
 
 
 def serve_options(args) -> dict:
+    from drugprot.inference.options import given_arguments
+
     options = {
+        **given_arguments(args),
         "model": args.model,
         "tracking_uri": args.tracking_uri,
         "verify_key": args.verify_key,
@@ -94,9 +91,6 @@ def serve_options(args) -> dict:
         "ingress_replicas": args.ingress_replicas,
         "num_cpus": args.cpus_per_replica,
         "gpus_per_replica": args.gpus_per_replica,
-        "precision": args.precision,
-        "cascade_margin": args.cascade_margin,
-        "early_exit": args.early_exit,
         "max_batch_pairs": args.max_batch_pairs,
         "batch_wait_ms": args.batch_wait_ms,
         "max_queued_requests": args.max_queued_requests,
@@ -164,7 +158,7 @@ def _serve(args) -> int:
 
         verify_signature(options.model, options.verify_key)  # before Ray starts; each replica checks again
     if options.early_exit is not None and not options.model.startswith("models:/") and Path(options.model).exists():
-        from drugprot.inference import early_exit_for
+        from drugprot.inference.loading import early_exit_for
 
         early_exit_for(options.model, options.early_exit)  # the replicas would only say it in their logs
     if args.no_auth and not is_loopback(args.host):

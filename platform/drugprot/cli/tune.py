@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -45,8 +44,6 @@ def register(commands) -> None:
 
 
 def _tune(args) -> int:
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     from drugprot.config import load_config
     from drugprot.tuning.space import load_space
     from drugprot.tuning.study import (Resources, StudyError, StudyPlan, StudyRuntime, StudySearch, default_name,

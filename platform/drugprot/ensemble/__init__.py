@@ -2,13 +2,13 @@
 
 Light to import (no torch, Ray or MLflow until a function needs them). The package sits above
 ``drugprot.inference``: the folder format it writes is ``drugprot.ensemble_folder`` and loading one is
-``drugprot.inference.Predictor.from_ensemble``, both below it. The public face:
+``drugprot.inference.loading.Predictor.from_ensemble``, both below it. The public face:
 
 * :func:`build_ensemble` and :class:`MemberSource` (``drugprot.ensemble.build``);
 * :class:`EnsembleError` and ``VOTE_MODES`` (``drugprot.ensemble_folder``);
 * member selection in ``drugprot.ensemble.members``, logging and registering in ``drugprot.ensemble.publish``,
-  the pyfunc model-from-code file ``drugprot/ensemble/pyfunc_model.py``, Ray Data batch prediction in
-  ``drugprot.ensemble.batch``.
+  the pyfunc model-from-code file ``drugprot/ensemble/pyfunc_model.py``, the early exit's calibration in
+  ``drugprot.ensemble.early_exit``.
 """
 
 from __future__ import annotations

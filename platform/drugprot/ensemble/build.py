@@ -3,7 +3,7 @@
 :func:`build_ensemble` copies each (verified) member folder under ``members/NAME/``, evaluates every member and
 the vote side by side on the development documents (one stacked forward gives all members' probabilities),
 writes ``ensemble.json`` and a sha256 manifest of every file, and moves the staged folder into place.
-``drugprot.inference.Predictor.from_ensemble`` verifies the manifest and loads the members as one Predictor.
+``drugprot.inference.loading.Predictor.from_ensemble`` verifies the manifest and loads the members as one Predictor.
 ``ensemble.json`` also records the early exit calibrated on the dev pairs of half A (``drugprot predict
 --early-exit``): like every other choice, it never sees half B, whose scores are reported apart and gate promotion.
 The halves are the members' own (``data.selection_seed`` of their configs, drugprot.dev_halves).
@@ -49,7 +49,7 @@ class Evaluation:
     scores: dict[str, Any]  # name -> drugprot.scoring.Score on all documents; members first, "ensemble" last
     held_out: dict[str, Any]  # the same names -> Score on half B
     halves: dict[str, Any]  # drugprot.dev_halves.DevHalves.describe()
-    early_exit: dict[str, Any] | None = None  # drugprot.inference.calibrate_early_exit on the half-A pairs
+    early_exit: dict[str, Any] | None = None  # drugprot.ensemble.early_exit.calibrate_early_exit on the half-A pairs
 
     @property
     def ensemble(self):
@@ -118,7 +118,8 @@ def evaluate(predictor, documents: Sequence, names: Sequence[str], *, selection_
 
     from drugprot.dev_halves import score_halves, split_halves
     from drugprot.encoding import LABELS
-    from drugprot.inference import calibrate_early_exit, decode
+    from drugprot.ensemble.early_exit import calibrate_early_exit
+    from drugprot.inference.voting import decode
 
     vote = vote or predictor.vote_mode
     candidates, chunks = [], []
@@ -199,7 +200,7 @@ def build_ensemble(members: Sequence[MemberSource | Path | str], out: str | Path
 
     ``documents`` are the dev documents (default: the first member's dev split, see :func:`dev_documents`).
     The interval defaults to the first member's (members are given best first). ``decision``
-    (a :class:`drugprot.decision.Decision`) and ``selection`` (the A/B table it came from) are recorded in
+    (a :class:`drugprot.inference.voting.Decision`) and ``selection`` (the A/B table it came from) are recorded in
     ``ensemble.json``.
     """
     say = log or (lambda message: print(message, file=sys.stderr, flush=True))
@@ -269,8 +270,8 @@ def build_ensemble(members: Sequence[MemberSource | Path | str], out: str | Path
 
 def _unverified_predictor(staging: Path, meta: dict[str, Any], *, device: str):
     """The staged ensemble as a Predictor, before its manifest exists (only build_ensemble may skip the check)."""
-    from drugprot.decision import Decision
-    from drugprot.inference import Predictor
+    from drugprot.inference.loading import Predictor
+    from drugprot.inference.voting import Decision
     from drugprot.model.artifacts import load_artifact
 
     members = [load_artifact(staging / entry["path"], device="cpu") for entry in meta["members"]]

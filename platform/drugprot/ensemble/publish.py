@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from drugprot.ensemble_folder import EnsembleError, read_ensemble_json, verify_tree_manifest
+from drugprot.environment import quiet_defaults
 from drugprot.manifest import manifest_digest
 from drugprot.mlflow_store import check_tracking_uri, client, experiment_artifact_location
 from drugprot.registry import TAG_MANIFEST_SHA256, Gate, RegistrationResult, promote
@@ -112,7 +113,7 @@ def input_example():
     """One bundled development abstract in the model's input format (logged as the model's example)."""
     from drugprot.config import SAMPLE_DIR
     from drugprot.corpus import read_split
-    from drugprot.ensemble.frames import documents_to_frame
+    from drugprot.records import documents_to_frame
 
     document = min(read_split(SAMPLE_DIR, "development").documents, key=lambda d: len(d.title) + len(d.abstract))
     frame = documents_to_frame([document])
@@ -165,7 +166,7 @@ def log_ensemble(folder: str | Path, *, tracking_uri: str | None = None, experim
     from drugprot import tracking
 
     say = log or (lambda message: print(message, file=sys.stderr, flush=True))
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    quiet_defaults()
     folder = Path(folder).resolve()
     verify_tree_manifest(folder)
     digest = manifest_digest(folder)  # before the upload: what is registered is what was verified

@@ -25,11 +25,10 @@ from typing import Any
 import torch
 
 from drugprot.config import DataConfig
-from drugprot.decision import Decision
 from drugprot.dev_halves import split_halves
 from drugprot.encoding import LABELS
 from drugprot.ensemble_folder import EnsembleError, check_vote
-from drugprot.inference import combine
+from drugprot.inference.voting import Decision, combine
 from drugprot.scoring import score
 
 MARGINS = tuple(round(-0.3 + 0.05 * i, 2) for i in range(13))  # margin over NONE, on the vote's ranking scale

@@ -215,7 +215,7 @@ def stack_models(models: Sequence[torch.nn.Module], strategy: str = "fold"):
     raise ValueError(f"stacking strategy must be one of {STRATEGIES}, got {strategy!r}")
 
 
-DEFAULT_TOKEN_BUDGET = 16384  # drugprot.inference.pair_probabilities' default
+DEFAULT_TOKEN_BUDGET = 16384  # drugprot.inference.scorers.pair_probabilities' default
 
 
 @torch.no_grad()
@@ -223,7 +223,7 @@ def stacked_probabilities(stacked, pairs: Sequence[EncodedPair], *, pad_id: int,
                           precision: str = "bf16", token_budget: int | None = None, max_pairs: int = 256) -> torch.Tensor:
     """Softmax over LABELS for every member and pair: ``(M, len(pairs), len(LABELS))`` float32 on CPU.
 
-    Token-budget batches like :func:`drugprot.inference.pair_probabilities`; each batch is one forward of all
+    Token-budget batches like :func:`drugprot.inference.scorers.pair_probabilities`; each batch is one forward of all
     members. Default budget: on CUDA the single-model budget per member (M× the activations in one launch: that
     is where stacking gains on a GPU); on CPU the single-model budget shared by the members (compute-bound there,
     and larger batches only spill the caches).

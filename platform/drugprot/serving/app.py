@@ -91,8 +91,8 @@ class RemoteModel:
     async def score(self, job):
         return await self._call("score", job)
 
-    async def summary(self) -> dict[str, Any]:
-        return await self._call("summary")
+    async def plan(self):
+        return await self._call("plan")
 
     async def status(self) -> dict[str, Any]:
         return {**await self._call("status"), "retries": self.retries}
@@ -152,8 +152,8 @@ class ModelDeployment:
     async def score(self, job):
         return await self.service.score(job)
 
-    async def summary(self):
-        return await self.service.summary()
+    async def plan(self):
+        return await self.service.plan()
 
     async def status(self):
         return await self.service.status()

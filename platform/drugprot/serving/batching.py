@@ -9,8 +9,8 @@ of the queue once its chunk has run, behind the jobs that arrived meanwhile. A s
 about one chunk per job ahead of it, not for whole big requests. The batcher waits at most ``wait_s`` after the
 oldest queued job arrived for more company, and only while other requests are still being prepared; while one
 batch runs, new jobs queue, so under load batches fill without waiting.
-:func:`run_jobs` scores a batch with a single ``Predictor.member_probabilities`` call over the union of its
-documents and splits the ``(M, N, L)`` result back per job; a split job's result is its chunks' results joined in
+:func:`run_jobs` scores a batch with a single ``Scorer.probabilities`` call over the union of its documents
+and splits the ``(M, N, L)`` result back per job; a split job's result is its chunks' results joined in
 candidate order (:func:`join_results`). A job that runs alone in one call is computed exactly as
 ``Predictor.predict`` computes the same documents; other call shapes (shared batches, chunks) change fp32 results
 by float rounding only, because the encoder gives a pair the same token ids whichever other pairs share its call.
@@ -32,34 +32,21 @@ from typing import Any, Generic, TypeVar
 
 import torch
 
-from drugprot.candidates import Candidate
-from drugprot.corpus import Document
+from drugprot.inference.plan import Job
 
 T = TypeVar("T")
 R = TypeVar("R")
 
 
-@dataclass(frozen=True)
-class Job:
-    """One request's work: documents keyed (``pmid``) uniquely within the replica, and their candidates in order."""
-
-    documents: Sequence[Document]
-    candidates: Sequence[Candidate]
-
-    @property
-    def pairs(self) -> int:
-        return len(self.candidates)
-
-
-def run_jobs(predictor, jobs: Sequence[Job]) -> list:
-    """Score every job's candidates in one ``member_probabilities`` call; one ``(M, n_job, L)`` tensor per job.
+def run_jobs(scorer, jobs: Sequence[Job]) -> list:
+    """Score every job's candidates in one ``Scorer.probabilities`` call; one ``(M, n_job, L)`` tensor per job.
     Pairs settled as no relation skip the remaining members: the ingress decodes only relations."""
     documents = [d for job in jobs for d in job.documents]
     keys = [d.pmid for d in documents]
     if len(set(keys)) != len(keys):
         raise ValueError("run_jobs: document keys must be unique across the jobs of a batch")
     candidates = [c for job in jobs for c in job.candidates]
-    probabilities = predictor.member_probabilities(documents, candidates, skip_settled=True)
+    probabilities = scorer.probabilities(Job(documents, candidates), skip_settled=True)
     results, start = [], 0
     for job in jobs:
         results.append(probabilities[:, start:start + job.pairs])

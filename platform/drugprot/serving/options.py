@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from drugprot.errors import DrugprotError
+from drugprot.inference.options import InferenceOptions, option_errors
 
 
 class Limits(BaseModel):
@@ -56,8 +57,9 @@ PROXY_LIMITS_ENV = "DRUGPROT_PROXY_LIMITS"
 DEFAULT_QUEUE_WAIT_S = 2.0
 
 
-class ServeOptions(BaseModel):
-    """Everything one application needs: the model, replicas, resources, batching, limits, auth and warm-up."""
+class ServeOptions(InferenceOptions):
+    """Everything one application needs: how to run the model (the :class:`InferenceOptions` fields, flat in the
+    YAML, checked by the same rules), replicas, resources, batching, limits, auth and warm-up."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -70,17 +72,6 @@ class ServeOptions(BaseModel):
     autoscale: str | None = Field(None, description="'MIN:MAX' replicas for Serve autoscaling; excludes 'replicas'.")
     num_cpus: float = Field(1.0, gt=0, le=256, description="CPUs per replica; torch uses floor(num_cpus) threads (at least 1).")
     gpus_per_replica: float = Field(0.0, ge=0, le=16, description="GPUs per replica; > 0 runs on CUDA in bf16, else CPU fp32.")
-    precision: Literal["auto", "fp32", "int8", "cascade"] = Field(
-        "auto", description="auto: bf16 on CUDA, fp32 on CPU; CPU replicas only: cascade (bf16 weights, pairs with a "
-                            "close top-2 margin re-scored in fp32, the fast CPU path of drugprot predict) or int8 "
-                            "(dynamic int8 quantization of the Linear layers).")
-    cascade_margin: float | None = Field(None, ge=0, le=1, description="precision cascade: pairs whose bf16 top-2 "
-                                         "probability margin is below this are re-scored in fp32 (default 0.01; 0: "
-                                         "bf16 alone, the fastest).")
-    early_exit: float | Literal["calibrated"] | None = Field(None, description="An ensemble's members, run in turn, "
-                                                          "stop on a pair once all so far vote no relation with mean "
-                                                          "P(NONE) at least this; 'calibrated': the confidence the "
-                                                          "ensemble folder records (default: none, the exact vote).")
     max_batch_pairs: int = Field(64, ge=1, le=65_536, description="Candidate pairs combined from concurrent requests into "
                                                                   "one model call; 1 disables cross-request batching. A "
                                                                   "larger request is cut into chunks of this many pairs "
@@ -129,22 +120,13 @@ class ServeOptions(BaseModel):
     def _objective_off(cls, value: Any) -> Any:
         return None if value == 0 else value
 
-    @field_validator("early_exit", mode="before")
-    @classmethod
-    def _exit_confidence(cls, value: Any) -> Any:
-        from drugprot.inference import early_exit_value
-
-        return early_exit_value(value)
-
     @model_validator(mode="after")
     def _replicas_or_autoscale(self) -> ServeOptions:
         if self.replicas is not None and self.autoscale is not None:
             raise ValueError("give either replicas or autoscale, not both")
-        if self.precision in ("int8", "cascade") and self.gpus_per_replica > 0:
-            raise ValueError(f"precision: {self.precision} runs on CPU replicas only; set gpus_per_replica to 0 or "
-                             f"precision to auto")
-        if self.cascade_margin is not None and self.precision != "cascade":
-            raise ValueError(f"cascade_margin: applies to precision cascade only, got precision {self.precision}")
+        if self.device_problem(self.device):
+            raise ValueError(f"{{precision}} {self.precision} runs on CPU replicas only; set gpus_per_replica to 0 or "
+                             f"precision to bf16")
         if self.max_queued_requests == 0:
             raise ValueError("max_queued_requests: must be -1 (unbounded) or at least 1, got 0")
         if self.follow_alias and registry_alias(self.model) is None:
@@ -165,12 +147,9 @@ class ServeOptions(BaseModel):
         return "cuda" if self.gpus_per_replica > 0 else "cpu"
 
     @property
-    def predictor_options(self) -> dict[str, Any]:
-        """What ``load_predictor`` takes: precision bf16 (CUDA; CPU runs it as fp32), fp32, int8 or cascade, and the
-        cascade's margin and the early exit when set."""
-        from drugprot.inference import run_options
-
-        return run_options("bf16" if self.precision == "auto" else self.precision, self.cascade_margin, self.early_exit)
+    def inference(self) -> InferenceOptions:
+        """How the model replicas run the model: these options' inference fields alone."""
+        return InferenceOptions(**{name: getattr(self, name) for name in InferenceOptions.model_fields})
 
     @property
     def max_model_replicas(self) -> int:
@@ -258,13 +237,4 @@ def parse_model(model: type[BaseModel], args: dict[str, Any] | None, *, source: 
     try:
         return model.model_validate(dict(args or {}))
     except ValidationError as error:
-        lines = []
-        for problem in error.errors():
-            key = ".".join(str(part) for part in problem["loc"])
-            message = problem["msg"].removeprefix("Value error, ")
-            if not key:
-                lines.append(f"{source}: {message}")
-                continue
-            found = f", got {problem['input']!r}" if problem.get("type") != "missing" and "input" in problem else ""
-            lines.append(f"{source}: {key}: {message}{found}")
-        raise DrugprotError("\n".join(lines)) from None
+        raise DrugprotError("\n".join(f"{source}: {line}" for line in option_errors(error, "key"))) from None

@@ -1,13 +1,14 @@
 """The relation service without a framework, in two halves that Serve runs as two deployments.
 
-``ModelService`` (the model deployment): one loaded Predictor, its warm-up, and the :class:`PairBatcher` that
-combines jobs from every ingress into one ``member_probabilities`` call per batch, in the model thread (a job of
-more than ``max_batch_pairs`` pairs is cut into chunks that take turns with the other jobs).
-``RelationService`` (the ingress, what the FastAPI app in ``serving.api`` calls): limits (413) → documents under
-keys unique across ingress replicas → ``inference.candidate_pairs`` → pair limit (413) → ``await model.score(job)``
-→ ``inference.decode`` with the request's threshold. ``model`` is a ``ModelService`` in this process (unit tests,
-the in-process benchmark) or ``serving.app.RemoteModel`` (a Serve handle with failover); both offer the same async
-``score``/``summary``/``status``/``info``. No Ray here.
+``ModelService`` (the model deployment): one loaded Predictor, whose Scorer it runs, its warm-up, and the
+:class:`PairBatcher` that combines jobs from every ingress into one ``Scorer.probabilities`` call per batch, in the
+model thread (a job of more than ``max_batch_pairs`` pairs is cut into chunks that take turns with the other jobs).
+``RelationService`` (the ingress, what the FastAPI app in ``serving.api`` calls) holds the model's
+:class:`~drugprot.inference.plan.Plan`: limits (413) → documents under keys unique across ingress replicas →
+``Plan.prepare`` → pair limit (413) → ``await model.score(job)`` → ``Plan.decode`` with the request's threshold.
+``model`` is a ``ModelService`` in this process (unit tests, the in-process benchmark) or
+``serving.app.RemoteModel`` (a Serve handle with failover); both offer the same async
+``plan``/``score``/``status``/``info``. No Ray here.
 """
 
 from __future__ import annotations
@@ -20,13 +21,13 @@ from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from drugprot.candidates import DEFAULT_INTERVAL
 from drugprot.corpus import Document, Entity
-from drugprot.serving.batching import Job, PairBatcher, QueueWaitExceeded, join_results, run_jobs, split_job
+from drugprot.inference.plan import Job, Plan
+from drugprot.serving.batching import PairBatcher, QueueWaitExceeded, join_results, run_jobs, split_job
 from drugprot.serving.options import ServeOptions
 from drugprot.serving.schemas import (DocumentRelations, MemberInfo, ModelInfo, RelationOut, RelationsRequest,
                                       RelationsResponse)
@@ -68,23 +69,16 @@ class Overloaded(ServingError):
         return str(self.args[0])
 
 
+if TYPE_CHECKING:
+    import torch
+
+
 @dataclass(frozen=True)
 class Scored:
-    """A job's ``(M, n, L)`` member probabilities and what the ingress needs to decode them as the model would
-    (its vote mode, member weights and calibrated decision) and which registry version computed them."""
+    """A job's ``(M, n, L)`` member probabilities and the registry version (its Plan's) that computed them."""
 
-    probabilities: Any
-    vote: str
+    probabilities: torch.Tensor
     version: str | None
-    weights: Any = None
-    decision: Any = None
-
-    def relations(self, candidates, threshold: float = 0.0) -> list:
-        """The relations, decoded exactly as ``Predictor.decode`` does in the model's own process."""
-        from drugprot.inference import decode
-
-        return decode(candidates, self.probabilities, self.vote, threshold, weights=self.weights,
-                      decision=self.decision)
 
 
 def configure_torch_threads(threads: int) -> None:
@@ -146,8 +140,10 @@ class ModelService:
         self.options = options
         self.registry = registry or {}  # name, version, alias, dev_f1 of a models:/ URI, pinned at load time
         self.swap_error = swap_error
+        self._plan = replace(predictor.plan, version=self.registry.get("version"))
         self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="drugprot-model")
-        self.batcher: PairBatcher[Job, Any] = PairBatcher(partial(run_jobs, predictor), max_pairs=options.max_batch_pairs,
+        self.batcher: PairBatcher[Job, Any] = PairBatcher(partial(run_jobs, predictor.scorer),
+                                                          max_pairs=options.max_batch_pairs,
                                                           wait_s=options.batch_wait_ms / 1000.0, executor=self._executor,
                                                           split=split_job, join=join_results,
                                                           max_wait_s=options.max_queue_wait_s)
@@ -160,7 +156,7 @@ class ModelService:
 
         ``version``: load this version of a ``models:/NAME@ALIAS`` model instead of the one the alias names now (the
         alias watcher pins every replica of a deployment to one version)."""
-        from drugprot.inference import load_predictor
+        from drugprot.inference.loading import load_predictor
 
         configure_torch_threads(threads or options.torch_threads)
         model, registry = options.model, None
@@ -175,7 +171,7 @@ class ModelService:
             registry = {"name": resolved.name, "version": str(resolved.version), "alias": alias,
                         "dev_f1": _number((resolved.tags or {}).get("dev_f1"))}
         predictor = load_predictor(model, device=options.device, tracking_uri=options.tracking_uri,
-                                   verify_key=options.verify_key, **options.predictor_options)
+                                   verify_key=options.verify_key, options=options.inference)
         return cls(predictor, options, registry=registry, swap_error=swap_error)
 
     # ---- readiness -------------------------------------------------------------------------------------------
@@ -191,8 +187,7 @@ class ModelService:
         for round_ in range(self.options.warmup_rounds):
             for count in sorted({1, full}):
                 documents = [warmup_document(f"warmup:{round_}:{i}") for i in range(count)]
-                job = Job(documents, self.predictor.candidates(documents))
-                run_jobs(self.predictor, [job])
+                run_jobs(self.predictor.scorer, [self._plan.prepare(documents)])
         log.info("drugprot serving: warm-up done (%d rounds)", self.options.warmup_rounds)
 
     @property
@@ -225,13 +220,11 @@ class ModelService:
             probabilities = await self.batcher.submit(job)
         except QueueWaitExceeded as refused:
             raise Overloaded(str(refused), refused.expected_s) from None
-        return Scored(probabilities, self.predictor.vote_mode, self.registry.get("version"),
-                      weights=self.predictor.weights, decision=self.predictor.decision)
+        return Scored(probabilities, self._plan.version)
 
-    async def summary(self) -> dict[str, Any]:
-        """What the ingress needs before it can prepare a job: the GENE interval (and the version it belongs to)."""
-        return {"interval": tuple(getattr(self.predictor, "interval", DEFAULT_INTERVAL)),
-                "version": self.registry.get("version")}
+    async def plan(self) -> Plan:
+        """What the ingress prepares jobs and decodes probabilities with: this replica's Plan (and version)."""
+        return self._plan
 
     async def status(self) -> dict[str, Any]:
         body: dict[str, Any] = {"status": self.state, "batching": self.batcher.describe()}
@@ -269,7 +262,7 @@ class ModelService:
         return ModelInfo(
             uri=self.options.model, name=self.registry.get("name"), version=self.registry.get("version"),
             alias=self.registry.get("alias"), dev_f1=dev_f1, vote=self.predictor.vote_mode,
-            interval=tuple(getattr(self.predictor, "interval", DEFAULT_INTERVAL)), members=members, device=device,
+            interval=tuple(self._plan.interval), members=members, device=device,
             precision=precision, execution=_text(getattr(self.predictor, "execution", None)),
             max_batch_pairs=self.options.max_batch_pairs, batch_wait_ms=self.options.batch_wait_ms,
             limits=self.options.limits.model_dump(), metadata=_json_safe(metadata), swap_error=self.swap_error)
@@ -293,14 +286,15 @@ class RelationService:
         self.draining = False  # set on shutdown: new requests get 503, those inside finish
         self._prefix = uuid.uuid4().hex[:8]  # document keys stay unique across ingress replicas sharing a model
         self._keys = itertools.count()
-        self._summary: dict[str, Any] | None = None
+        self._plan: Plan | None = None  # the model's, fetched on the first request and again when its version changes
 
     def warm_up(self) -> None:
-        """Candidates for the warm-up document, before the first request: the first call imports the inference stack
-        (torch), seconds in which the event loop would answer nothing and bodies on their way would time out (408)."""
-        from drugprot.inference import candidate_pairs, decode  # noqa: F401 - imported now, not on a request
+        """Candidates for the warm-up document, and torch, before the first request: the first request would
+        otherwise import them, seconds in which the event loop would answer nothing and bodies on their way would
+        time out (408)."""
+        import torch  # noqa: F401 - imported now, not on a request: the model's probabilities arrive as tensors
 
-        candidate_pairs([warmup_document("ingress-warmup")], DEFAULT_INTERVAL)
+        Plan(1).prepare([warmup_document("ingress-warmup")])
 
     # ---- requests --------------------------------------------------------------------------------------------
     def _check_limits(self, request: RelationsRequest) -> None:
@@ -337,35 +331,37 @@ class RelationService:
             flag[0] = False
             self._preparing -= 1
 
-    def _prepare(self, request: RelationsRequest, interval: tuple[int, int]):
-        from drugprot.inference import candidate_pairs
-
+    def _prepare(self, request: RelationsRequest, plan: Plan) -> tuple[list[str], Job]:
         self._check_limits(request)
         request_key = f"{self._prefix}:{next(self._keys)}"
         keys = [f"{request_key}:{i}" for i in range(len(request.documents))]
-        documents = [d.to_document(key) for d, key in zip(request.documents, keys)]
-        candidates = candidate_pairs(documents, tuple(request.interval) if request.interval else interval)
+        job = plan.prepare([d.to_document(key) for d, key in zip(request.documents, keys)],
+                           tuple(request.interval) if request.interval else None)
+        candidates = job.candidates
         if len(candidates) > self.limits.max_pairs:
             per_doc = Counter(c.pmid for c in candidates)
             worst = max(range(len(keys)), key=lambda i: per_doc[keys[i]])
             raise PayloadTooLarge(f"documents: {len(candidates)} candidate pairs exceed the limit of {self.limits.max_pairs} "
                                   f"per request (most from documents[{worst}] (id {request.documents[worst].id!r}): "
                                   f"{per_doc[keys[worst]]}); send fewer documents or a narrower interval")
-        return keys, documents, candidates
+        return keys, job
 
     async def relations(self, request: RelationsRequest) -> tuple[RelationsResponse, str | None]:
         """Relations for each document of a validated request, in request order, and the model version that
         answered (None for a model folder)."""
-        if self._summary is None:
-            self._summary = await self.model.summary()
-        keys, documents, candidates = self._prepare(request, self._summary["interval"])
-        relations, version = [], self._summary["version"]
+        if self._plan is None:
+            self._plan = await self.model.plan()
+        keys, job = self._prepare(request, self._plan)
+        candidates, relations, version = job.candidates, [], self._plan.version
         if candidates:
             self._arrived()  # no await between here and the queue: the batcher sees this request in one place
-            scored = await self.model.score(Job(documents, candidates))
-            if scored.version != version:  # another model answered (a champion swap): its interval from now on
-                self._summary = None
-            relations, version = scored.relations(candidates, request.threshold), scored.version
+            scored = await self.model.score(job)
+            if scored.version != self._plan.version:  # another model answered (a champion swap): its plan from now on
+                self._plan = await self.model.plan()
+                if scored.version != self._plan.version:
+                    raise NotReady(f"the model moved from version {version} to {scored.version} and then "
+                                   f"{self._plan.version} during this request; retry")
+            relations, version = self._plan.decode(job, scored.probabilities, request.threshold), scored.version
         by_key: dict[str, list[RelationOut]] = {key: [] for key in keys}
         for relation in relations:
             by_key[relation.pmid].append(RelationOut(chemical=relation.chemical, gene=relation.gene, type=relation.type,

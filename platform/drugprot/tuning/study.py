@@ -35,6 +35,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, InstanceOf, ValidationInfo, field_validator
 
 from drugprot.config import RunConfig, build_config
+from drugprot.environment import quiet_defaults
 from drugprot.errors import DrugprotError
 from drugprot.polling import poll
 from drugprot.tuning.space import OPTUNA_TRIAL_KEY, SearchSpace, parse_space
@@ -274,7 +275,7 @@ def connect_ray(address: str | None, *, timeout: float = 15.0, num_cpus: int | N
             raise StudyError(f"--address {address}: Ray is already initialised in this process; leave the address out "
                              f"to use that runtime, or call ray.shutdown() first")
         return False
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    quiet_defaults()
     common = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     if address is None:
         from drugprot.local_ray import start_local_ray
