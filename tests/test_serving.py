@@ -5,7 +5,7 @@
 * ``/tight``: one replica, one request at a time, two queued, a long warm-up (readiness, overload → 503).
 
 The ``drugprot serve`` command gets its own Ray in a subprocess and is stopped with SIGTERM.
-Ports: Serve HTTP 8111 (CLI 8112), Ray GCS 6424 (CLI 6425).
+Ports: Serve HTTP 8111 (CLI 8112), Ray GCS 6424 (CLI 6425), metrics 6426 (CLI 6427), CLI dashboard 6428.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 HTTP_PORT, GCS_PORT, METRICS_PORT = 8111, 6424, 6426
-CLI_HTTP_PORT, CLI_GCS_PORT = 8112, 6425
+CLI_HTTP_PORT, CLI_GCS_PORT, CLI_METRICS_PORT, CLI_DASHBOARD_PORT = 8112, 6425, 6427, 6428
 BASE = f"http://127.0.0.1:{HTTP_PORT}"
 TOKEN_ENV = "DRUGPROT_SERVE_TEST_TOKEN"
 RAY_ENV = ("RAY_TMPDIR", "RAY_USAGE_STATS_ENABLED", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_GCS_SERVER_PORT",
@@ -175,6 +175,7 @@ def test_drugprot_serve_runs_until_sigterm_and_drains_accepted_requests(ensemble
     log = open(tmp_path / "serve.log", "wb")
     process = subprocess.Popen([sys.executable, "-m", "drugprot", "serve", "--model", str(ensemble_dir), "--no-auth",
                                 "--port", str(CLI_HTTP_PORT), "--max-batch-pairs", "32", "--run-dir", str(tmp_path),
+                                "--metrics-port", str(CLI_METRICS_PORT), "--dashboard-port", str(CLI_DASHBOARD_PORT),
                                 "--max-queue-wait-s", "0"],  # every request before the SIGTERM answered: no objective
                                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
@@ -186,6 +187,7 @@ def test_drugprot_serve_runs_until_sigterm_and_drains_accepted_requests(ensemble
         url = f"http://127.0.0.1:{CLI_HTTP_PORT}/v1/relations"
         response = requests.post(url, json={"documents": [small_doc()]}, timeout=30)
         assert response.status_code == 200 and response.json()["documents"][0]["candidates"] == 1
+        check_what_an_operator_is_told((tmp_path / "serve.log").read_text(errors="replace"))
         outcomes, stopped = [], threading.Event()
         body = {"documents": [document_json(d) for d in dev_documents[:3]]}
 
@@ -230,6 +232,56 @@ def test_drugprot_serve_runs_until_sigterm_and_drains_accepted_requests(ensemble
         log.close()
 
 
+def check_what_an_operator_is_told(output: str) -> None:
+    """The metrics URL and the ``serve status`` line that ``drugprot serve`` prints work as printed; its Ray, dashboard
+    included, listens on loopback only."""
+    import re
+    import shlex
+
+    metrics = re.search(r"drugprot serve: Prometheus metrics: (\S+)", output)[1]
+    assert metrics == f"http://127.0.0.1:{CLI_METRICS_PORT}/metrics"
+    info = r'ray_drugprot_model_info\{[^}]*version="folder"[^}]*\} 1\.0'
+    scraped = poll(lambda: re.search(info, text := requests.get(metrics, timeout=10).text) and text, timeout=90)
+    assert scraped, requests.get(metrics, timeout=10).text[-3000:]
+    assert "ray_drugprot_model_version" not in scraped
+    status_line = re.search(r"drugprot serve: Serve status: (.+)", output)[1]
+    words = shlex.split(status_line)
+    assignments, (program, *arguments) = words[:2], words[2:]
+    assert [a.split("=")[0] for a in assignments] == ["RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH"], status_line
+    assert (program, arguments) == ("serve", ["status", "--address", f"http://127.0.0.1:{CLI_DASHBOARD_PORT}"])
+    serve_cli = str(Path(sys.executable).parent / "serve")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    refused = subprocess.run([serve_cli, *arguments], capture_output=True, text=True, env=clean, timeout=120)
+    assert refused.returncode != 0 and "Missing authentication token" in refused.stdout + refused.stderr, refused
+    status = subprocess.run([serve_cli, *arguments], capture_output=True, text=True, timeout=120,
+                            env={**clean, **dict(a.split("=", 1) for a in assignments)})
+    assert status.returncode == 0, status.stderr[-2000:]
+    applications = yaml.safe_load(status.stdout)["applications"]
+    assert applications["drugprot"]["status"] == "RUNNING", status.stdout
+    addresses = {fields[3] for fields in listeners()}
+    assert {f"127.0.0.1:{CLI_METRICS_PORT}", f"127.0.0.1:{CLI_DASHBOARD_PORT}"} <= addresses, addresses
+    assert {a.rsplit(":", 1)[0] for a in addresses} <= {"127.0.0.1", "[::ffff:127.0.0.1]"}, addresses
+
+
+def listeners() -> list[list[str]]:
+    """``ss -ltnp`` lines (split) of every TCP listener that this process or any of its descendants holds."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    ours = {os.getpid()}
+    while True:  # every descendant of this process
+        more = {pid for pid, parent in parents.items() if parent in ours} - ours
+        if not more:
+            break
+        ours |= more
+    listing = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout.splitlines()
+    return [line.split() for line in listing if any(f"pid={pid}," in line for pid in ours)]
+
+
 def tampered_copy(ensemble_dir: Path, out: Path) -> Path:
     """The ensemble with one byte of a member's weights changed (its manifest still lists the old hash)."""
     shutil.copytree(ensemble_dir, out)
@@ -246,6 +298,7 @@ def test_drugprot_serve_prints_the_replicas_own_error_and_fails(ensemble_dir, tm
         env.pop(key, None)
     model = tampered_copy(ensemble_dir, tmp_path / "tampered")
     done = subprocess.run([sys.executable, "-m", "drugprot", "serve", "--model", str(model), "--port", str(CLI_HTTP_PORT),
+                           "--metrics-port", str(CLI_METRICS_PORT), "--dashboard-port", str(CLI_DASHBOARD_PORT),
                            "--run-dir", str(tmp_path / "run")],
                           capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode != 0, done.stderr[-3000:]  # 2 today for every DrugprotError (issue 11.5 makes it 1)
@@ -330,25 +383,12 @@ def test_a_replica_that_cannot_load_its_model_reports_why(cluster, ensemble_dir,
 
 def test_the_local_ray_listens_on_loopback_only(apps):
     """Every TCP listener of this test's Ray (GCS, raylet, workers, agents, metrics, the Serve proxy) is on 127.0.0.1."""
-    parents = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parents[int(stat.parent.name)] = int(fields[1])
-    ours = {os.getpid()}
-    while True:  # every descendant of this process
-        more = {pid for pid, parent in parents.items() if parent in ours} - ours
-        if not more:
-            break
-        ours |= more
-    listing = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout.splitlines()
-    listeners = [line.split() for line in listing if any(f"pid={pid}," in line for pid in ours)]
-    addresses = {fields[3].rsplit(":", 1)[0] for fields in listeners}
-    assert len(listeners) >= 8, listing  # gcs, raylet, agents, workers, proxy: all of them were found
-    assert addresses <= {"127.0.0.1", "[::ffff:127.0.0.1]"}, [f for f in listeners if "127.0.0.1" not in f[3]]
-    assert any(fields[3].endswith(f":{HTTP_PORT}") for fields in listeners)
+    found = listeners()
+    addresses = {fields[3].rsplit(":", 1)[0] for fields in found}
+    assert len(found) >= 8, found  # gcs, raylet, agents, workers, proxy: all of them were found
+    assert addresses <= {"127.0.0.1", "[::ffff:127.0.0.1]"}, [f for f in found if "127.0.0.1" not in f[3]]
+    assert any(fields[3].endswith(f":{HTTP_PORT}") for fields in found)
+    assert any(fields[3].endswith(f":{METRICS_PORT}") for fields in found)
 
 
 # ---- errors through the proxy ------------------------------------------------------------------------------------
@@ -476,7 +516,7 @@ def test_prometheus_scrapes_the_serving_metrics_from_the_local_ray(apps, token, 
             f"ray_drugprot_pairs_per_model_call_count{{{secure}}}": 1,
             f"ray_drugprot_queue_wait_seconds_count{{{secure}}}": 20,
             f"ray_drugprot_queue_depth{{{secure}}}": 0,
-            f"ray_drugprot_model_version{{{secure}}}": 1}
+            f'ray_drugprot_model_info{{{secure},version="folder",name="",alias=""}}': 1}
         seen: dict[str, float] = {}
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and any(seen.get(q, -1) < least for q, least in wanted.items()):

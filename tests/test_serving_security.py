@@ -75,6 +75,27 @@ def test_serving_without_a_token_is_refused_before_ray_starts(ensemble_dir, flag
     assert "started a local Ray" not in done.stderr
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--metrics-port", "{busy}"], "--metrics-port {busy}: 127.0.0.1:{busy} is not free"),
+    (["--dashboard-port", "{busy}"], "--dashboard-port {busy}: 127.0.0.1:{busy} is not free"),
+    (["--metrics-port", "70000"], "--metrics-port: must be a TCP port (1-65535), got 70000"),
+    (["--address", "127.0.0.1:1", "--metrics-port", "9100"], "--metrics-port: applies to the local Ray only"),
+])
+def test_the_local_rays_ports_are_checked_before_ray_starts(tmp_path, flags, message):
+    """Checked before any model is read: an empty folder stands for the model."""
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        busy = str(held.getsockname()[1])
+        done = subprocess.run([sys.executable, "-m", "drugprot", "serve", "--model", str(tmp_path), "--no-auth",
+                               *(flag.format(busy=busy) for flag in flags), "--port", str(CLI_HTTP_PORT)],
+                              capture_output=True, text=True, env=cli_env(), timeout=120)
+    assert done.returncode != 0 and message.format(busy=busy) in done.stderr, done.stderr[-2000:]
+    assert "started a local Ray" not in done.stderr
+
+
 def test_a_missing_alias_is_reported_before_ray_starts(tmp_path):
     from drugprot.mlflow_store import client
 

@@ -12,6 +12,7 @@ API) asks for that token (3). The tests share the server and run in this order: 
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -29,6 +30,7 @@ from test_serving_unit import document_json, relation_members  # noqa: F401 - fi
 
 from drugprot.config import SAMPLE_DIR
 from drugprot.corpus import read_split
+from drugprot.polling import poll
 
 pytestmark = pytest.mark.slow
 
@@ -55,6 +57,7 @@ def registry(relation_members, tmp_path_factory):  # noqa: F811
 def server(registry):
     root = registry["root"]
     port, gcs = _free_port("8140-8159", "the swap test's HTTP port"), _free_port("6440-6459", "the swap test's Ray")
+    metrics, dashboard = _free_port("6460-6469", "the swap test's metrics"), _free_port("6470-6479", "its dashboard")
     env = {**os.environ, "RAY_GCS_SERVER_PORT": str(gcs), "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1",
            "DRUGPROT_CACHE_DIR": str(root / "cache"), "MLFLOW_DISABLE_TELEMETRY": "true", "DRUGPROT_API_TOKEN": TOKEN}
     for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_TMPDIR", "MLFLOW_TRACKING_URI",
@@ -65,6 +68,7 @@ def server(registry):
     process = subprocess.Popen([sys.executable, "-m", "drugprot", "serve", "--model", f"models:/{NAME}@champion",
                                 "--tracking-uri", registry["store"], "--follow-alias", "--poll-s", "1",
                                 "--port", str(port), "--cpus-per-replica", "0.5", "--max-batch-pairs", "32",
+                                "--metrics-port", str(metrics), "--dashboard-port", str(dashboard),
                                 "--max-queue-wait-s", "0"],  # every request answered during a swap: no objective
                                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=root)
     try:
@@ -73,7 +77,7 @@ def server(registry):
             assert process.poll() is None, log_path.read_text(errors="replace")[-3000:]
             assert time.monotonic() < deadline, "drugprot serve did not become ready"
             time.sleep(0.5)
-        yield {"url": f"http://127.0.0.1:{port}", "log": log_path}
+        yield {"url": f"http://127.0.0.1:{port}", "log": log_path, "metrics": f"http://127.0.0.1:{metrics}/metrics"}
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
@@ -177,6 +181,16 @@ def test_moving_the_alias_swaps_the_version_under_load_without_a_failed_request(
     assert set(versions[:switched]) == {"1"} and switched >= 3 * CLIENTS
     info = model_info(url)
     assert (info["version"], info["alias"], info["swap_error"]) == ("2", "champion", None)
+    # the info metric follows: version 2's series, and version 1's gone with its replicas (Ray ages it out)
+    served = re.compile(r'ray_drugprot_model_info\{[^}]*version="(\d+)"[^}]*\} 1\.0')
+
+    def versions_exported():
+        versions = set(served.findall(requests.get(server["metrics"], timeout=10).text))
+        return versions == {"2"} or None
+
+    assert poll(versions_exported, timeout=90), requests.get(server["metrics"], timeout=10).text[-3000:]
+    exported = requests.get(server["metrics"], timeout=10).text
+    assert f'name="{NAME}"' in exported and 'alias="champion"' in exported
 
 
 def test_a_version_that_cannot_load_leaves_the_old_one_serving_and_says_why(server, registry):

@@ -1274,6 +1274,14 @@ def test_the_page_is_served_without_a_token_and_carries_the_bundled_example(ense
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", page.text) and "fetch(\"v1/relations\"" in page.text
 
 
+def test_the_scrape_config_and_the_docs_name_the_metrics_port_drugprot_serve_uses():
+    from drugprot.cli.serve import METRICS_PORT
+
+    scrape = yaml.safe_load((REPO / "infra" / "prometheus" / "scrape.yaml").read_text())
+    assert scrape["scrape_configs"][0]["static_configs"][0]["targets"] == [f"127.0.0.1:{METRICS_PORT}"]
+    assert f"| `--metrics-port N` | {METRICS_PORT} |" in (REPO / "docs" / "serving.md").read_text()
+
+
 def test_the_grafana_dashboard_queries_only_series_the_app_exports():
     """Every drugprot series a panel queries is one serving.metrics defines (Ray adds the ray_ prefix)."""
     dashboard = json.loads((REPO / "infra" / "grafana" / "drugprot-serving.json").read_text())

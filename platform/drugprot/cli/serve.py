@@ -12,14 +12,18 @@ import ipaddress
 import json
 import os
 import secrets
+import shlex
 import shutil
 import signal
+import socket
 import sys
 import threading
 import time
 from pathlib import Path
 
 TOKEN_ENV = "DRUGPROT_API_TOKEN"
+METRICS_PORT = 8080  # Ray's and KubeRay's metrics port: infra/prometheus/scrape.yaml scrapes 127.0.0.1:8080
+DASHBOARD_PORT = 8265  # Ray's dashboard port, where `serve status` asks by default
 
 
 def register(commands) -> None:
@@ -53,6 +57,11 @@ def register(commands) -> None:
                                                             "signed by it (drugprot ensemble --sign-key)")
     parser.add_argument("--address", help="existing Ray cluster (e.g. ray://HEAD:10001 or HEAD:6379); "
                                           "default: start a private local Ray")
+    parser.add_argument("--metrics-port", type=int, help=f"the local Ray's Prometheus metrics port, on 127.0.0.1 "
+                        f"(default {METRICS_PORT}); a cluster (--address) sets its own with ray start "
+                        f"--metrics-export-port")
+    parser.add_argument("--dashboard-port", type=int, help=f"the local Ray's dashboard port, on 127.0.0.1, which "
+                        f"`serve status` reads (default {DASHBOARD_PORT})")
     parser.add_argument("--name", default="drugprot", help="Serve application name")
     parser.add_argument("--route-prefix", default="/", help="HTTP route prefix of the application")
     auth = parser.add_mutually_exclusive_group()
@@ -132,6 +141,45 @@ def provide_token(run_dir: Path) -> Path | None:
     return path
 
 
+def local_ports(args) -> dict[str, int]:
+    """The local Ray's metrics and dashboard ports, checked free on 127.0.0.1 before Ray starts (Ray would fail
+    later with its own message); with ``--address`` neither option applies."""
+    from drugprot.errors import DrugprotError
+    from drugprot.local_ray import LOOPBACK
+
+    chosen = {"--metrics-port": args.metrics_port, "--dashboard-port": args.dashboard_port}
+    if args.address is not None:
+        given = [flag for flag, port in chosen.items() if port is not None]
+        if given:
+            args.usage_error(f"{given[0]}: applies to the local Ray only; a cluster (--address) sets its own ports "
+                             f"with ray start --metrics-export-port / --dashboard-port")
+        return {}
+    ports = {"--metrics-port": args.metrics_port or METRICS_PORT, "--dashboard-port": args.dashboard_port or DASHBOARD_PORT}
+    for flag, port in ports.items():
+        if not 1 <= port <= 65535:
+            args.usage_error(f"{flag}: must be a TCP port (1-65535), got {port}")
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Ray's servers bind
+            try:
+                probe.bind((LOOPBACK, port))
+            except OSError as error:
+                raise DrugprotError(f"{flag} {port}: 127.0.0.1:{port} is not free ({error.strerror}); choose "
+                                    f"another with {flag}") from None
+    if ports["--metrics-port"] == ports["--dashboard-port"]:
+        args.usage_error(f"--metrics-port and --dashboard-port: both are {ports['--metrics-port']}; give two ports")
+    return ports
+
+
+def serve_status_command(dashboard_port: int) -> str:
+    """The shell line that runs Ray's ``serve status`` against the local Ray: the CLI sends Ray's auth token only
+    when ``RAY_AUTH_MODE=token`` is set in its own environment, and reads it from ``RAY_AUTH_TOKEN_PATH``."""
+    auth = ""
+    if os.environ.get("RAY_AUTH_MODE") == "token":
+        path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+        auth = "RAY_AUTH_MODE=token " + (f"RAY_AUTH_TOKEN_PATH={shlex.quote(path)} " if path else "")
+    return f"{auth}serve status --address http://127.0.0.1:{dashboard_port}"
+
+
 def keep_logs(ray_folder: Path, run_dir: Path) -> Path | None:
     """Copy the Ray session's logs into ``run_dir/ray-logs``; returns that folder (None: no logs were found)."""
     logs = next((found / "logs" for found in ray_folder.glob("*/session_latest") if (found / "logs").is_dir()), None)
@@ -175,6 +223,7 @@ def _serve(args) -> int:
         from drugprot.registry import resolve_model_version
 
         resolve_model_version(options.model, tracking_uri=options.tracking_uri)  # a bad alias now, not after Ray
+    ports = local_ports(args)
     run_dir = args.run_dir or Path("runs") / "serve" / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     stop = threading.Event()
@@ -199,8 +248,11 @@ def _serve(args) -> int:
         # the proxy inherits both: header and connection bounds, token on /-/routes, admission, lost requests resent
         os.environ.setdefault(*PROXY_CALLBACK)
         os.environ[PROXY_LIMITS_ENV] = proxy_limits.model_dump_json()
-        folder = start_local_ray()
+        folder = start_local_ray(dashboard=True, dashboard_port=ports["--dashboard-port"],
+                                 _metrics_export_port=ports["--metrics-port"])
         print(f"drugprot serve: started a local Ray (temporary folder {folder})", file=sys.stderr, flush=True)
+        _say(f"drugprot serve: Prometheus metrics: http://127.0.0.1:{ports['--metrics-port']}/metrics")
+        _say(f"drugprot serve: Serve status: {serve_status_command(ports['--dashboard-port'])}")
     else:
         keep_loopback_address(args.address)
         ray.init(address=args.address, log_to_driver=False)

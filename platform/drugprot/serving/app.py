@@ -137,7 +137,7 @@ class ModelDeployment:
         self.service = ModelService.load(self.options, threads=max(1, math.floor(cpus)) if cpus else None,
                                          version=version, swap_error=swap_error)
         self.service.start_warmup().result()  # ready (and routed to) only once warm
-        metrics = ModelMetrics(self.service.registry.get("version"), self.options.model)
+        metrics = ModelMetrics(self.service.registry, self.options.model)
         self.service.batcher.on_batch = metrics.batch
         self._closing = threading.Event()
         threading.Thread(target=self._report, args=(metrics,), daemon=True, name="drugprot-metrics").start()

@@ -3,8 +3,9 @@
 Each node's Ray metrics agent exports them (with Serve's own ``ray_serve_*`` series) at its metrics port; Ray prefixes
 the names with ``ray_``. Ingress: requests by route and status, end-to-end latency, model-call latency (queue and
 compute in the model replica, retries included), model calls retried on another replica. Model: time jobs waited
-in the batcher's queue, pairs per model call, queue depth, and the served version (a gauge set to 1, labelled),
-both gauges set again every few seconds by the replica.
+in the batcher's queue, pairs per model call, queue depth, and ``drugprot_model_info`` (Prometheus's info convention:
+always 1, the registered name, version and alias as labels), both gauges set again every few seconds by the replica.
+A swap starts new replicas and stops the old ones, so the old version's series ends with its replicas.
 Routes are the API's own paths; anything else is counted as ``other`` so that clients cannot create series.
 """
 
@@ -40,20 +41,22 @@ class IngressMetrics:
 
 
 class ModelMetrics:
-    def __init__(self, version: str | None, uri: str):
+    def __init__(self, registry: dict, uri: str):
+        """``registry``: name, version and alias of a ``models:/`` model (empty for a folder)."""
         self.queue_wait = Histogram("drugprot_queue_wait_seconds", "Time jobs waited in the batcher before their "
                                     "model call", boundaries=SECONDS)
         self.pairs = Histogram("drugprot_pairs_per_model_call", "Candidate pairs scored per model call",
                                boundaries=PAIRS)
         self.depth = Gauge("drugprot_queue_depth", "Jobs waiting in this model replica's batcher")
-        self.version = Gauge("drugprot_model_version", "The model this replica serves (1 = serving)",
-                             tag_keys=("version", "uri"))
-        self.served = {"version": version or "folder", "uri": uri}
+        self.info = Gauge("drugprot_model_info", "The model this replica serves (always 1; name, version and alias "
+                          "as labels)", tag_keys=("name", "version", "alias", "uri"))
+        self.served = {"name": registry.get("name") or "", "version": registry.get("version") or "folder",
+                       "alias": registry.get("alias") or "", "uri": uri}
 
     def refresh(self, queued: int) -> None:
         """Gauges are exported only while they are set (OpenTelemetry drops a gauge not recorded since the last
         export), so the replica sets them again every few seconds."""
-        self.version.set(1, tags=dict(self.served))
+        self.info.set(1, tags=dict(self.served))
         self.depth.set(queued)
 
     def batch(self, pairs: int, waits: list[float], queued: int) -> None:
