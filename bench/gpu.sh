@@ -7,6 +7,9 @@
 #   1b. batch size: full-corpus MiniLM trained twice for BATCH_EPOCHS epochs (default 4), in as many equal steps an
 #      epoch as the old token-budget batches made (token_budget 8192, at most 64 pairs: about 61 pairs a step) and
 #      in configs/minilm.yaml's batch_pairs; dev F1 of both, their ratio and a JSON line (duration not measured yet)
+#   1c. options beyond the paper: full-corpus MiniLM for OPTIONS_EPOCHS epochs (default 2) as configs/minilm.yaml,
+#      then with encoding.context abstract, then with model.multilabel; dev F1 of each on the held-out half B (the
+#      checkpoint chosen on half A), their differences from the sentence/single-label run, and a JSON line
 #   2. prints the throughput table of bench/train_throughput.py for bert-base-random: the plain loop, ours, and ours
 #      under torch.compile with shape buckets, without and with CUDA graphs (THROUGHPUT_LOOPS; compiling each bucket's
 #      shapes takes an untimed warm-up);
@@ -17,7 +20,7 @@
 #   4b. distillation (bench/distill.py): a MiniLM student trained on the step-1 model's probabilities
 #      (DISTILL_DOCS training documents, one epoch), F1 and pairs/s next to its teacher's on dev half B;
 #   5. prints a final table. About 9-10 minutes in all (TRAIN_SECONDS=200 by default).
-# STEPS picks steps (default 1,2,3,4,4b; 1b and 2b only when named, e.g. `STEPS=1b,2b bench/gpu.sh`; 0 and 5 always
+# STEPS picks steps (default 1,2,3,4,4b; 1b, 1c and 2b only when named, e.g. `STEPS=1b,2b bench/gpu.sh`; 0 and 5 always
 # run). Steps 4
 # and 4b use step 1's model, so they go in its call. The paper's 10 MiniLM epochs needed about 340 s on an H200
 # (2026-11-30, in the old token-budget batches of about 61 pairs: about 34 s an epoch with its two evaluations; smaller
@@ -35,7 +38,7 @@ if [[ "${1:-}" == "--dry-run" ]]; then DRY_RUN=1; shift; fi
 if [[ $# -gt 0 ]]; then echo "usage: bench/gpu.sh [--dry-run]" >&2; exit 2; fi
 export STEPS=${STEPS:-1,2,3,4,4b}
 for wanted in ${STEPS//,/ }; do
-  case "$wanted" in 1|1b|2|2b|3|4|4b) ;; *) echo "bench/gpu.sh: STEPS: unknown step '$wanted' (steps: 1,1b,2,2b,3,4,4b)" >&2; exit 2 ;; esac
+  case "$wanted" in 1|1b|1c|2|2b|3|4|4b) ;; *) echo "bench/gpu.sh: STEPS: unknown step '$wanted' (steps: 1,1b,1c,2,2b,3,4,4b)" >&2; exit 2 ;; esac
 done
 
 if [[ $DRY_RUN == 1 ]]; then
@@ -52,7 +55,7 @@ fi
 RESULTS=${OUT:-.gpu/out}            # small: JSON summaries only (on the GPU machine $OUT comes back)
 SCRATCH=${SCRATCH:-${TMPDIR:-/tmp}/drugprot-gpu}   # the unpacked corpus and the run folder (weights, checkpoint)
 mkdir -p "$RESULTS" "$SCRATCH"
-rm -f "$RESULTS"/{train,batch,throughput,memory,distill}.json "$RESULTS"/ensemble_*.json  # a summary of this run's steps only
+rm -f "$RESULTS"/{train,batch,options,throughput,memory,distill}.json "$RESULTS"/ensemble_*.json  # a summary of this run's steps only
 export PYTHONPATH="$PWD/platform:$PWD/.gpu/site${PYTHONPATH:+:$PYTHONPATH}"
 if ! "$PY" -c "import pydantic" 2>/dev/null; then  # the GPU image has none: the wheels prepare_gpu.sh unpacked
   [[ -d .gpu/pydantic ]] || { echo "bench/gpu.sh: no pydantic here and no .gpu/pydantic: rerun bench/prepare_gpu.sh" >&2; exit 2; }
@@ -61,7 +64,7 @@ fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false TRANSFORMERS_VERBOSITY=error
 export HF_HUB_DISABLE_PROGRESS_BARS=1
 export DRY_RUN RESULTS SCRATCH
-export TRAIN_SECONDS=${TRAIN_SECONDS:-200} BATCH_EPOCHS=${BATCH_EPOCHS:-4} BENCH_SECONDS=${BENCH_SECONDS:-30} BENCH_PAIRS=${BENCH_PAIRS:-8192}
+export TRAIN_SECONDS=${TRAIN_SECONDS:-200} BATCH_EPOCHS=${BATCH_EPOCHS:-4} OPTIONS_EPOCHS=${OPTIONS_EPOCHS:-2} BENCH_SECONDS=${BENCH_SECONDS:-30} BENCH_PAIRS=${BENCH_PAIRS:-8192}
 START=$(date +%s)
 FAILED=()  # steps after 0 run even when one fails (one lease, one try): their names, reported at the end
 
@@ -255,6 +258,49 @@ summary = {"bench": "batch_pairs", "encoder": "all-MiniLM-L6-v2" if not dry else
 print(json.dumps(summary))
 PYEOF
 
+echo "== 1c. options beyond the paper: sentence vs abstract context, single- vs multi-label, dev F1 on half B"
+step "1c (context and multi-label)" "$PY" - <<'PYEOF'
+import json, os, shutil, time
+from pathlib import Path
+
+import torch
+
+from drugprot.config import load_config
+from drugprot.training import train
+
+dry = os.environ["DRY_RUN"] == "1"
+data = str(Path(os.environ["SCRATCH"]) / "drugprot")
+overrides = [f"data.dir={data}", "encoder.name=.gpu/minilm", "train.device=auto",
+             f"train.epochs={os.environ['OPTIONS_EPOCHS']}"]
+if dry:  # tiny-random, a handful of documents, CPU: seconds
+    overrides = [f"data.dir={data}", "encoder.name=tiny-random", "encoder.max_length=128", "data.max_train_docs=6",
+                 "data.max_dev_docs=4", "train.lr=1e-3", "train.device=cpu", "train.token_budget=2048",
+                 "train.epochs=1", "train.batch_pairs=8"]
+variants = {"sentence_single": [], "abstract_context": ["encoding.context=abstract"],
+            "multilabel": ["model.multilabel=true"]}
+rows = {}
+for name, extra in variants.items():
+    run_dir = Path(os.environ["SCRATCH"]) / f"options-{name}"
+    shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run every time
+    started = time.perf_counter()
+    result = train(load_config("configs/minilm.yaml", [*overrides, *extra]), run_dir, progress=False,
+                   log=lambda m: print("    " + m, flush=True))
+    dev = json.loads((result.model_dir / "drugprot.json").read_text())["dev"]  # the checkpoint chosen on half A
+    rows[name] = {"set": extra, "dev_f1_b": dev["dev_f1_b"], "dev_precision_b": dev["dev_precision_b"],
+                  "dev_recall_b": dev["dev_recall_b"], "dev_f1_a": dev["dev_f1_a"], "best_epoch": dev["epoch"],
+                  "seconds": round(time.perf_counter() - started, 1)}
+    print(f"  {name}: dev F1 on half B {dev['dev_f1_b']:.4f} (P {dev['dev_precision_b']:.4f}, R {dev['dev_recall_b']:.4f}; "
+          f"checkpoint at epoch {dev['epoch']:g}, chosen on A) in {rows[name]['seconds']:.0f} s")
+base = rows["sentence_single"]["dev_f1_b"]
+summary = {"bench": "options", "encoder": "all-MiniLM-L6-v2" if not dry else "tiny-random (dry run)",
+           "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+           "epochs": load_config("configs/minilm.yaml", overrides).train.epochs, **rows,
+           "abstract_minus_sentence_f1_b": round(rows["abstract_context"]["dev_f1_b"] - base, 4),
+           "multilabel_minus_single_f1_b": round(rows["multilabel"]["dev_f1_b"] - base, 4)}
+(Path(os.environ["RESULTS"]) / "options.json").write_text(json.dumps(summary, indent=1))
+print(json.dumps(summary))
+PYEOF
+
 echo "== 2. throughput: bert-base-random, the plain loop vs ours, eager and compiled"
 throughput() {
 if [[ $DRY_RUN == 1 ]]; then
@@ -397,6 +443,14 @@ if batch:
         print(f"  {name:<17}{row['batch_pairs']:>4} pairs a step {row['steps_per_epoch']:>6} steps an epoch   "
               f"whole dev F1 {row['best_dev_f1_all']:.4f} (epoch {row['best_epoch']:g}, selected on A)")
     print(f"  dev F1 ratio, batch_pairs over the old steps: {batch['f1_ratio_batch_pairs_over_old']}\n")
+options = part("options.json")
+if options:
+    print(f"options beyond the paper ({options['encoder']}, {options['epochs']:g} epochs; dev half B, checkpoints chosen on A):")
+    for name in ("sentence_single", "abstract_context", "multilabel"):
+        row = options[name]
+        print(f"  {name:<17} F1 B {row['dev_f1_b']:.4f}  P B {row['dev_precision_b']:.4f}  R B {row['dev_recall_b']:.4f}")
+    print(f"  abstract - sentence {options['abstract_minus_sentence_f1_b']:+.4f}; multi-label - single "
+          f"{options['multilabel_minus_single_f1_b']:+.4f}\n")
 memory = part("memory.json")
 if memory:
     print(f"gradient checkpointing ({memory['encoder']}, {memory['pairs']} pairs of {memory['length']} tokens, "

@@ -522,8 +522,8 @@ def test_too_many_consecutive_nonfinite_steps_fail_the_run_naming_step_loss_and_
 
 
 @pytest.mark.parametrize(("steps", "args", "message"), [
-    ("1,7", [], "bench/gpu.sh: STEPS: unknown step '7' (steps: 1,1b,2,2b,3,4,4b)"),
-    ("1b,2b,2c", [], "bench/gpu.sh: STEPS: unknown step '2c' (steps: 1,1b,2,2b,3,4,4b)"),
+    ("1,7", [], "bench/gpu.sh: STEPS: unknown step '7' (steps: 1,1b,1c,2,2b,3,4,4b)"),
+    ("1b,2b,2c", [], "bench/gpu.sh: STEPS: unknown step '2c' (steps: 1,1b,1c,2,2b,3,4,4b)"),
     ("2", ["--fast"], "usage: bench/gpu.sh [--dry-run]"),
 ])
 def test_gpu_bench_refuses_an_unknown_step_or_option_before_doing_anything(tmp_path, steps, args, message):
