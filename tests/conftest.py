@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from drugprot.config import SAMPLE_DIR
-from fixtures_models import smoke_members, smoke_model_dir  # noqa: F401  (session fixtures: trained once per run)
+from fixtures_models import relation_members, smoke_members, smoke_model_dir  # noqa: F401  (session fixtures: trained once per run)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_CORPUS = (REPO_ROOT / "../shared/data/drugprot").resolve()

@@ -48,3 +48,33 @@ def smoke_members(tmp_path_factory) -> list[Path]:
         train_smoke(run, **{"train.epochs": 1, "train.lr": "3e-3", "train.seed": seed})
         members.append(run / "model")
     return members
+
+
+def opinionated_member(source: Path, out: Path) -> Path:
+    """A copy of a smoke member whose head is sharpened ×10 and re-centred on the development sample, so it predicts
+    every label with clear margins (the 1-epoch smoke models predict NONE everywhere). A real, verified artifact."""
+    import torch
+
+    from drugprot.config import SAMPLE_DIR
+    from drugprot.corpus import read_split
+    from drugprot.inference import Predictor
+    from drugprot.model.artifacts import load_artifact, save_artifact
+
+    member = load_artifact(source)
+    documents = read_split(SAMPLE_DIR, "development").documents
+    head = member.model.classifier
+    with torch.no_grad():
+        head.weight.mul_(10.0)
+        head.bias.mul_(10.0)
+        predictor = Predictor([member], vote="soft", device="cpu")
+        log_p = predictor.member_probabilities(documents, predictor.candidates(documents))[0].clamp_min(1e-30).log()
+        head.bias.sub_(log_p.mean(0))
+    info = {k: v for k, v in member.info.items() if k != "format_version"}
+    return save_artifact(out, model=member.model, tokenizer=member.tokenizer, info=info)
+
+
+@pytest.fixture(scope="session")
+def relation_members(smoke_members, tmp_path_factory) -> list[Path]:
+    """The three smoke members made opinionated: an ensemble whose members predict relations and disagree."""
+    root = tmp_path_factory.mktemp("opinionated")
+    return [opinionated_member(path, root / f"member-{i}") for i, path in enumerate(smoke_members)]

@@ -27,8 +27,7 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
-from test_serving_unit import (answered, assert_equal_up_to_rounding, document_json, expected,  # noqa: F401 - fixture
-                               relation_members)
+from fixtures_serving import answered, assert_equal_up_to_rounding, document_json, expected
 
 from drugprot.config import SAMPLE_DIR
 from drugprot.polling import poll

@@ -15,8 +15,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_serving_unit import relation_members  # noqa: F401 - fixture
-
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from test_serving_unit import document_json, relation_members  # noqa: F401 - fixture
+from fixtures_serving import document_json
 
 from drugprot.config import SAMPLE_DIR
 from drugprot.corpus import read_split

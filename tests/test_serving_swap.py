@@ -26,7 +26,7 @@ from urllib.parse import unquote, urlparse
 import pytest
 import requests
 from fixtures_mlflow import _free_port
-from test_serving_unit import document_json, relation_members  # noqa: F401 - fixture
+from fixtures_serving import document_json
 
 from drugprot.config import SAMPLE_DIR
 from drugprot.corpus import read_split

@@ -1,0 +1,92 @@
+"""Shared serving helpers: the in-process service and its test client, request bodies, answers compared with
+``predict`` (import what you use into your test module; ``relation_members`` comes from ``fixtures_models``)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from fastapi.testclient import TestClient
+
+from drugprot.inference import Predictor
+from drugprot.model.artifacts import load_artifact
+from drugprot.serving.api import create_api
+from drugprot.serving.options import parse_options
+from drugprot.serving.service import ModelService, RelationService
+
+
+def document_json(doc, *, form: str = "title") -> dict:
+    entities = [{"id": e.id, "type": e.type, "start": e.start, "end": e.end, "text": e.text} for e in doc.entities.values()]
+    if form == "text":
+        return {"id": doc.pmid, "text": doc.text, "entities": entities}
+    return {"id": doc.pmid, "title": doc.title, "abstract": doc.abstract, "entities": entities}
+
+
+def expected(predictor, documents, **kwargs) -> dict[str, list[tuple]]:
+    """``Predictor.predict`` as the HTTP answer would show it: per document id, (chemical, gene, type, score, votes)."""
+    predictions = predictor.predict(documents, **kwargs)
+    return {d.pmid: [(r.chemical, r.gene, r.type, r.score, list(r.votes)) for r in rel] for d, rel in zip(documents, predictions)}
+
+
+def answered(body: dict) -> dict[str, list[tuple]]:
+    return {d["id"]: [(r["chemical"], r["gene"], r["type"], r["score"], r["votes"]) for r in d["relations"]]
+            for d in body["documents"]}
+
+
+def assert_equal_up_to_rounding(got: dict[str, list[tuple]], want: dict[str, list[tuple]]) -> None:
+    """Same relations, labels and votes; scores within float rounding (a request scored in other call shapes)."""
+    assert {k: [(*r[:3], r[4]) for r in v] for k, v in got.items()} == {k: [(*r[:3], r[4]) for r in v] for k, v in want.items()}
+    assert all(abs(g[3] - w[3]) <= 2e-6 for k in want for g, w in zip(got[k], want[k]))
+
+
+def service_for(predictor, **options) -> RelationService:
+    """Ingress and model halves in this process: the model warmed up, the ingress calling it directly."""
+    parsed = parse_options({"model": "(in-process)", "warmup_rounds": 1, **options})
+    model = ModelService(predictor, parsed)
+    model.start_warmup().result(timeout=120)
+    return RelationService(model, parsed)
+
+
+@pytest.fixture(scope="module")
+def ensemble(relation_members) -> Predictor:
+    """Three opinionated members, soft voting: scores are real probabilities, votes differ between members."""
+    return Predictor([load_artifact(p) for p in relation_members], vote="soft", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def client(ensemble):
+    service = service_for(ensemble, max_batch_pairs=300,  # no request is split: each runs as predict runs it, exactly
+                          limits={"max_documents": 20, "max_characters": 40_000, "max_entities": 400,
+                                  "max_pairs": 300, "max_body_bytes": 200_000})
+    with TestClient(create_api(service)) as test_client:
+        test_client.service = service
+        yield test_client
+
+
+async def until(condition, timeout: float = 5.0) -> None:
+    """Yield to the event loop until ``condition()`` holds (what other tasks on this loop do next), failing after
+    ``timeout`` seconds. Each turn waits for nothing but the other ready tasks: no fixed sleep."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not reached")
+        await asyncio.sleep(0)  # one turn of the loop
+
+
+def one_doc(**overrides) -> dict:
+    doc = {"id": "d1", "text": "Aspirin inhibits COX-1 strongly.",
+           "entities": [{"id": "T1", "type": "CHEMICAL", "start": 0, "end": 7, "text": "Aspirin"},
+                        {"id": "T2", "type": "GENE-Y", "start": 17, "end": 22, "text": "COX-1"}]}
+    doc.update(overrides)
+    return doc
+
+
+def many_docs(n: int, *, chars: int = 40, genes: int = 1) -> list[dict]:
+    docs = []
+    for i in range(n):
+        text = "Aspirin inhibits " + " ".join(["COX1"] * genes)
+        text += " " + "x" * max(0, chars - len(text) - 1)
+        entities = [{"id": "C", "type": "CHEMICAL", "start": 0, "end": 7}]
+        entities += [{"id": f"G{g}", "type": "GENE", "start": 17 + 5 * g, "end": 21 + 5 * g} for g in range(genes)]
+        docs.append({"id": f"doc{i}", "text": text, "entities": entities})
+    return docs
