@@ -26,6 +26,7 @@ STORE_COMMANDS = {
     "ensemble": ["ensemble", "--study", "s"],
     "serve": ["serve", "--model", "m"],
     "distill": ["distill", "--teacher", "models:/m@champion", "--config", "c.yaml", "--out", "o"],
+    "manifest": ["manifest", "-"],
 }
 RAY_COMMANDS = {"tune": (["tune"], "address"), "serve": (["serve", "--model", "m"], "address"),
                 "predict": (STORE_COMMANDS["predict"] + ["--ray"], "ray_address")}
