@@ -52,7 +52,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, help="use only the first N development documents")
     parser.add_argument("--multipliers", type=int, nargs="+", default=[1, 20])
     parser.add_argument("--shard-size", type=int, default=250)
-    parser.add_argument("--precision", default="fp32", choices=("fp32", "int8"))
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "cascade"))
     parser.add_argument("--interval", type=int, nargs=2, metavar=("LO", "HI"),
                         help="GENE interval passed to predict (an empty one, e.g. 99 99, times reading and writing alone)")
     parser.add_argument("--work", type=Path, help="folder for the corpora and outputs (default: a temporary one)")

@@ -1,4 +1,4 @@
-"""Benchmark: CPU prediction, a plain Hugging Face fp32 loop vs the project's fp32, int8 and cascade paths (in one
+"""Benchmark: CPU prediction, a plain Hugging Face fp32 loop vs the project's fp32 and cascade paths (in one
 process, and in one single-threaded process per core), and their label agreement with fp32; a 5-member ensemble vs
 one member. All measured in one run, on the same pairs.
 
@@ -8,8 +8,8 @@ one member. All measured in one run, on the same pairs.
 * plain loop (the baseline): what a user writes: candidates in corpus order, each pair's sentence with the four
   marker strings inserted, ``tokenizer(batch of 32, padding=True, truncation=True)``, the same model under
   ``torch.no_grad``, torch's default threads;
-* project fp32 / int8: ``Predictor.member_probabilities`` (marker encoding from cached pieces, length-bucketed
-  token-budget batches, torch threads = cores), int8 = dynamic quantization of the Linear layers;
+* project fp32: ``Predictor.member_probabilities`` (marker encoding from cached pieces, length-bucketed
+  token-budget batches, torch threads = cores);
 * project cascade: a bf16 copy of the model scores every pair (oneDNN's AMX/AVX512-BF16 kernels), then the fp32
   model re-scores the pairs whose top-2 margin is below ``--cascade-margin``; its time includes the re-scoring;
   project bf16 = the cascade with margin 0 (the bf16 copy alone), to show what the re-scoring costs and buys;
@@ -245,8 +245,8 @@ def main() -> None:
     cores = os.cpu_count() or 1
     workers = cores if args.workers is None else args.workers
     margin = CASCADE_MARGIN if args.cascade_margin is None else args.cascade_margin
-    settings = {"project_fp32": ("fp32", margin), "project_int8": ("int8", margin),
-                "project_cascade": ("cascade", margin), "project_bf16": ("cascade", 0.0)}
+    settings = {"project_fp32": ("fp32", margin), "project_cascade": ("cascade", margin),
+                "project_bf16": ("cascade", 0.0)}
     paths = {name: fp32 if name == "project_fp32" else
              Predictor([load_artifact(args.model)], device="cpu", precision=precision, cascade_margin=m)
              for name, (precision, m) in settings.items()}
@@ -292,10 +292,7 @@ def main() -> None:
     cascade = paths["project_cascade"]
     rescored = cascade.rescored_pairs / cascade.scored_pairs
     bf16_change = float((probs16 - probs32).abs().max())
-    labels8, labels_cascade = labels["project_int8"], labels["project_cascade"]
-    relations32, relations8 = int((labels32 != 0).sum()), int((labels8 != 0).sum())
-    either = (labels32 != 0) | (labels8 != 0)
-    agreement_on_relations = float((labels32[either] == labels8[either]).float().mean()) if either.any() else 1.0
+    labels_cascade = labels["project_cascade"]
 
     best = max((path for path, share in agreements.items() if share >= AGREEMENT_TARGET), key=results.get)
     ratios = {"best_vs_plain": results[best] / results["plain_fp32"],
@@ -318,9 +315,7 @@ def main() -> None:
     for name, value in ratios.items():
         print(f"  {name:<40} {value:>8.3f}x")
     print(f"  best path with >= {AGREEMENT_TARGET:.1%} label agreement with fp32: {best}")
-    print(f"  int8: {relations32} fp32 relations, {relations8} int8; {agreement_on_relations:.4%} agreement on pairs "
-          f"either calls a relation")
-    print(f"  cascade: {int((labels_cascade != 0).sum())} relations; margin {margin}: {rescored:.2%} of pairs "
+    print(f"  cascade: {int((labels_cascade != 0).sum())} relations ({int((labels32 != 0).sum())} fp32); margin {margin}: {rescored:.2%} of pairs "
           f"re-scored in fp32; bf16 alone moved a probability by at most {bf16_change:.4f}")
     if ensemble:
         print(f"  ensemble: {ensemble['members']} members, {ensemble['vote']} vote, {ensemble['documents']} documents, "
@@ -341,8 +336,7 @@ def main() -> None:
                       "cores": cores, "load_average": [round(x, 2) for x in load], "pairs_per_s": results,
                       "ratios": {k: round(v, 3) for k, v in ratios.items()}, "best": best,
                       "label_agreement": {k: round(v, 5) for k, v in agreements.items()},
-                      "fp32_relations": relations32, "int8_relations": relations8,
-                      "int8_agreement_on_relations": round(agreement_on_relations, 5), "cascade_margin": margin,
+                      "fp32_relations": int((labels32 != 0).sum()), "cascade_margin": margin,
                       "cascade_rescored_share": round(rescored, 5), "cascade_relations": int((labels_cascade != 0).sum()),
                       "bf16_max_probability_change": round(bf16_change, 5), "ensemble": ensemble}))
 

@@ -2,7 +2,7 @@
 
 Run from the repository root:
 ``.venv/bin/python bench/ensemble_throughput.py [--encoder tiny-random|minilm|bert-base-random|PATH] [--members 5]
-[--pairs 400] [--device cpu|cuda|auto] [--precision bf16|fp32] [--strategy fold|vmap|both] [--json]``
+[--pairs 400] [--device cpu|cuda|auto] [--precision bf16|fp32] [--json]``
 
 Timed path: ``Predictor.member_probabilities`` (the platform's inference path: marker encoding, token-budget
 batches, forward, softmax) on the same candidate pairs of the bundled sample (documents repeated until
@@ -10,7 +10,7 @@ batches, forward, softmax) on the same candidate pairs of the bundled sample (do
 
 * one member (the baseline, measured in the same run),
 * M members looped (``execution="loop"``: each member encodes and runs every batch in turn),
-* M members stacked (``execution="fold"``: one encoding, one folded forward per batch; and/or ``"vmap"``).
+* M members stacked (``execution="fold"``: one encoding, one folded forward per batch).
 
 Each path runs once to warm up, then the paths run round-robin ``--repeats`` times (load on a shared machine
 hits them alike); each path's best time gives pairs/s. Printed ratios are
@@ -110,7 +110,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--precision", default="bf16", choices=("bf16", "fp32"), help="bf16 autocast on CUDA; CPU runs fp32")
-    parser.add_argument("--strategy", default="fold", choices=("fold", "vmap", "both"))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--json", action="store_true", help="also print one JSON line with every number")
@@ -123,14 +122,13 @@ def main(argv: list[str] | None = None) -> int:
     members = make_members(args.encoder, args.members, args.max_length, args.tokenizer)
     common = {"device": args.device, "precision": args.precision, "interval": (-10, 16)}
 
-    strategies = ("fold", "vmap") if args.strategy == "both" else (args.strategy,)
     one = Predictor(members[:1], execution="loop", **common)
     predictors = {"one": one, "loop": Predictor(members, execution="loop", **common)}
-    for strategy in strategies:  # stacking after the loop predictor exists: fold shares the members' storage
-        predictors[strategy] = Predictor(members, execution=strategy, **common)
+    # stacking after the loop predictor exists: fold shares the members' storage
+    predictors["fold"] = Predictor(members, execution="fold", **common)
     seconds, probs = best_times(predictors, documents, candidates, args.repeats)
     results = {name: len(candidates) / s for name, s in seconds.items()}
-    differences = {s: float((probs[s] - probs["loop"]).abs().max()) for s in strategies}
+    differences = {"fold": float((probs["fold"] - probs["loop"]).abs().max())}
 
     device = one.device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
@@ -140,12 +138,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'path':<28} {'pairs/s':>10} {'× one member':>14}")
     print(f"{'one member':<28} {results['one']:>10.1f} {1.0:>14.3f}")
     print(f"{f'{args.members} members, loop':<28} {results['loop']:>10.1f} {results['loop'] / results['one']:>14.3f}")
-    for strategy, diff in differences.items():
-        label = f"{args.members} members, stacked ({strategy})"
-        print(f"{label:<28} {results[strategy]:>10.1f} {results[strategy] / results['one']:>14.3f}"
-              f"   max |Δp| vs loop {diff:.2e}")
+    label = f"{args.members} members, stacked (fold)"
+    print(f"{label:<28} {results['fold']:>10.1f} {results['fold'] / results['one']:>14.3f}"
+          f"   max |Δp| vs loop {differences['fold']:.2e}")
     print("goal on a GPU: stacked ≥ 0.35× one member with 5 members (loop ≈ 0.2×); stacked ÷ loop = "
-          + ", ".join(f"{s} {results[s] / results['loop']:.2f}×" for s in differences))
+          f"{results['fold'] / results['loop']:.2f}×")
     summary = {"bench": "ensemble_throughput", "encoder": args.encoder, "members": args.members, "pairs": len(candidates),
                "device": name, "precision": args.precision if device.type == "cuda" else "fp32", "pairs_per_s": results,
                "ratio_to_one": {k: v / results["one"] for k, v in results.items()}, "max_abs_diff_vs_loop": differences}

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Ensemble inference throughput on the GPU: one member vs 5 members looped vs 5 members stacked (fold, then vmap),
+# Ensemble inference throughput on the GPU: one member vs 5 members looped vs 5 members stacked (fold),
 # same pairs, same run (bench/ensemble_throughput.py). Goal: stacked >= 0.35x one member's pairs/s (a loop gives ~0.2x).
 # Step 3 of bench/gpu.sh, which runs it with PY, DRY_RUN and RESULTS exported (.gpu/minilm is the staged MiniLM).
 # Standalone: PYTHONPATH=platform:.gpu/site PY=python3 DRY_RUN=0 RESULTS=.gpu/out bash bench/gpu_ensemble.sh
@@ -8,14 +8,10 @@ set -euo pipefail
 echo "== ensemble throughput: 1 member vs 5 looped vs 5 stacked"
 if [[ $DRY_RUN == 1 ]]; then
   "$PY" bench/ensemble_throughput.py --encoder tiny-random --tokenizer .gpu/minilm --members 3 --pairs 64 --repeats 1 \
-    --device cpu --strategy both --json-out "$RESULTS/ensemble_tiny.json"
+    --device cpu --json-out "$RESULTS/ensemble_tiny.json"
 else
   "$PY" bench/ensemble_throughput.py --encoder .gpu/minilm --members 5 --pairs 4096 --max-length 256 --repeats 3 \
-    --device cuda --precision bf16 --strategy fold --json-out "$RESULTS/ensemble_minilm.json"
+    --device cuda --precision bf16 --json-out "$RESULTS/ensemble_minilm.json"
   "$PY" bench/ensemble_throughput.py --encoder bert-base-random --tokenizer .gpu/minilm --members 5 --pairs 4096 \
-    --max-length 256 --repeats 3 --device cuda --precision bf16 --strategy fold --json-out "$RESULTS/ensemble_bert_base.json"
-  # vmap apart: it failed on the first H200 run (cuDNN attention under vmap) and now runs attention as matmuls;
-  # a failure here must not cost the fold figures above
-  "$PY" bench/ensemble_throughput.py --encoder .gpu/minilm --members 5 --pairs 4096 --max-length 256 --repeats 3 \
-    --device cuda --precision bf16 --strategy vmap --json-out "$RESULTS/ensemble_minilm_vmap.json"
+    --max-length 256 --repeats 3 --device cuda --precision bf16 --json-out "$RESULTS/ensemble_bert_base.json"
 fi

@@ -1,8 +1,8 @@
 """Benchmark: does each execution and precision option of ``drugprot.inference`` pay on this machine? In one run,
 on the same pairs, each against its baseline measured in the same run:
 
-* ``vmap`` vs ``fold``: an ensemble of ``--members`` stacked members, one forward per batch either way;
-* ``int8`` vs bf16 alone (``cascade`` with margin 0) vs fp32 (what ``bf16`` computes on a CPU), one member;
+* ``fold`` vs ``loop``: an ensemble of ``--members`` members, stacked into one forward per batch or run in turn;
+* bf16 alone (``cascade`` with margin 0) vs fp32 (what ``bf16`` computes on a CPU), one member;
 * ``cascade`` (default margin) vs bf16 alone and vs fp32, one member.
 
     python bench/inference_options.py [--model MEMBER_DIR] [--limit DOCS] [--rounds N] [--members M]
@@ -11,7 +11,7 @@ Without ``--model`` a MiniLM member is trained first on the bundled sample (1 ep
 are often close: the demo model's kind), and the ensemble is that member loaded ``--members`` times (stacking times
 the same work whatever the weights). Every path is warmed up, then each round runs every path once, in an order
 that rotates by round, so a change of load hits every path alike. Prints each path's pairs/s, its ratio against
-its baseline, its label agreement with fp32 (one member) or with fold (ensemble), whether the CPU has AMX, and one
+its baseline, its label agreement with fp32 (one member) or with the loop (ensemble), whether the CPU has AMX, and one
 JSON line.
 """
 
@@ -63,14 +63,13 @@ def main() -> None:
     def one(**options) -> Predictor:
         return Predictor([load_artifact(model)], device="cpu", options=InferenceOptions(**options))
 
-    def stacked(strategy: str) -> Predictor:
+    def ensemble(execution: str) -> Predictor:
         return Predictor([load_artifact(model) for _ in range(args.members)], device="cpu",
-                         options=InferenceOptions(execution=strategy))
+                         options=InferenceOptions(precision="fp32", execution=execution))
 
-    paths = {"fp32": one(precision="fp32"), "int8": one(precision="int8"),
-             "bf16_alone": one(precision="cascade", cascade_margin=0.0), "cascade": one(precision="cascade"),
-             "fold": stacked("fold"), "vmap": stacked("vmap")}
-    baselines = {"int8": "fp32", "bf16_alone": "fp32", "cascade": "fp32", "fold": "fold", "vmap": "fold"}
+    paths = {"fp32": one(precision="fp32"), "bf16_alone": one(precision="cascade", cascade_margin=0.0),
+             "cascade": one(precision="cascade"), "loop": ensemble("loop"), "fold": ensemble("fold")}
+    baselines = {"bf16_alone": "fp32", "cascade": "fp32", "fold": "loop"}
     candidates = paths["fp32"].candidates(documents)
     for predictor in paths.values():
         predictor.member_probabilities(documents[:4], predictor.candidates(documents[:4]))

@@ -1,6 +1,6 @@
 """Streaming, sharded, resumable prediction (drugprot.bulk, ``drugprot predict --input``): a job killed with SIGKILL
 and rerun gives byte-identical output; settings are pinned per output folder; the JSON summary and the progress bar;
-the int8 CPU path; the Ray Data path gives the same shards; peak memory does not grow with the corpus."""
+the cascade CPU path; the Ray Data path gives the same shards; peak memory does not grow with the corpus."""
 
 from __future__ import annotations
 
@@ -111,22 +111,6 @@ def test_json_summary_and_progress_bar(relation_model_dir, dev_sample, tmp_path,
     captured = capsys.readouterr()
     assert json.loads(captured.out.splitlines()[-1])["relations"] == len((tmp_path / "p.tsv").read_text().splitlines())
     assert "pairs" not in captured.err
-
-
-def test_int8_predictor_quantizes_linear_layers_and_predicts(relation_model_dir, dev_sample):
-    import torch
-
-    from drugprot.inference import Predictor
-
-    fp32 = Predictor.from_path(relation_model_dir, device="cpu", precision="fp32")
-    int8 = Predictor.from_path(relation_model_dir, device="cpu", precision="int8")
-    assert not any(type(m) is torch.nn.Linear for m in int8.members[0].model.modules())
-    candidates = fp32.candidates(dev_sample)
-    labels32 = fp32.member_probabilities(dev_sample, candidates).argmax(-1)
-    labels8 = int8.member_probabilities(dev_sample, candidates).argmax(-1)
-    assert float((labels32 == labels8).float().mean()) >= 0.9
-    with pytest.raises(ValueError, match="precision must be one of bf16, fp32, int8, cascade, got 'fp8'"):
-        Predictor.from_path(relation_model_dir, device="cpu", precision="fp8")
 
 
 def test_cascade_scores_in_bf16_and_rescores_close_calls_in_fp32(relation_model_dir, dev_sample):

@@ -84,12 +84,10 @@ def _relations(predictions) -> list[tuple]:
 # -- stacked execution ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.filterwarnings("ignore:There is a performance drop")  # vmap on CPU: no SDPA batching rule
-@pytest.mark.parametrize("strategy", ["fold", "vmap"])
-def test_stacked_probabilities_match_the_loop(biased_members, dev_documents, strategy):
+def test_stacked_probabilities_match_the_loop(biased_members, dev_documents):
     looped = Predictor(_loaded(biased_members), device="cpu", execution="loop")
-    stacked = Predictor(_loaded(biased_members), device="cpu", execution=strategy)
-    assert (looped.execution, stacked.execution) == ("loop", strategy)
+    stacked = Predictor(_loaded(biased_members), device="cpu", execution="fold")
+    assert (looped.execution, stacked.execution) == ("loop", "fold")
     cands = looped.candidates(dev_documents)
     expected = looped.member_probabilities(dev_documents, cands)
     found = stacked.member_probabilities(dev_documents, cands)

@@ -146,22 +146,18 @@ def test_a_registry_uri_is_pinned_to_a_version_and_reported(relation_members, tm
         ModelService.load(options, version="7")
 
 
-def test_a_cpu_replica_can_serve_the_int8_path_of_drugprot_predict(relation_members, dev_documents):
-    """--precision int8 on drugprot serve: the replica's predictor quantizes its Linear layers as predict's does, and
-    /v1/model says so; the default stays fp32 on CPU; --precision cascade reaches the predictor too."""
+def test_a_cpu_replica_can_serve_the_cascade_path_of_drugprot_predict(relation_members, dev_documents):
+    """--precision cascade on drugprot serve: the replica's predictor runs the cascade as predict's does, and
+    /v1/model says so; the default stays fp32 on CPU."""
     from drugprot.cli import build_parser
     from drugprot.cli.serve import serve_options
 
-    args = build_parser().parse_args(["serve", "--model", str(relation_members[0]), "--precision", "int8"])
-    quantized = ModelService.load(parse_options({**serve_options(args), "warmup_rounds": 0}))
-    plain = ModelService.load(parse_options({"model": str(relation_members[0]), "warmup_rounds": 0}))
-    assert (quantized.model_info().precision, plain.model_info().precision) == ("int8", "fp32")
-    linear = [type(m).__module__ for m in quantized.predictor.members[0].model.modules() if "Linear" in type(m).__name__]
-    assert linear and all("quantized" in module for module in linear)
-    documents = dev_documents[:3]
-    reference = Predictor([load_artifact(relation_members[0])], device="cpu", precision="int8")
-    assert quantized.predictor.member_probabilities(documents, quantized.predictor.candidates(documents)).equal(
-        reference.member_probabilities(documents, reference.candidates(documents)))
     args = build_parser().parse_args(["serve", "--model", str(relation_members[0]), "--precision", "cascade"])
     cascade = ModelService.load(parse_options({**serve_options(args), "warmup_rounds": 0}))
-    assert cascade.model_info().precision == "cascade" and cascade.predictor.precision == "cascade"
+    plain = ModelService.load(parse_options({"model": str(relation_members[0]), "warmup_rounds": 0}))
+    assert (cascade.model_info().precision, plain.model_info().precision) == ("cascade", "fp32")
+    assert cascade.predictor.precision == "cascade"
+    documents = dev_documents[:3]
+    reference = Predictor([load_artifact(relation_members[0])], device="cpu", precision="cascade")
+    assert cascade.predictor.member_probabilities(documents, cascade.predictor.candidates(documents)).equal(
+        reference.member_probabilities(documents, reference.candidates(documents)))

@@ -30,7 +30,7 @@ def build_scorer(members: Sequence, options: InferenceOptions, rule: VoteRule, d
     """The stages that run ``members`` as ``options`` say. ``execution`` ``auto`` stacks same-architecture members on
     an accelerator (``fold``) and runs members in turn on CPU, where skipping settled pairs beats the stacked forward
     (1.6x with 5 MiniLM members, see bench/cpu_predict.py); a forced stack of incompatible members raises.
-    int8, cascade and the early exit run members in turn."""
+    cascade and the early exit run members in turn."""
     problem = options.device_problem(device.type)
     if problem:
         raise ValueError(problem)
@@ -43,24 +43,21 @@ def build_scorer(members: Sequence, options: InferenceOptions, rule: VoteRule, d
     # One encoder per member, built once: a Serve replica scores a batch with it on every call.
     encoders = [PairEncoder(m.tokenizer, max_length=m.info["max_length"], markers=m.info["markers"],
                             context=m.info.get("context", "sentence")) for m in members]
-    in_turn = options.execution == "loop" or options.precision in ("int8", "cascade") or options.early_exit is not None
+    in_turn = options.execution == "loop" or options.precision == "cascade" or options.early_exit is not None
     if len(members) > 1 and not in_turn and not (options.execution == "auto" and device.type == "cpu"):
         from drugprot.model.stacked import stack_incompatibility
 
-        strategy = "fold" if options.execution == "auto" else options.execution
-        reason = stack_incompatibility(members, strategy)
+        reason = stack_incompatibility(members)
         if reason is not None and options.execution != "auto":
             raise ValueError(f"execution {options.execution!r}: these members cannot run stacked ({reason})")
         if reason is None:
-            stacked = StackedScorer([m.model for m in members], strategy=strategy,
-                                    pad_id=members[0].tokenizer.pad_token_id, device=device, precision=options.precision)
-            return Scorer(members, [Stage(0, stacked, encoders[0])], device=device, execution=strategy)
+            stacked = StackedScorer([m.model for m in members], pad_id=members[0].tokenizer.pad_token_id,
+                                    device=device, precision=options.precision)
+            return Scorer(members, [Stage(0, stacked, encoders[0])], device=device, execution="fold")
     stages = []
     for m, (member, encoder) in enumerate(zip(members, encoders)):
         pad_id = member.tokenizer.pad_token_id
-        if options.precision == "int8":
-            scorer = PlainScorer.quantized(member, pad_id=pad_id, device=device)
-        elif options.precision == "cascade":
+        if options.precision == "cascade":
             scorer = CascadeScorer(member.model, pad_id=pad_id, device=device, margin=options.margin)
         else:
             scorer = PlainScorer(member.model, pad_id=pad_id, device=device, precision=options.precision)

@@ -13,13 +13,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-PRECISIONS = ("bf16", "fp32", "int8", "cascade")
-EXECUTIONS = ("auto", "loop", "fold", "vmap")
+PRECISIONS = ("bf16", "fp32", "cascade")
+EXECUTIONS = ("auto", "loop", "fold")
 #: cascade: pairs whose bf16 top-2 probability margin is below this are re-scored in fp32. On the development set bf16
 #: moved a probability by at most 0.0033 (MiniLM demo champion) and 0.0078 (a better-trained MiniLM), and 0.01 kept
 #: every label of both (bench/cpu_predict.py measures it for any model).
 CASCADE_MARGIN = 0.01
-CPU_ONLY = ("int8", "cascade")
 
 
 class InferenceOptions(BaseModel):
@@ -33,13 +32,12 @@ class InferenceOptions(BaseModel):
                                              "model's.")
     precision: str = Field("bf16", description="bf16: autocast on CUDA (fast on GPUs; a CPU computes fp32); fp32; CPU "
                            "only: cascade (a bf16 weight copy scores every pair, pairs with a close top-2 margin are "
-                           "re-scored in fp32: the fast CPU path) or int8 (dynamic int8 quantization of the Linear "
-                           "layers).")
+                           "re-scored in fp32: the fast CPU path).")
     cascade_margin: float | None = Field(None, description="precision cascade: pairs whose bf16 top-2 probability "
                                          f"margin is below this are re-scored in fp32 (default {CASCADE_MARGIN}; 0: "
                                          "bf16 alone, the fastest).")
     execution: str = Field("auto", description="auto: members stacked into one forward on an accelerator (fold), in "
-                           "turn on CPU, where skipping settled pairs pays more; loop, fold or vmap force one.")
+                           "turn on CPU, where skipping settled pairs pays more; loop or fold force one.")
     early_exit: float | Literal["calibrated"] | None = Field(None, description="An ensemble's members, run in turn, "
                                                              "stop on a pair once all so far vote no relation with "
                                                              "mean P(NONE) at least this; 'calibrated': the "
@@ -86,10 +84,10 @@ class InferenceOptions(BaseModel):
 
     @model_validator(mode="after")
     def _together(self) -> InferenceOptions:
-        stacked = self.execution in ("fold", "vmap")
+        stacked = self.execution == "fold"
         if self.cascade_margin is not None and self.precision != "cascade":
             raise ValueError(f"{{cascade_margin}} applies to {{precision}} cascade only, got {{precision}} {self.precision}")
-        if stacked and self.precision in CPU_ONLY:
+        if stacked and self.precision == "cascade":
             raise ValueError(f"{{execution}} {self.execution!r} cannot stack {self.precision} members; use 'auto' or 'loop'")
         if stacked and self.early_exit is not None:
             raise ValueError(f"{{execution}} {self.execution!r} cannot exit early; members leave pairs early only in turn")
@@ -102,7 +100,7 @@ class InferenceOptions(BaseModel):
 
     def device_problem(self, device: str) -> str | None:
         """Why these options cannot run on ``device`` (``cpu``, ``cuda``…), or None."""
-        if self.precision in CPU_ONLY and not str(device).startswith("cpu"):
+        if self.precision == "cascade" and not str(device).startswith("cpu"):
             return f"precision {self.precision!r} runs on CPU only, not {device}"
         return None
 

@@ -3,7 +3,7 @@
 A *scorer* computes probabilities for encoded pairs, ``probabilities(pairs) -> (k, n, L)`` for the ``k`` members it
 holds, in one way each:
 
-* :class:`PlainScorer`: one member, fp32, bf16 (autocast on CUDA) or int8 (its Linear layers quantized);
+* :class:`PlainScorer`: one member, fp32 or bf16 (autocast on CUDA);
 * :class:`CascadeScorer`: one member's bf16 copy scores every pair, the fp32 member re-scores the close calls;
 * :class:`StackedScorer`: every member in one forward per batch (drugprot.model.stacked).
 
@@ -25,7 +25,7 @@ import torch
 from drugprot.encoding import LABELS, EncodedPair, PairEncoder, iterate_batches, token_budget_batches
 from drugprot.inference.plan import Job
 from drugprot.inference.voting import NONE_INDEX, VoteRule
-from drugprot.model.runtime import autocast, bf16_copy, quantize_int8
+from drugprot.model.runtime import autocast, bf16_copy
 
 
 @torch.no_grad()
@@ -48,8 +48,7 @@ def pair_probabilities(model, pairs: Sequence[EncodedPair], *, pad_id: int, devi
 
 
 class PlainScorer:
-    """One member: fp32, bf16 (autocast on CUDA), or int8 (CPU: the member's Linear layers quantized, in place, once:
-    :meth:`quantized`)."""
+    """One member: fp32 or bf16 (autocast on CUDA)."""
 
     members = 1
 
@@ -59,12 +58,6 @@ class PlainScorer:
 
     def probabilities(self, pairs: Sequence[EncodedPair]) -> torch.Tensor:
         return pair_probabilities(self.model, pairs, pad_id=self.pad_id, device=self.device, precision=self.precision)[None]
-
-    @classmethod
-    def quantized(cls, member, *, pad_id: int, device: torch.device) -> PlainScorer:
-        """int8: the loaded member's model is replaced by its quantized copy (what it reports from then on)."""
-        member.model = quantize_int8(member.model)
-        return cls(member.model, pad_id=pad_id, device=device, precision="int8")
 
 
 class CascadeScorer:
@@ -90,12 +83,12 @@ class CascadeScorer:
 
 
 class StackedScorer:
-    """Every member in one forward per batch (``fold`` or ``vmap``, see drugprot.model.stacked): one encoding for all."""
+    """Every member in one forward per batch (``fold``, see drugprot.model.stacked): one encoding for all."""
 
-    def __init__(self, models: Sequence, *, strategy: str, pad_id: int, device: torch.device, precision: str = "bf16"):
-        from drugprot.model.stacked import stack_models
+    def __init__(self, models: Sequence, *, pad_id: int, device: torch.device, precision: str = "bf16"):
+        from drugprot.model.stacked import FoldedRelationModel
 
-        self.stacked = stack_models(list(models), strategy)
+        self.stacked = FoldedRelationModel(list(models))
         self.members = len(models)
         self.pad_id, self.device, self.precision = pad_id, device, precision
 

@@ -21,20 +21,6 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
-def quantize_int8(module: torch.nn.Module) -> torch.nn.Module:
-    """Dynamic int8 quantization of every Linear layer (weights int8, activations quantized per batch): the CPU
-    fast path. torch marks the eager quantization API deprecated in favour of torchao; it still works here and
-    needs no extra dependency, so its deprecation warnings are silenced."""
-    import warnings
-
-    from torch.ao.quantization import quantize_dynamic
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return quantize_dynamic(module, {torch.nn.Linear}, dtype=torch.qint8)
-
-
 def bf16_copy(module: torch.nn.Module) -> torch.nn.Module:
     """A copy whose floating-point weights and buffers are bf16: the fast half of the CPU ``cascade`` path. CPUs with
     AMX or AVX512-BF16 run its matmuls through oneDNN's bf16 kernels; without them bf16 is emulated and slower than

@@ -1,17 +1,13 @@
 """Stacked execution: M members of one architecture run as one model, sharing tokenization and one forward.
 
-Two strategies compute the same function as a loop over the members (agreement to fp32 rounding is tested):
-
-* ``fold`` (the default): the member dimension is folded into the batch. Every weight is stacked to
-  ``(M, …)``; each linear layer is one batched matmul ``baddbmm`` over ``(M, B·T, H)``; the M×B sequences go
-  through **one** scaled-dot-product-attention call of batch ``M·B`` (so the fused CUDA kernels apply), and
-  the per-member LayerNorm is a plain normalisation followed by the member's scale and shift. On CPU the linear
-  layers run one GEMM per member into a shared output instead (faster there than MKL's batched GEMM). Written for
-  BERT-family encoders (``model_type`` ``bert``, absolute positions, encoder only); anything else falls back
-  to the loop. The members' own parameters become views into the stacked tensors, so stacking costs no memory.
-* ``vmap``: ``torch.func.stack_module_state`` + ``functional_call`` + ``torch.vmap`` over the unchanged
-  ``RelationModel``. Exact, works for any encoder, but on CPU scaled-dot-product attention has no batching rule
-  (a slow fallback), so it is kept for comparison on the GPU (``bench/ensemble_throughput.py --strategy vmap``).
+The stack computes the same function as a loop over the members (agreement to fp32 rounding is tested): the
+member dimension is folded into the batch (``execution="fold"``). Every weight is stacked to ``(M, …)``; each linear
+layer is one batched matmul ``baddbmm`` over ``(M, B·T, H)``; the M×B sequences go through **one**
+scaled-dot-product-attention call of batch ``M·B`` (so the fused CUDA kernels apply), and the per-member LayerNorm is
+a plain normalisation followed by the member's scale and shift. On CPU the linear layers run one GEMM per member into
+a shared output instead (faster there than MKL's batched GEMM). Written for BERT-family encoders (``model_type``
+``bert``, absolute positions, encoder only); anything else falls back to the loop. The members' own parameters become
+views into the stacked tensors, so stacking costs no memory.
 
 Members qualify for stacking when :func:`stack_incompatibility` returns ``None``: same encoder architecture
 and parameter shapes, same tokenizer (identical vocabulary and normaliser), same marker scheme, window length
@@ -21,7 +17,6 @@ differ per member).
 
 from __future__ import annotations
 
-import copy
 import json
 from collections.abc import Sequence
 
@@ -31,7 +26,6 @@ from torch.nn import functional as F
 from drugprot.encoding import LABELS, EncodedPair, iterate_batches, token_budget_batches
 from drugprot.model.runtime import autocast
 
-STRATEGIES = ("fold", "vmap")
 ARCHITECTURE_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                      "hidden_act", "layer_norm_eps", "vocab_size", "max_position_embeddings", "type_vocab_size",
                      "position_embedding_type", "is_decoder", "add_cross_attention")
@@ -49,10 +43,8 @@ def _tokenizer_signature(tokenizer) -> str:
     return json.dumps([type(tokenizer).__name__, sorted(tokenizer.get_vocab().items())])
 
 
-def stack_incompatibility(members: Sequence, strategy: str = "fold") -> str | None:
+def stack_incompatibility(members: Sequence) -> str | None:
     """Why these loaded members cannot run stacked, or ``None`` when they can."""
-    if strategy not in STRATEGIES:
-        raise ValueError(f"stacking strategy must be one of {STRATEGIES}, got {strategy!r}")
     if len(members) < 2:
         return "a single member"
     first = members[0]
@@ -72,12 +64,11 @@ def stack_incompatibility(members: Sequence, strategy: str = "fold") -> str | No
         if first.model.system == "relation_attention" and not torch.equal(
                 member.model.definition_ids.cpu(), first.model.definition_ids.cpu()):
             return "relation definitions were tokenized differently"
-    if strategy == "fold":
-        arch = _architecture(first.model)
-        if arch["model_type"] != "bert":
-            return f"the fold strategy supports BERT encoders, not {arch['model_type']!r}"
-        if arch["is_decoder"] or arch["add_cross_attention"] or (arch["position_embedding_type"] or "absolute") != "absolute":
-            return "the fold strategy supports encoder-only BERT with absolute positions"
+    arch = _architecture(first.model)
+    if arch["model_type"] != "bert":
+        return f"the fold strategy supports BERT encoders, not {arch['model_type']!r}"
+    if arch["is_decoder"] or arch["add_cross_attention"] or (arch["position_embedding_type"] or "absolute") != "absolute":
+        return "the fold strategy supports encoder-only BERT with absolute positions"
     return None
 
 
@@ -176,43 +167,6 @@ class FoldedRelationModel:
             attention = torch.softmax(query @ relations.transpose(1, 2) / relations.size(-1) ** 0.5, dim=-1)
             pair = torch.cat([pair, attention @ relations], dim=-1)
         return self._linear(pair, "classifier")
-
-
-class VmappedRelationModel:
-    """M ``RelationModel``s through ``torch.func`` (stack_module_state + functional_call + vmap)."""
-
-    def __init__(self, models: Sequence[torch.nn.Module]):
-        from torch.func import functional_call, stack_module_state
-
-        self.members = len(models)
-        self.params, self.buffers = stack_module_state(list(models))
-        base = copy.deepcopy(models[0]).to("meta")
-
-        def one(params, buffers, input_ids, attention_mask, subject, obj):
-            return functional_call(base, (params, buffers), (input_ids, attention_mask, subject, obj))["logits"]
-
-        self._forward = torch.vmap(one, in_dims=(0, 0, None, None, None, None))
-
-    def relation_states(self) -> None:
-        """None: ``functional_call`` reaches only ``forward``, so under vmap the definitions are encoded per batch."""
-        return None
-
-    def __call__(self, input_ids, attention_mask, subject, obj, relations: None = None) -> torch.Tensor:
-        # attention as plain matmuls: on an H200 (torch 2.11, 2026-11-30) vmap over the cuDNN attention kernel failed
-        # ("attn_bias: wrong shape (batch dimension)"); the math backend's ops all have batching rules
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        with sdpa_kernel(SDPBackend.MATH):
-            return self._forward(self.params, self.buffers, input_ids, attention_mask, subject, obj)
-
-
-def stack_models(models: Sequence[torch.nn.Module], strategy: str = "fold"):
-    """The stacked callable for ``strategy`` (members must already sit on the target device, in eval mode)."""
-    if strategy == "fold":
-        return FoldedRelationModel(models)
-    if strategy == "vmap":
-        return VmappedRelationModel(models)
-    raise ValueError(f"stacking strategy must be one of {STRATEGIES}, got {strategy!r}")
 
 
 DEFAULT_TOKEN_BUDGET = 16384  # drugprot.inference.scorers.pair_probabilities' default

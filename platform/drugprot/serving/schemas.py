@@ -164,7 +164,7 @@ class ModelInfo(BaseModel):
     members: list[MemberInfo]
     device: str
     precision: str
-    execution: str | None = Field(None, description="How members run: loop, or stacked (fold/vmap).")
+    execution: str | None = Field(None, description="How members run: loop, or stacked (fold).")
     max_batch_pairs: int
     batch_wait_ms: float
     limits: dict[str, int]

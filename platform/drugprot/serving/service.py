@@ -257,7 +257,7 @@ class ModelService:
             dev_f1 = members[0].dev_f1
         device = str(getattr(self.predictor, "device", self.options.device))
         precision = getattr(self.predictor, "precision", "bf16")
-        if precision not in ("int8", "cascade"):  # bf16 is autocast on CUDA only; a CPU replica computes in fp32
+        if precision != "cascade":  # bf16 is autocast on CUDA only; a CPU replica computes in fp32
             precision = "bf16" if device.startswith("cuda") and precision == "bf16" else "fp32"
         return ModelInfo(
             uri=self.options.model, name=self.registry.get("name"), version=self.registry.get("version"),
