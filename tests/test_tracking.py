@@ -287,5 +287,5 @@ def test_a_trial_left_running_by_a_killed_driver_is_closed_at_the_end(store, nam
     _reconcile(tracker, result, "t9", max_t=4)
     (record,) = tracking.study_trials(name, store)
     assert record.state == "early-stopped"  # 2 of 4 evaluations, no error
-    assert "model" in {a.path for a in tracker.client.list_artifacts(run_id)}
+    assert tracking.TAG_MODEL_ID in record.tags  # its best model, a LoggedModel
     assert tracker.client.get_run(run_id).info.status == "FINISHED"

@@ -9,8 +9,12 @@ Conventions (a study named ``NAME``):
 
 Experiment
     one per study, named ``NAME``, tags ``drugprot.study = NAME`` and ``mlflow.experimentKind =
-    custom_model_development`` (the UI's training-runs view). With a ``sqlite:///PATH`` store its artifacts go
+    custom_model_development`` (model training; the 3.17 UI still opens run pages on its GenAI view unless the link
+    says ``?workflowType=machine_learning``, as :func:`drugprot.mlflow_store.run_link` does). With a ``sqlite:///PATH`` store its artifacts go
     to ``PATH's folder/mlartifacts/NAME``; with a server (``http://…``) the server decides (``mlflow-artifacts:/…``).
+
+Every run carries MLflow's standard source tags (:func:`source_tags`: ``mlflow.user``, ``mlflow.source.name``,
+``mlflow.source.git.commit`` of the drugprot checkout).
 
 Parent run (exactly one per experiment; run name ``NAME``)
     tags   ``drugprot.kind = study``, ``drugprot.study``, ``drugprot.state`` (running / finished / interrupted),
@@ -23,7 +27,7 @@ Parent run (exactly one per experiment; run name ``NAME``)
            seed, each parameter's distribution, scheduler settings), ``config.<dotted key>`` (the base run config).
     metrics ``best_dev_f1_a`` (best trial's F1 on dev half A, the half every choice is made on) and the study's cost (:func:`drugprot.tuning.cost.study_cost`):
            ``device_hours``, ``asha_saved_share``, ``study_wall_s``, ``trial_wall_s``, ``evaluations``,
-           ``asha_stopped``.
+           ``asha_stopped``; at step = the number of trials when the study ends.
     artifacts ``space.yaml``, ``config.yaml`` (base config), ``trials.csv`` (one row per trial),
            ``plots/optimization_history.{html,png}``, ``plots/param_importances.{html,png}``,
            ``plots/parallel_coordinate.{html,png}``.
@@ -48,14 +52,18 @@ Child run (one per Ray trial; run name ``tNN`` and its values, e.g. ``t07 lr=3.1
            selected on A; a report, never used to choose), ``train_loss``, ``lr``, ``epoch``, ``pairs_per_s``, ``nonfinite_steps`` (steps skipped so
            far because their loss or gradient norm was not finite), ``train_interval_recall`` and
            ``dev_interval_recall`` (the share of gold relations the trial's GENE interval keeps: its recall ceiling),
-           ``wall_s`` and ``device_s`` (cost so far, :mod:`drugprot.tuning.cost`); when it ends, at step 0:
-           ``evaluations``, ``asha_stopped`` (1 or 0), ``train_pairs_per_s`` (at its last evaluation) and its final
-           ``wall_s``/``device_s``.
-    artifacts ``config.yaml`` (the trial's config), ``per_type.csv`` (type, f1 on the whole dev set at the best evaluation on half A),
-           ``metrics.json`` (every evaluation and the best), ``model/`` (the best model folder, a verified
-           drugprot artifact: ``model/manifest.json``, ``model/model.safetensors``, ``model/tokenizer/``, …),
-           ``dev_probabilities.safetensors`` (the best model's dev probabilities, see
-           ``drugprot.model.dev_probabilities``), logged when the trial ends.
+           ``wall_s`` and ``device_s`` (cost so far, :mod:`drugprot.tuning.cost`); when it ends, at its last
+           evaluation's step: ``evaluations``, ``asha_stopped`` (1 or 0), ``train_pairs_per_s``.
+    inputs the corpus splits it reads (:func:`log_corpus_inputs`: name = corpus folder, context = split, digest of the
+           split's files, source = the split's folder).
+    model  the best model folder (a verified drugprot artifact: ``manifest.json``, ``model.safetensors``,
+           ``tokenizer/``, …) as a LoggedModel named :func:`trial_model_name`, the run's output at the best
+           evaluation, its metrics the selection metrics there (:meth:`StudyTracker.log_trial_model`); tag
+           ``drugprot.model_id`` names it. Studies tracked before kept it as the run's ``model/`` artifact.
+    artifacts ``config.yaml`` (the trial's config), ``per_type.csv`` (type, f1 on the whole dev set at the best
+           evaluation on half A),
+           ``metrics.json`` (every evaluation and the best), ``dev_probabilities.safetensors`` (the best model's dev
+           probabilities, see ``drugprot.model.dev_probabilities``), logged when the trial ends.
 
 Reading: :func:`study_trials` lists a study's trials (best first) and :func:`download_trial_model` fetches one
 trial's ``model/`` folder and verifies its manifest. Which store, and whether it answers, is

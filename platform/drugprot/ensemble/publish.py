@@ -8,7 +8,14 @@ loads where drugprot is not installed), ``requirements.txt`` (pinned, all on PyP
 abstract), and ``artifacts/<folder name>/`` (the members' safetensors, tokenizers and JSON configs,
 ``ensemble.json`` and the sha256 manifest; ``MLmodel`` records it as the artifact ``ensemble``). Nothing is pickled.
 Each version carries tags ``dev_f1``, ``vote``, ``members``, ``study``, ``run_id`` and ``manifest_sha256`` (the
-digest every download must match), and a description with its dev table; the comparison reads ``dev_f1`` from the champion's tag (else its run).
+digest every download must match), what made it (``model_id``, ``code_version``, ``code_commit``, ``data.SPLIT``,
+:func:`provenance_tags`), and a description with its dev table; the comparison reads ``dev_f1`` from the champion's
+tag (else its run's ``ensemble_f1``).
+
+Lineage: the run has the corpus splits it saw as dataset inputs and its members' LoggedModels (the trials' best
+models, :mod:`drugprot.tracking`) as input models; the pyfunc is a LoggedModel named after the run, tagged with its
+members' model ids. Its metrics are named ``ensemble_*`` (:func:`ensemble_metrics`) and its members are one table
+(:data:`MEMBERS_TABLE`), so the study's charts of trials stay apart.
 
 The ensemble run goes to the study's experiment, nested under the study's parent run and tagged
 ``drugprot.kind=ensemble`` (``drugprot.tracking.study_trials`` reads only ``kind=trial`` runs, so it is never
