@@ -139,6 +139,7 @@ def test_ensemble_logged_model_is_named_after_it_and_takes_its_members_models(st
     assert model.name == "ensemble-lineage-1" and model.source_run_id == ensemble.run_id
     assert model.tags["drugprot.member_models"] == ",".join(members)
     assert [(o.model_id) for o in run.outputs.model_outputs] == [model.model_id]
+    assert "ensemble_f1" in {m.key for m in model.metrics}  # the run's metrics, linked to the model by log_model
     splits = {next(t.value for t in d.tags if t.key == "mlflow.data.context") for d in run.inputs.dataset_inputs}
     assert splits == {"training", "development"}
 

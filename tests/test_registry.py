@@ -123,9 +123,11 @@ def test_ensemble_run_is_logged_with_member_and_ensemble_metrics(registered, sto
     assert run.info.status == "FINISHED" and run.data.tags["drugprot.kind"] == "ensemble"
     metrics = run.data.metrics
     assert metrics["ensemble_f1"] > 0 and "ensemble_f1.INHIBITOR" in metrics
-    with fluent(uri) as mlflow:
-        members = mlflow.load_table("members.json", run_ids=[registered.run.run_id])
-    assert list(members["member"]) == ["m1-seed1", "m2-seed2", "m3-seed3"] and (members["dev_f1"] >= 0).all()
+    with tempfile.TemporaryDirectory() as scratch:
+        table = json.loads(Path(mlflow_store.client(uri).download_artifacts(registered.run.run_id, "members.json",
+                                                                            scratch)).read_text())
+    members = [dict(zip(table["columns"], row)) for row in table["data"]]
+    assert [m["member"] for m in members] == ["m1-seed1", "m2-seed2", "m3-seed3"] and all(m["dev_f1"] >= 0 for m in members)
     assert run.data.params["vote"] == "hard" and run.data.params["members"] == "3"
     assert 0.5 <= metrics["early_exit_confidence"] < 1 and metrics["early_exit_agreement"] >= 0.999
     assert 0 < metrics["early_exit_member_pair_share"] <= 1

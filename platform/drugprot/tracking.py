@@ -238,10 +238,28 @@ def log_corpus_inputs(mlflow_client, run_id: str, data: dict[str, Any], roles: I
     return [i.dataset for i in inputs]
 
 
-def trial_model_name(trial_id: str) -> str:
-    """The LoggedModel name of a trial's best model: ``t07-<trial id>`` (Ray numbers trials ``…_00007``)."""
-    number = trial_id.rsplit("_", 1)[-1]
-    return f"t{int(number):02d}-{trial_id}" if number.isdigit() else f"trial-{trial_id}"
+def link_model_metrics(mlflow_client, run, model_id: str, names: Iterable[str], *, step: int) -> None:
+    """Record the run's metrics ``names`` at ``step`` as the LoggedModel's own, on the run's dev dataset input (the
+    LoggedModel page lists them with that dataset). Each is the very point already in the run's history (same key,
+    time, step and value: MLflow keeps one copy), so the run's charts gain nothing."""
+    from mlflow.entities import Metric
+
+    dev = next((d.dataset for d in run.inputs.dataset_inputs
+                if any(t.key == DATASET_ROLE_TAG and t.value == "dev" for t in d.tags)), None)
+    linked = []
+    for name in names:
+        point = next((m for m in mlflow_client.get_metric_history(run.info.run_id, name) if m.step == step), None)
+        if point is not None:
+            linked.append(Metric(name, point.value, point.timestamp, step, model_id=model_id,
+                                 dataset_name=dev.name if dev else None, dataset_digest=dev.digest if dev else None))
+    if linked:
+        mlflow_client.log_batch(run.info.run_id, metrics=linked, synchronous=True)
+
+
+def trial_model_name(trial_id: str, number: str | int | None) -> str:
+    """The LoggedModel name of a trial's best model: ``t07-<trial id>`` for Optuna trial 7, as its run is named
+    (``trial-<id>`` when the number is unknown)."""
+    return f"t{int(number):02d}-{trial_id}" if str(number or "").isdigit() else f"trial-{trial_id}"
 
 
 # --- writing a study ------------------------------------------------------------------------------------------------
@@ -409,7 +427,7 @@ class StudyTracker:
         """The trial's best model as a LoggedModel named after the trial (its files, the run's output at the best
         evaluation), linked to the metrics it was chosen on: the scheduler's metric and :data:`BEST_METRIC` at that
         evaluation, on the dev split's dataset. Done once: a run that already names its model keeps it."""
-        from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric
+        from mlflow.entities import LoggedModelOutput, LoggedModelStatus
 
         run = self.client.get_run(run_id)
         if run.data.tags.get(TAG_MODEL_ID):
@@ -417,24 +435,13 @@ class StudyTracker:
         trial_id = run.data.tags.get(TAG_TRIAL_ID, run.info.run_name)
         selected_on = self.selection_metrics()
         model = self.client.create_logged_model(
-            run.info.experiment_id, name=trial_model_name(trial_id), source_run_id=run_id, model_type="drugprot-member",
+            run.info.experiment_id, name=trial_model_name(trial_id, run.data.tags.get(TAG_OPTUNA_TRIAL)), source_run_id=run_id, model_type="drugprot-member",
             tags={TAG_STUDY: self.study, TAG_TRIAL_ID: trial_id, TAG_SELECTED_ON: ",".join(selected_on)},
             params={k: v[:6000] for k, v in run.data.params.items()})
         self.client.log_model_artifacts(model.model_id, str(folder))
         step = int(best_eval) if best_eval is not None else max(
             (m.step for m in self.client.get_metric_history(run_id, BEST_METRIC)), default=0)
-        dev = next((d.dataset for d in run.inputs.dataset_inputs
-                    if any(t.key == DATASET_ROLE_TAG and t.value == "dev" for t in d.tags)), None)
-        linked = []
-        for name in selected_on:
-            # the very point already in the run's history (same key, time, step, value: MLflow keeps one copy),
-            # now also recorded as the model's metric
-            point = next((m for m in self.client.get_metric_history(run_id, name) if m.step == step), None)
-            if point is not None:
-                linked.append(Metric(name, point.value, point.timestamp, step, model_id=model.model_id,
-                                     dataset_name=dev.name if dev else None, dataset_digest=dev.digest if dev else None))
-        if linked:
-            self.client.log_batch(run_id, metrics=linked, synchronous=True)
+        link_model_metrics(self.client, run, model.model_id, selected_on, step=step)
         self.client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step)])
         self.client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
         self.set_tags(run_id, {TAG_MODEL_ID: model.model_id})

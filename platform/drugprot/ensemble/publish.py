@@ -93,8 +93,8 @@ def _experiment(registry, tracking_uri: str, name: str, study: str | None) -> tu
     return registry.create_experiment(name, artifact_location=experiment_artifact_location(tracking_uri, name)), None
 
 
-#: The run's table of members (one row each: trial, run, LoggedModel, weight, dev scores), read in the UI's
-#: Artifacts tab and by ``mlflow.load_table``.
+#: The run's table of members (one row each: trial, run, LoggedModel, weight, dev scores), shown as a table in the
+#: UI's Artifacts tab (``mlflow.log_table``'s JSON).
 MEMBERS_TABLE = "members.json"
 #: The ensemble LoggedModel's tag listing its members' LoggedModel ids, in member order (empty: a folder member).
 TAG_MEMBER_MODELS = "drugprot.member_models"
@@ -294,8 +294,8 @@ def log_ensemble(folder: str | Path, *, tracking_uri: str | None = None, experim
                   "selection": (meta.get("source") or {}).get("selection", "folders"), "execution": meta.get("execution", "")}
         for key, value in params.items():
             registry.log_param(run_id, key, value)
-        for key, value in ensemble_metrics(meta).items():
-            registry.log_metric(run_id, key, float(value))
+        for key, value in ensemble_metrics(meta).items():  # log_model links them to the model it logs
+            registry.log_metric(run_id, key, float(value), step=0)
         registry.log_table(run_id, members_table(meta, member_models), MEMBERS_TABLE)
         registry.log_dict(run_id, meta, "ensemble/ensemble.json")
         registration = None
