@@ -26,7 +26,7 @@ from fixtures_mlflow import mlflow_server  # noqa: E402,F401
 from fixtures_models import smoke_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-TRIALS = (("ab12c_00007", 0.4), ("ab12c_00002", 0.3))
+TRIALS = (("ab12c_00007", 0.4), ("ab12c_00002", 0.3))  # Ray trial ids; Optuna trials 7 and 2
 
 
 def git_head() -> str | None:
@@ -44,8 +44,8 @@ def files_digest(split: str) -> str:
 
 
 def evaluation(step: int, f1: float) -> dict:
-    return {"eval": step, "dev_f1": f1, "dev_precision": f1, "dev_recall": f1, "best_dev_f1": f1, "train_loss": 1.0,
-            "wall_s": 10.0 * step, "device_s": 9.0 * step}
+    return {"eval": step, "dev_f1_a": f1, "dev_precision_a": f1, "dev_recall_a": f1, "best_dev_f1_a": f1,
+            "dev_f1_all": f1, "train_loss": 1.0, "wall_s": 10.0 * step, "device_s": 9.0 * step}
 
 
 @pytest.fixture(scope="module")
@@ -56,10 +56,11 @@ def study(mlflow_server, smoke_model_dir, tmp_path_factory):  # noqa: F811
     shutil.copytree(smoke_model_dir, folder / "model")
     (folder / "metrics.json").write_text(json.dumps({"evaluations": [], "best": {"eval": 2, "dev_per_type": {}}}))
     tracker = tracking.StudyTracker(mlflow_server, "lineage")
-    tracker.open_study(params={"space.scheduler.metric": "dev_f1"}, tags={}, resume=False)
+    tracker.open_study(params={"space.scheduler.metric": "dev_f1_a"}, tags={}, resume=False)
     runs = {}
     for trial_id, f1 in TRIALS:
         run_id = tracker.start_trial(trial_id, params={"train.lr": 0.01}, config=smoke_config().dump())
+        tracker.set_tags(run_id, {tracking.TAG_OPTUNA_TRIAL: str(int(trial_id[-2:]))})  # as the Tune callback does
         tracker.log_evaluation(run_id, evaluation(1, f1 / 2))
         tracker.log_evaluation(run_id, evaluation(2, f1))
         tracker.log_totals(run_id, {"evaluations": 2.0, "asha_stopped": 0.0, "wall_s": 21.0}, step=2)
@@ -74,13 +75,13 @@ def test_trial_best_model_is_a_logged_model_named_after_the_trial(study, tmp_pat
     model = study.client.get_logged_model(run.data.tags[tracking.TAG_MODEL_ID])
     assert model.name == "t07-ab12c_00007" and model.source_run_id == run_id and model.status.value == "READY"
     assert [(o.model_id, o.step) for o in run.outputs.model_outputs] == [(model.model_id, 2)]  # the run's Models column
-    assert model.tags[tracking.TAG_SELECTED_ON] == "dev_f1,best_dev_f1"  # the study's scheduler metric, then Optuna's
+    assert model.tags[tracking.TAG_SELECTED_ON] == "dev_f1_a,best_dev_f1_a"  # the study's scheduler metric, Optuna's
     linked = {m.key: m for m in model.metrics}
-    assert set(linked) == {"dev_f1", "best_dev_f1"}
+    assert set(linked) == {"dev_f1_a", "best_dev_f1_a"}
     assert all((m.step, m.value) == (2, 0.4) for m in linked.values())
     assert {(m.dataset_name, m.dataset_digest) for m in linked.values()} == {("sample_data", files_digest("development")[:16])}
     # linking the metrics to the model added no second point to the run's charts
-    assert sorted(m.step for m in study.client.get_metric_history(run_id, "dev_f1")) == [1, 2]
+    assert sorted(m.step for m in study.client.get_metric_history(run_id, "dev_f1_a")) == [1, 2]
     record = next(r for r in tracking.study_trials("lineage", study.uri) if r.run_id == run_id)
     downloaded = tracking.download_trial_model(record, tmp_path, study.uri)  # the ensemble's members come from here
     assert downloaded == tmp_path / "model" and (downloaded / "model.safetensors").is_file()
@@ -117,7 +118,7 @@ def ensemble(study, tmp_path_factory):
     sources = []
     for record in tracking.study_trials("lineage", study.uri):
         folder = tracking.download_trial_model(record, root / record.trial_id, study.uri)
-        sources.append(MemberSource(folder, name=f"{record.trial_id}-seed{record.seed}", dev_f1=record.best_dev_f1,
+        sources.append(MemberSource(folder, name=f"{record.trial_id}-seed{record.seed}", dev_f1_a=record.best_dev_f1_a,
                                     source={"study": "lineage", "trial_id": record.trial_id, "run_id": record.run_id}))
     out = root / "ensemble"
     build_ensemble(sources, out, vote="hard", source={"study": "lineage", "selection": "top-k"}, log=lambda _: None,
@@ -165,7 +166,7 @@ def test_ensemble_figures_are_one_table_and_never_mix_into_trial_charts(study, e
         run_id=ensemble.run_id, artifact_path="members.json", dst_path=str(tmp_path), tracking_uri=study.uri)).read_text())
     rows = [dict(zip(table["columns"], row)) for row in table["data"]]
     assert [r["trial_id"] for r in rows] == [t for t, _ in TRIALS]
-    assert [r["trial_dev_f1"] for r in rows] == [f for _, f in TRIALS]
+    assert [r["trial_dev_f1_a"] for r in rows] == [f for _, f in TRIALS]
     assert all(r["model_id"] and r["run_id"] == study.runs[r["trial_id"]] for r in rows)
 
 

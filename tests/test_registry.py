@@ -555,7 +555,7 @@ def test_study_to_champion_to_predictions(smoke_study, tmp_path, capsys):
     ensemble_runs = mlflow_store.client(mlflow_store.normalize_tracking_uri(uri)).search_runs(
         [tracking.study_experiment("smk", uri)], "tags.`drugprot.kind` = 'ensemble'")
     assert len(ensemble_runs) == 1 and ensemble_runs[0].data.tags.get("mlflow.parentRunId")
-    assert ensemble_runs[0].data.metrics["dev_f1_b"] == pytest.approx(meta["dev"]["held_out_b"]["ensemble"]["f1"])
+    assert ensemble_runs[0].data.metrics["ensemble_f1_b"] == pytest.approx(meta["dev"]["held_out_b"]["ensemble"]["f1"])
     pred = tmp_path / "pred.tsv"
     assert main(["predict", "--model", "models:/smk-ens@champion", "--tracking-uri", uri, "--data", str(SAMPLE_DIR),
                  "--out", str(pred), "--device", "cpu"]) == 0

@@ -435,7 +435,8 @@ class StudyTracker:
         trial_id = run.data.tags.get(TAG_TRIAL_ID, run.info.run_name)
         selected_on = self.selection_metrics()
         model = self.client.create_logged_model(
-            run.info.experiment_id, name=trial_model_name(trial_id, run.data.tags.get(TAG_OPTUNA_TRIAL)), source_run_id=run_id, model_type="drugprot-member",
+            run.info.experiment_id, name=trial_model_name(trial_id, run.data.tags.get(TAG_OPTUNA_TRIAL)),
+            source_run_id=run_id, model_type="drugprot-member",
             tags={TAG_STUDY: self.study, TAG_TRIAL_ID: trial_id, TAG_SELECTED_ON: ",".join(selected_on)},
             params={k: v[:6000] for k, v in run.data.params.items()})
         self.client.log_model_artifacts(model.model_id, str(folder))
