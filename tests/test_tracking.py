@@ -152,7 +152,7 @@ def test_finished_trials_are_read_back_best_first(store, name, run_folder, tmp_p
     assert records[2].best_dev_f1_a is None and records[2].state == "errored"
     assert tracker.client.get_run(runs["t3"]).info.status == "FAILED"
     artifacts = {a.path for a in tracker.client.list_artifacts(best.run_id)}
-    assert {"model", "config.yaml", "metrics.json", "per_type.csv"} <= artifacts
+    assert {"config.yaml", "metrics.json", "per_type.csv"} <= artifacts and "model" not in artifacts  # a LoggedModel
     import mlflow.artifacts
 
     per_type = Path(mlflow.artifacts.download_artifacts(run_id=best.run_id, artifact_path="per_type.csv",
@@ -161,7 +161,7 @@ def test_finished_trials_are_read_back_best_first(store, name, run_folder, tmp_p
 
     model = tracking.download_trial_model(best, tmp_path / "member", store)
     assert model == tmp_path / "member" / "model" and (model / "manifest.json").is_file()
-    with pytest.raises(TrackingError, match=r"trial t1 .* has no model/ artifact"):
+    with pytest.raises(TrackingError, match=r"trial t1 .* has no logged model and no model/ artifact"):
         tracking.download_trial_model(records[1], tmp_path / "other", store)
     with pytest.raises(TrackingError, match=r"no study named 'nope'"):
         tracking.study_trials("nope", store)
@@ -217,7 +217,8 @@ def test_callback_logs_a_trial_from_start_to_early_stop(store, name, run_folder,
     assert (record.trial_id, record.state, record.seed) == ("abc", "early-stopped", 13)
     assert tracker.client.get_run(record.run_id).data.params["steps_per_epoch"] == "38"
     assert record.config["sampling"]["interval"] == [-9, 13] and record.params["train.lr"] == 0.01
-    assert "model" in {a.path for a in tracker.client.list_artifacts(record.run_id)}
+    model = tracker.client.get_logged_model(record.tags[tracking.TAG_MODEL_ID])
+    assert (model.name, model.source_run_id, model.status.value) == ("trial-abc", record.run_id, "READY")
 
 
 def test_trial_run_names_say_the_optuna_trial_and_its_values():
@@ -286,5 +287,5 @@ def test_a_trial_left_running_by_a_killed_driver_is_closed_at_the_end(store, nam
     _reconcile(tracker, result, "t9", max_t=4)
     (record,) = tracking.study_trials(name, store)
     assert record.state == "early-stopped"  # 2 of 4 evaluations, no error
-    assert "model" in {a.path for a in tracker.client.list_artifacts(run_id)}
+    assert tracking.TAG_MODEL_ID in record.tags  # its best model, a LoggedModel
     assert tracker.client.get_run(run_id).info.status == "FINISHED"

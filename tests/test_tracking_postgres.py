@@ -71,15 +71,17 @@ def test_every_reported_metric_arrives_in_postgres(study, server_on_postgres):
 def test_registry_on_postgres(study, server_on_postgres, tmp_path):
     from mlflow import MlflowClient
 
+    from drugprot import tracking
     from drugprot.model.artifacts import verify_manifest
 
     result, _ = study
     client = MlflowClient(server_on_postgres, registry_uri=server_on_postgres)
     best = result.best
+    model_id = best.tags[tracking.TAG_MODEL_ID]  # the trial's best model, a LoggedModel
     client.create_registered_model("pg-smoke")
-    version = client.create_model_version("pg-smoke", f"runs:/{best.run_id}/model", run_id=best.run_id)
+    version = client.create_model_version("pg-smoke", f"models:/{model_id}", run_id=best.run_id, model_id=model_id)
     client.set_registered_model_alias("pg-smoke", "champion", version.version)
     resolved = client.get_model_version_by_alias("pg-smoke", "champion")
     assert resolved.version == version.version and resolved.run_id == best.run_id
-    folder = client.download_artifacts(best.run_id, "model", str(tmp_path))
-    verify_manifest(Path(folder))  # the trial's model came back whole through the server
+    folder = tracking.download_trial_model(best, tmp_path, server_on_postgres)
+    verify_manifest(folder)  # the trial's model came back whole through the server

@@ -264,7 +264,8 @@ def test_local_study_tracks_every_trial_and_asha_stops_some(local_study):
         assert {"dev_f1_a", "dev_f1_all"} <= set(run.data.metrics)  # A decides, the whole set is reported
         assert not [name for name in run.data.metrics if name.endswith("_b")]  # half B is never logged per evaluation
         assert set(run.data.params) >= {"loss.gamma", "train.lr", "sampling.interval.lo"}
-        assert {"model", "config.yaml", "per_type.csv", "metrics.json"} <= {a.path for a in client.list_artifacts(trial.run_id)}
+        assert {"config.yaml", "per_type.csv", "metrics.json"} <= {a.path for a in client.list_artifacts(trial.run_id)}
+        assert client.get_logged_model(trial.tags[tracking.TAG_MODEL_ID]).source_run_id == trial.run_id
     parents = client.search_runs([result.experiment_id], "tags.`drugprot.kind` = 'study'")
     assert [p.info.run_id for p in parents] == [result.parent_run_id]
     parent = parents[0]

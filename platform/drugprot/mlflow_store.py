@@ -106,10 +106,16 @@ def ui_command(tracking_uri: str) -> str:
     return f"mlflow ui --backend-store-uri {tracking_uri}"
 
 
+#: The MLflow 3 UI opens every page in its GenAI view (traces, "Evaluations") unless the link or the browser's last
+#: choice says otherwise; it ignores the experiment's ``mlflow.experimentKind`` on run pages. Links carry the choice.
+UI_VIEW = "workflowType=machine_learning"
+
+
 def run_link(tracking_uri: str, experiment_id: str, run_id: str | None = None) -> str:
+    """A link to an experiment (or one of its runs) that opens on the UI's model-training view."""
     base = tracking_uri.rstrip("/") if urlparse(tracking_uri).scheme in ("http", "https") else "http://127.0.0.1:5000"
     link = f"{base}/#/experiments/{experiment_id}"
-    return f"{link}/runs/{run_id}" if run_id else link
+    return f"{link}/runs/{run_id}?{UI_VIEW}" if run_id else f"{link}?{UI_VIEW}"
 
 
 

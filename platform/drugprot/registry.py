@@ -217,7 +217,7 @@ def _version_f1(registry, version) -> float | None:
             return None
     if version.run_id:
         try:
-            return registry.get_run(version.run_id).data.metrics.get("dev_f1")
+            return registry.get_run(version.run_id).data.metrics.get("ensemble_f1")  # drugprot.ensemble.publish
         except Exception:
             return None
     return None

@@ -9,8 +9,12 @@ Conventions (a study named ``NAME``):
 
 Experiment
     one per study, named ``NAME``, tags ``drugprot.study = NAME`` and ``mlflow.experimentKind =
-    custom_model_development`` (the UI's training-runs view). With a ``sqlite:///PATH`` store its artifacts go
+    custom_model_development`` (model training; the 3.17 UI still opens run pages on its GenAI view unless the link
+    says ``?workflowType=machine_learning``, as :func:`drugprot.mlflow_store.run_link` does). With a ``sqlite:///PATH`` store its artifacts go
     to ``PATH's folder/mlartifacts/NAME``; with a server (``http://…``) the server decides (``mlflow-artifacts:/…``).
+
+Every run carries MLflow's standard source tags (:func:`source_tags`: ``mlflow.user``, ``mlflow.source.name``,
+``mlflow.source.git.commit`` of the drugprot checkout).
 
 Parent run (exactly one per experiment; run name ``NAME``)
     tags   ``drugprot.kind = study``, ``drugprot.study``, ``drugprot.state`` (running / finished / interrupted),
@@ -23,7 +27,7 @@ Parent run (exactly one per experiment; run name ``NAME``)
            seed, each parameter's distribution, scheduler settings), ``config.<dotted key>`` (the base run config).
     metrics ``best_dev_f1_a`` (best trial's F1 on dev half A, the half every choice is made on) and the study's cost (:func:`drugprot.tuning.cost.study_cost`):
            ``device_hours``, ``asha_saved_share``, ``study_wall_s``, ``trial_wall_s``, ``evaluations``,
-           ``asha_stopped``.
+           ``asha_stopped``; at step = the number of trials when the study ends.
     artifacts ``space.yaml``, ``config.yaml`` (base config), ``trials.csv`` (one row per trial),
            ``plots/optimization_history.{html,png}``, ``plots/param_importances.{html,png}``,
            ``plots/parallel_coordinate.{html,png}``.
@@ -48,14 +52,18 @@ Child run (one per Ray trial; run name ``tNN`` and its values, e.g. ``t07 lr=3.1
            selected on A; a report, never used to choose), ``train_loss``, ``lr``, ``epoch``, ``pairs_per_s``, ``nonfinite_steps`` (steps skipped so
            far because their loss or gradient norm was not finite), ``train_interval_recall`` and
            ``dev_interval_recall`` (the share of gold relations the trial's GENE interval keeps: its recall ceiling),
-           ``wall_s`` and ``device_s`` (cost so far, :mod:`drugprot.tuning.cost`); when it ends, at step 0:
-           ``evaluations``, ``asha_stopped`` (1 or 0), ``train_pairs_per_s`` (at its last evaluation) and its final
-           ``wall_s``/``device_s``.
-    artifacts ``config.yaml`` (the trial's config), ``per_type.csv`` (type, f1 on the whole dev set at the best evaluation on half A),
-           ``metrics.json`` (every evaluation and the best), ``model/`` (the best model folder, a verified
-           drugprot artifact: ``model/manifest.json``, ``model/model.safetensors``, ``model/tokenizer/``, …),
-           ``dev_probabilities.safetensors`` (the best model's dev probabilities, see
-           ``drugprot.model.dev_probabilities``), logged when the trial ends.
+           ``wall_s`` and ``device_s`` (cost so far, :mod:`drugprot.tuning.cost`); when it ends, at its last
+           evaluation's step: ``evaluations``, ``asha_stopped`` (1 or 0), ``train_pairs_per_s``.
+    inputs the corpus splits it reads (:func:`log_corpus_inputs`: name = corpus folder, context = split, digest of the
+           split's files, source = the split's folder).
+    model  the best model folder (a verified drugprot artifact: ``manifest.json``, ``model.safetensors``,
+           ``tokenizer/``, …) as a LoggedModel named :func:`trial_model_name`, the run's output at the best
+           evaluation, its metrics the selection metrics there (:meth:`StudyTracker.log_trial_model`); tag
+           ``drugprot.model_id`` names it. Studies tracked before kept it as the run's ``model/`` artifact.
+    artifacts ``config.yaml`` (the trial's config), ``per_type.csv`` (type, f1 on the whole dev set at the best
+           evaluation on half A),
+           ``metrics.json`` (every evaluation and the best), ``dev_probabilities.safetensors`` (the best model's dev
+           probabilities, see ``drugprot.model.dev_probabilities``), logged when the trial ends.
 
 Reading: :func:`study_trials` lists a study's trials (best first) and :func:`download_trial_model` fetches one
 trial's ``model/`` folder and verifies its manifest. Which store, and whether it answers, is
@@ -99,7 +107,12 @@ TAG_BEST_RUN = "drugprot.best_run_id"
 TAG_STORAGE = "drugprot.storage"
 TAG_OPTUNA_STORAGE = "drugprot.optuna_storage"
 TAG_OPTUNA_TRIAL = "drugprot.optuna_trial_number"
+TAG_MODEL_ID = "drugprot.model_id"
+TAG_SELECTED_ON = "drugprot.selected_on"
 PARENT_TAG = "mlflow.parentRunId"
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+#: The MLflow UI's name for model training (its other kind, genai_development, opens on traces and evaluations).
+EXPERIMENT_KIND = "custom_model_development"
 
 KIND_STUDY = "study"
 KIND_TRIAL = "trial"
@@ -160,6 +173,95 @@ def flatten(nested: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def source_tags() -> dict[str, str]:
+    """MLflow's standard tags for a new run (``mlflow.user``, ``mlflow.source.name``/``type``), and the git commit,
+    branch and repository of the drugprot code itself when it runs from a checkout (MLflow would take them from the
+    entry script's folder, which for an installed console script is the virtual environment's)."""
+    from mlflow.tracking.context.registry import resolve_tags
+    from mlflow.utils.git_utils import get_git_branch, get_git_commit, get_git_repo_url
+    from mlflow.utils.mlflow_tags import MLFLOW_GIT_BRANCH, MLFLOW_GIT_COMMIT, MLFLOW_GIT_REPO_URL
+
+    import drugprot
+
+    code = str(Path(drugprot.__file__).parent)
+    git = {MLFLOW_GIT_COMMIT: get_git_commit(code), MLFLOW_GIT_BRANCH: get_git_branch(code),
+           MLFLOW_GIT_REPO_URL: get_git_repo_url(code)}
+    tags = {k: v for k, v in resolve_tags().items() if k not in git}
+    return {**tags, **{k: v for k, v in git.items() if v}}
+
+
+#: Input tag saying what a run did with a dataset (``train`` or ``dev``); ``mlflow.data.context`` holds the split.
+DATASET_ROLE_TAG = "drugprot.role"
+
+
+def corpus_dataset(data_dir: str | os.PathLike, split: str, *, max_docs: int | None = None):
+    """A corpus split as an MLflow dataset: named after the corpus folder, its digest the sha256 of the split's files
+    (names and bytes; the first 16 hex digits, the whole one in the profile), its source the split's folder."""
+    import hashlib
+
+    from mlflow.entities import Dataset
+
+    from drugprot.corpus import split_files
+
+    folder = Path(data_dir).resolve()
+    files = sorted(f for f in split_files(folder, split).values() if f is not None)
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.name.encode() + b"\0" + file.read_bytes())
+    profile = {"sha256": digest.hexdigest(), "files": [f.name for f in files], "split": split,
+               **({"max_docs": max_docs} if max_docs else {})}
+    # source as MLflow's local dataset source writes it (type "local", {"uri": ...})
+    return Dataset(folder.name, digest.hexdigest()[:16], "local", json.dumps({"uri": (folder / split).as_uri()}),
+                   profile=json.dumps(profile))
+
+
+def log_corpus_inputs(mlflow_client, run_id: str, data: dict[str, Any], roles: Iterable[str] = ("train", "dev")) -> list:
+    """Log the corpus splits a run read (a config's ``data`` section) as its dataset inputs; returns the datasets.
+    A corpus that is not readable here (a folder on another node) is left out rather than guessed."""
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    from drugprot.config import DataConfig
+
+    settings = DataConfig(**data) if data else DataConfig()
+    inputs = []
+    for role in roles:
+        split = settings.train_split if role == "train" else settings.dev_split
+        try:
+            dataset = corpus_dataset(settings.dir, split,
+                                     max_docs=settings.max_train_docs if role == "train" else settings.max_dev_docs)
+        except OSError:
+            continue
+        inputs.append(DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, split), InputTag(DATASET_ROLE_TAG, role)]))
+    if inputs:
+        mlflow_client.log_inputs(run_id, datasets=inputs)
+    return [i.dataset for i in inputs]
+
+
+def link_model_metrics(mlflow_client, run, model_id: str, names: Iterable[str], *, step: int) -> None:
+    """Record the run's metrics ``names`` at ``step`` as the LoggedModel's own, on the run's dev dataset input (the
+    LoggedModel page lists them with that dataset). Each is the very point already in the run's history (same key,
+    time, step and value: MLflow keeps one copy), so the run's charts gain nothing."""
+    from mlflow.entities import Metric
+
+    dev = next((d.dataset for d in run.inputs.dataset_inputs
+                if any(t.key == DATASET_ROLE_TAG and t.value == "dev" for t in d.tags)), None)
+    linked = []
+    for name in names:
+        point = next((m for m in mlflow_client.get_metric_history(run.info.run_id, name) if m.step == step), None)
+        if point is not None:
+            linked.append(Metric(name, point.value, point.timestamp, step, model_id=model_id,
+                                 dataset_name=dev.name if dev else None, dataset_digest=dev.digest if dev else None))
+    if linked:
+        mlflow_client.log_batch(run.info.run_id, metrics=linked, synchronous=True)
+
+
+def trial_model_name(trial_id: str, number: str | int | None) -> str:
+    """The LoggedModel name of a trial's best model: ``t07-<trial id>`` for Optuna trial 7, as its run is named
+    (``trial-<id>`` when the number is unknown)."""
+    return f"t{int(number):02d}-{trial_id}" if str(number or "").isdigit() else f"trial-{trial_id}"
+
+
 # --- writing a study ------------------------------------------------------------------------------------------------
 
 class StudyTracker:
@@ -208,7 +310,7 @@ class StudyTracker:
             self.client.update_run(self.parent_run_id, status="RUNNING")
         else:
             run = self.client.create_run(experiment_id, run_name=self.study,
-                                         tags={TAG_KIND: KIND_STUDY, TAG_STUDY: self.study})
+                                         tags={**source_tags(), TAG_KIND: KIND_STUDY, TAG_STUDY: self.study})
             self.parent_run_id = run.info.run_id
         self.set_tags(self.parent_run_id, {**tags, TAG_STATE: "running"})
         self.log_params(self.parent_run_id, params)
@@ -224,14 +326,15 @@ class StudyTracker:
         try:
             # experimentKind opens the MLflow 3 UI on its "training runs" view (nested trials, metric charts).
             return self.client.create_experiment(self.study, artifact_location=location, tags={
-                TAG_STUDY: self.study, "mlflow.experimentKind": "custom_model_development"})
+                TAG_STUDY: self.study, EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         except MlflowException as error:
             if "RESOURCE_ALREADY_EXISTS" not in str(error.error_code):
                 raise
             return self.client.get_experiment_by_name(self.study).experiment_id
 
-    def finish_study(self, *, state: str, best: TrialRecord | None, artifacts: dict[str, Path]) -> None:
-        """Close the parent run: best trial tags and metric, artifacts (``{artifact_path: local file}``)."""
+    def finish_study(self, *, state: str, best: TrialRecord | None, artifacts: dict[str, Path], trials: int) -> None:
+        """Close the parent run: best trial tags and metric (at step ``trials``, the trials it was chosen among),
+        artifacts (``{artifact_path: local file}``)."""
         run_id = self.parent_run_id
         for artifact_path, local in artifacts.items():
             folder = str(Path(artifact_path).parent) if Path(artifact_path).parent != Path(".") else None
@@ -239,9 +342,8 @@ class StudyTracker:
         tags = {TAG_STATE: state}
         if best is not None:
             tags.update({TAG_BEST_TRIAL: best.trial_id, TAG_BEST_RUN: best.run_id})
-            logged = self.client.get_run(run_id).data.metrics.get(BEST_METRIC)
-            if best.best_dev_f1_a is not None and logged != best.best_dev_f1_a:  # a resumed study logs it once
-                self._log_metrics(run_id, {BEST_METRIC: best.best_dev_f1_a}, step=0)
+            if best.best_dev_f1_a is not None:
+                self.log_totals(run_id, {BEST_METRIC: best.best_dev_f1_a}, step=trials)
         self.set_tags(run_id, tags)
         self.client.set_terminated(run_id, "FINISHED" if state == "finished" else "KILLED")
 
@@ -264,10 +366,12 @@ class StudyTracker:
         seed = (config.get("train") or {}).get("seed")
         if run_id is None:
             run = self.client.create_run(self.experiment_id, run_name=run_name or trial_id, tags={
-                PARENT_TAG: self.parent_run_id, TAG_KIND: KIND_TRIAL, TAG_STUDY: self.study, TAG_TRIAL_ID: trial_id})
+                **source_tags(), PARENT_TAG: self.parent_run_id, TAG_KIND: KIND_TRIAL, TAG_STUDY: self.study,
+                TAG_TRIAL_ID: trial_id})
             run_id = run.info.run_id
             self._runs[trial_id] = run_id
             starts = 0
+            log_corpus_inputs(self.client, run_id, config.get("data") or {})
         else:
             self.client.update_run(run_id, status="RUNNING")
             starts = int(self.client.get_run(run_id).data.tags.get(TAG_STARTS, "0"))
@@ -315,17 +419,50 @@ class StudyTracker:
                 table.write_text(per_type_csv(best.get("dev_per_type") or {}))
                 self.client.log_artifact(run_id, str(table))
             if (folder / MODEL_ARTIFACT / "manifest.json").is_file():
-                self.client.log_artifacts(run_id, str(folder / MODEL_ARTIFACT), artifact_path=MODEL_ARTIFACT)
+                self.log_trial_model(run_id, folder / MODEL_ARTIFACT, best_eval=best.get("eval"))
         self.set_tags(run_id, tags)
         self.client.set_terminated(run_id, "FAILED" if state == "errored" else "FINISHED")
 
-    def log_totals(self, run_id: str, metrics: dict[str, float]) -> None:
-        """Log end-of-run totals at step 0, each once: a resumed study that closes a run again adds nothing."""
+    def log_trial_model(self, run_id: str, folder: Path, *, best_eval: int | None) -> str:
+        """The trial's best model as a LoggedModel named after the trial (its files, the run's output at the best
+        evaluation), linked to the metrics it was chosen on: the scheduler's metric and :data:`BEST_METRIC` at that
+        evaluation, on the dev split's dataset. Done once: a run that already names its model keeps it."""
+        from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+
+        run = self.client.get_run(run_id)
+        if run.data.tags.get(TAG_MODEL_ID):
+            return run.data.tags[TAG_MODEL_ID]
+        trial_id = run.data.tags.get(TAG_TRIAL_ID, run.info.run_name)
+        selected_on = self.selection_metrics()
+        model = self.client.create_logged_model(
+            run.info.experiment_id, name=trial_model_name(trial_id, run.data.tags.get(TAG_OPTUNA_TRIAL)),
+            source_run_id=run_id, model_type="drugprot-member",
+            tags={TAG_STUDY: self.study, TAG_TRIAL_ID: trial_id, TAG_SELECTED_ON: ",".join(selected_on)},
+            params={k: v[:6000] for k, v in run.data.params.items()})
+        self.client.log_model_artifacts(model.model_id, str(folder))
+        step = int(best_eval) if best_eval is not None else max(
+            (m.step for m in self.client.get_metric_history(run_id, BEST_METRIC)), default=0)
+        link_model_metrics(self.client, run, model.model_id, selected_on, step=step)
+        self.client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step)])
+        self.client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+        self.set_tags(run_id, {TAG_MODEL_ID: model.model_id})
+        return model.model_id
+
+    def selection_metrics(self) -> tuple[str, ...]:
+        """What a trial is chosen on: the study's scheduler metric (its parent run's ``space.scheduler.metric``
+        param) and :data:`BEST_METRIC` (what the search maximises)."""
+        params = self.client.get_run(self.parent_run_id).data.params if self.parent_run_id else {}
+        return tuple(dict.fromkeys(n for n in (params.get("space.scheduler.metric"), BEST_METRIC) if n))
+
+    def log_totals(self, run_id: str, metrics: dict[str, float], *, step: int) -> None:
+        """Log end-of-run totals at ``step``, where they were measured (a trial's last evaluation, a study's count of
+        trials), so that a chart shows them at the end of the series; each once: a resumed study that closes a run
+        again adds nothing."""
         logged = {name for name, history in ((n, self.client.get_metric_history(run_id, n)) for n in metrics)
-                  if any(m.step == 0 for m in history)}
+                  if any(m.step == step for m in history)}
         fresh = {k: float(v) for k, v in metrics.items() if k not in logged}
         if fresh:
-            self._log_metrics(run_id, fresh, step=0)
+            self._log_metrics(run_id, fresh, step=step)
 
     # low level -----------------------------------------------------------------------------------------------------
 
@@ -449,10 +586,18 @@ def download_trial_model(record: TrialRecord, dest: str | os.PathLike, tracking_
     target = dest / MODEL_ARTIFACT
     if target.exists() and any(target.iterdir()):
         raise TrackingError(f"{target}: already exists and is not empty; pick another destination")
+    model_id = record.tags.get(TAG_MODEL_ID)
+    if model_id:  # the trial's LoggedModel
+        location = client(tracking_uri).get_logged_model(model_id).artifact_location
+        with tempfile.TemporaryDirectory(dir=dest, prefix=".download-") as staging:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=staging, tracking_uri=tracking_uri)
+            Path(local).rename(target)
+        verify_manifest(target)
+        return target
     names = [a.path for a in client(tracking_uri).list_artifacts(record.run_id)]
-    if MODEL_ARTIFACT not in names:
-        raise TrackingError(f"trial {record.trial_id} (run {record.run_id}, state {record.state}) has no {MODEL_ARTIFACT}/ "
-                            f"artifact (artifacts: {', '.join(names) or 'none'})")
+    if MODEL_ARTIFACT not in names:  # a study tracked before trial models were LoggedModels kept it here
+        raise TrackingError(f"trial {record.trial_id} (run {record.run_id}, state {record.state}) has no logged model "
+                            f"and no {MODEL_ARTIFACT}/ artifact (artifacts: {', '.join(names) or 'none'})")
     local = mlflow.artifacts.download_artifacts(run_id=record.run_id, artifact_path=MODEL_ARTIFACT, dst_path=str(dest),
                                                 tracking_uri=tracking_uri)
     verify_manifest(Path(local))

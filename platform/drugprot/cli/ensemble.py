@@ -187,6 +187,8 @@ def _build(args, top_k: int, out: Path, work: Path, say):
         sources = [MemberSource(Path(p)) for p in args.members]
         source = {"selection": "folders", "members": [str(p) for p in args.members]}
     documents, split = dev_documents(member_info(sources[0].path), data_dir=args.data, split=args.split)
+    if args.data is not None:  # the ensemble run's dataset input names the corpus it was evaluated on
+        source = {**source, "data_dir": str(args.data.resolve())}
     built = build_ensemble(sources, out, vote=vote, documents=documents, split=split, source=source, device=args.device,
                            interval=tuple(args.interval) if args.interval else None, log=say, decision=decision,
                            selection=comparison.as_dict() if comparison else None, progress=not args.quiet)

@@ -8,7 +8,14 @@ loads where drugprot is not installed), ``requirements.txt`` (pinned, all on PyP
 abstract), and ``artifacts/<folder name>/`` (the members' safetensors, tokenizers and JSON configs,
 ``ensemble.json`` and the sha256 manifest; ``MLmodel`` records it as the artifact ``ensemble``). Nothing is pickled.
 Each version carries tags ``dev_f1``, ``vote``, ``members``, ``study``, ``run_id`` and ``manifest_sha256`` (the
-digest every download must match), and a description with its dev table; the comparison reads ``dev_f1`` from the champion's tag (else its run).
+digest every download must match), what made it (``model_id``, ``code_version``, ``code_commit``, ``data.SPLIT``,
+:func:`provenance_tags`), and a description with its dev table; the comparison reads ``dev_f1`` from the champion's
+tag (else its run's ``ensemble_f1``).
+
+Lineage: the run has the corpus splits it saw as dataset inputs and its members' LoggedModels (the trials' best
+models, :mod:`drugprot.tracking`) as input models; the pyfunc is a LoggedModel named after the run, tagged with its
+members' model ids. Its metrics are named ``ensemble_*`` (:func:`ensemble_metrics`) and its members are one table
+(:data:`MEMBERS_TABLE`), so the study's charts of trials stay apart.
 
 The ensemble run goes to the study's experiment, nested under the study's parent run and tagged
 ``drugprot.kind=ensemble`` (``drugprot.tracking.study_trials`` reads only ``kind=trial`` runs, so it is never
@@ -84,6 +91,94 @@ def _experiment(registry, tracking_uri: str, name: str, study: str | None) -> tu
             raise EnsembleError(f"MLflow experiment {name!r} is deleted; restore it or pick another --experiment")
         return experiment.experiment_id, None
     return registry.create_experiment(name, artifact_location=experiment_artifact_location(tracking_uri, name)), None
+
+
+#: The run's table of members (one row each: trial, run, LoggedModel, weight, dev scores), shown as a table in the
+#: UI's Artifacts tab (``mlflow.log_table``'s JSON).
+MEMBERS_TABLE = "members.json"
+#: The ensemble LoggedModel's tag listing its members' LoggedModel ids, in member order (empty: a folder member).
+TAG_MEMBER_MODELS = "drugprot.member_models"
+
+
+def corpus_settings(folder: Path, meta: dict) -> dict:
+    """The ``data`` settings the ensemble saw: its first member's (what it trained on), with the folder and dev
+    split the evaluation used (``ensemble.json``: ``source.data_dir``, ``dev.split``) when they differ."""
+    from drugprot.ensemble.build import member_info
+
+    data = dict((member_info(folder / meta["members"][0]["path"]).get("config") or {}).get("data") or {})
+    if (meta.get("source") or {}).get("data_dir"):
+        data["dir"] = meta["source"]["data_dir"]
+    if (meta.get("dev") or {}).get("split"):
+        data["dev_split"] = meta["dev"]["split"]
+    return data
+
+
+def member_model_ids(registry, meta: dict) -> dict[str, str]:
+    """``{member name: LoggedModel id}`` for members that came from a tracked trial that logged its model."""
+    from drugprot import tracking
+
+    found = {}
+    for entry in meta["members"]:
+        run_id = (entry.get("source") or {}).get("run_id")
+        if run_id:
+            model_id = registry.get_run(run_id).data.tags.get(tracking.TAG_MODEL_ID)
+            if model_id:
+                found[entry["name"]] = model_id
+    return found
+
+
+def ensemble_metrics(meta: dict) -> dict[str, float]:
+    """The run's metrics, named ``ensemble_*`` so that a chart of the study's trials never mixes them in:
+    ``ensemble_f1`` / ``_precision`` / ``_recall`` and ``ensemble_f1.<TYPE>`` on the whole dev split,
+    ``ensemble_f1_b`` / ``_precision_b`` / ``_recall_b`` on dev half B (the half no choice saw), and the calibrated
+    early exit (``early_exit_*``)."""
+    metrics: dict[str, float] = {}
+    dev = meta.get("dev") or {}
+    if dev:
+        ensemble = dev["ensemble"]
+        metrics.update({"ensemble_f1": ensemble["f1"], "ensemble_precision": ensemble["precision"],
+                        "ensemble_recall": ensemble["recall"]})
+        metrics.update({f"ensemble_f1.{t}": f for t, f in ensemble["per_type"].items()})
+        held_out = (dev.get("held_out_b") or {}).get("ensemble") or {}
+        if held_out:  # the half of dev that no choice saw
+            metrics.update({"ensemble_f1_b": held_out["f1"], "ensemble_precision_b": held_out["precision"],
+                            "ensemble_recall_b": held_out["recall"]})
+    calibrated = meta.get("early_exit") or {}
+    metrics.update({f"early_exit_{key}": calibrated[key] for key in ("confidence", "agreement", "member_pair_share")
+                    if key in calibrated})
+    return metrics
+
+
+def members_table(meta: dict, member_models: dict[str, str]) -> dict[str, list]:
+    """One row per member: where it came from, its votes, the dev half-A F1 its trial was chosen on, and its scores
+    on the ensemble's dev evaluation, whole and half B (one table rather than a metric name per member)."""
+    dev = meta.get("dev") or {}
+    scores, held_out = dev.get("members") or {}, (dev.get("held_out_b") or {}).get("members") or {}
+    columns: dict[str, list] = {k: [] for k in ("member", "trial_id", "run_id", "model_id", "seed", "weight",
+                                                "trial_dev_f1_a", "dev_f1", "dev_precision", "dev_recall", "dev_f1_b")}
+    for entry in meta["members"]:
+        source, score = entry.get("source") or {}, scores.get(entry["name"]) or {}
+        row = {"member": entry["name"], "trial_id": source.get("trial_id", ""), "run_id": source.get("run_id", ""),
+               "model_id": member_models.get(entry["name"], ""), "seed": entry.get("seed"), "weight": entry.get("weight", 1),
+               "trial_dev_f1_a": entry.get("dev_f1_a"), "dev_f1": score.get("f1"), "dev_precision": score.get("precision"),
+               "dev_recall": score.get("recall"), "dev_f1_b": (held_out.get(entry["name"]) or {}).get("f1")}
+        for key, value in row.items():
+            columns[key].append(value)
+    return columns
+
+
+def provenance_tags(run, datasets) -> dict[str, str]:
+    """What made a registered version: the code (drugprot version, git commit when built from a checkout) and the
+    data (each corpus split the ensemble saw: name, digest, source)."""
+    from importlib.metadata import version
+
+    from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT
+
+    tags = {"code_version": version("drugprot"), "code_commit": run.data.tags.get(MLFLOW_GIT_COMMIT, "")}
+    for dataset in datasets:
+        split = json.loads(dataset.profile or "{}").get("split", "")
+        tags[f"data.{split}"] = f"{dataset.name}@{dataset.digest} ({json.loads(dataset.source).get('uri', dataset.source)})"
+    return tags
 
 
 #: The distributions that loading and running a registered ensemble imports; the drugprot code itself travels with
@@ -183,47 +278,41 @@ def log_ensemble(folder: str | Path, *, tracking_uri: str | None = None, experim
     if parent:
         run_tags[tracking.PARENT_TAG] = parent
     names = ",".join(m["name"] for m in meta["members"])
-    run = registry.create_run(experiment_id, run_name=run_name or f"ensemble-{len(meta['members'])}-{meta['vote']}", tags=run_tags)
+    run_name = run_name or f"ensemble-{len(meta['members'])}-{meta['vote']}"
+    run = registry.create_run(experiment_id, run_name=run_name, tags={**tracking.source_tags(), **run_tags})
     run_id = run.info.run_id
     status = "FAILED"
     try:
+        datasets = tracking.log_corpus_inputs(registry, run_id, corpus_settings(folder, meta))
+        member_models = member_model_ids(registry, meta)
+        if member_models:  # the members' LoggedModels are this run's input models
+            from mlflow.entities import LoggedModelInput
+
+            registry.log_inputs(run_id, models=[LoggedModelInput(m) for m in dict.fromkeys(member_models.values())])
         params = {"vote": meta["vote"], "members": len(meta["members"]), "member_names": names,
                   "interval": json.dumps(meta["interval"]), "encoder": json.dumps(meta["encoder"]),
                   "selection": (meta.get("source") or {}).get("selection", "folders"), "execution": meta.get("execution", "")}
         for key, value in params.items():
             registry.log_param(run_id, key, value)
-        metrics: dict[str, float] = {}
-        if dev:
-            ensemble = dev["ensemble"]
-            metrics.update({"dev_f1": ensemble["f1"], "dev_precision": ensemble["precision"], "dev_recall": ensemble["recall"]})
-            metrics.update({f"dev_f1.{t}": f for t, f in ensemble["per_type"].items()})
-            metrics.update({f"member_dev_f1.{n}": r["f1"] for n, r in dev["members"].items()})
-            held_out = dev.get("held_out_b") or {}
-            if held_out:  # the half of dev that no choice saw
-                metrics.update({"dev_f1_b": held_out["ensemble"]["f1"], "dev_precision_b": held_out["ensemble"]["precision"],
-                                "dev_recall_b": held_out["ensemble"]["recall"]})
-                metrics.update({f"member_dev_f1_b.{n}": r["f1"] for n, r in held_out["members"].items()})
-        calibrated = meta.get("early_exit") or {}
-        metrics.update({f"early_exit_{key}": calibrated[key] for key in ("confidence", "agreement", "member_pair_share")
-                        if key in calibrated})
-        for entry in meta["members"]:
-            if entry.get("dev_f1_a") is not None:
-                metrics[f"member_trial_f1_a.{entry['name']}"] = float(entry["dev_f1_a"])
-        for key, value in metrics.items():
-            registry.log_metric(run_id, key, float(value))
+        for key, value in ensemble_metrics(meta).items():  # log_model links them to the model it logs
+            registry.log_metric(run_id, key, float(value), step=0)
+        registry.log_table(run_id, members_table(meta, member_models), MEMBERS_TABLE)
         registry.log_dict(run_id, meta, "ensemble/ensemble.json")
         registration = None
         if register:
             with _tracking(uri), mlflow.start_run(run_id=run_id), tempfile.TemporaryDirectory() as staging:
                 info = mlflow.pyfunc.log_model(
-                    name="model", python_model=str(PYFUNC_MODEL_FILE), artifacts={"ensemble": str(folder)},
+                    name=run_name, python_model=str(PYFUNC_MODEL_FILE), artifacts={"ensemble": str(folder)},
                     code_paths=[str(package_code(Path(staging)))], registered_model_name=register,
                     pip_requirements=pip_requirements(), signature=model_signature(), input_example=input_example(),
-                    metadata={"drugprot_kind": "ensemble", "vote": meta["vote"]})
+                    metadata={"drugprot_kind": "ensemble", "vote": meta["vote"]}, model_type="drugprot-ensemble",
+                    params={"vote": meta["vote"], "members": names},
+                    tags={TAG_MEMBER_MODELS: ",".join(member_models.get(m["name"], "") for m in meta["members"])})
             version = str(info.registered_model_version)
             registry.update_model_version(register, version, description=model_description(meta))
             version_tags = {"dev_f1": "" if dev_f1 is None else f"{dev_f1:.6f}", "vote": meta["vote"], "members": names,
-                            "study": str(study or ""), "run_id": run_id, TAG_MANIFEST_SHA256: digest}
+                            "study": str(study or ""), "run_id": run_id, TAG_MANIFEST_SHA256: digest,
+                            "model_id": info.model_id, **provenance_tags(registry.get_run(run_id), datasets)}
             for key, value in version_tags.items():
                 if value:
                     registry.set_model_version_tag(register, version, key, value)

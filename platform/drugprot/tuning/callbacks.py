@@ -155,7 +155,8 @@ class MlflowStudyCallback(Callback):
         run_id = self.tracker.trial_run(trial_id)
         if run_id is None or trial_id in self._closed:
             return
-        self.tracker.log_totals(run_id, trial_cost(last_result or {}, state=state).metrics())
+        last_eval = int((last_result or {}).get("eval", self._last_eval.get(trial_id, 0)))
+        self.tracker.log_totals(run_id, trial_cost(last_result or {}, state=state).metrics(), step=last_eval)
         with tempfile.TemporaryDirectory(prefix="drugprot-best-") as folder:
             found = best_model_store(storage.storage_filesystem, storage.trial_fs_path).download(Path(folder))
             self.tracker.finish_trial(run_id, state=state, run_folder=folder if found else None)

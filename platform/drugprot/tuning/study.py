@@ -759,7 +759,8 @@ def _close(grid, study: _Study, *, complete: bool, wall_s: float, say: Callable[
 
     cost = study_cost([trial_cost(last_results.get(r.trial_id, {}), state=r.state) for r in records], max_t=max_t,
                       device="GPU" if runtime.resources.gpus > 0 else "CPU", wall_s=wall_s)
-    tracker.log_totals(tracker.parent_run_id, {k: v for k, v in cost.items() if isinstance(v, (int, float))})
+    tracker.log_totals(tracker.parent_run_id, {k: v for k, v in cost.items() if isinstance(v, (int, float))},
+                       step=len(records))
     plots: list[Path] = []
     best_config = None
     best = next((r for r in records if r.best_dev_f1_a is not None), None)
@@ -786,7 +787,8 @@ def _close(grid, study: _Study, *, complete: bool, wall_s: float, say: Callable[
             local.parent.mkdir(parents=True, exist_ok=True)
             local.write_text(text)
             best_config = local
-        tracker.finish_study(state="finished" if complete else "interrupted", best=best, artifacts=artifacts)
+        tracker.finish_study(state="finished" if complete else "interrupted", best=best, artifacts=artifacts,
+                             trials=len(records))
         if not _is_remote(runtime.storage):
             plot_dir = Path(study.path) / "plots"
             plot_dir.mkdir(parents=True, exist_ok=True)
@@ -817,7 +819,8 @@ def _reconcile(tracker, result, trial_id: str, *, max_t: int) -> None:
     logged = [m.step for m in tracker.client.get_metric_history(run_id, "dev_f1_a")]
     last_eval = int((result.metrics or {}).get("eval") or max(logged, default=0))
     state = trial_state(error=result.error is not None, stopped_by_scheduler=None, last_eval=last_eval, max_t=max_t)
-    tracker.log_totals(run_id, trial_cost({**(result.metrics or {}), "eval": last_eval}, state=state).metrics())
+    tracker.log_totals(run_id, trial_cost({**(result.metrics or {}), "eval": last_eval}, state=state).metrics(),
+                       step=last_eval)
     with tempfile.TemporaryDirectory(prefix="drugprot-best-") as folder:
         found = best_model_store(result.filesystem, result.path).download(Path(folder))
         tracker.finish_trial(run_id, state=state, run_folder=Path(folder) if found else None)
