@@ -586,9 +586,11 @@ def test_network_policies_open_ray_within_drugprot_and_serve_to_the_ingress_only
 @pytest.fixture(scope="module")
 def registry(mlflow_server):
     """A real MLflow server whose model drugprot has versions 1 and 2, with @champion on 2."""
-    from mlflow import MlflowClient
+    from drugprot.mlflow_store import client as mlflow_client
 
-    client = MlflowClient(mlflow_server)
+    # registry_uri given explicitly: a bare MlflowClient(uri) registers wherever an earlier test left MLflow's
+    # global registry URI pointing, and this module's server would then hold no model
+    client = mlflow_client(mlflow_server)
     client.create_registered_model("drugprot")
     for _ in range(2):
         run = client.create_run("0")
