@@ -617,6 +617,19 @@ def download_trial_dev_probabilities(record: TrialRecord, dest: str | os.PathLik
                                                     dst_path=str(dest), tracking_uri=tracking_uri))
 
 
+def trial_metrics(record: TrialRecord, tracking_uri: str) -> dict[str, Any]:
+    """A trial's ``metrics.json`` artifact (every evaluation and the best); {} when it logged none."""
+    import mlflow.artifacts
+
+    tracking_uri = normalize_tracking_uri(tracking_uri)
+    names = [a.path for a in client(tracking_uri).list_artifacts(record.run_id)]
+    if METRICS_ARTIFACT not in names:
+        return {}
+    with tempfile.TemporaryDirectory() as staging:
+        return _read_json(Path(mlflow.artifacts.download_artifacts(
+            run_id=record.run_id, artifact_path=METRICS_ARTIFACT, dst_path=staging, tracking_uri=tracking_uri)))
+
+
 def _param_text(value: Any) -> str:
     if isinstance(value, (list, tuple, dict)):
         return json.dumps(value)
