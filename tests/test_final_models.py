@@ -221,3 +221,19 @@ def test_a_final_ensemble_is_registered_as_unscored_and_the_gate_refuses_it(fina
     assert forced.registration.alias_moved
     tags = client.get_model_version("dp-final", forced.registration.version).tags
     assert tags["promotion"] == "forced" and "its members trained on train+dev" in tags["forced_over"]
+
+
+def test_a_study_of_final_runs_is_refused_before_anything_starts(tmp_path, capsys):
+    import ray
+
+    from drugprot.cli import main
+    from fixtures_models import REPO
+
+    code = main(["tune", "--config", str(REPO / "configs/smoke.yaml"), "--space", str(REPO / "search_spaces/smoke.yaml"),
+                 "--name", "final", "--storage", str(tmp_path / "storage"), "--tracking-uri",
+                 f"sqlite:///{tmp_path}/mlflow.db", "--dry-run", "1", "--set", "data.final=true",
+                 "--set", "train.max_steps=3"])
+    assert code != 0
+    assert ("data.final: a study chooses on the development documents, which a final run trains on (it has no dev "
+            "score); tune without it, then `drugprot ensemble --study NAME --reseed K --final`") in capsys.readouterr().err
+    assert not (tmp_path / "storage").exists() and not ray.is_initialized()

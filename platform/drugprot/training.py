@@ -1,6 +1,7 @@
 """One training run from a config: encode once, train in optimizer steps of ``batch_pairs`` pairs (micro-batches
 within the token budget), evaluate every ``eval_every`` epochs with the official-equivalent scorer, keep the best
-model, checkpoint for exact resumption.
+model, checkpoint for exact resumption. A final run (``data.final``) trains on train + dev for ``train.max_steps``
+steps instead, scores nothing and keeps the last model.
 
 Training never imports Ray or MLflow: whoever listens passes ``report(metrics, run_dir)``; tuning passes Ray's,
 the CLI passes nothing. Every source of randomness is derived from ``train.seed``: the model initialisation and
