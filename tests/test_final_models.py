@@ -89,6 +89,28 @@ def test_a_final_run_records_what_it_trained_on(final_run):
     assert info["config"]["data"]["final"] is True and info["config"]["train"]["max_steps"] == 7
 
 
+def test_a_final_run_resumes_to_the_uninterrupted_model(final_run, tmp_path):
+    from drugprot.training import train
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_second(metrics, run_dir):
+        if metrics["eval"] == 2:  # step 5, after the resumable state of the first epoch was written
+            raise Crash()
+
+    run = tmp_path / "run"
+    with pytest.raises(Crash):
+        train(smoke_config(**FINAL), run, report=crash_at_second, progress=False, log=lambda _: None)
+    assert not (run / "model").exists()  # a final run keeps only the last step's model
+    messages: list[str] = []
+    result = train(smoke_config(**FINAL), run, resume=True, progress=False, log=messages.append)
+    assert any("resumed from" in m and "at step 5/7" in m for m in messages), messages
+    assert result.final == json.loads((final_run.run / "metrics.json").read_text())["final"]
+    assert (run / "model" / "model.safetensors").read_bytes() == \
+        (final_run.run / "model" / "model.safetensors").read_bytes()
+
+
 def test_max_steps_replaces_epochs_in_a_scored_run(tmp_path):
     from drugprot.training import train
 
