@@ -212,6 +212,14 @@ def test_an_ensemble_of_final_members_has_no_dev_score(final_ensemble):
     assert "members final-seed13 trained on the development documents: no dev score is computed" in final_ensemble.lines
 
 
+def test_a_final_ensemble_predicts_like_any_other(final_ensemble):
+    from drugprot.inference import Predictor
+
+    documents = read_split(SAMPLE_DIR, "development").documents[:3]
+    predictions = Predictor.from_ensemble(final_ensemble.path, device="cpu").predict(documents)
+    assert len(predictions) == 3  # a folder without a dev evaluation loads and answers (dev: null)
+
+
 def test_a_final_ensemble_is_registered_as_unscored_and_the_gate_refuses_it(final_ensemble, tmp_path, monkeypatch):
     from drugprot import mlflow_store
     from drugprot.ensemble.publish import log_ensemble
