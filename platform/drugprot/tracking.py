@@ -66,8 +66,8 @@ Child run (one per Ray trial; run name ``tNN`` and its values, e.g. ``t07 lr=3.1
            probabilities, see ``drugprot.model.dev_probabilities``), logged when the trial ends.
 
 Reading: :func:`study_trials` lists a study's trials (best first), :func:`download_trial_model` fetches one
-trial's ``model/`` folder and verifies its manifest, and :func:`trial_metrics` reads its ``metrics.json``. Which store, and whether it answers, is
-:mod:`drugprot.mlflow_store`; registered models are :mod:`drugprot.registry`.
+trial's ``model/`` folder and verifies its manifest, and :func:`trial_metrics` reads its ``metrics.json``. Which
+store, and whether it answers, is :mod:`drugprot.mlflow_store`; registered models are :mod:`drugprot.registry`.
 """
 
 from __future__ import annotations

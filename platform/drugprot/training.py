@@ -348,9 +348,9 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, report: Report | Non
     cfg = config.train
     device = resolve_device(cfg.device)
     train_docs, dev_docs = load_documents(config)
-    final = None
+    trained_on = None
     if config.data.final:  # the development documents join the training ones; none is left to evaluate on
-        final = {config.data.train_split: len(train_docs), config.data.dev_split: len(dev_docs)}
+        trained_on = {config.data.train_split: len(train_docs), config.data.dev_split: len(dev_docs)}
         train_docs, dev_docs = [*train_docs, *dev_docs], []
     tokenizer = load_tokenizer(config.encoder.name, config.encoder.lowercase, say=say)
     add_marker_tokens(tokenizer)
@@ -398,8 +398,8 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, report: Report | Non
     pad_id = tokenizer.pad_token_id
     steps_per_epoch = math.ceil(len(train_pairs) / cfg.batch_pairs)  # optimizer steps, whatever the memory caps
     total_steps = cfg.max_steps or max(1, int(round(cfg.epochs * steps_per_epoch)))
-    if final is not None:
-        final = final_record(final, train_docs, len(train_pairs), total_steps)
+    final = final_record(trained_on, train_docs, len(train_pairs), total_steps) if trained_on else None
+    if final:
         say(f"final model: training pairs {len(train_pairs)} of {final['trained_on']} documents "
             f"({train_encoding.too_long} too long for encoder.max_length, {train_encoding.windowed} windowed), "
             f"{total_steps} steps, no dev evaluation, device {device}")
@@ -440,7 +440,7 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, report: Report | Non
             "lowercase": getattr(tokenizer, "do_lower_case", None),
             "labels": list(LABELS), "config": config.dump(),
             "definitions": {"shape": list(definitions[0].shape)} if definitions[0] is not None else None}
-    if final is not None:
+    if final:
         info["final"] = {k: v for k, v in final.items() if k != "documents"}
     bar = _progress(total_steps, step, progress)
     window = {"loss": 0.0, "batches": 0, "pairs": 0, "tokens": 0, "start": time.perf_counter()}
@@ -475,11 +475,11 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, report: Report | Non
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)  # the queued steps belong to this window's timing
                 elapsed = time.perf_counter() - window["start"]
-                if not final:
+                if final:  # a progress point: the training figures and the resumable state, nothing scored
+                    metrics = {}
+                else:
                     metrics, held_out, dev_probabilities = _evaluate(model, halves, dev_candidates, dev_pairs, pad_id,
                                                                      device, cfg.precision)
-                else:  # a progress point: the training figures and the resumable state, nothing scored
-                    metrics = {}
                 metrics.update({
                     "eval": len(evaluations) + 1, "step": step, "epoch": round(step / steps_per_epoch, 4),
                     "steps_per_epoch": steps_per_epoch,
@@ -507,7 +507,7 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, report: Report | Non
                     checkpoint.save(model=model, optimizer=optimizer, scheduler=scheduler, gene_typer=gene_typer,
                                     step=step, evaluations=evaluations, extra=extra)
                 metrics["save_s"] = time.perf_counter() - saving
-                if final is not None:
+                if final:
                     _atomic_json(run_dir / "metrics.json", {"evaluations": evaluations, "best": None, "final": final})
                     say(f"step {step}/{total_steps} epoch {metrics['epoch']:.2f}: loss {metrics['train_loss']:.4f}, "
                         f"{metrics['pairs_per_s']:.1f} pairs/s (final model: no dev evaluation)")

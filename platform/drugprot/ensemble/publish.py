@@ -10,10 +10,9 @@ abstract), and ``artifacts/<folder name>/`` (the members' safetensors, tokenizer
 Each version carries tags ``dev_f1``, ``vote``, ``members``, ``study``, ``run_id`` and ``manifest_sha256`` (the
 digest every download must match), what made it (``model_id``, ``code_version``, ``code_commit``, ``data.SPLIT``,
 :func:`provenance_tags`), and a description with its dev table; the comparison reads ``dev_f1`` from the champion's
-tag (else its run's ``ensemble_f1``). An ensemble of final members (trained on train + dev) has no dev score: its run
-and version are tagged ``drugprot.dev_score = none (trained on train+dev)``, its run records the steps and documents they
-trained on (params ``trained_on_dev``, ``final_steps``, ``final_trained_on``, ``final_of_trial``), and the promotion gate refuses it, saying
-why, unless forced.
+tag (else its run's ``ensemble_f1``). An ensemble of final members (trained on train + dev) has no dev score: its
+run and version are tagged ``drugprot.dev_score = none (trained on train+dev)``, its run records the steps and
+documents they trained on (:func:`final_params`), and the promotion gate refuses it, saying why, unless forced.
 
 Lineage: the run has the corpus splits it saw as dataset inputs and its members' LoggedModels (the trials' best
 models, :mod:`drugprot.tracking`) as input models; the pyfunc is a LoggedModel named after the run, tagged with its
@@ -37,7 +36,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from drugprot.ensemble.build import NO_DEV_SCORE
+from drugprot.ensemble.build import NO_DEV_SCORE, member_info
 from drugprot.ensemble_folder import EnsembleError, read_ensemble_json, verify_tree_manifest
 from drugprot.environment import quiet_defaults
 from drugprot.manifest import manifest_digest
@@ -113,8 +112,6 @@ TAG_MEMBER_MODELS = "drugprot.member_models"
 def corpus_settings(folder: Path, meta: dict) -> dict:
     """The ``data`` settings the ensemble saw: its first member's (what it trained on), with the folder and dev
     split the evaluation used (``ensemble.json``: ``source.data_dir``, ``dev.split``) when they differ."""
-    from drugprot.ensemble.build import member_info
-
     data = dict((member_info(folder / meta["members"][0]["path"]).get("config") or {}).get("data") or {})
     if (meta.get("source") or {}).get("data_dir"):
         data["dir"] = meta["source"]["data_dir"]
@@ -181,8 +178,6 @@ def final_params(folder: Path, meta: dict) -> dict[str, str]:
     """Run params of an ensemble whose members trained on train + dev: which members, the steps and documents per
     split they trained on (their drugprot.json ``final`` records) and the trial whose configuration they retrained
     (``--reseed K --final``); {} for any other ensemble."""
-    from drugprot.ensemble.build import member_info
-
     if not meta.get("trained_on_dev"):
         return {}
     records = [member_info(folder / m["path"]).get("final") or {} for m in meta["members"]]
@@ -302,8 +297,8 @@ def log_ensemble(folder: str | Path, *, tracking_uri: str | None = None, experim
     registry = client(uri)
     experiment_id, parent = _experiment(registry, uri, experiment or study or DEFAULT_EXPERIMENT, study)
     run_tags = {tracking.TAG_KIND: "ensemble", **{k: str(v) for k, v in (tags or {}).items()}}
-    final = final_params(folder, meta)
-    if final:
+    unscored = bool(meta.get("trained_on_dev"))
+    if unscored:
         run_tags[TAG_DEV_SCORE] = NO_DEV_SCORE
     if study:
         run_tags[tracking.TAG_STUDY] = str(study)
@@ -324,7 +319,7 @@ def log_ensemble(folder: str | Path, *, tracking_uri: str | None = None, experim
         params = {"vote": meta["vote"], "members": len(meta["members"]), "member_names": names,
                   "interval": json.dumps(meta["interval"]), "encoder": json.dumps(meta["encoder"]),
                   "selection": (meta.get("source") or {}).get("selection", "folders"), "execution": meta.get("execution", ""),
-                  **final}
+                  **final_params(folder, meta)}
         for key, value in params.items():
             registry.log_param(run_id, key, value)
         for key, value in ensemble_metrics(meta).items():  # log_model links them to the model it logs
@@ -346,12 +341,12 @@ def log_ensemble(folder: str | Path, *, tracking_uri: str | None = None, experim
             version_tags = {"dev_f1": "" if dev_f1 is None else f"{dev_f1:.6f}", "vote": meta["vote"], "members": names,
                             "study": str(study or ""), "run_id": run_id, TAG_MANIFEST_SHA256: digest,
                             "model_id": info.model_id, **provenance_tags(registry.get_run(run_id), datasets)}
-            if final:
+            if unscored:
                 version_tags[TAG_DEV_SCORE] = NO_DEV_SCORE
             for key, value in version_tags.items():
                 if value:
                     registry.set_model_version_tag(register, version, key, value)
-            if final:  # whatever a caller passed: no dev figure of these members may be compared
+            if unscored:  # whatever a caller passed: no dev figure of these members may be compared
                 gate = Gate(None, unscored=UNSCORED_FINAL)
             elif gate is None:
                 relations = (dev.get("ensemble") or {}) if dev else {}
