@@ -267,3 +267,34 @@ def test_a_study_of_final_runs_is_refused_before_anything_starts(tmp_path, capsy
     assert ("data.final: a study chooses on the development documents, which a final run trains on (it has no dev "
             "score); tune without it, then `drugprot ensemble --study NAME --reseed K --final`") in capsys.readouterr().err
     assert not (tmp_path / "storage").exists() and not ray.is_initialized()
+
+
+def test_a_final_member_is_recorded_as_its_own_run_beside_its_trial(final_run, tmp_path, monkeypatch):
+    import mlflow.artifacts
+
+    from drugprot import mlflow_store, tracking
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = mlflow_store.normalize_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    client = mlflow_store.client(uri)
+    experiment = client.create_experiment("s")
+    trial = client.create_run(experiment, tags={tracking.TAG_KIND: tracking.KIND_TRIAL, tracking.TAG_STUDY: "s",
+                                                tracking.TAG_TRIAL_ID: "t3", tracking.TAG_STATE: "finished"})
+    (record,) = tracking.study_trials("s", uri)
+    metrics = json.loads((final_run.run / "metrics.json").read_text())
+    config = json.loads((final_run.run / "model" / "drugprot.json").read_text())["config"]
+    run = client.get_run(tracking.log_final_member(record, uri, config=config, metrics=metrics, seed=13))
+    tags, params = run.data.tags, run.data.params
+    assert tags["drugprot.kind"] == "final" and tags["drugprot.final_of_trial"] == "t3"
+    assert tags["drugprot.final_of_run"] == trial.info.run_id and tags["drugprot.seed"] == "13"
+    assert tags["drugprot.dev_score"] == "none (trained on train+dev)" and run.info.status == "FINISHED"
+    assert json.loads(tags["drugprot.config"])["data"]["final"] is True
+    assert params["train.max_steps"] == "7" and params["data.final"] == "True"
+    assert (params["final.trained_on.training"], params["final.trained_on.development"]) == ("12", "4")
+    inputs = {(next(t.value for t in i.tags if t.key == "mlflow.data.context"),
+               next(t.value for t in i.tags if t.key == "drugprot.role")) for i in run.inputs.dataset_inputs}
+    assert inputs == {("training", "train"), ("development", "train")}  # the dev split was a training input
+    logged = json.loads(Path(mlflow.artifacts.download_artifacts(
+        run_id=run.info.run_id, artifact_path="metrics.json", dst_path=str(tmp_path / "dl"), tracking_uri=uri)).read_text())
+    assert set(sample_pmids("development", 4)) <= set(logged["final"]["documents"])
+    assert [r.run_id for r in tracking.study_trials("s", uri)] == [trial.info.run_id]  # it is not read as a trial

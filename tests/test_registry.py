@@ -613,9 +613,13 @@ def test_study_reseed_final_trains_on_train_and_dev_for_the_best_trials_steps(sm
     assert info["final"]["steps"] == steps and info["config"]["train"]["max_steps"] == steps
     assert info["final"]["trained_on"] == {split: len(read_split(SAMPLE_DIR, split).documents)
                                            for split in ("training", "development")}
+    client = mlflow_store.client(mlflow_store.normalize_tracking_uri(smoke_study.uri))
+    member_run = client.get_run(member["source"]["run_id"]).data
+    assert member_run.tags["drugprot.kind"] == "final" and member_run.tags["drugprot.final_of_trial"] == best.trial_id
+    assert member_run.params["train.max_steps"] == str(steps)
+    assert len(tracking.study_trials("smk", smoke_study.uri)) == 3  # the final member's run is not a trial
     assert "micro F1" not in printed and "no dev score: members final-seed14 trained on the development" in printed
     assert "no development score exists to pass the gate" in printed
-    client = mlflow_store.client(mlflow_store.normalize_tracking_uri(smoke_study.uri))
     version = client.get_model_version("smk-final", "1")
     assert version.tags["drugprot.dev_score"] == "none (trained on train+dev)" and version.tags["promotion"] == "refused"
     assert not client.get_registered_model("smk-final").aliases

@@ -25,12 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from drugprot.config import DataConfig
+from drugprot.dev_halves import NO_DEV_SCORE
 from drugprot.ensemble_folder import (ENSEMBLE_JSON, FORMAT_VERSION, KIND, MEMBERS_DIR, EnsembleError, check_member_name,
                                       check_vote, write_tree_manifest)
-
-
-#: Why an ensemble of final members carries no development score (its ``ensemble.json`` and registry tags).
-NO_DEV_SCORE = "none (trained on train+dev)"
 
 
 def trained_on_dev(info: dict[str, Any]) -> bool:

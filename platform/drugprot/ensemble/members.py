@@ -165,7 +165,8 @@ def reseed(record, k: int, *, work_dir: str | Path, study: str = "", seeds: Sequ
     package's own trainable (``drugprot.tuning.run_trial``, the function every study trial runs) over a grid of the
     seeds, started like a study (``drugprot.tuning.study.connect_ray``), no scheduler (every seed trains fully),
     Tune state under ``work_dir/ray``; each member is the ``model/`` folder of its trial's last checkpoint.
-    With ``final_steps``, each seed trains on train + dev for that many steps (``data.final``; the module docstring).
+    With ``final_steps``, each seed trains on train + dev for that many steps (``data.final``; the module docstring)
+    and, given ``tracking_uri``, is recorded as its own MLflow run (:func:`drugprot.tracking.log_final_member`).
     """
     from drugprot.ensemble.build import MemberSource
 
@@ -233,8 +234,13 @@ def reseed(record, k: int, *, work_dir: str | Path, study: str = "", seeds: Sequ
             info = json.loads((folder / "drugprot.json").read_text())
             dev_f1_a = (info.get("dev") or {}).get("dev_f1_a")
             results.append({"seed": seed, "dev_f1_a": dev_f1_a})
-            members.append(MemberSource(folder, name=f"{kind}-seed{seed}", dev_f1_a=dev_f1_a, seed=seed,
-                                        source={**origin, "seed": seed}))
+            source = {**origin, "seed": seed}
+            if final_steps is not None and tracking_uri is not None:  # its own run, beside the trial it retrains
+                from drugprot.tracking import log_final_member
+
+                source["run_id"] = log_final_member(record, tracking_uri, config=info["config"], seed=seed,
+                                                    metrics=json.loads((best / "metrics.json").read_text()))
+            members.append(MemberSource(folder, name=f"{kind}-seed{seed}", dev_f1_a=dev_f1_a, seed=seed, source=source))
         return ReseedResult(members, seeds, results)
     finally:
         if started:

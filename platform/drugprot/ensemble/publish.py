@@ -36,7 +36,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from drugprot.ensemble.build import NO_DEV_SCORE, member_info
+from drugprot.dev_halves import NO_DEV_SCORE
+from drugprot.ensemble.build import member_info
 from drugprot.ensemble_folder import EnsembleError, read_ensemble_json, verify_tree_manifest
 from drugprot.environment import quiet_defaults
 from drugprot.manifest import manifest_digest
@@ -96,8 +97,6 @@ def _experiment(registry, tracking_uri: str, name: str, study: str | None) -> tu
     return registry.create_experiment(name, artifact_location=experiment_artifact_location(tracking_uri, name)), None
 
 
-#: The run and version tag of an ensemble without a development score (its members trained on the dev documents).
-TAG_DEV_SCORE = "drugprot.dev_score"
 #: The gate's refusal of such an ensemble.
 UNSCORED_FINAL = ("its members trained on train+dev, so no development score exists to pass the gate; the A/B "
                   "figures that chose their configuration and step count are the trial's")
@@ -299,7 +298,7 @@ def log_ensemble(folder: str | Path, *, tracking_uri: str | None = None, experim
     run_tags = {tracking.TAG_KIND: "ensemble", **{k: str(v) for k, v in (tags or {}).items()}}
     unscored = bool(meta.get("trained_on_dev"))
     if unscored:
-        run_tags[TAG_DEV_SCORE] = NO_DEV_SCORE
+        run_tags[tracking.TAG_DEV_SCORE] = NO_DEV_SCORE
     if study:
         run_tags[tracking.TAG_STUDY] = str(study)
     if parent:
@@ -342,7 +341,7 @@ def log_ensemble(folder: str | Path, *, tracking_uri: str | None = None, experim
                             "study": str(study or ""), "run_id": run_id, TAG_MANIFEST_SHA256: digest,
                             "model_id": info.model_id, **provenance_tags(registry.get_run(run_id), datasets)}
             if unscored:
-                version_tags[TAG_DEV_SCORE] = NO_DEV_SCORE
+                version_tags[tracking.TAG_DEV_SCORE] = NO_DEV_SCORE
             for key, value in version_tags.items():
                 if value:
                     registry.set_model_version_tag(register, version, key, value)
