@@ -182,14 +182,21 @@ def test_the_step_count_comes_from_the_trials_best_checkpoint():
         final_steps({"best": None}, trial, study="s")
 
 
-@pytest.mark.parametrize("argv", [["--final"], ["--final", "--top-k", "2"]])
-def test_cli_final_without_reseed_is_refused(smoke_model_dir, tmp_path, capsys, argv):
+@pytest.mark.parametrize("argv, message", [
+    (["--members", "MODEL", "--final"], "--final needs --study and --reseed K: it retrains the study's best "
+                                        "configuration on train + dev with K seeds"),
+    (["--members", "MODEL", "--final", "--top-k", "2"], "--final needs --study and --reseed K"),
+    (["--study", "s", "--reseed", "2", "--final", "--data", "DATA"],
+     "--data and --split choose the dev evaluation, and a --final ensemble has none"),
+    (["--study", "s", "--reseed", "2", "--final", "--split", "development"], "drop them"),
+])
+def test_cli_final_bad_inputs_are_refused_before_anything_runs(smoke_model_dir, tmp_path, capsys, argv, message):
     from drugprot.cli import main
 
-    assert main(["ensemble", "--members", str(smoke_model_dir), "--out", str(tmp_path / "e"), *argv]) == 1
-    assert "--final needs --study and --reseed K: it retrains the study's best configuration on train + dev" \
-        in capsys.readouterr().err
-    assert not (tmp_path / "e").exists()
+    argv = [str(smoke_model_dir) if a == "MODEL" else str(SAMPLE_DIR) if a == "DATA" else a for a in argv]
+    assert main(["ensemble", "--out", str(tmp_path / "e"), "--tracking-uri", f"sqlite:///{tmp_path}/none.db", *argv]) == 1
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "e").exists() and not (tmp_path / "none.db").exists()
 
 
 @pytest.fixture(scope="module")

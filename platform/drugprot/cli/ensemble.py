@@ -86,6 +86,9 @@ def _ensemble(args) -> int:
     if args.final and args.reseed is None:
         raise EnsembleError("--final needs --study and --reseed K: it retrains the study's best configuration on "
                             "train + dev with K seeds")
+    if args.final and (args.data is not None or args.split is not None):
+        raise EnsembleError("--data and --split choose the dev evaluation, and a --final ensemble has none: its "
+                            "members train on the study's own training and development documents; drop them")
     if args.members and args.reseed is not None:
         raise EnsembleError("--reseed needs --study (it retrains the study's best configuration)")
     if args.select == "greedy" and (args.members or args.reseed is not None):
