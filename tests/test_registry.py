@@ -595,6 +595,37 @@ def test_study_reseed(smoke_study, tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_study_reseed_final_trains_on_train_and_dev_for_the_best_trials_steps(smoke_study, tmp_path, capsys):
+    from drugprot import mlflow_store, tracking
+    from drugprot.corpus import read_split
+
+    out = tmp_path / "final"
+    assert main(["ensemble", "--study", "smk", "--reseed", "1", "--final", "--register", "smk-final", "--quiet",
+                 "--tracking-uri", smoke_study.uri, "--out", str(out), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    best = tracking.study_trials("smk", smoke_study.uri)[0]
+    steps = tracking.trial_metrics(best, smoke_study.uri)["best"]["step"]
+    meta = json.loads((out / "ensemble.json").read_text())
+    assert meta["dev"] is None and meta["source"]["final"] is True and meta["source"]["steps"] == steps
+    (member,) = meta["members"]
+    assert member["name"] == "final-seed14" and member["source"]["reseed_of"] == best.trial_id
+    info = json.loads((out / member["path"] / "drugprot.json").read_text())
+    assert info["final"]["steps"] == steps and info["config"]["train"]["max_steps"] == steps
+    assert info["final"]["trained_on"] == {split: len(read_split(SAMPLE_DIR, split).documents)
+                                           for split in ("training", "development")}
+    client = mlflow_store.client(mlflow_store.normalize_tracking_uri(smoke_study.uri))
+    member_run = client.get_run(member["source"]["run_id"]).data
+    assert member_run.tags["drugprot.kind"] == "final" and member_run.tags["drugprot.final_of_trial"] == best.trial_id
+    assert member_run.params["train.max_steps"] == str(steps)
+    assert len(tracking.study_trials("smk", smoke_study.uri)) == 3  # the final member's run is not a trial
+    assert "micro F1" not in printed and "no dev score: members final-seed14 trained on the development" in printed
+    assert "no development score exists to pass the gate" in printed
+    version = client.get_model_version("smk-final", "1")
+    assert version.tags["drugprot.dev_score"] == "none (trained on train+dev)" and version.tags["promotion"] == "refused"
+    assert not client.get_registered_model("smk-final").aliases
+
+
+@pytest.mark.slow
 def test_study_greedy_json_prints_the_half_b_table_and_builds_the_recipe_chosen_on_a(smoke_study, tmp_path, capsys):
     out = tmp_path / "greedy"
     assert main(["ensemble", "--study", "smk", "--select", "greedy", "--json", "--quiet", "--tracking-uri", smoke_study.uri,

@@ -36,6 +36,10 @@ class DataConfig(Section):
                                                "which every choice is made (best checkpoint, ASHA, TPE, ensemble "
                                                "members, weights, thresholds), and half B, held out for reports and "
                                                "the promotion gate (drugprot.dev_halves).")
+    final: bool = Field(False, description="Final model: train on the training and the development documents "
+                                           "together for exactly train.max_steps steps (chosen on development "
+                                           "beforehand) and keep the last step's model. Nothing is evaluated: the "
+                                           "model has no development score.")
 
 
 class EncoderConfig(Section):
@@ -160,6 +164,9 @@ class TrainConfig(Section):
         None, description="Pad each batch to the next of these lengths (increasing; the last at least "
                           "encoder.max_length), so compiled graphs are reused; e.g. [64, 128, 192, 256].")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice).")
+    max_steps: int | None = Field(None, ge=1, description="Train exactly this many optimizer steps instead of "
+                                                          "train.epochs (evaluations still every train.eval_every "
+                                                          "epochs). Needed by data.final.")
     max_nonfinite_steps: int = Field(10, ge=1, description="Fail the run after this many consecutive steps whose "
                                                            "loss or gradient norm is not finite (each one is skipped).")
 
@@ -188,6 +195,16 @@ class RunConfig(Section):
     fgemr: FgemrConfig = Field(default_factory=FgemrConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _final_has_a_step_count(self) -> RunConfig:
+        if self.data.final and self.train.max_steps is None:
+            raise ValueError("data.final: true needs train.max_steps (the optimizer steps to train for, chosen on "
+                             "development: `drugprot ensemble --reseed K --final` takes the chosen trial's)")
+        if self.data.final and self.model.system == "fgemr":
+            raise ValueError("data.final: model.system fgemr cannot train on the development documents: their genes "
+                             "carry no GENE-Y/GENE-N types for its fine markers")
+        return self
 
     @model_validator(mode="after")
     def _budget_holds_a_window(self) -> RunConfig:

@@ -20,6 +20,8 @@ from drugprot.corpus import Document
 from drugprot.scoring import Key, Score, score
 
 SELECTION_METRIC = "dev_f1_a"  # what every decision ranks by: checkpoints, ASHA, TPE, ensemble members
+#: The development score of a model trained on the development documents (``data.final``), wherever one is recorded.
+NO_DEV_SCORE = "none (trained on train+dev)"
 
 
 @dataclass(frozen=True)

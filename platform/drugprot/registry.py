@@ -234,6 +234,7 @@ class Gate:
     champion_f1: float | None = None  # None: the champion's recorded dev F1 is used
     relations: int | None = None  # relations the candidate predicts on dev; 0 is never promoted
     on: str = "dev"
+    unscored: str = "built without evaluation"  # why f1 is None, in the refusal
 
     def as_tags(self) -> dict[str, str]:
         def fmt(value):
@@ -269,7 +270,7 @@ def promote(registry, name: str, version: str, *, alias: str = "champion", dev_f
 
     failed: list[str] = []
     if gate.f1 is None:
-        failed.append("the new version has no dev F1 (built without evaluation)")
+        failed.append(f"the new version has no dev F1 ({gate.unscored})")
     else:
         if gate.best_member_f1 is not None and not gate.f1 > gate.best_member_f1 + min_gain:
             failed.append(f"F1 on {gate.on} {fmt(gate.f1)} does not beat its best single member's {fmt(gate.best_member_f1)} "

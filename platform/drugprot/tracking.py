@@ -65,9 +65,19 @@ Child run (one per Ray trial; run name ``tNN`` and its values, e.g. ``t07 lr=3.1
            ``metrics.json`` (every evaluation and the best), ``dev_probabilities.safetensors`` (the best model's dev
            probabilities, see ``drugprot.model.dev_probabilities``), logged when the trial ends.
 
-Reading: :func:`study_trials` lists a study's trials (best first) and :func:`download_trial_model` fetches one
-trial's ``model/`` folder and verifies its manifest. Which store, and whether it answers, is
-:mod:`drugprot.mlflow_store`; registered models are :mod:`drugprot.registry`.
+Final run (one per model of ``drugprot ensemble --reseed K --final``, :func:`log_final_member`; run name
+``final-TRIAL-seedS``, nested under the parent run)
+    tags   ``drugprot.kind = final`` (never read as a trial), ``drugprot.study``, ``drugprot.seed``,
+           ``drugprot.final_of_trial`` and ``drugprot.final_of_run`` (the trial whose configuration it retrained),
+           ``drugprot.dev_score = none (trained on train+dev)``, ``drugprot.config``.
+    params ``train.seed``, ``train.max_steps``, ``data.final``, ``final.trained_on.<split>`` (documents),
+           ``final.pairs``, ``final.documents_sha256``.
+    inputs both corpus splits, each with role ``train``.
+    artifacts ``metrics.json`` (its progress points and every document id it trained on), ``config.json``.
+
+Reading: :func:`study_trials` lists a study's trials (best first), :func:`download_trial_model` fetches one
+trial's ``model/`` folder and verifies its manifest, and :func:`trial_metrics` reads its ``metrics.json``. Which
+store, and whether it answers, is :mod:`drugprot.mlflow_store`; registered models are :mod:`drugprot.registry`.
 """
 
 from __future__ import annotations
@@ -83,7 +93,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from drugprot.dev_halves import SELECTION_METRIC
+from drugprot.dev_halves import NO_DEV_SCORE, SELECTION_METRIC
 from drugprot.mlflow_store import TrackingError, client, experiment_artifact_location, normalize_tracking_uri
 
 TAG_KIND = "drugprot.kind"
@@ -109,6 +119,9 @@ TAG_OPTUNA_STORAGE = "drugprot.optuna_storage"
 TAG_OPTUNA_TRIAL = "drugprot.optuna_trial_number"
 TAG_MODEL_ID = "drugprot.model_id"
 TAG_SELECTED_ON = "drugprot.selected_on"
+TAG_DEV_SCORE = "drugprot.dev_score"
+TAG_FINAL_OF_TRIAL = "drugprot.final_of_trial"
+TAG_FINAL_OF_RUN = "drugprot.final_of_run"
 PARENT_TAG = "mlflow.parentRunId"
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 #: The MLflow UI's name for model training (its other kind, genai_development, opens on traces and evaluations).
@@ -116,6 +129,7 @@ EXPERIMENT_KIND = "custom_model_development"
 
 KIND_STUDY = "study"
 KIND_TRIAL = "trial"
+KIND_FINAL = "final"
 STATES = ("running", "finished", "early-stopped", "errored")
 
 #: Metrics logged at every evaluation (step = evaluation index).
@@ -227,6 +241,7 @@ def log_corpus_inputs(mlflow_client, run_id: str, data: dict[str, Any], roles: I
     inputs = []
     for role in roles:
         split = settings.train_split if role == "train" else settings.dev_split
+        role = "train" if settings.final else role  # a final model trained on the development split too
         try:
             dataset = corpus_dataset(settings.dir, split,
                                      max_docs=settings.max_train_docs if role == "train" else settings.max_dev_docs)
@@ -615,6 +630,53 @@ def download_trial_dev_probabilities(record: TrialRecord, dest: str | os.PathLik
     Path(dest).mkdir(parents=True, exist_ok=True)
     return Path(mlflow.artifacts.download_artifacts(run_id=record.run_id, artifact_path=DEV_PROBABILITIES_ARTIFACT,
                                                     dst_path=str(dest), tracking_uri=tracking_uri))
+
+
+def log_final_member(record: TrialRecord, tracking_uri: str, *, config: dict[str, Any], metrics: dict[str, Any],
+                     seed: int) -> str:
+    """Record one final model (``--reseed K --final``) as its own run beside the trial it retrains: tagged
+    ``drugprot.kind = final`` (so never read as a trial), ``drugprot.final_of_trial``/``_run``, ``drugprot.seed`` and
+    ``drugprot.dev_score = none (trained on train+dev)``; params ``train.seed``, ``train.max_steps``, ``data.final``
+    and ``final.*`` (documents per split, pairs, the sha256 of the document ids); both corpus splits as training
+    inputs; artifacts ``metrics.json`` (every document id) and ``config.json``. Returns the run id."""
+    tracking_uri = normalize_tracking_uri(tracking_uri)
+    mlflow_client = client(tracking_uri)
+    final = metrics["final"]
+    tags = {**source_tags(), TAG_KIND: KIND_FINAL, TAG_STUDY: record.tags.get(TAG_STUDY, ""), TAG_SEED: str(seed),
+            TAG_FINAL_OF_TRIAL: str(record.trial_id), TAG_FINAL_OF_RUN: record.run_id, TAG_DEV_SCORE: NO_DEV_SCORE,
+            TAG_CONFIG: json.dumps(config)}
+    if record.tags.get(PARENT_TAG):
+        tags[PARENT_TAG] = record.tags[PARENT_TAG]
+    run = mlflow_client.create_run(record.experiment_id, run_name=f"final-{record.trial_id}-seed{seed}"[:250],
+                                   tags={k: v for k, v in tags.items() if v})
+    run_id = run.info.run_id
+    status = "FAILED"
+    try:
+        log_corpus_inputs(mlflow_client, run_id, config.get("data") or {})
+        params = {"train.seed": seed, "train.max_steps": final["steps"], "data.final": True, "final.pairs": final["pairs"],
+                  "final.documents_sha256": final["documents_sha256"],
+                  **{f"final.trained_on.{split}": count for split, count in final["trained_on"].items()}}
+        for key, value in params.items():
+            mlflow_client.log_param(run_id, key, _param_text(value))
+        mlflow_client.log_dict(run_id, metrics, METRICS_ARTIFACT)
+        mlflow_client.log_dict(run_id, config, "config.json")
+        status = "FINISHED"
+    finally:
+        mlflow_client.set_terminated(run_id, status)
+    return run_id
+
+
+def trial_metrics(record: TrialRecord, tracking_uri: str) -> dict[str, Any]:
+    """A trial's ``metrics.json`` artifact (every evaluation and the best); {} when it logged none."""
+    import mlflow.artifacts
+
+    tracking_uri = normalize_tracking_uri(tracking_uri)
+    names = [a.path for a in client(tracking_uri).list_artifacts(record.run_id)]
+    if METRICS_ARTIFACT not in names:
+        return {}
+    with tempfile.TemporaryDirectory() as staging:
+        return _read_json(Path(mlflow.artifacts.download_artifacts(
+            run_id=record.run_id, artifact_path=METRICS_ARTIFACT, dst_path=staging, tracking_uri=tracking_uri)))
 
 
 def _param_text(value: Any) -> str:

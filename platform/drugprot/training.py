@@ -1,6 +1,7 @@
 """One training run from a config: encode once, train in optimizer steps of ``batch_pairs`` pairs (micro-batches
 within the token budget), evaluate every ``eval_every`` epochs with the official-equivalent scorer, keep the best
-model, checkpoint for exact resumption.
+model, checkpoint for exact resumption. A final run (``data.final``) trains on train + dev for ``train.max_steps``
+steps instead, scores nothing and keeps the last model.
 
 Training never imports Ray or MLflow: whoever listens passes ``report(metrics, run_dir)``; tuning passes Ray's,
 the CLI passes nothing. Every source of randomness is derived from ``train.seed``: the model initialisation and
@@ -54,6 +55,7 @@ class TrainResult:
     best: dict[str, Any] | None
     evaluations: list[dict[str, Any]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    final: dict[str, Any] | None = None  # a data.final run: what it trained on (see final_record); it has no best
 
     @property
     def best_f1(self) -> float:
@@ -80,6 +82,16 @@ def load_documents(config: RunConfig) -> tuple[list[Document], list[Document]]:
     train = read_split(data.dir, data.train_split).documents[: data.max_train_docs]
     dev = read_split(data.dir, data.dev_split).documents[: data.max_dev_docs]
     return train, dev
+
+
+def final_record(trained_on: dict[str, int], documents: Sequence[Document], pairs: int, steps: int) -> dict[str, Any]:
+    """What a ``data.final`` run trained on, for its metrics.json (every document id) and its model's drugprot.json
+    (the ids' sha256 instead): documents per split, the training pairs they gave and the optimizer steps."""
+    import hashlib
+
+    pmids = [d.pmid for d in documents]
+    return {"trained_on": trained_on, "pairs": pairs, "steps": steps,
+            "documents_sha256": hashlib.sha256("\n".join(pmids).encode()).hexdigest(), "documents": pmids}
 
 
 def relation_definitions(tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
@@ -320,6 +332,11 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, report: Report | Non
     ``teacher(documents, candidates)`` gives (candidates, labels) target probabilities over the training pairs:
     the student then learns from them too (``distill`` section of the config; drugprot.distillation).
 
+    With ``data.final`` the development documents join the training ones, training runs exactly
+    ``train.max_steps`` steps and the model kept is the last step's: nothing is scored (the "evaluations" are
+    progress points without dev figures), ``best`` is None and ``final`` (also in metrics.json, and without the
+    document ids in the model's drugprot.json) records what was trained on.
+
     ``report(metrics, run_dir)`` is called after every evaluation, once the run folder (best model, metrics.json,
     checkpoint) is consistent; ``metrics["model_saved"]`` and ``metrics["state_saved"]`` say what changed, so a
     listener copies only that.
@@ -331,6 +348,10 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, report: Report | Non
     cfg = config.train
     device = resolve_device(cfg.device)
     train_docs, dev_docs = load_documents(config)
+    trained_on = None
+    if config.data.final:  # the development documents join the training ones; none is left to evaluate on
+        trained_on = {config.data.train_split: len(train_docs), config.data.dev_split: len(dev_docs)}
+        train_docs, dev_docs = [*train_docs, *dev_docs], []
     tokenizer = load_tokenizer(config.encoder.name, config.encoder.lowercase, say=say)
     add_marker_tokens(tokenizer)
     interval = tuple(config.sampling.interval)
@@ -348,7 +369,6 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, report: Report | Non
         raise ValueError(f"teacher gave {tuple(targets.shape)} probabilities for {len(train_candidates)} training pairs")
 
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = _Checkpoint(run_dir)
     if resume and not checkpoint.exists():
         say(f"no checkpoint in {run_dir}; starting from scratch")
@@ -373,18 +393,25 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, report: Report | Non
                           definition_ids=definitions[0], definition_mask=definitions[1],
                           multilabel=config.model.multilabel).to(device)
 
-    halves = split_halves(dev_docs, config.data.selection_seed)
-    dev_candidates, dev_stats = corpus_candidates(dev_docs, interval)
-    dev_pairs, dev_encoding = pair_encoder.encode(dev_docs, dev_candidates)
-    say(f"training pairs {len(train_pairs)} ({train_encoding.too_long} too long for encoder.max_length, "
-        f"{train_encoding.windowed} windowed), dev pairs {len(dev_pairs)} ({dev_encoding.too_long} too long), "
-        f"gold lost by interval {train_stats.lost_by_interval}/{dev_stats.lost_by_interval} (train/dev), device {device}")
-
     # the share of gold relations this run's GENE interval keeps: [0, 0] throws about 65% of them away
-    ceilings = {"train_interval_recall": interval_recall(train_stats), "dev_interval_recall": interval_recall(dev_stats)}
+    ceilings = {"train_interval_recall": interval_recall(train_stats)}
     pad_id = tokenizer.pad_token_id
     steps_per_epoch = math.ceil(len(train_pairs) / cfg.batch_pairs)  # optimizer steps, whatever the memory caps
-    total_steps = max(1, int(round(cfg.epochs * steps_per_epoch)))
+    total_steps = cfg.max_steps or max(1, int(round(cfg.epochs * steps_per_epoch)))
+    final = final_record(trained_on, train_docs, len(train_pairs), total_steps) if trained_on else None
+    if final:
+        say(f"final model: training pairs {len(train_pairs)} of {final['trained_on']} documents "
+            f"({train_encoding.too_long} too long for encoder.max_length, {train_encoding.windowed} windowed), "
+            f"{total_steps} steps, no dev evaluation, device {device}")
+    else:
+        halves = split_halves(dev_docs, config.data.selection_seed)
+        dev_candidates, dev_stats = corpus_candidates(dev_docs, interval)
+        dev_pairs, dev_encoding = pair_encoder.encode(dev_docs, dev_candidates)
+        ceilings["dev_interval_recall"] = interval_recall(dev_stats)
+        say(f"training pairs {len(train_pairs)} ({train_encoding.too_long} too long for encoder.max_length, "
+            f"{train_encoding.windowed} windowed), dev pairs {len(dev_pairs)} ({dev_encoding.too_long} too long), "
+            f"gold lost by interval {train_stats.lost_by_interval}/{dev_stats.lost_by_interval} (train/dev), "
+            f"device {device}")
     eval_steps = evaluation_steps(steps_per_epoch, total_steps, cfg.eval_every)
     state_every = checkpoint_every or max(1, round(1 / cfg.eval_every))
     optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, device=device,
@@ -400,8 +427,10 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, report: Report | Non
         meta = checkpoint.restore(model=model, optimizer=optimizer, scheduler=scheduler, device=device)
         step, evaluations = meta["step"], meta["evaluations"]
         say(f"resumed from {checkpoint.folder} at step {step}/{total_steps} ({len(evaluations)} evaluations done)")
+    # the run folder appears only now: every refusal above (config, data, encoder, layer decay) left nothing behind
+    run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config.dump(), sort_keys=False))  # once the state fits it
-    best = best_evaluation(evaluations)
+    best = None if final else best_evaluation(evaluations)
     guard = _NonFiniteGuard(cfg.max_nonfinite_steps, device, skipped=evaluations[-1].get("nonfinite_steps", 0) if evaluations else 0)
 
     forward = compiled_forward(model, enabled=cfg.compile, mode=cfg.compile_mode, buckets=cfg.shape_buckets)
@@ -411,6 +440,8 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, report: Report | Non
             "lowercase": getattr(tokenizer, "do_lower_case", None),
             "labels": list(LABELS), "config": config.dump(),
             "definitions": {"shape": list(definitions[0].shape)} if definitions[0] is not None else None}
+    if final:
+        info["final"] = {k: v for k, v in final.items() if k != "documents"}
     bar = _progress(total_steps, step, progress)
     window = {"loss": 0.0, "batches": 0, "pairs": 0, "tokens": 0, "start": time.perf_counter()}
     epoch = step // steps_per_epoch
@@ -444,8 +475,11 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, report: Report | Non
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)  # the queued steps belong to this window's timing
                 elapsed = time.perf_counter() - window["start"]
-                metrics, held_out, dev_probabilities = _evaluate(model, halves, dev_candidates, dev_pairs, pad_id,
-                                                                 device, cfg.precision)
+                if final:  # a progress point: the training figures and the resumable state, nothing scored
+                    metrics = {}
+                else:
+                    metrics, held_out, dev_probabilities = _evaluate(model, halves, dev_candidates, dev_pairs, pad_id,
+                                                                     device, cfg.precision)
                 metrics.update({
                     "eval": len(evaluations) + 1, "step": step, "epoch": round(step / steps_per_epoch, 4),
                     "steps_per_epoch": steps_per_epoch,
@@ -455,8 +489,11 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, report: Report | Non
                     "lr": scheduler.get_last_lr()[0], **ceilings, **extra})
                 evaluations.append(metrics)
                 saving = time.perf_counter()
-                metrics["model_saved"] = best_evaluation([best, metrics]) is metrics
-                if metrics["model_saved"]:
+                metrics["model_saved"] = step >= total_steps if final else best_evaluation([best, metrics]) is metrics
+                if metrics["model_saved"] and final:  # the final model is the last step's
+                    save_artifact(run_dir / "model", model=model, tokenizer=tokenizer, info={**info, "dev": None},
+                                  gene_typer=gene_typer)
+                elif metrics["model_saved"]:
                     best = metrics
                     save_artifact(run_dir / "model", model=model, tokenizer=tokenizer,
                                   info={**info, "dev": {**{k: metrics[k] for k in (*DEV_SCORES, "eval", "epoch")},
@@ -470,12 +507,17 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, report: Report | Non
                     checkpoint.save(model=model, optimizer=optimizer, scheduler=scheduler, gene_typer=gene_typer,
                                     step=step, evaluations=evaluations, extra=extra)
                 metrics["save_s"] = time.perf_counter() - saving
-                _atomic_json(run_dir / "metrics.json", {"evaluations": evaluations, "best": best,
-                                                        "dev_halves": halves.describe()})
-                say(f"eval {metrics['eval']} epoch {metrics['epoch']:.2f}: dev A P {metrics['dev_precision_a']:.4f} "
-                    f"R {metrics['dev_recall_a']:.4f} F1 {metrics['dev_f1_a']:.4f} (best {best['dev_f1_a']:.4f}), "
-                    f"all dev F1 {metrics['dev_f1_all']:.4f}, loss {metrics['train_loss']:.4f}, "
-                    f"{metrics['pairs_per_s']:.1f} pairs/s")
+                if final:
+                    _atomic_json(run_dir / "metrics.json", {"evaluations": evaluations, "best": None, "final": final})
+                    say(f"step {step}/{total_steps} epoch {metrics['epoch']:.2f}: loss {metrics['train_loss']:.4f}, "
+                        f"{metrics['pairs_per_s']:.1f} pairs/s (final model: no dev evaluation)")
+                else:
+                    _atomic_json(run_dir / "metrics.json", {"evaluations": evaluations, "best": best,
+                                                            "dev_halves": halves.describe()})
+                    say(f"eval {metrics['eval']} epoch {metrics['epoch']:.2f}: dev A P {metrics['dev_precision_a']:.4f} "
+                        f"R {metrics['dev_recall_a']:.4f} F1 {metrics['dev_f1_a']:.4f} (best {best['dev_f1_a']:.4f}), "
+                        f"all dev F1 {metrics['dev_f1_all']:.4f}, loss {metrics['train_loss']:.4f}, "
+                        f"{metrics['pairs_per_s']:.1f} pairs/s")
                 if report is not None:
                     report(metrics, run_dir)
                 window = {"loss": 0.0, "batches": 0, "pairs": 0, "tokens": 0, "start": time.perf_counter()}
@@ -484,7 +526,7 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, report: Report | Non
         epoch += 1
     if bar is not None:
         bar.close()
-    return TrainResult(run_dir, best, evaluations, extra)
+    return TrainResult(run_dir, best, evaluations, extra, final)
 
 
 DEV_SCORES = ("dev_precision_a", "dev_recall_a", "dev_f1_a", "dev_precision_all", "dev_recall_all", "dev_f1_all")

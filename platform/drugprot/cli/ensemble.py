@@ -4,7 +4,11 @@ from folders, evaluate it on dev next to its members, log it to MLflow and optio
 With ``--study``, the trials' stored dev probabilities give the A/B table first (drugprot.ensemble.selection):
 every candidate chosen on dev half A and scored on half B. The halves are the study's own (``data.selection_seed``,
 drugprot.dev_halves): members, weights, thresholds and the early exit are chosen on A; B is for the report and the
-promotion gate."""
+promotion gate.
+
+With ``--reseed K --final`` the K seeds train on train + dev for the step count of the best trial's best checkpoint:
+that ensemble has no dev score, is registered with a tag saying so and is never promoted by the gate (only by
+``--force``, recorded)."""
 
 from __future__ import annotations
 
@@ -40,6 +44,10 @@ def register(commands) -> None:
                         help="promotion gate: the new version must beat the champion and its own best member on dev "
                              "half B by more than this F1 (default 0)")
     parser.add_argument("--reseed", type=int, metavar="K", help="instead: retrain the best configuration with K new seeds")
+    parser.add_argument("--final", action="store_true",
+                        help="--reseed: train the seeds on training + development documents for as many optimizer "
+                             "steps as the best trial's best checkpoint (chosen on dev half A); the ensemble has no "
+                             "dev score: it is registered with a tag saying so, and only --force promotes it")
     parser.add_argument("--cpus-per-trial", type=float, default=1.0, metavar="C",
                         help="--reseed: CPUs per retraining trial (default 1)")
     parser.add_argument("--gpus-per-trial", type=float, default=0.0, metavar="G",
@@ -75,6 +83,12 @@ def _ensemble(args) -> int:
     if args.reseed is not None and args.top_k is not None:
         raise EnsembleError("--top-k and --reseed are alternatives: --top-k K takes the K best trials, --reseed K "
                             "trains K new seeds of the best one")
+    if args.final and args.reseed is None:
+        raise EnsembleError("--final needs --study and --reseed K: it retrains the study's best configuration on "
+                            "train + dev with K seeds")
+    if args.final and (args.data is not None or args.split is not None):
+        raise EnsembleError("--data and --split choose the dev evaluation, and a --final ensemble has none: its "
+                            "members train on the study's own training and development documents; drop them")
     if args.members and args.reseed is not None:
         raise EnsembleError("--reseed needs --study (it retrains the study's best configuration)")
     if args.select == "greedy" and (args.members or args.reseed is not None):
@@ -102,14 +116,20 @@ def _ensemble(args) -> int:
 
         shutil.rmtree(work, ignore_errors=True)
     summary = {"out": str(out), "select": "reseed" if args.reseed is not None else args.select if args.study else "folders",
+               "dev_score": built.meta.get("dev_score"),
                "vote": built.meta["vote"], "decision": built.meta.get("decision"), "execution": built.meta.get("execution"),
                "early_exit": built.meta.get("early_exit"),
                "members": [{"name": m["name"], "weight": m["weight"], "dev_f1_a": m["dev_f1_a"]} for m in built.meta["members"]],
-               "selection": comparison.as_dict() if comparison else None, "dev": built.evaluation.as_dict(),
+               "selection": comparison.as_dict() if comparison else None,
+               "dev": built.evaluation.as_dict() if built.evaluation else None,
                "run_id": None, "registration": None}
     if comparison is not None:
         say(comparison.table())
-    say(built.evaluation.table())
+    if built.evaluation is not None:
+        say(built.evaluation.table())
+    else:
+        say(f"no dev score: members {', '.join(built.meta.get('trained_on_dev') or [])} trained on the development "
+            f"documents")
     say(f"ensemble of {len(built.meta['members'])} members ({built.meta.get('execution')} execution) written to {out}")
     if args.sign_key is not None:
         from drugprot.manifest import sign_manifest
@@ -123,7 +143,7 @@ def _ensemble(args) -> int:
     if not args.no_log:
         from drugprot.ensemble.publish import log_ensemble
 
-        gate = _gate(args, built, documents, say) if args.register else None
+        gate = _gate(args, built, documents, say) if args.register and built.evaluation is not None else None
         run = log_ensemble(out, tracking_uri=args.tracking_uri, experiment=args.experiment, register=args.register,
                            alias=args.alias, force=args.force, gate=gate, min_gain=args.min_gain, log=say,
                            run_name=f"ensemble-{args.study or 'folders'}-{stamp}")
@@ -186,12 +206,14 @@ def _build(args, top_k: int, out: Path, work: Path, say):
     else:
         sources = [MemberSource(Path(p)) for p in args.members]
         source = {"selection": "folders", "members": [str(p) for p in args.members]}
-    documents, split = dev_documents(member_info(sources[0].path), data_dir=args.data, split=args.split)
+    documents, split = (None, "") if args.final else \
+        dev_documents(member_info(sources[0].path), data_dir=args.data, split=args.split)
     if args.data is not None:  # the ensemble run's dataset input names the corpus it was evaluated on
         source = {**source, "data_dir": str(args.data.resolve())}
     built = build_ensemble(sources, out, vote=vote, documents=documents, split=split, source=source, device=args.device,
                            interval=tuple(args.interval) if args.interval else None, log=say, decision=decision,
-                           selection=comparison.as_dict() if comparison else None, progress=not args.quiet)
+                           selection=comparison.as_dict() if comparison else None, progress=not args.quiet,
+                           evaluate_on_dev=not args.final)
     return built, comparison, documents
 
 
@@ -199,18 +221,21 @@ def _from_study(args, top_k: int, work: Path, say):
     from drugprot import tracking
     from drugprot.registry import existing_store
     from drugprot.ensemble.build import MemberSource, dev_documents
-    from drugprot.ensemble.members import best_trial, member_name, reseed, select_top_k
+    from drugprot.ensemble.members import best_trial, final_steps, member_name, reseed, select_top_k
     from drugprot.ensemble.selection import DEFAULT_MAX_SIZE, compare, study_trial_probabilities
 
     store = existing_store(args.tracking_uri)
     records = tracking.study_trials(args.study, store)  # unknown study: TrackingError listing the experiments
     if args.reseed is not None:
         best = best_trial(records, study=args.study)
+        steps = final_steps(tracking.trial_metrics(best, store), best, study=args.study) if args.final else None
         result = reseed(best, args.reseed, work_dir=work / "reseed", study=args.study,
                         used_seeds=[r.seed for r in records if r.seed is not None], tracking_uri=store,
-                        cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial)
+                        cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial, final_steps=steps)
         source = {"study": args.study, "selection": "reseed", "reseed": args.reseed, "reseed_of": str(best.trial_id),
                   "reseed_of_run": best.run_id, "seeds": result.seeds}
+        if steps is not None:
+            source.update(final=True, steps=steps)
         return result.members, source, None
     if args.select == "top-k":
         selection = select_top_k(records, top_k, study=args.study)  # a too-large --top-k fails before any download

@@ -24,6 +24,10 @@ def _train(args) -> int:
 
     config = load_config(args.config, args.overrides)
     result = train(config, args.out, resume=args.resume, progress=not args.quiet)
+    if result.final is not None:
+        print(f"final model: trained on {result.final['trained_on']} documents for {result.final['steps']} steps, "
+              f"no dev score; model in {result.model_dir}; what it trained on in {args.out / 'metrics.json'}")
+        return 0
     best = result.best or {}
     held_out = (json.loads((result.model_dir / INFO).read_text()).get("dev") or {}) if best else {}
     print(f"best dev F1 on half A {result.best_f1:.4f} (P {best.get('dev_precision_a', 0):.4f}, "

@@ -7,6 +7,9 @@ writes ``ensemble.json`` and a sha256 manifest of every file, and moves the stag
 ``ensemble.json`` also records the early exit calibrated on the dev pairs of half A (``drugprot predict
 --early-exit``): like every other choice, it never sees half B, whose scores are reported apart and gate promotion.
 The halves are the members' own (``data.selection_seed`` of their configs, drugprot.dev_halves).
+
+Members trained on the development documents (``data.final``) leave nothing to score on: the ensemble is built
+without a dev evaluation, and ``ensemble.json`` names them under ``trained_on_dev`` (:data:`NO_DEV_SCORE`).
 """
 
 from __future__ import annotations
@@ -22,8 +25,14 @@ from pathlib import Path
 from typing import Any
 
 from drugprot.config import DataConfig
+from drugprot.dev_halves import NO_DEV_SCORE
 from drugprot.ensemble_folder import (ENSEMBLE_JSON, FORMAT_VERSION, KIND, MEMBERS_DIR, EnsembleError, check_member_name,
                                       check_vote, write_tree_manifest)
+
+
+def trained_on_dev(info: dict[str, Any]) -> bool:
+    """Whether a member's development documents were training documents (a ``data.final`` run)."""
+    return bool(((info.get("config") or {}).get("data") or {}).get("final"))
 
 
 @dataclass
@@ -230,6 +239,10 @@ def build_ensemble(members: Sequence[MemberSource | Path | str], out: str | Path
         say(f"members were trained with different GENE intervals {sorted(intervals)}; the ensemble uses {list(chosen)}")
     encoders = sorted({str(e["encoder"]) for e in entries})
     split_seed = selection_seed(infos, names)
+    seen_dev = [name for name, info in zip(names, infos) if trained_on_dev(info)]
+    if seen_dev and evaluate_on_dev:
+        say(f"members {', '.join(seen_dev)} trained on the development documents: no dev score is computed")
+        evaluate_on_dev = False
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
@@ -246,6 +259,8 @@ def build_ensemble(members: Sequence[MemberSource | Path | str], out: str | Path
             meta["decision"] = decision.as_dict()
         if selection is not None:
             meta["selection"] = selection
+        if seen_dev:
+            meta.update(trained_on_dev=seen_dev, dev_score=NO_DEV_SCORE)
         evaluation = None
         if evaluate_on_dev:
             if documents is None:

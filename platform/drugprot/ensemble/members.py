@@ -16,6 +16,11 @@ grid runs here; a ``drugprot.tuning.reseed`` facade, if the tuning package adds 
 ensemble is then the K new models only. Their dev F1 still carries selection bias, through their checkpoints (each
 its best evaluation) and their configuration (it won the search); both were chosen on half A, so their figures on
 half B are the held-out ones.
+
+**Final** (``reseed(..., final_steps=N)``, ``drugprot ensemble --reseed K --final``): the same K seeds, each trained on
+the training and the development documents together (``data.final``) for exactly N optimizer steps
+(``train.max_steps``): N is the step of the chosen trial's best checkpoint on half A (:func:`final_steps`), taken
+as it is, not scaled to the larger corpus. Nothing of these members can be scored on development.
 """
 
 from __future__ import annotations
@@ -121,6 +126,17 @@ def best_trial(records: Sequence, *, study: str = ""):
     return max(finished, key=lambda r: float(r.best_dev_f1_a))
 
 
+def final_steps(metrics: dict[str, Any], record, *, study: str = "") -> int:
+    """The optimizer steps of a trial's best checkpoint on dev half A (its ``metrics.json`` ``best.step``)."""
+    step = (metrics.get("best") or {}).get("step")
+    if not isinstance(step, int) or step < 1:
+        raise EnsembleError(f"--final: trial {getattr(record, 'trial_id', '?')} of study {study!r} recorded no step "
+                            f"for its best checkpoint (metrics.json best.step, got {step!r}); its step count cannot be "
+                            f"reused: train a final model with `drugprot train --set data.final=true --set "
+                            f"train.max_steps=N` instead")
+    return step
+
+
 def new_seeds(used: Sequence[int], k: int, *, start: int | None = None) -> list[int]:
     """K seeds not in ``used``, counting up from ``start`` (default: one past the largest used seed)."""
     taken = {int(s) for s in used if s is not None}
@@ -141,7 +157,7 @@ def member_name(record) -> str:
 
 def reseed(record, k: int, *, work_dir: str | Path, study: str = "", seeds: Sequence[int] | None = None,
            used_seeds: Sequence[int] = (), tracking_uri: str | None = None, cpus_per_trial: float = 1.0,
-           gpus_per_trial: float = 0.0, address: str | None = None,
+           gpus_per_trial: float = 0.0, address: str | None = None, final_steps: int | None = None,
            log: Callable[[str], None] | None = None) -> ReseedResult:
     """Train ``record``'s configuration with ``k`` new seeds through Ray Tune; the trained member folders.
 
@@ -149,6 +165,8 @@ def reseed(record, k: int, *, work_dir: str | Path, study: str = "", seeds: Sequ
     package's own trainable (``drugprot.tuning.run_trial``, the function every study trial runs) over a grid of the
     seeds, started like a study (``drugprot.tuning.study.connect_ray``), no scheduler (every seed trains fully),
     Tune state under ``work_dir/ray``; each member is the ``model/`` folder of its trial's last checkpoint.
+    With ``final_steps``, each seed trains on train + dev for that many steps (``data.final``; the module docstring)
+    and, given ``tracking_uri``, is recorded as its own MLflow run (:func:`drugprot.tracking.log_final_member`).
     """
     from drugprot.ensemble.build import MemberSource
 
@@ -164,7 +182,7 @@ def reseed(record, k: int, *, work_dir: str | Path, study: str = "", seeds: Sequ
     from drugprot import tuning
 
     facade = getattr(tuning, "reseed", None)
-    if facade is not None:
+    if facade is not None and final_steps is None:
         say(f"reseeding trial {record.trial_id} with seeds {seeds} through drugprot.tuning.reseed")
         folders = facade(record, seeds, work_dir=work_dir, study=study, tracking_uri=tracking_uri)
         members = [MemberSource(Path(f), name=f"reseed-seed{s}", seed=s,
@@ -176,15 +194,20 @@ def reseed(record, k: int, *, work_dir: str | Path, study: str = "", seeds: Sequ
 
     from ray import tune
 
-    from drugprot.config import build_config
+    from drugprot.config import build_config, merge
     from drugprot.tuning import parse_space, run_trial
     from drugprot.tuning.study import connect_ray
 
+    kind, origin = "reseed", {"study": study, "reseed_of": str(record.trial_id)}
+    if final_steps is not None:
+        config = merge(config, {"data": {"final": True}, "train": {"max_steps": final_steps}})
+        kind, origin = "final", {**origin, "final": True, "steps": final_steps}
     base = build_config(config, f"trial {record.trial_id} config")
     space = parse_space({"description": f"reseed of {study} trial {record.trial_id}", "params": {"train.seed": {"choice": seeds}}},
                         f"reseed of {record.trial_id}", base)
     say(f"reseeding trial {record.trial_id} (dev F1 on half A {float(record.best_dev_f1_a):.4f}) with seeds {seeds}: "
-        f"{k} Ray Tune trial(s) of drugprot.tuning.run_trial")
+        f"{k} Ray Tune trial(s) of drugprot.tuning.run_trial"
+        + (f", each on train + dev for {final_steps} steps (no dev evaluation)" if final_steps is not None else ""))
     from drugprot.tuning.trainable import best_model_store
 
     started = connect_ray(address)
@@ -211,8 +234,13 @@ def reseed(record, k: int, *, work_dir: str | Path, study: str = "", seeds: Sequ
             info = json.loads((folder / "drugprot.json").read_text())
             dev_f1_a = (info.get("dev") or {}).get("dev_f1_a")
             results.append({"seed": seed, "dev_f1_a": dev_f1_a})
-            members.append(MemberSource(folder, name=f"reseed-seed{seed}", dev_f1_a=dev_f1_a, seed=seed,
-                                        source={"study": study, "reseed_of": str(record.trial_id), "seed": seed}))
+            source = {**origin, "seed": seed}
+            if final_steps is not None and tracking_uri is not None:  # its own run, beside the trial it retrains
+                from drugprot.tracking import log_final_member
+
+                source["run_id"] = log_final_member(record, tracking_uri, config=info["config"], seed=seed,
+                                                    metrics=json.loads((best / "metrics.json").read_text()))
+            members.append(MemberSource(folder, name=f"{kind}-seed{seed}", dev_f1_a=dev_f1_a, seed=seed, source=source))
         return ReseedResult(members, seeds, results)
     finally:
         if started:

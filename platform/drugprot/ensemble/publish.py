@@ -10,7 +10,9 @@ abstract), and ``artifacts/<folder name>/`` (the members' safetensors, tokenizer
 Each version carries tags ``dev_f1``, ``vote``, ``members``, ``study``, ``run_id`` and ``manifest_sha256`` (the
 digest every download must match), what made it (``model_id``, ``code_version``, ``code_commit``, ``data.SPLIT``,
 :func:`provenance_tags`), and a description with its dev table; the comparison reads ``dev_f1`` from the champion's
-tag (else its run's ``ensemble_f1``).
+tag (else its run's ``ensemble_f1``). An ensemble of final members (trained on train + dev) has no dev score: its
+run and version are tagged ``drugprot.dev_score = none (trained on train+dev)``, its run records the steps and
+documents they trained on (:func:`final_params`), and the promotion gate refuses it, saying why, unless forced.
 
 Lineage: the run has the corpus splits it saw as dataset inputs and its members' LoggedModels (the trials' best
 models, :mod:`drugprot.tracking`) as input models; the pyfunc is a LoggedModel named after the run, tagged with its
@@ -34,6 +36,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from drugprot.dev_halves import NO_DEV_SCORE
+from drugprot.ensemble.build import member_info
 from drugprot.ensemble_folder import EnsembleError, read_ensemble_json, verify_tree_manifest
 from drugprot.environment import quiet_defaults
 from drugprot.manifest import manifest_digest
@@ -93,6 +97,10 @@ def _experiment(registry, tracking_uri: str, name: str, study: str | None) -> tu
     return registry.create_experiment(name, artifact_location=experiment_artifact_location(tracking_uri, name)), None
 
 
+#: The gate's refusal of such an ensemble.
+UNSCORED_FINAL = ("its members trained on train+dev, so no development score exists to pass the gate; the A/B "
+                  "figures that chose their configuration and step count are the trial's")
+
 #: The run's table of members (one row each: trial, run, LoggedModel, weight, dev scores), shown as a table in the
 #: UI's Artifacts tab (``mlflow.log_table``'s JSON).
 MEMBERS_TABLE = "members.json"
@@ -103,8 +111,6 @@ TAG_MEMBER_MODELS = "drugprot.member_models"
 def corpus_settings(folder: Path, meta: dict) -> dict:
     """The ``data`` settings the ensemble saw: its first member's (what it trained on), with the folder and dev
     split the evaluation used (``ensemble.json``: ``source.data_dir``, ``dev.split``) when they differ."""
-    from drugprot.ensemble.build import member_info
-
     data = dict((member_info(folder / meta["members"][0]["path"]).get("config") or {}).get("data") or {})
     if (meta.get("source") or {}).get("data_dir"):
         data["dir"] = meta["source"]["data_dir"]
@@ -167,6 +173,21 @@ def members_table(meta: dict, member_models: dict[str, str]) -> dict[str, list]:
     return columns
 
 
+def final_params(folder: Path, meta: dict) -> dict[str, str]:
+    """Run params of an ensemble whose members trained on train + dev: which members, the steps and documents per
+    split they trained on (their drugprot.json ``final`` records) and the trial whose configuration they retrained
+    (``--reseed K --final``); {} for any other ensemble."""
+    if not meta.get("trained_on_dev"):
+        return {}
+    records = [member_info(folder / m["path"]).get("final") or {} for m in meta["members"]]
+    origin = {str(m["source"]["reseed_of"]) for m in meta["members"] if "reseed_of" in (m.get("source") or {})}
+    params = {"trained_on_dev": ",".join(meta["trained_on_dev"]),
+              "final_steps": ",".join(sorted({str(r["steps"]) for r in records if "steps" in r})),
+              "final_trained_on": ",".join(sorted({json.dumps(r["trained_on"]) for r in records if "trained_on" in r})),
+              "final_of_trial": ",".join(sorted(origin))}
+    return {key: value for key, value in params.items() if value}
+
+
 def provenance_tags(run, datasets) -> dict[str, str]:
     """What made a registered version: the code (drugprot version, git commit when built from a checkout) and the
     data (each corpus split the ensemble saw: name, digest, source)."""
@@ -221,6 +242,8 @@ def model_description(meta: dict) -> str:
     dev = meta.get("dev")
     members = ", ".join(m["name"] for m in meta["members"])
     head = f"drugprot voting ensemble ({meta['vote']} vote) of {len(meta['members'])} members: {members}."
+    if meta.get("trained_on_dev"):
+        return head + f"\n\nDevelopment score: {NO_DEV_SCORE}."
     if not dev:
         return head + "\n\nBuilt without a dev evaluation."
     scores = {**dev["members"], "ensemble": dev["ensemble"]}
@@ -273,6 +296,9 @@ def log_ensemble(folder: str | Path, *, tracking_uri: str | None = None, experim
     registry = client(uri)
     experiment_id, parent = _experiment(registry, uri, experiment or study or DEFAULT_EXPERIMENT, study)
     run_tags = {tracking.TAG_KIND: "ensemble", **{k: str(v) for k, v in (tags or {}).items()}}
+    unscored = bool(meta.get("trained_on_dev"))
+    if unscored:
+        run_tags[tracking.TAG_DEV_SCORE] = NO_DEV_SCORE
     if study:
         run_tags[tracking.TAG_STUDY] = str(study)
     if parent:
@@ -291,7 +317,8 @@ def log_ensemble(folder: str | Path, *, tracking_uri: str | None = None, experim
             registry.log_inputs(run_id, models=[LoggedModelInput(m) for m in dict.fromkeys(member_models.values())])
         params = {"vote": meta["vote"], "members": len(meta["members"]), "member_names": names,
                   "interval": json.dumps(meta["interval"]), "encoder": json.dumps(meta["encoder"]),
-                  "selection": (meta.get("source") or {}).get("selection", "folders"), "execution": meta.get("execution", "")}
+                  "selection": (meta.get("source") or {}).get("selection", "folders"), "execution": meta.get("execution", ""),
+                  **final_params(folder, meta)}
         for key, value in params.items():
             registry.log_param(run_id, key, value)
         for key, value in ensemble_metrics(meta).items():  # log_model links them to the model it logs
@@ -313,10 +340,14 @@ def log_ensemble(folder: str | Path, *, tracking_uri: str | None = None, experim
             version_tags = {"dev_f1": "" if dev_f1 is None else f"{dev_f1:.6f}", "vote": meta["vote"], "members": names,
                             "study": str(study or ""), "run_id": run_id, TAG_MANIFEST_SHA256: digest,
                             "model_id": info.model_id, **provenance_tags(registry.get_run(run_id), datasets)}
+            if unscored:
+                version_tags[tracking.TAG_DEV_SCORE] = NO_DEV_SCORE
             for key, value in version_tags.items():
                 if value:
                     registry.set_model_version_tag(register, version, key, value)
-            if gate is None:
+            if unscored:  # whatever a caller passed: no dev figure of these members may be compared
+                gate = Gate(None, unscored=UNSCORED_FINAL)
+            elif gate is None:
                 relations = (dev.get("ensemble") or {}) if dev else {}
                 gate = Gate(dev_f1, relations=relations["tp"] + relations["fp"] if "tp" in relations else None)
             registration = promote(registry, register, version, alias=alias, dev_f1=dev_f1, force=force, gate=gate,

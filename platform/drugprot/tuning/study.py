@@ -400,6 +400,9 @@ def tune_study(search: StudySearch | None, runtime: StudyRuntime, *,
     runtime = runtime.model_copy(update={**own, "storage": storage})
     space = search.space
     base = space.apply(search.config, {}, source="config with the space's fixed values")
+    if base.data.final:
+        raise StudyError("data.final: a study chooses on the development documents, which a final run trains on "
+                         "(it has no dev score); tune without it, then `drugprot ensemble --study NAME --reseed K --final`")
     max_t = space.max_t(base)
 
     if runtime.dry_run is not None and not runtime.resume:

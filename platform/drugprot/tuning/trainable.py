@@ -87,7 +87,7 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], space, threads: i
                         shutil.move(Path(staging) / name, run_dir / name)
         evaluations = _read_json(run_dir / "metrics.json").get("evaluations", [])
         resumed_from = evaluations[-1]["eval"] if evaluations else 0
-        best = max((e[SELECTION_METRIC] for e in evaluations), default=best)
+        best = max((e[SELECTION_METRIC] for e in evaluations if SELECTION_METRIC in e), default=best)
         clock = TrialClock.resume(run_dir, gpus=gpus)
 
     reporter = TrialReporter(
@@ -211,11 +211,12 @@ class TrialReporter:
         self._report = report
 
     def __call__(self, metrics: dict[str, Any], run_dir: Path) -> None:
-        self.best = max(self.best, float(metrics[SELECTION_METRIC]))
         saved = {"model_saved": bool(metrics.get("model_saved")), "state_saved": bool(metrics.get("state_saved"))}
         result = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        result["dev_per_type"] = dict(metrics.get("dev_per_type") or {})
-        result.update(best_dev_f1_a=self.best, resumed_from_eval=self.resumed_from, **self.where)
+        if SELECTION_METRIC in metrics:  # a final model (data.final) trains on dev and reports no dev score
+            self.best = max(self.best, float(metrics[SELECTION_METRIC]))
+            result.update(dev_per_type=dict(metrics.get("dev_per_type") or {}), best_dev_f1_a=self.best)
+        result.update(resumed_from_eval=self.resumed_from, **self.where)
         if self.clock is not None:
             result.update(self.clock.save(run_dir))
         if metrics["eval"] >= 3 and self.fault_marker:
