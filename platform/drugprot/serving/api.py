@@ -368,7 +368,7 @@ def create_api(service: RelationService, *, token: str | None = None, observe=No
              dependencies=[Depends(bearer)], summary="The loaded model: registry name, version, alias, members")
     async def model() -> ModelInfo:
         info = await service.model.info()
-        return info.model_copy(update={"rollout": service.rollout_info()}) if rollout else info
+        return info.model_copy(update={"rollout": await service.rollout_info()}) if rollout else info
 
     page = try_page()
     security = page_headers(page)

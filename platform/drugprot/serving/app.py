@@ -257,12 +257,10 @@ class ChallengerWatch:
             self._become("loading", f"no Serve application {self.app_name!r} (yet); drugprot serve deploys it, a "
                                     f"Serve config names drugprot.serving:build_challenger so")
         elif application.status == ApplicationStatus.RUNNING:
-            if challenger.model is None:
+            if challenger.model is None:  # the handle is first called on the replica's event loop, not here
                 handle = serve.get_deployment_handle(MODEL_DEPLOYMENT, self.app_name)
-                info = handle.info.remote().result(timeout_s=60)
                 challenger.model = RemoteModel(handle, attempts=self.options.retry_attempts,
                                                deadline_s=self.options.retry_deadline_s)
-                challenger.info = info
             self._become("ready", None)
         elif application.status in (ApplicationStatus.DEPLOY_FAILED, ApplicationStatus.UNHEALTHY):
             self._become("failed", deployment_failure(self.app_name) or application.message or "Serve could not "

@@ -48,8 +48,9 @@ def answer_headers(answering: Answering | None, *, rollout: bool) -> dict[str, s
 
 @dataclass
 class Challenger:
-    """The challenger as the ingress sees it: the model (``plan``/``score``/``info``, as ``ModelService``), whether it
-    serves yet, and why not. Serve's ingress updates ``state`` and ``error`` from ``serve.status()``."""
+    """The challenger as the ingress sees it: the model (``plan``/``score``/``info``, as ``ModelService``; None until
+    its application runs), whether it serves yet, and why not. Serve's ingress sets ``model``, ``state`` and
+    ``error`` from ``serve.status()``; ``plan`` and ``score`` go to whichever model is set."""
 
     model: Any
     uri: str
@@ -60,6 +61,12 @@ class Challenger:
     @property
     def ready(self) -> bool:
         return self.state == "ready" and self.model is not None
+
+    async def plan(self):
+        return await self.model.plan()
+
+    async def score(self, job):
+        return await self.model.score(job)
 
 
 @dataclass

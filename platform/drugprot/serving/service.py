@@ -287,7 +287,7 @@ class RelationService:
         self.challenger = challenger
         self.on_shadow = on_shadow
         self.agreement = Agreement()
-        self._sides = {CHAMPION: _Side(model), CHALLENGER: _Side(challenger.model if challenger else None)}
+        self._sides = {CHAMPION: _Side(model), CHALLENGER: _Side(challenger)}
         self._shadows: set[asyncio.Task] = set()  # held here: the loop keeps only weak references to tasks
         self._random = random.Random()
         self.limits = options.limits
@@ -369,10 +369,12 @@ class RelationService:
                 return Answering(CHALLENGER, self._sides[CHALLENGER].version)
         return Answering(CHAMPION, self._sides[CHAMPION].version)
 
-    def rollout_info(self) -> RolloutInfo | None:
+    async def rollout_info(self) -> RolloutInfo | None:
         rollout, challenger = self.options.rollout, self.challenger
         if rollout is None or challenger is None:
             return None
+        if challenger.ready and challenger.info is None:
+            challenger.info = await challenger.model.info()
         info = challenger.info
         return RolloutInfo(mode=rollout.mode, canary_percent=rollout.canary_percent, challenger=challenger.uri,
                            challenger_state=challenger.state, challenger_error=challenger.error,
