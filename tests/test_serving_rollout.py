@@ -379,3 +379,19 @@ def test_http_rollout_metrics_are_exported_per_version(served):
 
     assert poll(exported, timeout=90, interval=2.0), [
         p for p in wanted if not re.search(p, requests.get(served["metrics"], timeout=10).text)]
+
+
+def test_the_serve_config_in_the_docs_deploys_the_challenger_beside_the_champion():
+    """docs/serving.md's two-application config is a valid Serve config whose builders accept its args."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from drugprot.serving import build_app, build_challenger
+    from drugprot.serving.app import challenger_app_name
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "serving.md").read_text()
+    block = re.search(r"```yaml\n(applications:\n.*?build_challenger.*?)```", text, re.DOTALL).group(1)
+    champion, challenger = ServeDeploySchema.model_validate(yaml.safe_load(block)).applications
+    assert (challenger.name, challenger.route_prefix) == (challenger_app_name(champion.name), None)
+    assert champion.args == challenger.args and parse_options(champion.args).rollout.canary_percent == 10
+    build_app(champion.args), build_challenger(challenger.args)
