@@ -8,7 +8,9 @@ model thread (a job of more than ``max_batch_pairs`` pairs is cut into chunks th
 ``Plan.prepare`` → pair limit (413) → ``await model.score(job)`` → ``Plan.decode`` with the request's threshold.
 ``model`` is a ``ModelService`` in this process (unit tests, the in-process benchmark) or
 ``serving.app.RemoteModel`` (a Serve handle with failover); both offer the same async
-``plan``/``score``/``status``/``info``. No Ray here.
+``plan``/``score``/``status``/``info``. With a rollout (``options.rollout``) it holds a second model, the challenger
+(``serving.rollout.Challenger``): ``choose`` picks the side of each request (canary), and a champion's answer starts a
+background call to the challenger whose relations are compared with it (shadow). No Ray here.
 """
 
 from __future__ import annotations
