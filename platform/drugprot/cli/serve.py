@@ -84,6 +84,16 @@ def register(commands) -> None:
                              "up beside the old one before traffic moves (a version that fails leaves the old one "
                              "serving, and GET /v1/model says why)")
     parser.add_argument("--poll-s", type=float, help="with --follow-alias: seconds between reads of the alias (default 30)")
+    rollout = parser.add_argument_group("rollout", "a challenger beside the champion (--model), in its own Serve "
+                                        "application: one that fails to load leaves the champion serving")
+    rollout.add_argument("--challenger", help="model folder, ensemble folder, or models:/NAME@ALIAS (e.g. "
+                                              "models:/drugprot@challenger)")
+    rollout.add_argument("--canary-percent", type=int, help="share of requests (0-100) the challenger answers; the "
+                                                            "X-Request-Key header picks a request's side for good")
+    rollout.add_argument("--shadow", action="store_true", help="send every request to the challenger too, answer "
+                                                               "from the champion alone, count agreement per type")
+    rollout.add_argument("--shadow-timeout-s", type=float, help="with --shadow: abandon a challenger call after this "
+                                                                "many seconds (default 5)")
     parser.set_defaults(handler=_serve, usage_error=parser.error)
 
 
@@ -110,6 +120,14 @@ def serve_options(args) -> dict:
         "poll_s": args.poll_s,
     }
     options = {key: value for key, value in options.items() if value is not None}
+    rollout = {"challenger": args.challenger, "canary_percent": args.canary_percent, "shadow": args.shadow or None,
+               "shadow_timeout_s": args.shadow_timeout_s}
+    rollout = {key: value for key, value in rollout.items() if value is not None}
+    if rollout and args.challenger is None:
+        flag = next(f"--{key.replace('_', '-')}" for key in rollout)
+        args.usage_error(f"{flag}: needs --challenger (the model that gets the canary share or the shadow calls)")
+    if rollout:
+        options["rollout"] = rollout
     if args.no_auth:
         options["token_env"] = None
     elif args.address is not None:  # the cluster's replicas must hold the token: they are not started from here
@@ -219,10 +237,15 @@ def _serve(args) -> int:
     if args.max_connections_per_client is not None:
         proxy_limits["max_connections_per_client"] = args.max_connections_per_client
     proxy_limits = parse_model(ProxyLimits, proxy_limits, source="option")
-    if options.model.startswith("models:/") and (args.address is None or options.tracking_uri):
-        from drugprot.registry import resolve_model_version
+    challenger = options.rollout.challenger if options.rollout is not None else None
+    if challenger is not None and args.address is None and not challenger.startswith("models:/") \
+            and not Path(challenger).exists():
+        raise DrugprotError(f"--challenger {challenger}: no such folder")
+    for uri in (options.model, challenger):
+        if uri is not None and uri.startswith("models:/") and (args.address is None or options.tracking_uri):
+            from drugprot.registry import resolve_model_version
 
-        resolve_model_version(options.model, tracking_uri=options.tracking_uri)  # a bad alias now, not after Ray
+            resolve_model_version(uri, tracking_uri=options.tracking_uri)  # a bad alias now, not after Ray
     ports = local_ports(args)
     run_dir = args.run_dir or Path("runs") / "serve" / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -231,8 +254,8 @@ def _serve(args) -> int:
     from ray import serve
 
     from drugprot.local_ray import keep_loopback_address, start_local_ray
-    from drugprot.serving import build_app
-    from drugprot.serving.app import deployment_failure, drain_application
+    from drugprot.serving import build_app, build_challenger
+    from drugprot.serving.app import challenger_app_name, deployment_failure, drain_application
     from drugprot.serving.follow import AliasFollower
 
     local, folder, clean, chosen = args.address is None, None, False, None
@@ -268,6 +291,9 @@ def _serve(args) -> int:
             if follower is not None:
                 follower.deploy()
             else:
+                if challenger is not None:  # its own application: its failure cannot fail the champion's
+                    serve.run_many([serve.RunTarget(build_challenger(options), name=challenger_app_name(args.name),
+                                                    route_prefix=None)], wait_for_applications_running=False)
                 serve.run(build_app(options), name=args.name, route_prefix=args.route_prefix)
         except RuntimeError as error:
             raise DrugprotError(f"the model could not be served: {deployment_failure(args.name) or error}") from None
@@ -285,6 +311,8 @@ def _serve(args) -> int:
             _say(f"drugprot serve: serving version {follower.version}; following {options.model} every "
                  f"{options.poll_s:g} s")
             threading.Thread(target=follower.follow, args=(stop,), daemon=True, name="drugprot-follow").start()
+        if challenger is not None:
+            _say(rollout_status(options, challenger_app_name(args.name), args.ready_timeout, stop))
         while not stop.wait(1.0):
             pass
         print("drugprot serve: stopping: new requests get 503, accepted ones finish", file=sys.stderr, flush=True)
@@ -300,6 +328,8 @@ def _serve(args) -> int:
                 serve.shutdown()
             elif deployed:
                 serve.delete(args.name)
+                if challenger is not None:
+                    serve.delete(challenger_app_name(args.name))
         finally:
             ray.shutdown()
         if folder is not None:
@@ -309,6 +339,30 @@ def _serve(args) -> int:
             if not chosen:
                 shutil.rmtree(folder, ignore_errors=True)
         print("drugprot serve: stopped", file=sys.stderr, flush=True)
+
+
+def rollout_status(options, app_name: str, timeout: float, stop: threading.Event) -> str:
+    """The status line of the rollout once the challenger's application settles (running or failed)."""
+    from ray import serve
+    from ray.serve.schema import ApplicationStatus
+
+    from drugprot.polling import poll
+    from drugprot.serving.app import deployment_failure
+
+    def settled() -> ApplicationStatus | None:
+        application = serve.status().applications.get(app_name)
+        status = application.status if application is not None else None
+        return status if status in (ApplicationStatus.RUNNING, ApplicationStatus.DEPLOY_FAILED) else None
+
+    rollout, status = options.rollout, poll(settled, timeout=timeout, interval=1.0, stop=stop)
+    if status == ApplicationStatus.RUNNING:
+        share = ("shadows every request (answers come from the champion; GET /v1/model shows the agreement)"
+                 if rollout.shadow else f"answers {rollout.canary_percent}% of requests (X-Request-Key picks a "
+                                        f"request's side for good)")
+        return f"drugprot serve: challenger {rollout.challenger} {share}"
+    why = deployment_failure(app_name) if status is not None else f"not running after {timeout:.0f} s"
+    return (f"drugprot serve: challenger {rollout.challenger} could not be served ({why}); the champion answers every "
+            f"request (GET /v1/model shows the error)")
 
 
 def _say(message: str) -> None:

@@ -21,7 +21,7 @@ from collections import Counter
 import logging
 import os
 
-from fastapi import Depends, FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Header, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import HTTPBearer
@@ -30,13 +30,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from drugprot import __version__
 from drugprot.errors import DrugprotError
 from drugprot.serving.options import Limits
+from drugprot.serving.rollout import KEY_HEADER, answer_headers
 from drugprot.serving.schemas import ErrorResponse, ModelInfo, RelationsRequest, RelationsResponse, describe_errors
 from drugprot.serving.service import RelationService, ServingError
 
 log = logging.getLogger("drugprot.serving")
 
 RAW_BODY = "drugprot.raw_body"
+ANSWERING = "drugprot.answering"  # which model answers the request (a rollout.Answering), once chosen
 OBJECTIVE_HEADER = "X-Drugprot-Objective"  # the latency objective in s, on answers: the proxy's admission reads it
+KEY_DESCRIPTION = ("With a canary: the same key always reaches the same model (its SHA-256 modulo 100 below the "
+                   "canary share: the challenger); without one, the side is drawn at random.")
 OPEN_PATHS = frozenset({"/", "/healthz", "/readyz", "/saturation", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
 
 DESCRIPTION = """DrugProt chemical–gene relation extraction.
@@ -180,7 +184,7 @@ class _Guard:
 
     def __init__(self, app, *, token: str | None, limits: Limits, service: RelationService, observe=None):
         self.app = app
-        self.observe = observe  # (route, status, seconds) per answered request, e.g. the Serve metrics
+        self.observe = observe  # (route, status, seconds, answering) per answered request, e.g. the Serve metrics
         self.service = service
         self.token = token.encode() if token else None
         self.limits = limits
@@ -210,7 +214,7 @@ class _Guard:
         finally:
             self.service.in_flight -= 1
             if self.observe is not None:
-                self.observe(path, status[0], time.monotonic() - started)
+                self.observe(path, status[0], time.monotonic() - started, scope.get(ANSWERING))
 
     async def _guarded(self, scope, receive, send, path: str):
         if len(authorizations(scope)) > 1:
@@ -301,7 +305,8 @@ def bearer_matches(scope, token: bytes) -> bool:
 
 
 def create_api(service: RelationService, *, token: str | None = None, observe=None) -> FastAPI:
-    """``observe(route, status, seconds)``, when given, is called for every answered request."""
+    """``observe(route, status, seconds, answering)``, when given, is called for every answered request
+    (``answering``: the model that answered a relations request, else None)."""
     docs = service.options.api_docs  # Swagger UI and ReDoc load their scripts from a CDN: off unless asked for
     app = FastAPI(title="drugprot relation extraction", version=__version__, description=DESCRIPTION,
                   docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None)
@@ -315,9 +320,14 @@ def create_api(service: RelationService, *, token: str | None = None, observe=No
         problems = describe_errors(error.errors(), getattr(error, "body", None), raw=request.scope.get(RAW_BODY))
         return _error(422, problems[0] if problems else "request body: invalid", problems)
 
+    rollout = service.options.rollout is not None
+
+    def answered_by(request: Request) -> dict[str, str]:
+        return answer_headers(request.scope.get(ANSWERING), rollout=rollout)
+
     @app.exception_handler(ServingError)
     async def _refused(request: Request, error: ServingError):
-        return _error(error.status, str(error), headers=error.headers or None)
+        return _error(error.status, str(error), headers={**error.headers, **answered_by(request)} or None)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, error: StarletteHTTPException):
@@ -333,7 +343,8 @@ def create_api(service: RelationService, *, token: str | None = None, observe=No
     @app.exception_handler(Exception)
     async def _crashed(request: Request, error: Exception):
         log.exception("drugprot serving: request failed")
-        return _error(500, f"internal error ({type(error).__name__}); the request was not processed")
+        return _error(500, f"internal error ({type(error).__name__}); the request was not processed",
+                      headers=answered_by(request) or None)
 
     def unique_keys(request: Request) -> None:
         key = duplicate_key(request.scope.get(RAW_BODY) or b"")
@@ -343,10 +354,12 @@ def create_api(service: RelationService, *, token: str | None = None, observe=No
     @app.post("/v1/relations", response_model=RelationsResponse, responses=errors,
               dependencies=[Depends(bearer), Depends(unique_keys)],
               summary="Relations for each document")
-    async def relations(body: RelationsRequest, response: Response) -> RelationsResponse:
-        answer, version = await service.relations(body)
-        if version is not None:
-            response.headers["X-Model-Version"] = version
+    async def relations(body: RelationsRequest, request: Request, response: Response,
+                        request_key: str | None = Header(None, alias=KEY_HEADER, description=KEY_DESCRIPTION)
+                        ) -> RelationsResponse:
+        answering = request.scope[ANSWERING] = service.choose(request_key)
+        answer, _ = await service.relations(body, answering)
+        response.headers.update(answered_by(request))
         if service.options.max_queue_wait_s is not None:
             response.headers[OBJECTIVE_HEADER] = f"{service.options.max_queue_wait_s:g}"
         return answer
@@ -354,7 +367,8 @@ def create_api(service: RelationService, *, token: str | None = None, observe=No
     @app.get("/v1/model", response_model=ModelInfo, responses={401: {"model": ErrorResponse}},
              dependencies=[Depends(bearer)], summary="The loaded model: registry name, version, alias, members")
     async def model() -> ModelInfo:
-        return await service.model.info()
+        info = await service.model.info()
+        return info.model_copy(update={"rollout": await service.rollout_info()}) if rollout else info
 
     page = try_page()
     security = page_headers(page)

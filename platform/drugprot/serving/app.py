@@ -10,6 +10,11 @@
 ``build_application(args)`` is the application builder behind ``drugprot.serving:build_app`` (``serve run``,
 ``serve deploy``, KubeRay ``serveConfigV2``, ``drugprot serve``). The per-deployment options set here are defaults
 that a config's ``deployments:`` section overrides without restarting unaffected replicas.
+
+With ``rollout`` the challenger is a model deployment in an application of its own, ``NAME-challenger`` with no
+route (``build_challenger_application``, behind ``drugprot.serving:build_challenger``): its constructor failing fails
+that application only. Each ingress replica watches it through ``serve.status()`` (:class:`ChallengerWatch`) and
+sends it requests once it runs; until then, or when it failed, the champion answers every request.
 """
 
 from __future__ import annotations
@@ -27,11 +32,13 @@ from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve import Application
 from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
+from ray.serve.schema import ApplicationStatus
 
 from drugprot.errors import DrugprotError
 from drugprot.serving.api import create_api, resolve_token
 from drugprot.serving.metrics import IngressMetrics, ModelMetrics
 from drugprot.serving.options import ServeOptions, parse_options
+from drugprot.serving.rollout import Challenger
 from drugprot.serving.service import ModelService, Overloaded, RelationService, ServingError
 
 log = logging.getLogger("drugprot.serving")
@@ -39,6 +46,12 @@ log = logging.getLogger("drugprot.serving")
 INGRESS_DEPLOYMENT = "DrugprotIngress"
 MODEL_DEPLOYMENT = "DrugprotModel"
 METRICS_REFRESH_S = 2.0
+CHALLENGER_REFRESH_S = 2.0
+
+
+def challenger_app_name(app_name: str) -> str:
+    """The Serve application that holds the challenger of the application ``app_name``."""
+    return f"{app_name}-challenger"
 
 
 class ModelUnavailable(ServingError):
@@ -188,8 +201,14 @@ class IngressDeployment:
         self.metrics = IngressMetrics()
         remote = RemoteModel(model, attempts=self.options.retry_attempts, deadline_s=self.options.retry_deadline_s,
                              metrics=self.metrics)
-        self.service = RelationService(remote, self.options)
+        rollout = self.options.rollout
+        challenger = Challenger(None, rollout.challenger) if rollout is not None else None
+        self.service = RelationService(remote, self.options, challenger=challenger, on_shadow=self.metrics.shadow)
         self.service.warm_up()  # routed to only once warm, like the model replicas
+        if challenger is not None:
+            app_name = serve.get_replica_context().app_name
+            self.watch = ChallengerWatch(challenger, challenger_app_name(app_name), self.options, self.metrics)
+            threading.Thread(target=self.watch.run, daemon=True, name="drugprot-challenger").start()
         log.info("drugprot serving: ingress up (auth %s)", "on" if self.token else "off")
 
     def __serve_build_asgi_app__(self):
@@ -206,6 +225,55 @@ class IngressDeployment:
     def model_retries(self) -> int:
         """Model calls this replica sent again after their replica died."""
         return self.service.model.retries
+
+
+class ChallengerWatch:
+    """Keeps an ingress replica's view of the challenger's application current (every ``CHALLENGER_REFRESH_S``):
+    loading while Serve deploys it, ready (with a handle) while it runs, failed with the replicas' error otherwise.
+    A thread of its own: ``serve.status()`` is a blocking call to the controller."""
+
+    def __init__(self, challenger: Challenger, app_name: str, options: ServeOptions, metrics: IngressMetrics):
+        self.challenger = challenger
+        self.app_name = app_name
+        self.options = options
+        self.metrics = metrics
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while True:
+            try:
+                self.refresh()
+            except Exception as error:  # noqa: BLE001 - the controller restarting: look again next time
+                log.warning("drugprot serving: cannot read the challenger's state (%s: %s)", type(error).__name__,
+                            error)
+            self.metrics.challenger_state(self.challenger.state)
+            if self.stopped.wait(CHALLENGER_REFRESH_S):
+                return
+
+    def refresh(self) -> None:
+        challenger = self.challenger
+        application = serve.status().applications.get(self.app_name)
+        if application is None:
+            self._become("loading", f"no Serve application {self.app_name!r} (yet); drugprot serve deploys it, a "
+                                    f"Serve config names drugprot.serving:build_challenger so")
+        elif application.status == ApplicationStatus.RUNNING:
+            if challenger.model is None:  # the handle is first called on the replica's event loop, not here
+                handle = serve.get_deployment_handle(MODEL_DEPLOYMENT, self.app_name)
+                challenger.model = RemoteModel(handle, attempts=self.options.retry_attempts,
+                                               deadline_s=self.options.retry_deadline_s)
+            self._become("ready", None)
+        elif application.status in (ApplicationStatus.DEPLOY_FAILED, ApplicationStatus.UNHEALTHY):
+            self._become("failed", deployment_failure(self.app_name) or application.message or "Serve could not "
+                                                                                                 "deploy it")
+        else:
+            self._become("loading", None)
+
+    def _become(self, state: str, error: str | None) -> None:
+        challenger = self.challenger
+        if state != challenger.state:
+            say = log.warning if state == "failed" else log.info
+            say("drugprot serving: challenger %s is %s%s", challenger.uri, state, f": {error}" if error else "")
+        challenger.error, challenger.state = error, state
 
 
 DELIVERY_S = 1.0
@@ -234,12 +302,25 @@ def build_application(args: dict[str, Any] | ServeOptions | None, *, version: st
     """The two deployments; ``version`` and ``swap_error`` go to the model replicas (see ``ModelService.load``),
     ``constructor_tries`` replaces the model deployment's usual three."""
     options = parse_options(args)
-    arguments = options.model_dump(mode="json")
     deployment = options.deployment_options()
     if constructor_tries is not None:
         deployment["max_constructor_retry_count"] = constructor_tries
-    model = ModelDeployment.options(**deployment).bind(arguments, version, swap_error)
-    return IngressDeployment.options(**options.ingress_deployment_options()).bind(arguments, model)
+    model = ModelDeployment.options(**deployment).bind(options.without_rollout().model_dump(mode="json"), version,
+                                                       swap_error)
+    return IngressDeployment.options(**options.ingress_deployment_options()).bind(options.model_dump(mode="json"),
+                                                                                   model)
+
+
+def build_challenger_application(args: dict[str, Any] | ServeOptions | None) -> Application:
+    """The rollout's challenger alone: a model deployment with the champion's settings but the challenger's model,
+    tried once (a challenger that fails to load stays failed; the champion serves meanwhile)."""
+    options = parse_options(args)
+    if options.rollout is None:
+        raise DrugprotError("build_challenger: serve args: rollout: missing; give rollout.challenger (the same args "
+                            "as the champion's application)")
+    deployment = {**options.deployment_options(), "max_constructor_retry_count": 1}
+    challenger = options.without_rollout(model=options.rollout.challenger)
+    return ModelDeployment.options(**deployment).bind(challenger.model_dump(mode="json"))
 
 
 def deployment_failure(app_name: str) -> str | None:

@@ -57,6 +57,42 @@ PROXY_LIMITS_ENV = "DRUGPROT_PROXY_LIMITS"
 DEFAULT_QUEUE_WAIT_S = 2.0
 
 
+class Rollout(BaseModel):
+    """A challenger beside the champion (``model``): a canary share of the traffic, or a shadow of every request.
+
+    The challenger runs as its own Serve application (``NAME-challenger``, no route), so a challenger that fails to
+    load leaves the champion's application serving. Canary and shadow exclude each other: a canary request is answered
+    by the challenger, a shadowed one by the champion alone."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    challenger: str = Field(..., min_length=1, description="The challenger: model folder, ensemble folder, or "
+                            "registry URI models:/NAME@ALIAS (e.g. models:/drugprot@challenger).")
+    canary_percent: int = Field(0, ge=0, le=100, description="Share of requests (0-100 %) the challenger answers; "
+                                "a request's X-Request-Key header picks its side deterministically (the key's "
+                                "SHA-256 modulo 100 below the share: challenger), a request without one is drawn "
+                                "at random.")
+    shadow: bool = Field(False, description="Send every request to the challenger too, in the background, and answer "
+                         "from the champion alone; count per relation type how often the challenger agrees.")
+    shadow_timeout_s: float = Field(5.0, gt=0, le=600, description="With shadow: a challenger call not answered by "
+                                    "then is abandoned and counted as timed out.")
+    shadow_max_in_flight: int = Field(64, ge=1, le=100_000, description="With shadow: challenger calls one ingress "
+                                      "replica has open at once; a request beyond them is not shadowed (counted as "
+                                      "skipped), so a slow challenger cannot pile up work.")
+
+    @model_validator(mode="after")
+    def _one_mode(self) -> Rollout:
+        if self.shadow and self.canary_percent:
+            raise ValueError(f"canary_percent and shadow exclude each other (a canary request is answered by the "
+                             f"challenger, a shadowed one by the champion alone): give canary_percent "
+                             f"{self.canary_percent} or shadow, not both")
+        return self
+
+    @property
+    def mode(self) -> str:
+        return "shadow" if self.shadow else "canary"
+
+
 class ServeOptions(InferenceOptions):
     """Everything one application needs: how to run the model (the :class:`InferenceOptions` fields, flat in the
     YAML, checked by the same rules), replicas, resources, batching, limits, auth and warm-up."""
@@ -106,6 +142,7 @@ class ServeOptions(InferenceOptions):
     follow_alias: bool = Field(False, description="Watch the registry alias of model (models:/NAME@ALIAS) and roll the "
                                "model deployment onto each version it moves to (drugprot serve).")
     poll_s: float = Field(30.0, gt=0, le=86_400, description="With follow_alias: seconds between two reads of the alias.")
+    rollout: Rollout | None = Field(None, description="A challenger served beside the model: canary or shadow.")
 
     @field_validator("autoscale")
     @classmethod
@@ -132,7 +169,15 @@ class ServeOptions(InferenceOptions):
         if self.follow_alias and registry_alias(self.model) is None:
             raise ValueError(f"follow_alias needs a registry alias to watch: model must be models:/NAME@ALIAS "
                              f"(e.g. models:/drugprot@champion), got {self.model!r}")
+        if self.follow_alias and self.rollout is not None:
+            raise ValueError("follow_alias and rollout exclude each other: a rollout shows the challenger to part of "
+                             "the traffic first, following the alias moves all of it at once; give one")
         return self
+
+    def without_rollout(self, **changes: Any) -> ServeOptions:
+        """These options for a model deployment (champion or challenger): the rollout belongs to the ingress alone,
+        so changing it leaves the model replicas running."""
+        return self.model_copy(update={"rollout": None, **changes})
 
     @property
     def ongoing_requests(self) -> int:

@@ -153,6 +153,20 @@ class MemberInfo(BaseModel):
     dev_f1: float | None = Field(None, description="F1 on development half A, the half its checkpoint was chosen on.")
 
 
+class RolloutInfo(BaseModel):
+    mode: Literal["canary", "shadow"]
+    canary_percent: int = Field(..., description="Share of requests (%) the challenger answers while it is ready.")
+    challenger: str = Field(..., description="What the challenger was started with (folder or models:/ URI).")
+    challenger_state: Literal["loading", "ready", "failed"] = Field(..., description="loading or failed: the champion "
+                                                                    "answers every request.")
+    challenger_error: str | None = Field(None, description="Why the challenger does not serve (state failed).")
+    challenger_version: str | None = Field(None, description="The challenger's registry version, once it serves.")
+    shadow: dict[str, Any] | None = Field(None, description="Shadow only, as counted by the ingress replica that "
+                                          "answered: challenger calls (compared, failed, timed_out, skipped) and per "
+                                          "relation type agreed / champion_only / challenger_only with the agreed "
+                                          "share.")
+
+
 class ModelInfo(BaseModel):
     uri: str = Field(..., description="What the replica was started with (folder or models:/ URI).")
     name: str | None = Field(None, description="Registered model name.")
@@ -171,6 +185,8 @@ class ModelInfo(BaseModel):
     metadata: dict[str, Any] = Field(default_factory=dict, description="The model's own metadata, as recorded.")
     swap_error: str | None = Field(None, description="With --follow-alias: the version the alias last moved to that "
                                    "could not be served, and why (this version goes on serving).")
+    rollout: RolloutInfo | None = Field(None, description="With a challenger: the rollout and the challenger's state "
+                                        "(this model is the champion).")
 
 
 class ErrorResponse(BaseModel):

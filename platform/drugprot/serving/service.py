@@ -8,14 +8,19 @@ model thread (a job of more than ``max_batch_pairs`` pairs is cut into chunks th
 ``Plan.prepare`` → pair limit (413) → ``await model.score(job)`` → ``Plan.decode`` with the request's threshold.
 ``model`` is a ``ModelService`` in this process (unit tests, the in-process benchmark) or
 ``serving.app.RemoteModel`` (a Serve handle with failover); both offer the same async
-``plan``/``score``/``status``/``info``. No Ray here.
+``plan``/``score``/``status``/``info``. With a rollout (``options.rollout``) it holds a second model, the challenger
+(``serving.rollout.Challenger``): ``choose`` picks the side of each request (canary), and a champion's answer starts a
+background call to the challenger whose relations are compared with it (shadow). No Ray here.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import math
+import random
+import time
 import uuid
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,8 +34,9 @@ from drugprot.corpus import Document, Entity
 from drugprot.inference.plan import Job, Plan
 from drugprot.serving.batching import PairBatcher, QueueWaitExceeded, join_results, run_jobs, split_job
 from drugprot.serving.options import ServeOptions
+from drugprot.serving.rollout import CHALLENGER, CHAMPION, Agreement, Answering, Challenger, bucket
 from drugprot.serving.schemas import (DocumentRelations, MemberInfo, ModelInfo, RelationOut, RelationsRequest,
-                                      RelationsResponse)
+                                      RelationsResponse, RolloutInfo)
 
 log = logging.getLogger("drugprot.serving")
 _ARRIVING: ContextVar[list | None] = ContextVar("drugprot_serving_arriving", default=None)
@@ -275,9 +281,17 @@ class ModelService:
 class RelationService:
     """Limits, candidates and decoding around a model that scores jobs: the ingress deployment's work."""
 
-    def __init__(self, model, options: ServeOptions):
+    def __init__(self, model, options: ServeOptions, *, challenger: Challenger | None = None, on_shadow=None):
+        """``challenger``: the rollout's second model (with ``options.rollout``); ``on_shadow(outcome, seconds,
+        counts)`` is told how each shadow call ended (the Serve deployment's metrics)."""
         self.model = model
         self.options = options
+        self.challenger = challenger
+        self.on_shadow = on_shadow
+        self.agreement = Agreement()
+        self._sides = {CHAMPION: _Side(model), CHALLENGER: _Side(challenger)}
+        self._shadows: set[asyncio.Task] = set()  # held here: the loop keeps only weak references to tasks
+        self._random = random.Random()
         self.limits = options.limits
         self._preparing = 0  # requests between arrival and the batcher (all on the event loop: no lock needed)
         if isinstance(model, ModelService):  # one process: the batcher can see requests on their way
@@ -286,7 +300,6 @@ class RelationService:
         self.draining = False  # set on shutdown: new requests get 503, those inside finish
         self._prefix = uuid.uuid4().hex[:8]  # document keys stay unique across ingress replicas sharing a model
         self._keys = itertools.count()
-        self._plan: Plan | None = None  # the model's, fetched on the first request and again when its version changes
 
     def warm_up(self) -> None:
         """Candidates for the warm-up document, and torch, before the first request: the first request would
@@ -346,30 +359,121 @@ class RelationService:
                                   f"{per_doc[keys[worst]]}); send fewer documents or a narrower interval")
         return keys, job
 
-    async def relations(self, request: RelationsRequest) -> tuple[RelationsResponse, str | None]:
+    # ---- rollout --------------------------------------------------------------------------------------------
+    def choose(self, key: str | None = None) -> Answering:
+        """The side that answers a request with ``key`` (its ``X-Request-Key``; None: drawn at random): the
+        challenger for a canary share while it is ready, else the champion."""
+        rollout = self.options.rollout
+        challenger = self.challenger is not None and self.challenger.ready
+        if rollout is not None and rollout.canary_percent and challenger:
+            drawn = bucket(key) if key is not None else self._random.randrange(100)
+            if drawn < rollout.canary_percent:
+                return Answering(CHALLENGER, self._sides[CHALLENGER].version)
+        return Answering(CHAMPION, self._sides[CHAMPION].version)
+
+    async def rollout_info(self) -> RolloutInfo | None:
+        rollout, challenger = self.options.rollout, self.challenger
+        if rollout is None or challenger is None:
+            return None
+        if challenger.ready and challenger.info is None:
+            challenger.info = await challenger.model.info()
+        info = challenger.info
+        return RolloutInfo(mode=rollout.mode, canary_percent=rollout.canary_percent, challenger=challenger.uri,
+                           challenger_state=challenger.state, challenger_error=challenger.error,
+                           challenger_version=getattr(info, "version", None),
+                           shadow=self.agreement.summary() if rollout.shadow else None)
+
+    def _shadow(self, request: RelationsRequest, job: Job, relations: list) -> None:
+        """Start the challenger's call for a request the champion answered; never awaited by the answer."""
+        rollout = self.options.rollout
+        if rollout is None or not rollout.shadow or self.challenger is None:
+            return
+        if not self.challenger.ready or len(self._shadows) >= rollout.shadow_max_in_flight:
+            self._shadow_done("skipped", None, {})
+            return
+        task = asyncio.get_running_loop().create_task(self._compare(request, job, relations, rollout.shadow_timeout_s))
+        self._shadows.add(task)
+        task.add_done_callback(self._shadows.discard)
+
+    async def _compare(self, request: RelationsRequest, job: Job, relations: list, timeout_s: float) -> None:
+        started = time.monotonic()
+        try:
+            side = self._sides[CHALLENGER]
+            plan = await asyncio.wait_for(side.current_plan(), timeout_s)
+            if plan.interval != self._sides[CHAMPION].plan.interval and not request.interval:
+                job = plan.prepare(job.documents)
+            remaining = timeout_s - (time.monotonic() - started)
+            theirs, _ = await asyncio.wait_for(side.run(job, request.threshold, lambda: None), max(0.0, remaining))
+        except TimeoutError:
+            self._shadow_done("timed_out", time.monotonic() - started, {})
+            return
+        except Exception as error:  # noqa: BLE001 - whatever the challenger does, the answer is already sent
+            log.warning("drugprot serving: shadow call to the challenger failed (%s: %s)", type(error).__name__, error)
+            self._shadow_done("failed", time.monotonic() - started, {})
+            return
+        counts = self.agreement.compare(((r.pmid, r.chemical, r.gene, r.type) for r in relations),
+                                        ((r.pmid, r.chemical, r.gene, r.type) for r in theirs))
+        self._shadow_done("compared", time.monotonic() - started, counts)
+
+    def _shadow_done(self, outcome: str, seconds: float | None, counts: dict) -> None:
+        self.agreement.calls[outcome] += 1
+        if self.on_shadow is not None:
+            self.on_shadow(outcome, seconds, counts)
+
+    # ---- requests --------------------------------------------------------------------------------------------
+    async def relations(self, request: RelationsRequest,
+                        answering: Answering | None = None) -> tuple[RelationsResponse, str | None]:
         """Relations for each document of a validated request, in request order, and the model version that
-        answered (None for a model folder)."""
-        if self._plan is None:
-            self._plan = await self.model.plan()
-        keys, job = self._prepare(request, self._plan)
-        candidates, relations, version = job.candidates, [], self._plan.version
-        if candidates:
-            self._arrived()  # no await between here and the queue: the batcher sees this request in one place
-            scored = await self.model.score(job)
-            if scored.version != self._plan.version:  # another model answered (a champion swap): its plan from now on
-                self._plan = await self.model.plan()
-                if scored.version != self._plan.version:
-                    raise NotReady(f"the model moved from version {version} to {scored.version} and then "
-                                   f"{self._plan.version} during this request; retry")
-            relations, version = self._plan.decode(job, scored.probabilities, request.threshold), scored.version
+        answered (None for a model folder). ``answering`` (default: ``choose()``) names the side, and gets its
+        version once known."""
+        answering = answering or self.choose()
+        side = self._sides[answering.role]
+        plan = await side.current_plan()
+        answering.version = plan.version
+        keys, job = self._prepare(request, plan)
+        relations = []
+        if job.candidates:
+            relations, answering.version = await side.run(job, request.threshold, self._arrived)
+            if answering.role == CHAMPION:
+                self._shadow(request, job, relations)
         by_key: dict[str, list[RelationOut]] = {key: [] for key in keys}
         for relation in relations:
             by_key[relation.pmid].append(RelationOut(chemical=relation.chemical, gene=relation.gene, type=relation.type,
                                                      score=relation.score, votes=list(relation.votes)))
-        counts = Counter(c.pmid for c in candidates)
+        counts = Counter(c.pmid for c in job.candidates)
         response = RelationsResponse(documents=[DocumentRelations(id=d.id, candidates=counts[key], relations=by_key[key])
                                                 for d, key in zip(request.documents, keys)])
-        return response, version
+        return response, answering.version
+
+
+class _Side:
+    """One model the ingress sends jobs to, and the Plan it prepares and decodes them with (fetched on first use and
+    again when the model's version changes)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.plan: Plan | None = None
+
+    @property
+    def version(self) -> str | None:
+        return self.plan.version if self.plan is not None else None
+
+    async def current_plan(self) -> Plan:
+        if self.plan is None:
+            self.plan = await self.model.plan()
+        return self.plan
+
+    async def run(self, job: Job, threshold: float, arrived) -> tuple[list, str | None]:
+        """The job's relations and the version that scored them."""
+        version = self.plan.version
+        arrived()  # no await between here and the queue: the batcher sees this request in one place
+        scored = await self.model.score(job)
+        if scored.version != self.plan.version:  # another model answered (a champion swap): its plan from now on
+            self.plan = await self.model.plan()
+            if scored.version != self.plan.version:
+                raise NotReady(f"the model moved from version {version} to {scored.version} and then "
+                               f"{self.plan.version} during this request; retry")
+        return self.plan.decode(job, scored.probabilities, threshold), scored.version
 
 
 def _first(mapping: dict, *paths: tuple[str, ...]) -> Any:
