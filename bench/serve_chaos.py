@@ -93,6 +93,8 @@ sys.path[:0] = [str(BENCH), str(BENCH.parent / "platform")]
 
 from serve_load import percentile, request_bodies, train_default_model  # noqa: E402
 
+from drugprot.polling import poll  # noqa: E402
+
 
 # ---- clients (their own process) --------------------------------------------------------------------------------
 def _load(url: str, bodies: list[dict], clients: int, seconds: float, headers: dict, queue, stop=None,
@@ -131,8 +133,8 @@ def _load(url: str, bodies: list[dict], clients: int, seconds: float, headers: d
                         status = type(error).__name__
                     outcomes.append((sent, time.monotonic() - sent, status, shape, version))
                     if status == "ConnectError":
-                        await asyncio.sleep(0.1)
-                    elif status == 503 and honour_retry_after and shape["retry_after"]:
+                        await asyncio.sleep(0.1)  # pacing: a client backs off from a server that is gone
+                    elif status == 503 and honour_retry_after and shape["retry_after"]:  # pacing, as the API asks
                         await asyncio.sleep(min(float(response.headers["retry-after"]), 5.0))
 
             await asyncio.gather(*(client() for _ in range(clients)))
@@ -181,6 +183,7 @@ def _stall(host: str, port: int, head: bytes, connections: int, seconds: float, 
                 finally:
                     if writer is not None:
                         writer.close()
+                # pacing: opened again a second later
                 await asyncio.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
 
         await asyncio.gather(*(attacker() for _ in range(connections)))
@@ -224,14 +227,15 @@ def kill_and_time_replacement(app: str, deployment: str, wanted: int, timeout: f
     killed = time.monotonic()
     os.kill(victim, signal.SIGKILL)
     seen_down = False
-    while time.monotonic() - killed < timeout:
+
+    def replaced() -> float | None:
+        nonlocal seen_down
         running = running_replicas(app, deployment)
         seen_down = seen_down or running < wanted
         alive = [pid for pid in replica_pids(app, deployment) if pid != victim]
-        if seen_down and running >= wanted and len(alive) >= wanted:
-            return killed, round(time.monotonic() - killed, 2)
-        time.sleep(0.25)
-    return killed, None
+        return round(time.monotonic() - killed, 2) if seen_down and running >= wanted and len(alive) >= wanted else None
+
+    return killed, poll(replaced, timeout=timeout, interval=0.25)
 
 
 def proxy_resends(ray_root: Path) -> int:
@@ -424,11 +428,10 @@ def swap_phase(base: str, model: str, scratch: Path, *, clients: int, seconds: f
     done = multiprocessing.get_context("spawn").Event()
     began = time.monotonic()
     process, queue = start_load(f"{base}/{app}/v1/relations", clients, seconds + SWAP_WAIT_S, stop=done)
-    time.sleep(seconds / 4)
+    time.sleep(seconds / 4)  # pacing: version 1 alone for a quarter of the time
     moved = time.monotonic()
     promote(registry, SWAP_MODEL, "2", alias="champion", dev_f1=None, force=True, log=quiet)
-    while follower.version != "2" and time.monotonic() < moved + SWAP_WAIT_S:
-        time.sleep(0.5)
+    poll(lambda: follower.version == "2" or None, timeout=moved + SWAP_WAIT_S - time.monotonic(), interval=0.5)
     rolled = round(time.monotonic() - moved, 2) if follower.version == "2" else None
     time.sleep(max(seconds / 4, began + seconds - time.monotonic()))  # version 2 alone, then the rest of the time
     done.set()
@@ -464,13 +467,15 @@ def sigterm_phase(model: str, scratch: Path, *, clients: int, seconds: float, po
                                    "--no-auth", "--run-dir", str(scratch / "sigterm-run")],
                                   stdout=log, stderr=subprocess.STDOUT, env=env, cwd=scratch, start_new_session=True)
     try:
-        deadline = time.monotonic() + 600
-        while b"drugprot serve: ready at" not in log_path.read_bytes():
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"drugprot serve did not start:\n{log_path.read_text(errors='replace')[-3000:]}")
-            time.sleep(0.5)
+        def started() -> bool | None:
+            if b"drugprot serve: ready at" in log_path.read_bytes():
+                return True
+            return False if server.poll() is not None else None  # False: it exited
+
+        if not poll(started, timeout=600, interval=0.5):
+            raise RuntimeError(f"drugprot serve did not start:\n{log_path.read_text(errors='replace')[-3000:]}")
         process, queue = start_load(f"http://127.0.0.1:{port}/v1/relations", clients, seconds)
-        time.sleep(seconds / 2)
+        time.sleep(seconds / 2)  # pacing: half the time under load before the SIGTERM
         signalled = time.monotonic()
         server.send_signal(signal.SIGTERM)  # the process alone, not its group
         code = server.wait(timeout=600)
@@ -511,7 +516,7 @@ def stalled_phase(base: str, model: str, *, clients: int, seconds: float, port: 
     serve.run(build_app({"model": model, "replicas": 2, "num_cpus": 0.5, "token_env": TOKEN_ENV,
                          "warmup_rounds": 2}), name=app, route_prefix=f"/{app}")
     process, queue = start_load(f"{base}/{app}/v1/relations", clients, seconds, {"Authorization": f"Bearer {token}"})
-    time.sleep(seconds / 4)
+    time.sleep(seconds / 4)  # pacing: the load alone for a quarter of the time
     head = (f"POST /{app}/v1/relations HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {token}\r\n"
             f"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{\"documents\": [").encode()
     context = multiprocessing.get_context("spawn")
@@ -584,7 +589,7 @@ def headers_phase(base: str, model: str, *, clients: int, seconds: float, port: 
     serve.run(build_app({"model": model, "replicas": 2, "num_cpus": 0.5, "token_env": TOKEN_ENV,
                          "warmup_rounds": 2}), name=app, route_prefix=f"/{app}")
     process, queue = start_load(f"{base}/{app}/v1/relations", clients, seconds, {"Authorization": f"Bearer {token}"})
-    time.sleep(seconds / 4)
+    time.sleep(seconds / 4)  # pacing: the load alone for a quarter of the time
     memory_before = proxy_rss_mb()
     head = (f"POST /{app}/v1/relations HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n".encode()
             + b"".join(b"X-Pad-%d: %s\r\n" % (i, b"p" * 1_000) for i in range(30)))
@@ -669,7 +674,7 @@ def big_phase(base: str, model: str, *, small_clients: int, big_clients: int, se
         raise RuntimeError(f"the big request was refused: {alone.status_code} {alone.text[:500]}")
     pairs = alone.json()["documents"][0]["candidates"]
     small, small_queue = start_load(url, small_clients, seconds)
-    time.sleep(seconds / 4)
+    time.sleep(seconds / 4)  # pacing: the small requests alone for a quarter of the time
     big, big_queue = start_load(url, big_clients, seconds * 3 / 4, bodies=[body])
     small_outcomes = small_queue.get(timeout=seconds + 600)
     big_outcomes = big_queue.get(timeout=seconds + 600)

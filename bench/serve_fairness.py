@@ -53,7 +53,7 @@ async def _schedule(service, *, small_clients: int, big_clients: int, seconds: f
 
     async def client(bodies, record, start_at: float):
         nonlocal failed
-        await asyncio.sleep(max(0.0, start_at - time.monotonic()))
+        await asyncio.sleep(max(0.0, start_at - time.monotonic()))  # pacing: each client starts on schedule
         while time.monotonic() < deadline:
             body = bodies[next(counter) % len(bodies)]
             sent = time.monotonic()

@@ -33,6 +33,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO / "platform") not in sys.path:  # runs from a checkout without `pip install -e .` too
     sys.path.append(str(REPO / "platform"))
+
+from drugprot.polling import poll  # noqa: E402
+
 LEVELS = (1, 8, 32, 64)
 
 
@@ -207,11 +210,9 @@ def serve_benchmark(model: str, *, levels=LEVELS, seconds: float = 8.0, port: in
             serve.RunTarget(build_app({**common, "max_batch_pairs": 1}), name="unbatched", route_prefix="/unbatched"),
         ])
         for app in ("batched", "unbatched"):
-            deadline = time.monotonic() + 120
-            while requests.get(f"http://127.0.0.1:{port}/{app}/readyz", timeout=10).status_code != 200:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"/{app} not ready after 120 s")
-                time.sleep(0.2)
+            url = f"http://127.0.0.1:{port}/{app}/readyz"
+            if not poll(lambda: requests.get(url, timeout=10).status_code == 200 or None, timeout=120, interval=0.2):
+                raise RuntimeError(f"/{app} not ready after 120 s")
         bodies = request_bodies()
         for app in ("batched", "unbatched"):
             rows += http_sweep(f"http://127.0.0.1:{port}/{app}/v1/relations", app, bodies, levels, seconds)

@@ -50,6 +50,7 @@ for folder in (REPO / "platform", REPO / "tests"):
         sys.path.insert(0, str(folder))
 
 from drugprot import mlflow_store, tracking  # noqa: E402
+from drugprot.polling import poll  # noqa: E402
 from fixtures_mlflow import mlflow_server_process  # noqa: E402
 from fixtures_postgres import postgres_server  # noqa: E402
 
@@ -98,16 +99,16 @@ def moto_s3(root: Path):
     try:
         import boto3
 
-        deadline = time.monotonic() + 60
-        while True:
+        def bucket_made() -> bool | None:
             try:
                 boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
                              aws_access_key_id="chaos", aws_secret_access_key="chaos").create_bucket(Bucket=BUCKET)
-                break
+                return True
             except Exception:  # noqa: BLE001 - not listening yet
-                if time.monotonic() > deadline or process.poll() is not None:
-                    raise RuntimeError(f"moto_server did not come up: {(root / 'moto.log').read_text()[-2000:]}")
-                time.sleep(0.5)
+                return False if process.poll() is not None else None  # False: it exited
+
+        if not poll(bucket_made, timeout=60, interval=0.5):
+            raise RuntimeError(f"moto_server did not come up: {(root / 'moto.log').read_text()[-2000:]}")
         yield env
     finally:
         with contextlib.suppress(ProcessLookupError):
@@ -206,40 +207,47 @@ def chaos_study(name: str, *, cluster: Cluster, env: dict, cwd: Path, storage: s
     driver = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
     worker_sessions = {sid: role for sid, role in cluster.sessions().items() if role.startswith("worker")}
     killed_raylet = killed_driver = None
-    try:
-        while driver.poll() is None and time.monotonic() - start < timeout:
-            runs = trial_runs(client, name)
-            if killed_raylet is None:
-                for run in runs:
-                    pid = int(run.data.tags.get(tracking.TAG_PID, "0") or 0)
-                    role = worker_sessions.get(session_of(pid)) if pid else None
-                    steps = [m.step for m in client.get_metric_history(run.info.run_id, "dev_f1_a")]
-                    running = run.data.tags.get(tracking.TAG_STATE) == "running"
-                    # past it, not at it: a poll can miss the moment a fast trial reports exactly that evaluation
-                    if role and running and max(steps, default=0) >= victim_eval:
-                        raylet = cluster.raylet_of(role)
-                        os.kill(raylet, signal.SIGKILL)
-                        killed_raylet = {"node": role, "raylet_pid": raylet, "after_eval": victim_eval,
-                                         "trial": run.data.tags[tracking.TAG_TRIAL_ID],
-                                         "at_s": round(time.monotonic() - start, 1)}
-                        log(f"fault 1: SIGKILL raylet {raylet} of {role} (its trial {killed_raylet['trial']} is past "
-                            f"evaluation {victim_eval})")
-                        break
-            else:
-                ended = [r for r in runs if r.data.tags.get(tracking.TAG_STATE) in ("finished", "early-stopped")]
-                running = [r for r in runs if r.data.tags.get(tracking.TAG_STATE) == "running"
-                           and client.get_metric_history(r.info.run_id, "dev_f1_a")]
-                victim = next(r for r in runs if r.data.tags[tracking.TAG_TRIAL_ID] == killed_raylet["trial"])
-                retried = int(victim.data.tags.get(tracking.TAG_STARTS, "1")) >= 2  # fault 1 handled first
-                # once every trial has started, waiting for more to end could outlast the study
-                if retried and running and (len(ended) >= kill_driver_after or len(runs) == trials):
-                    time.sleep(2)  # let Tune snapshot the study state once more
-                    os.kill(driver.pid, signal.SIGKILL)
-                    killed_driver = {"ended_trials": len(ended), "running_trials": len(running),
+
+    def inject_due_fault() -> bool | None:
+        """One look at the trials, injecting the fault that is due; True once both are in or the driver exited."""
+        nonlocal killed_raylet, killed_driver
+        if driver.poll() is not None:
+            return True
+        runs = trial_runs(client, name)
+        if killed_raylet is None:
+            for run in runs:
+                pid = int(run.data.tags.get(tracking.TAG_PID, "0") or 0)
+                role = worker_sessions.get(session_of(pid)) if pid else None
+                steps = [m.step for m in client.get_metric_history(run.info.run_id, "dev_f1_a")]
+                running = run.data.tags.get(tracking.TAG_STATE) == "running"
+                # past it, not at it: a poll can miss the moment a fast trial reports exactly that evaluation
+                if role and running and max(steps, default=0) >= victim_eval:
+                    raylet = cluster.raylet_of(role)
+                    os.kill(raylet, signal.SIGKILL)
+                    killed_raylet = {"node": role, "raylet_pid": raylet, "after_eval": victim_eval,
+                                     "trial": run.data.tags[tracking.TAG_TRIAL_ID],
                                      "at_s": round(time.monotonic() - start, 1)}
-                    log(f"fault 2: SIGKILL the driver {driver.pid} ({len(ended)} trials ended, {len(running)} running)")
+                    log(f"fault 1: SIGKILL raylet {raylet} of {role} (its trial {killed_raylet['trial']} is past "
+                        f"evaluation {victim_eval})")
                     break
-            time.sleep(1)
+        else:
+            ended = [r for r in runs if r.data.tags.get(tracking.TAG_STATE) in ("finished", "early-stopped")]
+            running = [r for r in runs if r.data.tags.get(tracking.TAG_STATE) == "running"
+                       and client.get_metric_history(r.info.run_id, "dev_f1_a")]
+            victim = next(r for r in runs if r.data.tags[tracking.TAG_TRIAL_ID] == killed_raylet["trial"])
+            retried = int(victim.data.tags.get(tracking.TAG_STARTS, "1")) >= 2  # fault 1 handled first
+            # once every trial has started, waiting for more to end could outlast the study
+            if retried and running and (len(ended) >= kill_driver_after or len(runs) == trials):
+                time.sleep(2)  # let Tune snapshot the study state once more
+                os.kill(driver.pid, signal.SIGKILL)
+                killed_driver = {"ended_trials": len(ended), "running_trials": len(running),
+                                 "at_s": round(time.monotonic() - start, 1)}
+                log(f"fault 2: SIGKILL the driver {driver.pid} ({len(ended)} trials ended, {len(running)} running)")
+                return True
+        return None
+
+    try:
+        poll(inject_due_fault, timeout=timeout - (time.monotonic() - start), interval=1)
         driver.wait(timeout=60)
     finally:
         if driver.poll() is None:

@@ -1,15 +1,25 @@
 """Shared serving helpers: the in-process service and its test client, request bodies, answers compared with
-``predict`` (import what you use into your test module; ``relation_members`` comes from ``fixtures_models``)."""
+``predict``, a private Ray with Serve and waits for a service to come up (import what you use into your test module;
+``relation_members`` comes from ``fixtures_models``)."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
+import requests
 from fastapi.testclient import TestClient
 
 from drugprot.inference import Predictor
+from drugprot.local_ray import local_serve
 from drugprot.model.artifacts import load_artifact
+from drugprot.polling import poll
 from drugprot.serving.api import create_api
 from drugprot.serving.options import parse_options
 from drugprot.serving.service import ModelService, RelationService
@@ -90,3 +100,64 @@ def many_docs(n: int, *, chars: int = 40, genes: int = 1) -> list[dict]:
         entities += [{"id": f"G{g}", "type": "GENE", "start": 17 + 5 * g, "end": 21 + 5 * g} for g in range(genes)]
         docs.append({"id": f"doc{i}", "text": text, "entities": entities})
     return docs
+
+
+#: What starting a local Ray sets in this process's environment (``drugprot.local_ray.prepare_environment``).
+RAY_ENV = ("RAY_TMPDIR", "RAY_USAGE_STATS_ENABLED", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_GCS_SERVER_PORT")
+
+
+@contextmanager
+def serve_cluster(port: int, *, gcs_port: int, env: dict[str, str], prefix: str, **init_options) -> Iterator[Path]:
+    """A private Ray (2 CPUs, token auth, its own temporary folder) with Serve on 127.0.0.1:``port``, for a test
+    module's fixture. ``env`` is set before Ray starts (the replicas and the proxy inherit it from the raylet); on
+    exit Serve and Ray are stopped, the folder removed and the environment as it was before."""
+    saved = {key: os.environ.get(key) for key in (*RAY_ENV, *env)}
+    os.environ.update(env)
+    try:
+        with local_serve(port, root=tempfile.mkdtemp(prefix=prefix), gcs_port=gcs_port, **init_options) as root:
+            yield root
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def wait_ready(url: str, timeout: float = 120) -> None:
+    """Until ``url`` (an application's ``/readyz``) answers 200."""
+
+    def ready() -> bool | None:
+        try:
+            return requests.get(url, timeout=5).status_code == 200 or None
+        except requests.RequestException:
+            return None
+
+    assert poll(ready, timeout=timeout, interval=0.2), f"{url} not ready after {timeout} s"
+
+
+def deploy(base: str, model: Path, applications: dict[str, dict]) -> dict[str, str]:
+    """Deploy ``model`` as the applications named in ``applications`` (each name's serving options) together, each at
+    ``/NAME`` under ``base``, and wait until each is ready; returns their URLs by name."""
+    from ray import serve
+
+    from drugprot.serving import build_app
+
+    serve.run_many([serve.RunTarget(build_app({"model": str(model), **options}), name=name, route_prefix=f"/{name}")
+                    for name, options in applications.items()])
+    for name in applications:
+        wait_ready(f"{base}/{name}/readyz")
+    return {name: f"{base}/{name}" for name in applications}
+
+
+def wait_for_serve_command(process: subprocess.Popen, log: Path, timeout: float) -> None:
+    """Until ``drugprot serve`` (``process``, its output in ``log``) says it is ready; fails at once with the log's
+    end if it exits first."""
+
+    def ready() -> bool | None:
+        if b"drugprot serve: ready at" in log.read_bytes():
+            return True
+        assert process.poll() is None, log.read_text(errors="replace")[-3000:]
+        return None
+
+    assert poll(ready, timeout=timeout, interval=0.5), f"drugprot serve did not become ready within {timeout:.0f} s"

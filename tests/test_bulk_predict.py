@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ from fixtures_bulk import dev_sample, relation_model_dir  # noqa: F401  (fixture
 
 from drugprot.cli import main
 from drugprot.formats import write_pubtator
+from drugprot.polling import poll
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,12 +52,14 @@ def test_killed_job_resumes_to_byte_identical_output(relation_model_dir, dev_sam
     killed_out = tmp_path / "resumed"
     job = _drugprot(*common, "--out", str(killed_out))
     manifest = killed_out / "manifest.json"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and job.poll() is None:
-        if manifest.exists() and len(json.loads(manifest.read_text())["shards"]) >= 3:
-            job.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.01)
+
+    def three_shards_written() -> bool | None:
+        if job.poll() is not None:
+            return False  # it ended first: nothing left to kill
+        return manifest.exists() and len(json.loads(manifest.read_text())["shards"]) >= 3 or None
+
+    if poll(three_shards_written, timeout=600, interval=0.01):
+        job.send_signal(signal.SIGKILL)
     assert job.wait(timeout=60) == -signal.SIGKILL, "the job finished before it could be killed"
     finished = len(json.loads(manifest.read_text())["shards"])
     assert 3 <= finished < 40

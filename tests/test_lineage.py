@@ -140,7 +140,12 @@ def test_ensemble_logged_model_is_named_after_it_and_takes_its_members_models(st
     assert model.name == "ensemble-lineage-1" and model.source_run_id == ensemble.run_id
     assert model.tags["drugprot.member_models"] == ",".join(members)
     assert [(o.model_id) for o in run.outputs.model_outputs] == [model.model_id]
-    assert "ensemble_f1" in {m.key for m in model.metrics}  # the run's metrics, linked to the model by log_model
+    # the run's metrics are the model's own, each once, on the dev split they were scored on (as a trial's model)
+    assert sorted(m.key for m in model.metrics) == sorted(run.data.metrics) and "ensemble_f1" in run.data.metrics
+    assert all((m.step, m.value) == (0, run.data.metrics[m.key]) for m in model.metrics)
+    dev = ("sample_data", files_digest("development")[:16])
+    assert {(m.dataset_name, m.dataset_digest) for m in model.metrics} == {dev}
+    assert [len(study.client.get_metric_history(ensemble.run_id, k)) for k in run.data.metrics] == [1] * len(run.data.metrics)
     splits = {next(t.value for t in d.tags if t.key == "mlflow.data.context") for d in run.inputs.dataset_inputs}
     assert splits == {"training", "development"}
 

@@ -17,7 +17,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -27,7 +26,8 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
-from fixtures_serving import answered, assert_equal_up_to_rounding, document_json, expected
+from fixtures_serving import (answered, assert_equal_up_to_rounding, deploy, document_json, expected, serve_cluster,
+                              wait_for_serve_command, wait_ready)
 
 from drugprot.config import SAMPLE_DIR
 from drugprot.polling import poll
@@ -40,8 +40,6 @@ HTTP_PORT, GCS_PORT, METRICS_PORT = 8111, 6424, 6426
 CLI_HTTP_PORT, CLI_GCS_PORT, CLI_METRICS_PORT, CLI_DASHBOARD_PORT = 8112, 6425, 6427, 6428
 BASE = f"http://127.0.0.1:{HTTP_PORT}"
 TOKEN_ENV = "DRUGPROT_SERVE_TEST_TOKEN"
-RAY_ENV = ("RAY_TMPDIR", "RAY_USAGE_STATS_ENABLED", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_GCS_SERVER_PORT",
-           TOKEN_ENV)
 
 
 @pytest.fixture(scope="module")
@@ -66,53 +64,24 @@ def token() -> str:
 
 @pytest.fixture(scope="module")
 def cluster(token):
-    """A private Ray (2 CPUs, token auth, its own temp folder) with Serve on 127.0.0.1:8111; torn down after."""
-    import ray
-    from ray import serve
-
-    from drugprot.local_ray import start_local_ray
-
-    saved = {key: os.environ.get(key) for key in RAY_ENV}
-    root = Path(tempfile.mkdtemp(prefix="drugprot-serve-test-"))
-    os.environ[TOKEN_ENV] = token  # the replicas inherit it from the raylet
-    start_local_ray(num_cpus=2, root=root, gcs_port=GCS_PORT, object_store_mb=256, _metrics_export_port=METRICS_PORT)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": HTTP_PORT})
+    """The module's private Ray with Serve on 127.0.0.1:8111, the token in the replicas' environment."""
+    with serve_cluster(HTTP_PORT, gcs_port=GCS_PORT, env={TOKEN_ENV: token}, prefix="drugprot-serve-test-",
+                       _metrics_export_port=METRICS_PORT) as root:
         yield root
-    finally:
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
-            shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
 def apps(cluster, ensemble_dir):
     """``/open`` and ``/secure``, deployed together."""
-    from ray import serve
-
-    from drugprot.serving import build_app
-
-    model = str(ensemble_dir)
-    serve.run_many([
-        serve.RunTarget(build_app({"model": model, "replicas": 2, "num_cpus": 0.5, "token_env": None,
-                                   "max_batch_pairs": 160, "max_ongoing_requests": 64, "batch_wait_ms": 10,
-                                   "max_queue_wait_s": 0}),  # every request answered: no latency objective
-                        name="open", route_prefix="/open"),  # the development sample (137 pairs) in one call
-        serve.RunTarget(build_app({"model": model, "num_cpus": 0.25, "token_env": TOKEN_ENV, "require_token": True,
-                                   "limits": {"max_documents": 3, "max_characters": 20_000, "max_entities": 200,
-                                              "max_pairs": 60, "max_body_bytes": 20_000}}),
-                        name="secure", route_prefix="/secure"),
-    ])
-    for app in ("open", "secure"):
-        wait_ready(f"{BASE}/{app}/readyz")
-    return {"open": f"{BASE}/open", "secure": f"{BASE}/secure"}
+    return deploy(BASE, ensemble_dir, {
+        "open": {"replicas": 2, "num_cpus": 0.5, "token_env": None,
+                 "max_batch_pairs": 160,  # the development sample (137 pairs) in one call
+                 "max_ongoing_requests": 64, "batch_wait_ms": 10,
+                 "max_queue_wait_s": 0},  # every request answered: no latency objective
+        "secure": {"num_cpus": 0.25, "token_env": TOKEN_ENV, "require_token": True,
+                   "limits": {"max_documents": 3, "max_characters": 20_000, "max_entities": 200, "max_pairs": 60,
+                              "max_body_bytes": 20_000}},
+    })
 
 
 @pytest.fixture(scope="module")
@@ -128,29 +97,17 @@ def tight(cluster, ensemble_dir):
                      daemon=True).start()  # serve.run returns once ready; watch what clients see meanwhile
     url = f"{BASE}/tight"
     seen = []
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
+
+    def ready() -> bool | None:
         try:
             response = requests.get(f"{url}/readyz", timeout=300)
         except requests.ConnectionError:
-            continue
+            return None
         seen.append((response.status_code, response.text))
-        if response.status_code == 200:
-            break
-        time.sleep(0.1)
+        return response.status_code == 200 or None
+
+    poll(ready, timeout=300, interval=0.1)  # test_ready_only_after_warm_up judges what was seen
     return url, seen
-
-
-def wait_ready(url: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(url, timeout=5).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"{url} not ready after {timeout} s")
 
 
 def small_doc(doc_id: str = "d1") -> dict:
@@ -178,11 +135,7 @@ def test_drugprot_serve_runs_until_sigterm_and_drains_accepted_requests(ensemble
                                 "--max-queue-wait-s", "0"],  # every request before the SIGTERM answered: no objective
                                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
-        deadline = time.monotonic() + 150
-        while b"drugprot serve: ready at" not in (tmp_path / "serve.log").read_bytes():
-            assert process.poll() is None, (tmp_path / "serve.log").read_text(errors="replace")[-3000:]
-            assert time.monotonic() < deadline, "drugprot serve did not become ready"
-            time.sleep(0.5)
+        wait_for_serve_command(process, tmp_path / "serve.log", timeout=150)
         url = f"http://127.0.0.1:{CLI_HTTP_PORT}/v1/relations"
         response = requests.post(url, json={"documents": [small_doc()]}, timeout=30)
         assert response.status_code == 200 and response.json()["documents"][0]["candidates"] == 1
@@ -517,17 +470,19 @@ def test_prometheus_scrapes_the_serving_metrics_from_the_local_ray(apps, token, 
             f"ray_drugprot_queue_depth{{{secure}}}": 0,
             f'ray_drugprot_model_info{{{secure},version="folder",name="",alias=""}}': 1}
         seen: dict[str, float] = {}
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and any(seen.get(q, -1) < least for q, least in wanted.items()):
+
+        def all_reached() -> bool | None:
             for query in wanted:
                 try:
                     answer = requests.get(f"http://127.0.0.1:{port}/api/v1/query", params={"query": query}, timeout=5)
                 except requests.ConnectionError:
-                    break
+                    return None  # Prometheus not listening yet
                 result = answer.json()["data"]["result"] if answer.status_code == 200 else []
                 if result:
                     seen[query] = sum(float(series["value"][1]) for series in result)
-            time.sleep(1)
+            return all(seen.get(q, -1) >= least for q, least in wanted.items()) or None
+
+        poll(all_reached, timeout=120, interval=1)
         missing = {q: seen.get(q) for q, least in wanted.items() if seen.get(q, -1) < least}
         assert not missing, (missing, (tmp_path / "prometheus.log").read_text()[-2000:])
     finally:

@@ -14,21 +14,18 @@ import http.client
 import json
 import os
 import resource
-import shutil
 import signal
 import socket
 import statistics
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import requests
-from fixtures_serving import document_json
+from fixtures_serving import deploy, document_json, serve_cluster, wait_for_serve_command
 
 from drugprot.config import SAMPLE_DIR
 from drugprot.corpus import read_split
@@ -41,8 +38,6 @@ BASE = f"http://127.0.0.1:{HTTP_PORT}"
 TOKEN = "security-test-token"
 TOKEN_ENV = "DRUGPROT_SECURITY_TEST_TOKEN"
 PROXY_LIMITS = {"header_timeout_s": 2.0, "max_connections_per_client": 64}
-RAY_ENV = ("RAY_TMPDIR", "RAY_USAGE_STATS_ENABLED", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_GCS_SERVER_PORT",
-           "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "DRUGPROT_PROXY_LIMITS", TOKEN_ENV)
 SMALL = {"id": "d1", "text": "Aspirin inhibits COX-1 strongly.",
          "entities": [{"id": "T1", "type": "CHEMICAL", "start": 0, "end": 7}, {"id": "T2", "type": "GENE-Y", "start": 17, "end": 22}]}
 
@@ -122,11 +117,7 @@ def test_drugprot_serve_makes_a_private_token_and_keeps_ray_logs_after_a_clean_s
                                 "--port", str(CLI_HTTP_PORT), "--run-dir", str(run_dir)],
                                stdout=log, stderr=subprocess.STDOUT, env=cli_env(), start_new_session=True)
     try:
-        deadline = time.monotonic() + 150
-        while b"drugprot serve: ready at" not in (tmp_path / "serve.log").read_bytes():
-            assert process.poll() is None, (tmp_path / "serve.log").read_text(errors="replace")[-3000:]
-            assert time.monotonic() < deadline, "drugprot serve did not become ready"
-            time.sleep(0.5)
+        wait_for_serve_command(process, tmp_path / "serve.log", timeout=150)
         token_file = run_dir / "api-token"
         output = (tmp_path / "serve.log").read_text(errors="replace")
         assert f"bearer token written to {token_file} (readable by you only)" in output
@@ -153,54 +144,22 @@ def test_drugprot_serve_makes_a_private_token_and_keeps_ray_logs_after_a_clean_s
 # ---- one Ray, two applications ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def cluster():
-    import ray
-    from ray import serve
-
-    from drugprot.local_ray import start_local_ray
+    """The module's private Ray with Serve on 127.0.0.1:8121, its proxy running drugprot's callback."""
     from drugprot.serving.proxy import PROXY_CALLBACK
 
-    saved = {key: os.environ.get(key) for key in RAY_ENV}
-    root = Path(tempfile.mkdtemp(prefix="drugprot-security-test-"))
-    os.environ[TOKEN_ENV] = TOKEN  # the replicas and the proxy inherit these from the raylet
-    os.environ[PROXY_CALLBACK[0]] = PROXY_CALLBACK[1]
-    os.environ["DRUGPROT_PROXY_LIMITS"] = json.dumps(PROXY_LIMITS)
-    start_local_ray(num_cpus=2, root=root, gcs_port=GCS_PORT, object_store_mb=256)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": HTTP_PORT})
+    env = {TOKEN_ENV: TOKEN, PROXY_CALLBACK[0]: PROXY_CALLBACK[1], "DRUGPROT_PROXY_LIMITS": json.dumps(PROXY_LIMITS)}
+    with serve_cluster(HTTP_PORT, gcs_port=GCS_PORT, env=env, prefix="drugprot-security-test-") as root:
         yield root
-    finally:
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
-            shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
 def apps(cluster, ensemble_dir):
-    from ray import serve
-
-    from drugprot.serving import build_app
-
-    model = str(ensemble_dir)
-    serve.run_many([
-        serve.RunTarget(build_app({"model": model, "num_cpus": 0.25, "ingress_cpus": 0.1, "token_env": TOKEN_ENV,
-                                   "require_token": True, "warmup_rounds": 1}), name="guarded", route_prefix="/guarded"),
-        serve.RunTarget(build_app({"model": model, "num_cpus": 0.25, "ingress_cpus": 0.1, "token_env": None,
-                                   "max_batch_pairs": 4, "max_queue_wait_s": 0.02, "warmup_rounds": 1}),
-                        name="objective", route_prefix="/objective"),
-    ])
-    for app in ("guarded", "objective"):
-        deadline = time.monotonic() + 120
-        while requests.get(f"{BASE}/{app}/readyz", timeout=30).status_code != 200:
-            assert time.monotonic() < deadline, f"{app} not ready"
-            time.sleep(0.2)
-    return {"guarded": f"{BASE}/guarded", "objective": f"{BASE}/objective"}
+    return deploy(BASE, ensemble_dir, {
+        "guarded": {"num_cpus": 0.25, "ingress_cpus": 0.1, "token_env": TOKEN_ENV, "require_token": True,
+                    "warmup_rounds": 1},
+        "objective": {"num_cpus": 0.25, "ingress_cpus": 0.1, "token_env": None, "max_batch_pairs": 4,
+                      "max_queue_wait_s": 0.02, "warmup_rounds": 1},
+    })
 
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

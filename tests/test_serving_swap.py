@@ -26,7 +26,7 @@ from urllib.parse import unquote, urlparse
 import pytest
 import requests
 from fixtures_mlflow import _free_port
-from fixtures_serving import document_json
+from fixtures_serving import document_json, wait_for_serve_command
 
 from drugprot.config import SAMPLE_DIR
 from drugprot.corpus import read_split
@@ -72,11 +72,7 @@ def server(registry):
                                 "--max-queue-wait-s", "0"],  # every request answered during a swap: no objective
                                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=root)
     try:
-        deadline = time.monotonic() + 180
-        while b"drugprot serve: ready at" not in log_path.read_bytes():
-            assert process.poll() is None, log_path.read_text(errors="replace")[-3000:]
-            assert time.monotonic() < deadline, "drugprot serve did not become ready"
-            time.sleep(0.5)
+        wait_for_serve_command(process, log_path, timeout=180)
         yield {"url": f"http://127.0.0.1:{port}", "log": log_path, "metrics": f"http://127.0.0.1:{metrics}/metrics"}
     finally:
         if process.poll() is None:
@@ -128,13 +124,10 @@ class Load:
 
 
 def wait_for(condition, timeout: float, what: str, log: Path):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"{what} within {timeout:.0f} s; server log:\n{log.read_text(errors='replace')[-4000:]}")
+    """The first true value of ``condition()``; fails after ``timeout`` s saying ``what`` and the server log's end."""
+    value = poll(lambda: condition() or None, timeout=timeout, interval=0.5)
+    assert value, f"{what} within {timeout:.0f} s; server log:\n{log.read_text(errors='replace')[-4000:]}"
+    return value
 
 
 def model_info(url: str) -> dict:

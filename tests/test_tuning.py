@@ -392,10 +392,8 @@ def test_trial_processes_exit_when_their_trial_ends(local_study, local_ray):
     assert local_ray.is_initialized()
     pids = {int(t.tags[tracking.TAG_PID]) for t in local_study["result"].trials}
     assert len(pids) == 4 and os.getpid() not in pids
-    deadline = time.monotonic() + 30
-    while any(process_alive(pid) for pid in pids) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not [pid for pid in pids if process_alive(pid)]
+    gone = poll(lambda: None if any(process_alive(pid) for pid in pids) else True, timeout=30)
+    assert gone, f"trial processes still running 30 s after their trials ended: {[p for p in pids if process_alive(p)]}"
 
 
 @pytest.mark.slow
@@ -560,14 +558,15 @@ def session_members(sid: int) -> list[int]:
 def kill_session(sid: int) -> None:
     """SIGKILL every process of the session that a subprocess started with start_new_session=True leads: the driver,
     the Ray runtime it started and its workers (which take process groups of their own but keep the session)."""
-    for _ in range(20):
+
+    def emptied() -> bool | None:
         members = session_members(sid)
-        if not members:
-            return
         for pid in members:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        time.sleep(0.25)
+        return None if members else True
+
+    poll(emptied, timeout=5, interval=0.25)  # again until none is left: a dying process can still start another
 
 
 @contextlib.contextmanager
@@ -607,15 +606,15 @@ def test_interrupted_study_resumes_without_rerunning_or_relogging(store, tmp_pat
     env = child_env(RAY_TMPDIR=str(ray_tmp), TUNE_GLOBAL_CHECKPOINT_S="1")
     cmd = drugprot_cmd("--config", str(SMOKE_CONFIG), "--space", str(SMOKE_SPACE), "--num-samples", "3",
                        "--max-concurrent", "2", *common)
-    finished_before: list[str] = []
     with running(cmd, cwd=tmp_path, env=env, log=tmp_path / "first.log") as (process, lines):
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and process.poll() is None:
-            finished_before = [line.split()[2] for line in lines if line.startswith("[resumable] trial ")
-                               and (" finished:" in line or " early-stopped:" in line)]
-            if finished_before:
-                break
-            time.sleep(0.2)
+
+        def ended_trials() -> list[str] | None:
+            """The trials the study says ended; [] once it exited without one (nothing more to wait for)."""
+            ended = [line.split()[2] for line in lines if line.startswith("[resumable] trial ")
+                     and (" finished:" in line or " early-stopped:" in line)]
+            return ended if ended or process.poll() is not None else None
+
+        finished_before = poll(ended_trials, timeout=240, interval=0.2)
         assert finished_before, f"no trial ended before the deadline:\n" + "\n".join(lines[-20:])
         # copied to storage a checkpoint period (1 s) after the trial ended: saved after it ended, so it holds it
         ended = time.time() + 1.0

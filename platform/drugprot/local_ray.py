@@ -89,10 +89,10 @@ def start_local_ray(*, num_cpus: float | None = None, root: str | os.PathLike | 
 
 @contextmanager
 def local_serve(port: int, *, root: str | os.PathLike, gcs_port: int | None = None, num_cpus: float = 2,
-                object_store_mb: int = 256) -> Iterator[Path]:
-    """A private Ray with Serve's proxy on 127.0.0.1:``port`` for the benchmarks; everything is stopped and ``root``
-    removed on exit."""
-    start_local_ray(num_cpus=num_cpus, root=root, gcs_port=gcs_port, object_store_mb=object_store_mb)
+                object_store_mb: int = 256, **init_options) -> Iterator[Path]:
+    """A private Ray with Serve's proxy on 127.0.0.1:``port`` for the benchmarks and the serving tests
+    (``init_options`` go to ``ray.init``); everything is stopped and ``root`` removed on exit."""
+    start_local_ray(num_cpus=num_cpus, root=root, gcs_port=gcs_port, object_store_mb=object_store_mb, **init_options)
     import ray
     from ray import serve
 

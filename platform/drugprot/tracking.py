@@ -253,14 +253,19 @@ def log_corpus_inputs(mlflow_client, run_id: str, data: dict[str, Any], roles: I
     return [i.dataset for i in inputs]
 
 
+def dev_dataset(run):
+    """The run's dataset input with role ``dev`` (what its metrics were scored on), or None."""
+    return next((d.dataset for d in run.inputs.dataset_inputs
+                 if any(t.key == DATASET_ROLE_TAG and t.value == "dev" for t in d.tags)), None)
+
+
 def link_model_metrics(mlflow_client, run, model_id: str, names: Iterable[str], *, step: int) -> None:
     """Record the run's metrics ``names`` at ``step`` as the LoggedModel's own, on the run's dev dataset input (the
     LoggedModel page lists them with that dataset). Each is the very point already in the run's history (same key,
     time, step and value: MLflow keeps one copy), so the run's charts gain nothing."""
     from mlflow.entities import Metric
 
-    dev = next((d.dataset for d in run.inputs.dataset_inputs
-                if any(t.key == DATASET_ROLE_TAG and t.value == "dev" for t in d.tags)), None)
+    dev = dev_dataset(run)
     linked = []
     for name in names:
         point = next((m for m in mlflow_client.get_metric_history(run.info.run_id, name) if m.step == step), None)

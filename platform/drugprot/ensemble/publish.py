@@ -16,8 +16,9 @@ documents they trained on (:func:`final_params`), and the promotion gate refuses
 
 Lineage: the run has the corpus splits it saw as dataset inputs and its members' LoggedModels (the trials' best
 models, :mod:`drugprot.tracking`) as input models; the pyfunc is a LoggedModel named after the run, tagged with its
-members' model ids. Its metrics are named ``ensemble_*`` (:func:`ensemble_metrics`) and its members are one table
-(:data:`MEMBERS_TABLE`), so the study's charts of trials stay apart.
+members' model ids, with the run's metrics as its own on the dev split's dataset (as a trial's best model). The
+metrics are named ``ensemble_*`` (:func:`ensemble_metrics`) and the members are one table (:data:`MEMBERS_TABLE`), so
+the study's charts of trials stay apart.
 
 The ensemble run goes to the study's experiment, nested under the study's parent run and tagged
 ``drugprot.kind=ensemble`` (``drugprot.tracking.study_trials`` reads only ``kind=trial`` runs, so it is never
@@ -153,6 +154,18 @@ def ensemble_metrics(meta: dict) -> dict[str, float]:
     metrics.update({f"early_exit_{key}": calibrated[key] for key in ("confidence", "agreement", "member_pair_share")
                     if key in calibrated})
     return metrics
+
+
+def log_metrics(registry, run_id: str, metrics: dict[str, float], *, model_id: str | None, dataset) -> None:
+    """The run's ``metrics`` at step 0; with ``model_id``, also the ensemble LoggedModel's own, on ``dataset`` (the
+    dev split they were scored on, when the run has it as an input), as a trial's best model has its metrics."""
+    from mlflow.entities import Metric
+    from mlflow.utils.time import get_current_time_millis
+
+    now = get_current_time_millis()
+    on = {"dataset_name": dataset.name, "dataset_digest": dataset.digest} if model_id and dataset is not None else {}
+    registry.log_batch(run_id, metrics=[Metric(key, float(value), now, 0, model_id=model_id, **on)
+                                        for key, value in metrics.items()], synchronous=True)
 
 
 def members_table(meta: dict, member_models: dict[str, str]) -> dict[str, list]:
@@ -321,12 +334,10 @@ def log_ensemble(folder: str | Path, *, tracking_uri: str | None = None, experim
                   **final_params(folder, meta)}
         for key, value in params.items():
             registry.log_param(run_id, key, value)
-        for key, value in ensemble_metrics(meta).items():  # log_model links them to the model it logs
-            registry.log_metric(run_id, key, float(value), step=0)
         registry.log_table(run_id, members_table(meta, member_models), MEMBERS_TABLE)
         registry.log_dict(run_id, meta, "ensemble/ensemble.json")
-        registration = None
-        if register:
+        model_id = None
+        if register:  # the model before the metrics: log_model links those it finds to it, without their dataset
             with _tracking(uri), mlflow.start_run(run_id=run_id), tempfile.TemporaryDirectory() as staging:
                 info = mlflow.pyfunc.log_model(
                     name=run_name, python_model=str(PYFUNC_MODEL_FILE), artifacts={"ensemble": str(folder)},
@@ -335,6 +346,11 @@ def log_ensemble(folder: str | Path, *, tracking_uri: str | None = None, experim
                     metadata={"drugprot_kind": "ensemble", "vote": meta["vote"]}, model_type="drugprot-ensemble",
                     params={"vote": meta["vote"], "members": names},
                     tags={TAG_MEMBER_MODELS: ",".join(member_models.get(m["name"], "") for m in meta["members"])})
+            model_id = info.model_id
+        log_metrics(registry, run_id, ensemble_metrics(meta), model_id=model_id,
+                    dataset=tracking.dev_dataset(registry.get_run(run_id)))
+        registration = None
+        if register:
             version = str(info.registered_model_version)
             registry.update_model_version(register, version, description=model_description(meta))
             version_tags = {"dev_f1": "" if dev_f1 is None else f"{dev_f1:.6f}", "vote": meta["vote"], "members": names,

@@ -35,6 +35,7 @@ from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
 from ray.serve.schema import ApplicationStatus
 
 from drugprot.errors import DrugprotError
+from drugprot.polling import poll
 from drugprot.serving.api import create_api, resolve_token
 from drugprot.serving.metrics import IngressMetrics, ModelMetrics
 from drugprot.serving.options import ServeOptions, parse_options
@@ -289,11 +290,15 @@ def drain_application(app_name: str, *, timeout_s: float, poll_s: float = 0.2, d
     """
     handle = serve.get_deployment_handle(INGRESS_DEPLOYMENT, app_name)
     remaining = sum(handle.broadcast("drain").results())
-    deadline = time.monotonic() + timeout_s
-    while remaining and time.monotonic() < deadline:
-        time.sleep(poll_s)
+
+    def drained() -> bool | None:
+        nonlocal remaining
         remaining = sum(handle.broadcast("in_flight").results())
-    time.sleep(delivery_s)
+        return remaining == 0 or None
+
+    if remaining:
+        poll(drained, timeout=timeout_s, interval=poll_s)
+    time.sleep(delivery_s)  # nothing to wait on: the answers' way through the proxy is not observable from here
     return remaining
 
 
