@@ -67,7 +67,9 @@ def prepare_environment(root: str | os.PathLike | None = None, *, gcs_port: int 
         os.environ["RAY_AUTH_MODE"] = "token"
         os.environ["RAY_AUTH_TOKEN_PATH"] = str(token_file)
         if "ray._raylet" in sys.modules:  # Ray read its config at import: make this process see token mode too
-            sys.modules["ray._raylet"].Config.initialize("")
+            raylet = sys.modules["ray._raylet"]
+            raylet.Config.initialize("")
+            raylet.AuthenticationTokenLoader.instance().reset_cache()  # not an earlier local Ray's token
     if gcs_port is not None:
         os.environ["RAY_GCS_SERVER_PORT"] = str(gcs_port)
     return folder
