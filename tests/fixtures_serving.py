@@ -1,6 +1,7 @@
 """Shared serving helpers: the in-process service and its test client, request bodies, answers compared with
-``predict``, a private Ray with Serve and waits for a service to come up (import what you use into your test module;
-``relation_members`` comes from ``fixtures_models``)."""
+``predict``, a private Ray with Serve and waits for a service to come up, a loopback HTTP server in a thread and the
+page as headless Chromium renders it (import what you use into your test module; ``relation_members`` comes from
+``fixtures_models``)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import asyncio
 import os
 import subprocess
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -137,17 +140,46 @@ def wait_ready(url: str, timeout: float = 120) -> None:
 
 
 def deploy(base: str, model: Path, applications: dict[str, dict]) -> dict[str, str]:
-    """Deploy ``model`` as the applications named in ``applications`` (each name's serving options) together, each at
-    ``/NAME`` under ``base``, and wait until each is ready; returns their URLs by name."""
+    """Deploy ``model`` (unless an application's options name another) as the applications named in
+    ``applications`` (each name's serving options) together, each at ``/NAME`` under ``base``, and wait until each
+    is ready; returns their URLs by name. An application with ``rollout`` gets its challenger's application too, not
+    waited for (one that fails to load is a case to test)."""
     from ray import serve
 
-    from drugprot.serving import build_app
+    from drugprot.serving import build_app, build_challenger
+    from drugprot.serving.app import challenger_app_name
 
-    serve.run_many([serve.RunTarget(build_app({"model": str(model), **options}), name=name, route_prefix=f"/{name}")
-                    for name, options in applications.items()])
+    args = {name: {"model": str(model), **options} for name, options in applications.items()}
+    challengers = [serve.RunTarget(build_challenger(options), name=challenger_app_name(name), route_prefix=None)
+                   for name, options in args.items() if options.get("rollout")]
+    if challengers:
+        serve.run_many(challengers, wait_for_applications_running=False)
+    serve.run_many([serve.RunTarget(build_app(options), name=name, route_prefix=f"/{name}")
+                    for name, options in args.items()])
     for name in applications:
         wait_ready(f"{base}/{name}/readyz")
     return {name: f"{base}/{name}" for name in applications}
+
+
+@contextmanager
+def http_server(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    """``handler`` answering on a free loopback port from a thread of this process; yields its URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        thread.join()
+
+
+def headless_dom(url: str, profile: Path) -> str:
+    """The page at ``url`` as Debian's headless Chromium leaves it after its scripts ran (virtual time: no fixed
+    sleep); ``profile`` is a fresh user-data folder."""
+    return subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={profile}",
+                           "--virtual-time-budget=30000", "--dump-dom", url],
+                          capture_output=True, text=True, timeout=180).stdout
 
 
 def wait_for_serve_command(process: subprocess.Popen, log: Path, timeout: float) -> None:

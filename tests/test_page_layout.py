@@ -14,10 +14,10 @@ import json
 import re
 import shutil
 import subprocess
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
+from fixtures_serving import http_server
 
 from drugprot.config import SAMPLE_DIR
 from drugprot.corpus import read_split
@@ -61,12 +61,8 @@ def page_server():
         def log_message(self, *args):
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}", answer["documents"][0]["relations"]
-    server.shutdown()
-    thread.join()
+    with http_server(Handler) as url:
+        yield url, answer["documents"][0]["relations"]
 
 
 def overlapping(boxes: list[tuple[float, float, float, float]]) -> list[tuple[int, int]]:

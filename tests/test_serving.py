@@ -26,8 +26,8 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
-from fixtures_serving import (answered, assert_equal_up_to_rounding, deploy, document_json, expected, serve_cluster,
-                              wait_for_serve_command, wait_ready)
+from fixtures_serving import (answered, assert_equal_up_to_rounding, deploy, document_json, expected, headless_dom,
+                              serve_cluster, wait_for_serve_command, wait_ready)
 
 from drugprot.config import SAMPLE_DIR
 from drugprot.polling import poll
@@ -296,8 +296,7 @@ def test_a_replica_that_cannot_load_its_model_reports_why(cluster, ensemble_dir,
     import mlflow
     from ray import serve
 
-    from drugprot.serving import build_app
-    from drugprot.serving.app import deployment_failure
+    from drugprot.serving.app import build_application, deployment_failure
 
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow.MlflowClient(tracking_uri=store).search_registered_models()  # an empty registry
@@ -311,8 +310,9 @@ def test_a_replica_that_cannot_load_its_model_reports_why(cluster, ensemble_dir,
     raised = {}
 
     def deploy(name: str, args: dict) -> None:
-        try:  # serve.run raises once the deployment failed (three tries)
-            serve.run(build_app({**args, "num_cpus": 0.1, "ingress_cpus": 0.05, "token_env": None, "warmup_rounds": 0}),
+        try:  # serve.run raises once the deployment failed (one try: each try fails with the same error)
+            serve.run(build_application({**args, "num_cpus": 0.1, "ingress_cpus": 0.05, "token_env": None,
+                                         "warmup_rounds": 0}, constructor_tries=1),
                       name=name, route_prefix=f"/{name}")
         except RuntimeError as error:
             raised[name] = error
@@ -421,9 +421,7 @@ def test_the_page_in_headless_chromium_shows_what_the_api_answers(apps, tmp_path
     page = requests.get(f"{apps['open']}/", timeout=30)
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", page.text)  # self-contained: no external assets
-    dom = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path}",
-                          "--virtual-time-budget=30000", "--dump-dom", f"{apps['open']}/#send"],
-                         capture_output=True, text=True, timeout=180).stdout
+    dom = headless_dom(f"{apps['open']}/#send", tmp_path)
     assert 'data-state="done"' in dom, dom[-2000:]
     rendered = [(m["chemical"], m["gene"], m["type"], float(m["score"])) for m in re.finditer(
         r'<tr class="relation" data-chemical="(?P<chemical>[^"]*)" data-gene="(?P<gene>[^"]*)" '

@@ -6,37 +6,39 @@ and three applications, each with its challenger in an application of its own:
 
 * ``canary``: the ensemble registered as version 2 (``@champion``) and version 1 as challenger, 30 % canary;
 * ``shadow``: the same two versions, shadow;
-* ``broken``: the ensemble folder, with a copy whose weights were changed by one byte as challenger.
+* ``broken``: one member's folder, with a copy whose weights were changed by one byte as challenger.
+
+The page at ``/`` is checked there too, in headless Chromium, for the version it says answered.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
+import html
 import re
 import shutil
-import tempfile
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
 import requests
 from fastapi.testclient import TestClient
 from fixtures_mlflow import _free_port
-from fixtures_serving import document_json, one_doc
+from fixtures_serving import deploy, document_json, headless_dom, http_server, one_doc, serve_cluster
 
-from drugprot.config import SAMPLE_DIR
 from drugprot.errors import DrugprotError
 from drugprot.polling import poll
 from drugprot.serving.options import parse_options
-from drugprot.serving.rollout import Agreement, Answering, Challenger, answer_headers, bucket
+from drugprot.serving.rollout import (KEY_HEADER, ROLE_HEADER, VERSION_HEADER, Agreement, Answering, Challenger,
+                                      answer_headers, bucket)
 
 NAME = "drugprot-rollout-test"
+CONTENT_TYPE = "Content-Type"
 PERCENT = 30
-RAY_ENV = ("RAY_TMPDIR", "RAY_USAGE_STATS_ENABLED", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_GCS_SERVER_PORT",
-           "DRUGPROT_CACHE_DIR", "MLFLOW_TRACKING_URI")
 
 
 # ---- options and flags ----------------------------------------------------------------------------------------
@@ -233,27 +235,18 @@ def test_in_process_a_slow_challenger_is_abandoned_without_delaying_the_answer(i
 @pytest.fixture(scope="module")
 def served(relation_members, tmp_path_factory):
     """One private Ray (2 CPUs) and Serve on a free port; the ensemble registered twice in a SQLite store (versions
-    1 and 2, ``@champion`` on 2) and a broken copy of its folder; the three applications (module docstring)."""
-    import ray
-    from ray import serve
-
+    1 and 2, ``@champion`` on 2), one member and a broken copy of it; the three applications (module docstring)."""
     from drugprot.ensemble import build_ensemble
     from drugprot.ensemble.publish import log_ensemble
-    from drugprot.local_ray import start_local_ray
-    from drugprot.serving import build_app, build_challenger
-    from drugprot.serving.app import challenger_app_name
 
     root = tmp_path_factory.mktemp("rollout")
-    saved = {key: os.environ.get(key) for key in RAY_ENV}
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    os.environ["DRUGPROT_CACHE_DIR"] = str(root / "cache")  # the replicas inherit it: registry downloads go there
     ensemble = build_ensemble(relation_members, root / "ensemble", vote="soft", log=lambda _: None).path
     store = f"sqlite:///{root / 'mlflow.db'}"
     with contextlib.chdir(root):
         for _ in range(2):
             log_ensemble(ensemble, tracking_uri=store, register=NAME, force=True, log=lambda _: None)
     broken = root / "broken"
-    shutil.copytree(ensemble, broken)
+    shutil.copytree(relation_members[0], broken)
     weights = sorted(broken.rglob("*.safetensors"))[0]
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF
@@ -262,34 +255,19 @@ def served(relation_members, tmp_path_factory):
     port = _free_port("8180-8199", "the rollout test's HTTP port")
     gcs = _free_port("6480-6489", "the rollout test's Ray")
     metrics = _free_port("6490-6499", "the rollout test's metrics port")
-    ray_root = Path(tempfile.mkdtemp(prefix="drugprot-rollout-test-"))
-    start_local_ray(num_cpus=2, root=ray_root, gcs_port=gcs, object_store_mb=256, _metrics_export_port=metrics)
-    common = {"num_cpus": 0.2, "ingress_cpus": 0.1, "token_env": None, "warmup_rounds": 1, "max_queue_wait_s": 0,
+    # the replicas inherit the environment: registry downloads go to the test's cache, from the test's store
+    env = {"DRUGPROT_CACHE_DIR": str(root / "cache"), "MLFLOW_TRACKING_URI": store}
+    # warmup_rounds 0: what is checked here is which model answers, not how fast the first request is
+    common = {"num_cpus": 0.2, "ingress_cpus": 0.1, "token_env": None, "warmup_rounds": 0, "max_queue_wait_s": 0,
               "max_batch_pairs": 160}
     registered = {**common, "model": f"models:/{NAME}@champion", "tracking_uri": store}
-    apps = {
-        "canary": {**registered, "rollout": {"challenger": f"models:/{NAME}/1", "canary_percent": PERCENT}},
-        "shadow": {**registered, "rollout": {"challenger": f"models:/{NAME}/1", "shadow": True}},
-        "broken": {**common, "model": str(ensemble), "rollout": {"challenger": str(broken), "canary_percent": 50}},
-    }
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run_many([serve.RunTarget(build_challenger(args), name=challenger_app_name(name), route_prefix=None)
-                        for name, args in apps.items()], wait_for_applications_running=False)
-        serve.run_many([serve.RunTarget(build_app(args), name=name, route_prefix=f"/{name}")
-                        for name, args in apps.items()])
-        yield {"base": f"http://127.0.0.1:{port}", "metrics": f"http://127.0.0.1:{metrics}/metrics"}
-    finally:
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
-            shutil.rmtree(ray_root, ignore_errors=True)
+    with serve_cluster(port, gcs_port=gcs, env=env, prefix="drugprot-rollout-test-", _metrics_export_port=metrics):
+        yield {**deploy(f"http://127.0.0.1:{port}", ensemble, {
+            "canary": {**registered, "rollout": {"challenger": f"models:/{NAME}/1", "canary_percent": PERCENT}},
+            "shadow": {**registered, "rollout": {"challenger": f"models:/{NAME}/1", "shadow": True}},
+            "broken": {**common, "model": str(relation_members[0]),
+                       "rollout": {"challenger": str(broken), "canary_percent": 50}},
+        }), "metrics": f"http://127.0.0.1:{metrics}/metrics"}
 
 
 def model_info(url: str) -> dict:
@@ -315,7 +293,7 @@ def test_http_canary_share_is_within_tolerance_and_a_key_keeps_its_version(serve
     ±37 (4 sd), which a correct split misses with probability about 6e-5. Every answer names its version
     (champion: registry version 2, challenger: version 1), and 40 keys sent twice each reach the side their bucket
     names both times."""
-    url = f"{served['base']}/canary"
+    url = served["canary"]
     info = challenger_settled(url, "ready")
     assert (info["version"], info["rollout"]["challenger_version"], info["rollout"]["mode"]) == ("2", "1", "canary")
     n = 400
@@ -335,7 +313,7 @@ def test_http_canary_share_is_within_tolerance_and_a_key_keeps_its_version(serve
 def test_http_shadow_answers_equal_the_champions_and_agreement_is_counted(served, dev_documents):
     """The same documents, one at a time, to the shadow application and (under a key that the canary sends to the
     champion) to the canary one: byte-equal bodies. Both versions are the same ensemble, so every relation is agreed."""
-    shadow, canary = f"{served['base']}/shadow", f"{served['base']}/canary"
+    shadow, canary = served["shadow"], served["canary"]
     challenger_settled(shadow, "ready")
     champion_key = next(f"k{i}" for i in range(100) if bucket(f"k{i}") >= PERCENT)
     documents = [document_json(d) for d in dev_documents[:5]]
@@ -356,11 +334,62 @@ def test_http_shadow_answers_equal_the_champions_and_agreement_is_counted(served
 
 @pytest.mark.slow
 def test_http_a_challenger_that_fails_to_load_leaves_the_champion_serving(served):
-    url = f"{served['base']}/broken"
+    url = served["broken"]
     info = challenger_settled(url, "failed")
     assert "sha256 mismatch" in info["rollout"]["challenger_error"], info["rollout"]
     answers = [post(url, [one_doc()]) for _ in range(20)]  # half would go to a ready challenger
     assert {(a.status_code, a.headers["X-Model-Role"]) for a in answers} == {(200, "champion")}
+
+
+@contextlib.contextmanager
+def forwarding(upstream: str, headers: dict[str, str]) -> Iterator[tuple[str, list[tuple[str, str]]]]:
+    """A server on a free loopback port that forwards each request to ``upstream`` with ``headers`` added (the page
+    sends no ``X-Request-Key``) and passes the answer back with its content, security and model headers; yields its
+    URL and the (role, version) of each relations answer it passed on."""
+    passed_on = (CONTENT_TYPE, "Content-Security-Policy", ROLE_HEADER, VERSION_HEADER)
+    answered = []
+
+    class Forward(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self._forward(None)
+
+        def do_POST(self):
+            self._forward(self.rfile.read(int(self.headers["Content-Length"])))
+
+        def _forward(self, body: bytes | None) -> None:
+            sent = {**headers, CONTENT_TYPE: self.headers.get(CONTENT_TYPE, "text/plain")}
+            answer = requests.request(self.command, f"{upstream}{self.path}", data=body, headers=sent, timeout=120)
+            if self.path.endswith("/v1/relations"):
+                answered.append((answer.headers.get(ROLE_HEADER), answer.headers.get(VERSION_HEADER)))
+            self.send_response(answer.status_code)
+            for name in passed_on:
+                if name in answer.headers:
+                    self.send_header(name, answer.headers[name])
+            self.send_header("Content-Length", str(len(answer.content)))
+            self.end_headers()
+            self.wfile.write(answer.content)
+
+        def log_message(self, *args):
+            pass
+
+    with http_server(Forward) as url:
+        yield url, answered
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed")
+def test_the_page_says_which_model_version_answered(served, tmp_path):
+    """The page at ``/`` in headless Chromium, its requests carrying a key that the canary sends to the challenger:
+    its status line names the challenger and its registry version (1), which differs from the champion's (2)."""
+    url = served["canary"]
+    challenger_settled(url, "ready")
+    key = next(f"k{i}" for i in range(100) if bucket(f"k{i}") < PERCENT)
+    with forwarding(url, {KEY_HEADER: key}) as (page, answered):
+        dom = headless_dom(f"{page}/#send", tmp_path)
+    assert 'data-state="done"' in dom, dom[-2000:]
+    assert answered == [("challenger", "1")]
+    status = html.unescape(re.search(r'<span id="status"[^>]*>([^<]*)</span>', dom).group(1))
+    assert status.endswith(" ms, answered by the challenger, model version 1"), status
 
 
 @pytest.mark.slow
