@@ -4,6 +4,7 @@ tests, the benches and ``drugprot serve`` in a notebook do."""
 from __future__ import annotations
 
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -16,10 +17,17 @@ RAY_ENV = ("RAY_TMPDIR", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_GCS_SERVER
 
 @pytest.fixture
 def clean_ray_environment(monkeypatch):
-    """No Ray variables set, and those the local Ray sets removed again afterwards."""
+    """No Ray variables set; afterwards the environment as it was, and this process's Ray configuration read from it
+    again (another module may run Ray with ``RAY_AUTH_MODE=disabled`` in this process later)."""
     for key in RAY_ENV:
         monkeypatch.setenv(key, "")  # remembers whether it was set, so teardown puts it back as it was
         monkeypatch.delenv(key)
+    yield
+    monkeypatch.undo()
+    raylet = sys.modules.get("ray._raylet")
+    if raylet is not None:
+        raylet.Config.initialize("")
+        raylet.AuthenticationTokenLoader.instance().reset_cache()
 
 
 @pytest.fixture
