@@ -206,11 +206,17 @@ class IngressDeployment:
         challenger = Challenger(None, rollout.challenger) if rollout is not None else None
         self.service = RelationService(remote, self.options, challenger=challenger, on_shadow=self.metrics.shadow)
         self.service.warm_up()  # routed to only once warm, like the model replicas
+        self.watch = None
         if challenger is not None:
             app_name = serve.get_replica_context().app_name
             self.watch = ChallengerWatch(challenger, challenger_app_name(app_name), self.options, self.metrics)
             threading.Thread(target=self.watch.run, daemon=True, name="drugprot-challenger").start()
         log.info("drugprot serving: ingress up (auth %s)", "on" if self.token else "off")
+
+    def __del__(self):
+        """Serve calls it when the replica stops: the challenger watch stops with it."""
+        if getattr(self, "watch", None) is not None:
+            self.watch.stopped.set()
 
     def __serve_build_asgi_app__(self):
         return create_api(self.service, token=self.token, observe=self.metrics.request)
