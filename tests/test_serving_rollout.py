@@ -424,3 +424,18 @@ def test_the_serve_config_in_the_docs_deploys_the_challenger_beside_the_champion
     assert (challenger.name, challenger.route_prefix) == (challenger_app_name(champion.name), None)
     assert champion.args == challenger.args and parse_options(champion.args).rollout.canary_percent == 10
     build_app(champion.args), build_challenger(challenger.args)
+
+
+def test_a_bad_challenger_alias_is_refused_before_ray_starts(smoke_model_dir, tmp_path, capsys):
+    """The challenger's registry URI is resolved like --model's, before anything starts: a typo costs no Ray start."""
+    import mlflow
+
+    from drugprot.cli import main
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.MlflowClient(tracking_uri=store).search_registered_models()  # an empty registry
+    assert main(["serve", "--model", str(smoke_model_dir), "--challenger", "models:/no-such-model@challenger",
+                 "--canary-percent", "5", "--tracking-uri", store, "--run-dir", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert "models:/no-such-model@challenger: no registered model 'no-such-model'" in err, err
+    assert not (tmp_path / "run").exists()
